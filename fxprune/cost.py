@@ -1,0 +1,60 @@
+"""Model cost: parameter count and multiply-accumulates (MACs).
+
+MACs come from :class:`torch.utils.flop_counter.FlopCounterMode`, PyTorch's own per-operator
+FLOP formulas, rather than from a hand-written table: the count then follows whatever ops a
+(possibly rewritten) model really runs. PyTorch counts a multiply-add as two FLOPs, so
+``MACs = FLOPs / 2``. Only the ops PyTorch has formulas for are counted (convolutions, matrix
+products, attention); element-wise ops (BatchNorm, ReLU, additions) are not, which is the usual
+convention for MACs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_params", "count_macs", "count_flops"]
+
+ExampleInputs = Union[torch.Tensor, Sequence[Any]]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (each shared parameter counted once)."""
+    # model.parameters() already de-duplicates shared (tied) parameters.
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _as_args(example_inputs: ExampleInputs) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> int:
+    """FLOPs of one forward pass of ``model`` on ``example_inputs``, as PyTorch counts them.
+
+    The model runs in eval mode and without autograd, so BatchNorm running statistics are
+    not updated and the model is left exactly as it was (its train/eval flags are restored).
+    """
+    args = _as_args(example_inputs)
+    # Remember every submodule's flag: a model may deliberately mix train and eval submodules.
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*args)
+    finally:
+        for module, training in flags:
+            module.training = training
+    return int(counter.get_total_flops())
+
+
+def count_macs(model: nn.Module, example_inputs: ExampleInputs) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (FLOPs / 2).
+
+    The count is for the batch given: pass a batch of one to get MACs per sample.
+    """
+    return count_flops(model, example_inputs) // 2

@@ -1,0 +1,201 @@
+"""The only place that builds layers: plan -> a NEW GraphModule with physically smaller layers.
+
+The input GraphModule is never touched. The new one gets a copy of the graph (with
+``fxprune_*`` metadata on its nodes) and its own modules: sliced copies of pruned ones, deep
+copies of the rest. Afterwards the graph is linted and recompiled, each rebuilt module's
+shapes are checked against the plan, and (given example inputs) shapes are propagated again.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .errors import FxPruneError
+from .groups import Analysis, Slot
+from .plan import PruningPlan, resolve
+from .trace import propagate_shapes
+
+__all__ = ["rewrite", "register_builder", "slot_indices"]
+
+Indices = Optional[torch.Tensor]  # None: that dimension is unchanged
+Builder = Callable[[nn.Module, Dict[str, Indices]], nn.Module]
+_BUILDERS: Dict[type, Builder] = {}
+
+
+def register_builder(*types: type) -> Callable[[Builder], Builder]:
+    """Register how to build a smaller copy of a module type from kept indices per role."""
+
+    def decorate(fn: Builder) -> Builder:
+        for t in types:
+            _BUILDERS[t] = fn
+        return fn
+
+    return decorate
+
+
+def _sliced(t: Optional[torch.Tensor], dim: int, idx: Indices) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    out = t.detach() if idx is None else t.detach().index_select(dim, idx.to(t.device))
+    return out.clone()
+
+
+def _copy_with(module: nn.Module, tensors: Dict[str, Optional[torch.Tensor]]) -> nn.Module:
+    """Deep-copy ``module`` but give it ``tensors`` instead of its own parameters/buffers.
+
+    Pre-seeding deepcopy's memo avoids copying the large original tensors only to drop them,
+    and keeps the module's class, hooks and extra attributes.
+    """
+    memo: Dict[int, Any] = {}
+    for name, new in tensors.items():
+        old = getattr(module, name)
+        if old is None or new is None:
+            continue
+        memo[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+    return copy.deepcopy(module, memo)
+
+
+@register_builder(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(conv: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
+    assert isinstance(conv, nn.modules.conv._ConvNd)
+    if "channelwise" in idx:  # depthwise
+        keep = idx["channelwise"]
+        new = _copy_with(conv, {"weight": _sliced(conv.weight, 0, keep), "bias": _sliced(conv.bias, 0, keep)})
+        n = conv.out_channels if keep is None else len(keep)
+        new.in_channels = new.out_channels = new.groups = n
+        return new
+    out_idx, in_idx = idx.get("out"), idx.get("in")
+    if conv.groups != 1 and in_idx is not None:
+        raise FxPruneError(f"internal error: grouped conv input was planned for pruning")
+    w = _sliced(_sliced(conv.weight, 0, out_idx), 1, in_idx)
+    new = _copy_with(conv, {"weight": w, "bias": _sliced(conv.bias, 0, out_idx)})
+    new.out_channels = w.shape[0]
+    new.in_channels = w.shape[1] * conv.groups
+    return new
+
+
+@register_builder(nn.Linear)
+def _linear(lin: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
+    assert isinstance(lin, nn.Linear)
+    w = _sliced(_sliced(lin.weight, 0, idx.get("out")), 1, idx.get("in"))
+    new = _copy_with(lin, {"weight": w, "bias": _sliced(lin.bias, 0, idx.get("out"))})
+    new.out_features, new.in_features = w.shape
+    return new
+
+
+@register_builder(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _batchnorm(bn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
+    keep = idx.get("channelwise")
+    names = ("weight", "bias", "running_mean", "running_var")
+    new = _copy_with(bn, {n: _sliced(getattr(bn, n), 0, keep) for n in names})
+    new.num_features = bn.num_features if keep is None else len(keep)
+    return new
+
+
+def slot_indices(slot: Slot, kept: Dict[int, List[int]]) -> Indices:
+    """Kept positions of a module dimension, or None if none of its groups changed."""
+    if all(len(kept[g]) == size for g, size in slot.segments):
+        return None
+    parts, offset = [], 0
+    for g, size in slot.segments:
+        rows = (torch.tensor(kept[g], dtype=torch.long) + offset) * slot.block
+        parts.append((rows.unsqueeze(1) + torch.arange(slot.block)).flatten())
+        offset += size
+    return torch.cat(parts)
+
+
+def _expected(slot: Slot, kept: Dict[int, List[int]]) -> int:
+    return sum(len(kept[g]) for g, _ in slot.segments) * slot.block
+
+
+def _dim_sizes(module: nn.Module) -> Dict[str, int]:
+    """The size of the dimension each role indexes, read back from the built module."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return {"out": module.weight.shape[0], "in": module.weight.shape[1] * module.groups,
+                "channelwise": module.weight.shape[0]}
+    if isinstance(module, nn.Linear):
+        return {"out": module.weight.shape[0], "in": module.weight.shape[1]}
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        n = module.running_mean.shape[0] if module.running_mean is not None else module.num_features
+        return {"channelwise": module.weight.shape[0] if module.weight is not None else n}
+    return {}
+
+
+def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None) -> torch.fx.GraphModule:
+    """Build the pruned GraphModule that ``plan`` describes for the analysed model.
+
+    >>> import torchvision, fxprune
+    >>> from fxprune.groups import analyze
+    >>> from fxprune.plan import make_plan
+    >>> a = analyze(fxprune.trace(torchvision.models.resnet18()))
+    >>> pruned = rewrite(a, make_plan(a, 0.5))
+    >>> pruned.layer1[0].conv1.out_channels
+    32
+    """
+    src = analysis.gm
+    kept = resolve(analysis, plan)
+    by_module: Dict[str, Dict[str, Slot]] = {}
+    for (module, role), slot in analysis.slots.items():
+        by_module.setdefault(module, {})[role] = slot
+
+    graph = copy.deepcopy(src.graph)
+    root: Dict[str, Any] = {}
+    changed: Dict[str, Dict[str, Slot]] = {}
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr") or node.target in root:
+            continue
+        target = str(node.target)
+        original = _fetch(src, target)
+        slots = by_module.get(target, {})
+        idx = {role: slot_indices(slot, kept) for role, slot in slots.items()}
+        if any(i is not None for i in idx.values()):
+            builder = _BUILDERS.get(type(original))
+            if builder is None:
+                raise FxPruneError(f"internal error: no builder for {type(original).__name__} at {target}")
+            root[target] = builder(original, idx)
+            changed[target] = slots
+        else:
+            root[target] = copy.deepcopy(original)
+
+    for node in graph.nodes:
+        if "fxprune_groups" in node.meta:
+            node.meta["fxprune_channels"] = sum(len(kept[g]) for g in node.meta["fxprune_groups"])
+    new = torch.fx.GraphModule(root, graph, src.__class__.__name__)
+    new.train(src.training)
+    new.graph.lint()
+    new.recompile()
+
+    for target, slots in changed.items():
+        sizes = _dim_sizes(new.get_submodule(target))
+        for role, slot in slots.items():
+            if sizes.get(role) != _expected(slot, kept):
+                raise FxPruneError(f"internal error: {target} has {sizes.get(role)} {role} positions, plan needs {_expected(slot, kept)}")
+    if example_inputs is not None:
+        propagate_shapes(new, example_inputs)  # a mismatch fails here, loudly
+        _check_channels(new)
+    return new
+
+
+def _check_channels(gm: torch.fx.GraphModule) -> None:
+    """Every tensor the analysis followed must now have the planned channel count."""
+    for node in gm.graph.nodes:
+        layout = node.meta.get("fxprune_layout")
+        meta = node.meta.get("tensor_meta")
+        shape = getattr(meta, "shape", None)
+        if layout is None or shape is None or layout.block is None or len(shape) < -layout.dim:
+            continue
+        want = node.meta["fxprune_channels"] * layout.block
+        if shape[layout.dim] != want:
+            raise FxPruneError(f"internal error: {node.name} has {shape[layout.dim]} channels after the rewrite, plan needs {want}")
+
+
+def _fetch(gm: torch.fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

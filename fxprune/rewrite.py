@@ -39,10 +39,19 @@ def register_builder(*types: type) -> Callable[[Builder], Builder]:
 
 
 def _sliced(t: Optional[torch.Tensor], dim: int, idx: Indices) -> Optional[torch.Tensor]:
+    """A new tensor with ``idx`` kept along ``dim`` (a copy even when nothing is removed)."""
     if t is None:
         return None
-    out = t.detach() if idx is None else t.detach().index_select(dim, idx.to(t.device))
-    return out.clone()
+    t = t.detach()
+    return t.clone() if idx is None else t.index_select(dim, idx.to(t.device))
+
+
+def _sliced2(t: torch.Tensor, rows: Indices, cols: Indices) -> torch.Tensor:
+    """Keep ``rows`` on dim 0 and ``cols`` on dim 1 in one gather (one copy, not two)."""
+    t = t.detach()
+    if rows is None or cols is None:
+        return _sliced(t, 0, rows) if cols is None else _sliced(t, 1, cols)
+    return t[rows.to(t.device).unsqueeze(1), cols.to(t.device)]
 
 
 def _copy_with(module: nn.Module, tensors: Dict[str, Optional[torch.Tensor]]) -> nn.Module:
@@ -72,7 +81,7 @@ def _conv(conv: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     out_idx, in_idx = idx.get("out"), idx.get("in")
     if conv.groups != 1 and in_idx is not None:
         raise FxPruneError(f"internal error: grouped conv input was planned for pruning")
-    w = _sliced(_sliced(conv.weight, 0, out_idx), 1, in_idx)
+    w = _sliced2(conv.weight, out_idx, in_idx)
     new = _copy_with(conv, {"weight": w, "bias": _sliced(conv.bias, 0, out_idx)})
     new.out_channels = w.shape[0]
     new.in_channels = w.shape[1] * conv.groups
@@ -82,7 +91,7 @@ def _conv(conv: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
 @register_builder(nn.Linear)
 def _linear(lin: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     assert isinstance(lin, nn.Linear)
-    w = _sliced(_sliced(lin.weight, 0, idx.get("out")), 1, idx.get("in"))
+    w = _sliced2(lin.weight, idx.get("out"), idx.get("in"))
     new = _copy_with(lin, {"weight": w, "bias": _sliced(lin.bias, 0, idx.get("out"))})
     new.out_features, new.in_features = w.shape
     return new

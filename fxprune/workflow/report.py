@@ -1,0 +1,379 @@
+"""What the user gets in the output folder: report.json, report.md, plots, log, pruned model.
+
+``report.json`` is the machine-readable record (``baseline`` and ``pruned`` each with
+``top1``, ``top5``, ``params``, ``macs``, ``size_mb``, ``latency_ms``; plus ``config``,
+``machine``, ``date``); ``report.md`` is the same as a table a person reads. Plots are PNGs
+drawn with matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "machine_info",
+    "utc_now",
+    "write_json",
+    "write_report",
+    "render_markdown",
+    "layer_channels",
+    "plot_channels",
+    "plot_sweep",
+    "render_sweep_markdown",
+    "save_pruned",
+    "setup_logging",
+    "LOG_NAME",
+]
+
+LOG_NAME = "run.log"
+logger = logging.getLogger("fxprune.workflow")
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC (the ``date`` field)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What ran the job: CPU, cores, threads, GPU, library versions."""
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": None,
+    }
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda"] = {"device": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+                        "version": torch.version.cuda}
+    return info
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None (JSON has no NaN), paths become strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return _clean(value.tolist())
+    return value
+
+
+def write_json(data: Mapping[str, Any], path: Union[str, Path]) -> Path:
+    """Write ``data`` as indented JSON, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt_int(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def _fmt(value: Optional[float], digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _ratio(before: Optional[float], after: Optional[float]) -> str:
+    if not before or not after:
+        return "-"
+    return f"{before / after:.2f}x"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md``: the baseline and the pruned model side by side."""
+    base, pruned = report["baseline"], report["pruned"]
+    config = report.get("config", {})
+    lines = [
+        "# fxprune report",
+        "",
+        f"- Date: {report.get('date', '-')}",
+        f"- Model: `{config.get('model', '-')}`; data: `{report.get('data', {}).get('name', config.get('data', '-'))}` "
+        f"(accuracy on the held-out split, {base.get('samples', '-')} samples)",
+        f"- Pruning: importance `{config.get('importance', '-')}`, ratio {config.get('ratio', '-')}"
+        + (f", target MACs {config['target_macs']}" if config.get("target_macs") else ""),
+        f"- Machine: {report.get('machine', {}).get('cpu', '-')} "
+        f"({report.get('machine', {}).get('cpu_count', '-')} cores)"
+        + (f", GPU {report['machine']['cuda']['device']}" if report.get("machine", {}).get("cuda") else ""),
+        "",
+        "| metric | baseline | pruned | change |",
+        "|---|---:|---:|---:|",
+    ]
+    top1_delta = (pruned["top1"] - base["top1"]) if base.get("top1") is not None and pruned.get("top1") is not None else None
+    top5_delta = (pruned["top5"] - base["top5"]) if base.get("top5") is not None and pruned.get("top5") is not None else None
+    lines += [
+        f"| top-1 accuracy (%) | {_fmt(base.get('top1'))} | {_fmt(pruned.get('top1'))} | {_fmt(top1_delta, 2, ' pts') if top1_delta is not None else '-'} |",
+        f"| top-5 accuracy (%) | {_fmt(base.get('top5'))} | {_fmt(pruned.get('top5'))} | {_fmt(top5_delta, 2, ' pts') if top5_delta is not None else '-'} |",
+        f"| parameters | {_fmt_int(base.get('params'))} | {_fmt_int(pruned.get('params'))} | {_ratio(base.get('params'), pruned.get('params'))} fewer |",
+        f"| MACs per image | {_fmt_int(base.get('macs'))} | {_fmt_int(pruned.get('macs'))} | {_ratio(base.get('macs'), pruned.get('macs'))} fewer |",
+        f"| size on disk (MB) | {_fmt(base.get('size_mb'))} | {_fmt(pruned.get('size_mb'))} | {_ratio(base.get('size_mb'), pruned.get('size_mb'))} smaller |",
+    ]
+    base_lat, pruned_lat = base.get("latency_ms", {}) or {}, pruned.get("latency_ms", {}) or {}
+    for key in base_lat:
+        lines.append(f"| latency {key} (ms) | {_fmt(base_lat.get(key), 3)} | {_fmt(pruned_lat.get(key), 3)} | "
+                     f"{_ratio(base_lat.get(key), pruned_lat.get(key))} faster |")
+    failures = {**base.get("latency_failures", {}), **pruned.get("latency_failures", {})}
+    if failures:
+        lines += ["", "Latency settings that could not be measured:", ""]
+        lines += [f"- `{key}`: {reason}" for key, reason in sorted(failures.items())]
+    per_b, per_p = base.get("per_class", {}) or {}, pruned.get("per_class", {}) or {}
+    if per_b:
+        lines += ["", "## Per-class top-1 accuracy (%)", "", "| class | baseline | pruned |", "|---|---:|---:|"]
+        lines += [f"| {name} | {_fmt(per_b.get(name))} | {_fmt(per_p.get(name))} |" for name in per_b]
+    timings = report.get("timings_s", {})
+    if timings:
+        lines += ["", "## Time (s)", "", "| step | seconds |", "|---|---:|"]
+        lines += [f"| {step} | {_fmt(sec, 1)} |" for step, sec in timings.items()]
+    plots = report.get("plots", [])
+    if plots:
+        lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Mapping[str, Any], out_dir: Union[str, Path]) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``."""
+    out = Path(out_dir)
+    json_path = write_json(report, out / "report.json")
+    md_path = out / "report.md"
+    md_path.write_text(render_markdown(_clean(report)), encoding="utf-8")
+    return json_path, md_path
+
+
+def layer_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every conv and linear layer, by qualified name."""
+    channels: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            channels[name] = int(module.out_channels)
+        elif isinstance(module, nn.Linear):
+            channels[name] = int(module.out_features)
+    return channels
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_channels(baseline: nn.Module, pruned: nn.Module, path: Union[str, Path],
+                  title: str = "Channels per layer") -> Path:
+    """Bar chart of output channels per conv/linear layer, before and after pruning."""
+    plt = _pyplot()
+    before, after = layer_channels(baseline), layer_channels(pruned)
+    names = list(before)
+    x = list(range(len(names)))
+    width = max(8.0, 0.28 * len(names))
+    fig, ax = plt.subplots(figsize=(width, 4.5))
+    ax.bar([i - 0.2 for i in x], [before[n] for n in names], width=0.4, label="baseline")
+    ax.bar([i + 0.2 for i in x], [after.get(n, 0) for n in names], width=0.4, label="pruned")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(points: Sequence[Mapping[str, Any]], baseline: Mapping[str, Any],
+               out_dir: Union[str, Path], latency_setting: Optional[str] = None) -> list[Path]:
+    """Accuracy vs MACs and accuracy vs latency, one line per importance criterion.
+
+    ``points`` are sweep results with ``importance``, ``ratio``, ``top1``, ``macs`` and
+    ``latency_ms``; ``latency_setting`` picks the latency key (default: the first one measured).
+    """
+    plt = _pyplot()
+    out = Path(out_dir)
+    paths = []
+    if latency_setting is None:
+        latency_setting = next(iter(baseline.get("latency_ms", {}) or {}), None)
+    by_importance: dict[str, list[Mapping[str, Any]]] = {}
+    for point in points:
+        by_importance.setdefault(str(point["importance"]), []).append(point)
+    axes_spec = [("macs", "MACs per image (M)", 1e-6, "accuracy_vs_macs.png")]
+    if latency_setting:
+        axes_spec.append(("latency", f"latency {latency_setting} (ms)", 1.0, "accuracy_vs_latency.png"))
+    for kind, label, scale, filename in axes_spec:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+
+        def value(entry: Mapping[str, Any]) -> Optional[float]:
+            if kind == "macs":
+                return entry.get("macs")
+            return (entry.get("latency_ms") or {}).get(latency_setting)
+
+        for importance, entries in sorted(by_importance.items()):
+            entries = sorted((e for e in entries if value(e) is not None), key=lambda e: value(e))
+            if not entries:
+                continue
+            xs = [value(e) * scale for e in entries]
+            ax.plot(xs, [e["top1"] for e in entries], marker="o", label=importance)
+            for e, xv in zip(entries, xs):
+                ax.annotate(f"{e['ratio']:g}", (xv, e["top1"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+        if value(baseline) is not None:
+            ax.scatter([value(baseline) * scale], [baseline["top1"]], marker="*", s=160,
+                       color="black", label="baseline", zorder=5)
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"Accuracy vs {'MACs' if kind == 'macs' else 'latency'} (labels: ratio)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / filename
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def render_sweep_markdown(sweep: Mapping[str, Any]) -> str:
+    """``sweep.md``: one row per (importance, ratio), with the baseline first."""
+    base = sweep["baseline"]
+    keys = list((base.get("latency_ms") or {}).keys())
+    header = "| model | importance | ratio | top-1 (%) | top-5 (%) | params | MACs | size (MB) | " + \
+        " | ".join(f"{k} (ms)" for k in keys) + " |"
+    lines = ["# fxprune sweep", "", f"- Date: {sweep.get('date', '-')}",
+             f"- Machine: {sweep.get('machine', {}).get('cpu', '-')}", "", header,
+             "|" + "---|" * (8 + len(keys))]
+
+    def row(name: str, importance: str, ratio: str, entry: Mapping[str, Any]) -> str:
+        lat = entry.get("latency_ms") or {}
+        return (f"| {name} | {importance} | {ratio} | {_fmt(entry.get('top1'))} | {_fmt(entry.get('top5'))} | "
+                f"{_fmt_int(entry.get('params'))} | {_fmt_int(entry.get('macs'))} | {_fmt(entry.get('size_mb'))} | "
+                + " | ".join(_fmt(lat.get(k), 3) for k in keys) + " |")
+
+    lines.append(row("baseline", "-", "0", base))
+    for point in sweep["points"]:
+        lines.append(row("pruned", str(point["importance"]), f"{point['ratio']:g}", point))
+    plots = sweep.get("plots", [])
+    if plots:
+        lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def save_pruned(pruned: nn.Module, out_dir: Union[str, Path], *,
+                extra: Optional[Mapping[str, Any]] = None) -> list[Path]:
+    """Save the pruned model into ``out_dir``; returns the files written.
+
+    Until the artifact format of ``fxprune.save`` exists this writes the weights as
+    ``pruned_model.safetensors`` (tensors only, no pickle), the generated forward code as
+    ``pruned_model.py`` (``GraphModule.code``), the layer shapes as ``pruned_model.json``
+    (with ``extra``, e.g. the pruning settings). When the core offers ``fxprune.save`` it is
+    used instead, so this is the one place to change.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fxprune
+
+        core_save = getattr(fxprune, "save", None)
+    except ImportError:  # pragma: no cover - the workflow lives inside fxprune
+        core_save = None
+    if callable(core_save):
+        target = out / "pruned_model.fxprune"
+        result = core_save(pruned, target)
+        written = [Path(result)] if isinstance(result, (str, Path)) else [target]
+        return [p for p in written if p.exists()] or sorted(out.glob("pruned_model*"))
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in pruned.state_dict().items()}
+    weights = out / "pruned_model.safetensors"
+    try:
+        save_file(state, str(weights))
+    except Exception:  # shared tensors (tied weights) are refused by safetensors
+        weights = out / "pruned_model.pt"
+        torch.save(state, weights)
+    written = [weights]
+    code = getattr(pruned, "code", None)
+    if isinstance(code, str):
+        code_path = out / "pruned_model.py"
+        code_path.write_text(code, encoding="utf-8")
+        written.append(code_path)
+    meta = {"layers": layer_channels(pruned),
+            "shapes": {k: list(v.shape) for k, v in state.items()},
+            **dict(extra or {})}
+    written.append(write_json(meta, out / "pruned_model.json"))
+    return written
+
+
+def setup_logging(out_dir: Union[str, Path, None], *, quiet: bool = False,
+                  is_main: bool = True) -> Optional[Path]:
+    """Log ``fxprune`` messages to ``out_dir/run.log`` (main process) and to stderr.
+
+    Returns the log file path. Calling it again replaces the handlers it added before.
+    """
+    root = logging.getLogger("fxprune")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        if getattr(handler, "_fxprune_workflow", False):
+            root.removeHandler(handler)
+            handler.close()
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setLevel(logging.WARNING if (quiet or not is_main) else logging.INFO)
+    stream.setFormatter(logging.Formatter("%(message)s"))
+    stream._fxprune_workflow = True  # type: ignore[attr-defined]
+    root.addHandler(stream)
+    if out_dir is None or not is_main:
+        return None
+    path = Path(out_dir) / LOG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_handler._fxprune_workflow = True  # type: ignore[attr-defined]
+    root.addHandler(file_handler)
+    return path

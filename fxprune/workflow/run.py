@@ -1,0 +1,497 @@
+"""The main job: baseline -> prune -> recalibrate -> fine-tune -> evaluate -> benchmark -> report.
+
+:func:`run` is ``fxprune run``; :func:`sweep` is ``fxprune sweep``: the same pipeline at
+several ratios and importance criteria, sharing one baseline. Both take a :class:`RunConfig`,
+whose fields are the command line's options.
+
+Output folder (``--out``)::
+
+    baseline/baseline_model.pt     trained baseline (reused by the next run with the same settings)
+    baseline/checkpoint.pt         baseline training checkpoint (for --resume)
+    finetune_checkpoint.pt         fine-tuning checkpoint (for --resume)
+    report.json, report.md         the comparison
+    channels.png                   channels per layer, before and after
+    pruned_model.*                 the pruned model
+    run.log                        the log
+
+A sweep writes one such folder per point (``<importance>-r<ratio>/``) next to the shared
+``baseline/``, plus ``sweep.json``, ``sweep.md``, ``accuracy_vs_macs.png`` and
+``accuracy_vs_latency.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from fxprune.workflow.data import DataBundle, example_batch, load_data
+from fxprune.workflow.distributed import (DistContext, barrier, init_distributed, resolve_device,
+                                          shutdown_distributed)
+from fxprune.workflow.errors import CheckpointError, ConfigError
+from fxprune.workflow.evaluate import evaluate_accuracy, measure_latency, model_cost
+from fxprune.workflow.finetune import (TrainConfig, load_training_checkpoint, recalibrate_batchnorm,
+                                       save_checkpoint, train)
+from fxprune.workflow.models import build_model, load_checkpoint_file, load_weights
+from fxprune.workflow.report import (machine_info, plot_channels, plot_sweep, render_sweep_markdown,
+                                     save_pruned, setup_logging, utc_now, write_json, write_report)
+
+__all__ = ["RunConfig", "run", "sweep", "get_baseline", "measure_model", "prune_model",
+           "BASELINE_FILE"]
+
+logger = logging.getLogger("fxprune.workflow")
+
+BASELINE_FILE = "baseline_model.pt"
+_BASELINE_FORMAT = "fxprune-baseline"
+
+
+@dataclass
+class RunConfig:
+    """Options of ``fxprune run`` / ``fxprune sweep`` (the CLI flags, one field each).
+
+    The defaults are the embedded default job: resnet18 on Fashion-MNIST, ratio 0.5, L1,
+    sized to finish within 10 minutes on a 2-core CPU including baseline training.
+    """
+
+    model: str = "resnet18"
+    weights: Optional[str] = None  # file or torchvision weights name; None: train a baseline
+    data: str = "fashion-mnist"
+    ratio: float = 0.5
+    target_macs: Optional[float] = None  # passed to fxprune.prune only when set
+    importance: str = "l1"
+    round_to: Optional[int] = None  # passed to fxprune.prune only when set
+    ignore: tuple[str, ...] = ()
+    epochs: int = 2  # fine-tuning epochs
+    lr: float = 0.05  # fine-tuning learning rate
+    baseline_epochs: int = 3
+    baseline_lr: float = 0.2
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    distill: bool = False
+    device: str = "auto"
+    amp: str = "auto"
+    out: str = "fxprune-out"
+    resume: bool = False
+    quiet: bool = False
+    download: bool = False
+    seed: int = 0
+    limit: Optional[int] = None  # samples per split, for quick trials and tests
+    image_size: Optional[int] = None  # ImageFolder crop size (default 224)
+    threads: Optional[int] = None  # torch CPU threads (default: torch's, split among ranks)
+    workers: Optional[int] = None  # DataLoader workers (default: by data set)
+    compile: bool = True  # also time torch.compile
+    latency_runs: int = 20
+    recalibration_batches: int = 20
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for options that cannot work."""
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.target_macs is not None and not self.target_macs > 0:
+            raise ConfigError(f"--target-macs must be > 0, got {self.target_macs}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
+        if self.epochs < 0 or self.baseline_epochs < 0:
+            raise ConfigError("--epochs and --baseline-epochs must be >= 0")
+        if self.weights is None and self.baseline_epochs == 0:
+            raise ConfigError("no --weights and --baseline-epochs 0: there would be no trained baseline")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        if self.latency_runs < 1:
+            raise ConfigError(f"latency runs must be >= 1, got {self.latency_runs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ignore"] = list(self.ignore)
+        return data
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return RunConfig(**values)
+
+
+@dataclass
+class _Session:
+    """What one invocation sets up once: process group, device, data, output folder."""
+
+    config: RunConfig
+    ctx: DistContext
+    device: torch.device
+    data: DataBundle
+    out: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _setup(config: RunConfig) -> _Session:
+    config.validate()
+    ctx = init_distributed(config.device)
+    device = resolve_device(config.device, ctx.local_rank)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    elif ctx.enabled and device.type == "cpu":
+        # Several processes on one machine: share the cores instead of oversubscribing them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    if device.type == "cpu":
+        # Tiny weights/gradients late in training become denormal floats, which x86 CPUs
+        # handle tens of times slower; flushing them to zero changes nothing measurable.
+        torch.set_flush_denormal(True)
+    out = Path(config.out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out, quiet=config.quiet, is_main=ctx.is_main)
+    started = time.perf_counter()
+    if ctx.enabled and config.download:
+        # One process downloads; the others read what it wrote.
+        if ctx.is_main:
+            data = load_data(config.data, download=True, limit=config.limit, image_size=config.image_size)
+        barrier(ctx)
+        if not ctx.is_main:
+            data = load_data(config.data, download=False, limit=config.limit, image_size=config.image_size)
+    else:
+        data = load_data(config.data, download=config.download, limit=config.limit,
+                         image_size=config.image_size)
+    if config.workers is not None:
+        data.num_workers = config.workers
+    logger.info("data: %s from %s (%d train / %d held-out samples, %d classes)", data.name,
+                data.source, len(data.train), len(data.test), data.num_classes)  # type: ignore[arg-type]
+    session = _Session(config=config, ctx=ctx, device=device, data=data, out=out)
+    session.timings["load_data"] = time.perf_counter() - started
+    return session
+
+
+def _train_config(config: RunConfig, *, baseline: bool) -> TrainConfig:
+    return TrainConfig(
+        epochs=config.baseline_epochs if baseline else config.epochs,
+        lr=config.baseline_lr if baseline else config.lr,
+        optimizer=config.optimizer,
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+        batch_size=config.batch_size,
+        # From scratch a high learning rate needs a warm-up; fine-tuning starts from a
+        # trained model and does not.
+        warmup_epochs=0.3 if baseline else 0.0,
+        seed=config.seed,
+        amp=config.amp,
+        quiet=config.quiet,
+        num_workers=0,
+        desc="baseline" if baseline else "fine-tune",
+    )
+
+
+def _baseline_meta(config: RunConfig, data: DataBundle, ctx: DistContext) -> dict[str, Any]:
+    """What determines a trained baseline: a cached one is reused only if all of it matches."""
+    train_cfg = _train_config(config, baseline=True)
+    return {
+        "format": _BASELINE_FORMAT,
+        "model": config.model,
+        "data": data.name,
+        "data_source": data.source,
+        "train_samples": len(data.train),  # type: ignore[arg-type]
+        "num_classes": data.num_classes,
+        "in_channels": data.in_channels,
+        "image_size": data.image_size,
+        "epochs": train_cfg.epochs,
+        "lr": train_cfg.lr,
+        "batch_size": train_cfg.batch_size,
+        "optimizer": train_cfg.optimizer,
+        "weight_decay": train_cfg.weight_decay,
+        "label_smoothing": train_cfg.label_smoothing,
+        "seed": config.seed,
+        "world_size": ctx.world_size,
+    }
+
+
+def _fresh_model(config: RunConfig, data: DataBundle) -> nn.Module:
+    # A fixed initialisation: the same seed gives the same baseline on every run.
+    torch.manual_seed(config.seed)
+    return build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                       image_size=data.image_size)
+
+
+def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model to prune, and where it came from.
+
+    ``--weights`` given: built and loaded from them. Otherwise the cached baseline in
+    ``out/baseline/`` when its settings match, else a baseline trained now (resumable from
+    ``out/baseline/checkpoint.pt``) and cached for the next run.
+    """
+    config, data, ctx = session.config, session.data, session.ctx
+    model = _fresh_model(config, data)
+    if config.weights is not None:
+        load_weights(model, config.weights, download=config.download)
+        return model.to(session.device).eval(), {"source": "weights", "weights": str(config.weights)}
+    folder = session.out / "baseline"
+    cache = folder / BASELINE_FILE
+    meta = _baseline_meta(config, data, ctx)
+    if cache.is_file():
+        try:
+            saved = load_checkpoint_file(cache)
+        except CheckpointError as exc:
+            logger.warning("ignoring the cached baseline: %s", exc)
+            saved = None
+        if isinstance(saved, dict) and saved.get("meta") == meta:
+            model.load_state_dict(saved["model"])
+            logger.info("baseline: reusing the trained model cached in %s", cache)
+            return model.to(session.device).eval(), {"source": "cache", "path": str(cache),
+                                                     "history": saved.get("history", [])}
+        if saved is not None:
+            logger.info("baseline: the cache in %s was trained with other settings; training anew", cache)
+    started = time.perf_counter()
+    result = train(model, data.train, _train_config(config, baseline=True), device=session.device,
+                   checkpoint=folder / "checkpoint.pt", resume=config.resume, ctx=ctx,
+                   on_epoch_end=on_epoch_end)
+    session.timings["baseline_train"] = time.perf_counter() - started
+    if ctx.is_main:
+        save_checkpoint({"format": _BASELINE_FORMAT, "meta": meta, "model": model.state_dict(),
+                         "history": result.history}, cache)
+    barrier(ctx)
+    return model.eval(), {"source": "trained", "path": str(cache), "history": result.history,
+                          "seconds": result.seconds}
+
+
+def measure_model(session: _Session, model: nn.Module, label: str) -> dict[str, Any]:
+    """Accuracy (all ranks), then cost and latency (main process only) of ``model``."""
+    config, data = session.config, session.data
+    started = time.perf_counter()
+    accuracy = evaluate_accuracy(model, data.test, classes=data.classes, batch_size=max(256, config.batch_size),
+                                 device=session.device, ctx=session.ctx, num_workers=data.num_workers,
+                                 quiet=config.quiet, desc=f"evaluate {label}")
+    session.timings[f"{label}_evaluate"] = time.perf_counter() - started
+    entry: dict[str, Any] = accuracy.to_dict()
+    logger.info("%s: top-1 %.2f%%, top-5 %.2f%% on %d held-out samples", label, accuracy.top1,
+                accuracy.top5, accuracy.samples)
+    if session.ctx.is_main:
+        started = time.perf_counter()
+        sample = example_batch(data.test, 1)
+        entry.update(model_cost(model, sample))
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        latency, failures = measure_latency(model, sample, devices=devices, compile=config.compile,
+                                            runs=config.latency_runs, quiet=config.quiet)
+        entry["latency_ms"] = latency
+        entry["latency_failures"] = failures
+        model.to(session.device)  # measure_latency works on copies; keep the model where it was
+        session.timings[f"{label}_benchmark"] = time.perf_counter() - started
+        logger.info("%s: %d params, %.1f MMACs, %.2f MB; latency %s", label, entry["params"],
+                    entry["macs"] / 1e6, entry["size_mb"],
+                    ", ".join(f"{k} {v:.2f} ms" if v is not None else f"{k} failed"
+                              for k, v in latency.items()))
+    barrier(session.ctx)
+    return entry
+
+
+def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor,
+                ratio: Optional[float] = None, importance: Optional[str] = None) -> torch.fx.GraphModule:
+    """``fxprune.prune`` with the run's options (``target_macs``/``round_to`` only when set)."""
+    import fxprune
+
+    kwargs: dict[str, Any] = {"importance": importance or config.importance,
+                              "example_inputs": (example,)}
+    if config.ignore:
+        kwargs["ignore"] = tuple(config.ignore)
+    if config.target_macs is not None:
+        kwargs["target_macs"] = config.target_macs
+    if config.round_to is not None:
+        kwargs["round_to"] = config.round_to
+    try:
+        return fxprune.prune(model, config.ratio if ratio is None else ratio, **kwargs)
+    except TypeError as exc:
+        unsupported = [k for k in ("target_macs", "round_to") if k in kwargs and k in str(exc)]
+        if unsupported:
+            raise ConfigError(
+                f"this fxprune version's prune() does not accept {', '.join(unsupported)}: "
+                f"drop --{unsupported[0].replace('_', '-')}") from exc
+        raise
+
+
+def _prune_finetune_measure(session: _Session, baseline: nn.Module, baseline_entry: dict[str, Any],
+                            out: Path, ratio: float, importance: str,
+                            on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None
+                            ) -> tuple[nn.Module, dict[str, Any]]:
+    config, data, ctx = session.config, session.data, session.ctx
+    started = time.perf_counter()
+    example = example_batch(data.train, 2).to(session.device)
+    baseline.eval()
+    pruned = prune_model(baseline, config, example, ratio=ratio, importance=importance)
+    pruned.to(session.device)
+    session.timings["prune"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    recalibrate_batchnorm(pruned, data.train, batches=config.recalibration_batches,
+                          batch_size=config.batch_size, device=session.device, seed=config.seed,
+                          quiet=config.quiet)
+    session.timings["bn_recalibration"] = time.perf_counter() - started
+    after_recal = evaluate_accuracy(pruned, data.test, classes=data.classes,
+                                    batch_size=max(256, config.batch_size), device=session.device,
+                                    ctx=ctx, num_workers=data.num_workers, quiet=config.quiet,
+                                    desc="evaluate pruned (before fine-tuning)")
+    logger.info("pruned (ratio %g, %s), BN recalibrated, before fine-tuning: top-1 %.2f%%",
+                ratio, importance, after_recal.top1)
+
+    history: list[dict[str, float]] = []
+    if config.epochs > 0:
+        teacher = copy.deepcopy(baseline).eval() if config.distill else None
+        started = time.perf_counter()
+        result = train(pruned, data.train, _train_config(config, baseline=False), device=session.device,
+                       teacher=teacher, checkpoint=out / "finetune_checkpoint.pt", resume=config.resume,
+                       ctx=ctx, on_epoch_end=on_epoch_end)
+        session.timings["finetune"] = time.perf_counter() - started
+        history = result.history
+    entry = measure_model(session, pruned, "pruned")
+    entry["top1_before_finetune"] = after_recal.top1
+    entry["top5_before_finetune"] = after_recal.top5
+    entry["finetune_history"] = history
+    return pruned, entry
+
+
+def _report(session: _Session, baseline_entry: dict[str, Any], pruned_entry: dict[str, Any],
+            config: RunConfig, baseline_info: dict[str, Any]) -> dict[str, Any]:
+    reductions = {}
+    for key in ("params", "macs", "size_mb"):
+        before, after = baseline_entry.get(key), pruned_entry.get(key)
+        reductions[f"{key}_x"] = (before / after) if before and after else None
+    reductions["top1_delta"] = pruned_entry["top1"] - baseline_entry["top1"]
+    return {
+        "baseline": baseline_entry,
+        "pruned": pruned_entry,
+        "reduction": reductions,
+        "config": config.to_dict(),
+        "data": session.data.summary(),
+        "baseline_source": {k: v for k, v in baseline_info.items() if k != "history"},
+        "baseline_history": baseline_info.get("history", []),
+        "machine": machine_info(),
+        "distributed": {"world_size": session.ctx.world_size, "backend": session.ctx.backend},
+        "device": str(session.device),
+        "date": utc_now(),
+        "timings_s": dict(session.timings),
+    }
+
+
+def _write_outputs(out: Path, report: dict[str, Any], baseline: nn.Module, pruned: nn.Module,
+                   config: RunConfig, ratio: float, importance: str) -> dict[str, Any]:
+    plots = [plot_channels(baseline, pruned, out / "channels.png",
+                           title=f"Channels per layer: {config.model}, {importance}, ratio {ratio:g}")]
+    report["plots"] = [str(p.name) for p in plots]
+    artifacts = save_pruned(pruned, out, extra={"model": config.model, "ratio": ratio,
+                                                "importance": importance})
+    report["artifacts"] = [p.name for p in artifacts]
+    write_report(report, out)
+    return report
+
+
+def run(config: RunConfig, *, on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None
+        ) -> dict[str, Any]:
+    """Run the whole job once and return the report (also written to ``config.out``).
+
+    ``on_epoch_end(epoch, metrics)`` is called after every training epoch (baseline and
+    fine-tuning) once its checkpoint is written; raising from it stops the run there, as a
+    kill would, and ``resume=True`` continues from that checkpoint.
+    """
+    started = time.perf_counter()
+    session = _setup(config)
+    try:
+        baseline, info = get_baseline(session, on_epoch_end=on_epoch_end)
+        baseline_entry = measure_model(session, baseline, "baseline")
+        pruned, pruned_entry = _prune_finetune_measure(session, baseline, baseline_entry, session.out,
+                                                       config.ratio, config.importance, on_epoch_end)
+        session.timings["total"] = time.perf_counter() - started
+        report = _report(session, baseline_entry, pruned_entry, config, info)
+        if session.ctx.is_main:
+            _write_outputs(session.out, report, baseline, pruned, config, config.ratio, config.importance)
+            logger.info("report written to %s (%.0f s in all)", session.out / "report.md",
+                        session.timings["total"])
+        barrier(session.ctx)
+        return report
+    finally:
+        shutdown_distributed(session.ctx)
+
+
+def _point_dir(out: Path, importance: str, ratio: float) -> Path:
+    return out / f"{importance}-r{ratio:g}"
+
+
+def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str] = ("l1",)) -> dict[str, Any]:
+    """The pipeline at every (importance, ratio), sharing one baseline; returns ``sweep.json``'s data.
+
+    With ``resume``, points whose ``report.json`` already exists with the same settings are
+    reused rather than recomputed.
+    """
+    if not ratios:
+        raise ConfigError("sweep needs at least one ratio")
+    if not importances:
+        raise ConfigError("sweep needs at least one importance criterion")
+    for ratio in ratios:
+        config.replace(ratio=ratio).validate()
+    started = time.perf_counter()
+    session = _setup(config)
+    try:
+        baseline, info = get_baseline(session)
+        baseline_entry = measure_model(session, baseline, "baseline")
+        points: list[dict[str, Any]] = []
+        for importance in importances:
+            for ratio in ratios:
+                point_config = config.replace(ratio=ratio, importance=importance)
+                folder = _point_dir(session.out, importance, ratio)
+                existing = folder / "report.json"
+                if config.resume and existing.is_file():
+                    import json
+
+                    try:
+                        saved = json.loads(existing.read_text(encoding="utf-8"))
+                    except (OSError, ValueError):
+                        saved = None
+                    if saved and saved.get("config") == point_config.to_dict():
+                        logger.info("sweep: reusing %s", existing)
+                        points.append({"importance": importance, "ratio": ratio,
+                                       **{k: saved["pruned"].get(k) for k in
+                                          ("top1", "top5", "params", "macs", "size_mb", "latency_ms")}})
+                        continue
+                logger.info("sweep: importance %s, ratio %g", importance, ratio)
+                if session.ctx.is_main:
+                    folder.mkdir(parents=True, exist_ok=True)
+                barrier(session.ctx)
+                point_session = _Session(config=point_config, ctx=session.ctx, device=session.device,
+                                         data=session.data, out=folder)
+                pruned, entry = _prune_finetune_measure(point_session, baseline, baseline_entry, folder,
+                                                        ratio, importance)
+                report = _report(point_session, baseline_entry, entry, point_config, info)
+                if session.ctx.is_main:
+                    _write_outputs(folder, report, baseline, pruned, point_config, ratio, importance)
+                points.append({"importance": importance, "ratio": ratio,
+                               **{k: entry.get(k) for k in ("top1", "top5", "params", "macs", "size_mb",
+                                                            "latency_ms")},
+                               "top1_before_finetune": entry.get("top1_before_finetune")})
+        session.timings["total"] = time.perf_counter() - started
+        summary: dict[str, Any] = {
+            "baseline": {k: baseline_entry.get(k) for k in ("top1", "top5", "params", "macs", "size_mb",
+                                                             "latency_ms")},
+            "points": points,
+            "ratios": list(ratios),
+            "importances": list(importances),
+            "config": config.to_dict(),
+            "data": session.data.summary(),
+            "machine": machine_info(),
+            "date": utc_now(),
+            "timings_s": dict(session.timings),
+        }
+        if session.ctx.is_main:
+            plots = plot_sweep(points, summary["baseline"], session.out)
+            summary["plots"] = [p.name for p in plots]
+            write_json(summary, session.out / "sweep.json")
+            (session.out / "sweep.md").write_text(render_sweep_markdown(summary), encoding="utf-8")
+            logger.info("sweep written to %s", session.out / "sweep.md")
+        barrier(session.ctx)
+        return summary
+    finally:
+        shutdown_distributed(session.ctx)

@@ -7,7 +7,11 @@ one, and a hint on what to do about it.
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Optional
+
+import torch
 
 import torch.fx
 
@@ -17,32 +21,52 @@ __all__ = [
     "PlanMismatchError",
     "FxPruneWarning",
     "describe_node",
+    "target_name",
 ]
 
 
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
 def _source_line(node: torch.fx.Node) -> str:
-    """The innermost user frame of ``node.stack_trace`` (recorded by :func:`fxprune.trace`)."""
+    """The user's own frame from ``node.stack_trace`` (recorded by :func:`fxprune.trace`).
+
+    fx appends its own frames (proxy.py, module call wrappers) after the user's; skip every
+    frame that lives inside torch and report the innermost one that does not.
+    """
     trace = node.stack_trace
     if not trace:
         return "source line unknown (trace with fxprune.trace(model) to record source lines)"
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    # fx stack traces read outermost -> innermost as 'File "...", line N, in f' followed by the
-    # code line; the last two lines are the user's own statement.
-    return " | ".join(lines[-2:])
+    lines = trace.splitlines()
+    found = None
+    for i, line in enumerate(lines):
+        m = _FRAME.search(line)
+        if m and not m.group("file").startswith(_TORCH_DIR):
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.search(lines[i + 1]) else ""
+            found = f'{m.group("file")}:{m.group("line")} in {m.group("func")}: {code}'
+    return found or "source line unknown (only torch-internal frames were recorded)"
+
+
+def target_name(node: torch.fx.Node) -> str:
+    """``torch.cumsum`` rather than ``<built-in method cumsum ...>``."""
+    target = node.target
+    if isinstance(target, str):
+        return target
+    try:
+        return torch.fx.node._get_qualified_name(target)  # type: ignore[arg-type]
+    except Exception:  # not every callable has a qualified name
+        return getattr(target, "__name__", repr(target))
 
 
 def describe_node(node: torch.fx.Node) -> str:
     """A human description of an fx node: its fx form, its target and its source line."""
-    target = node.target
-    if callable(target) and not isinstance(target, str):
-        target_name = getattr(target, "__module__", "") + "." + getattr(target, "__qualname__", repr(target))
-    else:
-        target_name = str(target)
+    target_name_ = target_name(node)
     try:
         formatted = node.format_node() or node.name
     except Exception:  # format_node can fail on exotic args; the name still identifies it
         formatted = node.name
-    return f"node {formatted!s} (op={node.op}, target={target_name}) at {_source_line(node)}"
+    return f"node {formatted!s} (op={node.op}, target={target_name_}) at {_source_line(node)}"
 
 
 class FxPruneError(Exception):

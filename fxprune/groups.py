@@ -19,7 +19,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .errors import FxPruneWarning, UnsupportedNodeError, describe_node
+from .errors import FxPruneWarning, UnsupportedNodeError, describe_node, target_name
 from .graph import to_networkx, walk
 from .rules import Layout, lookup_rule
 from .trace import node_shape
@@ -180,10 +180,13 @@ class _Engine:
     def unsupported(self, node: torch.fx.Node, reason: str, hint: Optional[str] = None) -> None:
         if self.strict:
             raise UnsupportedNodeError(node, reason, hint)
+        self.warn(node, reason)
+        self.freeze(node, [self.layout(n) for n in node.all_input_nodes], reason)
+
+    def warn(self, node: torch.fx.Node, reason: str) -> None:
         message = f"channels left unpruned: {reason}: {describe_node(node)}"
         self.messages.append(message)
-        warnings.warn(FxPruneWarning(message), stacklevel=4)
-        self.freeze(node, [self.layout(n) for n in node.all_input_nodes], reason)
+        warnings.warn(FxPruneWarning(message), stacklevel=2)
 
     # --- the walk
     def run(self, ignore: Sequence[str]) -> Analysis:
@@ -211,8 +214,8 @@ class _Engine:
         if rule is not None:
             return rule(self, node)
         if any(self.layout(n) is not None for n in node.all_input_nodes):
-            kind = type(module).__name__ if module is not None else "op"
-            self.unsupported(node, f"no channel rule for {kind} {node.target!r}")
+            what = f"module {node.target} ({type(module).__name__})" if module is not None else f"{node.op} {target_name(node)}"
+            self.unsupported(node, f"no channel rule for {what}")
         return None
 
     def _result(self) -> Analysis:

@@ -82,6 +82,8 @@ class RuleContext(Protocol):
 
     def unsupported(self, node: torch.fx.Node, reason: str, hint: Optional[str] = None) -> None: ...
 
+    def warn(self, node: torch.fx.Node, reason: str) -> None: ...
+
     def opaque(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
 
 
@@ -346,9 +348,10 @@ def _conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         ctx.member(node, "channelwise", inp)
         return replace(inp, rank=rank)
     # Grouped (not depthwise): pruning must keep every group the same size; not proven yet.
-    ctx.freeze(node, [inp], f"grouped convolution (groups={conv.groups}) is not pruned")
+    reason = f"grouped convolution (groups={conv.groups}) is not pruned"
     out = ctx.produce(node, conv.out_channels, dim, rank)
-    ctx.freeze(node, [out], f"grouped convolution (groups={conv.groups}) is not pruned")
+    ctx.freeze(node, [inp, out], reason)
+    ctx.warn(node, reason)
     ctx.member(node, "out", out)
     if inp is not None:
         ctx.member(node, "in", inp)

@@ -30,7 +30,7 @@ _ROLE_TENSORS: Dict[str, Sequence[tuple]] = {
 }
 
 
-def masked_reference(model: ModelLike, plan: PruningPlan) -> torch.fx.GraphModule:
+def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None) -> torch.fx.GraphModule:
     """A deep copy of ``model`` (traced) with the channels ``plan`` removes set to zero.
 
     >>> import torch, torchvision, fxprune
@@ -42,7 +42,7 @@ def masked_reference(model: ModelLike, plan: PruningPlan) -> torch.fx.GraphModul
     32
     """
     gm = copy.deepcopy(as_graph_module(model))
-    analysis = analyze_model(gm)
+    analysis = analyze_model(gm, example_inputs=example_inputs)
     kept = resolve(analysis, plan)
     with torch.no_grad():
         for slot in analysis.slots.values():
@@ -65,15 +65,22 @@ def masked_reference(model: ModelLike, plan: PruningPlan) -> torch.fx.GraphModul
 
 
 def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, inputs: Sequence[Any],
-                      rtol: Optional[float] = None, atol: Optional[float] = None) -> None:
-    """Assert ``pruned`` computes what the masked reference of ``model`` computes (eval mode)."""
-    ref = masked_reference(model, plan).eval()
-    was = pruned.training
-    pruned.eval()
-    try:
-        with torch.no_grad():
-            expected = ref(*inputs)
-            actual = pruned(*inputs)
-    finally:
-        pruned.train(was)
+                      rtol: Optional[float] = None, atol: Optional[float] = None,
+                      dtype: Optional[torch.dtype] = torch.float64,
+                      example_inputs: Optional[Sequence[Any]] = None) -> None:
+    """Assert ``pruned`` computes what the masked reference of ``model`` computes (eval mode).
+
+    Both models run on copies cast to ``dtype`` (float64 by default): removing channels changes
+    the order of float sums, and in double precision that rounding is far below any real bug,
+    so the comparison can use tight tolerances. ``dtype=None`` compares in the models' own dtype.
+    Pass the same ``example_inputs`` the plan was made with (shapes can tie more channels).
+    """
+    ref = masked_reference(model, plan, example_inputs=example_inputs).eval()
+    candidate = copy.deepcopy(pruned).eval()
+    if dtype is not None:
+        ref, candidate = ref.to(dtype), candidate.to(dtype)
+        inputs = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+    with torch.no_grad():
+        expected = ref(*inputs)
+        actual = candidate(*inputs)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)

@@ -1,0 +1,160 @@
+"""The ``fxprune`` command: argument parsing only, the work happens in the library.
+
+Subcommands: ``run`` (the main job: train/prune/fine-tune/evaluate/report), ``sweep``
+(several ratios), ``prune`` (prune a model and print a before/after table, no data needed)
+and ``groups`` (print the channel-coupled groups of a model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser", "compare_models"]
+
+PRUNE_EXAMPLES = """\
+examples:
+  fxprune prune                              # torchvision resnet18, 30 % of channels, L1
+  fxprune prune --model resnet50 --ratio 0.5 --image-size 160
+  fxprune prune --model mypkg.nets:build --ratio 0.4 --save out/pruned
+"""
+
+GROUPS_EXAMPLES = """\
+examples:
+  fxprune groups                             # the coupled channel groups of resnet18
+  fxprune groups --model mobilenet_v2
+"""
+
+
+def _model(name: str, num_classes: int) -> Any:
+    from .workflow.models import build_model
+
+    # ImageNet-shaped models as torchvision ships them: no adaptation to a data set.
+    return build_model(name, num_classes=num_classes, adapt=False).eval()
+
+
+def compare_models(original: Any, pruned: Any, example: Any, *, runs: int = 10) -> Dict[str, Dict[str, float]]:
+    """Parameters, MACs, size on disk and CPU latency (batch 1, eager) of two models."""
+    from .cost import count_macs, count_params
+    from .workflow.evaluate import measure_latency, model_size_mb
+
+    rows: Dict[str, Dict[str, float]] = {}
+    for label, model in (("original", original), ("pruned", pruned)):
+        latency, _ = measure_latency(model, example, devices=("cpu",), batch_sizes=(1,), compile=False,
+                                     warmup=3, runs=runs)
+        rows[label] = {
+            "params": count_params(model),
+            "macs": count_macs(model, example),
+            "size_mb": model_size_mb(model),
+            "latency_ms": latency.get("cpu/eager/b1") or float("nan"),
+        }
+    return rows
+
+
+def _table(rows: Dict[str, Dict[str, float]]) -> str:
+    a, b = rows["original"], rows["pruned"]
+    lines = [f"{'':<18}{'original':>14}{'pruned':>14}{'ratio':>9}"]
+    fmt = {"params": ("parameters", "{:,.0f}"), "macs": ("MACs", "{:,.0f}"),
+           "size_mb": ("size on disk MB", "{:.2f}"), "latency_ms": ("CPU latency ms", "{:.2f}")}
+    for key, (name, f) in fmt.items():
+        ratio = b[key] / a[key] if a[key] else float("nan")
+        lines.append(f"{name:<18}{f.format(a[key]):>14}{f.format(b[key]):>14}{ratio:>8.2f}x")
+    return "\n".join(lines)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    import fxprune
+
+    model = _model(args.model, args.num_classes)
+    example = torch.randn(1, 3, args.image_size, args.image_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", fxprune.FxPruneWarning)
+        plan = fxprune.plan(model, args.ratio, importance=args.importance, example_inputs=(example,))
+        pruned = fxprune.apply(model, plan, example_inputs=(example,))
+    print(f"fxprune: {args.model} at ratio {args.ratio} ({args.importance})\n")
+    print(_table(compare_models(model, pruned, example, runs=args.runs)))
+    print("\ngroups:")
+    for g in plan.groups:
+        state = f"{g.size:>5} -> {len(g.keep):<5}" if g.pruned else f"{g.size:>5} (kept) "
+        print(f"  {state} {g.key}  [{', '.join(g.modules[:4])}{', ...' if len(g.modules) > 4 else ''}]")
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if args.save:
+        save = getattr(fxprune, "save", None)
+        if save is None:
+            raise fxprune.FxPruneError("saving needs fxprune.save (not available in this build)")
+        save(pruned, args.save, plan=plan, source=args.model, example_inputs=(example,))
+        print(f"\nsaved to {args.save}")
+    return 0
+
+
+def _cmd_groups(args: argparse.Namespace) -> int:
+    import fxprune
+
+    print(fxprune.find_groups(_model(args.model, args.num_classes)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .workflow import cli_args
+
+    parser = argparse.ArgumentParser(
+        prog="fxprune",
+        description="Structured channel pruning for PyTorch models, proven equivalent, physically smaller.",
+        epilog="Run 'fxprune COMMAND --help' for each command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    run = sub.add_parser("run", help="train or load a baseline, prune, fine-tune, evaluate, report",
+                         description="The main job. With no options: Fashion-MNIST, resnet18, ratio 0.5, L1.",
+                         epilog=cli_args.RUN_EXAMPLES, formatter_class=fmt)
+    cli_args.add_run_arguments(run)
+    run.set_defaults(func=cli_args.main_run)
+
+    sweep = sub.add_parser("sweep", help="the run pipeline at several ratios and criteria, sharing the baseline",
+                           description="Accuracy vs MACs and latency curves over pruning ratios.",
+                           epilog=cli_args.SWEEP_EXAMPLES, formatter_class=fmt)
+    cli_args.add_sweep_arguments(sweep)
+    sweep.set_defaults(func=cli_args.main_sweep)
+
+    prune = sub.add_parser("prune", help="prune a model and print a before/after table (no data needed)",
+                           description="Prune a torchvision model (or package.module:callable) with random "
+                                       "or default weights and compare parameters, MACs, size and latency.",
+                           epilog=PRUNE_EXAMPLES, formatter_class=fmt)
+    prune.add_argument("--model", default="resnet18", help="torchvision model name or package.module:callable (default: %(default)s)")
+    prune.add_argument("--ratio", type=float, default=0.3, help="fraction of channels removed per group (default: %(default)s)")
+    prune.add_argument("--importance", default="l1", help="importance criterion (default: %(default)s)")
+    prune.add_argument("--image-size", type=int, default=224, help="input height/width (default: %(default)s)")
+    prune.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: %(default)s)")
+    prune.add_argument("--runs", type=int, default=10, help="timed runs for latency (default: %(default)s)")
+    prune.add_argument("--save", default=None, help="save the pruned model to this folder")
+    prune.set_defaults(func=_cmd_prune)
+
+    groups = sub.add_parser("groups", help="print the channel-coupled groups of a model",
+                            epilog=GROUPS_EXAMPLES, formatter_class=fmt)
+    groups.add_argument("--model", default="resnet18", help="torchvision model name or package.module:callable")
+    groups.add_argument("--num-classes", type=int, default=1000)
+    groups.set_defaults(func=_cmd_groups)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``fxprune`` console script and ``python -m fxprune``."""
+    from .errors import FxPruneError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FxPruneError, ValueError) as error:
+        print(f"fxprune: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

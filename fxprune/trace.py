@@ -53,7 +53,15 @@ def trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]] = None
 
 
 def as_graph_module(model: torch.nn.Module) -> torch.fx.GraphModule:
-    """Return ``model`` itself if it is a GraphModule, else its trace."""
+    """Return ``model`` itself if it is a GraphModule, else its trace.
+
+    A ``torch.export`` program (or its ``.module()``) speaks ATen ops with weights as graph
+    attributes; it is lifted back to ordinary layers first so the rule table applies.
+    """
+    from .export import from_exported, is_aten_graph  # lazy: export imports only errors
+
+    if is_aten_graph(model):
+        return from_exported(model)
     return model if isinstance(model, torch.fx.GraphModule) else trace(model)
 
 

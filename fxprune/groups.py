@@ -5,26 +5,42 @@ its output's channels relate to its inputs' (:mod:`fxprune.rules`); ops that tie
 (residual adds, SE multiplies, a module called twice) merge groups in a union-find. A group is
 *frozen* (never pruned) when it reaches a graph output, touches an op without a rule, or meets
 a pattern of ``ignore``.
+
+Two more facts are checked on the module tree, not the graph:
+
+- *Tied tensors*: two modules sharing one parameter (or buffer) must keep the same channels.
+  Same-type modules sharing it under the same name have their slots unified role by role (as
+  for a module called twice); any other sharing, or a parameter the graph also reads directly
+  (``get_attr``), freezes the groups of every module involved.
+- *Blocked groups*: a grouped convolution needs every conv group to keep the same number of
+  channels, so its input and output groups carry ``blocks`` (G equal blocks, the same count
+  kept in each). :func:`fit_count` and :func:`select_channels` are what a planner uses to
+  honour that; :func:`check_balanced` is what the rewrite checks.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
+import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import networkx as nx
 import torch
 import torch.fx
 import torch.nn as nn
 
-from .errors import FxPruneWarning, UnsupportedNodeError, describe_node, target_name
+from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe_node, target_name
 from .graph import to_networkx, walk
-from .rules import Layout, lookup_rule
+from .rules import Layout, TupleLayout, lookup_rule
 from .trace import node_shape
 
-__all__ = ["Member", "Group", "Slot", "Analysis", "analyze"]
+__all__ = [
+    "Member", "Group", "Slot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",
+    "tensor_users",
+]
 
 ROLES = ("out", "in", "channelwise")
 
@@ -46,7 +62,11 @@ class Member:
 
 @dataclass(frozen=True)
 class Group:
-    """A set of channels that must be removed together, with every parameter they index."""
+    """A set of channels that must be removed together, with every parameter they index.
+
+    ``blocks``: the channels form this many equal consecutive blocks that must each keep the
+    same number of channels (a group read or written by a grouped convolution); 1 otherwise.
+    """
 
     index: int
     key: str
@@ -54,22 +74,28 @@ class Group:
     members: Tuple[Member, ...]
     frozen: bool
     reasons: Tuple[str, ...] = ()
+    blocks: int = 1  # equal blocks that must each keep the same count (grouped convs)
 
     @property
     def prunable(self) -> bool:
         return not self.frozen and self.size > 1
 
+    @property
+    def block_size(self) -> int:
+        return self.size // self.blocks
+
     def modules(self, role: Optional[str] = None) -> List[str]:
         return [m.module for m in self.members if role is None or m.role == role]
 
     def __str__(self) -> str:
-        state = "frozen: " + "; ".join(self.reasons) if self.frozen else "prunable"
+        state = "frozen: " + "; ".join(self.reasons) if self.frozen else "prunable" if self.prunable else "one channel"
         parts = []
         for role in ROLES:
             names = self.modules(role)
             if names:
                 parts.append(f"{role}={','.join(names)}")
-        return f"group {self.key} [{self.size} ch, {state}] " + " ".join(parts)
+        blocks = f" in {self.blocks} blocks" if self.blocks > 1 else ""
+        return f"group {self.key} [{self.size} ch{blocks}, {state}] " + " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -111,16 +137,22 @@ class _Engine:
         self.union = nx.utils.UnionFind()
         self.sizes: List[int] = []
         self.frozen: Dict[int, List[str]] = {}
+        self.blocks: Dict[int, List[Tuple[int, str]]] = {}  # raw group -> (blocks, why)
         self.owner: Dict[str, int] = {}  # module name -> the group its output rows form
         self.slot_layouts: Dict[Tuple[str, str], Layout] = {}
         self.slot_order: List[Tuple[str, str]] = []
         self.layouts: Dict[str, Optional[Layout]] = {}
+        self.tuples: Dict[str, TupleLayout] = {}
         self.messages: List[str] = []
         self.current: Optional[torch.fx.Node] = None
+        self.freezes = 0  # how many freeze() calls so far: tells whether a rule froze anything
 
     # --- RuleContext
     def layout(self, arg: Any) -> Optional[Layout]:
         return self.layouts.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+
+    def elements(self, arg: Any) -> Optional[TupleLayout]:
+        return self.tuples.get(arg.name) if isinstance(arg, torch.fx.Node) else None
 
     def module(self, node: torch.fx.Node) -> nn.Module:
         return self.modules[str(node.target)]
@@ -155,15 +187,24 @@ class _Engine:
         self.slot_layouts[key] = layout
         self.slot_order.append(key)
 
+    def require_blocks(self, node: torch.fx.Node, layout: Layout, blocks: int, reason: str) -> None:
+        if len(layout.groups) != 1:
+            raise FxPruneError(f"internal error: blocks required of a {len(layout.groups)}-group layout at {node.name}")
+        if blocks > 1:
+            self.blocks.setdefault(layout.groups[0], []).append((blocks, reason))
+
     def unify(self, node: torch.fx.Node, layouts: Sequence[Layout]) -> Optional[Layout]:
+        return self._unify(node.name, layouts)
+
+    def _unify(self, where: str, layouts: Sequence[Layout]) -> Layout:
         first = layouts[0]
         for other in layouts[1:]:
             if other.dim != first.dim or other.channels != first.channels or other.block != first.block:
-                self.freeze(node, layouts, "operands whose channels do not line up")
+                self._freeze_at(where, layouts, "operands whose channels do not line up")
                 return first
             if other.sizes != first.sizes:
                 # Tying a concatenation to a single group would split the group: not supported.
-                self.freeze(node, layouts, "operands concatenated differently")
+                self._freeze_at(where, layouts, "operands concatenated differently")
                 return first
         for other in layouts[1:]:
             for a, b in zip(first.groups, other.groups):
@@ -171,22 +212,41 @@ class _Engine:
         return first
 
     def freeze(self, node: torch.fx.Node, layouts: Iterable[Optional[Layout]], reason: str) -> None:
-        where = f"{reason} at {node.name}"
+        self._freeze_at(node.name, layouts, reason)
+
+    def _freeze_at(self, where: str, layouts: Iterable[Optional[Layout]], reason: str) -> None:
+        self.freezes += 1
+        text = f"{reason} at {where}"
         for lay in layouts:
             if lay is not None:
                 for gid in lay.groups:
-                    self.frozen.setdefault(gid, []).append(where)
+                    self.frozen.setdefault(gid, []).append(text)
 
     def unsupported(self, node: torch.fx.Node, reason: str, hint: Optional[str] = None) -> None:
+        layouts = self._input_layouts(node)
+        if layouts and not any(lay.channels for lay in layouts):
+            return  # only zero-width tensors: no channel to protect, nothing to report
         if self.strict:
             raise UnsupportedNodeError(node, reason, hint)
         self.warn(node, reason)
-        self.freeze(node, [self.layout(n) for n in node.all_input_nodes], reason)
+        self.freeze(node, layouts, reason)
 
     def warn(self, node: torch.fx.Node, reason: str) -> None:
         message = f"channels left unpruned: {reason}: {describe_node(node)}"
         self.messages.append(message)
         warnings.warn(FxPruneWarning(message), stacklevel=2)
+
+    def _input_layouts(self, node: torch.fx.Node) -> List[Layout]:
+        """Every layout reaching ``node``: its inputs' and those inside tuples it receives."""
+        found: List[Layout] = []
+        for n in node.all_input_nodes:
+            lay = self.layout(n)
+            if lay is not None:
+                found.append(lay)
+            elements = self.elements(n)
+            if elements is not None:
+                found.extend(elements.layouts())
+        return found
 
     # --- the walk
     def run(self, ignore: Sequence[str]) -> Analysis:
@@ -195,10 +255,10 @@ class _Engine:
             self.current = node
             self.layouts[node.name] = self._visit(node)
             node.meta["fxprune_layout"] = self.layouts[node.name]
+        self._tie_shared_tensors()
         for key in self.slot_order:
             module, _ = key
             if any(fnmatch.fnmatchcase(module, pat) for pat in ignore):
-                self.frozen.setdefault(self.slot_layouts[key].groups[0], [])
                 for gid in self.slot_layouts[key].groups:
                     self.frozen.setdefault(gid, []).append(f"ignored module {module}")
         return self._result()
@@ -207,29 +267,87 @@ class _Engine:
         if node.op in ("placeholder", "get_attr"):
             return None  # the model's inputs and parameters are never pruned
         if node.op == "output":
-            self.freeze(node, [self.layout(n) for n in node.all_input_nodes], "reaches the model output")
+            self.freeze(node, self._input_layouts(node), "reaches the model output")
             return None
+        if node.target is not operator.getitem:
+            # Only getitem reads a tuple element by element; anything else that receives a
+            # tuple of channel tensors (a list to an unknown op) loses track of them.
+            whole = [lay for n in node.all_input_nodes if n.name in self.tuples for lay in self.tuples[n.name].layouts()]
+            if whole:
+                self.freeze(node, whole, "a tuple of channel-carrying tensors consumed whole")
         module = self.modules.get(str(node.target)) if node.op == "call_module" else None
         rule = lookup_rule(node, module)
-        if rule is not None:
-            return rule(self, node)
-        if any(self.layout(n) is not None for n in node.all_input_nodes):
-            what = f"module {node.target} ({type(module).__name__})" if module is not None else f"{node.op} {target_name(node)}"
-            self.unsupported(node, f"no channel rule for {what}")
-        return None
+        if rule is None:
+            if self._input_layouts(node):
+                what = f"module {node.target} ({type(module).__name__})" if module is not None else f"{node.op} {target_name(node)}"
+                self.unsupported(node, f"no channel rule for {what}")
+            return None
+        before = self.freezes
+        result = rule(self, node)
+        if isinstance(result, TupleLayout):
+            self.tuples[node.name] = result
+            return None
+        if result is None and self.freezes == before and not getattr(rule, "fxprune_no_channels", False):
+            # Fail closed: a rule that loses track of its input's channels without freezing
+            # them (a user rule returning None, say) would let them be pruned under an op
+            # that then sees a different tensor.
+            lost = [self.layout(n) for n in node.all_input_nodes if self.layout(n) is not None]
+            if lost:
+                self.freeze(node, lost, f"the rule for {target_name(node)} gave its output no channel layout")
+        return result
 
+    # --- tied tensors
+    def _tie_shared_tensors(self) -> None:
+        """Unify or freeze the slots of modules that share a parameter or buffer."""
+        slotted: Dict[str, Dict[str, Layout]] = {}
+        for (module, role), lay in self.slot_layouts.items():
+            slotted.setdefault(module, {})[role] = lay
+        for users in tensor_users(self.gm).values():
+            targets = {target for target, _ in users}
+            if len(targets) < 2 or not targets & slotted.keys():
+                continue
+            names = sorted(targets)
+            attrs = {attr for _, attr in users}
+            kinds = {type(self.modules.get(t)) for t in targets}
+            if all(t in slotted for t in targets) and len(attrs) == 1 and len(kinds) == 1:
+                self._tie_slots(names, slotted)
+            else:
+                where = ", ".join(f"{t}.{a}" if a else f"get_attr {t}" for t, a in sorted(users))
+                for t in names:
+                    if t in slotted:
+                        self._freeze_at(t, slotted[t].values(), f"a tensor shared by {where}")
+
+    def _tie_slots(self, names: List[str], slotted: Dict[str, Dict[str, Layout]]) -> None:
+        roles = sorted({role for t in names for role in slotted[t]})
+        for role in roles:
+            present = [slotted[t][role] for t in names if role in slotted[t]]
+            if len(present) != len(names):
+                missing = [t for t in names if role not in slotted[t]]
+                self._freeze_at(names[0], present, f"weights tied with {', '.join(missing)}, whose {role} channels are not tracked")
+            else:
+                self._unify(f"tied weights of {', '.join(names)}", present)
+
+    # --- the result
     def _result(self) -> Analysis:
+        # Final group indices, in order of first appearance. A group of zero channels (a
+        # layer with no outputs) has nothing to prune or keep: it forms no group, and its
+        # zero-width segments are left out of slots and node metadata.
         roots: Dict[int, int] = {}
         for gid in range(len(self.sizes)):
-            roots.setdefault(self.union[gid], len(roots))
+            if self.sizes[gid] > 0:
+                roots.setdefault(self.union[gid], len(roots))
+        empty = {gid for gid in range(len(self.sizes)) if self.sizes[gid] == 0}
         reasons: Dict[int, List[str]] = {}
         for gid, why in self.frozen.items():
-            reasons.setdefault(roots[self.union[gid]], []).extend(why)
+            if gid not in empty:
+                reasons.setdefault(roots[self.union[gid]], []).extend(why)
+        sizes = {roots[self.union[g]]: s for g, s in enumerate(self.sizes) if g not in empty}
+        blocks = self._resolve_blocks(roots, sizes, reasons)
         members: Dict[int, List[Member]] = {i: [] for i in roots.values()}
         slots: Dict[Tuple[str, str], Slot] = {}
         for key in self.slot_order:
             lay = self.slot_layouts[key]
-            segments = tuple((roots[self.union[g]], s) for g, s in zip(lay.groups, lay.sizes))
+            segments = tuple((roots[self.union[g]], s) for g, s in zip(lay.groups, lay.sizes) if g not in empty)
             slots[key] = Slot(key[0], key[1], segments, int(lay.block or 1))
             offset = 0
             for idx, size in segments:
@@ -238,16 +356,135 @@ class _Engine:
         for node in self.gm.graph.nodes:
             lay = self.layouts.get(node.name)
             if lay is not None:
-                node.meta["fxprune_groups"] = tuple(roots[self.union[g]] for g in lay.groups)
-        sizes = {roots[self.union[g]]: s for g, s in enumerate(self.sizes)}
+                node.meta["fxprune_groups"] = tuple(roots[self.union[g]] for g in lay.groups if g not in empty)
         groups = []
         for idx in range(len(roots)):
             mems = members[idx]
             producers = [m.module for m in mems if m.role == "out"]
             key = producers[0] if producers else (f"{mems[0].module}:{mems[0].role}" if mems else f"tensor{idx}")
             why = tuple(dict.fromkeys(reasons.get(idx, [])))  # dedupe, keep order
-            groups.append(Group(idx, key, sizes[idx], tuple(mems), bool(why), why))
+            groups.append(Group(idx, key, sizes[idx], tuple(mems), bool(why), why, blocks.get(idx, 1)))
         return Analysis(self.gm, groups, slots, list(self.messages))
+
+    def _resolve_blocks(self, roots: Dict[int, int], sizes: Dict[int, int], reasons: Dict[int, List[str]]) -> Dict[int, int]:
+        """Blocks per final group: the lcm of every grouped conv's demand on its members.
+
+        Equal counts in each of lcm(G1, G2) blocks imply equal counts in each of G1 and of G2
+        blocks (the blocks nest), and the lcm divides the size since each G does.
+        """
+        demands: Dict[int, List[Tuple[int, str]]] = {}
+        for gid, reqs in self.blocks.items():
+            if self.sizes[gid] == 0:
+                continue
+            demands.setdefault(roots[self.union[gid]], []).extend(reqs)
+        out: Dict[int, int] = {}
+        for idx, reqs in demands.items():
+            total = math.lcm(*(b for b, _ in reqs))
+            size = sizes[idx]
+            what = "; ".join(dict.fromkeys(why for _, why in reqs))
+            if size % total:
+                reasons.setdefault(idx, []).append(f"{size} channels do not split into {total} equal blocks ({what})")
+            elif total == size and size > 1:
+                reasons.setdefault(idx, []).append(f"one channel per conv group ({what})")
+            out[idx] = total
+        return out
+
+
+def tensor_users(gm: torch.fx.GraphModule) -> Dict[int, List[Tuple[str, str]]]:
+    """Every parameter/buffer the graph reaches, by identity: ``[(target, attribute path)]``.
+
+    A ``call_module`` node reaches every tensor of its module (submodules included); a
+    ``get_attr`` node the tensor (or module) it names. One tensor reached from two targets is
+    shared (tied weights, or a parameter the graph reads directly as well as through its module).
+    """
+    users: Dict[int, List[Tuple[str, str]]] = {}
+    seen = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr") or node.target in seen:
+            continue
+        seen.add(node.target)
+        target = str(node.target)
+        try:
+            obj = gm.get_submodule(target) if node.op == "call_module" else _fetch_attr(gm, target)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.Tensor):
+            users.setdefault(id(obj), []).append((target, ""))
+        elif isinstance(obj, nn.Module):
+            named = list(obj.named_parameters(remove_duplicate=False)) + list(obj.named_buffers(remove_duplicate=False))
+            for attr, t in named:
+                entry = (target, attr)
+                if entry not in users.setdefault(id(t), []):
+                    users[id(t)].append(entry)
+    return users
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------- blocked groups
+
+
+def _top(scores: torch.Tensor, n: int) -> List[int]:
+    # Stable descending sort: ties keep the lower index; NaN sorts last, so it ranks lowest.
+    order = torch.sort(-scores, stable=True).indices[:n]
+    return sorted(int(i) for i in order)
+
+
+def fit_count(group: Group, n: int) -> int:
+    """The keep count nearest to ``n`` that ``group`` can realise.
+
+    For a plain group that is ``n`` itself (clamped to ``[1, size]``). A blocked group keeps
+    the same number in each of its ``blocks``: the nearest multiple of ``blocks`` (halves round
+    up), at least one per block.
+
+    >>> g = Group(0, "conv", 128, (), False, (), blocks=32)
+    >>> fit_count(g, 64), fit_count(g, 89), fit_count(g, 3), fit_count(g, 200)
+    (64, 96, 32, 128)
+    """
+    n = max(1, min(group.size, int(n)))
+    if group.blocks <= 1 or n >= group.size:
+        return n
+    per = max(1, int(math.floor(n / group.blocks + 0.5)))
+    return min(group.size, per * group.blocks)
+
+
+def select_channels(group: Group, scores: torch.Tensor, n: int) -> List[int]:
+    """The ``n`` best channels of ``group`` (sorted indices), honouring its blocks.
+
+    A plain group keeps its ``n`` highest scores (ties: lower index first; NaN lowest). A
+    blocked group keeps the ``n / blocks`` highest of every block; ``n`` must come from
+    :func:`fit_count`.
+    """
+    if n >= group.size:
+        return list(range(group.size))
+    if group.blocks <= 1:
+        return _top(scores, n)
+    if n % group.blocks:
+        raise FxPruneError(f"group {group.key} keeps the same count in each of its {group.blocks} blocks: "
+                           f"{n} is not a multiple (use fit_count)")
+    width, per = group.block_size, n // group.blocks
+    keep: List[int] = []
+    for b in range(group.blocks):
+        keep.extend(b * width + i for i in _top(scores[b * width : (b + 1) * width], per))
+    return keep
+
+
+def check_balanced(group: Group, keep: Sequence[int]) -> Optional[str]:
+    """Why ``keep`` breaks ``group``'s blocks, or None if every block keeps the same count."""
+    if group.blocks <= 1 or len(keep) == group.size:
+        return None
+    counts = [0] * group.blocks
+    for i in keep:
+        counts[i // group.block_size] += 1
+    if len(set(counts)) == 1:
+        return None
+    return (f"group {group.key} feeds a grouped convolution: each of its {group.blocks} blocks of "
+            f"{group.block_size} channels must keep the same number, the plan keeps {counts}")
 
 
 def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: bool = False) -> Analysis:
@@ -260,6 +497,6 @@ def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: boo
     >>> gm = fxprune.trace(torchvision.models.resnet18())
     >>> a = analyze(gm)
     >>> len(a.groups), sum(g.prunable for g in a.groups)
-    (13, 11)
+    (13, 12)
     """
     return _Engine(gm, strict).run(tuple(ignore))

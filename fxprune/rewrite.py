@@ -4,6 +4,9 @@ The input GraphModule is never touched. The new one gets a copy of the graph (wi
 ``fxprune_*`` metadata on its nodes) and its own modules: sliced copies of pruned ones, deep
 copies of the rest. Afterwards the graph is linted and recompiled, each rebuilt module's
 shapes are checked against the plan, and (given example inputs) shapes are propagated again.
+
+Tensors the source model shares between modules (tied weights) are shared again in the result:
+the analysis made their owners keep the same channels, and the rewrite re-ties the copies.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .errors import FxPruneError
-from .groups import Analysis, Slot
+from .errors import FxPruneError, PlanMismatchError
+from .groups import Analysis, Slot, check_balanced, tensor_users
 from .plan import PruningPlan, resolve
 from .trace import propagate_shapes
 
@@ -79,13 +82,33 @@ def _conv(conv: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
         new.in_channels = new.out_channels = new.groups = n
         return new
     out_idx, in_idx = idx.get("out"), idx.get("in")
-    if conv.groups != 1 and in_idx is not None:
-        raise FxPruneError(f"internal error: grouped conv input was planned for pruning")
-    w = _sliced2(conv.weight, out_idx, in_idx)
+    w = _sliced2(conv.weight, out_idx, in_idx) if conv.groups == 1 else _grouped_weight(conv, out_idx, in_idx)
     new = _copy_with(conv, {"weight": w, "bias": _sliced(conv.bias, 0, out_idx)})
     new.out_channels = w.shape[0]
     new.in_channels = w.shape[1] * conv.groups
     return new
+
+
+def _grouped_weight(conv: nn.modules.conv._ConvNd, out_idx: Indices, in_idx: Indices) -> torch.Tensor:
+    """The weight of a grouped conv keeping the same count of inputs and outputs per group.
+
+    The weight is ``[Cout, Cin/G, ...]``: row ``o`` belongs to conv group ``o // (Cout/G)`` and
+    its columns are that group's inputs, in local numbering. Kept input channel ``i`` (global)
+    is column ``i % (Cin/G)`` of the rows of group ``i // (Cin/G)``; one gather picks, for each
+    kept row, the kept columns of its own group.
+    """
+    groups = conv.groups
+    w = conv.weight.detach()
+    cin_g, cout_g = conv.in_channels // groups, conv.out_channels // groups
+    rows = torch.arange(conv.out_channels) if out_idx is None else out_idx.to(torch.long)
+    cols_in = torch.arange(conv.in_channels) if in_idx is None else in_idx.to(torch.long)
+    for what, kept, per in (("output", rows, cout_g), ("input", cols_in, cin_g)):
+        counts = torch.bincount(kept // per, minlength=groups)
+        if len(kept) % groups or not bool((counts == len(kept) // groups).all()):
+            raise FxPruneError(f"internal error: grouped conv keeps {counts.tolist()} {what} channels per group")
+    cols = (cols_in % cin_g).view(groups, -1)  # kept local columns of each conv group
+    row_cols = cols[rows // cout_g]  # [kept rows, kept columns per group]
+    return w[rows.to(w.device).unsqueeze(1), row_cols.to(w.device)]
 
 
 @register_builder(nn.Linear)
@@ -97,7 +120,7 @@ def _linear(lin: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     return new
 
 
-@register_builder(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+@register_builder(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 def _batchnorm(bn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     keep = idx.get("channelwise")
     names = ("weight", "bias", "running_mean", "running_var")
@@ -129,7 +152,7 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
                 "channelwise": module.weight.shape[0]}
     if isinstance(module, nn.Linear):
         return {"out": module.weight.shape[0], "in": module.weight.shape[1]}
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, nn.modules.batchnorm._NormBase):
         n = module.running_mean.shape[0] if module.running_mean is not None else module.num_features
         return {"channelwise": module.weight.shape[0] if module.weight is not None else n}
     return {}
@@ -143,11 +166,15 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
     >>> from fxprune.plan import make_plan
     >>> a = analyze(fxprune.trace(torchvision.models.resnet18()))
     >>> pruned = rewrite(a, make_plan(a, 0.5))
-    >>> pruned.layer1[0].conv1.out_channels
+    >>> pruned.get_submodule("layer1.0.conv1").out_channels
     32
     """
     src = analysis.gm
     kept = resolve(analysis, plan)
+    for group in analysis.groups:
+        problem = check_balanced(group, kept[group.index])
+        if problem is not None:
+            raise PlanMismatchError(problem)
     by_module: Dict[str, Dict[str, Slot]] = {}
     for (module, role), slot in analysis.slots.items():
         by_module.setdefault(module, {})[role] = slot
@@ -175,6 +202,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         if "fxprune_groups" in node.meta:
             node.meta["fxprune_channels"] = sum(len(kept[g]) for g in node.meta["fxprune_groups"])
     new = torch.fx.GraphModule(root, graph, src.__class__.__name__)
+    _retie(src, new)
     new.train(src.training)
     new.graph.lint()
     new.recompile()
@@ -182,7 +210,9 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
     for target, slots in changed.items():
         sizes = _dim_sizes(new.get_submodule(target))
         for role, slot in slots.items():
-            if sizes.get(role) != _expected(slot, kept):
+            # A custom module's builder is trusted here; shape propagation on example_inputs
+            # (below) still checks what it built.
+            if role in sizes and sizes[role] != _expected(slot, kept):
                 raise FxPruneError(f"internal error: {target} has {sizes.get(role)} {role} positions, plan needs {_expected(slot, kept)}")
     if example_inputs is not None:
         propagate_shapes(new, example_inputs)  # a mismatch fails here, loudly
@@ -201,6 +231,39 @@ def _check_channels(gm: torch.fx.GraphModule) -> None:
         want = node.meta["fxprune_channels"] * layout.block
         if shape[layout.dim] != want:
             raise FxPruneError(f"internal error: {node.name} has {shape[layout.dim]} channels after the rewrite, plan needs {want}")
+
+
+def _retie(src: torch.fx.GraphModule, new: torch.fx.GraphModule) -> None:
+    """Share again in ``new`` every tensor ``src`` shares between targets.
+
+    Each target was copied on its own, so a tie became two tensors. The analysis made tied
+    owners keep the same channels, hence equal shapes; a mismatch is a bug and raises.
+    """
+    for users in tensor_users(src).values():
+        if len({target for target, _ in users}) < 2:
+            continue
+        first = _locate(new, *users[0])
+        for target, attr in users[1:]:
+            other = _locate(new, target, attr)
+            if other[2].shape != first[2].shape:
+                raise FxPruneError(f"internal error: tied tensors {users[0]} and {(target, attr)} differ in shape after the rewrite")
+            owner, name, tensor = other
+            if (name in owner._parameters) != isinstance(first[2], nn.Parameter):
+                continue  # a parameter tied to a plain tensor: leave the two copies as they are
+            if name in owner._parameters:
+                owner._parameters[name] = first[2]
+            elif name in owner._buffers:
+                owner._buffers[name] = first[2]
+            else:
+                setattr(owner, name, first[2])
+
+
+def _locate(gm: nn.Module, target: str, attr: str) -> Tuple[nn.Module, str, torch.Tensor]:
+    """(owning module, attribute name, tensor) of ``target`` + ``attr`` in ``gm``."""
+    path = f"{target}.{attr}" if attr else target
+    owner_path, _, name = path.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    return owner, name, getattr(owner, name)
 
 
 def _fetch(gm: torch.fx.GraphModule, target: str) -> Any:

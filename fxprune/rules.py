@@ -11,6 +11,12 @@ parameters are indexed by which group (producer rows ``out``, consumer columns `
 per-channel parameters ``channelwise``), ties groups together (``ctx.unify``) and returns the
 layout of its output. An op with no rule is never guessed: the analysis freezes every group
 it touches (or raises in strict mode). Extend the table with :func:`register_rule`.
+
+Two kinds of "no" are kept apart. An op the table does not know is *unsupported*: a warning
+(or :class:`fxprune.UnsupportedNodeError` in strict mode) and its groups are frozen. An op the
+table knows but whose channels provably cannot be removed exactly (LayerNorm over the channel
+dim, attention that mixes the embedding, a grouped conv with one channel per conv group) is
+*frozen by design*: no warning, and the group lists the reason.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ import torch.nn.functional as F
 
 __all__ = [
     "Layout",
+    "TupleLayout",
     "RuleContext",
     "Rule",
     "register_rule",
     "lookup_rule",
+    "no_channels",
     "ELEMENTWISE_MODULES",
 ]
 
@@ -63,6 +71,29 @@ class Layout:
         return replace(self, dim=abs_dim - rank, rank=rank)
 
 
+@dataclass(frozen=True)
+class TupleLayout:
+    """The layouts of the elements of a tuple-valued node (``chunk``, ``split``, an attention
+    module's ``(output, weights)``), read back by ``getitem``.
+
+    ``items``: the layout of each index; ``default``: the layout of any other index (``chunk``
+    into a number of pieces known only at run time gives every piece the same layout).
+    """
+
+    items: Tuple[Optional[Layout], ...] = ()
+    default: Optional[Layout] = None
+
+    def get(self, index: int) -> Optional[Layout]:
+        if -len(self.items) <= index < len(self.items):
+            return self.items[index]
+        return self.default
+
+    def layouts(self) -> List[Layout]:
+        """Every layout the tuple carries (what must be frozen if it is consumed whole)."""
+        found = [lay for lay in self.items if lay is not None]
+        return found + ([self.default] if self.default is not None else [])
+
+
 class RuleContext(Protocol):
     """What a rule may ask of the analysis (implemented in :mod:`fxprune.groups`)."""
 
@@ -86,8 +117,13 @@ class RuleContext(Protocol):
 
     def opaque(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
 
+    def elements(self, arg: Any) -> Optional[TupleLayout]: ...
 
-Rule = Callable[[RuleContext, torch.fx.Node], Optional[Layout]]
+    def require_blocks(self, node: torch.fx.Node, layout: Layout, blocks: int, reason: str) -> None: ...
+
+
+RuleResult = Union[Layout, TupleLayout, None]
+Rule = Callable[[RuleContext, torch.fx.Node], RuleResult]
 RuleKey = Union[type, Callable[..., Any], str]
 
 # Three tables, because fx names the op differently per node kind: call_module by module type
@@ -122,6 +158,16 @@ def register_rule(*keys: RuleKey) -> Callable[[Rule], Rule]:
         return rule
 
     return decorate
+
+
+def no_channels(rule: Rule) -> Rule:
+    """Mark ``rule`` as answering with something that carries no channels (a shape, a dtype).
+
+    The analysis treats any other rule that returns no layout for an input that has one as a
+    lost track of channels and freezes that input (fail closed); marked rules are exempt.
+    """
+    rule.fxprune_no_channels = True  # type: ignore[attr-defined]
+    return rule
 
 
 def lookup_rule(node: torch.fx.Node, module: Optional[nn.Module]) -> Optional[Rule]:
@@ -205,6 +251,7 @@ def _elementwise(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
 # Shape queries read a tensor without moving its channels: after pruning they simply answer
 # with the new sizes, which is what the code that asked wants.
 @register_rule("size", "dim", "numel", builtins.getattr)
+@no_channels
 def _shape_query(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     if node.target is builtins.getattr and node.args[1] not in ("shape", "dtype", "device", "ndim", "is_cuda"):
         if ctx.layout(node.args[0]) is not None:
@@ -338,22 +385,35 @@ def _conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         out = ctx.produce(node, conv.out_channels, dim, rank)
         ctx.member(node, "out", out)
         return out
-    if conv.groups == conv.in_channels == conv.out_channels:
+    if conv.groups == conv.in_channels == conv.out_channels and inp is not None:
         # Depthwise: channel c of the output reads only channel c of the input, so the layer
         # is a per-channel op and its channels belong to the input's groups.
-        if inp is None:
-            out = ctx.produce(node, conv.out_channels, dim, rank)
-            ctx.member(node, "out", out)
-            return out
         ctx.member(node, "channelwise", inp)
         return replace(inp, rank=rank)
-    # Grouped (not depthwise): pruning must keep every group the same size; not proven yet.
-    reason = f"grouped convolution (groups={conv.groups}) is not pruned"
+    return _grouped_conv(ctx, node, conv, inp, dim, rank)
+
+
+def _grouped_conv(ctx: RuleContext, node: torch.fx.Node, conv: nn.modules.conv._ConvNd,
+                  inp: Optional[Layout], dim: int, rank: Optional[int]) -> Layout:
+    """A conv with ``groups`` G > 1 that is not a plain depthwise one.
+
+    Conv group g maps input channels ``[g*Cin/G, (g+1)*Cin/G)`` to output channels
+    ``[g*Cout/G, (g+1)*Cout/G)``. Removing channels keeps the layer a valid grouped conv only if
+    every conv group loses the same number of inputs and the same number of outputs, so both
+    sides become *blocked* groups: G equal blocks that must each keep the same count (the input
+    and output counts stay independent). A group of one channel per block cannot shrink and is
+    frozen by the analysis; that covers a depthwise conv whose input is not tracked.
+    """
+    what = f"grouped convolution {node.target} (groups={conv.groups})"
     out = ctx.produce(node, conv.out_channels, dim, rank)
-    ctx.freeze(node, [inp, out], reason)
-    ctx.warn(node, reason)
     ctx.member(node, "out", out)
+    ctx.require_blocks(node, out, conv.groups, what)
     if inp is not None:
+        if len(inp.groups) == 1:
+            ctx.require_blocks(node, inp, conv.groups, what)
+        else:
+            # Blocks spanning several groups would tie their counts together: not modelled.
+            ctx.freeze(node, [inp], f"{what} reads a concatenation of {len(inp.groups)} groups")
         ctx.member(node, "in", inp)
     return out
 
@@ -426,19 +486,37 @@ _POOL_FUNCTIONS = (
 )
 
 
+def _spatial_dims(node: torch.fx.Node, module: Optional[nn.Module]) -> Optional[int]:
+    """How many trailing dims a pooling/resampling op works on (None: all after dim 1)."""
+    name = type(module).__name__ if module is not None else getattr(node.target, "__name__", "")
+    for suffix, n in (("1d", 1), ("2d", 2), ("3d", 3)):
+        if name.endswith(suffix):
+            return n
+    return None  # interpolate / Upsample: every dim after the channel dim 1
+
+
 @register_rule(*_POOL_MODULES, *_POOL_FUNCTIONS)
 def _pool(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     # Pooling works per channel over spatial dims; the channel dim keeps its place.
-    if node.op == "call_module":
-        if getattr(ctx.module(node), "return_indices", False):
+    module = ctx.module(node) if node.op == "call_module" else None
+    if module is not None:
+        if getattr(module, "return_indices", False):
             ctx.unsupported(node, "pooling that returns indices")
             return None
     elif node.kwargs.get("return_indices", False):
         ctx.unsupported(node, "pooling that returns indices")
         return None
     inp = _first_layout(ctx, node)
-    if inp is not None and inp.block != 1:
+    if inp is None:
+        return None
+    if inp.block != 1:
         ctx.unsupported(node, "pooling of a flattened map")
+        return None
+    spatial = _spatial_dims(node, module)
+    # A channels-last tensor fed to a 2d pool would be pooled across channels.
+    pooled_first = -spatial if spatial is not None else (None if inp.rank is None else 2 - inp.rank)
+    if pooled_first is None or inp.dim >= pooled_first:
+        ctx.unsupported(node, "pooling whose window would cover the channel dim")
         return None
     return inp
 
@@ -554,7 +632,36 @@ def _view_from_shapes(ctx: RuleContext, node: torch.fx.Node, inp: Layout,
             acc *= size
             if acc > before:
                 break
+    shuffle = _channel_shuffle(node, in_shape, out_shape, c)
+    if shuffle is not None:
+        # Known and deliberately not pruned: the shuffle interleaves the groups of the
+        # concatenation it permutes, and keeping its period valid would tie their kept index
+        # sets (and every split that follows) together. Frozen by design, no warning.
+        ctx.freeze(node, [inp], shuffle)
+        return None
     ctx.unsupported(node, "view/reshape that splits or interleaves the channel dim")
+    return None
+
+
+def _channel_shuffle(node: torch.fx.Node, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...], c: int) -> Optional[str]:
+    """Describe ShuffleNet's channel shuffle if ``node`` starts one, else None.
+
+    The pattern: a view splitting the channel dim into ``(g, C/g)`` at consecutive dims,
+    whose only use transposes exactly those two dims (the view back to ``C`` follows).
+    """
+    before = math.prod(in_shape[:c])
+    for j in range(len(out_shape) - 1):
+        if math.prod(out_shape[:j]) == before and out_shape[j] * out_shape[j + 1] == in_shape[c]:
+            users = list(node.users)
+            if len(users) != 1:
+                return None
+            user = users[0]
+            dims = [a for a in list(user.args[1:]) + list(user.kwargs.values()) if isinstance(a, int)]
+            rank = len(out_shape)
+            if str(getattr(user.target, "__name__", user.target)) in ("transpose", "swapaxes", "swapdims") and \
+                    sorted(d % rank for d in dims[:2]) == [j, j + 1]:
+                return f"channel shuffle (view into {out_shape[j]} x {out_shape[j + 1]}, transpose) interleaves channels"
+            return None
     return None
 
 
@@ -573,3 +680,344 @@ def _softmax(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         ctx.unsupported(node, "softmax over the channel dim")
         return None
     return inp
+
+
+# --------------------------------------------------------------------------- moving the channel dim
+
+
+def _dims_arg(node: torch.fx.Node, name: str) -> Any:
+    """The dims of ``permute``: ``torch.permute(x, dims)``, ``x.permute(dims)`` or ``x.permute(*dims)``."""
+    if node.op == "call_function":
+        return _arg(node, 1, name, None)
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return node.args[1]
+    return node.args[1:] if len(node.args) > 1 else node.kwargs.get(name)
+
+
+@register_rule(torch.permute, "permute")
+def _permute(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    dims = _dims_arg(node, "dims")
+    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        ctx.unsupported(node, "permute with dims that are not constants")
+        return None
+    rank = len(dims)
+    order = [d % rank for d in dims]
+    if sorted(order) != list(range(rank)) or (inp.rank is not None and inp.rank != rank):
+        ctx.unsupported(node, "permute whose dims do not match the tensor's rank")
+        return None
+    # Output dim j is input dim order[j]: the channel dim lands where its index appears.
+    return replace(inp, dim=order.index(rank + inp.dim) - rank, rank=rank)
+
+
+@register_rule(torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
+def _transpose(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    first = _arg(node, 1, "dim0", node.kwargs.get("axis0"))
+    second = _arg(node, 2, "dim1", node.kwargs.get("axis1"))
+    pair = _normalize_dims([first, second], inp.rank)
+    if pair is None or len(pair) != 2:
+        ctx.unsupported(node, "transpose of dims that cannot be resolved without the rank")
+        return None
+    a, b = pair
+    dim = b if inp.dim == a else a if inp.dim == b else inp.dim
+    return replace(inp, dim=dim)
+
+
+def _full_slice(item: Any) -> bool:
+    return isinstance(item, slice) and item.start is None and item.stop is None and item.step is None
+
+
+@register_rule(operator.getitem)
+def _getitem(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    source, index = node.args[0], node.args[1]
+    elements = ctx.elements(source)
+    if elements is not None:
+        if isinstance(index, int):
+            return elements.get(index)
+        ctx.freeze(node, elements.layouts(), "a slice of a tuple of channel-carrying tensors")
+        return None
+    inp = ctx.layout(source)
+    if inp is None:
+        return None  # indexing a shape tuple, or a tensor without tracked channels
+    return _index(ctx, node, inp, index)
+
+
+def _index(ctx: RuleContext, node: torch.fx.Node, inp: Layout, index: Any) -> Optional[Layout]:
+    """Basic indexing (ints, slices, None, Ellipsis) of dims other than the channel dim."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if inp.rank is None:
+        ctx.unsupported(node, "indexing a tensor of unknown rank", "pass example_inputs so shapes can be propagated")
+        return None
+    consuming = [it for it in items if it is not None and it is not Ellipsis]
+    if items.count(Ellipsis) > 1 or len(consuming) > inp.rank:
+        ctx.unsupported(node, "an index this rule does not understand")
+        return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at : at + 1] = [slice(None)] * (inp.rank - len(consuming))
+    items += [slice(None)] * (inp.rank - len([it for it in items if it is not None]))
+    channel = inp.rank + inp.dim
+    in_dim = out_dim = 0
+    new_channel: Optional[int] = None
+    for item in items:
+        if item is None:
+            out_dim += 1  # a new axis of size 1
+            continue
+        if in_dim == channel:
+            if not _full_slice(item):
+                ctx.unsupported(node, "indexing or slicing the channel dim")
+                return None
+            new_channel = out_dim
+        if isinstance(item, bool) or not isinstance(item, (int, slice)):
+            ctx.unsupported(node, "advanced (tensor) indexing of a channel-carrying tensor")
+            return None
+        in_dim += 1
+        out_dim += isinstance(item, slice)
+    assert new_channel is not None
+    return replace(inp, dim=new_channel - out_dim, rank=out_dim)
+
+
+@register_rule(torch.unsqueeze, "unsqueeze")
+def _unsqueeze(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    dim = _arg(node, 1, "dim", None)
+    if inp.rank is None or not isinstance(dim, int):
+        ctx.unsupported(node, "unsqueeze of a tensor of unknown rank", "pass example_inputs so shapes can be propagated")
+        return None
+    rank = inp.rank + 1
+    at = dim % rank
+    channel = inp.rank + inp.dim
+    return replace(inp, dim=(channel + (at <= channel)) - rank, rank=rank)
+
+
+@register_rule(torch.squeeze, "squeeze", "expand", "expand_as")
+def _by_shapes(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """Ops that keep the channel dim but drop or add size-1 dims: trust recorded shapes only.
+
+    Without shapes ``squeeze()`` could drop a one-channel dim and ``expand`` could repeat one
+    channel many times, so both need ``example_inputs``: the channel dim must keep its size and
+    every other dim must be created or removed away from it.
+    """
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
+    if in_shape is None or out_shape is None:
+        ctx.unsupported(node, f"{node.target} of a channel-carrying tensor without recorded shapes",
+                        "pass example_inputs so shapes can be propagated")
+        return None
+    channel = len(in_shape) + inp.dim
+    size = in_shape[channel]
+    if node.target in ("expand", "expand_as"):
+        # expand prepends dims and broadcasts size-1 dims: the channel dim keeps its distance
+        # from the end, and must not be a single channel broadcast to many.
+        if out_shape[inp.dim] != size:
+            ctx.unsupported(node, "expand that repeats the channel dim")
+            return None
+        return replace(inp, rank=len(out_shape))
+    dims = _arg(node, 1, "dim", None)
+    candidates = range(len(in_shape)) if dims is None else _normalize_dims(dims, len(in_shape))
+    if candidates is None:
+        ctx.unsupported(node, "squeeze of dims that cannot be resolved")
+        return None
+    removed = {d % len(in_shape) for d in candidates if in_shape[d] == 1}
+    if channel in removed:
+        ctx.unsupported(node, "squeeze of the channel dim (a single channel)")
+        return None
+    new_channel = channel - sum(1 for d in removed if d < channel)
+    rank = len(in_shape) - len(removed)
+    if rank != len(out_shape) or out_shape[new_channel] != size:
+        ctx.unsupported(node, "squeeze whose effect on the channel dim is unclear")
+        return None
+    return replace(inp, dim=new_channel - rank, rank=rank)
+
+
+@register_rule(torch.chunk, "chunk", torch.split, "split", torch.tensor_split, "tensor_split")
+def _split(ctx: RuleContext, node: torch.fx.Node) -> Union[TupleLayout, None]:
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    dim = _arg(node, 2, "dim", 0)
+    norm = _normalize_dims(dim, inp.rank)
+    if norm is None:
+        ctx.unsupported(node, "split along a dim that cannot be resolved without the rank")
+        return None
+    if norm[0] == inp.dim:
+        # Each piece would own part of a group: groups are not split (fail closed).
+        ctx.unsupported(node, "split of the channel dim into pieces")
+        return None
+    return TupleLayout((), inp)  # every piece keeps the whole channel dim
+
+
+@register_rule(torch.unbind, "unbind")
+def _unbind(ctx: RuleContext, node: torch.fx.Node) -> Union[TupleLayout, None]:
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    norm = _normalize_dims(_arg(node, 1, "dim", 0), inp.rank)
+    if norm is None or norm[0] == inp.dim:
+        ctx.unsupported(node, "unbind of the channel dim or of an unresolved dim")
+        return None
+    dim = inp.dim + (norm[0] > inp.dim)
+    return TupleLayout((), replace(inp, dim=dim, rank=None if inp.rank is None else inp.rank - 1))
+
+
+@register_rule(F.pad)
+def _pad(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    pad = _arg(node, 1, "pad", None)
+    if not isinstance(pad, (list, tuple)):
+        ctx.unsupported(node, "pad with non-constant padding")
+        return None
+    # pad = (last_lo, last_hi, second_last_lo, ...): the pair for dim -k is pad[2k-2 : 2k].
+    k = -inp.dim
+    pair = list(pad[2 * k - 2 : 2 * k])
+    if any(p != 0 for p in pair):
+        ctx.unsupported(node, "padding of the channel dim adds channels")
+        return None
+    return inp
+
+
+# --------------------------------------------------------------------------- normalisation across channels
+
+
+def _normalized_dims(ctx: RuleContext, node: torch.fx.Node) -> Optional[int]:
+    """How many trailing dims a LayerNorm/RMSNorm normalises."""
+    if node.op == "call_module":
+        shape = getattr(ctx.module(node), "normalized_shape", None)
+    else:
+        shape = _arg(node, 1, "normalized_shape", None)
+    if isinstance(shape, int):
+        return 1
+    if isinstance(shape, (list, tuple)):
+        return len(shape)
+    return None
+
+
+_LAYER_NORMS: Tuple[Any, ...] = (nn.LayerNorm, F.layer_norm) + (
+    (nn.RMSNorm, F.rms_norm) if hasattr(nn, "RMSNorm") and hasattr(F, "rms_norm") else ())
+
+
+@register_rule(*_LAYER_NORMS)
+def _layer_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    k = _normalized_dims(ctx, node)
+    if k is None:
+        ctx.unsupported(node, "LayerNorm with a normalized_shape that is not a constant")
+        return None
+    if inp.dim >= -k:
+        # The mean and variance run over every channel: a removed channel, even when zeroed,
+        # still counts in the denominators, and dropping it changes every other channel's
+        # output. No exact rewrite exists, so the group stays whole (by design, no warning).
+        ctx.freeze(node, [inp], f"{_what(ctx, node)} normalises over the channel dim")
+    return inp
+
+
+@register_rule(nn.GroupNorm, F.group_norm, nn.LocalResponseNorm, F.local_response_norm)
+def _cross_channel_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    # GroupNorm's statistics run over groups of channels, LocalResponseNorm over neighbours:
+    # removing one channel changes the others. Frozen by design.
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    ctx.freeze(node, [inp], f"{_what(ctx, node)} normalises across channels")
+    return inp
+
+
+@register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def _instance_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    # Statistics per sample and channel over the spatial dims: each channel is independent,
+    # so it is a per-channel op like BatchNorm (affine weight/bias, optional running stats).
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    shape = ctx.shape(node)
+    rank = len(shape) if shape is not None else inp.rank
+    mod = ctx.module(node)
+    if rank is None or inp.dim != 1 - rank or inp.block != 1 or getattr(mod, "num_features", inp.channels) != inp.channels:
+        ctx.unsupported(node, "InstanceNorm over a dim not known to be the channel dim")
+        return None
+    ctx.member(node, "channelwise", inp)
+    return replace(inp, rank=rank)
+
+
+def _what(ctx: RuleContext, node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{type(ctx.module(node)).__name__} {node.target}"
+    return f"{getattr(node.target, '__name__', node.target)} at {node.name}"
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _freeze_all_inputs(ctx: RuleContext, node: torch.fx.Node, reason: str) -> None:
+    layouts: List[Optional[Layout]] = [ctx.layout(n) for n in node.all_input_nodes]
+    for n in node.all_input_nodes:
+        elements = ctx.elements(n)
+        if elements is not None:
+            layouts.extend(elements.layouts())
+    ctx.freeze(node, layouts, reason)
+
+
+@register_rule(nn.MultiheadAttention)
+def _multihead_attention(ctx: RuleContext, node: torch.fx.Node) -> TupleLayout:
+    # Inside nn.MultiheadAttention the q/k/v projections, the heads and the output projection
+    # all have width embed_dim, the width of its input: no channel of the input or of the
+    # heads can be removed without replacing the module. Frozen by design.
+    _freeze_all_inputs(ctx, node, f"nn.MultiheadAttention {node.target}: its heads and input share embed_dim")
+    return TupleLayout((None, None))
+
+
+@register_rule(F.scaled_dot_product_attention)
+def _sdpa(ctx: RuleContext, node: torch.fx.Node) -> None:
+    # q @ k^T sums over the head dim, so q and k channels are coupled pairwise; not modelled.
+    _freeze_all_inputs(ctx, node, "scaled_dot_product_attention couples query and key channels")
+    return None
+
+
+# --------------------------------------------------------------------------- torchvision ops
+
+
+def _torchvision_rules() -> None:
+    """Rules for torchvision's fx-wrapped functions (registered when torchvision is present)."""
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+        from torchvision.models import swin_transformer as swin
+    except ImportError:  # torchvision is optional for the rule table
+        return
+
+    # Stochastic depth drops whole samples (row mode) or the whole batch: it scales every
+    # channel of a sample by the same factor, and is the identity in eval mode.
+    register_rule(stochastic_depth, StochasticDepth)(_elementwise)
+
+    @register_rule(swin._patch_merging_pad)
+    def _patch_merging_pad(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+        # Pads H and W of a channels-last [..., H, W, C] map, then concatenates its four 2x2
+        # phases along C: the output's channels are the input's, four times over.
+        inp = _first_layout(ctx, node)
+        if inp is None:
+            return None
+        if inp.dim != -1 or inp.block != 1:
+            ctx.unsupported(node, "patch-merging pad of a tensor whose channels are not last")
+            return None
+        return replace(inp, groups=inp.groups * 4, sizes=inp.sizes * 4)
+
+    @register_rule(swin.shifted_window_attention, swin._get_relative_position_bias)
+    def _swin_attention(ctx: RuleContext, node: torch.fx.Node) -> None:
+        # Window attention mixes the embedding through qkv and per-head tables: frozen by design.
+        _freeze_all_inputs(ctx, node, f"{node.target.__name__} mixes channels across heads")  # type: ignore[union-attr]
+        return None
+
+
+_torchvision_rules()

@@ -4,12 +4,17 @@ The masked reference is a deep copy of the original model in which every removed
 zeroed in every parameter that channel indexes (producer rows and biases, per-channel scales
 and shifts, consumer columns). Removing a channel and zeroing its consumer columns compute the
 same function, so a correct rewrite matches the masked model up to float rounding.
+
+How a role's positions map onto a module's tensors is a table, :func:`register_mask`, per
+module type; a module type without an entry falls back to ``weight``/``bias`` along the dims
+of ``_ROLE_TENSORS`` (right for most layers; register a mask for a custom module with other
+per-channel tensors).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -20,14 +25,72 @@ from .plan import PruningPlan, resolve
 from .rewrite import slot_indices
 from .trace import as_graph_module
 
-__all__ = ["masked_reference", "assert_equivalent"]
+__all__ = ["masked_reference", "assert_equivalent", "register_mask", "randomize_norms", "Mask"]
 
-# Which tensors each role indexes, and along which dim.
-_ROLE_TENSORS: Dict[str, Sequence[tuple]] = {
+# Which tensors each role indexes, and along which dim (the fallback for unregistered types).
+_ROLE_TENSORS: Dict[str, Sequence[Tuple[str, int]]] = {
     "out": (("weight", 0), ("bias", 0)),
     "in": (("weight", 1),),
     "channelwise": (("weight", 0), ("bias", 0)),
 }
+
+Mask = Callable[[nn.Module, str, torch.Tensor], None]
+_MASKS: Dict[type, Mask] = {}
+
+
+def register_mask(*types: type) -> Callable[[Mask], Mask]:
+    """Register how to zero positions of a module type: ``fn(module, role, removed)``.
+
+    ``removed`` is a bool tensor over the role's positions (True: zero it); ``fn`` zeroes every
+    tensor of ``module`` those positions index, in place, under ``torch.no_grad``.
+    """
+
+    def decorate(fn: Mask) -> Mask:
+        for t in types:
+            _MASKS[t] = fn
+        return fn
+
+    return decorate
+
+
+def _zero_along(t: Optional[torch.Tensor], dim: int, removed: torch.Tensor) -> None:
+    if t is None:
+        return
+    index: list = [slice(None)] * t.dim()
+    index[dim] = removed.to(t.device)
+    t[tuple(index)] = 0
+
+
+def _default_mask(module: nn.Module, role: str, removed: torch.Tensor) -> None:
+    for name, dim in _ROLE_TENSORS[role]:
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == removed.numel():
+            _zero_along(t, dim, removed)
+
+
+@register_mask(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _mask_conv(conv: nn.Module, role: str, removed: torch.Tensor) -> None:
+    assert isinstance(conv, nn.modules.conv._ConvNd)
+    if role != "in" or conv.groups == 1:
+        _default_mask(conv, role, removed)
+        return
+    # Grouped: input channel i is column i % (Cin/G) of the rows of conv group i // (Cin/G).
+    cin_g, cout_g = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    for i in torch.nonzero(removed).flatten().tolist():
+        g = i // cin_g
+        conv.weight[g * cout_g : (g + 1) * cout_g, i % cin_g] = 0
+
+
+@register_mask(nn.Linear)
+def _mask_linear(lin: nn.Module, role: str, removed: torch.Tensor) -> None:
+    _default_mask(lin, role, removed)
+
+
+@register_mask(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def _mask_norm(norm: nn.Module, role: str, removed: torch.Tensor) -> None:
+    # weight = bias = 0 makes the channel's output exactly 0 whatever its statistics.
+    _zero_along(getattr(norm, "weight", None), 0, removed)
+    _zero_along(getattr(norm, "bias", None), 0, removed)
 
 
 def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None) -> torch.fx.GraphModule:
@@ -50,17 +113,9 @@ def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Option
             if keep is None:
                 continue
             module = gm.get_submodule(slot.module)
-            for name, dim in _ROLE_TENSORS[slot.role]:
-                t = getattr(module, name, None)
-                if t is None:
-                    continue
-                if slot.role == "in" and isinstance(module, nn.Linear):
-                    dim = 1
-                mask = torch.ones(t.shape[dim], dtype=torch.bool)
-                mask[keep] = False
-                index = [slice(None)] * t.dim()
-                index[dim] = mask
-                t[tuple(index)] = 0
+            removed = torch.ones(sum(size for _, size in slot.segments) * slot.block, dtype=torch.bool)
+            removed[keep] = False
+            _MASKS.get(type(module), _default_mask)(module, slot.role, removed)
     return gm
 
 
@@ -78,9 +133,31 @@ def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, in
     ref = masked_reference(model, plan, example_inputs=example_inputs).eval()
     candidate = copy.deepcopy(pruned).eval()
     if dtype is not None:
+        # Module.to converts in place: the float32 copies are released as it goes.
         ref, candidate = ref.to(dtype), candidate.to(dtype)
         inputs = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
     with torch.no_grad():
         expected = ref(*inputs)
         actual = candidate(*inputs)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm/InstanceNorm non-trivial statistics and affine parameters, in place.
+
+    A freshly built model has mean 0, variance 1, scale 1 and shift 0 everywhere, which can hide
+    a BatchNorm sliced with the wrong channels; random values make equivalence checks bite.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, nn.modules.batchnorm._NormBase):
+                continue
+            n = m.num_features
+            if m.running_mean is not None and m.running_var is not None:
+                m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            if m.weight is not None and m.bias is not None:
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    return model

@@ -237,11 +237,15 @@ def test_strict_mode_raises_unsupported_node_error() -> None:
     assert "torch.cumsum(y, dim=1)" in text and "Hint:" in text and "register_rule" in text
 
 
-def test_grouped_conv_left_unpruned_with_warning() -> None:
+def test_grouped_conv_pruned_with_the_same_count_per_group() -> None:
+    # Issue 2 left grouped convs unpruned with a warning; issue 6 prunes them: every conv group
+    # keeps the same number of inputs and of outputs, so `groups` stays valid (no warning).
     model = GroupedConvNet().eval()
-    with pytest.warns(fxprune.FxPruneWarning, match="grouped convolution"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
         pruned = fxprune.prune(model, 0.5)
-    assert pruned.get_submodule("g").in_channels == 16 and pruned.get_submodule("g").out_channels == 32
+    g = pruned.get_submodule("g")
+    assert (g.groups, g.in_channels, g.out_channels) == (4, 8, 16)
     assert pruned.get_submodule("b.0").out_channels == 8
     assert_equivalent(model, pruned, fxprune.plan(model, 0.5), (torch.randn(1, 3, 8, 8),))
 

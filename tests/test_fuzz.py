@@ -1,0 +1,258 @@
+"""Property tests: random DAG CNNs built from the supported op set, pruned at random ratios, must
+compute what their masked reference computes.
+
+A network is a recipe of steps, each reading earlier tensors (so branches, residuals and
+concatenations appear naturally); every tensor no step consumes is concatenated into the head.
+Every op used has a rule, so the pass runs with ``strict=True``: an op the analysis does not
+understand fails the example rather than being frozen quietly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Sequence, Tuple
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxprune
+from fxprune.testing import assert_equivalent, randomize_norms
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str                 # conv | dw | residual | se | linear_se | cat | pool | act
+    src: int                  # the tensor it reads
+    other: int = 0            # second tensor (residual, cat)
+    cout: int = 0             # output channels of a conv
+    k: int = 1                # kernel size
+    groups: int = 1           # conv groups
+    variant: int = 0          # which activation / pooling / form
+
+
+ACTS = (
+    lambda x: F.relu(x), lambda x: torch.relu(x), lambda x: x.relu(), lambda x: F.silu(x),
+    lambda x: F.hardswish(x), lambda x: torch.sigmoid(x) * x, lambda x: F.gelu(x), lambda x: torch.tanh(x) + 1.0,
+)
+POOLS = (
+    lambda x: F.max_pool2d(x, 3, 1, 1), lambda x: F.avg_pool2d(x, 3, 1, 1), nn.MaxPool2d(3, 1, 1),
+    lambda x: x,
+)
+
+
+class RandomNet(nn.Module):
+    """Executes a recipe. Python loops over a fixed recipe trace to a plain fx graph."""
+
+    def __init__(self, steps: Sequence[Step], channels: Sequence[int], head: int, classes: int = 5) -> None:
+        super().__init__()
+        self.steps = list(steps)
+        self.channels = list(channels)
+        self.head_kind = head
+        self.layers = nn.ModuleDict()
+        for i, s in enumerate(self.steps):
+            cin = self.channels[s.src]
+            if s.kind == "conv":
+                self.layers[f"s{i}"] = nn.Sequential(
+                    nn.Conv2d(cin, s.cout, s.k, padding=s.k // 2, groups=s.groups, bias=s.variant % 2 == 0),
+                    nn.BatchNorm2d(s.cout))
+            elif s.kind == "dw":
+                self.layers[f"s{i}"] = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=1, groups=cin), nn.BatchNorm2d(cin))
+            elif s.kind == "residual":  # project `other` to src's width and add
+                self.layers[f"s{i}"] = nn.Conv2d(self.channels[s.other], cin, 1)
+            elif s.kind == "se":
+                mid = max(1, cin // 2)
+                self.layers[f"s{i}"] = nn.Sequential(nn.Conv2d(cin, mid, 1), nn.ReLU(), nn.Conv2d(mid, cin, 1))
+            elif s.kind == "linear_se":
+                mid = max(1, cin // 2)
+                self.layers[f"s{i}"] = nn.Sequential(nn.Linear(cin, mid), nn.ReLU(), nn.Linear(mid, cin))
+        leaves = self.leaves()
+        width = sum(self.channels[t] for t in leaves)
+        if head == 0:
+            self.fc = nn.Linear(width, classes)
+        elif head == 1:
+            self.fc = nn.Linear(width * 4, classes)
+        else:
+            self.fc = nn.Sequential(nn.Linear(width * 4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, classes))
+
+    def leaves(self) -> List[int]:
+        used = {s.src for s in self.steps} | {s.other for s in self.steps if s.kind in ("residual", "cat")}
+        return [t for t in range(1, len(self.channels)) if t not in used] or [len(self.channels) - 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ts = [x]
+        for i, s in enumerate(self.steps):
+            a = ts[s.src]
+            if s.kind in ("conv", "dw"):
+                y = ACTS[s.variant % len(ACTS)](self.layers[f"s{i}"](a))
+            elif s.kind == "residual":
+                y = self.layers[f"s{i}"](ts[s.other])
+                y = a + y if s.variant % 3 == 0 else torch.add(y, a) if s.variant % 3 == 1 else a - y
+            elif s.kind == "se":
+                y = a * torch.sigmoid(self.layers[f"s{i}"](a.mean((2, 3), keepdim=True)))
+            elif s.kind == "linear_se":
+                b, c, _, _ = a.size()
+                w = torch.sigmoid(self.layers[f"s{i}"](F.adaptive_avg_pool2d(a, 1).view(b, c)))
+                y = a * w.view(b, c, 1, 1)
+            elif s.kind == "cat":
+                y = torch.cat([a, ts[s.other]], dim=1)
+            elif s.kind == "pool":
+                y = POOLS[s.variant % len(POOLS)](a)
+            else:
+                y = ACTS[s.variant % len(ACTS)](a)
+            ts.append(y)
+        y = torch.cat([ts[t] for t in self.leaves()], 1)
+        if self.head_kind == 0:
+            return self.fc(y.mean((2, 3)))
+        y = F.adaptive_avg_pool2d(y, 2)
+        y = torch.flatten(y, 1) if self.head_kind == 1 else y.view(y.size(0), -1)
+        return self.fc(y)
+
+
+def _common_groups(cin: int, cout: int) -> List[int]:
+    g = math.gcd(cin, cout)
+    return [d for d in range(1, g + 1) if g % d == 0]
+
+
+@st.composite
+def networks(draw: Any, shapes: bool) -> RandomNet:
+    kinds = ["conv", "conv", "dw", "residual", "se", "cat", "pool", "act"] + (["linear_se"] if shapes else [])
+    channels = [3]
+    steps: List[Step] = []
+    for _ in range(draw(st.integers(2, 7))):
+        kind = draw(st.sampled_from(kinds if len(channels) > 1 else ["conv"]))
+        src = draw(st.integers(1 if len(channels) > 1 else 0, len(channels) - 1))
+        other = draw(st.integers(1 if len(channels) > 1 else 0, len(channels) - 1))
+        cin = channels[src]
+        if kind == "conv":
+            cout = draw(st.integers(1, 12))
+            groups = draw(st.sampled_from(_common_groups(cin, cout))) if src else 1
+            step = Step(kind, src, cout=cout, k=draw(st.sampled_from([1, 3])), groups=groups,
+                        variant=draw(st.integers(0, 15)))
+            channels.append(cout)
+        elif kind == "cat":
+            step = Step(kind, src, other=other)
+            channels.append(cin + channels[other])
+        else:
+            step = Step(kind, src, other=other, variant=draw(st.integers(0, 15)))
+            channels.append(cin)
+        steps.append(step)
+    return RandomNet(steps, channels, head=draw(st.integers(0, 2)))
+
+
+def _prove(model: nn.Module, ratio: float, shapes: bool, seed: int, **kw: Any) -> None:
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    randomize_norms(model, seed).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    ex = (x,) if shapes else None
+    plan = fxprune.plan(model, ratio, example_inputs=ex, strict=True, **kw)
+    pruned = fxprune.apply(model, plan, example_inputs=ex, strict=True)
+    assert_equivalent(model, pruned, plan, (x,), example_inputs=ex)
+    assert sum(p.numel() for p in pruned.parameters()) <= sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+
+
+@SETTINGS
+@given(data=st.data(), ratio=st.floats(0.0, 0.9), seed=st.integers(0, 2**16))
+def test_random_cnn_with_shapes_is_equivalent(data: Any, ratio: float, seed: int) -> None:
+    _prove(data.draw(networks(shapes=True)), ratio, True, seed)
+
+
+@SETTINGS
+@given(data=st.data(), ratio=st.floats(0.0, 0.9), seed=st.integers(0, 2**16),
+       options=st.sampled_from([{}, {"importance": "l2"}, {"importance": "random"}, {"global_ranking": True}]))
+def test_random_cnn_without_shapes_is_equivalent(data: Any, ratio: float, seed: int, options: dict) -> None:
+    _prove(data.draw(networks(shapes=False)), ratio, False, seed, **options)
+
+
+# --------------------------------------------------------------------------- dim shuffles
+
+
+class DimWalk(nn.Module):
+    """conv -> a random walk of permute/transpose/unsqueeze/squeeze -> channels last ->
+    Linear/GELU/Linear -> back to NCHW -> conv. The channel dim must be followed throughout."""
+
+    def __init__(self, ops: Sequence[Tuple[str, Tuple[int, ...]]], final: Tuple[int, ...], back: Tuple[int, ...]) -> None:
+        super().__init__()
+        self.ops, self.final, self.back = list(ops), final, back
+        self.a = nn.Conv2d(3, 10, 3, padding=1)
+        self.fc1 = nn.Linear(10, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        for op, args in self.ops:
+            if op == "permute":
+                y = y.permute(*args) if len(args) % 2 else torch.permute(y, args)
+            elif op == "transpose":
+                y = torch.transpose(y, *args) if args[0] % 2 else y.transpose(*args)
+            elif op == "unsqueeze":
+                y = y.unsqueeze(args[0])
+            else:
+                y = y.squeeze(args[0])
+        y = y.permute(*self.final)  # channels last: N H W C (size-1 dims squeezed already)
+        y = self.fc2(F.gelu(self.fc1(y)))
+        return self.b(y.permute(*self.back)).mean((2, 3))
+
+
+@st.composite
+def walks(draw: Any, shapes: bool) -> DimWalk:
+    labels = ["n", "c", "h", "w"]
+    ops: List[Tuple[str, Tuple[int, ...]]] = []
+    for _ in range(draw(st.integers(0, 6))):
+        choices = ["permute", "transpose"] + (["unsqueeze", "squeeze"] if shapes else [])
+        op = draw(st.sampled_from(choices))
+        rank = len(labels)
+        if op == "permute":
+            perm = tuple(draw(st.permutations(range(rank))))
+            labels = [labels[p] for p in perm]
+            ops.append((op, perm))
+        elif op == "transpose":
+            i, j = draw(st.integers(-rank, rank - 1)), draw(st.integers(-rank, rank - 1))
+            labels[i], labels[j] = labels[j], labels[i]
+            ops.append((op, (i, j)))
+        elif op == "unsqueeze" and rank < 6:
+            d = draw(st.integers(-rank - 1, rank))
+            labels.insert(d % (rank + 1), "1")
+            ops.append((op, (d,)))
+        elif op == "squeeze" and "1" in labels:
+            d = labels.index("1")
+            labels.pop(d)
+            ops.append((op, (d,)))
+    while "1" in labels:  # remove what is left of the inserted dims
+        d = labels.index("1")
+        ops.append(("squeeze", (d,)))
+        labels.pop(d)
+    final = tuple(labels.index(k) for k in ("n", "h", "w", "c"))
+    return DimWalk(ops, final, (0, 3, 1, 2))
+
+
+@SETTINGS
+@given(data=st.data(), ratio=st.floats(0.1, 0.8), shapes=st.booleans())
+def test_channel_dim_is_followed_through_random_dim_shuffles(data: Any, ratio: float, shapes: bool) -> None:
+    model = data.draw(walks(shapes))
+    x = torch.randn(2, 3, 4, 5)  # distinct sizes: a wrong dim cannot line up by accident
+    ex = (x,) if shapes else None
+    plan = fxprune.plan(model.eval(), ratio, example_inputs=ex, strict=True)
+    pruned = fxprune.apply(model, plan, example_inputs=ex)
+    assert pruned.get_submodule("a").out_channels == pruned.get_submodule("fc1").in_features == max(1, int(10 * (1 - ratio)))
+    assert_equivalent(model, pruned, plan, (x,), example_inputs=ex)

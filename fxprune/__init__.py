@@ -9,10 +9,13 @@
 from .api import GroupList, analyze_model, apply, find_groups, plan, prune
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError, UnsupportedNodeError
 from .groups import Group, Member
-from .importance import register_criterion
-from .plan import PruningPlan
+from .importance import available_criteria, register_criterion, register_model_criterion
+from .iterative import prune_iteratively
+from .plan import GroupPlan, PruningPlan
+from .rewrite import register_builder
 from .rules import Layout, register_rule
 from .trace import trace
+from .artifact import load, save
 
 __version__ = "0.1.0"
 
@@ -20,4 +23,6 @@ __all__ = [
     "prune", "plan", "apply", "find_groups", "analyze_model", "trace", "register_rule",
     "register_criterion", "PruningPlan", "Group", "Member", "GroupList", "Layout",
     "FxPruneError", "UnsupportedNodeError", "PlanMismatchError", "FxPruneWarning", "__version__",
+    "save", "load", "register_builder",
+    "prune_iteratively", "register_model_criterion", "available_criteria", "GroupPlan",
 ]

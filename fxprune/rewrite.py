@@ -199,6 +199,9 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
             root[target] = copy.deepcopy(original)
 
     for node in graph.nodes:
+        # Shapes recorded before pruning are wrong now; they come back below if inputs allow.
+        node.meta.pop("tensor_meta", None)
+        node.meta.pop("val", None)
         if "fxprune_groups" in node.meta:
             node.meta["fxprune_channels"] = sum(len(kept[g]) for g in node.meta["fxprune_groups"])
     new = torch.fx.GraphModule(root, graph, src.__class__.__name__)

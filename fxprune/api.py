@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
 import torch.nn as nn
 
+from .allocation import CostModel, Policy
+from .cost import count_macs, count_params
 from .errors import FxPruneError
-from .groups import Analysis, Group, analyze
-from .importance import Criterion
-from .plan import PruningPlan, check_ratio, make_plan
+from .groups import Analysis, Group, analyze, select_channels
+from .importance import Criterion, ScoringOptions
+from .plan import GroupPlan, PruningPlan, check_ratio, make_plan
 from .rewrite import rewrite
 from .trace import as_graph_module, propagate_shapes
 
@@ -97,45 +99,169 @@ def find_groups(model: ModelLike, *, example_inputs: Any = None, ignore: Union[s
     return GroupList(analyze_model(model, example_inputs=example_inputs, ignore=ignore, strict=strict).groups)
 
 
-def plan(model: ModelLike, ratio: float, *, importance: Union[str, Criterion] = "l1", example_inputs: Any = None,
-         ignore: Union[str, Iterable[str]] = (), strict: bool = False) -> PruningPlan:
-    """Decide which channels to keep, without building anything.
+RatioArg = Union[None, float, Mapping[str, float]]
+Importance = Union[str, Criterion, Callable[..., Any]]
+
+# The keyword arguments plan() and prune() share, documented once here.
+_OPTIONS_DOC = """
+    Options (all keyword-only):
+
+    - ``importance``: ``"l1"`` (default), ``"l2"``, ``"fpgm"``, ``"bn"``, ``"apoz"``, ``"taylor"``,
+      ``"random"``, or a callable ``(group) -> Tensor[C]`` / ``(group, gm) -> Tensor[C]``
+      (higher = keep). See :mod:`fxprune.importance` for how each reduces over a group.
+    - ``calibration``: ``(inputs, targets)`` batches for ``apoz``/``taylor`` (a DataLoader
+      works; it is iterated once per call); ``calibration_batches`` caps how many are used;
+      ``loss_fn(output, targets)`` for ``taylor`` (default cross-entropy); ``seed`` for ``random``.
+    - ``ratio``: a float, or a dict of glob patterns on module names -> ratio, matched against
+      the modules that output a group's channels (first match wins; others use
+      ``default_ratio``). ``global_ranking=True`` ranks all channels together on per-group
+      mean-normalised scores, no group losing more than ``max_group_ratio``.
+    - ``round_to``: pruned groups keep a multiple of it; ``min_channels``: a floor per group.
+    - ``target_macs`` / ``target_params``: fractions of the original model to stay within,
+      instead of ``ratio`` (MACs need ``example_inputs``); the plan's ``policy`` records what
+      was achieved (``achieved_macs`` / ``achieved_params``).
+    - ``example_inputs``: a tensor or tuple; checks shapes, and is what MACs are counted on.
+    - ``ignore``: module names or glob patterns whose channels never change; ``strict``:
+      raise :class:`fxprune.UnsupportedNodeError` on ops without a rule instead of freezing.
+"""
+
+
+def _policy(ratio: RatioArg, *, global_ranking: bool, max_group_ratio: float, default_ratio: float, round_to: int,
+            min_channels: int, target_macs: Optional[float], target_params: Optional[float]) -> Policy:
+    policy = Policy(ratio=ratio, default_ratio=default_ratio, global_ranking=global_ranking,
+                    max_group_ratio=max_group_ratio, round_to=round_to, min_channels=min_channels,
+                    target_macs=target_macs, target_params=target_params)
+    return policy.validated()  # ValueError naming a bad ratio, as before
+
+
+def _exact_measure(analysis: Analysis, inputs: Optional[Tuple[Any, ...]]) -> Callable[[Mapping[int, int]], Dict[str, int]]:
+    """Cost of the model rebuilt with the given keep counts (which channels does not matter)."""
+
+    def measure(counts: Mapping[int, int]) -> Dict[str, int]:
+        # Which channels does not change the cost; select_channels keeps grouped-conv blocks balanced.
+        groups = [GroupPlan(g.key, g.size, select_channels(g, torch.zeros(g.size), counts.get(g.index, g.size)), [])
+                  for g in analysis.groups]
+        built = rewrite(analysis, PruningPlan(groups))
+        out = {"params": count_params(built)}
+        if inputs is not None:
+            out["macs"] = count_macs(built, inputs)
+        return out
+
+    return measure
+
+
+def _decide(model: ModelLike, *, importance: Importance, example_inputs: Any, ignore: Any,
+            strict: bool, calibration: Optional[Iterable[Any]], calibration_batches: Optional[int],
+            loss_fn: Optional[Callable[..., Any]], seed: int, policy: Policy, build: bool,
+            keep_counts: Optional[Mapping[str, int]] = None) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
+    """Analyse, plan and (with ``build`` or a target to verify) rewrite: the body of plan()/prune()."""
+    inputs = _inputs(example_inputs)
+    if policy.target_macs is not None and inputs is None:
+        raise FxPruneError(f"target_macs={policy.target_macs} needs example_inputs=(x,) to count MACs on "
+                           "(a batch the model's forward accepts, e.g. torch.randn(1, 3, 224, 224))")
+    options = ScoringOptions(calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed)
+    analysis = analyze_model(model, example_inputs=inputs, ignore=ignore, strict=strict)
+    if not policy.has_target:
+        result = make_plan(analysis, importance=importance, policy=policy, options=options, keep_counts=keep_counts)
+        return result, (rewrite(analysis, result, inputs) if build else None)
+
+    cost = CostModel(analysis, inputs)
+    base = {"macs": cost.base_macs, "params": cost.base_params}
+    scores: Dict[int, torch.Tensor] = {}
+    result = make_plan(analysis, importance=importance, policy=policy, options=options, cost=cost, scores=scores)
+    pruned = rewrite(analysis, result, inputs)
+    achieved = _achieved(pruned, inputs, base)
+    if not _meets(policy, achieved, base):
+        # The prediction was off for some op: search again, measuring rebuilt models.
+        result = make_plan(analysis, importance=importance, policy=policy, options=options, scores=scores,
+                           measure=_exact_measure(analysis, inputs), base=base)
+        pruned = rewrite(analysis, result, inputs)
+        achieved = _achieved(pruned, inputs, base)
+        result.policy["measured_search"] = True
+    result.policy.update(achieved)
+    return result, pruned
+
+
+def _achieved(pruned: nn.Module, inputs: Optional[Tuple[Any, ...]], base: Mapping[str, Optional[int]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"params": count_params(pruned), "base_params": base["params"]}
+    out["achieved_params"] = out["params"] / max(1, int(base["params"] or 0))
+    if inputs is not None and base.get("macs") is not None:
+        out["macs"] = count_macs(pruned, inputs)
+        out["base_macs"] = base["macs"]
+        out["achieved_macs"] = out["macs"] / max(1, int(base["macs"] or 0))
+    return out
+
+
+def _meets(policy: Policy, achieved: Mapping[str, Any], base: Mapping[str, Optional[int]]) -> bool:
+    ok = True
+    if policy.target_macs is not None:
+        ok &= achieved["macs"] <= policy.target_macs * float(base["macs"] or 0) * (1 + 1e-12)
+    if policy.target_params is not None:
+        ok &= achieved["params"] <= policy.target_params * float(base["params"] or 0) * (1 + 1e-12)
+    return bool(ok)
+
+
+def plan(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "l1", example_inputs: Any = None,
+         ignore: Union[str, Iterable[str]] = (), strict: bool = False,
+         calibration: Optional[Iterable[Any]] = None, calibration_batches: Optional[int] = None,
+         loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0,
+         global_ranking: bool = False, max_group_ratio: float = 0.9, default_ratio: float = 0.0,
+         round_to: int = 1, min_channels: int = 1,
+         target_macs: Optional[float] = None, target_params: Optional[float] = None) -> PruningPlan:
+    """Decide which channels to keep, without returning a model (a target is still verified).
 
     >>> import torchvision, fxprune
     >>> p = fxprune.plan(torchvision.models.resnet18(), 0.5)
     >>> len(p.keep("layer1.0.conv1"))
     32
     """
-    ratio = check_ratio(ratio)
+    policy = _policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
+                     round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
     with _few_threads():
-        analysis = analyze_model(model, example_inputs=example_inputs, ignore=ignore, strict=strict)
-        return make_plan(analysis, ratio, importance)
+        result, _ = _decide(model, importance=importance, example_inputs=example_inputs, ignore=_ignore(ignore),
+                            strict=strict, calibration=calibration, calibration_batches=calibration_batches,
+                            loss_fn=loss_fn, seed=seed, policy=policy, build=False)
+    return result
+
+
+plan.__doc__ = (plan.__doc__ or "") + _OPTIONS_DOC
 
 
 def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = None,
           strict: bool = False) -> torch.fx.GraphModule:
     """Build the pruned GraphModule a plan describes (raises PlanMismatchError if it does not fit).
 
+    A plan loaded with :meth:`PruningPlan.from_json` rebuilds the same architecture on a
+    fresh copy of the model it was made for.
+
     >>> import torchvision, fxprune
     >>> m = torchvision.models.resnet18()
     >>> pruned = fxprune.apply(m, fxprune.plan(m, 0.3))
-    >>> pruned.layer1[0].conv1.out_channels
+    >>> pruned.get_submodule("layer1.0.conv1").out_channels
     44
     """
     with _few_threads():
         analysis = analyze_model(model, example_inputs=example_inputs, strict=strict)
-        return rewrite(analysis, pruning_plan, _inputs(example_inputs))
+        pruned = rewrite(analysis, pruning_plan, _inputs(example_inputs))
+    pruned.meta["fxprune_plan"] = pruning_plan
+    return pruned
 
 
-def prune(model: ModelLike, ratio: float, *, importance: Union[str, Criterion] = "l1", example_inputs: Any = None,
-          ignore: Union[str, Iterable[str]] = (), strict: bool = False) -> torch.fx.GraphModule:
+def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "l1", example_inputs: Any = None,
+          ignore: Union[str, Iterable[str]] = (), strict: bool = False,
+          calibration: Optional[Iterable[Any]] = None, calibration_batches: Optional[int] = None,
+          loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0,
+          global_ranking: bool = False, max_group_ratio: float = 0.9, default_ratio: float = 0.0,
+          round_to: int = 1, min_channels: int = 1,
+          target_macs: Optional[float] = None, target_params: Optional[float] = None) -> torch.fx.GraphModule:
     """Remove ``ratio`` of the channels of every prunable group; return a NEW, smaller GraphModule.
 
     ``model`` is a GraphModule or an ``nn.Module`` (traced for you); it is never modified. A
     group of C channels keeps its ``int(C * (1 - ratio))`` most important ones (at least 1).
     The model's inputs and outputs keep their channels, and so do modules matching ``ignore``
     (names or glob patterns). Ops fxprune has no rule for freeze the groups they touch, with a
-    warning (``strict=True``: raise :class:`fxprune.UnsupportedNodeError`).
+    warning (``strict=True``: raise :class:`fxprune.UnsupportedNodeError`). The plan that built
+    the result is in ``pruned.meta["fxprune_plan"]``.
 
     >>> import torch, torchvision, fxprune
     >>> model = torchvision.models.resnet18().eval()
@@ -144,8 +270,20 @@ def prune(model: ModelLike, ratio: float, *, importance: Union[str, Criterion] =
     torch.Size([1, 1000])
     >>> sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     True
+    >>> half = fxprune.prune(model, target_macs=0.5, example_inputs=torch.randn(1, 3, 64, 64))
+    >>> half.meta["fxprune_plan"].policy["achieved_macs"] <= 0.5
+    True
     """
-    ratio = check_ratio(ratio)
+    policy = _policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
+                     round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
     with _few_threads():
-        analysis = analyze_model(model, example_inputs=example_inputs, ignore=ignore, strict=strict)
-        return rewrite(analysis, make_plan(analysis, ratio, importance), _inputs(example_inputs))
+        result, pruned = _decide(model, importance=importance, example_inputs=example_inputs,
+                                 ignore=_ignore(ignore), strict=strict, calibration=calibration,
+                                 calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed,
+                                 policy=policy, build=True)
+    assert pruned is not None
+    pruned.meta["fxprune_plan"] = result
+    return pruned
+
+
+prune.__doc__ = (prune.__doc__ or "") + _OPTIONS_DOC

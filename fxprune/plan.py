@@ -1,27 +1,37 @@
 """Pruning plans: which channels of each group survive. Plain data, serialisable to JSON.
 
-A plan is the contract between deciding (criteria, ratios) and doing (the rewrite): it names
-each group by its key (its first producer module) and lists the kept channel indices.
+A plan is the contract between deciding (criteria, ratios, targets) and doing (the rewrite):
+it names each group by its key (its first producer module), lists the kept channel indices,
+and records how they were chosen (``criterion``, ``policy``) and which model they were chosen
+for (``model``: its class name and a fingerprint of its group structure). Applying a plan to
+a model it does not fit raises :class:`fxprune.PlanMismatchError` naming the mismatch.
+
+>>> import torchvision, fxprune
+>>> p = fxprune.plan(torchvision.models.resnet18(), 0.5)
+>>> q = fxprune.PruningPlan.from_json(p.to_json())
+>>> q == p, q.model["class"]
+(True, 'ResNet')
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
-import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.fx
 
+from .allocation import CostModel, Measure, Policy, allocate, check_ratio, group_count, keep_count
 from .errors import FxPruneError, PlanMismatchError
-from .groups import Analysis, Group
-from .importance import Criterion, score
+from .groups import Analysis, Group, select_channels
+from .importance import Criterion, ScoringOptions, criterion_name, score_groups
 
-__all__ = ["GroupPlan", "PruningPlan", "check_ratio", "keep_count", "make_plan"]
+__all__ = ["GroupPlan", "PruningPlan", "check_ratio", "keep_count", "make_plan", "resolve", "fingerprint"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -40,12 +50,18 @@ class GroupPlan:
 
 @dataclass
 class PruningPlan:
-    """Which channels each group keeps, plus how they were chosen."""
+    """Which channels each group keeps, plus how they were chosen and for which model.
+
+    ``criterion``: the importance name (a callable's ``__name__``). ``policy``: the allocation
+    options and what a target search achieved (``achieved_macs`` / ``achieved_params`` as
+    fractions of the original). ``model``: ``{"class": ..., "fingerprint": ...}``.
+    """
 
     groups: List[GroupPlan]
     criterion: str = "l1"
     policy: Dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    model: Dict[str, str] = field(default_factory=dict)
 
     def keep(self, key: str) -> Optional[List[int]]:
         for g in self.groups:
@@ -53,73 +69,157 @@ class PruningPlan:
                 return g.keep
         return None
 
+    def counts(self) -> Dict[str, int]:
+        """Channels kept per group key."""
+        return {g.key: len(g.keep) for g in self.groups}
+
+    @property
+    def pruned_groups(self) -> List[GroupPlan]:
+        return [g for g in self.groups if g.pruned]
+
+    def summary(self) -> str:
+        """One line per pruned group: ``key: kept/size``."""
+        head = f"plan ({self.criterion}) for {self.model.get('class', '?')}: {len(self.pruned_groups)} of {len(self.groups)} groups pruned"
+        return "\n".join([head] + [f"  {g.key}: {len(g.keep)}/{g.size}" for g in self.pruned_groups])
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "PruningPlan":
+    def from_json(cls, text: Union[str, bytes]) -> "PruningPlan":
         try:
             data = json.loads(text)
-            if data.get("version") != PLAN_VERSION:
-                raise PlanMismatchError(f"plan version {data.get('version')!r} is not {PLAN_VERSION}")
-            groups = [GroupPlan(g["key"], int(g["size"]), [int(i) for i in g["keep"]], list(g.get("modules", [])))
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+            if data.get("version") not in _READABLE_VERSIONS:
+                raise PlanMismatchError(
+                    f"plan version {data.get('version')!r} is not one this fxprune reads {_READABLE_VERSIONS}")
+            groups = [GroupPlan(str(g["key"]), int(g["size"]), [int(i) for i in g["keep"]], [str(m) for m in g.get("modules", [])])
                       for g in data["groups"]]
-            return cls(groups, str(data.get("criterion", "")), dict(data.get("policy", {})), PLAN_VERSION)
+            model = {str(k): str(v) for k, v in dict(data.get("model") or {}).items()}
+            return cls(groups, str(data.get("criterion", "")), dict(data.get("policy") or {}), PLAN_VERSION, model)
         except (ValueError, KeyError, TypeError) as exc:
             raise FxPruneError(f"not a valid fxprune plan: {type(exc).__name__}: {exc}") from exc
 
 
-def check_ratio(ratio: Any) -> float:
-    """``ratio`` as a float in [0, 1), or a ValueError naming the bad value."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r} ({type(ratio).__name__})")
-    value = float(ratio)
-    if math.isnan(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
-    return value
+def _members(group: Group) -> List[str]:
+    return sorted({m.module for m in group.members})
 
 
-def keep_count(size: int, ratio: float) -> int:
-    """The classic recipe: keep ``int(C * (1 - ratio))`` channels, never fewer than 1."""
-    return max(1, min(size, int(size * (1.0 - ratio))))
+def fingerprint(analysis: Analysis) -> str:
+    """A stable hash of the model's group structure: group keys, sizes and (module, role) members.
+
+    Independent of weights, of ``ignore``/frozen state and of whether example inputs were
+    given, so a plan made on one copy of an architecture fits every other copy.
+    """
+    items = [[g.key, g.size, sorted({f"{m.module}:{m.role}" for m in g.members})] for g in analysis.groups]
+    return hashlib.sha256(json.dumps(items, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def _top(scores: torch.Tensor, n: int) -> List[int]:
-    # Stable descending sort: ties keep the lower index, so plans are deterministic.
-    order = torch.sort(-scores, stable=True).indices[:n]
-    return sorted(int(i) for i in order)
+def model_identity(analysis: Analysis) -> Dict[str, str]:
+    return {"class": analysis.gm.__class__.__name__, "fingerprint": fingerprint(analysis)}
 
 
-def make_plan(analysis: Analysis, ratio: float, importance: Union[str, Criterion] = "l1") -> PruningPlan:
-    """Score every prunable group and keep its best ``keep_count(C, ratio)`` channels."""
+def make_plan(analysis: Analysis, ratio: Any = None, importance: Union[str, Criterion, Callable[..., Any]] = "l1", *,
+              policy: Optional[Policy] = None, options: Optional[ScoringOptions] = None,
+              cost: Optional[CostModel] = None, measure: Optional[Measure] = None,
+              base: Optional[Mapping[str, Optional[int]]] = None,
+              scores: Optional[Dict[int, torch.Tensor]] = None,
+              keep_counts: Optional[Mapping[str, int]] = None) -> PruningPlan:
+    """Score the prunable groups, allocate keep counts (:mod:`fxprune.allocation`), keep the best.
+
+    ``make_plan(analysis, 0.3)`` is the classic recipe; ``policy`` gives every other
+    allocation option, ``options`` the calibration data for data-driven criteria, ``cost`` the
+    cost model a target search needs. ``keep_counts`` (group key -> count) overrides the
+    allocation for the groups it names (used by iterative pruning). ``scores`` is a cache by
+    group index, filled as groups are scored (pass the same dict to plan again without
+    re-running a data-driven criterion).
+    """
+    if policy is None:
+        policy = Policy(ratio=ratio)
+    elif ratio is not None:
+        raise FxPruneError("internal error: give ratio inside the policy")
+    policy = policy.validated()
+    options = options or ScoringOptions()
+    prunable = [g for g in analysis.groups if g.prunable]
+    scores = {} if scores is None else scores
+
+    if keep_counts is not None:
+        counts = {g.index: group_count(g, int(keep_counts.get(g.key, g.size))) for g in prunable}
+        info: Dict[str, Any] = {"keep_counts": dict(keep_counts)}
+    elif policy.global_ranking and prunable and not (policy.ratio == 0.0 and not policy.has_target):
+        missing = [g for g in prunable if g.index not in scores]
+        if missing:
+            scores.update(score_groups(analysis, importance, missing, options))
+        counts, info = allocate(analysis, policy, scores, cost, measure, base)
+    else:
+        counts, info = allocate(analysis, policy, None, cost, measure, base)
+
+    need = [g for g in prunable if counts.get(g.index, g.size) < g.size and g.index not in scores]
+    if need:
+        scores.update(score_groups(analysis, importance, need, options))
+
     out: List[GroupPlan] = []
     for group in analysis.groups:
-        modules = sorted({m.module for m in group.members})
-        if not group.prunable or ratio == 0.0:
-            out.append(GroupPlan(group.key, group.size, list(range(group.size)), modules))
-            continue
-        n = keep_count(group.size, ratio)
-        scores = score(group, analysis.gm, importance)
-        out.append(GroupPlan(group.key, group.size, _top(scores, n), modules))
-    name = importance if isinstance(importance, str) else getattr(importance, "__name__", "callable")
-    return PruningPlan(out, name, {"ratio": ratio})
+        n = counts.get(group.index, group.size) if group.prunable else group.size
+        keep = list(range(group.size)) if n >= group.size else select_channels(group, scores[group.index], n)
+        out.append(GroupPlan(group.key, group.size, keep, _members(group)))
+    record = policy.to_dict()
+    record.update(info)
+    if criterion_name(importance) == "random":
+        record["seed"] = options.seed
+    if options.calibration is not None:
+        record["calibration_batches"] = options.calibration_batches
+        if options.loss_fn is not None:
+            record["loss_fn"] = criterion_name(options.loss_fn)
+    return PruningPlan(out, criterion_name(importance), record, PLAN_VERSION, model_identity(analysis))
+
+
+def _context(analysis: Analysis, plan: PruningPlan) -> str:
+    """Which model the plan was made for, when that differs from this one."""
+    made_for = plan.model.get("class")
+    here = analysis.gm.__class__.__name__
+    if made_for and made_for != here:
+        return f" (the plan was made for a {made_for}, this model is a {here})"
+    return ""
 
 
 def resolve(analysis: Analysis, plan: PruningPlan) -> Dict[int, List[int]]:
-    """Kept indices by group index, checking the plan fits the analysed model."""
+    """Kept indices by group index, checking the plan fits the analysed model.
+
+    Raises :class:`PlanMismatchError` naming the first mismatch: a group of the model the
+    plan lacks, a size or membership that differs, invalid kept indices, pruning a frozen
+    group, groups the model does not have, or a structure fingerprint that differs.
+    """
+    if not isinstance(plan, PruningPlan):
+        raise FxPruneError(f"expected a fxprune.PruningPlan, got {type(plan).__name__}")
     by_key = {g.key: g for g in plan.groups}
+    same_structure = bool(plan.model.get("fingerprint")) and plan.model.get("fingerprint") == fingerprint(analysis)
+    where = _context(analysis, plan)
     kept: Dict[int, List[int]] = {}
     for group in analysis.groups:
         entry = by_key.pop(group.key, None)
         if entry is None:
-            raise PlanMismatchError(f"the plan has no entry for group {group.key} ({group.size} channels) of this model")
+            raise PlanMismatchError(f"the plan has no entry for group {group.key} ({group.size} channels) of this model{where}")
         if entry.size != group.size:
-            raise PlanMismatchError(f"group {group.key}: plan says {entry.size} channels, the model has {group.size}")
+            raise PlanMismatchError(f"group {group.key}: plan says {entry.size} channels, the model has {group.size}{where}")
+        if not same_structure and entry.modules:
+            mine = _members(group)
+            if entry.modules != mine:
+                missing = sorted(set(mine) - set(entry.modules))
+                extra = sorted(set(entry.modules) - set(mine))
+                raise PlanMismatchError(
+                    f"group {group.key}: its modules differ from the plan's (in the model only: {missing[:5]}; "
+                    f"in the plan only: {extra[:5]}){where}")
         if not entry.keep or len(set(entry.keep)) != len(entry.keep) or min(entry.keep) < 0 or max(entry.keep) >= group.size:
             raise PlanMismatchError(f"group {group.key}: kept indices must be distinct and in [0, {group.size})")
         if group.frozen and len(entry.keep) != group.size:
             raise PlanMismatchError(f"group {group.key} cannot be pruned ({'; '.join(group.reasons)})")
         kept[group.index] = sorted(entry.keep)
     if by_key:
-        raise PlanMismatchError(f"the plan names groups this model does not have: {sorted(by_key)[:5]}")
+        raise PlanMismatchError(f"the plan names groups this model does not have: {sorted(by_key)[:5]}{where}")
+    if plan.model.get("fingerprint") and not same_structure:
+        raise PlanMismatchError(
+            f"the plan's groups match by name and size but are wired differently (structure fingerprint "
+            f"{plan.model['fingerprint']} in the plan, {fingerprint(analysis)} in this model){where}")
     return kept

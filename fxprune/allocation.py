@@ -1,0 +1,514 @@
+"""Allocation: how many channels each prunable group keeps.
+
+A :class:`Policy` says how to decide; :func:`allocate` turns it, the groups' scores and
+(for targets) a :class:`CostModel` into a keep count per group. Which channels survive is
+then the top of each group's scores (:func:`fxprune.plan.make_plan`).
+
+Policies:
+
+- ``ratio`` float: every prunable group of ``C`` channels keeps ``max(1, int(C * (1 - ratio)))``.
+- ``ratio`` dict of glob patterns -> ratio: a pattern matches a group when it matches a module
+  that *outputs* the group's channels (its producers, role ``out``, and the per-channel
+  layers on them, role ``channelwise``: BatchNorms, depthwise convs), not the modules that
+  merely consume them. So ``{"layer2.*": 0.5}`` prunes the channels layer2 makes, not the
+  input columns of ``layer2.0.conv1``, which belong to layer1's group. The first matching
+  pattern wins; groups no pattern matches use ``default_ratio``.
+- ``global_ranking=True``: scores are normalised per group (divided by the mean absolute
+  score of the group, so every group's channels average 1) and all prunable channels are
+  ranked together; the best ``int(N * (1 - ratio))`` of the ``N`` prunable channels survive,
+  but no group loses more than ``max_group_ratio`` of its channels.
+- ``target_macs`` / ``target_params`` (fractions of the original model): the pass searches the
+  most channels it can keep while meeting every target. Without global ranking it searches
+  the uniform ratio (capped at ``max_group_ratio``), with it the global threshold (the number
+  of channels kept). The search walks the exact steps at which keep counts change, so the
+  result is within one channel-step of the target: one step less pruning would miss it.
+
+After any policy, ``min_channels`` raises small counts and ``round_to`` rounds each pruned
+group's count to the nearest multiple (see :func:`finish_count`). A group feeding a grouped
+convolution also keeps a multiple of its ``blocks`` (the same count in every conv group).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+import warnings
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import FxPruneError, FxPruneWarning
+from .groups import Analysis, Group
+
+__all__ = [
+    "Policy",
+    "CostModel",
+    "check_ratio",
+    "keep_count",
+    "finish_count",
+    "count_step",
+    "group_count",
+    "pattern_ratio",
+    "normalise",
+    "GlobalRanking",
+    "allocate",
+]
+
+RatioSpec = Union[None, float, Mapping[str, float]]
+Counts = Dict[int, int]  # group index -> channels kept
+
+
+def check_ratio(ratio: Any, name: str = "ratio") -> float:
+    """``ratio`` as a float in [0, 1), or a ValueError naming the bad value."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise ValueError(f"{name} must be a number in [0, 1), got {ratio!r} ({type(ratio).__name__})")
+    value = float(ratio)
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {ratio!r}")
+    return value
+
+
+def _check_target(value: Any, name: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)) \
+            or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be a fraction of the original model in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def keep_count(size: int, ratio: float) -> int:
+    """The classic recipe: keep ``int(C * (1 - ratio))`` channels, never fewer than 1."""
+    return max(1, min(size, int(size * (1.0 - ratio))))
+
+
+def finish_count(size: int, n: int, round_to: int = 1, min_channels: int = 1) -> int:
+    """Apply ``min_channels`` and ``round_to`` to a keep count of a group of ``size`` channels.
+
+    - never fewer than ``min(min_channels, size)`` channels, never more than ``size``;
+    - a group that is pruned at all keeps a multiple of ``round_to``: the nearest one (halves
+      round up) at or above ``min_channels``, at least ``round_to`` and at most the largest
+      multiple not above ``size``. A group that keeps every channel is left alone, and so is
+      a group too small to hold any multiple of ``round_to`` (it keeps all its channels).
+    """
+    n = max(1, min(size, n), min(size, min_channels))
+    if n >= size or round_to <= 1:
+        return n
+    hi = (size // round_to) * round_to
+    lo = max(round_to, -(-min(size, min_channels) // round_to) * round_to)
+    if hi < round_to or lo > hi:
+        return size
+    nearest = int(math.floor(n / round_to + 0.5)) * round_to
+    return min(max(nearest, lo), hi)
+
+
+def count_step(group: Group, round_to: int = 1) -> int:
+    """The multiple a group's keep count must be: ``round_to``, and the group's ``blocks``.
+
+    A group feeding a grouped convolution of G groups keeps the same number of channels in
+    each of its G blocks, so its count is a multiple of G as well (their least common multiple).
+    """
+    blocks = max(1, int(getattr(group, "blocks", 1) or 1))
+    return round_to * blocks // math.gcd(round_to, blocks)
+
+
+def group_count(group: Group, n: int, round_to: int = 1, min_channels: int = 1) -> int:
+    """:func:`finish_count` for ``group``, honouring its blocks."""
+    return finish_count(group.size, n, count_step(group, round_to), min_channels)
+
+
+def _pruning_modules(group: Group) -> List[str]:
+    """The modules that output the group's channels (what ratio patterns are matched against)."""
+    names = [m.module for m in group.members if m.role in ("out", "channelwise")]
+    return names or [m.module for m in group.members]
+
+
+def pattern_ratio(group: Group, patterns: Mapping[str, float], default: float) -> float:
+    """The ratio of the first pattern matching one of the group's output modules, else ``default``."""
+    modules = _pruning_modules(group)
+    for pattern, ratio in patterns.items():
+        if any(fnmatch.fnmatchcase(name, pattern) for name in modules):
+            return ratio
+    return default
+
+
+@dataclass
+class Policy:
+    """How many channels to remove; see the module docstring for each field's meaning."""
+
+    ratio: RatioSpec = None
+    default_ratio: float = 0.0
+    global_ranking: bool = False
+    max_group_ratio: float = 0.9
+    round_to: int = 1
+    min_channels: int = 1
+    target_macs: Optional[float] = None
+    target_params: Optional[float] = None
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_macs is not None or self.target_params is not None
+
+    def validated(self) -> "Policy":
+        """A checked copy (ratios as floats, dict order kept); raises ValueError/FxPruneError."""
+        target_macs = _check_target(self.target_macs, "target_macs")
+        target_params = _check_target(self.target_params, "target_params")
+        has_target = target_macs is not None or target_params is not None
+        ratio: RatioSpec
+        if self.ratio is None:
+            if not has_target:
+                raise ValueError("ratio must be a number in [0, 1) (or give target_macs=/target_params=), got None")
+            ratio = None
+        elif isinstance(self.ratio, Mapping):
+            ratio = {}
+            for pattern, value in self.ratio.items():
+                if not isinstance(pattern, str):
+                    raise ValueError(f"ratio patterns must be strings (glob patterns on module names), got {pattern!r}")
+                ratio[pattern] = check_ratio(value, f"ratio[{pattern!r}]")
+            if self.global_ranking:
+                raise FxPruneError("global_ranking=True ranks all groups against one ratio: give a float ratio, not a dict")
+        else:
+            ratio = check_ratio(self.ratio)
+        if has_target and ratio is not None:
+            raise FxPruneError(
+                f"give either ratio= or a target (target_macs=/target_params=), not both: got ratio={self.ratio!r} "
+                f"with target_macs={self.target_macs!r}, target_params={self.target_params!r}; the target search "
+                "chooses the ratio")
+        return replace(
+            self, ratio=ratio, default_ratio=check_ratio(self.default_ratio, "default_ratio"),
+            global_ranking=bool(self.global_ranking),
+            max_group_ratio=check_ratio(self.max_group_ratio, "max_group_ratio"),
+            round_to=_check_int(self.round_to, "round_to"), min_channels=_check_int(self.min_channels, "min_channels"),
+            target_macs=target_macs, target_params=target_params)
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        if isinstance(self.ratio, Mapping):
+            data["ratio"] = dict(self.ratio)
+        return data
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """A group's scores divided by their mean absolute (finite) value.
+
+    Makes groups comparable for global ranking: each group's channels average 1 whatever the
+    scale of its weights. A group whose finite scores are all zero scores 0 everywhere;
+    ``-inf`` (NaN weights) stays ``-inf``.
+    """
+    finite = scores[torch.isfinite(scores)]
+    mean = finite.abs().mean() if finite.numel() else torch.tensor(0.0)
+    if not float(mean) > 0:
+        return torch.where(torch.isfinite(scores), torch.zeros_like(scores), scores)
+    return scores / mean
+
+
+class GlobalRanking:
+    """All prunable channels ranked together on normalised scores.
+
+    ``counts(k)`` is how many channels each group keeps when the best ``k`` channels overall
+    survive, after the ``max_group_ratio`` floor, ``min_channels`` and ``round_to``. It never
+    decreases as ``k`` grows.
+    """
+
+    def __init__(self, groups: Sequence[Group], scores: Mapping[int, torch.Tensor], policy: Policy) -> None:
+        self.groups = list(groups)
+        self.policy = policy
+        self.total = sum(g.size for g in self.groups)
+        if not self.groups:
+            self.ranks: Dict[int, torch.Tensor] = {}
+            return
+        flat = torch.cat([normalise(scores[g.index]) for g in self.groups])
+        owner = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(self.groups)])
+        order = torch.sort(-flat, stable=True).indices  # ties: earlier group, lower channel first
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        self.ranks = {g.index: torch.sort(rank[owner == i]).values for i, g in enumerate(self.groups)}
+        self.floors = {g.index: keep_count(g.size, policy.max_group_ratio) for g in self.groups}
+
+    def counts(self, k: int) -> Counts:
+        k_t = torch.tensor([k])
+        out = {}
+        for g in self.groups:
+            n = int(torch.searchsorted(self.ranks[g.index], k_t)[0])  # channels ranked < k
+            n = max(n, self.floors[g.index])
+            out[g.index] = group_count(g, n, self.policy.round_to, self.policy.min_channels)
+        return out
+
+
+class _FlopRecorder(torch.fx.Interpreter):
+    """Runs the graph under one FlopCounterMode and attributes the FLOPs to each node."""
+
+    def __init__(self, gm: torch.fx.GraphModule, counter: FlopCounterMode) -> None:
+        super().__init__(gm)
+        self.counter = counter
+        self.flops: Dict[str, int] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        out = super().run_node(n)
+        spent = self.counter.get_total_flops() - before
+        if spent:
+            self.flops[n.name] = int(spent)
+        return out
+
+
+# Which parameters a slot role indexes (the same table the rewrite slices by).
+_ROLE_PARAMS: Dict[str, Tuple[str, ...]] = {"out": ("weight", "bias"), "in": ("weight",), "channelwise": ("weight", "bias")}
+
+
+class CostModel:
+    """Predicts the MACs and parameters left after pruning, from keep counts alone.
+
+    Built once per analysed model. MACs: the model runs once on ``example_inputs`` under
+    :class:`torch.utils.flop_counter.FlopCounterMode` (the same count as
+    :func:`fxprune.cost.count_macs`, functional ops included) with the FLOPs attributed to
+    each fx node. A node's MACs scale with the kept fraction of every distinct channel layout
+    it reads or writes (a conv: input x output channels; a depthwise conv, whose input and
+    output are the same group: once; a Linear after a flatten: its input groups). Parameters:
+    each weight or bias scales with the kept fraction of each module dimension (slot) that
+    indexes it. Both are exact for the convolutions, Linears and BatchNorms the rewrite
+    slices; the pass still measures the rebuilt model when it checks a target.
+    """
+
+    def __init__(self, analysis: Analysis, example_inputs: Optional[Sequence[Any]] = None) -> None:
+        self.sizes = {g.index: g.size for g in analysis.groups}
+        gm = analysis.gm
+        self.base_params = int(sum(p.numel() for p in gm.parameters()))
+        # (numel, [segments of each slot indexing it])
+        self._param_terms: List[Tuple[int, List[Tuple[Tuple[int, int], ...]]]] = []
+        by_module: Dict[str, Dict[str, Any]] = {}
+        for (module, role), slot in analysis.slots.items():
+            by_module.setdefault(module, {})[role] = slot
+        for module_name, slots in by_module.items():
+            module = gm.get_submodule(module_name)
+            for pname in ("weight", "bias"):
+                p = getattr(module, pname, None)
+                if not isinstance(p, torch.Tensor):
+                    continue
+                segs = [slot.segments for role, slot in slots.items() if pname in _ROLE_PARAMS.get(role, ())]
+                if segs:
+                    self._param_terms.append((p.numel(), segs))
+        self.base_macs: Optional[int] = None
+        self._mac_terms: List[Tuple[float, List[Tuple[Tuple[int, ...], Tuple[int, ...]]]]] = []
+        if example_inputs is not None:
+            self._measure_macs(gm, example_inputs)
+
+    def _measure_macs(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+        flags = [(m, m.training) for m in gm.modules()]
+        gm.eval()
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                recorder = _FlopRecorder(gm, counter)
+                recorder.run(*example_inputs)
+        except Exception as exc:
+            raise FxPruneError(
+                f"counting MACs on example_inputs failed: {type(exc).__name__}: {exc}. "
+                "Hint: example_inputs must be a tuple of tensors the model's forward accepts") from exc
+        finally:
+            for m, mode in flags:
+                m.training = mode
+        total = 0
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name, flops in recorder.flops.items():
+            node = nodes[name]
+            layouts: Dict[Tuple[int, ...], Tuple[int, ...]] = {}
+            for src in [node, *node.all_input_nodes]:
+                groups = src.meta.get("fxprune_groups")
+                layout = src.meta.get("fxprune_layout")
+                if groups and layout is not None:
+                    layouts.setdefault(tuple(groups), tuple(layout.sizes))
+            macs = flops / 2.0
+            total += flops
+            self._mac_terms.append((macs, list(layouts.items())))
+        self.base_macs = total // 2
+
+    def _kept(self, counts: Mapping[int, int], groups: Sequence[int], sizes: Sequence[int]) -> float:
+        whole = sum(sizes)
+        if whole == 0:
+            return 1.0
+        return sum(counts.get(g, s) for g, s in zip(groups, sizes)) / whole
+
+    def params(self, counts: Mapping[int, int]) -> int:
+        """Parameters left when each group keeps ``counts[index]`` channels (others: all)."""
+        removed = 0.0
+        for numel, slots in self._param_terms:
+            f = 1.0
+            for segments in slots:
+                f *= self._kept(counts, [g for g, _ in segments], [s for _, s in segments])
+            removed += numel * (1.0 - f)
+        return int(round(self.base_params - removed))
+
+    def macs(self, counts: Mapping[int, int]) -> int:
+        """MACs left (for the example inputs' batch) under ``counts``."""
+        if self.base_macs is None:
+            raise FxPruneError("MACs need example_inputs=(x,): a tensor batch the model's forward accepts")
+        left = 0.0
+        for macs, layouts in self._mac_terms:
+            f = 1.0
+            for groups, sizes in layouts:
+                f *= self._kept(counts, groups, sizes)
+            left += macs * f
+        return int(round(left))
+
+    def measure(self, counts: Mapping[int, int]) -> Dict[str, int]:
+        out = {"params": self.params(counts)}
+        if self.base_macs is not None:
+            out["macs"] = self.macs(counts)
+        return out
+
+
+Measure = Callable[[Mapping[int, int]], Mapping[str, int]]
+
+
+def _uniform_counts(groups: Sequence[Group], policy: Policy, ratio_of: Callable[[Group], float]) -> Counts:
+    return {g.index: group_count(g, keep_count(g.size, ratio_of(g)), policy.round_to, policy.min_channels)
+            for g in groups}
+
+
+def _uniform_candidates(groups: Sequence[Group], cap: float) -> List[float]:
+    """One ratio inside each interval over which every group's ``keep_count`` is constant.
+
+    ``keep_count(C, r)`` changes where ``C * (1 - r)`` crosses an integer, i.e. at
+    ``r = 1 - j / C``; the midpoints between consecutive breakpoints (plus 0 and ``cap``)
+    visit every distinct allocation up to ``cap``, in order of increasing pruning.
+    """
+    points = {0.0}
+    for g in groups:
+        for j in range(1, g.size):
+            r = 1.0 - j / g.size
+            if 0.0 < r <= cap:
+                points.add(r)
+    ordered = sorted(points)
+    candidates = {0.0, cap}
+    candidates.update((a + b) / 2.0 for a, b in zip(ordered, ordered[1:]))
+    return sorted(candidates)
+
+
+def _targets(policy: Policy, base: Mapping[str, Optional[int]]) -> Dict[str, float]:
+    out = {}
+    if policy.target_macs is not None:
+        if base.get("macs") is None:
+            raise FxPruneError("target_macs needs example_inputs=(x,) to count MACs (a batch the model accepts)")
+        out["macs"] = policy.target_macs * float(base["macs"])  # type: ignore[arg-type]
+    if policy.target_params is not None:
+        out["params"] = policy.target_params * float(base["params"])  # type: ignore[arg-type]
+    return out
+
+
+def _feasible(cost: Mapping[str, int], limits: Mapping[str, float]) -> bool:
+    return all(cost[k] <= limits[k] * (1 + 1e-12) for k in limits)
+
+
+def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, torch.Tensor]] = None,
+             cost: Optional[CostModel] = None, measure: Optional[Measure] = None,
+             base: Optional[Mapping[str, Optional[int]]] = None) -> Tuple[Counts, Dict[str, Any]]:
+    """Keep counts for every prunable group under ``policy``, and what the search found.
+
+    ``scores`` (per group index) are needed for global ranking. For targets, ``measure``
+    (counts -> {"macs", "params"}) defaults to ``cost``'s prediction and ``base`` to the
+    cost model's original counts.
+    """
+    groups = [g for g in analysis.groups if g.prunable]
+    info: Dict[str, Any] = {}
+
+    if not policy.has_target and policy.ratio == 0.0:
+        return {g.index: g.size for g in groups}, info  # nothing to remove, nothing to score
+    ranking: Optional[GlobalRanking] = None
+    if policy.global_ranking:
+        if scores is None:
+            raise FxPruneError("internal error: global ranking needs scores")
+        ranking = GlobalRanking(groups, scores, policy)
+
+    if not policy.has_target:
+        if ranking is not None:
+            assert isinstance(policy.ratio, float)
+            k = int(ranking.total * (1.0 - policy.ratio))
+            info["kept_channels"] = k
+            return ranking.counts(k), info
+        if isinstance(policy.ratio, Mapping):
+            patterns = policy.ratio
+            _warn_unmatched(analysis, patterns)
+            return _uniform_counts(groups, policy, lambda g: pattern_ratio(g, patterns, policy.default_ratio)), info
+        ratio = float(policy.ratio or 0.0)
+        return _uniform_counts(groups, policy, lambda g: ratio), info
+
+    if measure is None:
+        if cost is None:
+            raise FxPruneError("internal error: targets need a cost model")
+        measure = cost.measure
+    if base is None:
+        if cost is None:
+            raise FxPruneError("internal error: targets need the original cost")
+        base = {"macs": cost.base_macs, "params": cost.base_params}
+    limits = _targets(policy, base)
+
+    cache: Dict[Tuple[Tuple[int, int], ...], bool] = {}
+
+    def ok(counts: Counts) -> bool:
+        key = tuple(sorted(counts.items()))
+        if key not in cache:
+            cache[key] = _feasible(measure(counts), limits)  # type: ignore[misc]
+        return cache[key]
+
+    if ranking is not None:
+        lo, hi = 0, ranking.total
+        if ok(ranking.counts(hi)):
+            lo = hi
+        elif not ok(ranking.counts(lo)):
+            _unreachable(policy, limits, base, measure(ranking.counts(lo)), "global")
+        else:
+            while hi - lo > 1:  # invariant: lo meets the targets, hi does not
+                mid = (lo + hi) // 2
+                if ok(ranking.counts(mid)):
+                    lo = mid
+                else:
+                    hi = mid
+        counts = ranking.counts(lo)
+        info.update(kept_channels=lo, prunable_channels=ranking.total, search="global threshold")
+    else:
+        candidates = _uniform_candidates(groups, policy.max_group_ratio)
+        at = lambda i: _uniform_counts(groups, policy, lambda g: candidates[i])  # noqa: E731
+        lo, hi = 0, len(candidates) - 1
+        if ok(at(lo)):
+            hi = lo
+        elif not ok(at(hi)):
+            _unreachable(policy, limits, base, measure(at(hi)), "uniform")
+        else:
+            while hi - lo > 1:  # invariant: hi meets the targets, lo does not
+                mid = (lo + hi) // 2
+                if ok(at(mid)):
+                    hi = mid
+                else:
+                    lo = mid
+        counts = at(hi)
+        info.update(ratio=candidates[hi], search="uniform ratio")
+    return counts, info
+
+
+def _unreachable(policy: Policy, limits: Mapping[str, float], base: Mapping[str, Optional[int]],
+                 best: Mapping[str, int], mode: str) -> None:
+    parts = []
+    for key in limits:
+        parts.append(f"{key} {best[key] / float(base[key] or 1):.4f} of the original (target "  # type: ignore[index]
+                     f"{getattr(policy, 'target_' + key)})")
+    raise FxPruneError(
+        f"the target cannot be met: pruning every prunable group by max_group_ratio={policy.max_group_ratio} "
+        f"({mode} allocation) still leaves {', '.join(parts)}. Frozen groups and layers fxprune cannot prune keep "
+        "their cost; raise max_group_ratio, relax the target, or reduce ignore=")
+
+
+def _warn_unmatched(analysis: Analysis, patterns: Mapping[str, float]) -> None:
+    names = {m.module for g in analysis.groups for m in g.members}
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            warnings.warn(FxPruneWarning(f"ratio pattern {pattern!r} matches no module of the model"), stacklevel=5)

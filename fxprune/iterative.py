@@ -1,0 +1,161 @@
+"""Iterative pruning: prune a little, fine-tune, repeat.
+
+:func:`prune_iteratively` reaches the same end point as one :func:`fxprune.prune` call in
+``steps`` smaller cuts, calling the user's fine-tune function after each, so the network can
+recover before the next cut and the later cuts are scored on the recovered weights.
+
+Schedules (``i`` = 1..steps, everything relative to the *original* model):
+
+- ``ratio`` (float or dict, uniform): step ``i`` brings every group to the keep count that
+  ``ratio * i / steps`` gives on the original sizes (``default_ratio`` scales alike), so the
+  last step ends exactly at ``fxprune.prune(model, ratio)``'s channel counts.
+- ``ratio`` with ``global_ranking``: step ``i`` ranks the current model's channels and keeps
+  ``int(N * (1 - ratio * i / steps))`` of the original ``N`` prunable channels
+  (``max_group_ratio`` caps each step).
+- ``target_macs`` / ``target_params``: step ``i`` aims at ``1 - (1 - target) * i / steps`` of the
+  original cost, so the last step meets the target.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .allocation import Policy, allocate
+from .api import ModelLike, RatioArg, _few_threads, _ignore, _inputs, _policy, analyze_model, prune
+from .cost import count_macs, count_params
+from .errors import FxPruneError
+from .plan import GroupPlan, PruningPlan, model_identity
+from .trace import as_graph_module
+
+__all__ = ["prune_iteratively"]
+
+FineTune = Callable[[torch.fx.GraphModule, int], Optional[nn.Module]]
+
+
+def _compose(composite: Dict[str, List[int]], step: PruningPlan) -> Optional[Dict[str, List[int]]]:
+    """Indices into the original model after another plan (None if the groups stopped matching)."""
+    out = dict(composite)
+    for g in step.groups:
+        if g.key not in out or len(out[g.key]) != g.size:
+            return None
+        out[g.key] = [out[g.key][i] for i in g.keep]
+    return out
+
+
+def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 3,
+                      finetune: Optional[FineTune] = None, target_macs: Optional[float] = None,
+                      target_params: Optional[float] = None, example_inputs: Any = None,
+                      importance: Any = "l1", global_ranking: bool = False, max_group_ratio: float = 0.9,
+                      default_ratio: float = 0.0, round_to: int = 1, min_channels: int = 1,
+                      ignore: Union[str, Iterable[str]] = (), strict: bool = False,
+                      calibration: Optional[Iterable[Any]] = None, calibration_batches: Optional[int] = None,
+                      loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0) -> nn.Module:
+    """Prune ``model`` in ``steps`` steps, calling ``finetune(pruned, step)`` after each.
+
+    ``finetune`` receives the GraphModule just pruned and the step number (1..steps, the last
+    one included) and returns the model to continue with, or None to continue with the one it
+    was given (trained in place). Without ``finetune`` the steps just follow each other.
+    Options are those of :func:`fxprune.prune`; ``calibration`` is iterated once per step, so
+    pass something re-iterable (a DataLoader or a list), not a one-shot generator.
+
+    Returns the last model. When it is a GraphModule, ``meta["fxprune_plan"]`` is the single
+    plan that takes the original model to the final architecture (replay it with
+    :func:`fxprune.apply` on a fresh copy to rebuild the architecture) and
+    ``meta["fxprune_steps"]`` the plan of each step.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if finetune is not None and not callable(finetune):
+        raise FxPruneError(f"finetune must be a callable (model, step) -> model or None, got {type(finetune).__name__}")
+    policy = _policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
+                     round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
+    inputs = _inputs(example_inputs)
+    if policy.target_macs is not None and inputs is None:
+        raise FxPruneError(f"target_macs={policy.target_macs} needs example_inputs=(x,) to count MACs on")
+    ignore_t = _ignore(ignore)
+    common: Dict[str, Any] = dict(importance=importance, example_inputs=inputs, ignore=ignore_t, strict=strict,
+                                  calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn,
+                                  seed=seed, round_to=round_to, min_channels=min_channels)
+
+    original = as_graph_module(model)
+    with _few_threads():
+        analysis0 = analyze_model(original, example_inputs=inputs, ignore=ignore_t, strict=strict)
+        base_macs = count_macs(original, inputs) if policy.target_macs is not None else None
+    base_params = count_params(original)
+    total0 = sum(g.size for g in analysis0.groups if g.prunable)
+    composite: Optional[Dict[str, List[int]]] = {g.key: list(range(g.size)) for g in analysis0.groups}
+    plans: List[PruningPlan] = []
+
+    current: nn.Module = original
+    for step in range(1, steps + 1):
+        frac = step / steps
+        if policy.has_target:
+            kwargs: Dict[str, Any] = dict(global_ranking=global_ranking, max_group_ratio=max_group_ratio)
+            if policy.target_macs is not None:
+                goal = (1.0 - (1.0 - policy.target_macs) * frac) * float(base_macs or 0)
+                with _few_threads():
+                    now_macs = count_macs(current, inputs)
+                kwargs["target_macs"] = min(1.0, goal / max(1, now_macs))
+            if policy.target_params is not None:
+                goal = (1.0 - (1.0 - policy.target_params) * frac) * base_params
+                kwargs["target_params"] = min(1.0, goal / max(1, count_params(current)))
+            pruned = prune(current, **kwargs, **common)
+        elif policy.global_ranking:
+            assert isinstance(policy.ratio, float)
+            with _few_threads():
+                now = sum(g.size for g in analyze_model(current, ignore=ignore_t).groups if g.prunable)
+            want = int(total0 * (1.0 - policy.ratio * frac))
+            step_ratio = min(max(0.0, 1.0 - want / max(1, now)), 0.999999)
+            pruned = prune(current, step_ratio, global_ranking=True, max_group_ratio=max_group_ratio, **common)
+        else:
+            scaled: Any
+            if isinstance(policy.ratio, Mapping):
+                scaled = {k: v * frac for k, v in policy.ratio.items()}
+            else:
+                scaled = float(policy.ratio or 0.0) * frac
+            step_policy = Policy(ratio=scaled, default_ratio=policy.default_ratio * frac, round_to=round_to,
+                                 min_channels=min_channels).validated()
+            counts, _ = allocate(analysis0, step_policy)
+            keep = {g.key: counts.get(g.index, g.size) for g in analysis0.groups if g.prunable}
+            pruned = _prune_to_counts(current, keep, common)
+        step_plan: PruningPlan = pruned.meta["fxprune_plan"]
+        plans.append(step_plan)
+        composite = _compose(composite, step_plan) if composite is not None else None
+        current = pruned
+        if finetune is not None:
+            returned = finetune(pruned, step)
+            if returned is not None:
+                if not isinstance(returned, nn.Module):
+                    raise FxPruneError(f"finetune returned {type(returned).__name__}, expected an nn.Module or None")
+                current = returned
+
+    if isinstance(current, torch.fx.GraphModule):
+        current.meta["fxprune_steps"] = plans
+        if composite is not None:
+            groups = [GroupPlan(g.key, g.size, sorted(composite[g.key]), sorted({m.module for m in g.members}))
+                      for g in analysis0.groups]
+            record = dict(plans[-1].policy)
+            record.update(policy.to_dict())
+            record["steps"] = steps
+            current.meta["fxprune_plan"] = PruningPlan(groups, plans[-1].criterion, record,
+                                                       model=model_identity(analysis0))
+    return current
+
+
+def _prune_to_counts(model: nn.Module, keep: Mapping[str, int], common: Mapping[str, Any]) -> torch.fx.GraphModule:
+    """Prune ``model`` so that each group named in ``keep`` has that many channels (or fewer it already has)."""
+    from .api import _decide
+
+    policy = Policy(ratio=0.0).validated()
+    with _few_threads():
+        result, pruned = _decide(model, importance=common["importance"], example_inputs=common["example_inputs"],
+                                 ignore=common["ignore"], strict=common["strict"], calibration=common["calibration"],
+                                 calibration_batches=common["calibration_batches"], loss_fn=common["loss_fn"],
+                                 seed=common["seed"], policy=policy, build=True, keep_counts=keep)
+    assert pruned is not None
+    pruned.meta["fxprune_plan"] = result
+    return pruned

@@ -231,7 +231,8 @@ def load_fashion_mnist(root: Union[str, Path, None] = None, *, download: bool = 
 
     def read(split: str, kind: str) -> torch.Tensor:
         path = _idx_file(folder, _FMNIST_FILES[(split, kind)])
-        assert path is not None  # _find_fmnist_dir checked all four exist
+        if path is None:  # removed since _find_fmnist_dir looked
+            raise DataNotFoundError(_fmnist_missing_message(folder))
         return read_idx(path)
 
     splits = {}

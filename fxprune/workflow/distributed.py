@@ -19,7 +19,7 @@ import torch.distributed as dist
 from fxprune.workflow.errors import ConfigError
 
 __all__ = ["DistContext", "init_distributed", "resolve_device", "all_reduce_sum", "barrier",
-           "broadcast_object", "shutdown_distributed"]
+           "shutdown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,3 @@ def barrier(ctx: DistContext) -> None:
     """Wait for every process (e.g. until rank 0 has written a file the others read)."""
     if ctx.enabled:
         dist.barrier()
-
-
-def broadcast_object(obj: object, ctx: DistContext) -> object:
-    """Rank 0's ``obj`` on every process (small plain data such as a report dict)."""
-    if not ctx.enabled:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]

@@ -78,17 +78,17 @@ _RESUME_KEYS = ("epochs", "lr", "optimizer", "momentum", "nesterov", "weight_dec
 class TrainConfig:
     """How to train. The defaults are the fine-tuning recipe of ``fxprune run``."""
 
-    epochs: int = 3
+    epochs: int = 5
     lr: float = 0.05
     optimizer: str = "sgd"  # "sgd" (momentum, Nesterov) or "adamw"
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
-    batch_size: int = 256
+    batch_size: int = 128
     warmup_epochs: float = 0.0  # linear warm-up length, in (fractional) epochs
     seed: int = 0
-    augment: bool = True  # random horizontal flips
+    augment: bool = False  # random horizontal flips (pays off in longer schedules)
     amp: str = "auto"  # "auto" (on CUDA only), "on", "off"
     channels_last: str = "auto"  # "auto" (on CUDA only), "on", "off"
     distill_alpha: float = 0.5  # weight of the distillation term when a teacher is given
@@ -421,6 +421,13 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
         barrier(ctx)  # the checkpoint is complete before any process moves on
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
+    if ctx.enabled:
+        # DDP keeps parameters in sync but each process updated its BatchNorm statistics on
+        # its own shard after the last broadcast: take rank 0's so every process (and the
+        # checkpoint, written by rank 0) holds the same model.
+        with torch.no_grad():
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
     model.eval()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)

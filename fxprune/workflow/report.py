@@ -8,6 +8,7 @@ drawn with matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import logging
@@ -32,7 +33,9 @@ __all__ = [
     "plot_sweep",
     "render_sweep_markdown",
     "save_pruned",
+    "load_pruned",
     "setup_logging",
+    "close_logging",
     "LOG_NAME",
 ]
 
@@ -121,6 +124,11 @@ def _fmt(value: Optional[float], digits: int = 2, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
+def _delta(value: Optional[float]) -> str:
+    """A signed change in accuracy points, e.g. ``+0.93 pts``."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:+.2f} pts"
+
+
 def _ratio(before: Optional[float], after: Optional[float]) -> str:
     if not before or not after:
         return "-"
@@ -131,29 +139,37 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     """``report.md``: the baseline and the pruned model side by side."""
     base, pruned = report["baseline"], report["pruned"]
     config = report.get("config", {})
+    machine = report.get("machine", {}) or {}
+    data_name = (report.get("data") or {}).get("name", config.get("data", "-"))
+    target = f", target MACs {config['target_macs']}" if config.get("target_macs") else ""
+    gpu = f", GPU {machine['cuda']['device']}" if machine.get("cuda") else ""
     lines = [
         "# fxprune report",
         "",
         f"- Date: {report.get('date', '-')}",
-        f"- Model: `{config.get('model', '-')}`; data: `{report.get('data', {}).get('name', config.get('data', '-'))}` "
+        f"- Model: `{config.get('model', '-')}`; data: `{data_name}` "
         f"(accuracy on the held-out split, {base.get('samples', '-')} samples)",
-        f"- Pruning: importance `{config.get('importance', '-')}`, ratio {config.get('ratio', '-')}"
-        + (f", target MACs {config['target_macs']}" if config.get("target_macs") else ""),
-        f"- Machine: {report.get('machine', {}).get('cpu', '-')} "
-        f"({report.get('machine', {}).get('cpu_count', '-')} cores)"
-        + (f", GPU {report['machine']['cuda']['device']}" if report.get("machine", {}).get("cuda") else ""),
+        f"- Pruning: importance `{config.get('importance', '-')}`, ratio {config.get('ratio', '-')}{target}",
+        f"- Machine: {machine.get('cpu', '-')} ({machine.get('cpu_count', '-')} cores){gpu}",
         "",
         "| metric | baseline | pruned | change |",
         "|---|---:|---:|---:|",
     ]
-    top1_delta = (pruned["top1"] - base["top1"]) if base.get("top1") is not None and pruned.get("top1") is not None else None
-    top5_delta = (pruned["top5"] - base["top5"]) if base.get("top5") is not None and pruned.get("top5") is not None else None
+
+    def change(key: str) -> Optional[float]:
+        before, after = base.get(key), pruned.get(key)
+        return None if before is None or after is None else after - before
+
+    def row(label: str, key: str, fmt: Any, word: str) -> str:
+        before, after = base.get(key), pruned.get(key)
+        return f"| {label} | {fmt(before)} | {fmt(after)} | {_ratio(before, after)} {word} |"
+
     lines += [
-        f"| top-1 accuracy (%) | {_fmt(base.get('top1'))} | {_fmt(pruned.get('top1'))} | {_fmt(top1_delta, 2, ' pts') if top1_delta is not None else '-'} |",
-        f"| top-5 accuracy (%) | {_fmt(base.get('top5'))} | {_fmt(pruned.get('top5'))} | {_fmt(top5_delta, 2, ' pts') if top5_delta is not None else '-'} |",
-        f"| parameters | {_fmt_int(base.get('params'))} | {_fmt_int(pruned.get('params'))} | {_ratio(base.get('params'), pruned.get('params'))} fewer |",
-        f"| MACs per image | {_fmt_int(base.get('macs'))} | {_fmt_int(pruned.get('macs'))} | {_ratio(base.get('macs'), pruned.get('macs'))} fewer |",
-        f"| size on disk (MB) | {_fmt(base.get('size_mb'))} | {_fmt(pruned.get('size_mb'))} | {_ratio(base.get('size_mb'), pruned.get('size_mb'))} smaller |",
+        f"| top-1 accuracy (%) | {_fmt(base.get('top1'))} | {_fmt(pruned.get('top1'))} | {_delta(change('top1'))} |",
+        f"| top-5 accuracy (%) | {_fmt(base.get('top5'))} | {_fmt(pruned.get('top5'))} | {_delta(change('top5'))} |",
+        row("parameters", "params", _fmt_int, "fewer"),
+        row("MACs per image", "macs", _fmt_int, "fewer"),
+        row("size on disk (MB)", "size_mb", _fmt, "smaller"),
     ]
     base_lat, pruned_lat = base.get("latency_ms", {}) or {}, pruned.get("latency_ms", {}) or {}
     for key in base_lat:
@@ -284,15 +300,16 @@ def render_sweep_markdown(sweep: Mapping[str, Any]) -> str:
     """``sweep.md``: one row per (importance, ratio), with the baseline first."""
     base = sweep["baseline"]
     keys = list((base.get("latency_ms") or {}).keys())
-    header = "| model | importance | ratio | top-1 (%) | top-5 (%) | params | MACs | size (MB) | " + \
-        " | ".join(f"{k} (ms)" for k in keys) + " |"
+    header = ("| model | importance | ratio | top-1 (%) | top-1 before fine-tuning (%) | top-5 (%) | params "
+              "| MACs | size (MB) | " + " | ".join(f"{k} (ms)" for k in keys) + " |")
     lines = ["# fxprune sweep", "", f"- Date: {sweep.get('date', '-')}",
              f"- Machine: {sweep.get('machine', {}).get('cpu', '-')}", "", header,
-             "|" + "---|" * (8 + len(keys))]
+             "|" + "---|" * (9 + len(keys))]
 
     def row(name: str, importance: str, ratio: str, entry: Mapping[str, Any]) -> str:
         lat = entry.get("latency_ms") or {}
-        return (f"| {name} | {importance} | {ratio} | {_fmt(entry.get('top1'))} | {_fmt(entry.get('top5'))} | "
+        return (f"| {name} | {importance} | {ratio} | {_fmt(entry.get('top1'))} | "
+                f"{_fmt(entry.get('top1_before_finetune'))} | {_fmt(entry.get('top5'))} | "
                 f"{_fmt_int(entry.get('params'))} | {_fmt_int(entry.get('macs'))} | {_fmt(entry.get('size_mb'))} | "
                 + " | ".join(_fmt(lat.get(k), 3) for k in keys) + " |")
 
@@ -305,49 +322,76 @@ def render_sweep_markdown(sweep: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_pruned(pruned: nn.Module, out_dir: Union[str, Path], *,
-                extra: Optional[Mapping[str, Any]] = None) -> list[Path]:
-    """Save the pruned model into ``out_dir``; returns the files written.
+ARTIFACT_NAME = "pruned_model.fxprune"
+ARTIFACT_INFO = "pruned_model.json"
 
-    Until the artifact format of ``fxprune.save`` exists this writes the weights as
-    ``pruned_model.safetensors`` (tensors only, no pickle), the generated forward code as
-    ``pruned_model.py`` (``GraphModule.code``), the layer shapes as ``pruned_model.json``
-    (with ``extra``, e.g. the pruning settings). When the core offers ``fxprune.save`` it is
-    used instead, so this is the one place to change.
+
+def save_pruned(pruned: nn.Module, out_dir: Union[str, Path], *,
+                example_inputs: Optional[torch.Tensor] = None,
+                build: Optional[Mapping[str, Any]] = None,
+                extra: Optional[Mapping[str, Any]] = None) -> list[Path]:
+    """Save the pruned model into ``out_dir``; returns the paths written.
+
+    - ``pruned_model.fxprune/``: the artifact of :func:`fxprune.save` (plan + safetensors
+      weights, no pickle), loadable with :func:`load_pruned` or ``fxprune.load(path, model=...)``;
+    - ``pruned_model.json``: how to rebuild the original architecture (``build``: the keyword
+      arguments of :func:`fxprune.workflow.models.build_model`), the channels per layer, ``extra``;
+    - ``pruned_model.py``: the generated forward code, for reading.
     """
+    import fxprune
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        import fxprune
-
-        core_save = getattr(fxprune, "save", None)
-    except ImportError:  # pragma: no cover - the workflow lives inside fxprune
-        core_save = None
-    if callable(core_save):
-        target = out / "pruned_model.fxprune"
-        result = core_save(pruned, target)
-        written = [Path(result)] if isinstance(result, (str, Path)) else [target]
-        return [p for p in written if p.exists()] or sorted(out.glob("pruned_model*"))
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in pruned.state_dict().items()}
-    weights = out / "pruned_model.safetensors"
-    try:
-        save_file(state, str(weights))
-    except Exception:  # shared tensors (tied weights) are refused by safetensors
-        weights = out / "pruned_model.pt"
-        torch.save(state, weights)
-    written = [weights]
+    build = dict(build or {})
+    source = None
+    # fxprune.load can rebuild a plain torchvision model by name on its own; an adapted one
+    # (other class count, input channels or stem) needs build_model's arguments.
+    if (build.get("name") and ":" not in str(build["name"]) and build.get("num_classes") == 1000
+            and build.get("in_channels") == 3 and int(build.get("image_size") or 0) >= 64):
+        source = f"torchvision:{build['name']}"
+    if any(t.device.type != "cpu" for t in pruned.state_dict().values()):
+        pruned = copy.deepcopy(pruned).cpu()  # the caller's model stays on its device
+    artifact = fxprune.save(pruned, out / ARTIFACT_NAME, source=source,
+                            example_inputs=None if example_inputs is None else (example_inputs[:1].cpu(),))
+    written = [Path(artifact)]
     code = getattr(pruned, "code", None)
     if isinstance(code, str):
         code_path = out / "pruned_model.py"
         code_path.write_text(code, encoding="utf-8")
         written.append(code_path)
-    meta = {"layers": layer_channels(pruned),
-            "shapes": {k: list(v.shape) for k, v in state.items()},
-            **dict(extra or {})}
-    written.append(write_json(meta, out / "pruned_model.json"))
+    info = {"artifact": ARTIFACT_NAME, "build_model": build, "source": source,
+            "layers": layer_channels(pruned), **dict(extra or {})}
+    written.append(write_json(info, out / ARTIFACT_INFO))
     return written
+
+
+def load_pruned(out_dir: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> torch.fx.GraphModule:
+    """Load the pruned model :func:`save_pruned` wrote into ``out_dir`` (never unpickles)."""
+    import fxprune
+
+    from fxprune.workflow.errors import CheckpointError
+    from fxprune.workflow.models import build_model
+
+    out = Path(out_dir)
+    try:
+        info = json.loads((out / ARTIFACT_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{out / ARTIFACT_INFO} is missing or unreadable: {exc}") from exc
+    build = info.get("build_model") or {}
+    if not build.get("name"):
+        raise CheckpointError(f"{out / ARTIFACT_INFO} does not say how to build the original model")
+    original = build_model(build["name"], num_classes=int(build["num_classes"]),
+                           in_channels=int(build["in_channels"]), image_size=int(build["image_size"]))
+    return fxprune.load(out / info.get("artifact", ARTIFACT_NAME), model=original, map_location=map_location)
+
+
+def close_logging() -> None:
+    """Detach and close the handlers :func:`setup_logging` added (the log file is complete)."""
+    root = logging.getLogger("fxprune")
+    for handler in list(root.handlers):
+        if getattr(handler, "_fxprune_workflow", False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def setup_logging(out_dir: Union[str, Path, None], *, quiet: bool = False,
@@ -358,10 +402,7 @@ def setup_logging(out_dir: Union[str, Path, None], *, quiet: bool = False,
     """
     root = logging.getLogger("fxprune")
     root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        if getattr(handler, "_fxprune_workflow", False):
-            root.removeHandler(handler)
-            handler.close()
+    close_logging()
     stream = logging.StreamHandler(sys.stderr)
     stream.setLevel(logging.WARNING if (quiet or not is_main) else logging.INFO)
     stream.setFormatter(logging.Formatter("%(message)s"))

@@ -21,30 +21,30 @@ A sweep writes one such folder per point (``<importance>-r<ratio>/``) next to th
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from fxprune.workflow.data import DataBundle, example_batch, load_data
+from fxprune.workflow.data import DataBundle, example_batch, load_data, make_loader
 from fxprune.workflow.distributed import (DistContext, barrier, init_distributed, resolve_device,
                                           shutdown_distributed)
 from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.evaluate import evaluate_accuracy, measure_latency, model_cost
-from fxprune.workflow.finetune import (TrainConfig, load_training_checkpoint, recalibrate_batchnorm,
-                                       save_checkpoint, train)
+from fxprune.workflow.finetune import TrainConfig, recalibrate_batchnorm, save_checkpoint, train
 from fxprune.workflow.models import build_model, load_checkpoint_file, load_weights
-from fxprune.workflow.report import (machine_info, plot_channels, plot_sweep, render_sweep_markdown,
+from fxprune.workflow.report import (close_logging, machine_info, plot_channels, plot_sweep, render_sweep_markdown,
                                      save_pruned, setup_logging, utc_now, write_json, write_report)
 
-__all__ = ["RunConfig", "run", "sweep", "get_baseline", "measure_model", "prune_model",
-           "BASELINE_FILE"]
+__all__ = ["RunConfig", "run", "sweep", "prune_model", "BASELINE_FILE"]
 
 logger = logging.getLogger("fxprune.workflow")
 
@@ -64,15 +64,16 @@ class RunConfig:
     weights: Optional[str] = None  # file or torchvision weights name; None: train a baseline
     data: str = "fashion-mnist"
     ratio: float = 0.5
-    target_macs: Optional[float] = None  # passed to fxprune.prune only when set
+    target_macs: Optional[float] = None  # fraction of the baseline's MACs; replaces ratio when set
     importance: str = "l1"
     round_to: Optional[int] = None  # passed to fxprune.prune only when set
     ignore: tuple[str, ...] = ()
-    epochs: int = 2  # fine-tuning epochs
-    lr: float = 0.05  # fine-tuning learning rate
+    epochs: int = 5  # fine-tuning epochs
+    lr: float = 0.1  # fine-tuning learning rate
     baseline_epochs: int = 3
-    baseline_lr: float = 0.2
+    baseline_lr: float = 0.1
     batch_size: int = 256
+    augment: bool = False  # random horizontal flips while training
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -91,13 +92,15 @@ class RunConfig:
     compile: bool = True  # also time torch.compile
     latency_runs: int = 20
     recalibration_batches: int = 20
+    calibration_batches: int = 8  # batches fed to data-driven importance criteria
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for options that cannot work."""
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"--ratio must be in [0, 1), got {self.ratio}")
-        if self.target_macs is not None and not self.target_macs > 0:
-            raise ConfigError(f"--target-macs must be > 0, got {self.target_macs}")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise ConfigError(f"--target-macs is a fraction of the baseline's MACs in (0, 1], "
+                              f"got {self.target_macs}")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
         if self.epochs < 0 or self.baseline_epochs < 0:
@@ -132,24 +135,38 @@ class _Session:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _setup(config: RunConfig) -> _Session:
-    config.validate()
+@contextlib.contextmanager
+def _process_settings(config: RunConfig) -> Iterator[None]:
+    """Join the process group and set CPU threads for the job; undo both afterwards.
+
+    (``run`` is also a library call: the caller's thread count and process state come back.)
+    """
+    threads = torch.get_num_threads()
     ctx = init_distributed(config.device)
+    try:
+        device = resolve_device(config.device, ctx.local_rank)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        elif ctx.enabled and device.type == "cpu":
+            # Several processes on one machine: share the cores instead of oversubscribing
+            # them (OpenMP threads spinning against each other can cost several times over).
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+        yield
+    finally:
+        close_logging()
+        torch.set_num_threads(threads)
+        shutdown_distributed(ctx)
+
+
+def _setup(config: RunConfig) -> _Session:
+    ctx = init_distributed(config.device)  # joined by _process_settings: returns its context
     device = resolve_device(config.device, ctx.local_rank)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    elif ctx.enabled and device.type == "cpu":
-        # Several processes on one machine: share the cores instead of oversubscribing them.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-    if device.type == "cpu":
-        # Tiny weights/gradients late in training become denormal floats, which x86 CPUs
-        # handle tens of times slower; flushing them to zero changes nothing measurable.
-        torch.set_flush_denormal(True)
     out = Path(config.out)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, quiet=config.quiet, is_main=ctx.is_main)
+    logger.info("fxprune workflow started: %s", json.dumps(config.to_dict()))
     started = time.perf_counter()
     if ctx.enabled and config.download:
         # One process downloads; the others read what it wrote.
@@ -182,6 +199,7 @@ def _train_config(config: RunConfig, *, baseline: bool) -> TrainConfig:
         # trained model and does not.
         warmup_epochs=0.3 if baseline else 0.0,
         seed=config.seed,
+        augment=config.augment,
         amp=config.amp,
         quiet=config.quiet,
         num_workers=0,
@@ -207,6 +225,8 @@ def _baseline_meta(config: RunConfig, data: DataBundle, ctx: DistContext) -> dic
         "optimizer": train_cfg.optimizer,
         "weight_decay": train_cfg.weight_decay,
         "label_smoothing": train_cfg.label_smoothing,
+        "warmup_epochs": train_cfg.warmup_epochs,
+        "augment": train_cfg.augment,
         "seed": config.seed,
         "world_size": ctx.world_size,
     }
@@ -291,39 +311,57 @@ def measure_model(session: _Session, model: nn.Module, label: str) -> dict[str, 
     return entry
 
 
-def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor,
-                ratio: Optional[float] = None, importance: Optional[str] = None) -> torch.fx.GraphModule:
-    """``fxprune.prune`` with the run's options (``target_macs``/``round_to`` only when set)."""
+class _OnDevice:
+    """Re-iterable view of a loader whose batches are moved to the model's device."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield images.to(self.device), labels.to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
+                calibration: Optional[Any] = None, ratio: Optional[float] = None,
+                importance: Optional[str] = None) -> torch.fx.GraphModule:
+    """``fxprune.prune`` with the run's options.
+
+    ``target_macs`` (a fraction of the baseline's MACs) replaces the ratio when set;
+    ``round_to`` is passed when set. ``calibration`` (training batches) feeds the data-driven
+    criteria (``apoz``, ``taylor``); the weight-based ones ignore it.
+    """
     import fxprune
 
     kwargs: dict[str, Any] = {"importance": importance or config.importance,
-                              "example_inputs": (example,)}
+                              "example_inputs": (example,), "seed": config.seed}
+    if calibration is not None:
+        kwargs["calibration"] = calibration
+        kwargs["calibration_batches"] = config.calibration_batches
     if config.ignore:
         kwargs["ignore"] = tuple(config.ignore)
-    if config.target_macs is not None:
-        kwargs["target_macs"] = config.target_macs
     if config.round_to is not None:
         kwargs["round_to"] = config.round_to
-    try:
-        return fxprune.prune(model, config.ratio if ratio is None else ratio, **kwargs)
-    except TypeError as exc:
-        unsupported = [k for k in ("target_macs", "round_to") if k in kwargs and k in str(exc)]
-        if unsupported:
-            raise ConfigError(
-                f"this fxprune version's prune() does not accept {', '.join(unsupported)}: "
-                f"drop --{unsupported[0].replace('_', '-')}") from exc
-        raise
+    if config.target_macs is not None:
+        return fxprune.prune(model, target_macs=config.target_macs, **kwargs)
+    return fxprune.prune(model, config.ratio if ratio is None else ratio, **kwargs)
 
 
-def _prune_finetune_measure(session: _Session, baseline: nn.Module, baseline_entry: dict[str, Any],
-                            out: Path, ratio: float, importance: str,
+def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, ratio: float,
+                            importance: str,
                             on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None
                             ) -> tuple[nn.Module, dict[str, Any]]:
     config, data, ctx = session.config, session.data, session.ctx
     started = time.perf_counter()
-    example = example_batch(data.train, 2).to(session.device)
+    example = example_batch(data.train, 1).to(session.device)
     baseline.eval()
-    pruned = prune_model(baseline, config, example, ratio=ratio, importance=importance)
+    calibration = _OnDevice(make_loader(data.train, config.batch_size, train=True, seed=config.seed,
+                                        num_workers=data.num_workers), session.device)
+    pruned = prune_model(baseline, config, example, calibration=calibration, ratio=ratio,
+                         importance=importance)
     pruned.to(session.device)
     session.timings["prune"] = time.perf_counter() - started
 
@@ -378,13 +416,17 @@ def _report(session: _Session, baseline_entry: dict[str, Any], pruned_entry: dic
     }
 
 
-def _write_outputs(out: Path, report: dict[str, Any], baseline: nn.Module, pruned: nn.Module,
-                   config: RunConfig, ratio: float, importance: str) -> dict[str, Any]:
+def _write_outputs(session: _Session, out: Path, report: dict[str, Any], baseline: nn.Module,
+                   pruned: nn.Module, config: RunConfig, ratio: float, importance: str) -> dict[str, Any]:
+    data = session.data
+    build = {"name": config.model, "num_classes": data.num_classes, "in_channels": data.in_channels,
+             "image_size": data.image_size}
+    example = example_batch(data.test, 1)
     plots = [plot_channels(baseline, pruned, out / "channels.png",
                            title=f"Channels per layer: {config.model}, {importance}, ratio {ratio:g}")]
     report["plots"] = [str(p.name) for p in plots]
-    artifacts = save_pruned(pruned, out, extra={"model": config.model, "ratio": ratio,
-                                                "importance": importance})
+    artifacts = save_pruned(pruned, out, example_inputs=example, build=build,
+                            extra={"ratio": ratio, "importance": importance})
     report["artifacts"] = [p.name for p in artifacts]
     write_report(report, out)
     return report
@@ -398,23 +440,34 @@ def run(config: RunConfig, *, on_epoch_end: Optional[Callable[[int, dict[str, fl
     fine-tuning) once its checkpoint is written; raising from it stops the run there, as a
     kill would, and ``resume=True`` continues from that checkpoint.
     """
+    config.validate()
     started = time.perf_counter()
-    session = _setup(config)
-    try:
+    with _process_settings(config):
+        session = _setup(config)
         baseline, info = get_baseline(session, on_epoch_end=on_epoch_end)
         baseline_entry = measure_model(session, baseline, "baseline")
-        pruned, pruned_entry = _prune_finetune_measure(session, baseline, baseline_entry, session.out,
-                                                       config.ratio, config.importance, on_epoch_end)
+        pruned, pruned_entry = _prune_finetune_measure(session, baseline, session.out, config.ratio,
+                                                       config.importance, on_epoch_end)
         session.timings["total"] = time.perf_counter() - started
         report = _report(session, baseline_entry, pruned_entry, config, info)
         if session.ctx.is_main:
-            _write_outputs(session.out, report, baseline, pruned, config, config.ratio, config.importance)
+            _write_outputs(session, session.out, report, baseline, pruned, config, config.ratio,
+                           config.importance)
             logger.info("report written to %s (%.0f s in all)", session.out / "report.md",
                         session.timings["total"])
         barrier(session.ctx)
         return report
-    finally:
-        shutdown_distributed(session.ctx)
+
+
+def _same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a saved report was made with the current settings (bar the ones that do not matter)."""
+    cosmetic = {"resume", "quiet", "threads", "workers"}
+    keys = (set(saved) | set(current)) - cosmetic
+    return all(saved.get(k) == current.get(k) for k in keys)
+
+
+# What sweep.json keeps of each point's report.
+_POINT_KEYS = ("top1", "top5", "params", "macs", "size_mb", "latency_ms", "top1_before_finetune")
 
 
 def _point_dir(out: Path, importance: str, ratio: float) -> Path:
@@ -433,9 +486,10 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
         raise ConfigError("sweep needs at least one importance criterion")
     for ratio in ratios:
         config.replace(ratio=ratio).validate()
+    config.validate()
     started = time.perf_counter()
-    session = _setup(config)
-    try:
+    with _process_settings(config):
+        session = _setup(config)
         baseline, info = get_baseline(session)
         baseline_entry = measure_model(session, baseline, "baseline")
         points: list[dict[str, Any]] = []
@@ -445,17 +499,14 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
                 folder = _point_dir(session.out, importance, ratio)
                 existing = folder / "report.json"
                 if config.resume and existing.is_file():
-                    import json
-
                     try:
                         saved = json.loads(existing.read_text(encoding="utf-8"))
                     except (OSError, ValueError):
                         saved = None
-                    if saved and saved.get("config") == point_config.to_dict():
+                    if saved and _same_settings(saved.get("config") or {}, point_config.to_dict()):
                         logger.info("sweep: reusing %s", existing)
                         points.append({"importance": importance, "ratio": ratio,
-                                       **{k: saved["pruned"].get(k) for k in
-                                          ("top1", "top5", "params", "macs", "size_mb", "latency_ms")}})
+                                       **{k: saved["pruned"].get(k) for k in _POINT_KEYS}})
                         continue
                 logger.info("sweep: importance %s, ratio %g", importance, ratio)
                 if session.ctx.is_main:
@@ -463,15 +514,12 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
                 barrier(session.ctx)
                 point_session = _Session(config=point_config, ctx=session.ctx, device=session.device,
                                          data=session.data, out=folder)
-                pruned, entry = _prune_finetune_measure(point_session, baseline, baseline_entry, folder,
-                                                        ratio, importance)
+                pruned, entry = _prune_finetune_measure(point_session, baseline, folder, ratio, importance)
                 report = _report(point_session, baseline_entry, entry, point_config, info)
                 if session.ctx.is_main:
-                    _write_outputs(folder, report, baseline, pruned, point_config, ratio, importance)
+                    _write_outputs(session, folder, report, baseline, pruned, point_config, ratio, importance)
                 points.append({"importance": importance, "ratio": ratio,
-                               **{k: entry.get(k) for k in ("top1", "top5", "params", "macs", "size_mb",
-                                                            "latency_ms")},
-                               "top1_before_finetune": entry.get("top1_before_finetune")})
+                               **{k: entry.get(k) for k in _POINT_KEYS}})
         session.timings["total"] = time.perf_counter() - started
         summary: dict[str, Any] = {
             "baseline": {k: baseline_entry.get(k) for k in ("top1", "top5", "params", "macs", "size_mb",
@@ -493,5 +541,3 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
             logger.info("sweep written to %s", session.out / "sweep.md")
         barrier(session.ctx)
         return summary
-    finally:
-        shutdown_distributed(session.ctx)

@@ -1,0 +1,235 @@
+"""Command-line options of ``fxprune run`` and ``fxprune sweep``, and their entry points.
+
+``fxprune/cli.py`` owns the top-level parser; it adds these subcommands with
+:func:`add_run_arguments` / :func:`add_sweep_arguments` and dispatches to :func:`main_run` /
+:func:`main_sweep`. ``python -m fxprune.workflow.cli_args run ...`` works on its own too
+(handy under ``torchrun -m``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional, Sequence
+
+from fxprune.errors import FxPruneError
+from fxprune.workflow.run import RunConfig, run, sweep
+
+__all__ = [
+    "RUN_EXAMPLES",
+    "SWEEP_EXAMPLES",
+    "add_run_arguments",
+    "add_sweep_arguments",
+    "config_from_args",
+    "main_run",
+    "main_sweep",
+    "build_parser",
+    "main",
+]
+
+RUN_EXAMPLES = """\
+examples:
+  fxprune run                                   # resnet18 on Fashion-MNIST: train, prune half the channels (L1), fine-tune, report
+  fxprune run --ratio 0.3 --epochs 3 --out runs/r03
+  fxprune run --weights runs/r03/baseline/baseline_model.pt --distill
+  fxprune run --model resnet18 --weights ResNet18_Weights.IMAGENET1K_V1 --data /data/imagenet/val --epochs 1
+  fxprune run --data /data/cifar-10-batches-py --model resnet50
+  fxprune run --resume                          # continue a killed run from its last checkpoint
+  torchrun --nproc_per_node=2 -m fxprune run    # data-parallel (gloo on CPU, NCCL on GPU)
+"""
+
+SWEEP_EXAMPLES = """\
+examples:
+  fxprune sweep --ratios 0.3,0.5,0.7
+  fxprune sweep --ratios 0.2,0.4,0.6,0.8 --importances l1,l2 --out benchmarks/sweep
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _str_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return values
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    defaults = RunConfig()
+    what = parser.add_argument_group("model and data")
+    what.add_argument("--model", default=defaults.model,
+                      help="torchvision model name or package.module:callable (default: %(default)s, "
+                           "adapted to the data's classes, channels and image size)")
+    what.add_argument("--weights", default=None,
+                      help="trained weights: a local state_dict/checkpoint/.safetensors file, or a "
+                           "torchvision weights name already in the torch hub cache "
+                           "(e.g. ResNet18_Weights.IMAGENET1K_V1). Without it a baseline is trained "
+                           "first and cached in OUT/baseline/")
+    what.add_argument("--data", default=defaults.data,
+                      help="'fashion-mnist' (default, from /usr/share/datasets/fashion-mnist: "
+                           "apt-get install dataset-fashion-mnist), 'cifar10', or a path: a folder of "
+                           "Fashion-MNIST IDX files, a CIFAR-10 python folder, or an ImageFolder tree "
+                           "such as an ImageNet val/ folder")
+    what.add_argument("--download", action="store_true",
+                      help="allow downloading the data set or torchvision weights (never otherwise)")
+    what.add_argument("--image-size", type=_positive_int, default=None,
+                      help="crop size for ImageFolder data (default 224)")
+    what.add_argument("--limit", type=_positive_int, default=None,
+                      help="use only this many samples of each split (quick trials)")
+
+    prune = parser.add_argument_group("pruning")
+    prune.add_argument("--target-macs", type=float, default=None,
+                       help="prune to at most this fraction of the baseline's MACs (e.g. 0.27), instead of --ratio")
+    prune.add_argument("--round-to", type=_positive_int, default=None,
+                       help="pruned layers keep a multiple of this many channels (e.g. 8 for tensor cores)")
+    prune.add_argument("--ignore", type=_str_list, default=[],
+                       help="comma-separated module names to leave unpruned")
+
+    tune = parser.add_argument_group("training")
+    tune.add_argument("--epochs", type=int, default=defaults.epochs,
+                      help="fine-tuning epochs (default: %(default)s)")
+    tune.add_argument("--lr", type=float, default=defaults.lr,
+                      help="fine-tuning learning rate, cosine-decayed (default: %(default)s)")
+    tune.add_argument("--baseline-epochs", type=int, default=defaults.baseline_epochs,
+                      help="epochs to train the baseline when no --weights (default: %(default)s)")
+    tune.add_argument("--baseline-lr", type=float, default=defaults.baseline_lr,
+                      help="baseline learning rate (default: %(default)s)")
+    tune.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                      help="batch size per process (default: %(default)s)")
+    tune.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer,
+                      help="SGD with Nesterov momentum, or AdamW (default: %(default)s)")
+    tune.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                      help="weight decay (default: %(default)s)")
+    tune.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
+                      help="label smoothing (default: %(default)s)")
+    tune.add_argument("--augment", action="store_true",
+                      help="random horizontal flips while training (worth it for longer schedules)")
+    tune.add_argument("--distill", action="store_true",
+                      help="fine-tune with knowledge distillation from the unpruned model")
+    tune.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue from the last checkpoint in OUT (same settings give the same result)")
+
+    run_group = parser.add_argument_group("execution and output")
+    run_group.add_argument("--device", default=defaults.device,
+                           help="auto (CUDA when present), cpu, cuda, cuda:N (default: %(default)s)")
+    run_group.add_argument("--amp", choices=("auto", "on", "off"), default=defaults.amp,
+                           help="mixed precision for training: auto = on CUDA only (default: %(default)s)")
+    run_group.add_argument("--threads", type=_positive_int, default=None,
+                           help="torch CPU threads (default: all cores, shared among torchrun processes)")
+    run_group.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    run_group.add_argument("--no-compile", dest="compile", action="store_false",
+                           help="skip the torch.compile latency measurements")
+    run_group.add_argument("--latency-runs", type=_positive_int, default=defaults.latency_runs,
+                           help="timed runs per latency setting (median reported; default: %(default)s)")
+    run_group.add_argument("--out", default=defaults.out,
+                           help="output folder (default: %(default)s)")
+    run_group.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``fxprune run`` to ``parser``."""
+    defaults = RunConfig()
+    _add_common(parser)
+    group = parser.add_argument_group("pruning amount")
+    group.add_argument("--ratio", type=float, default=defaults.ratio,
+                       help="fraction of channels removed from each prunable group (default: %(default)s)")
+    group.add_argument("--importance", default=defaults.importance,
+                       help="channel importance criterion (default: %(default)s)")
+    return parser
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``fxprune sweep`` to ``parser``."""
+    _add_common(parser)
+    group = parser.add_argument_group("sweep")
+    group.add_argument("--ratios", type=_float_list, default=[0.3, 0.5, 0.7],
+                       help="comma-separated pruning ratios (default: 0.3,0.5,0.7)")
+    group.add_argument("--importances", type=_str_list, default=["l1"],
+                       help="comma-separated importance criteria (default: l1)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The :class:`RunConfig` an argparse namespace of these options describes."""
+    values: dict[str, Any] = {}
+    for name in RunConfig.__dataclass_fields__:
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    if "ignore" in values:
+        values["ignore"] = tuple(values["ignore"] or ())
+    # A sweep has no single ratio/importance; the first of each stands in for the config's.
+    if hasattr(args, "ratios") and "ratio" not in values:
+        values["ratio"] = args.ratios[0]
+    if hasattr(args, "importances") and "importance" not in values:
+        values["importance"] = args.importances[0]
+    return RunConfig(**values)
+
+
+def _fail(error: Exception) -> int:
+    print(f"fxprune: error: {error}", file=sys.stderr)
+    return 2
+
+
+def main_run(args: argparse.Namespace) -> int:
+    """``fxprune run``: returns the exit status (2 with one clear message on a user error)."""
+    try:
+        report = run(config_from_args(args))
+    except FxPruneError as error:
+        return _fail(error)
+    if not args.quiet:
+        base, pruned = report["baseline"], report["pruned"]
+        print(json.dumps({"baseline_top1": base["top1"], "pruned_top1": pruned["top1"],
+                          "macs_x": report["reduction"]["macs_x"], "out": args.out}))
+    return 0
+
+
+def main_sweep(args: argparse.Namespace) -> int:
+    """``fxprune sweep``: returns the exit status."""
+    try:
+        summary = sweep(config_from_args(args), args.ratios, args.importances)
+    except FxPruneError as error:
+        return _fail(error)
+    if not args.quiet:
+        print(json.dumps({"points": [{k: p[k] for k in ("importance", "ratio", "top1", "macs")}
+                                     for p in summary["points"]], "out": args.out}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with the ``run`` and ``sweep`` subcommands."""
+    parser = argparse.ArgumentParser(prog="fxprune", description="Structured channel pruning workflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_arguments(sub.add_parser("run", help="prune, fine-tune, evaluate and report",
+                                     epilog=RUN_EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_sweep_arguments(sub.add_parser("sweep", help="the run pipeline at several ratios",
+                                       epilog=SWEEP_EXAMPLES,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m fxprune.workflow.cli_args``."""
+    args = build_parser().parse_args(argv)
+    return main_run(args) if args.command == "run" else main_sweep(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,13 +49,7 @@ ALL = torchvision.models.list_models(module=torchvision.models)
 SLOW = [m for m in ALL if m not in DEFAULT]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # On a shared 2-core machine OpenMP's spinning made float64 depthwise convs ~30x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def proven(name: str, **kw: Any) -> Tuple[Dict[str, Any], torch.fx.GraphModule, List[fxprune.Group]]:

@@ -19,13 +19,7 @@ from fxprune.testing import assert_equivalent
 ALL = ["l1", "l2", "fpgm", "bn", "apoz", "taylor", "random"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Small(nn.Module):

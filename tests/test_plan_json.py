@@ -18,12 +18,7 @@ from fxprune.api import analyze_model
 from fxprune.plan import GroupPlan, fingerprint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 X32 = torch.randn(1, 3, 32, 32)

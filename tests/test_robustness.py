@@ -23,12 +23,7 @@ from fxprune.testing import assert_equivalent, masked_reference, randomize_norms
 from .zoo import GroupedConvNet, SharedConvNet, cbr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params(m: nn.Module) -> int:

@@ -417,7 +417,7 @@ class _Lifter:
             if node.op in ("get_attr", "call_module") and str(node.target) not in root:
                 # Layers the graph already calls as modules (a graph lifted before, or a traced
                 # one with a few ATen calls) are carried over as they are.
-                root[str(node.target)] = _fetch(gm, str(node.target))
+                root[str(node.target)] = operator.attrgetter(str(node.target))(gm)
         new_gm = torch.fx.GraphModule(root, graph, _class_name(gm))
         # Eval: lifted BatchNorms replay eval-mode ATen calls. Only the root's flag is set;
         # modules carried over are shared with the input and keep their own flags.
@@ -425,12 +425,6 @@ class _Lifter:
         new_gm.graph.lint()
         return new_gm
 
-
-def _fetch(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _class_name(gm: torch.fx.GraphModule) -> str:

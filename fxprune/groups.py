@@ -405,7 +405,7 @@ def tensor_users(gm: torch.fx.GraphModule) -> Dict[int, List[Tuple[str, str]]]:
         seen.add(node.target)
         target = str(node.target)
         try:
-            obj = gm.get_submodule(target) if node.op == "call_module" else _fetch_attr(gm, target)
+            obj = gm.get_submodule(target) if node.op == "call_module" else operator.attrgetter(target)(gm)
         except AttributeError:
             continue
         if isinstance(obj, torch.Tensor):
@@ -418,12 +418,6 @@ def tensor_users(gm: torch.fx.GraphModule) -> Dict[int, List[Tuple[str, str]]]:
                     users[id(t)].append(entry)
     return users
 
-
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # --------------------------------------------------------------------------- blocked groups

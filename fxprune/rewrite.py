@@ -12,6 +12,7 @@ the analysis made their owners keep the same channels, and the rewrite re-ties t
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -186,7 +187,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         if node.op not in ("call_module", "get_attr") or node.target in root:
             continue
         target = str(node.target)
-        original = _fetch(src, target)
+        original = operator.attrgetter(target)(src)
         slots = by_module.get(target, {})
         idx = {role: slot_indices(slot, kept) for role, slot in slots.items()}
         if any(i is not None for i in idx.values()):
@@ -269,8 +270,3 @@ def _locate(gm: nn.Module, target: str, attr: str) -> Tuple[nn.Module, str, torc
     return owner, name, getattr(owner, name)
 
 
-def _fetch(gm: torch.fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

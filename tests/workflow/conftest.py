@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fxprune.workflow.data import TensorImageDataset
 
@@ -14,12 +13,9 @@ from .helpers import synthetic_images, write_idx
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and it keeps timings stable on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every workflow test runs on one thread (tests/conftest.py's ``one_thread``): the tiny
+    models here run fastest that way, and timings stay stable on a shared machine."""
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -18,7 +18,7 @@ from .cost import count_macs, count_params
 from .errors import FxPruneError
 from .groups import Analysis, Group, analyze, select_channels
 from .importance import Criterion, ScoringOptions
-from .plan import GroupPlan, PruningPlan, check_ratio, make_plan
+from .plan import GroupPlan, PruningPlan, make_plan
 from .rewrite import rewrite
 from .trace import as_graph_module, propagate_shapes
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from typing import Any, Iterator, List, Optional
+from typing import Any, List, Optional
 
 import pytest
 import torch

@@ -76,9 +76,13 @@ def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union
                   strict: bool = False) -> Analysis:
     """Trace if needed and analyse a private copy of the graph (modules are shared, read-only)."""
     gm = as_graph_module(model)
-    # Our own graph (metadata goes on its nodes); submodules are shared and only read.
-    work = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
-    work.training = gm.training
+    if gm is model:
+        # The caller's graph: metadata goes on the nodes of our own copy. Submodules are
+        # shared and only read. A graph we traced ourselves is private already.
+        work = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+        work.training = gm.training
+    else:
+        work = gm
     inputs = _inputs(example_inputs)
     if inputs is not None:
         propagate_shapes(work, inputs)

@@ -2,7 +2,7 @@
 
 The input GraphModule is never touched. The new one gets a copy of the graph (with
 ``fxprune_*`` metadata on its nodes) and its own modules: sliced copies of pruned ones, deep
-copies of the rest. Afterwards the graph is linted and recompiled, each rebuilt module's
+copies of the rest. Afterwards the graph is compiled and linted, each rebuilt module's
 shapes are checked against the plan, and (given example inputs) shapes are propagated again.
 
 Tensors the source model shares between modules (tied weights) are shared again in the result:
@@ -51,11 +51,15 @@ def _sliced(t: Optional[torch.Tensor], dim: int, idx: Indices) -> Optional[torch
 
 
 def _sliced2(t: torch.Tensor, rows: Indices, cols: Indices) -> torch.Tensor:
-    """Keep ``rows`` on dim 0 and ``cols`` on dim 1 in one gather (one copy, not two)."""
+    """Keep ``rows`` on dim 0 and ``cols`` on dim 1.
+
+    Two ``index_select`` calls, not one advanced-indexing gather: measured on resnet152's
+    convs (one thread) the gather took 70 ms and the pair 31-41 ms, the extra copy included.
+    """
     t = t.detach()
     if rows is None or cols is None:
         return _sliced(t, 0, rows) if cols is None else _sliced(t, 1, cols)
-    return t[rows.to(t.device).unsqueeze(1), cols.to(t.device)]
+    return t.index_select(1, cols.to(t.device)).index_select(0, rows.to(t.device))
 
 
 def _copy_with(module: nn.Module, tensors: Dict[str, Optional[torch.Tensor]]) -> nn.Module:
@@ -130,16 +134,27 @@ def _batchnorm(bn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     return new
 
 
-def slot_indices(slot: Slot, kept: Dict[int, List[int]]) -> Indices:
-    """Kept positions of a module dimension, or None if none of its groups changed."""
+def slot_indices(slot: Slot, kept: Dict[int, List[int]], as_tensor: Optional[Dict[int, torch.Tensor]] = None) -> Indices:
+    """Kept positions of a module dimension, or None if none of its groups changed.
+
+    ``as_tensor`` caches each group's kept list as a tensor across calls (a group indexes
+    several modules; building the tensor from a list each time was a tenth of a rewrite).
+    """
     if all(len(kept[g]) == size for g, size in slot.segments):
         return None
+    cache = {} if as_tensor is None else as_tensor
     parts, offset = [], 0
     for g, size in slot.segments:
-        rows = (torch.tensor(kept[g], dtype=torch.long) + offset) * slot.block
-        parts.append((rows.unsqueeze(1) + torch.arange(slot.block)).flatten())
+        rows = cache.get(g)
+        if rows is None:
+            rows = cache[g] = torch.tensor(kept[g], dtype=torch.long)
+        if offset == 0 and slot.block == 1:
+            parts.append(rows)  # shared, read-only: callers only index with it
+        else:
+            shifted = (rows + offset) * slot.block
+            parts.append((shifted.unsqueeze(1) + torch.arange(slot.block)).flatten())
         offset += size
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _expected(slot: Slot, kept: Dict[int, List[int]]) -> int:
@@ -181,6 +196,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         by_module.setdefault(module, {})[role] = slot
 
     graph = copy.deepcopy(src.graph)
+    as_tensor: Dict[int, torch.Tensor] = {}
     root: Dict[str, Any] = {}
     changed: Dict[str, Dict[str, Slot]] = {}
     for node in graph.nodes:
@@ -189,7 +205,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         target = str(node.target)
         original = operator.attrgetter(target)(src)
         slots = by_module.get(target, {})
-        idx = {role: slot_indices(slot, kept) for role, slot in slots.items()}
+        idx = {role: slot_indices(slot, kept, as_tensor) for role, slot in slots.items()}
         if any(i is not None for i in idx.values()):
             builder = _BUILDERS.get(type(original))
             if builder is None:
@@ -205,11 +221,10 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         node.meta.pop("val", None)
         if "fxprune_groups" in node.meta:
             node.meta["fxprune_channels"] = sum(len(kept[g]) for g in node.meta["fxprune_groups"])
-    new = torch.fx.GraphModule(root, graph, src.__class__.__name__)
+    new = torch.fx.GraphModule(root, graph, src.__class__.__name__)  # compiles the code once
+    new.graph.lint()  # now owned by ``new``, so lint also checks every target exists
     _retie(src, new)
     new.train(src.training)
-    new.graph.lint()
-    new.recompile()
 
     for target, slots in changed.items():
         sizes = _dim_sizes(new.get_submodule(target))

@@ -224,6 +224,18 @@ def test_unknown_op_is_frozen_with_warning_naming_source_line() -> None:
     assert_equivalent(model, pruned, fxprune.plan(model, 0.5), (x,))
 
 
+def test_trace_records_the_user_frames_of_each_node_and_nothing_outside_the_forward() -> None:
+    traced = fxprune.trace(CumsumNet())  # this line is outside the traced forward
+    node = traced.graph.find_nodes(op="call_function", target=torch.cumsum)[0]
+    trace = node.stack_trace
+    assert trace.strip().endswith("torch.cumsum(y, dim=1)") and "zoo.py" in trace and "in forward" in trace
+    assert "test_core.py" not in trace  # the caller of trace() is not part of the model
+    assert "torch/fx" not in trace and "fxprune/trace.py" not in trace  # neither are fx's or ours
+    # The nested module calls record their own line (the Sequential's, inside torch, is skipped).
+    conv = traced.graph.find_nodes(op="call_module", target="a.0")[0]
+    assert "self.a(x)" in conv.stack_trace
+
+
 def test_strict_mode_raises_unsupported_node_error() -> None:
     traced = fxprune.trace(CumsumNet())
     with pytest.raises(fxprune.UnsupportedNodeError) as info:

@@ -391,3 +391,53 @@ def test_grouped_conv_blocks_keep_equal_counts_for_every_criterion(name):
             assert len(set(counts)) == 1 and len(keep) < 4 * per_block, (kwargs, key, counts)
         assert pruned.g.groups == 4
         assert_equivalent(m, pruned, p, (x,))
+
+
+# --------------------------------------------------------------------------- fast norms vs rows
+
+
+def _row_reference(analysis, group, p: float) -> torch.Tensor:
+    """The criterion's definition, computed the slow way: each member's rows, in float64."""
+    from fxprune.importance import member_rows
+
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        rows = member_rows(analysis.gm, group, m)
+        if rows is not None:
+            total += rows.double().abs().pow(p).sum(1)
+    return total if p == 1.0 else total.sqrt()
+
+
+def _norm_models():
+    from .zoo import ZOO, GroupedConvNet, LinearSENet, randomize_bn
+
+    torch.manual_seed(0)
+    yield "small", small(), None
+    yield "grouped", Grouped().eval(), None
+    yield "mlp", MLP().eval(), None
+    for name, (ctor, shape) in ZOO.items():
+        yield name, randomize_bn(ctor().eval()), None
+    yield "grouped_zoo", GroupedConvNet().eval(), None
+    yield "linear_se", LinearSENet().eval(), (torch.randn(2, 3, 16, 16),)  # its views need shapes
+    yield "resnet18", torchvision.models.resnet18().eval(), None
+    yield "mobilenet_v3_small", torchvision.models.mobilenet_v3_small().eval(), None
+    yield "half", small().half(), None
+
+
+@pytest.mark.parametrize("p, name", [(1.0, "l1"), (2.0, "l2")])
+def test_fast_norms_match_the_row_definition(p, name):
+    """Scores come from one pass per layer (both roles at once, scratch buffer, matrix-vector
+    product); they must equal the definition read off each member's rows, on every layout:
+    conv out/in, grouped and depthwise convs, flatten blocks, Linear, concat offsets, half."""
+    seen = 0
+    for label, model, inputs in _norm_models():
+        analysis = analyze_model(model, example_inputs=inputs)
+        groups = [g for g in analysis.groups if g.prunable]
+        fast = score_groups(analysis, name, groups)
+        for g in groups:
+            ref = _row_reference(analysis, g, p)
+            torch.testing.assert_close(fast[g.index].double(), ref, rtol=2e-5, atol=1e-6, msg=lambda m: f"{label} {g.key}: {m}")
+            # Outside score_groups (a one-off cache) the numbers are the same, bit for bit.
+            assert torch.equal(score(g, analysis.gm, name), fast[g.index])
+            seen += 1
+    assert seen > 50

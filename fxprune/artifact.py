@@ -129,10 +129,12 @@ def _check_plan_fits(pruned: nn.Module, plan: PruningPlan) -> None:
     modules = dict(pruned.named_modules())
     for g in plan.groups:
         layer = modules.get(g.key)
-        if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) and layer.weight.shape[0] != len(g.keep):
+        # out_channels, not weight.shape[0]: a transposed conv stores its outputs on dim 1.
+        outputs = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+        if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) and outputs != len(g.keep):
             raise ArtifactError(
                 f"the plan does not describe this model: group {g.key} keeps {len(g.keep)} of {g.size} channels "
-                f"but {g.key} has {layer.weight.shape[0]} outputs. Hint: pass the plan the model was pruned with")
+                f"but {g.key} has {outputs} outputs. Hint: pass the plan the model was pruned with")
 
 
 def _input_specs(pruned: nn.Module, example_inputs: Any) -> Optional[List[Dict[str, Any]]]:

@@ -11,7 +11,8 @@ This module holds the checks and the small amount of glue around them:
   args).module()`` returns is made of ATen ops on ``get_attr`` weights (no ``call_module``
   layers), which the rule table does not speak. ``from_exported`` lifts it back to the layer
   level (``aten.conv2d`` on ``layer1.0.conv1.weight`` -> a call of an ``nn.Conv2d`` named
-  ``layer1.0.conv1``; ``aten.relu_`` -> ``x.relu_()``; ...) so the pass can prune it, with
+  ``layer1.0.conv1``; ``aten.conv_transpose2d`` -> ``nn.ConvTranspose2d`` with the
+  ``output_padding`` export fixed; ``aten.relu_`` -> ``x.relu_()``; ...) so the pass can prune it, with
   the same module names, hence the same plan, as the original ``nn.Module``.
 
 >>> import torch, torchvision, fxprune
@@ -201,6 +202,10 @@ _CONVS = {
     aten.conv1d.default: nn.Conv1d, aten.conv2d.default: nn.Conv2d, aten.conv3d.default: nn.Conv3d,
     aten.conv1d.padding: nn.Conv1d, aten.conv2d.padding: nn.Conv2d, aten.conv3d.padding: nn.Conv3d,
 }
+_TRANSPOSED_CONVS = {
+    aten.conv_transpose1d.default: nn.ConvTranspose1d, aten.conv_transpose2d.input: nn.ConvTranspose2d,
+    aten.conv_transpose3d.input: nn.ConvTranspose3d,
+}
 _BATCHNORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 # Runtime checks torch.export inserts; they guard the original input spec and have no users.
 _DROPPED = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "_assert_async"}
@@ -255,6 +260,28 @@ class _Lifter:
         conv = cls(w.shape[1] * int(a["groups"]), w.shape[0], tuple(w.shape[2:]), stride=_pair(a["stride"], n),
                    padding=padding, dilation=_pair(a["dilation"], n), groups=int(a["groups"]),
                    bias=b is not None, device="meta")
+        conv.weight = w
+        if b is not None:
+            conv.bias = b if isinstance(b, nn.Parameter) else nn.Parameter(b, requires_grad=False)
+        self.modules[name] = conv
+        return name
+
+    def conv_transpose(self, node: torch.fx.Node) -> Optional[str]:
+        a = _bind(node)
+        weight, bias = a["weight"], a["bias"]
+        name = self._same_owner([(weight, "weight"), (bias, "bias")])
+        w = self._tensor(weight)
+        if name is None or not isinstance(w, nn.Parameter):
+            return None
+        b = self._tensor(bias) if bias is not None else None
+        n = w.dim() - 2
+        groups = int(a["groups"])
+        # Weight [Cin, Cout/G, *k]. Export fixed output_padding (from any output_size the
+        # forward was given), so calling the layer on its input alone reproduces the op.
+        conv = _TRANSPOSED_CONVS[node.target](
+            w.shape[0], w.shape[1] * groups, tuple(w.shape[2:]), stride=_pair(a["stride"], n),
+            padding=_pair(a["padding"], n), output_padding=_pair(a["output_padding"], n), groups=groups,
+            bias=b is not None, dilation=_pair(a["dilation"], n), device="meta")
         conv.weight = w
         if b is not None:
             conv.bias = b if isinstance(b, nn.Parameter) else nn.Parameter(b, requires_grad=False)
@@ -345,6 +372,8 @@ class _Lifter:
             name = None
             if node.target in _CONVS:
                 name = self.conv(node)
+            elif node.target in _TRANSPOSED_CONVS:
+                name = self.conv_transpose(node)
             elif node.target is aten.linear.default:
                 name = self.linear(node)
             elif node.target in _BATCHNORMS:

@@ -158,6 +158,16 @@ def _grouped_inputs(w: torch.Tensor, groups: int) -> torch.Tensor:
     return rows.reshape(groups * w.shape[1], -1)
 
 
+@register_weights(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _transposed_layer(module: nn.Module, role: str) -> Optional[torch.Tensor]:
+    # Stored [Cin, Cout/G, *k]: inputs on dim 0. Only groups == 1 and depthwise reach here
+    # (other grouped ones are frozen), and a depthwise one's channels are dim 0 as well.
+    w = module.weight.detach()
+    if role == "in" or module.groups > 1:
+        return w
+    return w.transpose(0, 1)
+
+
 @register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     w = getattr(module, "weight", None)
@@ -554,19 +564,26 @@ _ROLE_PARAMS: Dict[str, Tuple[Tuple[str, int], ...]] = {
     "in": (("weight", 1),),
     "channelwise": (("weight", 0), ("bias", 0)),
 }
+# Transposed convs store their weight [Cin, Cout/G, *k]: the two roles swap weight dims.
+_TRANSPOSED_ROLE_PARAMS: Dict[str, Tuple[Tuple[str, int], ...]] = {
+    "out": (("weight", 1), ("bias", 0)),
+    "in": (("weight", 0),),
+    "channelwise": (("weight", 0), ("bias", 0)),
+}
 
 
 def _member_products(module: nn.Module, group: Group, member: Member) -> Optional[torch.Tensor]:
     """``sum of weight * grad`` per channel over the member's parameters (signed), or None."""
     total = None
-    for name, dim in _ROLE_PARAMS[member.role]:
+    table = _TRANSPOSED_ROLE_PARAMS if isinstance(module, nn.modules.conv._ConvTransposeNd) else _ROLE_PARAMS
+    for name, dim in table[member.role]:
         p = getattr(module, name, None)
         if not isinstance(p, torch.Tensor) or p.grad is None:
             continue
         if p.dim() == 1:
             dim = 0
         prod = p.detach() * p.grad.detach()
-        if member.role == "in" and getattr(module, "groups", 1) > 1:
+        if member.role == "in" and getattr(module, "groups", 1) > 1 and table is _ROLE_PARAMS:
             prod = _grouped_inputs(prod, module.groups)  # grouped conv: inputs are not dim 1
         else:
             prod = prod.movedim(dim, 0)

@@ -418,6 +418,38 @@ def _grouped_conv(ctx: RuleContext, node: torch.fx.Node, conv: nn.modules.conv._
     return out
 
 
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_transpose(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """A transposed conv: the same channel roles as a conv, its weight stored ``[Cin, Cout/G, *k]``.
+
+    Which weight dim a role indexes is the rewrite's business (and the scores'); here the
+    layer reads its input's channels and produces a new group of ``out_channels``. A
+    depthwise one (groups = Cin = Cout) is per-channel, like a depthwise conv. Other grouped
+    transposed convs are left whole (frozen with a reason): no test model needs them yet.
+    """
+    conv = ctx.module(node)
+    assert isinstance(conv, nn.modules.conv._ConvTransposeNd)
+    spatial = len(conv.kernel_size)
+    inp = _first_layout(ctx, node)
+    rank = _conv_rank(ctx, node, spatial, inp)
+    dim = -(spatial + 1)
+    if inp is not None and (inp.dim != dim or inp.block != 1 or inp.channels != conv.in_channels):
+        ctx.unsupported(node, "transposed convolution input whose channel dim does not match the layer")
+        return None
+    if conv.groups == 1:
+        if inp is not None:
+            ctx.member(node, "in", inp)
+        out = ctx.produce(node, conv.out_channels, dim, rank)
+        ctx.member(node, "out", out)
+        return out
+    if conv.groups == conv.in_channels == conv.out_channels and inp is not None:
+        ctx.member(node, "channelwise", inp)
+        return replace(inp, rank=rank)
+    out = ctx.produce(node, conv.out_channels, dim, rank)
+    ctx.freeze(node, [inp, out], f"grouped transposed convolution {node.target} (groups={conv.groups})")
+    return out
+
+
 # --------------------------------------------------------------------------- linear
 
 

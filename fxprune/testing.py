@@ -81,6 +81,18 @@ def _mask_conv(conv: nn.Module, role: str, removed: torch.Tensor) -> None:
         conv.weight[g * cout_g : (g + 1) * cout_g, i % cin_g] = 0
 
 
+@register_mask(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _mask_conv_transpose(conv: nn.Module, role: str, removed: torch.Tensor) -> None:
+    # Weight [Cin, Cout/G, *k]: an input is a row, an output a column (plus its bias).
+    if role == "out":
+        _zero_along(conv.weight, 1, removed)
+        _zero_along(conv.bias, 0, removed)
+    else:  # "in", or "channelwise" for a depthwise one (weight [C, 1, *k])
+        _zero_along(conv.weight, 0, removed)
+        if role == "channelwise":
+            _zero_along(conv.bias, 0, removed)
+
+
 @register_mask(nn.Linear)
 def _mask_linear(lin: nn.Module, role: str, removed: torch.Tensor) -> None:
     _default_mask(lin, role, removed)

@@ -163,6 +163,46 @@ def test_exported_mobilenet_v3_with_inplace_ops_and_se() -> None:
     assert_equivalent(lifted, fxprune.apply(lifted, plan), plan, (X,))
 
 
+def test_exported_transposed_convs_lift_with_their_output_padding() -> None:
+    from fxprune.testing import randomize_norms
+
+    from .zoo import TinyUNet
+
+    torch.manual_seed(0)
+    model = randomize_norms(TinyUNet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    lifted = from_exported(torch.export.export(model, (x,)))
+    up = lifted.get_submodule("up")
+    # forward passed output_size; export fixed it as output_padding, which the layer now holds.
+    assert isinstance(up, nn.ConvTranspose2d) and up.output_padding == (0, 0) and up.stride == (2, 2)
+    assert isinstance(lifted.get_submodule("grouped_up"), nn.ConvTranspose2d) and lifted.grouped_up.groups == 2
+    with torch.no_grad():
+        assert torch.equal(lifted(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        plan = fxprune.plan(lifted, 0.5)
+    assert [(g.key, g.keep) for g in plan.groups] == [(g.key, g.keep) for g in fxprune.plan(model, 0.5).groups]
+    assert_equivalent(lifted, fxprune.apply(lifted, plan), plan, (x,))
+
+    class OddUp(nn.Module):  # 16 -> 8 -> 16 needs output_padding=1 from output_size
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.up(torch.relu(self.a(x)), output_size=x.shape)))
+
+    odd = OddUp().eval()
+    lifted = from_exported(torch.export.export(odd, (x,)))
+    assert lifted.up.output_padding == (1, 1)
+    with torch.no_grad():
+        assert torch.equal(lifted(x), odd(x))
+    plan = fxprune.plan(lifted, 0.5)
+    assert_equivalent(lifted, fxprune.apply(lifted, plan), plan, (x,))
+
+
 def test_prune_accepts_an_exported_module_directly() -> None:
     # Needs fxprune.trace.as_graph_module to route ATen graphs through from_exported.
     model = _bn_stats(torchvision.models.resnet18())

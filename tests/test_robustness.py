@@ -20,7 +20,7 @@ from fxprune.groups import Group, check_balanced, fit_count, select_channels
 from fxprune.rewrite import register_builder
 from fxprune.testing import assert_equivalent, masked_reference, randomize_norms, register_mask
 
-from .zoo import GroupedConvNet, SharedConvNet, cbr
+from .zoo import GroupedConvNet, SharedConvNet, TinyUNet, cbr
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -763,3 +763,88 @@ def test_shared_modules_keep_one_channel_set(model_cls: type, ratio: float) -> N
     if model_cls is SharedTwoInputs:
         g = group_of(model, "a.0")
         assert "b.0" in g.modules("out") and "shared" in g.modules("in")
+
+
+# =========================================================================== transposed convolutions
+
+
+class Transposed1d3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(2, 8, 3, padding=1)
+        self.up1 = nn.ConvTranspose1d(8, 6, 2, stride=2, bias=False)
+        self.b = nn.Conv1d(6, 3, 1)
+        self.c = nn.Conv3d(2, 8, 1)
+        self.up3 = nn.ConvTranspose3d(8, 4, 2, stride=2)
+        self.d = nn.Conv3d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> Any:
+        y = self.b(torch.relu(self.up1(torch.relu(self.a(x)))))
+        z = self.d(torch.relu(self.up3(torch.relu(self.c(v)))))
+        return y, z
+
+
+def test_transposed_convs_prune_both_sides_and_match_the_masked_reference() -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(TinyUNet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)  # every op here has a rule
+        for ratio in (0.25, 0.5, 0.75):
+            for shapes in (True, False):
+                pruned = prove(model, ratio, x, shapes=shapes)
+                assert params(pruned) < params(model)
+    pruned = prove(model, 0.5, x)
+    assert pruned.up.in_channels == 8 and pruned.up.out_channels == 6  # both weight dims shrank
+    assert pruned.up.weight.shape[:2] == (8, 6) and pruned.up.bias.shape == (6,)
+    assert pruned.dw_up.groups == pruned.dw_up.in_channels == pruned.dw_up.out_channels == 10  # 6 + 4 kept
+    assert pruned.grouped_up.weight.shape == model.grouped_up.weight.shape  # frozen whole
+    assert "grouped transposed convolution grouped_up (groups=2)" in reasons(model)
+    # The group `up` produces runs through its BatchNorm and, at offset 0, into the concat.
+    g = group_of(model, "up")
+    assert {"up_bn", "dw_up"} <= set(g.modules("channelwise")) and "dec.0" in g.modules("in")
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "fpgm", "taylor", "apoz", "random"])
+def test_transposed_convs_under_every_criterion(importance: str) -> None:
+    torch.manual_seed(1)
+    model = randomize_norms(TinyUNet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    calib = [(torch.randn(2, 3, 16, 16), torch.randn(2, 2, 16, 16))]
+    kw: dict = {"importance": importance}
+    if importance in ("taylor", "apoz"):
+        kw.update(calibration=calib, loss_fn=lambda out, y: F.mse_loss(out, y))
+    prove(model, 0.5, x, **kw)
+
+
+def test_transposed_conv_scores_read_the_right_weight_dims() -> None:
+    torch.manual_seed(2)
+    model = TinyUNet().eval()
+    with torch.no_grad():
+        model.up.weight[:, 3] = 0  # output channel 3 of `up` is dead (dim 1 of its weight)
+        model.up.bias[3] = 0
+        model.up_bn.weight[3] = 0
+        model.dw_up.weight[3] = 0
+        model.dec[0].weight[:, 3] = 0
+    keep = fxprune.plan(model, 1 / 12).keep("up")
+    assert 3 not in keep and len(keep) == 11
+
+
+def test_transposed_convs_in_1d_and_3d() -> None:
+    torch.manual_seed(3)
+    model = Transposed1d3d().eval()
+    x, v = torch.randn(2, 2, 5), torch.randn(2, 2, 3, 3, 3)
+    plan = fxprune.plan(model, 0.5)
+    pruned = fxprune.apply(model, plan)
+    assert pruned.up1.weight.shape == (4, 3, 2) and pruned.up3.weight.shape == (4, 2, 2, 2, 2)
+    assert_equivalent(model, pruned, plan, (x, v))
+
+
+def test_a_pruned_transposed_conv_saves_and_loads(tmp_path: Any) -> None:
+    torch.manual_seed(4)
+    model = randomize_norms(TinyUNet()).eval()
+    pruned = fxprune.prune(model, 0.5)
+    fxprune.save(pruned, tmp_path / "unet")
+    loaded = fxprune.load(tmp_path / "unet", model=TinyUNet())
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), pruned(x))

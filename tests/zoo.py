@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ConcatNet", "InvertedResidualNet", "FlattenHead", "SENet", "LinearSENet", "FunctionalNet",
-    "CumsumNet", "GroupedConvNet", "MLPNet", "SharedConvNet", "randomize_bn", "ZOO",
+    "CumsumNet", "GroupedConvNet", "MLPNet", "SharedConvNet", "TinyUNet", "randomize_bn", "ZOO",
 ]
 
 
@@ -239,6 +239,32 @@ class SharedConvNet(nn.Module):
         return self.out(y).mean((2, 3))
 
 
+class TinyUNet(nn.Module):
+    """Encoder, a stride-2 transposed conv up, a skip concatenation, and a decoder head.
+
+    The up-sampling layer reads the bottleneck group on its weight's dim 0 and produces a new
+    group on dim 1; the concat feeds a conv with offsets; a depthwise transposed conv is
+    per-channel; a grouped one is left whole.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = cbr(3, 8)
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 12, 4, stride=2, padding=1)
+        self.up_bn = nn.BatchNorm2d(12)
+        self.dw_up = nn.ConvTranspose2d(20, 20, 3, padding=1, groups=20)
+        self.dec = cbr(20, 10)
+        self.grouped_up = nn.ConvTranspose2d(10, 6, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.enc(x)
+        u = F.relu(self.up_bn(self.up(self.down(e), output_size=e.shape)))
+        y = self.dec(self.dw_up(torch.cat([u, e], dim=1)))
+        return self.head(self.grouped_up(y))
+
+
 # name -> (constructor, input shape)
 ZOO = {
     "concat": (ConcatNet, (2, 3, 16, 16)),
@@ -248,4 +274,5 @@ ZOO = {
     "functional": (FunctionalNet, (2, 3, 16, 16)),
     "mlp": (MLPNet, (3, 20)),
     "shared": (SharedConvNet, (2, 3, 12, 12)),
+    "unet": (TinyUNet, (2, 3, 16, 16)),
 }

@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import FxPruneError, FxPruneWarning
 from .groups import Analysis, Group
+from .rules import role_tensors
 
 __all__ = [
     "Policy",
@@ -262,10 +263,6 @@ class _FlopRecorder(torch.fx.Interpreter):
         return out
 
 
-# Which parameters a slot role indexes (the same table the rewrite slices by).
-_ROLE_PARAMS: Dict[str, Tuple[str, ...]] = {"out": ("weight", "bias"), "in": ("weight",), "channelwise": ("weight", "bias")}
-
-
 class CostModel:
     """Predicts the MACs and parameters left after pruning, from keep counts alone.
 
@@ -291,11 +288,12 @@ class CostModel:
             by_module.setdefault(module, {})[role] = slot
         for module_name, slots in by_module.items():
             module = gm.get_submodule(module_name)
+            indexed = {role: {name for name, _ in pairs} for role, pairs in role_tensors(module).items()}
             for pname in ("weight", "bias"):
                 p = getattr(module, pname, None)
                 if not isinstance(p, torch.Tensor):
                     continue
-                segs = [slot.segments for role, slot in slots.items() if pname in _ROLE_PARAMS.get(role, ())]
+                segs = [slot.segments for role, slot in slots.items() if pname in indexed.get(role, ())]
                 if segs:
                     self._param_terms.append((p.numel(), segs))
         self.base_macs: Optional[int] = None

@@ -253,35 +253,19 @@ class _Lifter:
         if name is None or not isinstance(w, nn.Parameter):
             return None
         b = self._tensor(bias) if bias is not None else None
-        cls = _CONVS[node.target]
-        n = w.dim() - 2
+        n, groups = w.dim() - 2, int(a["groups"])
         padding = a["padding"] if isinstance(a["padding"], str) else _pair(a["padding"], n)
+        common = dict(stride=_pair(a["stride"], n), padding=padding, dilation=_pair(a["dilation"], n), groups=groups,
+                      bias=b is not None, device="meta")
         # Built on the meta device (no init cost), then given the exported module's own tensors.
-        conv = cls(w.shape[1] * int(a["groups"]), w.shape[0], tuple(w.shape[2:]), stride=_pair(a["stride"], n),
-                   padding=padding, dilation=_pair(a["dilation"], n), groups=int(a["groups"]),
-                   bias=b is not None, device="meta")
-        conv.weight = w
-        if b is not None:
-            conv.bias = b if isinstance(b, nn.Parameter) else nn.Parameter(b, requires_grad=False)
-        self.modules[name] = conv
-        return name
-
-    def conv_transpose(self, node: torch.fx.Node) -> Optional[str]:
-        a = _bind(node)
-        weight, bias = a["weight"], a["bias"]
-        name = self._same_owner([(weight, "weight"), (bias, "bias")])
-        w = self._tensor(weight)
-        if name is None or not isinstance(w, nn.Parameter):
-            return None
-        b = self._tensor(bias) if bias is not None else None
-        n = w.dim() - 2
-        groups = int(a["groups"])
-        # Weight [Cin, Cout/G, *k]. Export fixed output_padding (from any output_size the
-        # forward was given), so calling the layer on its input alone reproduces the op.
-        conv = _TRANSPOSED_CONVS[node.target](
-            w.shape[0], w.shape[1] * groups, tuple(w.shape[2:]), stride=_pair(a["stride"], n),
-            padding=_pair(a["padding"], n), output_padding=_pair(a["output_padding"], n), groups=groups,
-            bias=b is not None, dilation=_pair(a["dilation"], n), device="meta")
+        if node.target in _TRANSPOSED_CONVS:
+            # Weight [Cin, Cout/G, *k]. Export fixed output_padding (from any output_size the
+            # forward was given), so calling the layer on its input alone reproduces the op.
+            conv: nn.Module = _TRANSPOSED_CONVS[node.target](
+                w.shape[0], w.shape[1] * groups, tuple(w.shape[2:]), output_padding=_pair(a["output_padding"], n),
+                **common)
+        else:
+            conv = _CONVS[node.target](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), **common)
         conv.weight = w
         if b is not None:
             conv.bias = b if isinstance(b, nn.Parameter) else nn.Parameter(b, requires_grad=False)
@@ -370,10 +354,8 @@ class _Lifter:
             if node.op != "call_function":
                 continue
             name = None
-            if node.target in _CONVS:
+            if node.target in _CONVS or node.target in _TRANSPOSED_CONVS:
                 name = self.conv(node)
-            elif node.target in _TRANSPOSED_CONVS:
-                name = self.conv_transpose(node)
             elif node.target is aten.linear.default:
                 name = self.linear(node)
             elif node.target in _BATCHNORMS:

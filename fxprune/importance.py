@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .errors import FxPruneError
 from .groups import Analysis, Group, Member
+from .rules import role_tensors
 
 __all__ = [
     "Criterion",
@@ -225,7 +226,7 @@ class _NormCache:
                 torch.abs(rows, out=powered)
                 if p != 1.0:
                     powered.pow_(p)
-        else:  # half/bfloat16/double: sum in float32 like the other path
+        else:  # double: sum in float32 like the other path (member_norms upcasts half already)
             powered = rows.float().abs().pow_(p)
         out_norms = powered.sum(1)
         ones = torch.ones(rows.shape[0], dtype=powered.dtype, device=powered.device)
@@ -256,15 +257,12 @@ def member_norms(gm: torch.fx.GraphModule, group: Group, member: Member, p: floa
     pos_dim = 1 if member.role == "in" else 0
     if member.role == "in" and getattr(module, "groups", 1) > 1:
         w, pos_dim = view(module, "in"), 0  # grouped conv: inputs are not weight dim 1
-    elif view is _weighted_layer and w.dim() >= 2 and getattr(module, "groups", 1) == 1:
-        # Outside score_groups a one-off cache gives the same numbers, computed the same way.
-        cache = _CACHE.get() or _NormCache()
-        per_pos = cache.roles(module, w, p)[pos_dim]
-        start = member.offset * member.block
-        return per_pos[start : start + group.size * member.block].reshape(group.size, -1).sum(1).float()
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()  # squares of half weights lose digits; every path sums in float32
-    if w.dim() == 1:
+    if view is _weighted_layer and w.dim() >= 2 and getattr(module, "groups", 1) == 1:
+        # Outside score_groups a one-off cache gives the same numbers, computed the same way.
+        per_pos = (_CACHE.get() or _NormCache()).roles(module, w, p)[pos_dim]
+    elif w.dim() == 1:
         per_pos = w.abs().pow(p)
     else:
         dims = [d for d in range(w.dim()) if d != pos_dim]
@@ -558,33 +556,19 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
     return out
 
 
-# Which parameters of a member index the group's channels, and along which dim.
-_ROLE_PARAMS: Dict[str, Tuple[Tuple[str, int], ...]] = {
-    "out": (("weight", 0), ("bias", 0)),
-    "in": (("weight", 1),),
-    "channelwise": (("weight", 0), ("bias", 0)),
-}
-# Transposed convs store their weight [Cin, Cout/G, *k]: the two roles swap weight dims.
-_TRANSPOSED_ROLE_PARAMS: Dict[str, Tuple[Tuple[str, int], ...]] = {
-    "out": (("weight", 1), ("bias", 0)),
-    "in": (("weight", 0),),
-    "channelwise": (("weight", 0), ("bias", 0)),
-}
-
-
 def _member_products(module: nn.Module, group: Group, member: Member) -> Optional[torch.Tensor]:
     """``sum of weight * grad`` per channel over the member's parameters (signed), or None."""
     total = None
-    table = _TRANSPOSED_ROLE_PARAMS if isinstance(module, nn.modules.conv._ConvTransposeNd) else _ROLE_PARAMS
-    for name, dim in table[member.role]:
+    for name, dim in role_tensors(module)[member.role]:
         p = getattr(module, name, None)
         if not isinstance(p, torch.Tensor) or p.grad is None:
             continue
         if p.dim() == 1:
             dim = 0
         prod = p.detach() * p.grad.detach()
-        if member.role == "in" and getattr(module, "groups", 1) > 1 and table is _ROLE_PARAMS:
-            prod = _grouped_inputs(prod, module.groups)  # grouped conv: inputs are not dim 1
+        if member.role == "in" and getattr(module, "groups", 1) > 1:
+            # A grouped conv: inputs are not dim 1. (Grouped transposed convs are frozen.)
+            prod = _grouped_inputs(prod, module.groups)
         else:
             prod = prod.movedim(dim, 0)
         start = member.offset * member.block

@@ -77,20 +77,27 @@ def _copy_with(module: nn.Module, tensors: Dict[str, Optional[torch.Tensor]]) ->
     return copy.deepcopy(module, memo)
 
 
-@register_builder(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+@register_builder(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def _conv(conv: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     assert isinstance(conv, nn.modules.conv._ConvNd)
-    if "channelwise" in idx:  # depthwise
+    if "channelwise" in idx:  # depthwise: weight [C, 1, *k] for both kinds, channel c on row c
         keep = idx["channelwise"]
         new = _copy_with(conv, {"weight": _sliced(conv.weight, 0, keep), "bias": _sliced(conv.bias, 0, keep)})
         n = conv.out_channels if keep is None else len(keep)
         new.in_channels = new.out_channels = new.groups = n
         return new
     out_idx, in_idx = idx.get("out"), idx.get("in")
-    w = _sliced2(conv.weight, out_idx, in_idx) if conv.groups == 1 else _grouped_weight(conv, out_idx, in_idx)
+    if conv.transposed:
+        # Weight [Cin, Cout/G, *k]: inputs are rows, outputs columns (the reverse of a conv).
+        if conv.groups != 1:
+            raise FxPruneError(f"internal error: grouped transposed convolution {type(conv).__name__} is never pruned")
+        w = _sliced2(conv.weight, in_idx, out_idx)
+        in_channels, out_channels = w.shape[0], w.shape[1]
+    else:
+        w = _sliced2(conv.weight, out_idx, in_idx) if conv.groups == 1 else _grouped_weight(conv, out_idx, in_idx)
+        in_channels, out_channels = w.shape[1] * conv.groups, w.shape[0]
     new = _copy_with(conv, {"weight": w, "bias": _sliced(conv.bias, 0, out_idx)})
-    new.out_channels = w.shape[0]
-    new.in_channels = w.shape[1] * conv.groups
+    new.in_channels, new.out_channels = in_channels, out_channels
     return new
 
 
@@ -114,25 +121,6 @@ def _grouped_weight(conv: nn.modules.conv._ConvNd, out_idx: Indices, in_idx: Ind
     cols = (cols_in % cin_g).view(groups, -1)  # kept local columns of each conv group
     row_cols = cols[rows // cout_g]  # [kept rows, kept columns per group]
     return w[rows.to(w.device).unsqueeze(1), row_cols.to(w.device)]
-
-
-@register_builder(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def _conv_transpose(conv: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
-    # Weight [Cin, Cout/G, *k]: inputs are rows, outputs columns (the reverse of a conv).
-    assert isinstance(conv, nn.modules.conv._ConvTransposeNd)
-    if "channelwise" in idx:  # depthwise: weight [C, 1, *k], channel c on row c
-        keep = idx["channelwise"]
-        new = _copy_with(conv, {"weight": _sliced(conv.weight, 0, keep), "bias": _sliced(conv.bias, 0, keep)})
-        n = conv.out_channels if keep is None else len(keep)
-        new.in_channels = new.out_channels = new.groups = n
-        return new
-    if conv.groups != 1:
-        raise FxPruneError(f"internal error: grouped transposed convolution {type(conv).__name__} is never pruned")
-    out_idx, in_idx = idx.get("out"), idx.get("in")
-    w = _sliced2(conv.weight, in_idx, out_idx)
-    new = _copy_with(conv, {"weight": w, "bias": _sliced(conv.bias, 0, out_idx)})
-    new.in_channels, new.out_channels = w.shape[0], w.shape[1]
-    return new
 
 
 @register_builder(nn.Linear)
@@ -182,12 +170,11 @@ def _expected(slot: Slot, kept: Dict[int, List[int]]) -> int:
 
 def _dim_sizes(module: nn.Module) -> Dict[str, int]:
     """The size of the dimension each role indexes, read back from the built module."""
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # a _ConvNd too: test it first
-        return {"out": module.weight.shape[1] * module.groups, "in": module.weight.shape[0],
-                "channelwise": module.weight.shape[0]}
     if isinstance(module, nn.modules.conv._ConvNd):
-        return {"out": module.weight.shape[0], "in": module.weight.shape[1] * module.groups,
-                "channelwise": module.weight.shape[0]}
+        # A transposed conv stores [Cin, Cout/G, *k]; a conv [Cout, Cin/G, *k].
+        rows, cols = module.weight.shape[0], module.weight.shape[1] * module.groups
+        out, inp = (cols, rows) if module.transposed else (rows, cols)
+        return {"out": out, "in": inp, "channelwise": rows}
     if isinstance(module, nn.Linear):
         return {"out": module.weight.shape[0], "in": module.weight.shape[1]}
     if isinstance(module, nn.modules.batchnorm._NormBase):

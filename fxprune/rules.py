@@ -40,6 +40,7 @@ __all__ = [
     "register_rule",
     "lookup_rule",
     "no_channels",
+    "role_tensors",
     "ELEMENTWISE_MODULES",
 ]
 
@@ -368,8 +369,34 @@ def _conv_rank(ctx: RuleContext, node: torch.fx.Node, spatial: int, inp: Optiona
     return spatial + 2  # batched input is the norm; example_inputs let ShapeProp confirm it
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Which tensors of a layer each slot role indexes, and along which dim. Scores, the masked
+# reference and the cost model read it through role_tensors(); the rewrite's builders slice
+# the same dims.
+_ROLE_TENSORS: Dict[str, Tuple[Tuple[str, int], ...]] = {
+    "out": (("weight", 0), ("bias", 0)),
+    "in": (("weight", 1),),
+    "channelwise": (("weight", 0), ("bias", 0)),
+}
+# A transposed conv stores its weight [Cin, Cout/G, *k]: "out" and "in" swap weight dims.
+_TRANSPOSED_ROLE_TENSORS: Dict[str, Tuple[Tuple[str, int], ...]] = {
+    "out": (("weight", 1), ("bias", 0)),
+    "in": (("weight", 0),),
+    "channelwise": (("weight", 0), ("bias", 0)),
+}
+
+
+def role_tensors(module: nn.Module) -> Dict[str, Tuple[Tuple[str, int], ...]]:
+    """``{role: ((tensor name, dim), ...)}``: where each role's positions sit in ``module``."""
+    return _TRANSPOSED_ROLE_TENSORS if isinstance(module, nn.modules.conv._ConvTransposeNd) else _ROLE_TENSORS
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def _conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """A conv or transposed conv: reads its input's channels, produces ``out_channels``.
+
+    The two kinds have the same channel roles; which weight dim a role indexes (a transposed
+    conv stores ``[Cin, Cout/G, *k]``) is the rewrite's and the scores' business.
+    """
     conv = ctx.module(node)
     assert isinstance(conv, nn.modules.conv._ConvNd)
     spatial = len(conv.kernel_size)
@@ -390,6 +417,11 @@ def _conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         # is a per-channel op and its channels belong to the input's groups.
         ctx.member(node, "channelwise", inp)
         return replace(inp, rank=rank)
+    if conv.transposed:
+        # Not modelled (no model we test has one): left whole, with the reason.
+        out = ctx.produce(node, conv.out_channels, dim, rank)
+        ctx.freeze(node, [inp, out], f"grouped transposed convolution {node.target} (groups={conv.groups})")
+        return out
     return _grouped_conv(ctx, node, conv, inp, dim, rank)
 
 
@@ -415,38 +447,6 @@ def _grouped_conv(ctx: RuleContext, node: torch.fx.Node, conv: nn.modules.conv._
             # Blocks spanning several groups would tie their counts together: not modelled.
             ctx.freeze(node, [inp], f"{what} reads a concatenation of {len(inp.groups)} groups")
         ctx.member(node, "in", inp)
-    return out
-
-
-@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def _conv_transpose(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
-    """A transposed conv: the same channel roles as a conv, its weight stored ``[Cin, Cout/G, *k]``.
-
-    Which weight dim a role indexes is the rewrite's business (and the scores'); here the
-    layer reads its input's channels and produces a new group of ``out_channels``. A
-    depthwise one (groups = Cin = Cout) is per-channel, like a depthwise conv. Other grouped
-    transposed convs are left whole (frozen with a reason): no test model needs them yet.
-    """
-    conv = ctx.module(node)
-    assert isinstance(conv, nn.modules.conv._ConvTransposeNd)
-    spatial = len(conv.kernel_size)
-    inp = _first_layout(ctx, node)
-    rank = _conv_rank(ctx, node, spatial, inp)
-    dim = -(spatial + 1)
-    if inp is not None and (inp.dim != dim or inp.block != 1 or inp.channels != conv.in_channels):
-        ctx.unsupported(node, "transposed convolution input whose channel dim does not match the layer")
-        return None
-    if conv.groups == 1:
-        if inp is not None:
-            ctx.member(node, "in", inp)
-        out = ctx.produce(node, conv.out_channels, dim, rank)
-        ctx.member(node, "out", out)
-        return out
-    if conv.groups == conv.in_channels == conv.out_channels and inp is not None:
-        ctx.member(node, "channelwise", inp)
-        return replace(inp, rank=rank)
-    out = ctx.produce(node, conv.out_channels, dim, rank)
-    ctx.freeze(node, [inp, out], f"grouped transposed convolution {node.target} (groups={conv.groups})")
     return out
 
 

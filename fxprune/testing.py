@@ -7,14 +7,14 @@ same function, so a correct rewrite matches the masked model up to float roundin
 
 How a role's positions map onto a module's tensors is a table, :func:`register_mask`, per
 module type; a module type without an entry falls back to ``weight``/``bias`` along the dims
-of ``_ROLE_TENSORS`` (right for most layers; register a mask for a custom module with other
-per-channel tensors).
+:func:`fxprune.rules.role_tensors` gives (right for most layers, transposed convs included;
+register a mask for a custom module with other per-channel tensors).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.fx
@@ -23,16 +23,10 @@ import torch.nn as nn
 from .api import ModelLike, analyze_model
 from .plan import PruningPlan, resolve
 from .rewrite import slot_indices
+from .rules import role_tensors
 from .trace import as_graph_module
 
 __all__ = ["masked_reference", "assert_equivalent", "register_mask", "randomize_norms", "Mask"]
-
-# Which tensors each role indexes, and along which dim (the fallback for unregistered types).
-_ROLE_TENSORS: Dict[str, Sequence[Tuple[str, int]]] = {
-    "out": (("weight", 0), ("bias", 0)),
-    "in": (("weight", 1),),
-    "channelwise": (("weight", 0), ("bias", 0)),
-}
 
 Mask = Callable[[nn.Module, str, torch.Tensor], None]
 _MASKS: Dict[type, Mask] = {}
@@ -62,7 +56,7 @@ def _zero_along(t: Optional[torch.Tensor], dim: int, removed: torch.Tensor) -> N
 
 
 def _default_mask(module: nn.Module, role: str, removed: torch.Tensor) -> None:
-    for name, dim in _ROLE_TENSORS[role]:
+    for name, dim in role_tensors(module)[role]:
         t = getattr(module, name, None)
         if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == removed.numel():
             _zero_along(t, dim, removed)
@@ -79,18 +73,6 @@ def _mask_conv(conv: nn.Module, role: str, removed: torch.Tensor) -> None:
     for i in torch.nonzero(removed).flatten().tolist():
         g = i // cin_g
         conv.weight[g * cout_g : (g + 1) * cout_g, i % cin_g] = 0
-
-
-@register_mask(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def _mask_conv_transpose(conv: nn.Module, role: str, removed: torch.Tensor) -> None:
-    # Weight [Cin, Cout/G, *k]: an input is a row, an output a column (plus its bias).
-    if role == "out":
-        _zero_along(conv.weight, 1, removed)
-        _zero_along(conv.bias, 0, removed)
-    else:  # "in", or "channelwise" for a depthwise one (weight [C, 1, *k])
-        _zero_along(conv.weight, 0, removed)
-        if role == "channelwise":
-            _zero_along(conv.bias, 0, removed)
 
 
 @register_mask(nn.Linear)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.groups import Group, check_balanced, fit_count, select_channels
+from fxprune.importance import ScoringOptions, score_groups
 from fxprune.rewrite import register_builder
 from fxprune.testing import assert_equivalent, masked_reference, randomize_norms, register_mask
 
@@ -817,17 +818,46 @@ def test_transposed_convs_under_every_criterion(importance: str) -> None:
     prove(model, 0.5, x, **kw)
 
 
-def test_transposed_conv_scores_read_the_right_weight_dims() -> None:
+@pytest.mark.parametrize("importance", ["l1", "l2", "taylor"])
+def test_transposed_conv_scores_read_the_right_weight_dims(importance: str) -> None:
     torch.manual_seed(2)
     model = TinyUNet().eval()
     with torch.no_grad():
         model.up.weight[:, 3] = 0  # output channel 3 of `up` is dead (dim 1 of its weight)
         model.up.bias[3] = 0
         model.up_bn.weight[3] = 0
+        model.up_bn.bias[3] = 0  # so its output is exactly 0 and Taylor's w * grad is 0 too
         model.dw_up.weight[3] = 0
+        model.dw_up.bias[3] = 0
         model.dec[0].weight[:, 3] = 0
-    keep = fxprune.plan(model, 1 / 12).keep("up")
+    calib = [(torch.randn(2, 3, 16, 16), torch.randn(2, 2, 16, 16))]
+    keep = fxprune.plan(model, 1 / 12, importance=importance, calibration=calib,
+                        loss_fn=lambda out, y: F.mse_loss(out, y)).keep("up")
     assert 3 not in keep and len(keep) == 11
+
+
+def test_taylor_reads_a_transposed_conv_output_on_weight_dim_1() -> None:
+    torch.manual_seed(5)
+    model = randomize_norms(TinyUNet()).eval()
+    batches = [(torch.randn(2, 3, 16, 16), torch.randn(2, 2, 16, 16)) for _ in range(2)]
+    loss_fn = lambda out, y: F.mse_loss(out, y)  # noqa: E731
+    analysis = fxprune.analyze_model(model)
+    group = analysis.group("up")
+    got = score_groups(analysis, "taylor", [group], ScoringOptions(calibration=batches, loss_fn=loss_fn))[group.index]
+    ref = copy.deepcopy(model)
+    expected = torch.zeros(12, dtype=torch.float64)
+    for x, y in batches:
+        ref.zero_grad()
+        loss_fn(ref(x), y).backward()
+
+        def wg(t: torch.Tensor) -> torch.Tensor:
+            return (t * t.grad).detach().double()
+
+        # `up` is [16 in, 12 out, 4, 4]: its outputs are dim 1; dw_up reads them at offset 0.
+        per = (wg(ref.up.weight).sum((0, 2, 3)) + wg(ref.up.bias) + wg(ref.up_bn.weight) + wg(ref.up_bn.bias)
+               + wg(ref.dw_up.weight)[:12].sum((1, 2, 3)) + wg(ref.dw_up.bias)[:12] + wg(ref.dec[0].weight)[:, :12].sum((0, 2, 3)))
+        expected += per.abs()
+    assert torch.allclose(got.double(), expected / 2, rtol=1e-4, atol=1e-8)
 
 
 def test_transposed_convs_in_1d_and_3d() -> None:

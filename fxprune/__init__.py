@@ -7,7 +7,7 @@
 """
 
 from .api import GroupList, analyze_model, apply, find_groups, plan, prune
-from .errors import FxPruneError, FxPruneWarning, PlanMismatchError, UnsupportedNodeError
+from .errors import FxPruneError, FxPruneWarning, InternalError, PlanMismatchError, UnsupportedNodeError
 from .groups import Group, Member
 from .importance import available_criteria, register_criterion, register_model_criterion
 from .iterative import prune_iteratively
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "prune", "plan", "apply", "find_groups", "analyze_model", "trace", "register_rule",
     "register_criterion", "PruningPlan", "Group", "Member", "GroupList", "Layout",
-    "FxPruneError", "UnsupportedNodeError", "PlanMismatchError", "FxPruneWarning", "__version__",
+    "FxPruneError", "UnsupportedNodeError", "PlanMismatchError", "InternalError", "FxPruneWarning", "__version__",
     "save", "load", "register_builder",
     "prune_iteratively", "register_model_criterion", "available_criteria", "GroupPlan",
 ]

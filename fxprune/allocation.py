@@ -41,7 +41,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import FxPruneError, FxPruneWarning
+from .errors import FxPruneError, FxPruneWarning, InternalError
 from .groups import Analysis, Group
 from .rules import role_tensors
 
@@ -424,7 +424,7 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
     ranking: Optional[GlobalRanking] = None
     if policy.global_ranking:
         if scores is None:
-            raise FxPruneError("internal error: global ranking needs scores")
+            raise InternalError("global ranking needs scores")
         ranking = GlobalRanking(groups, scores, policy)
 
     if not policy.has_target:
@@ -442,11 +442,11 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
 
     if measure is None:
         if cost is None:
-            raise FxPruneError("internal error: targets need a cost model")
+            raise InternalError("targets need a cost model")
         measure = cost.measure
     if base is None:
         if cost is None:
-            raise FxPruneError("internal error: targets need the original cost")
+            raise InternalError("targets need the original cost")
         base = {"macs": cost.base_macs, "params": cost.base_params}
     limits = _targets(policy, base)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 from typing import Any, Dict, Optional, Sequence
 
@@ -146,11 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fxprune`` console script and ``python -m fxprune``."""
-    from .errors import FxPruneError
+    from .errors import FxPruneError, InternalError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except InternalError as error:
+        # A bug of ours, not bad input: keep the traceback for the report, and a distinct code.
+        traceback.print_exc()
+        print(f"fxprune: internal error: {error}", file=sys.stderr)
+        return 70
     except (FxPruneError, ValueError) as error:
         print(f"fxprune: error: {error}", file=sys.stderr)
         return 2

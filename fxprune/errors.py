@@ -19,6 +19,7 @@ __all__ = [
     "FxPruneError",
     "UnsupportedNodeError",
     "PlanMismatchError",
+    "InternalError",
     "FxPruneWarning",
     "describe_node",
     "target_name",
@@ -89,6 +90,19 @@ class UnsupportedNodeError(FxPruneError):
 
 class PlanMismatchError(FxPruneError):
     """A pruning plan that does not fit the model it is applied to."""
+
+
+class InternalError(RuntimeError):
+    """An invariant of fxprune itself broke: a bug in fxprune, never the user's input.
+
+    Deliberately *not* an :class:`FxPruneError`, so that code (and the CLI) that reports bad
+    input as a one-line error does not mistake a bug for a user mistake.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message}. This is a bug in fxprune, not in your model or input: please report it "
+            "with the model (or a small model that reproduces it) and the call that raised this")
 
 
 class FxPruneWarning(UserWarning):

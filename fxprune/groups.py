@@ -32,7 +32,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe_node, target_name
+from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe_node, target_name, InternalError
 from .graph import to_networkx, walk
 from .rules import Layout, TupleLayout, lookup_rule
 from .trace import node_shape
@@ -189,7 +189,7 @@ class _Engine:
 
     def require_blocks(self, node: torch.fx.Node, layout: Layout, blocks: int, reason: str) -> None:
         if len(layout.groups) != 1:
-            raise FxPruneError(f"internal error: blocks required of a {len(layout.groups)}-group layout at {node.name}")
+            raise InternalError(f"blocks required of a {len(layout.groups)}-group layout at {node.name}")
         if blocks > 1:
             self.blocks.setdefault(layout.groups[0], []).append((blocks, reason))
 

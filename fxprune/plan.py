@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from .allocation import CostModel, Measure, Policy, allocate, check_ratio, group_count, keep_count
-from .errors import FxPruneError, PlanMismatchError
+from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Group, select_channels
 from .importance import Criterion, ScoringOptions, criterion_name, score_groups
 
@@ -138,7 +138,7 @@ def make_plan(analysis: Analysis, ratio: Any = None, importance: Union[str, Crit
     if policy is None:
         policy = Policy(ratio=ratio)
     elif ratio is not None:
-        raise FxPruneError("internal error: give ratio inside the policy")
+        raise InternalError("give ratio inside the policy")
     policy = policy.validated()
     options = options or ScoringOptions()
     prunable = [g for g in analysis.groups if g.prunable]

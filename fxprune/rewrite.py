@@ -19,7 +19,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .errors import FxPruneError, PlanMismatchError
+from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, check_balanced, tensor_users
 from .plan import PruningPlan, resolve
 from .trace import propagate_shapes
@@ -90,7 +90,7 @@ def _conv(conv: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     if conv.transposed:
         # Weight [Cin, Cout/G, *k]: inputs are rows, outputs columns (the reverse of a conv).
         if conv.groups != 1:
-            raise FxPruneError(f"internal error: grouped transposed convolution {type(conv).__name__} is never pruned")
+            raise InternalError(f"grouped transposed convolution {type(conv).__name__} is never pruned")
         w = _sliced2(conv.weight, in_idx, out_idx)
         in_channels, out_channels = w.shape[0], w.shape[1]
     else:
@@ -117,7 +117,7 @@ def _grouped_weight(conv: nn.modules.conv._ConvNd, out_idx: Indices, in_idx: Ind
     for what, kept, per in (("output", rows, cout_g), ("input", cols_in, cin_g)):
         counts = torch.bincount(kept // per, minlength=groups)
         if len(kept) % groups or not bool((counts == len(kept) // groups).all()):
-            raise FxPruneError(f"internal error: grouped conv keeps {counts.tolist()} {what} channels per group")
+            raise InternalError(f"grouped conv keeps {counts.tolist()} {what} channels per group")
     cols = (cols_in % cin_g).view(groups, -1)  # kept local columns of each conv group
     row_cols = cols[rows // cout_g]  # [kept rows, kept columns per group]
     return w[rows.to(w.device).unsqueeze(1), row_cols.to(w.device)]
@@ -218,7 +218,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         if any(i is not None for i in idx.values()):
             builder = _BUILDERS.get(type(original))
             if builder is None:
-                raise FxPruneError(f"internal error: no builder for {type(original).__name__} at {target}")
+                raise InternalError(f"no builder for {type(original).__name__} at {target}")
             root[target] = builder(original, idx)
             changed[target] = slots
         else:
@@ -241,7 +241,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
             # A custom module's builder is trusted here; shape propagation on example_inputs
             # (below) still checks what it built.
             if role in sizes and sizes[role] != _expected(slot, kept):
-                raise FxPruneError(f"internal error: {target} has {sizes.get(role)} {role} positions, plan needs {_expected(slot, kept)}")
+                raise InternalError(f"{target} has {sizes.get(role)} {role} positions, plan needs {_expected(slot, kept)}")
     if example_inputs is not None:
         propagate_shapes(new, example_inputs)  # a mismatch fails here, loudly
         _check_channels(new)
@@ -258,7 +258,7 @@ def _check_channels(gm: torch.fx.GraphModule) -> None:
             continue
         want = node.meta["fxprune_channels"] * layout.block
         if shape[layout.dim] != want:
-            raise FxPruneError(f"internal error: {node.name} has {shape[layout.dim]} channels after the rewrite, plan needs {want}")
+            raise InternalError(f"{node.name} has {shape[layout.dim]} channels after the rewrite, plan needs {want}")
 
 
 def _retie(src: torch.fx.GraphModule, new: torch.fx.GraphModule) -> None:
@@ -274,7 +274,7 @@ def _retie(src: torch.fx.GraphModule, new: torch.fx.GraphModule) -> None:
         for target, attr in users[1:]:
             other = _locate(new, target, attr)
             if other[2].shape != first[2].shape:
-                raise FxPruneError(f"internal error: tied tensors {users[0]} and {(target, attr)} differ in shape after the rewrite")
+                raise InternalError(f"tied tensors {users[0]} and {(target, attr)} differ in shape after the rewrite")
             owner, name, tensor = other
             if (name in owner._parameters) != isinstance(first[2], nn.Parameter):
                 continue  # a parameter tied to a plain tensor: leave the two copies as they are

@@ -30,6 +30,7 @@ convolution also keeps a multiple of its ``blocks`` (the same count in every con
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import math
 import numbers
@@ -39,11 +40,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import FxPruneError, FxPruneWarning, InternalError
+from .errors import FxPruneError, FxPruneWarning, InternalError, UnsupportedNodeError, describe_node, target_name
 from .groups import Analysis, Group
-from .rules import role_tensors
+from .rules import lookup_rule, role_tensors
 
 __all__ = [
     "Policy",
@@ -57,6 +59,15 @@ __all__ = [
     "normalise",
     "GlobalRanking",
     "allocate",
+    "NOTHING_PRUNABLE",
+    "NOTHING_PRUNED",
+    "UNMATCHED_IGNORE",
+    "requests_pruning",
+    "unrecognised_layers",
+    "nothing_prunable_message",
+    "check_prunable",
+    "unpruned_message",
+    "warn_unmatched_ignore",
 ]
 
 RatioSpec = Union[None, float, Mapping[str, float]]
@@ -424,12 +435,15 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
     ranking: Optional[GlobalRanking] = None
     if policy.global_ranking:
         if scores is None:
-            raise InternalError("global ranking needs scores")
+            if groups:
+                raise InternalError("global ranking of prunable groups was asked without their scores")
+            scores = {}  # no prunable group: nothing to rank (the caller explains why)
         ranking = GlobalRanking(groups, scores, policy)
 
     if not policy.has_target:
         if ranking is not None:
-            assert isinstance(policy.ratio, float)
+            if not isinstance(policy.ratio, float):
+                raise InternalError(f"global ranking reached allocation with ratio {policy.ratio!r}, not a float")
             k = int(ranking.total * (1.0 - policy.ratio))
             info["kept_channels"] = k
             return ranking.counts(k), info
@@ -440,13 +454,17 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
         ratio = float(policy.ratio or 0.0)
         return _uniform_counts(groups, policy, lambda g: ratio), info
 
+    # allocate() is public: a caller leaving out what a target search needs made a usage
+    # mistake, not fxprune (the pass itself always passes a cost model).
     if measure is None:
         if cost is None:
-            raise InternalError("targets need a cost model")
+            raise FxPruneError("allocate() with target_macs/target_params needs cost=CostModel(analysis, example_inputs) "
+                               "or measure= (counts -> {'macs': ..., 'params': ...})")
         measure = cost.measure
     if base is None:
         if cost is None:
-            raise InternalError("targets need the original cost")
+            raise FxPruneError("allocate() with a target and measure= also needs base= (the original {'macs', 'params'}) "
+                               "or cost=CostModel(...)")
         base = {"macs": cost.base_macs, "params": cost.base_params}
     limits = _targets(policy, base)
 
@@ -463,7 +481,7 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
         if ok(ranking.counts(hi)):
             lo = hi
         elif not ok(ranking.counts(lo)):
-            _unreachable(policy, limits, base, measure(ranking.counts(lo)), "global")
+            _unreachable(analysis, policy, limits, base, measure(ranking.counts(lo)), "global")
         else:
             while hi - lo > 1:  # invariant: lo meets the targets, hi does not
                 mid = (lo + hi) // 2
@@ -480,7 +498,7 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
         if ok(at(lo)):
             hi = lo
         elif not ok(at(hi)):
-            _unreachable(policy, limits, base, measure(at(hi)), "uniform")
+            _unreachable(analysis, policy, limits, base, measure(at(hi)), "uniform")
         else:
             while hi - lo > 1:  # invariant: hi meets the targets, lo does not
                 mid = (lo + hi) // 2
@@ -493,12 +511,14 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
     return counts, info
 
 
-def _unreachable(policy: Policy, limits: Mapping[str, float], base: Mapping[str, Optional[int]],
+def _unreachable(analysis: Analysis, policy: Policy, limits: Mapping[str, float], base: Mapping[str, Optional[int]],
                  best: Mapping[str, int], mode: str) -> None:
     parts = []
     for key in limits:
         parts.append(f"{key} {best[key] / float(base[key] or 1):.4f} of the original (target "  # type: ignore[index]
                      f"{getattr(policy, 'target_' + key)})")
+    if not any(g.prunable for g in analysis.groups):
+        raise FxPruneError(f"the target cannot be met: {nothing_prunable_message(analysis)}")
     raise FxPruneError(
         f"the target cannot be met: pruning every prunable group by max_group_ratio={policy.max_group_ratio} "
         f"({mode} allocation) still leaves {', '.join(parts)}. Frozen groups and layers fxprune cannot prune keep "
@@ -510,3 +530,190 @@ def _warn_unmatched(analysis: Analysis, patterns: Mapping[str, float]) -> None:
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             warnings.warn(FxPruneWarning(f"ratio pattern {pattern!r} matches no module of the model"), stacklevel=5)
+
+
+# --------------------------------------------------------------------------- never silent
+#
+# A pass that returns the model unchanged looks exactly like one that worked. Whenever nothing
+# can be or was pruned, the user is told why, in words that point at the cause.
+
+NOTHING_PRUNABLE = "nothing could be pruned"  # every message about a model with no prunable group starts so
+NOTHING_PRUNED = "nothing was pruned"  # ... and about prunable groups the options left whole
+UNMATCHED_IGNORE = "ignore pattern"  # ... and about an ignore= entry that names no module
+
+
+def requests_pruning(policy: Policy) -> bool:
+    """Whether ``policy`` asks for any channel to go (a ratio above 0 somewhere, or a target)."""
+    if policy.has_target:
+        return True
+    if isinstance(policy.ratio, Mapping):
+        return any(float(v) > 0 for v in policy.ratio.values()) or policy.default_ratio > 0
+    return bool(policy.ratio)
+
+
+def _functional_layers() -> frozenset:
+    """Layer ops that, called as functions, compute channels fxprune does not track.
+
+    A subclass of ``nn.Conv2d``/``nn.BatchNorm2d``/``nn.Linear`` that overrides ``forward`` is
+    not a leaf for torch.fx, so its trace shows these calls instead of the module.
+    """
+    names = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+             "linear", "bilinear", "batch_norm", "layer_norm", "group_norm", "instance_norm", "embedding", "prelu")
+    found = set()
+    for space in (torch, F, torch._C._nn):
+        for name in names:
+            fn = getattr(space, name, None)
+            if fn is not None:
+                found.add(fn)
+    found.add(torch.addmm)
+    return frozenset(found)
+
+
+FUNCTIONAL_LAYERS = _functional_layers()
+
+
+def unrecognised_layers(analysis: Analysis) -> List[torch.fx.Node]:
+    """Nodes that hold a layer's weights but no rule: functional layer calls and unknown modules with parameters.
+
+    Their output channels are never tracked, so they are pruned by no group (and one whose
+    input comes straight from the model's input is not even frozen with a warning).
+    """
+    gm = analysis.gm
+    modules = dict(gm.named_modules())
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            try:
+                layer = node.target in FUNCTIONAL_LAYERS
+            except TypeError:  # an unhashable target is no layer op
+                layer = False
+            if layer and lookup_rule(node, None) is None:
+                found.append(node)
+        elif node.op == "call_module":
+            module = modules.get(str(node.target))
+            if module is not None and lookup_rule(node, module) is None and any(True for _ in module.parameters()):
+                found.append(node)
+    return found
+
+
+def _where(node: torch.fx.Node) -> str:
+    """``torch.conv2d at file.py:12 in forward: ...`` for a hint."""
+    text = describe_node(node)
+    name = target_name(node)
+    marker = f"target={name}) at "
+    if marker in text:
+        return f"{name} at {text.split(marker, 1)[1]}"
+    return text
+
+
+def _layer_hint(nodes: Sequence[torch.fx.Node], gm: torch.fx.GraphModule) -> List[str]:
+    hints = []
+    functional = [n for n in nodes if n.op == "call_function"]
+    if functional:
+        shown = "; ".join(_where(n) for n in functional[:3])
+        more = f" (and {len(functional) - 3} more)" if len(functional) > 3 else ""
+        hints.append(
+            f"layers called functionally are not pruned: {shown}{more}. Call the layer module itself "
+            "(nn.Conv2d, nn.Linear, nn.BatchNorm2d: a subclass that overrides forward is traced through to "
+            "these calls), or trace such layers as leaf modules and teach fxprune their channels with "
+            "fxprune.register_rule and fxprune.register_builder")
+    modules = [n for n in nodes if n.op == "call_module"]
+    if modules:
+        shown = ", ".join(f"{n.target} ({type(gm.get_submodule(str(n.target))).__name__})" for n in modules[:3])
+        more = f" (and {len(modules) - 3} more)" if len(modules) > 3 else ""
+        hints.append(f"modules with weights but no channel rule: {shown}{more}; teach fxprune their channels "
+                     "with fxprune.register_rule and fxprune.register_builder")
+    return hints
+
+
+def nothing_prunable_message(analysis: Analysis) -> str:
+    """Why no group of ``analysis`` can be pruned: the commonest freezing reasons and a hint."""
+    groups = analysis.groups
+    name = analysis.gm.__class__.__name__
+    if not groups:
+        head = (f"{NOTHING_PRUNABLE}: fxprune found no channel group in {name} (it prunes the channels of "
+                "nn.Conv*d, nn.ConvTranspose*d and nn.Linear modules, and of the layers their outputs pass)")
+    else:
+        head = f"{NOTHING_PRUNABLE}: none of the {len(groups)} channel groups of {name} is prunable"
+    counts: "collections.Counter[str]" = collections.Counter()
+    for g in groups:
+        for why in (g.reasons if g.frozen else ("one channel",)):
+            counts[why] += 1
+    parts = [head]
+    if counts:
+        top = counts.most_common(5)
+        text = "; ".join(f"{why} ({n} group{'s' if n > 1 else ''})" for why, n in top)
+        more = f"; and {len(counts) - 5} other reasons" if len(counts) > 5 else ""
+        parts.append(f"why: {text}{more}")
+    hints = _layer_hint(unrecognised_layers(analysis), analysis.gm)
+    if not hints and counts and all(why.startswith("reaches the model output") or why == "one channel" for why in counts):
+        hints.append("the model's outputs keep their channels, so a model with no hidden layer between "
+                     "two layers fxprune knows has nothing to prune")
+    if any(why.startswith("ignored module") for why in counts):
+        hints.append("reduce ignore=")
+    if any(why.startswith("no channel rule") for why in counts):
+        hints.append("teach fxprune the ops above with fxprune.register_rule, or list their modules in ignore=")
+    text = ". ".join(parts)
+    return f"{text}. Hint: {'; '.join(hints)}" if hints else text
+
+
+def check_prunable(analysis: Analysis, *, strict: bool = False, stacklevel: int = 2) -> bool:
+    """Warn (``strict``: raise on an unrecognised layer) when no group can be pruned; True if some can."""
+    if any(g.prunable for g in analysis.groups):
+        return True
+    if strict:
+        layers = unrecognised_layers(analysis)
+        if layers:
+            node = layers[0]
+            what = (f"{target_name(node)} is a layer called functionally" if node.op == "call_function"
+                    else f"module {node.target} has weights but no channel rule")
+            raise UnsupportedNodeError(
+                node, f"{NOTHING_PRUNABLE} and {what}, whose channels fxprune does not track",
+                "; ".join(_layer_hint(layers, analysis.gm)) + "; or call with strict=False to get the model back unpruned")
+    warnings.warn(FxPruneWarning(nothing_prunable_message(analysis)), stacklevel=stacklevel + 1)
+    return False
+
+
+def unpruned_message(analysis: Analysis, policy: Policy) -> str:
+    """Why a ratio that asked for pruning left every prunable group whole (round_to, min_channels, patterns)."""
+    prunable = [g for g in analysis.groups if g.prunable]
+    largest = max((g.size for g in prunable), default=0)
+    if isinstance(policy.ratio, Mapping):
+        patterns = policy.ratio
+        ratio_of: Callable[[Group], float] = lambda g: pattern_ratio(g, patterns, policy.default_ratio)  # noqa: E731
+    else:
+        fixed = float(policy.ratio or 0.0)
+        ratio_of = lambda g: fixed  # noqa: E731
+    would = [g for g in prunable if keep_count(g.size, ratio_of(g)) < g.size]
+    if not would:
+        outputs = sorted({name for g in prunable for name in _pruning_modules(g)})
+        return (f"{NOTHING_PRUNED}: no ratio pattern of {list(policy.ratio or ())} gives a prunable group a ratio "
+                f"above 0 (default_ratio={policy.default_ratio}). A pattern matches the modules that output a "
+                f"group's channels; the prunable groups are output by {outputs[:8]}")
+    parts = []
+    if policy.min_channels >= largest:
+        parts.append(f"min_channels={policy.min_channels} is at least the size of every prunable group "
+                     f"(the largest has {largest} channels)")
+    if policy.round_to > largest:
+        parts.append(f"round_to={policy.round_to} is larger than every prunable group (the largest has "
+                     f"{largest} channels), so none can keep a smaller multiple of it")
+    if not parts:
+        g = max(would, key=lambda g: g.size)
+        raw = keep_count(g.size, ratio_of(g))
+        step = count_step(g, policy.round_to)
+        parts.append(f"round_to={policy.round_to} and min_channels={policy.min_channels} round every group's keep "
+                     f"count back up to all of its channels (group {g.key}: ratio {ratio_of(g)} would keep {raw} of "
+                     f"{g.size}, a multiple of {step} at or above min_channels leaves all {g.size})")
+    return f"{NOTHING_PRUNED}: {'; '.join(parts)}. Hint: lower round_to= or min_channels=, or raise the ratio"
+
+
+def warn_unmatched_ignore(gm: torch.fx.GraphModule, patterns: Sequence[str], stacklevel: int = 2) -> None:
+    """Warn about each ``ignore=`` entry that names no module of ``gm`` (a typo protects nothing)."""
+    names = [name for name, _ in gm.named_modules() if name]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = [n for n in names if pattern.split(".")[0] in n][:5] or names[:5]
+            warnings.warn(FxPruneWarning(
+                f"{UNMATCHED_IGNORE} {pattern!r} matches no module of the model, so it keeps nothing unpruned "
+                f"(module names look like {close}; patterns are fnmatch globs on the names of "
+                "model.named_modules())"), stacklevel=stacklevel + 1)

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.fx
 import torch.nn as nn
 
-from .allocation import CostModel, Policy
+from .allocation import (CostModel, Policy, check_prunable, requests_pruning, unpruned_message,
+                         warn_unmatched_ignore)
 from .cost import count_macs, count_params
-from .errors import FxPruneError
+from .errors import FxPruneError, FxPruneWarning, InternalError
 from .groups import Analysis, Group, analyze, select_channels
-from .importance import Criterion, ScoringOptions
+from .importance import Criterion, ScoringOptions, check_importance
 from .plan import GroupPlan, PruningPlan, make_plan
 from .rewrite import rewrite
 from .trace import as_graph_module, propagate_shapes
@@ -68,8 +70,43 @@ def _inputs(example_inputs: Any) -> Optional[Tuple[Any, ...]]:
     raise FxPruneError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
-def _ignore(ignore: Union[str, Iterable[str]]) -> Tuple[str, ...]:
-    return (ignore,) if isinstance(ignore, str) else tuple(ignore)
+_IGNORE_FORMS = "a module name or glob pattern (a str, e.g. 'fc' or 'layer4.*') or a list of them"
+
+
+def _ignore(ignore: Union[None, str, Iterable[str]]) -> Tuple[str, ...]:
+    """``ignore=`` as a tuple of patterns; anything else is a clear error before any work."""
+    if ignore is None:
+        return ()
+    if isinstance(ignore, str):
+        return (ignore,)
+    if isinstance(ignore, (bytes, Mapping)) or not isinstance(ignore, Iterable):
+        raise FxPruneError(f"ignore= must be {_IGNORE_FORMS}, got {ignore!r} ({type(ignore).__name__})")
+    patterns = tuple(ignore)
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            raise FxPruneError(f"ignore= must be {_IGNORE_FORMS}: entry {i} is {pattern!r} ({type(pattern).__name__})")
+    return patterns
+
+
+def _check_arity(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
+    """``example_inputs`` must be one forward call's positional arguments: as many as the graph's inputs.
+
+    An extra tensor would otherwise be dropped without a word (a one-input model given
+    ``(x, x)`` ran on the first one); arguments with defaults may be left out.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(str(n.target).startswith("*") for n in placeholders):
+        return  # *args: any number fits
+    required = [n for n in placeholders if not n.args]  # a placeholder's args hold its default, if any
+    if len(required) <= len(inputs) <= len(placeholders):
+        return
+    names = ", ".join(str(n.target) for n in placeholders) or "no arguments"
+    wanted = (f"{len(placeholders)}" if len(required) == len(placeholders)
+              else f"{len(required)} to {len(placeholders)}")
+    raise FxPruneError(
+        f"example_inputs has {len(inputs)} element{'s' if len(inputs) != 1 else ''}, but the forward of "
+        f"{gm.__class__.__name__} takes {wanted} ({names}). Hint: example_inputs is the tuple of positional "
+        "arguments of one forward call: x or (x,) for a one-input model (a batch is one tensor, not a tuple of samples)")
 
 
 def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union[str, Iterable[str]] = (),
@@ -84,9 +121,13 @@ def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union
     else:
         work = gm
     inputs = _inputs(example_inputs)
+    patterns = _ignore(ignore)
     if inputs is not None:
+        _check_arity(work, inputs)
         propagate_shapes(work, inputs)
-    return analyze(work, ignore=_ignore(ignore), strict=strict)
+    analysis = analyze(work, ignore=patterns, strict=strict)
+    warn_unmatched_ignore(work, patterns, stacklevel=3)
+    return analysis
 
 
 def find_groups(model: ModelLike, *, example_inputs: Any = None, ignore: Union[str, Iterable[str]] = (),
@@ -157,16 +198,26 @@ def _exact_measure(analysis: Analysis, inputs: Optional[Tuple[Any, ...]]) -> Cal
 def _decide(model: ModelLike, *, importance: Importance, example_inputs: Any, ignore: Any,
             strict: bool, calibration: Optional[Iterable[Any]], calibration_batches: Optional[int],
             loss_fn: Optional[Callable[..., Any]], seed: int, policy: Policy, build: bool,
-            keep_counts: Optional[Mapping[str, int]] = None) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
-    """Analyse, plan and (with ``build`` or a target to verify) rewrite: the body of plan()/prune()."""
+            keep_counts: Optional[Mapping[str, int]] = None,
+            explain: bool = True) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
+    """Analyse, plan and (with ``build`` or a target to verify) rewrite: the body of plan()/prune().
+
+    ``explain``: warn when nothing can be or was pruned (``strict``: raise on a layer fxprune
+    cannot see); iterative pruning turns it off and explains once for all its steps.
+    """
     inputs = _inputs(example_inputs)
     if policy.target_macs is not None and inputs is None:
         raise FxPruneError(f"target_macs={policy.target_macs} needs example_inputs=(x,) to count MACs on "
                            "(a batch the model's forward accepts, e.g. torch.randn(1, 3, 224, 224))")
+    check_importance(importance)
     options = ScoringOptions(calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed)
     analysis = analyze_model(model, example_inputs=inputs, ignore=ignore, strict=strict)
+    # Never silent: a model returned unchanged says why (iterative pruning explains once, itself).
+    can_prune = check_prunable(analysis, strict=strict, stacklevel=3) if explain else True
     if not policy.has_target:
         result = make_plan(analysis, importance=importance, policy=policy, options=options, keep_counts=keep_counts)
+        if explain and can_prune and keep_counts is None and requests_pruning(policy) and not result.pruned_groups:
+            warnings.warn(FxPruneWarning(unpruned_message(analysis, policy)), stacklevel=3)
         return result, (rewrite(analysis, result, inputs) if build else None)
 
     cost = CostModel(analysis, inputs)
@@ -285,7 +336,8 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
                                  ignore=_ignore(ignore), strict=strict, calibration=calibration,
                                  calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed,
                                  policy=policy, build=True)
-    assert pruned is not None
+    if pruned is None:
+        raise InternalError("prune() planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result
     return pruned
 

@@ -29,7 +29,7 @@ import inspect
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -53,6 +53,7 @@ __all__ = [
     "score",
     "score_groups",
     "criterion_name",
+    "check_importance",
     "available_criteria",
     "CRITERIA",
     "MODEL_CRITERIA",
@@ -127,6 +128,22 @@ def register_model_criterion(name: str, *, needs_data: bool = False) -> Callable
 def available_criteria() -> List[str]:
     """Names usable as ``importance=``."""
     return sorted(set(CRITERIA) | set(MODEL_CRITERIA))
+
+
+def check_importance(importance: Any) -> None:
+    """A clear error for an ``importance=`` that is neither a known criterion name nor a callable.
+
+    Checked before any work, so a typo is not noticed only after tracing (or never, when the
+    plan happens to score nothing).
+    """
+    if callable(importance):
+        return
+    if not isinstance(importance, str):
+        raise FxPruneError(
+            f"importance= must be a criterion name (one of {available_criteria()}) or a callable "
+            f"(group) -> Tensor[C] / (group, gm) -> Tensor[C], got {importance!r} ({type(importance).__name__})")
+    if importance not in CRITERIA and importance not in MODEL_CRITERIA:
+        raise FxPruneError(f"unknown importance {importance!r}; choose one of {available_criteria()} or pass a callable")
 
 
 def criterion_name(importance: Any) -> str:
@@ -637,7 +654,19 @@ def _accepts_two(fn: Callable[..., Any]) -> bool:
 
 
 def _clean(scores: Any, group: Group, what: str) -> torch.Tensor:
-    scores = torch.as_tensor(scores).detach().float().flatten().cpu()
+    expected = (f"it must return one score per channel, higher = keep: a tensor or sequence of "
+                f"{group.size} numbers")
+    if scores is None:
+        raise FxPruneError(f"importance {what} returned None for group {group.key} ({group.size} channels): {expected}")
+    try:
+        scores = torch.as_tensor(scores)
+    except (TypeError, ValueError, RuntimeError) as exc:  # strings, dicts, ragged lists, objects
+        raise FxPruneError(f"importance {what} returned {type(scores).__name__} for group {group.key}, which is no "
+                           f"tensor of scores ({exc}): {expected}") from exc
+    if scores.is_complex() or not (scores.is_floating_point() or scores.dtype in (torch.bool, torch.uint8, torch.int8,
+                                                                                    torch.int16, torch.int32, torch.int64)):
+        raise FxPruneError(f"importance {what} returned a {scores.dtype} tensor for group {group.key}: {expected}")
+    scores = scores.detach().float().flatten().cpu()
     if scores.numel() != group.size:
         raise FxPruneError(f"importance {what} returned {scores.numel()} scores for group {group.key} of {group.size} channels")
     # NaN scores (NaN weights) must not win: they rank lowest.
@@ -652,11 +681,10 @@ def score(group: Group, gm: torch.fx.GraphModule, importance: Union[str, Criteri
     if callable(importance):
         fn = importance
         scores = fn(group, gm) if _accepts_two(fn) else fn(group)  # type: ignore[call-arg]
-        return _clean(scores, group, criterion_name(fn))
+        return _clean(scores, group, f"callable {criterion_name(fn)}")
+    check_importance(importance)
     if importance in MODEL_CRITERIA:
         raise FxPruneError(f"importance {importance!r} scores whole models: use score_groups()")
-    if importance not in CRITERIA:
-        raise FxPruneError(f"unknown importance {importance!r}; choose one of {available_criteria()} or pass a callable")
     return _clean(CRITERIA[importance](group, gm), group, repr(importance))
 
 
@@ -674,14 +702,16 @@ def score_groups(analysis: Analysis, importance: Union[str, Callable[..., Any]],
         if not groups:
             return {}
         raw = MODEL_CRITERIA[importance](analysis, groups, options)
+        if not isinstance(raw, Mapping):
+            raise FxPruneError(f"importance {importance!r} returned {type(raw).__name__}: a model criterion must "
+                               "return {group.index: Tensor[group.size]} for every group it is given")
         out = {}
         for g in groups:
             if g.index not in raw:
                 raise FxPruneError(f"importance {importance!r} returned no scores for group {g.key}")
             out[g.index] = _clean(raw[g.index], g, repr(importance))
         return out
-    if not callable(importance) and importance not in CRITERIA:
-        raise FxPruneError(f"unknown importance {importance!r}; choose one of {available_criteria()} or pass a callable")
+    check_importance(importance)
     token = _CACHE.set(_NormCache())
     try:
         return {g.index: score(g, analysis.gm, importance) for g in groups}

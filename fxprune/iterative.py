@@ -18,22 +18,40 @@ Schedules (``i`` = 1..steps, everything relative to the *original* model):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
+import contextlib
+import re
+import warnings
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import torch
 import torch.fx
 import torch.nn as nn
 
-from .allocation import Policy, allocate
-from .api import ModelLike, RatioArg, _few_threads, _ignore, _inputs, _policy, analyze_model, prune
+from .allocation import (NOTHING_PRUNABLE, NOTHING_PRUNED, UNMATCHED_IGNORE, Policy, allocate, check_prunable,
+                         requests_pruning, unpruned_message)
+from .api import ModelLike, RatioArg, _decide, _few_threads, _ignore, _inputs, _policy, analyze_model
 from .cost import count_macs, count_params
-from .errors import FxPruneError
+from .importance import check_importance
+from .errors import FxPruneError, FxPruneWarning, InternalError
 from .plan import GroupPlan, PruningPlan, model_identity
 from .trace import as_graph_module
 
 __all__ = ["prune_iteratively"]
 
 FineTune = Callable[[torch.fx.GraphModule, int], Optional[nn.Module]]
+
+
+@contextlib.contextmanager
+def _steps_quiet() -> Iterator[None]:
+    """Silence, inside the steps, the "nothing pruned" and unmatched-ignore warnings.
+
+    They are about the whole run, so :func:`prune_iteratively` gives each once (on the original
+    model and on the final plan); an early step whose small cut rounds away is no news.
+    """
+    pattern = "|".join(re.escape(p) for p in (NOTHING_PRUNABLE, NOTHING_PRUNED, UNMATCHED_IGNORE))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"(?:{pattern})", category=FxPruneWarning)
+        yield
 
 
 def _compose(composite: Dict[str, List[int]], step: PruningPlan) -> Optional[Dict[str, List[int]]]:
@@ -77,6 +95,7 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
     if policy.target_macs is not None and inputs is None:
         raise FxPruneError(f"target_macs={policy.target_macs} needs example_inputs=(x,) to count MACs on")
     ignore_t = _ignore(ignore)
+    check_importance(importance)
     common: Dict[str, Any] = dict(importance=importance, example_inputs=inputs, ignore=ignore_t, strict=strict,
                                   calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn,
                                   seed=seed, round_to=round_to, min_channels=min_channels)
@@ -86,53 +105,65 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
         analysis0 = analyze_model(original, example_inputs=inputs, ignore=ignore_t, strict=strict)
         base_macs = count_macs(original, inputs) if policy.target_macs is not None else None
     base_params = count_params(original)
+    # Explained once for the whole run, here and after the last step (the steps are quiet).
+    can_prune = check_prunable(analysis0, strict=strict, stacklevel=2)
     total0 = sum(g.size for g in analysis0.groups if g.prunable)
     composite: Optional[Dict[str, List[int]]] = {g.key: list(range(g.size)) for g in analysis0.groups}
     plans: List[PruningPlan] = []
 
     current: nn.Module = original
-    for step in range(1, steps + 1):
-        frac = step / steps
-        if policy.has_target:
-            kwargs: Dict[str, Any] = dict(global_ranking=global_ranking, max_group_ratio=max_group_ratio)
-            if policy.target_macs is not None:
-                goal = (1.0 - (1.0 - policy.target_macs) * frac) * float(base_macs or 0)
+    with _steps_quiet():
+        for step in range(1, steps + 1):
+            frac = step / steps
+            if policy.has_target:
+                kwargs: Dict[str, Any] = dict(global_ranking=global_ranking, max_group_ratio=max_group_ratio)
+                if policy.target_macs is not None:
+                    goal = (1.0 - (1.0 - policy.target_macs) * frac) * float(base_macs or 0)
+                    with _few_threads():
+                        now_macs = count_macs(current, inputs)
+                    kwargs["target_macs"] = min(1.0, goal / max(1, now_macs))
+                if policy.target_params is not None:
+                    goal = (1.0 - (1.0 - policy.target_params) * frac) * base_params
+                    kwargs["target_params"] = min(1.0, goal / max(1, count_params(current)))
+                pruned = _step(current, _policy(None, default_ratio=0.0, target_macs=kwargs.get("target_macs"),
+                                                target_params=kwargs.get("target_params"), global_ranking=global_ranking,
+                                                max_group_ratio=max_group_ratio, round_to=round_to,
+                                                min_channels=min_channels), common)
+            elif policy.global_ranking:
+                if not isinstance(policy.ratio, float):
+                    raise InternalError(f"global ranking with ratio {policy.ratio!r} passed validation")
                 with _few_threads():
-                    now_macs = count_macs(current, inputs)
-                kwargs["target_macs"] = min(1.0, goal / max(1, now_macs))
-            if policy.target_params is not None:
-                goal = (1.0 - (1.0 - policy.target_params) * frac) * base_params
-                kwargs["target_params"] = min(1.0, goal / max(1, count_params(current)))
-            pruned = prune(current, **kwargs, **common)
-        elif policy.global_ranking:
-            assert isinstance(policy.ratio, float)
-            with _few_threads():
-                now = sum(g.size for g in analyze_model(current, ignore=ignore_t).groups if g.prunable)
-            want = int(total0 * (1.0 - policy.ratio * frac))
-            step_ratio = min(max(0.0, 1.0 - want / max(1, now)), 0.999999)
-            pruned = prune(current, step_ratio, global_ranking=True, max_group_ratio=max_group_ratio, **common)
-        else:
-            scaled: Any
-            if isinstance(policy.ratio, Mapping):
-                scaled = {k: v * frac for k, v in policy.ratio.items()}
+                    now = sum(g.size for g in analyze_model(current, ignore=ignore_t).groups if g.prunable)
+                want = int(total0 * (1.0 - policy.ratio * frac))
+                step_ratio = min(max(0.0, 1.0 - want / max(1, now)), 0.999999)
+                pruned = _step(current, _policy(step_ratio, global_ranking=True, max_group_ratio=max_group_ratio,
+                                                default_ratio=0.0, round_to=round_to, min_channels=min_channels,
+                                                target_macs=None, target_params=None), common)
             else:
-                scaled = float(policy.ratio or 0.0) * frac
-            step_policy = Policy(ratio=scaled, default_ratio=policy.default_ratio * frac, round_to=round_to,
-                                 min_channels=min_channels).validated()
-            counts, _ = allocate(analysis0, step_policy)
-            keep = {g.key: counts.get(g.index, g.size) for g in analysis0.groups if g.prunable}
-            pruned = _prune_to_counts(current, keep, common)
-        step_plan: PruningPlan = pruned.meta["fxprune_plan"]
-        plans.append(step_plan)
-        composite = _compose(composite, step_plan) if composite is not None else None
-        current = pruned
-        if finetune is not None:
-            returned = finetune(pruned, step)
-            if returned is not None:
-                if not isinstance(returned, nn.Module):
-                    raise FxPruneError(f"finetune returned {type(returned).__name__}, expected an nn.Module or None")
-                current = returned
+                scaled: Any
+                if isinstance(policy.ratio, Mapping):
+                    scaled = {k: v * frac for k, v in policy.ratio.items()}
+                else:
+                    scaled = float(policy.ratio or 0.0) * frac
+                step_policy = Policy(ratio=scaled, default_ratio=policy.default_ratio * frac, round_to=round_to,
+                                     min_channels=min_channels).validated()
+                counts, _ = allocate(analysis0, step_policy)
+                keep = {g.key: counts.get(g.index, g.size) for g in analysis0.groups if g.prunable}
+                pruned = _step(current, Policy(ratio=0.0).validated(), common, keep)
+            step_plan: PruningPlan = pruned.meta["fxprune_plan"]
+            plans.append(step_plan)
+            composite = _compose(composite, step_plan) if composite is not None else None
+            current = pruned
+            if finetune is not None:
+                returned = finetune(pruned, step)
+                if returned is not None:
+                    if not isinstance(returned, nn.Module):
+                        raise FxPruneError(f"finetune returned {type(returned).__name__}, expected an nn.Module or None")
+                    current = returned
 
+    if can_prune and not policy.has_target and requests_pruning(policy) and composite is not None \
+            and all(len(composite[g.key]) == g.size for g in analysis0.groups):
+        warnings.warn(FxPruneWarning(unpruned_message(analysis0, policy)), stacklevel=2)
     if isinstance(current, torch.fx.GraphModule):
         current.meta["fxprune_steps"] = plans
         if composite is not None:
@@ -146,16 +177,15 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
     return current
 
 
-def _prune_to_counts(model: nn.Module, keep: Mapping[str, int], common: Mapping[str, Any]) -> torch.fx.GraphModule:
-    """Prune ``model`` so that each group named in ``keep`` has that many channels (or fewer it already has)."""
-    from .api import _decide
-
-    policy = Policy(ratio=0.0).validated()
+def _step(model: nn.Module, policy: Policy, common: Mapping[str, Any],
+          keep: Optional[Mapping[str, int]] = None) -> torch.fx.GraphModule:
+    """One step: prune ``model`` under ``policy`` (or to the ``keep`` counts per group key), without explaining."""
     with _few_threads():
         result, pruned = _decide(model, importance=common["importance"], example_inputs=common["example_inputs"],
                                  ignore=common["ignore"], strict=common["strict"], calibration=common["calibration"],
                                  calibration_batches=common["calibration_batches"], loss_fn=common["loss_fn"],
-                                 seed=common["seed"], policy=policy, build=True, keep_counts=keep)
-    assert pruned is not None
+                                 seed=common["seed"], policy=policy, build=True, keep_counts=keep, explain=False)
+    if pruned is None:
+        raise InternalError("an iterative step planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result
     return pruned

@@ -427,6 +427,7 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
     (counts -> {"macs", "params"}) defaults to ``cost``'s prediction and ``base`` to the
     cost model's original counts.
     """
+    policy = policy.validated()  # public: a hand-made Policy gets the same checks as prune()'s
     groups = [g for g in analysis.groups if g.prunable]
     info: Dict[str, Any] = {}
 
@@ -435,8 +436,9 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
     ranking: Optional[GlobalRanking] = None
     if policy.global_ranking:
         if scores is None:
-            if groups:
-                raise InternalError("global ranking of prunable groups was asked without their scores")
+            if groups:  # the pass always scores first: only a direct caller can get here
+                raise FxPruneError("allocate() with global_ranking=True needs scores= (group index -> Tensor[size], "
+                                   "e.g. fxprune.importance.score_groups(analysis, 'l1'))")
             scores = {}  # no prunable group: nothing to rank (the caller explains why)
         ranking = GlobalRanking(groups, scores, policy)
 

@@ -165,9 +165,17 @@ _OPTIONS_DOC = """
     - ``target_macs`` / ``target_params``: fractions of the original model to stay within,
       instead of ``ratio`` (MACs need ``example_inputs``); the plan's ``policy`` records what
       was achieved (``achieved_macs`` / ``achieved_params``).
-    - ``example_inputs``: a tensor or tuple; checks shapes, and is what MACs are counted on.
-    - ``ignore``: module names or glob patterns whose channels never change; ``strict``:
-      raise :class:`fxprune.UnsupportedNodeError` on ops without a rule instead of freezing.
+    - ``example_inputs``: a tensor or tuple, the positional arguments of one forward call (as
+      many as ``forward`` takes, less any with defaults); checks shapes, and is what MACs are
+      counted on.
+    - ``ignore``: module names or glob patterns whose channels never change (an entry that
+      names no module warns); ``strict``: raise :class:`fxprune.UnsupportedNodeError` on ops
+      without a rule instead of freezing, and on a layer fxprune cannot see (a functional
+      ``torch.conv2d``, an unknown leaf with weights) when nothing else could be pruned.
+
+    Never silent: when nothing can be pruned (every group frozen, or no layer fxprune knows), or
+    ``round_to``/``min_channels``/ratio patterns leave every group whole, an
+    :class:`fxprune.FxPruneWarning` says why; the model still comes back, as a new, unchanged copy.
 """
 
 

@@ -241,6 +241,10 @@ def test_allocate_without_a_cost_model_is_a_usage_error_not_a_bug() -> None:
     analysis = analyze_model(Tiny())
     with pytest.raises(fxprune.FxPruneError, match="needs cost=CostModel"):
         allocate(analysis, Policy(target_params=0.5).validated())
+    with pytest.raises(fxprune.FxPruneError, match="global_ranking=True needs scores="):
+        allocate(analysis, Policy(ratio=0.5, global_ranking=True))
+    with pytest.raises(fxprune.FxPruneError, match="not a dict"):  # a hand-made Policy is validated too
+        allocate(analysis, Policy(ratio={"c1": 0.5}, global_ranking=True), scores={})
 
 
 # =========================================================================== issue 16 item 5 / issue 15

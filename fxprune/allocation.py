@@ -36,7 +36,7 @@ import math
 import numbers
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -63,6 +63,7 @@ __all__ = [
     "NOTHING_PRUNED",
     "UNMATCHED_IGNORE",
     "requests_pruning",
+    "FUNCTIONAL_LAYERS",
     "unrecognised_layers",
     "nothing_prunable_message",
     "check_prunable",
@@ -553,7 +554,7 @@ def requests_pruning(policy: Policy) -> bool:
     return bool(policy.ratio)
 
 
-def _functional_layers() -> frozenset:
+def _functional_layers() -> FrozenSet[Any]:
     """Layer ops that, called as functions, compute channels fxprune does not track.
 
     A subclass of ``nn.Conv2d``/``nn.BatchNorm2d``/``nn.Linear`` that overrides ``forward`` is
@@ -561,7 +562,7 @@ def _functional_layers() -> frozenset:
     """
     names = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
              "linear", "bilinear", "batch_norm", "layer_norm", "group_norm", "instance_norm", "embedding", "prelu")
-    found = set()
+    found: set = set()
     for space in (torch, F, torch._C._nn):
         for name in names:
             fn = getattr(space, name, None)
@@ -693,6 +694,9 @@ def unpruned_message(analysis: Analysis, policy: Policy) -> str:
                 f"above 0 (default_ratio={policy.default_ratio}). A pattern matches the modules that output a "
                 f"group's channels; the prunable groups are output by {outputs[:8]}")
     parts = []
+    if policy.global_ranking and all(keep_count(g.size, policy.max_group_ratio) >= g.size for g in prunable):
+        parts.append(f"max_group_ratio={policy.max_group_ratio} lets no group of global ranking lose a channel "
+                     f"(the largest has {largest} channels)")
     if policy.min_channels >= largest:
         parts.append(f"min_channels={policy.min_channels} is at least the size of every prunable group "
                      f"(the largest has {largest} channels)")
@@ -706,16 +710,28 @@ def unpruned_message(analysis: Analysis, policy: Policy) -> str:
         parts.append(f"round_to={policy.round_to} and min_channels={policy.min_channels} round every group's keep "
                      f"count back up to all of its channels (group {g.key}: ratio {ratio_of(g)} would keep {raw} of "
                      f"{g.size}, a multiple of {step} at or above min_channels leaves all {g.size})")
-    return f"{NOTHING_PRUNED}: {'; '.join(parts)}. Hint: lower round_to= or min_channels=, or raise the ratio"
+    return (f"{NOTHING_PRUNED}: {'; '.join(parts)}. Hint: lower round_to= or min_channels=, raise the ratio"
+            + (" or max_group_ratio=" if policy.global_ranking else ""))
 
 
-def warn_unmatched_ignore(gm: torch.fx.GraphModule, patterns: Sequence[str], stacklevel: int = 2) -> None:
-    """Warn about each ``ignore=`` entry that names no module of ``gm`` (a typo protects nothing)."""
-    names = [name for name, _ in gm.named_modules() if name]
+def warn_unmatched_ignore(analysis: Analysis, patterns: Sequence[str], stacklevel: int = 2) -> None:
+    """Warn about each ``ignore=`` entry that protects nothing: it names no module, or none with channels.
+
+    ``ignore`` freezes the groups of the layers it names; a typo, or the name of a container
+    (``"layer4"`` rather than ``"layer4.*"``), would otherwise leave everything prunable without a word.
+    """
+    names = [name for name, _ in analysis.gm.named_modules() if name]
+    layers = sorted({m.module for g in analysis.groups for m in g.members})
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            close = [n for n in names if pattern.split(".")[0] in n][:5] or names[:5]
-            warnings.warn(FxPruneWarning(
-                f"{UNMATCHED_IGNORE} {pattern!r} matches no module of the model, so it keeps nothing unpruned "
-                f"(module names look like {close}; patterns are fnmatch globs on the names of "
-                "model.named_modules())"), stacklevel=stacklevel + 1)
+        if any(fnmatch.fnmatchcase(n, pattern) for n in layers):
+            continue
+        named = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if named:
+            inside = [n for n in layers if any(n.startswith(c + ".") for c in named)]
+            hint = f"; to keep the layers inside, use {pattern + '.*'!r}" if inside else ""
+            text = (f"names {named[:5]}, which hold no channels fxprune prunes, so it keeps nothing unpruned{hint} "
+                    f"(layers with channels look like {(inside or layers)[:5]})")
+        else:
+            text = (f"matches no module of the model, so it keeps nothing unpruned (module names look like "
+                    f"{(layers or names)[:5]}; patterns are fnmatch globs on the names of model.named_modules())")
+        warnings.warn(FxPruneWarning(f"{UNMATCHED_IGNORE} {pattern!r} {text}"), stacklevel=stacklevel + 1)

@@ -112,6 +112,8 @@ def _check_arity(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
 def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union[str, Iterable[str]] = (),
                   strict: bool = False) -> Analysis:
     """Trace if needed and analyse a private copy of the graph (modules are shared, read-only)."""
+    inputs = _inputs(example_inputs)
+    patterns = _ignore(ignore)  # bad arguments fail before any tracing
     gm = as_graph_module(model)
     if gm is model:
         # The caller's graph: metadata goes on the nodes of our own copy. Submodules are
@@ -120,13 +122,11 @@ def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union
         work.training = gm.training
     else:
         work = gm
-    inputs = _inputs(example_inputs)
-    patterns = _ignore(ignore)
     if inputs is not None:
         _check_arity(work, inputs)
         propagate_shapes(work, inputs)
     analysis = analyze(work, ignore=patterns, strict=strict)
-    warn_unmatched_ignore(work, patterns, stacklevel=3)
+    warn_unmatched_ignore(analysis, patterns, stacklevel=3)
     return analysis
 
 

@@ -151,6 +151,17 @@ def test_ignore_naming_no_module_warns() -> None:
     assert not any("ignore pattern" in m for m in fx_warnings(lambda: fxprune.prune(Tiny(), 0.5, ignore="c*")))
 
 
+def test_ignore_naming_only_a_container_warns_with_the_glob_to_use() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), nn.Conv2d(8, 4, 3))
+    with pytest.warns(fxprune.FxPruneWarning, match=r"ignore pattern '0' names \['0'\], which hold no channels.*"
+                                                    r"use '0\.\*'"):
+        pruned = fxprune.prune(model, 0.5, ignore="0")
+    assert pruned.get_submodule("0.0").out_channels == 4  # the container's conv was pruned: the pattern did nothing
+    with pytest.warns(fxprune.FxPruneWarning, match=r"ignore pattern '0\.1' names \['0\.1'\], which hold no channels"):
+        fxprune.prune(model, 0.5, ignore="0.1")  # the ReLU
+    assert not any("ignore pattern" in m for m in fx_warnings(lambda: fxprune.prune(model, 0.5, ignore="0.*")))
+
+
 @pytest.mark.parametrize("bad, what", [(123, "got 123 \\(int\\)"), ([None], "entry 0 is None"),
                                        (["c1", 2.5], "entry 1 is 2.5"), (b"c1", "bytes")])
 def test_ignore_of_the_wrong_type_is_a_clear_error(bad: Any, what: str) -> None:
@@ -212,6 +223,7 @@ def test_example_inputs_must_match_the_forward_arguments() -> None:
     (dict(round_to=64), "nothing was pruned: round_to=64 is larger than every prunable group \\(the largest has 8"),
     (dict(min_channels=8), "nothing was pruned: min_channels=8 is at least the size of every prunable group"),
     (dict(round_to=64, global_ranking=True), "round_to=64 is larger than every prunable group"),
+    (dict(global_ranking=True, max_group_ratio=0.0), "max_group_ratio=0.0 lets no group of global ranking lose"),
 ])
 def test_round_to_or_min_channels_that_prune_nothing_warn(kwargs: Any, match: str) -> None:
     # Before: silent; the model came back unpruned.

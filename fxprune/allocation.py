@@ -688,6 +688,10 @@ def unpruned_message(analysis: Analysis, policy: Policy) -> str:
         fixed = float(policy.ratio or 0.0)
         ratio_of = lambda g: fixed  # noqa: E731
     would = [g for g in prunable if keep_count(g.size, ratio_of(g)) < g.size]
+    if not would and not isinstance(policy.ratio, Mapping):
+        return (f"{NOTHING_PRUNED}: ratio={policy.ratio!r} is too small to remove a channel from any group (the "
+                f"largest has {largest} channels and keeps int({largest} * (1 - ratio)) = "
+                f"{keep_count(largest, ratio_of(prunable[0]))} of them). Hint: raise the ratio")
     if not would:
         outputs = sorted({name for g in prunable for name in _pruning_modules(g)})
         return (f"{NOTHING_PRUNED}: no ratio pattern of {list(policy.ratio or ())} gives a prunable group a ratio "

@@ -234,6 +234,12 @@ def test_round_to_or_min_channels_that_prune_nothing_warn(kwargs: Any, match: st
         fxprune.plan(Tiny(), 0.5, **kwargs)
 
 
+def test_a_ratio_too_small_to_remove_a_channel_warns() -> None:
+    # Found by tests/test_fuzz.py (ratio=5e-324): int(C * (1 - ratio)) == C.
+    with pytest.warns(fxprune.FxPruneWarning, match=r"nothing was pruned: ratio=1e-20 is too small.*keeps int\(8"):
+        fxprune.plan(Tiny(), 1e-20)
+
+
 def test_iterative_pruning_that_prunes_nothing_warns_once() -> None:
     messages = fx_warnings(lambda: fxprune.prune_iteratively(Tiny(), 0.5, steps=3, round_to=64))
     assert [m for m in messages if m.startswith("nothing")] == [

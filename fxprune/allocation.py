@@ -34,12 +34,14 @@ import collections
 import fnmatch
 import math
 import numbers
+import operator
 import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -585,18 +587,31 @@ def unrecognised_layers(analysis: Analysis) -> List[torch.fx.Node]:
     modules = dict(gm.named_modules())
     found = []
     for node in gm.graph.nodes:
-        if node.op == "call_function":
+        if node.op in ("call_function", "call_method"):
+            if lookup_rule(node, None) is not None:
+                continue
             try:
-                layer = node.target in FUNCTIONAL_LAYERS
+                layer = node.op == "call_function" and node.target in FUNCTIONAL_LAYERS
             except TypeError:  # an unhashable target is no layer op
                 layer = False
-            if layer and lookup_rule(node, None) is None:
+            # Any other op without a rule that computes with a parameter (x @ self.weight) is a
+            # layer written by hand.
+            if layer or any(_is_parameter(gm, n) for n in node.all_input_nodes):
                 found.append(node)
         elif node.op == "call_module":
             module = modules.get(str(node.target))
             if module is not None and lookup_rule(node, module) is None and any(True for _ in module.parameters()):
                 found.append(node)
     return found
+
+
+def _is_parameter(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op != "get_attr":
+        return False
+    try:
+        return isinstance(operator.attrgetter(str(node.target))(gm), nn.Parameter)
+    except AttributeError:
+        return False
 
 
 def _where(node: torch.fx.Node) -> str:
@@ -611,7 +626,7 @@ def _where(node: torch.fx.Node) -> str:
 
 def _layer_hint(nodes: Sequence[torch.fx.Node], gm: torch.fx.GraphModule) -> List[str]:
     hints = []
-    functional = [n for n in nodes if n.op == "call_function"]
+    functional = [n for n in nodes if n.op != "call_module"]
     if functional:
         shown = "; ".join(_where(n) for n in functional[:3])
         more = f" (and {len(functional) - 3} more)" if len(functional) > 3 else ""
@@ -668,8 +683,8 @@ def check_prunable(analysis: Analysis, *, strict: bool = False, stacklevel: int 
         layers = unrecognised_layers(analysis)
         if layers:
             node = layers[0]
-            what = (f"{target_name(node)} is a layer called functionally" if node.op == "call_function"
-                    else f"module {node.target} has weights but no channel rule")
+            what = (f"module {node.target} has weights but no channel rule" if node.op == "call_module"
+                    else f"{target_name(node)} is a layer called functionally")
             raise UnsupportedNodeError(
                 node, f"{NOTHING_PRUNABLE} and {what}, whose channels fxprune does not track",
                 "; ".join(_layer_hint(layers, analysis.gm)) + "; or call with strict=False to get the model back unpruned")

@@ -78,12 +78,7 @@ def _check_prune_args(args: argparse.Namespace) -> None:
     check_importance(args.importance)
     check_model_name(args.model)
     if args.save:
-        from pathlib import Path
-
-        save = Path(args.save).expanduser()
-        if save.exists() and not save.is_dir():
-            raise ConfigError(f"--save {args.save}: is a file, not a folder; choose another path")
-        check_output_folder(save.parent, "--save")
+        check_output_folder(args.save, "--save", parent_only=True)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:

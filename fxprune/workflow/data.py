@@ -324,9 +324,15 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         from numpy.core import multiarray  # type: ignore[no-redef]
     allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
                                            ("_codecs", "encode"): _latin1_encode}
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
+    try:
+        from numpy._core import numeric
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import numeric  # type: ignore[no-redef]
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        # Protocol 5 stores an array's bytes as a buffer rebuilt by _frombuffer.
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
     return allowed
 
 
@@ -334,7 +340,8 @@ class CifarUnpickler(pickle.Unpickler):
     """An unpickler that builds only what the CIFAR python format holds.
 
     dicts, lists, bytes, str and numbers need no globals at all; numpy arrays need
-    ``numpy.ndarray``, ``numpy.dtype`` and numpy's ``_reconstruct`` / ``scalar`` (and a
+    ``numpy.ndarray``, ``numpy.dtype`` and numpy's ``_reconstruct`` / ``scalar`` /
+    ``_frombuffer`` (and a
     protocol-2 pickle written by Python 3 stores bytes through ``_codecs.encode``). Any other
     global (``os.system``, ``builtins.eval``, a class to instantiate...) is refused *before*
     it is looked up, so a crafted file cannot run code.

@@ -27,6 +27,7 @@ from fxprune.workflow.errors import CheckpointError, ConfigError
 __all__ = [
     "build_model",
     "check_model_name",
+    "canonical_model_name",
     "resolve_callable",
     "torchvision_builder_name",
     "declared_keywords",
@@ -102,6 +103,13 @@ def _call_with_declared(name: str, factory: Callable[..., nn.Module], **kwargs: 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {name!r} returned {type(model).__name__}, not an nn.Module")
     return model, set(passed)
+
+
+def canonical_model_name(name: str) -> str:
+    """``resnet18`` for ``torchvision.models:resnet18`` (what a report and an artifact record); else ``name``."""
+    if ":" not in name:
+        return name
+    return torchvision_builder_name(resolve_callable(name)) or name
 
 
 def check_model_name(name: str) -> None:

@@ -44,7 +44,8 @@ from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.evaluate import evaluate_accuracy, measure_latency, model_cost
 from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate_batchnorm, resume_fingerprint,
                                        save_checkpoint, train)
-from fxprune.workflow.models import build_model, check_model_name, load_checkpoint_file, load_weights
+from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
+                                     load_weights)
 from fxprune.workflow.report import (close_logging, machine_info, plot_channels, plot_sweep, render_sweep_markdown,
                                      save_pruned, setup_logging, utc_now, write_json, write_report)
 
@@ -206,14 +207,16 @@ def check_importance(name: Any, flag: str = "--importance") -> None:
         raise ConfigError(f"{flag} {name!r} is not an importance criterion; choose one of {', '.join(choices)}")
 
 
-def check_output_folder(path: Any, flag: str = "--out") -> Path:
+def check_output_folder(path: Any, flag: str = "--out", *, parent_only: bool = False) -> Path:
     """Make sure ``path`` is (or can become) a folder fxprune can write into; return it.
 
     Checked before any work: a folder that turns out unwritable after an hour of training
     loses the hour. ``path`` may be missing (it is created, with its parents); an existing
     file at ``path`` or at one of its parents, or a folder that refuses a new file, is a
     :class:`ConfigError`. Writability is proven by creating (and removing) a temporary file,
-    since ``os.access`` says yes to root on read-only file systems.
+    since ``os.access`` says yes to root on read-only file systems. ``parent_only``: ``path``
+    is a folder someone else creates (``fxprune.save``'s artifact); only its parent is made
+    and probed.
     """
     folder = Path(path).expanduser()
     for ancestor in [folder, *folder.parents]:
@@ -222,9 +225,10 @@ def check_output_folder(path: Any, flag: str = "--out") -> Path:
                 where = "is" if ancestor == folder else f"is under {ancestor}, which is"
                 raise ConfigError(f"{flag} {path}: {where} a file, not a folder; choose another output folder")
             break
+    target = folder.parent if parent_only else folder
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".fxprune-write-test-"):
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target, prefix=".fxprune-write-test-"):
             pass
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose a writable "
@@ -477,13 +481,27 @@ def _check_resume_up_front(session: "_Session", points: Sequence[tuple[Path, Opt
     config, data, ctx = session.config, session.data, session.ctx
     if not config.resume:
         return
-    if config.weights is None:
+    meta = _baseline_meta(config, data, ctx)
+    # A valid cached baseline is used as it is: its (finished) training checkpoint is not resumed.
+    if config.weights is None and _cached_baseline(session.out / "baseline" / BASELINE_FILE, meta) is None:
         check_resumable(session.out / "baseline" / "checkpoint.pt",
                         resume_fingerprint(_train_config(config, baseline=True), False, ctx.world_size,
-                                           {"baseline": _baseline_meta(config, data, ctx)}))
+                                           {"baseline": meta}))
     if config.epochs > 0:
         for folder, ratio, importance in points:
             check_resumable(folder / "finetune_checkpoint.pt", _finetune_fingerprint(session, ratio, importance))
+
+
+def _cached_baseline(cache: Path, meta: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The cached baseline at ``cache`` if it was trained under exactly ``meta``, else None."""
+    if not cache.is_file():
+        return None
+    try:
+        saved = load_checkpoint_file(cache)
+    except CheckpointError as exc:
+        logger.warning("ignoring the cached baseline: %s", exc)
+        return None
+    return saved if isinstance(saved, dict) and saved.get("meta") == meta else None
 
 
 def _fresh_model(config: RunConfig, data: DataBundle) -> nn.Module:
@@ -510,19 +528,18 @@ def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dic
     folder = session.out / "baseline"
     cache = folder / BASELINE_FILE
     meta = _baseline_meta(config, data, ctx)
-    if cache.is_file():
+    saved = _cached_baseline(cache, meta)
+    if saved is not None:
         try:
-            saved = load_checkpoint_file(cache)
-        except CheckpointError as exc:
-            logger.warning("ignoring the cached baseline: %s", exc)
-            saved = None
-        if isinstance(saved, dict) and saved.get("meta") == meta:
             model.load_state_dict(saved["model"])
-            logger.info("baseline: reusing the trained model cached in %s", cache)
-            return model.to(session.device).eval(), {"source": "cache", "path": str(cache),
-                                                     "history": saved.get("history", [])}
-        if saved is not None:
-            logger.info("baseline: the cache in %s was trained with other settings; training anew", cache)
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"the cached baseline {cache} does not fit {config.model}: {exc}; "
+                                  f"delete it to train anew") from exc
+        logger.info("baseline: reusing the trained model cached in %s", cache)
+        return model.to(session.device).eval(), {"source": "cache", "path": str(cache),
+                                                 "history": saved.get("history", [])}
+    if cache.is_file():
+        logger.info("baseline: the cache in %s was trained with other settings; training anew", cache)
     started = time.perf_counter()
     # The checkpoint carries the baseline's whole key: resuming it under another --limit, data
     # set or model is refused, so the cache below is only ever written with its own settings.
@@ -687,7 +704,9 @@ def _report(session: _Session, baseline_entry: dict[str, Any], pruned_entry: dic
 def _write_outputs(session: _Session, out: Path, report: dict[str, Any], baseline: nn.Module,
                    pruned: nn.Module, config: RunConfig, ratio: Optional[float], importance: str) -> dict[str, Any]:
     data = session.data
-    build = {"name": config.model, "num_classes": data.num_classes, "in_channels": data.in_channels,
+    # The torchvision name for torchvision.models:resnet18, so that load_pruned can rebuild it
+    # from the file alone (it never resolves a callable a file names).
+    build = {"name": canonical_model_name(config.model), "num_classes": data.num_classes, "in_channels": data.in_channels,
              "image_size": data.image_size}
     example = example_batch(data.test, 1)
     what = f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}"

@@ -175,7 +175,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                       help="random horizontal flips while training (worth it for longer schedules)")
     tune.add_argument("--distill", action="store_true",
                       help="fine-tune with knowledge distillation from the unpruned model")
-    tune.add_argument("--seed", type=_non_negative_int, default=defaults.seed, help="random seed (default: %(default)s)")
+    tune.add_argument("--seed", type=_non_negative_int, default=defaults.seed,
+                      help="random seed (default: %(default)s)")
     tune.add_argument("--resume", action="store_true",
                       help="continue from the last checkpoint in OUT; a checkpoint made with other settings "
                            "is refused with the options that differ (run without --resume to start over)")

@@ -50,6 +50,7 @@ __all__ = [
     "load_image_folder",
     "read_idx",
     "read_cifar_pickle",
+    "read_image",
     "CifarUnpickler",
     "limit_dataset",
     "make_loader",

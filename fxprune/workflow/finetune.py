@@ -239,7 +239,9 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
             found += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
         return found
     if saved != current:
-        return [f"{prefix[:-1]}: {saved!r} -> {current!r}"]
+        # "options." only groups the run's command-line options: show them by their own name.
+        name = prefix[:-1].removeprefix("options.")
+        return [f"{name}: {saved!r} -> {current!r}"]
     return []
 
 

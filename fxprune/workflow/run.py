@@ -49,8 +49,9 @@ from fxprune.workflow.models import (build_model, canonical_model_name, check_mo
 from fxprune.workflow.report import (close_logging, machine_info, plot_channels, plot_sweep, render_sweep_markdown,
                                      save_pruned, setup_logging, utc_now, write_json, write_report)
 
-__all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "achieved_pruning",
-           "weights_identity", "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE"]
+__all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "check_importance",
+           "check_model_fits", "achieved_pruning", "weights_identity",
+           "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE"]
 
 logger = logging.getLogger("fxprune.workflow")
 
@@ -181,8 +182,10 @@ class RunConfig:
             raise ConfigError(f"--ignore takes module names, got {self.ignore!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (for the log and report.json), with the ratio actually used."""
         data = asdict(self)
         data["ignore"] = list(self.ignore)
+        data["ratio"] = self.effective_ratio
         return data
 
     def result_options(self) -> dict[str, Any]:
@@ -236,13 +239,27 @@ def check_output_folder(path: Any, flag: str = "--out", *, parent_only: bool = F
     return folder
 
 
+_WEIGHTS_HASHES: dict[tuple[str, int, int], str] = {}
+
+
 def weights_identity(weights: Optional[str]) -> Optional[str]:
-    """What identifies ``--weights``: the file's SHA-256, or the torchvision weights name."""
+    """What identifies ``--weights``: the file's SHA-256, or the torchvision weights name.
+
+    Hashed once per file version (path, size, modification time) in a process: a run needs
+    it for several fingerprints.
+    """
     if weights is None:
         return None
     path = Path(weights).expanduser()
     if not path.is_file():
         return str(weights)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"--weights {weights}: cannot read it ({exc.strerror or exc})") from exc
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _WEIGHTS_HASHES:
+        return _WEIGHTS_HASHES[key]
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
@@ -250,7 +267,8 @@ def weights_identity(weights: Optional[str]) -> Optional[str]:
                 digest.update(block)
     except OSError as exc:
         raise CheckpointError(f"--weights {weights}: cannot read it ({exc.strerror or exc})") from exc
-    return "sha256:" + digest.hexdigest()
+    _WEIGHTS_HASHES[key] = "sha256:" + digest.hexdigest()
+    return _WEIGHTS_HASHES[key]
 
 
 def preflight(config: RunConfig, *, importances: Sequence[str] = (), ratios: Sequence[float] = ()) -> None:
@@ -706,7 +724,8 @@ def _write_outputs(session: _Session, out: Path, report: dict[str, Any], baselin
     data = session.data
     # The torchvision name for torchvision.models:resnet18, so that load_pruned can rebuild it
     # from the file alone (it never resolves a callable a file names).
-    build = {"name": canonical_model_name(config.model), "num_classes": data.num_classes, "in_channels": data.in_channels,
+    build = {"name": canonical_model_name(config.model), "num_classes": data.num_classes,
+             "in_channels": data.in_channels,
              "image_size": data.image_size}
     example = example_batch(data.test, 1)
     what = f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}"

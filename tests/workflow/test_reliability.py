@@ -338,7 +338,8 @@ def test_a_callable_gets_only_the_keywords_it_declares(tmp_path: Path, monkeypat
         "import torch.nn as nn\n"
         "class Net(nn.Sequential):\n"
         "    def __init__(self, num_classes=10):\n"
-        "        super().__init__(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))\n"
+        "        super().__init__(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(4, num_classes))\n"
         "def build(num_classes=10, **kwargs):\n"
         "    return Net(num_classes=num_classes, **kwargs)  # like timm: forwards **kwargs to the class\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -423,3 +424,17 @@ def test_the_report_says_loudly_when_nothing_was_pruned(tmp_path: Path, caplog: 
     assert not achieved["nothing_pruned"] and achieved["channels_removed"] > 0
     md = (out / "report.md").read_text()
     assert "requested ratio 0.5" in md and f"{achieved['channels_removed']} of {achieved['channels']} channels" in md
+
+
+def test_sweep_resume_never_reuses_a_point_made_from_other_data(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    data = _write_fmnist(tmp_path / "data", seed=1)
+    config = _tiny(tmp_path / "out", data, epochs=0)
+    first = sweep(config, [0.5], ["l1"])
+    with caplog.at_level("INFO", logger="fxprune.workflow"):
+        again = sweep(config.replace(resume=True), [0.5], ["l1"])
+    assert "sweep: reusing" in caplog.text and again["points"] == first["points"]
+    _write_fmnist(tmp_path / "data", seed=5)  # same folder and counts, other images
+    with pytest.raises(CheckpointError, match="data_identity"):
+        sweep(config.replace(resume=True), [0.5], ["l1"])
+    assert sweep(config, [0.5], ["l1"])["points"][0]["top1"] is not None  # a fresh start works

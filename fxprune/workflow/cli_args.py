@@ -100,9 +100,6 @@ def finite_float(text: str) -> float:
     return value
 
 
-_positive_int = positive_int
-
-
 def _float_list(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -140,16 +137,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                            "such as an ImageNet val/ folder")
     what.add_argument("--download", action="store_true",
                       help="allow downloading the data set or torchvision weights (never otherwise)")
-    what.add_argument("--image-size", type=_positive_int, default=None,
+    what.add_argument("--image-size", type=positive_int, default=None,
                       help="crop size for ImageFolder data (default 224)")
-    what.add_argument("--limit", type=_positive_int, default=None,
+    what.add_argument("--limit", type=positive_int, default=None,
                       help="use only this many samples of each split (quick trials)")
 
     prune = parser.add_argument_group("pruning")
     prune.add_argument("--target-macs", type=finite_float, default=None,
                        help="prune to at most this fraction of the baseline's MACs (e.g. 0.27), instead of "
                             "--ratio (give one of the two)")
-    prune.add_argument("--round-to", type=_positive_int, default=None,
+    prune.add_argument("--round-to", type=positive_int, default=None,
                        help="pruned layers keep a multiple of this many channels (e.g. 8 for tensor cores)")
     prune.add_argument("--ignore", type=_str_list, default=[],
                        help="comma-separated module names to leave unpruned")
@@ -163,7 +160,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                       help="epochs to train the baseline when no --weights (default: %(default)s)")
     tune.add_argument("--baseline-lr", type=finite_float, default=defaults.baseline_lr,
                       help="baseline learning rate (default: %(default)s)")
-    tune.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+    tune.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                       help="batch size per process (default: %(default)s)")
     tune.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer,
                       help="SGD with Nesterov momentum, or AdamW (default: %(default)s)")
@@ -186,12 +183,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                            help="auto (CUDA when present), cpu, cuda, cuda:N (default: %(default)s)")
     run_group.add_argument("--amp", choices=("auto", "on", "off"), default=defaults.amp,
                            help="mixed precision for training: auto = on CUDA only (default: %(default)s)")
-    run_group.add_argument("--threads", type=_positive_int, default=None,
+    run_group.add_argument("--threads", type=positive_int, default=None,
                            help="torch CPU threads (default: all cores, shared among torchrun processes)")
     run_group.add_argument("--workers", type=_non_negative_int, default=None, help="DataLoader worker processes")
     run_group.add_argument("--no-compile", dest="compile", action="store_false",
                            help="skip the torch.compile latency measurements")
-    run_group.add_argument("--latency-runs", type=_positive_int, default=defaults.latency_runs,
+    run_group.add_argument("--latency-runs", type=positive_int, default=defaults.latency_runs,
                            help="timed runs per latency setting (median reported; default: %(default)s)")
     run_group.add_argument("--out", default=defaults.out,
                            help="output folder (default: %(default)s)")

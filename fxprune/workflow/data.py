@@ -393,7 +393,7 @@ def _read_cifar_batch(path: Path, digest: Optional[Any] = None) -> tuple[torch.T
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         raise DataError(f"{path}: CIFAR-10 b'data' must be a uint8 numpy array, got "
                         f"{getattr(data, 'dtype', type(data).__name__)}")
-    if isinstance(labels, np.ndarray):
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu":
         labels_array = labels
     elif isinstance(labels, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
         labels_array = np.asarray(labels, dtype=np.int64)

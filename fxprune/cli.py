@@ -65,11 +65,28 @@ def _table(rows: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _check_prune_args(args: argparse.Namespace) -> None:
+    """Everything ``fxprune prune`` can check before building a model (one clear error each)."""
+    import math
+
+    from .workflow.errors import ConfigError
+    from .workflow.models import check_model_name
+    from .workflow.run import check_importance, check_output_folder
+
+    if not (math.isfinite(args.ratio) and 0.0 <= args.ratio < 1.0):
+        raise ConfigError(f"--ratio: ratio must be in [0, 1), got {args.ratio}")
+    check_importance(args.importance)
+    check_model_name(args.model)
+    if args.save:
+        check_output_folder(args.save, "--save", parent_only=True)
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     import fxprune
 
+    _check_prune_args(args)
     model = _model(args.model, args.num_classes)
     example = torch.randn(1, 3, args.image_size, args.image_size)
     with warnings.catch_warnings(record=True) as caught:
@@ -96,6 +113,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_groups(args: argparse.Namespace) -> int:
     import fxprune
 
+    from .workflow.models import check_model_name
+
+    check_model_name(args.model)
     print(fxprune.find_groups(_model(args.model, args.num_classes)))
     return 0
 
@@ -103,7 +123,7 @@ def _cmd_groups(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .workflow import cli_args
 
-    parser = argparse.ArgumentParser(
+    parser = cli_args.Parser(
         prog="fxprune",
         description="Structured channel pruning for PyTorch models, proven equivalent, physically smaller.",
         epilog="Run 'fxprune COMMAND --help' for each command's options and examples.",
@@ -129,18 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or default weights and compare parameters, MACs, size and latency.",
                            epilog=PRUNE_EXAMPLES, formatter_class=fmt)
     prune.add_argument("--model", default="resnet18", help="torchvision model name or package.module:callable (default: %(default)s)")
-    prune.add_argument("--ratio", type=float, default=0.3, help="fraction of channels removed per group (default: %(default)s)")
+    prune.add_argument("--ratio", type=cli_args.finite_float, default=0.3, help="fraction of channels removed per group (default: %(default)s)")
     prune.add_argument("--importance", default="l1", help="importance criterion (default: %(default)s)")
-    prune.add_argument("--image-size", type=int, default=224, help="input height/width (default: %(default)s)")
-    prune.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: %(default)s)")
-    prune.add_argument("--runs", type=int, default=10, help="timed runs for latency (default: %(default)s)")
+    prune.add_argument("--image-size", type=cli_args.positive_int, default=224,
+                       help="input height/width (default: %(default)s)")
+    prune.add_argument("--num-classes", type=cli_args.positive_int, default=1000,
+                       help="classifier outputs (default: %(default)s)")
+    prune.add_argument("--runs", type=cli_args.positive_int, default=10,
+                       help="timed runs for latency (default: %(default)s)")
     prune.add_argument("--save", default=None, help="save the pruned model to this folder")
     prune.set_defaults(func=_cmd_prune)
 
     groups = sub.add_parser("groups", help="print the channel-coupled groups of a model",
                             epilog=GROUPS_EXAMPLES, formatter_class=fmt)
     groups.add_argument("--model", default="resnet18", help="torchvision model name or package.module:callable")
-    groups.add_argument("--num-classes", type=int, default=1000)
+    groups.add_argument("--num-classes", type=cli_args.positive_int, default=1000)
     groups.set_defaults(func=_cmd_groups)
     return parser
 
@@ -149,8 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fxprune`` console script and ``python -m fxprune``."""
     from .errors import FxPruneError, InternalError
 
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except InternalError as error:
         # A bug of ours, not bad input: keep the traceback for the report, and a distinct code.
@@ -158,7 +181,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fxprune: internal error: {error}", file=sys.stderr)
         return 70
     except (FxPruneError, ValueError) as error:
-        print(f"fxprune: error: {error}", file=sys.stderr)
+        # One line, always: a multi-line message would read like a traceback.
+        text = " ".join(str(error).splitlines()).strip()
+        print(f"fxprune: error: {text}", file=sys.stderr)
         return 2
 
 

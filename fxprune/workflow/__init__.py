@@ -9,11 +9,11 @@ imports the workflow.
 from __future__ import annotations
 
 from fxprune.workflow.data import DataBundle, load_data
-from fxprune.workflow.errors import CheckpointError, ConfigError, DataNotFoundError, WorkflowError
+from fxprune.workflow.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, WorkflowError
 from fxprune.workflow.evaluate import evaluate_accuracy, measure_latency, model_cost
 from fxprune.workflow.finetune import TrainConfig, recalibrate_batchnorm, train
 from fxprune.workflow.models import build_model, load_weights
-from fxprune.workflow.report import save_pruned
+from fxprune.workflow.report import load_pruned, save_pruned
 from fxprune.workflow.run import RunConfig, run, sweep
 
 __all__ = [
@@ -22,6 +22,6 @@ __all__ = [
     "build_model", "load_weights",
     "TrainConfig", "train", "recalibrate_batchnorm",
     "evaluate_accuracy", "measure_latency", "model_cost",
-    "save_pruned",
-    "WorkflowError", "DataNotFoundError", "CheckpointError", "ConfigError",
+    "save_pruned", "load_pruned",
+    "WorkflowError", "DataError", "DataNotFoundError", "CheckpointError", "ConfigError",
 ]

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from fxprune.errors import FxPruneError
-from fxprune.workflow.run import RunConfig, run, sweep
+from fxprune.workflow.errors import ConfigError
+from fxprune.workflow.run import DEFAULT_RATIO, RunConfig, run, sweep
 
 __all__ = [
     "RUN_EXAMPLES",
@@ -26,6 +28,10 @@ __all__ = [
     "main_sweep",
     "build_parser",
     "main",
+    "Parser",
+    "UsageError",
+    "positive_int",
+    "finite_float",
 ]
 
 RUN_EXAMPLES = """\
@@ -46,10 +52,51 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+class UsageError(ConfigError):
+    """A command line argparse refuses (unknown option, bad value): one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a :class:`UsageError` instead of usage text + exit.
+
+    ``fxprune.cli.main`` prints every error as one line on stderr and returns 2; argparse's
+    own ``error`` would print two lines (usage, message) and raise ``SystemExit``.
+    Subparsers made by :meth:`add_subparsers` are of this class too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan``/``inf`` are refused; ranges are checked by RunConfig)."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -58,6 +105,8 @@ def _float_list(text: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
@@ -88,55 +137,58 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                            "such as an ImageNet val/ folder")
     what.add_argument("--download", action="store_true",
                       help="allow downloading the data set or torchvision weights (never otherwise)")
-    what.add_argument("--image-size", type=_positive_int, default=None,
+    what.add_argument("--image-size", type=positive_int, default=None,
                       help="crop size for ImageFolder data (default 224)")
-    what.add_argument("--limit", type=_positive_int, default=None,
+    what.add_argument("--limit", type=positive_int, default=None,
                       help="use only this many samples of each split (quick trials)")
 
     prune = parser.add_argument_group("pruning")
-    prune.add_argument("--target-macs", type=float, default=None,
-                       help="prune to at most this fraction of the baseline's MACs (e.g. 0.27), instead of --ratio")
-    prune.add_argument("--round-to", type=_positive_int, default=None,
+    prune.add_argument("--target-macs", type=finite_float, default=None,
+                       help="prune to at most this fraction of the baseline's MACs (e.g. 0.27), instead of "
+                            "--ratio (give one of the two)")
+    prune.add_argument("--round-to", type=positive_int, default=None,
                        help="pruned layers keep a multiple of this many channels (e.g. 8 for tensor cores)")
     prune.add_argument("--ignore", type=_str_list, default=[],
                        help="comma-separated module names to leave unpruned")
 
     tune = parser.add_argument_group("training")
-    tune.add_argument("--epochs", type=int, default=defaults.epochs,
+    tune.add_argument("--epochs", type=_non_negative_int, default=defaults.epochs,
                       help="fine-tuning epochs (default: %(default)s)")
-    tune.add_argument("--lr", type=float, default=defaults.lr,
+    tune.add_argument("--lr", type=finite_float, default=defaults.lr,
                       help="fine-tuning learning rate, cosine-decayed (default: %(default)s)")
-    tune.add_argument("--baseline-epochs", type=int, default=defaults.baseline_epochs,
+    tune.add_argument("--baseline-epochs", type=_non_negative_int, default=defaults.baseline_epochs,
                       help="epochs to train the baseline when no --weights (default: %(default)s)")
-    tune.add_argument("--baseline-lr", type=float, default=defaults.baseline_lr,
+    tune.add_argument("--baseline-lr", type=finite_float, default=defaults.baseline_lr,
                       help="baseline learning rate (default: %(default)s)")
-    tune.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+    tune.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                       help="batch size per process (default: %(default)s)")
     tune.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer,
                       help="SGD with Nesterov momentum, or AdamW (default: %(default)s)")
-    tune.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+    tune.add_argument("--weight-decay", type=finite_float, default=defaults.weight_decay,
                       help="weight decay (default: %(default)s)")
-    tune.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
+    tune.add_argument("--label-smoothing", type=finite_float, default=defaults.label_smoothing,
                       help="label smoothing (default: %(default)s)")
     tune.add_argument("--augment", action="store_true",
                       help="random horizontal flips while training (worth it for longer schedules)")
     tune.add_argument("--distill", action="store_true",
                       help="fine-tune with knowledge distillation from the unpruned model")
-    tune.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
+    tune.add_argument("--seed", type=_non_negative_int, default=defaults.seed,
+                      help="random seed (default: %(default)s)")
     tune.add_argument("--resume", action="store_true",
-                      help="continue from the last checkpoint in OUT (same settings give the same result)")
+                      help="continue from the last checkpoint in OUT; a checkpoint made with other settings "
+                           "is refused with the options that differ (run without --resume to start over)")
 
     run_group = parser.add_argument_group("execution and output")
     run_group.add_argument("--device", default=defaults.device,
                            help="auto (CUDA when present), cpu, cuda, cuda:N (default: %(default)s)")
     run_group.add_argument("--amp", choices=("auto", "on", "off"), default=defaults.amp,
                            help="mixed precision for training: auto = on CUDA only (default: %(default)s)")
-    run_group.add_argument("--threads", type=_positive_int, default=None,
+    run_group.add_argument("--threads", type=positive_int, default=None,
                            help="torch CPU threads (default: all cores, shared among torchrun processes)")
-    run_group.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    run_group.add_argument("--workers", type=_non_negative_int, default=None, help="DataLoader worker processes")
     run_group.add_argument("--no-compile", dest="compile", action="store_false",
                            help="skip the torch.compile latency measurements")
-    run_group.add_argument("--latency-runs", type=_positive_int, default=defaults.latency_runs,
+    run_group.add_argument("--latency-runs", type=positive_int, default=defaults.latency_runs,
                            help="timed runs per latency setting (median reported; default: %(default)s)")
     run_group.add_argument("--out", default=defaults.out,
                            help="output folder (default: %(default)s)")
@@ -148,8 +200,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     defaults = RunConfig()
     _add_common(parser)
     group = parser.add_argument_group("pruning amount")
-    group.add_argument("--ratio", type=float, default=defaults.ratio,
-                       help="fraction of channels removed from each prunable group (default: %(default)s)")
+    group.add_argument("--ratio", type=finite_float, default=defaults.ratio,
+                       help=f"fraction of channels removed from each prunable group (default: {DEFAULT_RATIO} "
+                            f"unless --target-macs is given)")
     group.add_argument("--importance", default=defaults.importance,
                        help="channel importance criterion (default: %(default)s)")
     return parser
@@ -183,7 +236,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _fail(error: Exception) -> int:
-    print(f"fxprune: error: {error}", file=sys.stderr)
+    # One line: a message that spans lines (a wrapped worker error, say) must not look like a traceback.
+    text = " ".join(str(error).split("\n")).strip()
+    print(f"fxprune: error: {text}", file=sys.stderr)
     return 2
 
 
@@ -214,7 +269,7 @@ def main_sweep(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone parser with the ``run`` and ``sweep`` subcommands."""
-    parser = argparse.ArgumentParser(prog="fxprune", description="Structured channel pruning workflow.")
+    parser = Parser(prog="fxprune", description="Structured channel pruning workflow.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="prune, fine-tune, evaluate and report",
                                      epilog=RUN_EXAMPLES,
@@ -227,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m fxprune.workflow.cli_args``."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        return _fail(error)
     return main_run(args) if args.command == "run" else main_sweep(args)
 
 

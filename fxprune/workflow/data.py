@@ -20,8 +20,11 @@ critical path on a 2-core machine.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import os
 import pickle
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from fxprune.workflow.errors import ConfigError, DataNotFoundError
+from fxprune.workflow.errors import ConfigError, DataError, DataNotFoundError
 
 __all__ = [
     "FASHION_MNIST_ROOT",
@@ -46,6 +49,9 @@ __all__ = [
     "load_cifar10",
     "load_image_folder",
     "read_idx",
+    "read_cifar_pickle",
+    "read_image",
+    "CifarUnpickler",
     "limit_dataset",
     "make_loader",
     "example_batch",
@@ -106,6 +112,10 @@ class DataBundle:
     std: tuple[float, ...] = field(default_factory=tuple)
     #: Loader workers that pay off for this data (decoding files does; in-memory tensors don't).
     num_workers: int = 0
+    #: What identifies the data's content (a hash of the files read, or of their names, sizes
+    #: and modification times for image trees): part of the resume fingerprint and of the
+    #: baseline cache's key, so a checkpoint is never continued on other data.
+    identity: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -121,6 +131,7 @@ class DataBundle:
             "num_classes": self.num_classes,
             "in_channels": self.in_channels,
             "image_size": self.image_size,
+            "identity": self.identity,
         }
 
 
@@ -155,15 +166,22 @@ class TensorImageDataset(Dataset):
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST
 # --------------------------------------------------------------------------------------------
-def read_idx(path: Union[str, Path]) -> torch.Tensor:
-    """Read an IDX file (as used by MNIST / Fashion-MNIST), gzip-compressed or not."""
+def read_idx(path: Union[str, Path], digest: Optional[Any] = None) -> torch.Tensor:
+    """Read an IDX file (as used by MNIST / Fashion-MNIST), gzip-compressed or not.
+
+    ``digest`` (a :mod:`hashlib` object), when given, is updated with the file's bytes.
+    """
     path = Path(path)
     opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError) as exc:
-        raise DataNotFoundError(f"cannot read IDX file {path}: {exc}") from exc
+    except (OSError, EOFError, zlib.error) as exc:
+        # zlib.error: a gzip file whose deflate stream is corrupt (not an OSError).
+        raise DataNotFoundError(f"cannot read IDX file {path}: the file is corrupt or truncated "
+                                f"({type(exc).__name__}: {exc})") from exc
+    if digest is not None:
+        digest.update(raw)
     # Header: two zero bytes, a dtype code, the number of dimensions, then one big-endian
     # uint32 per dimension.
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -229,25 +247,56 @@ def load_fashion_mnist(root: Union[str, Path, None] = None, *, download: bool = 
     if folder is None:
         raise DataNotFoundError(_fmnist_missing_message(given or FASHION_MNIST_ROOT))
 
-    def read(split: str, kind: str) -> torch.Tensor:
+    digest = hashlib.sha256()
+
+    def read(split: str, kind: str) -> tuple[Path, torch.Tensor]:
         path = _idx_file(folder, _FMNIST_FILES[(split, kind)])
         if path is None:  # removed since _find_fmnist_dir looked
             raise DataNotFoundError(_fmnist_missing_message(folder))
-        return read_idx(path)
+        return path, read_idx(path, digest)
 
     splits = {}
+    sizes: dict[str, tuple[int, ...]] = {}
+    classes = list(FASHION_MNIST_CLASSES)
     for split in ("train", "test"):
-        images, labels = read(split, "images"), read(split, "labels")
+        (image_path, images), (label_path, labels) = read(split, "images"), read(split, "labels")
         if images.dim() != 3 or images.dtype != torch.uint8 or len(images) != len(labels):
             raise DataNotFoundError(
                 f"Fashion-MNIST {split} files in {folder} do not match: images "
                 f"{tuple(images.shape)} {images.dtype}, labels {tuple(labels.shape)}")
+        _check_labels(labels, len(classes), label_path)
+        sizes[split] = tuple(images.shape[1:])
         splits[split] = TensorImageDataset(images, labels, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    if sizes["train"] != sizes["test"]:
+        raise DataError(
+            f"Fashion-MNIST files in {folder}: the training images are {sizes['train'][0]}x"
+            f"{sizes['train'][1]} but the test images are {sizes['test'][0]}x{sizes['test'][1]}; "
+            f"both splits must have the same image size")
+    height, width = sizes["train"]
+    if height != width:
+        raise DataError(f"Fashion-MNIST files in {folder}: images are {height}x{width}, expected square images")
     return DataBundle(
         name="fashion-mnist", train=splits["train"], test=splits["test"],
-        classes=list(FASHION_MNIST_CLASSES), in_channels=1, image_size=28, source=str(folder),
-        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+        classes=classes, in_channels=1, image_size=height, source=str(folder),
+        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, identity="sha256:" + digest.hexdigest(),
     )
+
+
+def _check_labels(labels: Any, num_classes: Optional[int], path: Path) -> None:
+    """Labels are one integer class index per sample, in ``[0, num_classes)``."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1:
+        raise DataError(f"{path}: labels must be one class index per sample (a 1-d array), "
+                        f"got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise DataError(f"{path}: labels must be integer class indices, got {labels.dtype} "
+                        f"(a float label file would be truncated to the wrong classes)")
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        bound = f"[0, {num_classes - 1}]" if num_classes is not None else ">= 0"
+        raise DataError(f"{path}: labels must be class indices in {bound}, found values from {low} to {high}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,19 +309,101 @@ def _find_cifar_dir(root: Path) -> Optional[Path]:
     return None
 
 
-def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    # What pickle protocol 2 from Python 3 uses to store bytes: _codecs.encode(str, "latin1").
+    # Only that codec is admitted: a codec name from the file must not pick a codec module.
+    if encoding not in ("latin1", "latin-1", "iso-8859-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} is not part of the CIFAR format")
+    return text.encode("latin-1")
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The numpy callables a pickled ndarray names, under numpy 1's and numpy 2's module names."""
     try:
-        with open(path, "rb") as handle:
-            # The official CIFAR-10 python batches are pickles of dicts of numpy arrays and
-            # lists; encoding="bytes" is how the format is documented to be read in Python 3.
-            batch = pickle.load(handle, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except Exception as exc:  # any unpickling/format problem is a corrupt data file
-        raise DataNotFoundError(f"{path} is not a CIFAR-10 python batch: {exc}") from exc
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        from numpy._core import multiarray  # numpy >= 2 (numpy.core is a deprecated alias)
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                           ("_codecs", "encode"): _latin1_encode}
+    try:
+        from numpy._core import numeric
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import numeric  # type: ignore[no-redef]
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        # Protocol 5 stores an array's bytes as a buffer rebuilt by _frombuffer.
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the CIFAR python format holds.
+
+    dicts, lists, bytes, str and numbers need no globals at all; numpy arrays need
+    ``numpy.ndarray``, ``numpy.dtype`` and numpy's ``_reconstruct`` / ``scalar`` /
+    ``_frombuffer`` (and a
+    protocol-2 pickle written by Python 3 stores bytes through ``_codecs.encode``). Any other
+    global (``os.system``, ``builtins.eval``, a class to instantiate...) is refused *before*
+    it is looked up, so a crafted file cannot run code.
+    """
+
+    allowed: dict[tuple[str, str], Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = self.allowed or _numpy_globals()
+        found = allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"global {module}.{name} is not allowed: a CIFAR-10 batch holds only dicts, "
+                f"lists, bytes and numpy arrays")
+        return found
+
+
+def read_cifar_pickle(path: Union[str, Path], digest: Optional[Any] = None) -> Any:
+    """Unpickle a CIFAR python-format file with :class:`CifarUnpickler` (never runs its code).
+
+    Raises :class:`DataError` for a file that is not such a pickle, including one that names
+    anything outside the allow-list. ``digest`` (a :mod:`hashlib` object) is fed the bytes.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataNotFoundError(f"cannot read {path}: {exc}") from exc
+    if digest is not None:
+        digest.update(raw)
+    try:
+        # encoding="bytes": the official batches were written by Python 2, and this is how
+        # their keys and strings are documented to be read in Python 3.
+        return CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:  # any unpickling problem means this file cannot be used
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: {reason}); "
+                        f"--data must point at the files of the official CIFAR-10 python version") from exc
+
+
+def _read_cifar_batch(path: Path, digest: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = read_cifar_pickle(path, digest)
+    try:
+        data = batch[b"data"]
+        labels = batch[b"labels"]
+    except (TypeError, KeyError, IndexError) as exc:
+        raise DataError(f"{path} is not a CIFAR-10 python batch: no b'data' / b'labels' entries") from exc
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise DataError(f"{path}: CIFAR-10 b'data' must be a uint8 numpy array, got "
+                        f"{getattr(data, 'dtype', type(data).__name__)}")
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu":
+        labels_array = labels
+    elif isinstance(labels, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        labels_array = np.asarray(labels, dtype=np.int64)
+    else:
+        raise DataError(f"{path}: CIFAR-10 b'labels' must be a list of integer class indices")
+    _check_labels(torch.from_numpy(np.ascontiguousarray(labels_array)), None, path)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels_array):
         raise DataNotFoundError(f"{path}: unexpected CIFAR-10 batch shape {data.shape}")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+    return (torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()),
+            torch.from_numpy(labels_array.astype(np.int64)))
 
 
 def load_cifar10(root: Union[str, Path, None] = None, *, download: bool = False) -> DataBundle:
@@ -293,20 +424,19 @@ def load_cifar10(root: Union[str, Path, None] = None, *, download: bool = False)
             f"{base / 'cifar-10-batches-py'}. Point --data at the extracted "
             f"cifar-10-batches-py folder, or pass --download to fetch it into {base}.")
     train_files = sorted(folder.glob("data_batch_*"), key=lambda p: p.name)
-    parts = [_read_cifar_batch(p) for p in train_files]
+    digest = hashlib.sha256()
+    parts = [_read_cifar_batch(p, digest) for p in train_files]
     train_x = torch.cat([p[0] for p in parts])
     train_y = torch.cat([p[1] for p in parts])
-    test_x, test_y = _read_cifar_batch(folder / "test_batch")
+    test_x, test_y = _read_cifar_batch(folder / "test_batch", digest)
     classes = list(CIFAR10_CLASSES)
     meta = folder / "batches.meta"
     if meta.is_file():
-        try:
-            with open(meta, "rb") as handle:
-                names = pickle.load(handle, encoding="bytes").get(b"label_names")
-            if names:
-                classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-        except Exception:  # the class names are cosmetic; the default list is right for CIFAR-10
-            pass
+        # Read with the same restricted unpickler: a malicious meta file fails like a batch.
+        content = read_cifar_pickle(meta)
+        names = content.get(b"label_names") if isinstance(content, dict) else None
+        if isinstance(names, list) and names and all(isinstance(n, (bytes, str)) for n in names):
+            classes = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
     num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
     if num_classes > len(classes):
         classes = classes + [str(i) for i in range(len(classes), num_classes)]
@@ -314,6 +444,7 @@ def load_cifar10(root: Union[str, Path, None] = None, *, download: bool = False)
         name="cifar10", train=TensorImageDataset(train_x, train_y, CIFAR10_MEAN, CIFAR10_STD),
         test=TensorImageDataset(test_x, test_y, CIFAR10_MEAN, CIFAR10_STD), classes=classes,
         in_channels=3, image_size=32, source=str(folder), mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        identity="sha256:" + digest.hexdigest(),
     )
 
 
@@ -334,6 +465,41 @@ def _image_folder_transform(image_size: int) -> Any:
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def read_image(path: str) -> Any:
+    """Open ``path`` as an RGB PIL image; a corrupt, truncated or non-image file is a :class:`DataError`.
+
+    (torchvision's default loader lets PIL's ``UnidentifiedImageError`` / ``OSError: image
+    file is truncated`` escape from deep inside the DataLoader.)
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")  # convert() decodes the whole file: truncation shows here
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read image {path}: the file is corrupt, truncated or not an image "
+                        f"({type(exc).__name__}: {reason}); remove or replace it") from exc
+
+
+def _tree_identity(samples: Sequence[tuple[str, int]], root: Path) -> str:
+    """A hash of every image's relative path, class, size and modification time.
+
+    Hashing the content of an ImageNet-sized tree would take minutes; a file rewritten in
+    place changes its size or modification time.
+    """
+    digest = hashlib.sha256()
+    for path, target in samples:
+        try:
+            stat = os.stat(path)
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        digest.update(f"{os.path.relpath(path, root)}\0{target}\0{size}\0{mtime}\n".encode("utf-8", "replace"))
+    return "files-sha256:" + digest.hexdigest()
 
 
 def load_image_folder(root: Union[str, Path], *, image_size: int = 224,
@@ -359,7 +525,7 @@ def load_image_folder(root: Union[str, Path], *, image_size: int = 224,
 
     def open_folder(path: Path) -> Any:
         try:
-            return ImageFolder(str(path), transform=transform)
+            return ImageFolder(str(path), transform=transform, loader=read_image)
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataNotFoundError(f"{path} is not an ImageFolder tree of images: {exc}") from exc
 
@@ -370,9 +536,11 @@ def load_image_folder(root: Union[str, Path], *, image_size: int = 224,
             raise DataNotFoundError(
                 f"{root / 'train'} and {held_out_dir} have different class folders")
         classes = list(train_set.classes)
+        identity = _tree_identity(list(train_set.samples) + list(test_set.samples), root)
     else:
         full = open_folder(root)
         classes = list(full.classes)
+        identity = _tree_identity(full.samples, root)
         count = len(full)
         held_out = max(1, int(round(count * holdout_fraction)))
         if count - held_out < 1:
@@ -382,7 +550,7 @@ def load_image_folder(root: Union[str, Path], *, image_size: int = 224,
     return DataBundle(
         name="imagefolder", train=train_set, test=test_set, classes=classes, in_channels=3,
         image_size=image_size, source=str(root), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        num_workers=min(4, os.cpu_count() or 1),
+        num_workers=min(4, os.cpu_count() or 1), identity=identity,
     )
 
 

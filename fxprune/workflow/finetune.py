@@ -24,6 +24,7 @@ checkpoint intact.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from fxprune.errors import InternalError
 from fxprune.workflow.data import make_loader
 from fxprune.workflow.distributed import DistContext, all_reduce_sum, barrier
 from fxprune.workflow.errors import CheckpointError, ConfigError
@@ -56,6 +58,8 @@ __all__ = [
     "distillation_loss",
     "save_checkpoint",
     "load_training_checkpoint",
+    "resume_fingerprint",
+    "check_resumable",
     "rng_state",
     "set_rng_state",
     "progress_enabled",
@@ -207,11 +211,60 @@ def load_training_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     return state
 
 
-def _resume_fingerprint(config: TrainConfig, distill: bool, world_size: int) -> dict[str, Any]:
-    fingerprint = {key: getattr(config, key) for key in _RESUME_KEYS}
+def resume_fingerprint(config: TrainConfig, distill: bool, world_size: int,
+                       extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """What a checkpoint must have been written under to be resumed by this training.
+
+    The training options that change the result, whether a teacher distils, the process
+    count, and ``extra``: what the caller knows determined the weights training starts from
+    (the data, the model, the pruning options...), which this loop cannot see.
+    """
+    fingerprint: dict[str, Any] = {key: getattr(config, key) for key in _RESUME_KEYS}
     fingerprint["distill"] = distill
     fingerprint["world_size"] = world_size
-    return fingerprint
+    for key, value in (extra or {}).items():
+        if key in fingerprint:
+            raise InternalError(f"resume fingerprint key {key!r} given twice")
+        fingerprint[key] = value
+    # Plain JSON data (tuples as lists, paths as strings): what a checkpoint written now holds
+    # compares equal to what a later run computes, and loads with weights_only=True.
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs (nested dicts flattened with dots)."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        found: list[str] = []
+        for key in list(current) + [k for k in saved if k not in current]:
+            found += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return found
+    if saved != current:
+        # "options." only groups the run's command-line options: show them by their own name.
+        name = prefix[:-1].removeprefix("options.")
+        return [f"{name}: {saved!r} -> {current!r}"]
+    return []
+
+
+def check_resumable(path: Union[str, Path], fingerprint: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The checkpoint at ``path`` if it was written under ``fingerprint``; None if there is none.
+
+    A checkpoint written under other settings raises :class:`CheckpointError` listing every
+    option that differs (checkpoint -> now): resuming it would mix two runs' settings into
+    one result, labelled as the new one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = load_training_checkpoint(path)
+    saved = state.get("config", {})
+    changed = _differences(saved, dict(fingerprint))
+    if changed:
+        shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written with other settings ({shown}). "
+            f"Rerun with the checkpoint's settings, or without --resume to start over "
+            f"(the checkpoint is then overwritten).")
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +340,8 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
           checkpoint: Union[str, Path, None] = None,
           resume: bool = False,
           ctx: Optional[DistContext] = None,
-          on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None) -> TrainResult:
+          on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None,
+          fingerprint: Optional[Mapping[str, Any]] = None) -> TrainResult:
     """Train ``model`` (in place) on ``train_set`` for ``config.epochs`` epochs.
 
     - ``teacher``: distil from it (loss = (1-a)*CE + a*T^2*KL), with ``a = config.distill_alpha``.
@@ -297,6 +351,9 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
     - ``ctx``: under torchrun, the model is wrapped in DistributedDataParallel and each process
       trains on its shard; the logged metrics are all-reduced.
     - ``on_epoch_end(epoch, metrics)``: called after each epoch's checkpoint is on disk.
+    - ``fingerprint``: what else determined this training's result (data, starting weights,
+      pruning options...); recorded in the checkpoint with the training options, and a
+      checkpoint recorded under anything else is refused on resume (:func:`check_resumable`).
 
     The model is left in eval mode, on ``device``.
     """
@@ -326,19 +383,12 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
                                 int(round(config.warmup_epochs * steps_per_epoch)))
     # A gradient scaler is needed for float16 only; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    fingerprint = _resume_fingerprint(config, teacher is not None, ctx.world_size)
+    fingerprint = resume_fingerprint(config, teacher is not None, ctx.world_size, fingerprint)
 
     start_epoch = 0
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        state = load_training_checkpoint(ckpt_path)
-        saved = state.get("config", {})
-        changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
-        if changed:
-            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise CheckpointError(
-                f"cannot resume from {ckpt_path}: it was written with other settings ({details}). "
-                f"Rerun with the original settings, or without --resume to start over.")
+    state = check_resumable(ckpt_path, fingerprint) if resume and ckpt_path is not None else None
+    if state is not None and ckpt_path is not None:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -352,7 +402,7 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
         result.resumed_from_epoch = int(state["epoch"])
         logger.info("%s: resumed from %s after epoch %d/%d", config.desc, ckpt_path,
                     start_epoch, config.epochs)
-    elif resume and ckpt_path is not None:
+    elif resume and ckpt_path is not None:  # check_resumable found no file
         logger.info("%s: no checkpoint at %s yet, starting from the beginning", config.desc, ckpt_path)
 
     net: nn.Module = model

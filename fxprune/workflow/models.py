@@ -14,8 +14,8 @@ Nothing is downloaded unless ``download=True``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import pkgutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -26,6 +26,11 @@ from fxprune.workflow.errors import CheckpointError, ConfigError
 
 __all__ = [
     "build_model",
+    "check_model_name",
+    "canonical_model_name",
+    "resolve_callable",
+    "torchvision_builder_name",
+    "declared_keywords",
     "adapt_input_channels",
     "adapt_stem",
     "load_weights",
@@ -38,31 +43,89 @@ __all__ = [
 SMALL_IMAGE = 64
 
 
-def _resolve_callable(name: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = name.partition(":")
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resolve_callable(name: str) -> Callable[..., nn.Module]:
+    """The callable ``package.module:callable`` names (``pkgutil.resolve_name``), or a clear error."""
+    module_name = name.partition(":")[0]
     try:
-        module = importlib.import_module(module_name)
+        target = pkgutil.resolve_name(name)
     except ImportError as exc:
-        raise ConfigError(f"--model {name!r}: cannot import module {module_name!r}: {exc}") from exc
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"--model {name!r}: {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
+        raise ConfigError(f"--model {name!r}: cannot import module {module_name!r} ({_first_line(exc)})") from exc
+    except (AttributeError, ValueError) as exc:
+        raise ConfigError(f"--model {name!r} is not a package.module:callable that exists "
+                          f"({type(exc).__name__}: {_first_line(exc)})") from exc
     if not callable(target):
-        raise ConfigError(f"--model {name!r}: {attr!r} is not callable")
+        raise ConfigError(f"--model {name!r} is a {type(target).__name__}, not a callable returning an nn.Module")
     return target
 
 
-def _call_with_supported(factory: Callable[..., nn.Module], **kwargs: Any) -> nn.Module:
-    """Call ``factory`` with those of ``kwargs`` it accepts (a user callable may take none)."""
+def torchvision_builder_name(factory: Any) -> Optional[str]:
+    """The torchvision model name whose builder ``factory`` is, or None.
+
+    ``--model torchvision.models:resnet18`` then builds (and adapts) exactly like
+    ``--model resnet18``: torchvision builders take ``num_classes`` only through ``**kwargs``
+    and no ``in_channels`` at all, so calling them like an arbitrary factory cannot work.
+    """
+    import torchvision.models as tvm
+
+    for name in tvm.list_models(module=tvm):
+        if tvm.get_model_builder(name) is factory:
+            return name
+    return None
+
+
+def declared_keywords(factory: Callable[..., Any]) -> set[str]:
+    """The keyword arguments ``factory`` names in its signature (``**kwargs`` names none)."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        return factory()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return factory(**kwargs)
-    return factory(**{k: v for k, v in kwargs.items() if k in params})
+        return set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, p in params.items() if p.kind in kinds}
+
+
+def _call_with_declared(name: str, factory: Callable[..., nn.Module], **kwargs: Any) -> tuple[nn.Module, set[str]]:
+    """Call ``factory`` with those of ``kwargs`` its signature declares; return what was passed.
+
+    Never through ``**kwargs``: a factory that forwards them (torchvision's, timm's) would hand
+    ``in_channels`` to a constructor that does not take it.
+    """
+    passed = {k: v for k, v in kwargs.items() if k in declared_keywords(factory)}
+    try:
+        model = factory(**passed)
+    except TypeError as exc:
+        raise ConfigError(f"--model {name!r}: calling it with {sorted(passed) or 'no arguments'} failed: "
+                          f"{exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {name!r} returned {type(model).__name__}, not an nn.Module")
+    return model, set(passed)
+
+
+def canonical_model_name(name: str) -> str:
+    """``resnet18`` for ``torchvision.models:resnet18`` (what a report and an artifact record); else ``name``."""
+    if ":" not in name:
+        return name
+    return torchvision_builder_name(resolve_callable(name)) or name
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is a torchvision model or a resolvable callable.
+
+    Cheap (no model is built): the job checks it before loading data or training anything.
+    """
+    if ":" in name:
+        resolve_callable(name)
+        return
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        raise ConfigError(
+            f"--model {name!r} is not a torchvision classification model (e.g. resnet18, "
+            f"resnet50, mobilenet_v2, efficientnet_b0) nor a 'package.module:callable'.")
 
 
 def build_model(name: str = "resnet18", *, num_classes: int = 10, in_channels: int = 3,
@@ -71,23 +134,27 @@ def build_model(name: str = "resnet18", *, num_classes: int = 10, in_channels: i
 
     A torchvision model gets ``num_classes`` through its constructor; with ``adapt`` its first
     convolution is rebuilt for ``in_channels`` and, for ResNets on images smaller than 64
-    pixels, the stem is shrunk (:func:`adapt_stem`). A ``pkg.module:callable`` is called with
-    ``num_classes``/``in_channels``/``image_size`` when it accepts them and is otherwise
-    used as built. Weights are freshly initialised (seed the global RNG for a fixed init).
+    pixels, the stem is shrunk (:func:`adapt_stem`). A ``pkg.module:callable`` (resolved with
+    :func:`pkgutil.resolve_name`) naming a torchvision builder is the same as its name; any
+    other is called with those of ``num_classes``/``in_channels``/``image_size`` its signature
+    declares, and with ``adapt`` its first convolution is rebuilt when it did not take
+    ``in_channels``. Weights are freshly initialised (seed the global RNG for a fixed init).
     """
     if ":" in name:
-        model = _call_with_supported(_resolve_callable(name), num_classes=num_classes,
-                                     in_channels=in_channels, image_size=image_size)
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"--model {name!r} returned {type(model).__name__}, not an nn.Module")
-        return model
+        factory = resolve_callable(name)
+        torchvision_name = torchvision_builder_name(factory)
+        if torchvision_name is None:
+            model, passed = _call_with_declared(name, factory, num_classes=num_classes,
+                                                in_channels=in_channels, image_size=image_size)
+            if adapt and "in_channels" not in passed:
+                first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+                if first is not None and first.in_channels != in_channels:
+                    adapt_input_channels(model, in_channels)
+            return model
+        name = torchvision_name
+    check_model_name(name)
     import torchvision.models as tvm
 
-    available = tvm.list_models(module=tvm)
-    if name not in available:
-        raise ConfigError(
-            f"--model {name!r} is not a torchvision classification model (e.g. resnet18, "
-            f"resnet50, mobilenet_v2, efficientnet_b0) nor a 'package.module:callable'.")
     model = tvm.get_model(name, weights=None, num_classes=num_classes)
     if adapt:
         adapt_input_channels(model, in_channels)

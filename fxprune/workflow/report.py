@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -135,13 +135,35 @@ def _ratio(before: Optional[float], after: Optional[float]) -> str:
     return f"{before / after:.2f}x"
 
 
+def _achieved_lines(achieved: Any) -> list[str]:
+    """The report's statement of what pruning removed (loud when it removed nothing)."""
+    if not isinstance(achieved, Mapping):
+        return []
+    fraction = achieved.get("channels_removed_fraction")
+    groups = (f"{achieved['groups_pruned']} of {achieved['groups']} channel groups pruned, "
+              if "groups" in achieved and "groups_pruned" in achieved else "")
+    line = (f"- Achieved: {groups}{achieved.get('channels_removed', '-')} of {achieved.get('channels', '-')} "
+            f"channels removed ({_fmt(100 * fraction if isinstance(fraction, (int, float)) else None, 1)}%), "
+            f"{achieved.get('layers_pruned', '-')} of {achieved.get('layers', '-')} layers narrower")
+    if achieved.get("nothing_pruned"):
+        return [line, "", "> **WARNING: nothing was pruned.** Every group kept all its channels (check "
+                "`--round-to`, `--ignore` and the warnings in run.log); the pruned model is the baseline's "
+                "architecture.", ""]
+    return [line]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """``report.md``: the baseline and the pruned model side by side."""
     base, pruned = report["baseline"], report["pruned"]
     config = report.get("config", {})
     machine = report.get("machine", {}) or {}
     data_name = (report.get("data") or {}).get("name", config.get("data", "-"))
-    target = f", target MACs {config['target_macs']}" if config.get("target_macs") else ""
+    if config.get("ratio") is not None:
+        requested = f"ratio {config['ratio']}"
+    elif config.get("target_macs"):
+        requested = f"target MACs {config['target_macs']}"
+    else:
+        requested = "ratio -"
     gpu = f", GPU {machine['cuda']['device']}" if machine.get("cuda") else ""
     lines = [
         "# fxprune report",
@@ -149,7 +171,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- Date: {report.get('date', '-')}",
         f"- Model: `{config.get('model', '-')}`; data: `{data_name}` "
         f"(accuracy on the held-out split, {base.get('samples', '-')} samples)",
-        f"- Pruning: importance `{config.get('importance', '-')}`, ratio {config.get('ratio', '-')}{target}",
+        f"- Pruning: importance `{config.get('importance', '-')}`, requested {requested}",
+        *_achieved_lines(pruned.get("achieved")),
         f"- Machine: {machine.get('cpu', '-')} ({machine.get('cpu_count', '-')} cores){gpu}",
         "",
         "| metric | baseline | pruned | change |",
@@ -365,24 +388,92 @@ def save_pruned(pruned: nn.Module, out_dir: Union[str, Path], *,
     return written
 
 
-def load_pruned(out_dir: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> torch.fx.GraphModule:
-    """Load the pruned model :func:`save_pruned` wrote into ``out_dir`` (never unpickles)."""
+#: Keyword arguments of :func:`fxprune.workflow.models.build_model` a ``pruned_model.json`` may
+#: give, with the JSON type each must have. Anything else in the file is refused.
+_BUILD_KEYS: dict[str, type] = {"num_classes": int, "in_channels": int, "image_size": int}
+# Bounds that keep a tampered file from making load_pruned build an absurdly large model.
+_BUILD_LIMITS = {"num_classes": 1_000_000, "in_channels": 4096, "image_size": 16384}
+
+
+def _declarative_build(info: Mapping[str, Any], where: Path) -> dict[str, Any]:
+    """``pruned_model.json``'s ``build_model`` entry, if it is a plain torchvision spec.
+
+    A spec is a torchvision classification model *name* (checked against
+    ``torchvision.models.list_models``, so never a ``package.module:callable``: a file in a
+    folder never chooses code to import) and integer arguments within bounds.
+    """
+    import torchvision.models as tvm
+
+    from fxprune.workflow.errors import CheckpointError
+
+    build = info.get("build_model")
+    if not isinstance(build, Mapping) or not isinstance(build.get("name"), str) or not build["name"]:
+        raise CheckpointError(f"{where} does not say how to build the original model; pass model= "
+                              f"(the unpruned nn.Module, or a callable returning it)")
+    name = build["name"]
+    if name not in tvm.list_models(module=tvm):
+        raise CheckpointError(
+            f"{where} names the model {name!r}, which is not a torchvision classification model: "
+            f"load_pruned never imports code a file names. Pass model= (the unpruned nn.Module, "
+            f"or a callable returning it) to load it")
+    kwargs: dict[str, Any] = {}
+    for key, value in build.items():
+        if key == "name":
+            continue
+        kind = _BUILD_KEYS.get(key)
+        if kind is None:
+            raise CheckpointError(f"{where}: build_model has an unknown entry {key!r}")
+        if isinstance(value, bool) or not isinstance(value, kind) or not 1 <= value <= _BUILD_LIMITS[key]:
+            raise CheckpointError(f"{where}: build_model {key} must be an integer in [1, {_BUILD_LIMITS[key]}], "
+                                  f"got {value!r}")
+        kwargs[key] = value
+    missing = sorted(set(_BUILD_KEYS) - set(kwargs))
+    if missing:
+        raise CheckpointError(f"{where}: build_model lacks {', '.join(missing)}")
+    return {"name": name, **kwargs}
+
+
+def load_pruned(out_dir: Union[str, Path], map_location: Union[str, torch.device] = "cpu", *,
+                model: Union[nn.Module, Callable[[], nn.Module], None] = None) -> torch.fx.GraphModule:
+    """Load the pruned model :func:`save_pruned` wrote into ``out_dir`` (never unpickles).
+
+    ``model``: the original, unpruned architecture, as an ``nn.Module`` (its weights do not
+    matter) or a callable returning one, like :func:`fxprune.load`. Without it the folder's
+    ``pruned_model.json`` may only describe a torchvision model by name with integer
+    arguments (what ``fxprune run`` writes for torchvision models); a file never names code
+    to import or call, so a model built by your own ``package.module:callable`` needs
+    ``model=``.
+    """
     import fxprune
 
     from fxprune.workflow.errors import CheckpointError
     from fxprune.workflow.models import build_model
 
     out = Path(out_dir)
+    where = out / ARTIFACT_INFO
     try:
-        info = json.loads((out / ARTIFACT_INFO).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{out / ARTIFACT_INFO} is missing or unreadable: {exc}") from exc
-    build = info.get("build_model") or {}
-    if not build.get("name"):
-        raise CheckpointError(f"{out / ARTIFACT_INFO} does not say how to build the original model")
-    original = build_model(build["name"], num_classes=int(build["num_classes"]),
-                           in_channels=int(build["in_channels"]), image_size=int(build["image_size"]))
-    return fxprune.load(out / info.get("artifact", ARTIFACT_NAME), model=original, map_location=map_location)
+        info = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{where} is missing or unreadable: {exc}") from exc
+    if not isinstance(info, Mapping):
+        raise CheckpointError(f"{where} is not a JSON object")
+    artifact = info.get("artifact", ARTIFACT_NAME)
+    # The artifact lives in this folder, under its own name: a path from the file is not followed.
+    if artifact != ARTIFACT_NAME:
+        raise CheckpointError(f"{where}: artifact must be {ARTIFACT_NAME!r}, got {artifact!r}")
+    if model is None:
+        spec = _declarative_build(info, where)
+        original: nn.Module = build_model(spec["name"], num_classes=spec["num_classes"],
+                                          in_channels=spec["in_channels"], image_size=spec["image_size"])
+    elif isinstance(model, nn.Module):
+        original = model
+    elif callable(model):
+        original = model()
+        if not isinstance(original, nn.Module):
+            raise CheckpointError(f"model= returned {type(original).__name__}, not an nn.Module")
+    else:
+        raise CheckpointError(f"model= must be an nn.Module or a callable returning one, got {type(model).__name__}")
+    return fxprune.load(out / ARTIFACT_NAME, model=original, map_location=map_location)
 
 
 def close_logging() -> None:

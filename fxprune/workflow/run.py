@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
+import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,17 +42,32 @@ from fxprune.workflow.distributed import (DistContext, barrier, init_distributed
                                           shutdown_distributed)
 from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.evaluate import evaluate_accuracy, measure_latency, model_cost
-from fxprune.workflow.finetune import TrainConfig, recalibrate_batchnorm, save_checkpoint, train
-from fxprune.workflow.models import build_model, load_checkpoint_file, load_weights
+from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate_batchnorm, resume_fingerprint,
+                                       save_checkpoint, train)
+from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
+                                     load_weights)
 from fxprune.workflow.report import (close_logging, machine_info, plot_channels, plot_sweep, render_sweep_markdown,
                                      save_pruned, setup_logging, utc_now, write_json, write_report)
 
-__all__ = ["RunConfig", "run", "sweep", "prune_model", "BASELINE_FILE"]
+__all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "check_importance",
+           "check_model_fits", "achieved_pruning", "weights_identity",
+           "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE"]
 
 logger = logging.getLogger("fxprune.workflow")
 
 BASELINE_FILE = "baseline_model.pt"
 _BASELINE_FORMAT = "fxprune-baseline"
+#: The ratio when neither ``ratio`` nor ``target_macs`` is given.
+DEFAULT_RATIO = 0.5
+
+#: The options that change a run's result: a checkpoint or a sweep point made under other
+#: values of any of them is never resumed into this run (see ``_run_fingerprint``). The rest
+#: (device, threads, workers, out, quiet, compile, latency_runs, download) change how fast or
+#: where, not which weights come out.
+RESULT_OPTIONS = ("model", "weights", "data", "limit", "image_size", "seed", "ratio", "target_macs",
+                  "importance", "ignore", "round_to", "epochs", "lr", "baseline_epochs", "baseline_lr",
+                  "batch_size", "augment", "optimizer", "weight_decay", "label_smoothing", "distill",
+                  "amp", "recalibration_batches", "calibration_batches")
 
 
 @dataclass
@@ -63,8 +81,8 @@ class RunConfig:
     model: str = "resnet18"
     weights: Optional[str] = None  # file or torchvision weights name; None: train a baseline
     data: str = "fashion-mnist"
-    ratio: float = 0.5
-    target_macs: Optional[float] = None  # fraction of the baseline's MACs; replaces ratio when set
+    ratio: Optional[float] = None  # None: DEFAULT_RATIO, unless target_macs is set
+    target_macs: Optional[float] = None  # fraction of the baseline's MACs; exclusive with ratio
     importance: str = "l1"
     round_to: Optional[int] = None  # passed to fxprune.prune only when set
     ignore: tuple[str, ...] = ()
@@ -94,26 +112,86 @@ class RunConfig:
     recalibration_batches: int = 20
     calibration_batches: int = 8  # batches fed to data-driven importance criteria
 
+    @property
+    def effective_ratio(self) -> Optional[float]:
+        """The ratio pruned at: ``ratio``, else :data:`DEFAULT_RATIO` (None when ``target_macs`` rules)."""
+        if self.ratio is not None:
+            return self.ratio
+        return None if self.target_macs is not None else DEFAULT_RATIO
+
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for options that cannot work."""
-        if not 0.0 <= self.ratio < 1.0:
-            raise ConfigError(f"--ratio must be in [0, 1), got {self.ratio}")
-        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
-            raise ConfigError(f"--target-macs is a fraction of the baseline's MACs in (0, 1], "
-                              f"got {self.target_macs}")
-        if self.round_to is not None and self.round_to < 1:
-            raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
-        if self.epochs < 0 or self.baseline_epochs < 0:
-            raise ConfigError("--epochs and --baseline-epochs must be >= 0")
+        """Raise :class:`ConfigError` for options that cannot work (pure: reads no file).
+
+        Every numeric option is checked for type, finiteness and range, and the importance
+        criterion against :func:`fxprune.available_criteria`, so that a typo fails in a
+        second rather than after the baseline has trained.
+        """
+        def number(flag: str, value: Any, *, low: float, high: float = math.inf,
+                   low_open: bool = False, high_open: bool = False) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+            if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+                if math.isinf(high):
+                    bound = f"> {low:g}" if low_open else f">= {low:g}"
+                else:
+                    bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                raise ConfigError(f"{flag} must be {bound}, got {value!r}")
+
+        def integer(flag: str, value: Any, *, low: int, optional: bool = False) -> None:
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
+
+        if self.ratio is not None and self.target_macs is not None:
+            raise ConfigError(f"--ratio {self.ratio} and --target-macs {self.target_macs} contradict each other: "
+                              f"give one (a fixed ratio per group, or a MACs budget the ratio is searched for)")
+        if self.ratio is not None:
+            number("--ratio", self.ratio, low=0.0, high=1.0, high_open=True)
+        if self.target_macs is not None:
+            if isinstance(self.target_macs, bool) or not (isinstance(self.target_macs, (int, float))
+                                                          and 0.0 < self.target_macs <= 1.0):
+                raise ConfigError(f"--target-macs is a fraction of the baseline's MACs in (0, 1], "
+                                  f"got {self.target_macs}")
+        # How large a round_to can be depends on the model: checked once it is built
+        # (check_model_fits), still before any training.
+        integer("--round-to", self.round_to, low=1, optional=True)
+        for flag, value in (("--epochs", self.epochs), ("--baseline-epochs", self.baseline_epochs)):
+            integer(flag, value, low=0)
         if self.weights is None and self.baseline_epochs == 0:
             raise ConfigError("no --weights and --baseline-epochs 0: there would be no trained baseline")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
-        if self.latency_runs < 1:
-            raise ConfigError(f"latency runs must be >= 1, got {self.latency_runs}")
+        number("--lr", self.lr, low=0.0, low_open=True)
+        number("--baseline-lr", self.baseline_lr, low=0.0, low_open=True)
+        number("--weight-decay", self.weight_decay, low=0.0)
+        number("--label-smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
+        integer("--batch-size", self.batch_size, low=1)
+        integer("--limit", self.limit, low=1, optional=True)
+        integer("--image-size", self.image_size, low=1, optional=True)
+        integer("--threads", self.threads, low=1, optional=True)
+        integer("--workers", self.workers, low=0, optional=True)
+        integer("--seed", self.seed, low=0)
+        integer("--latency-runs", self.latency_runs, low=1)
+        integer("recalibration_batches", self.recalibration_batches, low=0)
+        integer("calibration_batches", self.calibration_batches, low=1)
+        for flag, value, choices in (("--optimizer", self.optimizer, ("sgd", "adamw")),
+                                     ("--amp", self.amp, ("auto", "on", "off"))):
+            if value not in choices:
+                raise ConfigError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+        check_importance(self.importance)
+        if not isinstance(self.ignore, (tuple, list)) or not all(isinstance(n, str) and n for n in self.ignore):
+            raise ConfigError(f"--ignore takes module names, got {self.ignore!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (for the log and report.json), with the ratio actually used."""
         data = asdict(self)
+        data["ignore"] = list(self.ignore)
+        data["ratio"] = self.effective_ratio
+        return data
+
+    def result_options(self) -> dict[str, Any]:
+        """The :data:`RESULT_OPTIONS` with the values the run uses (the ratio resolved)."""
+        data = {name: getattr(self, name) for name in RESULT_OPTIONS}
+        data["ratio"] = self.effective_ratio
         data["ignore"] = list(self.ignore)
         return data
 
@@ -121,6 +199,155 @@ class RunConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return RunConfig(**values)
+
+
+def check_importance(name: Any, flag: str = "--importance") -> None:
+    """Raise :class:`ConfigError` unless ``name`` is one of :func:`fxprune.available_criteria`."""
+    import fxprune
+
+    choices = fxprune.available_criteria()
+    if not isinstance(name, str) or name not in choices:
+        raise ConfigError(f"{flag} {name!r} is not an importance criterion; choose one of {', '.join(choices)}")
+
+
+def check_output_folder(path: Any, flag: str = "--out", *, parent_only: bool = False) -> Path:
+    """Make sure ``path`` is (or can become) a folder fxprune can write into; return it.
+
+    Checked before any work: a folder that turns out unwritable after an hour of training
+    loses the hour. ``path`` may be missing (it is created, with its parents); an existing
+    file at ``path`` or at one of its parents, or a folder that refuses a new file, is a
+    :class:`ConfigError`. Writability is proven by creating (and removing) a temporary file,
+    since ``os.access`` says yes to root on read-only file systems. ``parent_only``: ``path``
+    is a folder someone else creates (``fxprune.save``'s artifact); only its parent is made
+    and probed.
+    """
+    folder = Path(path).expanduser()
+    for ancestor in [folder, *folder.parents]:
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                where = "is" if ancestor == folder else f"is under {ancestor}, which is"
+                raise ConfigError(f"{flag} {path}: {where} a file, not a folder; choose another output folder")
+            break
+    target = folder.parent if parent_only else folder
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target, prefix=".fxprune-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose a writable "
+                          f"output folder") from exc
+    return folder
+
+
+_WEIGHTS_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def weights_identity(weights: Optional[str]) -> Optional[str]:
+    """What identifies ``--weights``: the file's SHA-256, or the torchvision weights name.
+
+    Hashed once per file version (path, size, modification time) in a process: a run needs
+    it for several fingerprints.
+    """
+    if weights is None:
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return str(weights)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"--weights {weights}: cannot read it ({exc.strerror or exc})") from exc
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _WEIGHTS_HASHES:
+        return _WEIGHTS_HASHES[key]
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise CheckpointError(f"--weights {weights}: cannot read it ({exc.strerror or exc})") from exc
+    _WEIGHTS_HASHES[key] = "sha256:" + digest.hexdigest()
+    return _WEIGHTS_HASHES[key]
+
+
+def preflight(config: RunConfig, *, importances: Sequence[str] = (), ratios: Sequence[float] = ()) -> None:
+    """Every check that needs no data and no model: options, names, files, the output folder.
+
+    Called by :func:`run` and :func:`sweep` before they load data or train anything.
+    """
+    config.validate()
+    for ratio in ratios:
+        config.replace(ratio=ratio).validate()
+    for importance in importances:
+        check_importance(importance, "--importances")
+    check_model_name(config.model)
+    if config.weights is not None and "_Weights." not in str(config.weights):
+        if not Path(config.weights).expanduser().is_file():
+            raise ConfigError(f"--weights {config.weights}: no such file (nor a torchvision weights name such "
+                              f"as ResNet18_Weights.IMAGENET1K_V1)")
+    check_output_folder(config.out)
+
+
+def check_model_fits(model: nn.Module, data: DataBundle, config: RunConfig) -> None:
+    """The model takes the data's images and returns one logit per class; --round-to can prune it.
+
+    One forward pass on one image, before any training: a model built for other inputs or
+    another class count fails here with a clear error, not in the middle of the first epoch.
+    """
+    from fxprune.workflow.report import layer_channels
+
+    example = example_batch(data.train, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(example)
+    except Exception as exc:  # the user's model rejected the data's shape: say so plainly
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--model {config.model} cannot run on {data.name} images of shape "
+                          f"{tuple(example.shape[1:])} ({type(exc).__name__}: {reason})") from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[1] != data.num_classes:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ConfigError(f"--model {config.model} returns {shape} for one image, but {data.name} has "
+                          f"{data.num_classes} classes: it must return (batch, {data.num_classes}) logits "
+                          f"(give the callable a num_classes argument)")
+    if config.round_to is not None:
+        widest = max(layer_channels(model).values(), default=0)
+        if config.round_to >= widest:
+            raise ConfigError(f"--round-to {config.round_to} is not smaller than the widest layer of "
+                              f"{config.model} ({widest} channels): every layer would keep all its channels "
+                              f"and nothing would be pruned. Use a hardware multiple such as 8 or 16")
+
+
+def achieved_pruning(baseline: nn.Module, pruned: nn.Module) -> dict[str, Any]:
+    """What pruning actually removed: groups pruned of all groups, channels removed, per the plan.
+
+    Reported next to the requested ratio, because ``round_to``, ``ignore``, frozen ops or a
+    MACs target can make the two differ (up to nothing pruned at all).
+    """
+    from fxprune.workflow.report import layer_channels
+
+    before, after = layer_channels(baseline), layer_channels(pruned)
+    layers_pruned = sum(1 for name, width in before.items() if after.get(name, width) < width)
+    plan = getattr(pruned, "meta", {}).get("fxprune_plan") if hasattr(pruned, "meta") else None
+    result: dict[str, Any] = {"layers": len(before), "layers_pruned": layers_pruned}
+    groups = getattr(plan, "groups", None)
+    if groups is not None:
+        total = sum(g.size for g in groups)
+        removed = sum(g.size - len(g.keep) for g in groups)
+        result.update({"groups": len(groups), "groups_pruned": sum(1 for g in groups if g.pruned),
+                       "channels": total, "channels_removed": removed,
+                       "channels_removed_fraction": removed / total if total else 0.0})
+    else:
+        total = sum(before.values())
+        removed = sum(width - after.get(name, width) for name, width in before.items())
+        result.update({"channels": total, "channels_removed": removed,
+                       "channels_removed_fraction": removed / total if total else 0.0})
+    result["nothing_pruned"] = result["channels_removed"] == 0
+    return result
 
 
 @dataclass
@@ -219,6 +446,9 @@ def _baseline_meta(config: RunConfig, data: DataBundle, ctx: DistContext) -> dic
         "num_classes": data.num_classes,
         "in_channels": data.in_channels,
         "image_size": data.image_size,
+        "data_identity": data.identity,
+        "limit": config.limit,
+        "amp": config.amp,
         "epochs": train_cfg.epochs,
         "lr": train_cfg.lr,
         "batch_size": train_cfg.batch_size,
@@ -230,6 +460,66 @@ def _baseline_meta(config: RunConfig, data: DataBundle, ctx: DistContext) -> dic
         "seed": config.seed,
         "world_size": ctx.world_size,
     }
+
+
+def _baseline_identity(config: RunConfig, data: DataBundle, ctx: DistContext) -> dict[str, Any]:
+    """What determines the weights that are pruned: the --weights file's hash, or the baseline's settings."""
+    if config.weights is not None:
+        return {"weights": weights_identity(config.weights), "model": config.model}
+    return _baseline_meta(config, data, ctx)
+
+
+def _run_fingerprint(session: "_Session", ratio: Optional[float], importance: str) -> dict[str, Any]:
+    """Everything that determines a pruned, fine-tuned model (the fine-tune checkpoint's key).
+
+    Every result-changing option (:data:`RESULT_OPTIONS`), the identity of the data and of
+    the baseline's weights, and the process count (the batches each process sees).
+    """
+    config, data, ctx = session.config, session.data, session.ctx
+    options = config.result_options()
+    options.update({"ratio": ratio, "importance": importance})
+    options["weights"] = weights_identity(config.weights)
+    options["world_size"] = ctx.world_size  # each process trains on its shard: other batches
+    return {"options": options, "data_identity": data.identity, "data_source": data.source,
+            "baseline": _baseline_identity(config, data, ctx)}
+
+
+def _finetune_fingerprint(session: "_Session", ratio: Optional[float], importance: str) -> dict[str, Any]:
+    """The fine-tune checkpoint's fingerprint, as :func:`train` will record and check it."""
+    return resume_fingerprint(_train_config(session.config, baseline=False), session.config.distill,
+                              session.ctx.world_size, _run_fingerprint(session, ratio, importance))
+
+
+def _check_resume_up_front(session: "_Session", points: Sequence[tuple[Path, Optional[float], str]]) -> None:
+    """With --resume: refuse, before any training, checkpoints made with other settings.
+
+    ``train`` checks again when it opens a checkpoint; this only makes the refusal come
+    first, not after the baseline has been trained or measured.
+    """
+    config, data, ctx = session.config, session.data, session.ctx
+    if not config.resume:
+        return
+    meta = _baseline_meta(config, data, ctx)
+    # A valid cached baseline is used as it is: its (finished) training checkpoint is not resumed.
+    if config.weights is None and _cached_baseline(session.out / "baseline" / BASELINE_FILE, meta) is None:
+        check_resumable(session.out / "baseline" / "checkpoint.pt",
+                        resume_fingerprint(_train_config(config, baseline=True), False, ctx.world_size,
+                                           {"baseline": meta}))
+    if config.epochs > 0:
+        for folder, ratio, importance in points:
+            check_resumable(folder / "finetune_checkpoint.pt", _finetune_fingerprint(session, ratio, importance))
+
+
+def _cached_baseline(cache: Path, meta: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The cached baseline at ``cache`` if it was trained under exactly ``meta``, else None."""
+    if not cache.is_file():
+        return None
+    try:
+        saved = load_checkpoint_file(cache)
+    except CheckpointError as exc:
+        logger.warning("ignoring the cached baseline: %s", exc)
+        return None
+    return saved if isinstance(saved, dict) and saved.get("meta") == meta else None
 
 
 def _fresh_model(config: RunConfig, data: DataBundle) -> nn.Module:
@@ -249,29 +539,31 @@ def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dic
     """
     config, data, ctx = session.config, session.data, session.ctx
     model = _fresh_model(config, data)
+    check_model_fits(model, data, config)
     if config.weights is not None:
         load_weights(model, config.weights, download=config.download)
         return model.to(session.device).eval(), {"source": "weights", "weights": str(config.weights)}
     folder = session.out / "baseline"
     cache = folder / BASELINE_FILE
     meta = _baseline_meta(config, data, ctx)
-    if cache.is_file():
+    saved = _cached_baseline(cache, meta)
+    if saved is not None:
         try:
-            saved = load_checkpoint_file(cache)
-        except CheckpointError as exc:
-            logger.warning("ignoring the cached baseline: %s", exc)
-            saved = None
-        if isinstance(saved, dict) and saved.get("meta") == meta:
             model.load_state_dict(saved["model"])
-            logger.info("baseline: reusing the trained model cached in %s", cache)
-            return model.to(session.device).eval(), {"source": "cache", "path": str(cache),
-                                                     "history": saved.get("history", [])}
-        if saved is not None:
-            logger.info("baseline: the cache in %s was trained with other settings; training anew", cache)
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"the cached baseline {cache} does not fit {config.model}: {exc}; "
+                                  f"delete it to train anew") from exc
+        logger.info("baseline: reusing the trained model cached in %s", cache)
+        return model.to(session.device).eval(), {"source": "cache", "path": str(cache),
+                                                 "history": saved.get("history", [])}
+    if cache.is_file():
+        logger.info("baseline: the cache in %s was trained with other settings; training anew", cache)
     started = time.perf_counter()
+    # The checkpoint carries the baseline's whole key: resuming it under another --limit, data
+    # set or model is refused, so the cache below is only ever written with its own settings.
     result = train(model, data.train, _train_config(config, baseline=True), device=session.device,
                    checkpoint=folder / "checkpoint.pt", resume=config.resume, ctx=ctx,
-                   on_epoch_end=on_epoch_end)
+                   on_epoch_end=on_epoch_end, fingerprint={"baseline": meta})
     session.timings["baseline_train"] = time.perf_counter() - started
     if ctx.is_main:
         save_checkpoint({"format": _BASELINE_FORMAT, "meta": meta, "model": model.state_dict(),
@@ -347,10 +639,10 @@ def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
         kwargs["round_to"] = config.round_to
     if config.target_macs is not None:
         return fxprune.prune(model, target_macs=config.target_macs, **kwargs)
-    return fxprune.prune(model, config.ratio if ratio is None else ratio, **kwargs)
+    return fxprune.prune(model, config.effective_ratio if ratio is None else ratio, **kwargs)
 
 
-def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, ratio: float,
+def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, ratio: Optional[float],
                             importance: str,
                             on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None
                             ) -> tuple[nn.Module, dict[str, Any]]:
@@ -364,6 +656,15 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
                          importance=importance)
     pruned.to(session.device)
     session.timings["prune"] = time.perf_counter() - started
+    achieved = achieved_pruning(baseline, pruned)
+    what = f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}"
+    if achieved["nothing_pruned"]:
+        logger.warning("WARNING: nothing was pruned (%s, %s): every group kept all its channels "
+                       "(check --round-to, --ignore and the warnings above); the 'pruned' model is the "
+                       "baseline's architecture", what, importance)
+    else:
+        logger.info("pruned %s of %s channels (%.1f%%; %s requested, %s)", achieved["channels_removed"],
+                    achieved["channels"], 100 * achieved["channels_removed_fraction"], what, importance)
 
     started = time.perf_counter()
     recalibrate_batchnorm(pruned, data.train, batches=config.recalibration_batches,
@@ -383,10 +684,12 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
         started = time.perf_counter()
         result = train(pruned, data.train, _train_config(config, baseline=False), device=session.device,
                        teacher=teacher, checkpoint=out / "finetune_checkpoint.pt", resume=config.resume,
-                       ctx=ctx, on_epoch_end=on_epoch_end)
+                       ctx=ctx, on_epoch_end=on_epoch_end,
+                       fingerprint=_run_fingerprint(session, ratio, importance))
         session.timings["finetune"] = time.perf_counter() - started
         history = result.history
     entry = measure_model(session, pruned, "pruned")
+    entry["achieved"] = achieved
     entry["top1_before_finetune"] = after_recal.top1
     entry["top5_before_finetune"] = after_recal.top5
     entry["finetune_history"] = history
@@ -417,13 +720,17 @@ def _report(session: _Session, baseline_entry: dict[str, Any], pruned_entry: dic
 
 
 def _write_outputs(session: _Session, out: Path, report: dict[str, Any], baseline: nn.Module,
-                   pruned: nn.Module, config: RunConfig, ratio: float, importance: str) -> dict[str, Any]:
+                   pruned: nn.Module, config: RunConfig, ratio: Optional[float], importance: str) -> dict[str, Any]:
     data = session.data
-    build = {"name": config.model, "num_classes": data.num_classes, "in_channels": data.in_channels,
+    # The torchvision name for torchvision.models:resnet18, so that load_pruned can rebuild it
+    # from the file alone (it never resolves a callable a file names).
+    build = {"name": canonical_model_name(config.model), "num_classes": data.num_classes,
+             "in_channels": data.in_channels,
              "image_size": data.image_size}
     example = example_batch(data.test, 1)
+    what = f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}"
     plots = [plot_channels(baseline, pruned, out / "channels.png",
-                           title=f"Channels per layer: {config.model}, {importance}, ratio {ratio:g}")]
+                           title=f"Channels per layer: {config.model}, {importance}, {what}")]
     report["plots"] = [str(p.name) for p in plots]
     artifacts = save_pruned(pruned, out, example_inputs=example, build=build,
                             extra={"ratio": ratio, "importance": importance})
@@ -440,18 +747,21 @@ def run(config: RunConfig, *, on_epoch_end: Optional[Callable[[int, dict[str, fl
     fine-tuning) once its checkpoint is written; raising from it stops the run there, as a
     kill would, and ``resume=True`` continues from that checkpoint.
     """
-    config.validate()
+    preflight(config)
     started = time.perf_counter()
+    ratio = config.effective_ratio
     with _process_settings(config):
         session = _setup(config)
+        _check_resume_up_front(session, [(session.out, ratio, config.importance)])
         baseline, info = get_baseline(session, on_epoch_end=on_epoch_end)
         baseline_entry = measure_model(session, baseline, "baseline")
-        pruned, pruned_entry = _prune_finetune_measure(session, baseline, session.out, config.ratio,
+        pruned, pruned_entry = _prune_finetune_measure(session, baseline, session.out, ratio,
                                                        config.importance, on_epoch_end)
         session.timings["total"] = time.perf_counter() - started
         report = _report(session, baseline_entry, pruned_entry, config, info)
+        report["fingerprint"] = _run_fingerprint(session, ratio, config.importance)
         if session.ctx.is_main:
-            _write_outputs(session, session.out, report, baseline, pruned, config, config.ratio,
+            _write_outputs(session, session.out, report, baseline, pruned, config, ratio,
                            config.importance)
             logger.info("report written to %s (%.0f s in all)", session.out / "report.md",
                         session.timings["total"])
@@ -459,15 +769,13 @@ def run(config: RunConfig, *, on_epoch_end: Optional[Callable[[int, dict[str, fl
         return report
 
 
-def _same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether a saved report was made with the current settings (bar the ones that do not matter)."""
-    cosmetic = {"resume", "quiet", "threads", "workers"}
-    keys = (set(saved) | set(current)) - cosmetic
-    return all(saved.get(k) == current.get(k) for k in keys)
+def _same_settings(saved: Any, current: dict[str, Any]) -> bool:
+    """Whether a saved report's fingerprint is the current one (JSON round trip: lists for tuples)."""
+    return isinstance(saved, dict) and saved == json.loads(json.dumps(current))
 
 
 # What sweep.json keeps of each point's report.
-_POINT_KEYS = ("top1", "top5", "params", "macs", "size_mb", "latency_ms", "top1_before_finetune")
+_POINT_KEYS = ("top1", "top5", "params", "macs", "size_mb", "latency_ms", "top1_before_finetune", "achieved")
 
 
 def _point_dir(out: Path, importance: str, ratio: float) -> Path:
@@ -484,26 +792,34 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
         raise ConfigError("sweep needs at least one ratio")
     if not importances:
         raise ConfigError("sweep needs at least one importance criterion")
-    for ratio in ratios:
-        config.replace(ratio=ratio).validate()
-    config.validate()
+    if config.target_macs is not None:
+        raise ConfigError("sweep prunes at each of --ratios; --target-macs contradicts them (run "
+                          "'fxprune run --target-macs' instead)")
+    preflight(config, importances=importances, ratios=ratios)
     started = time.perf_counter()
     with _process_settings(config):
         session = _setup(config)
+        point_sessions = {(imp, r): _Session(config=config.replace(ratio=r, importance=imp), ctx=session.ctx,
+                                             device=session.device, data=session.data,
+                                             out=_point_dir(session.out, imp, r))
+                          for imp in importances for r in ratios}
+        _check_resume_up_front(session, [(ps.out, r, imp) for (imp, r), ps in point_sessions.items()])
         baseline, info = get_baseline(session)
         baseline_entry = measure_model(session, baseline, "baseline")
         points: list[dict[str, Any]] = []
         for importance in importances:
             for ratio in ratios:
-                point_config = config.replace(ratio=ratio, importance=importance)
-                folder = _point_dir(session.out, importance, ratio)
+                point_session = point_sessions[(importance, ratio)]
+                point_config, folder = point_session.config, point_session.out
+                fingerprint = _run_fingerprint(point_session, ratio, importance)
                 existing = folder / "report.json"
                 if config.resume and existing.is_file():
                     try:
                         saved = json.loads(existing.read_text(encoding="utf-8"))
                     except (OSError, ValueError):
                         saved = None
-                    if saved and _same_settings(saved.get("config") or {}, point_config.to_dict()):
+                    if (isinstance(saved, dict) and isinstance(saved.get("pruned"), dict)
+                            and _same_settings(saved.get("fingerprint"), fingerprint)):
                         logger.info("sweep: reusing %s", existing)
                         points.append({"importance": importance, "ratio": ratio,
                                        **{k: saved["pruned"].get(k) for k in _POINT_KEYS}})
@@ -512,10 +828,9 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
                 if session.ctx.is_main:
                     folder.mkdir(parents=True, exist_ok=True)
                 barrier(session.ctx)
-                point_session = _Session(config=point_config, ctx=session.ctx, device=session.device,
-                                         data=session.data, out=folder)
                 pruned, entry = _prune_finetune_measure(point_session, baseline, folder, ratio, importance)
                 report = _report(point_session, baseline_entry, entry, point_config, info)
+                report["fingerprint"] = fingerprint
                 if session.ctx.is_main:
                     _write_outputs(session, folder, report, baseline, pruned, point_config, ratio, importance)
                 points.append({"importance": importance, "ratio": ratio,

@@ -457,6 +457,8 @@ def _artifact_problem(folder: Path) -> Optional[str]:
     foreign = [n for n in names if n not in own]
     if foreign:
         return f"it also holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}"
+    if set(names) != own:
+        return f"it lacks {', '.join(sorted(own - set(names)))}"
     for name in names:
         if not stat.S_ISREG(os.lstat(folder / name).st_mode):
             return f"{name} in it is not a regular file"
@@ -474,6 +476,9 @@ def _discard(folder: Path) -> bool:
         return False
     if any(e.name not in ARTIFACT_FILES or e.is_dir(follow_symlinks=False) for e in entries):
         return False
+    # meta.json first: a folder half removed has lost its format marker, so it can never be
+    # mistaken for (and restored as) a complete artifact.
+    entries.sort(key=lambda e: e.name != META_FILE)
     try:
         for e in entries:
             os.unlink(os.path.join(folder, e.name))  # unlink removes a link itself, never its target
@@ -602,7 +607,7 @@ def _publish(tmp: Path, dest: Path) -> None:
         os.rename(tmp, dest)  # atomic; fails rather than merge if something appeared meanwhile
         return
     if _exchange(tmp, dest):
-        _discard(tmp)  # now the previous artifact (or the empty folder that stood there)
+        _drop_previous(tmp, dest)  # tmp now holds the previous artifact (or the empty folder)
         return
     old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(dest, old)
@@ -615,7 +620,15 @@ def _publish(tmp: Path, dest: Path) -> None:
             except OSError:
                 pass  # _recover puts it back on the next access
         raise
-    _discard(old)
+    _drop_previous(old, dest)
+
+
+def _drop_previous(folder: Path, dest: Path) -> None:
+    if not _discard(folder) and os.path.lexists(folder):
+        # Something not ours appeared in the old artifact after it was checked: keep all of it.
+        warnings.warn(f"the previous artifact at {dest} was moved to {folder} and kept there, because it now holds "
+                      "files fxprune did not write; nothing was deleted. Remove that folder yourself when done",
+                      FxPruneWarning, stacklevel=3)
 
 
 # =========================================================================== save
@@ -766,7 +779,8 @@ def _prepare_destination(dest: Path) -> None:
     except FileNotFoundError:
         st = None
     except OSError as exc:  # e.g. a part of the path is a regular file
-        raise ArtifactError(f"cannot save to {dest}: {exc.strerror or exc}. Hint: choose a path in a writable folder") from exc
+        raise ArtifactError(f"cannot save to {dest}: {exc.strerror or exc}. Hint: every part of the path above it "
+                            "must be a folder you can write to") from exc
     if st is not None:
         if stat.S_ISLNK(st.st_mode):
             raise ArtifactError(f"{dest} is a symbolic link; refusing to replace it. Hint: save to the real folder")
@@ -1040,7 +1054,14 @@ def _replay(original: nn.Module, plan: PruningPlan, meta: Mapping[str, Any], fol
     other: Optional[FxPruneError] = None
     for attempt in attempts:
         try:
-            return apply(original, plan, example_inputs=attempt)
+            # The pass warns about ops it freezes; that is news only for a plan that fits, so
+            # hold the warnings back until the replay has succeeded.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", FxPruneWarning)
+                rebuilt = apply(original, plan, example_inputs=attempt)
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return rebuilt
         except PlanMismatchError as exc:
             mismatch = mismatch or exc
         except FxPruneError as exc:

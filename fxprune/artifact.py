@@ -90,7 +90,7 @@ from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .plan import PLAN_VERSION, GroupPlan, PruningPlan
 
 __all__ = ["save", "load", "read_meta", "read_plan", "ArtifactError", "FORMAT", "FORMAT_VERSION", "PLAN_META_KEY",
-           "SOURCE_META_KEY", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS"]
+           "SOURCE_META_KEY", "ARTIFACT_FILES", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS"]
 
 #: The format marker: ``meta.json``'s ``"format"``. A folder is an fxprune artifact (which
 #: :func:`save` may replace) only if its meta.json says this and it holds nothing else.
@@ -122,7 +122,7 @@ _MAX_CHANNELS = 1 << 24  # per group: far above any real layer, it bounds a forg
 # table, never by getattr(torch, <text from the file>).
 _DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
                 "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
-DTYPES: Dict[str, torch.dtype] = {n: getattr(torch, n) for n in _DTYPE_NAMES if isinstance(getattr(torch, n, None), torch.dtype)}
+_DTYPES: Dict[str, torch.dtype] = {n: getattr(torch, n) for n in _DTYPE_NAMES if isinstance(getattr(torch, n, None), torch.dtype)}
 # safetensors' header codes for the same dtypes.
 _ST_DTYPES: Dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -337,8 +337,8 @@ def _validate_inputs(path: Path, value: Any) -> Optional[List[Dict[str, Any]]]:
         for j, dim in enumerate(shape):
             _want_int(path, f"{where}.shape[{j}]", dim, 0, MAX_INPUT_ELEMENTS)
         dtype = _want_str(path, f"{where}.dtype", spec.get("dtype"))
-        if dtype not in DTYPES:
-            raise _bad(path, f"{where}.dtype", f"a torch dtype name ({', '.join(list(DTYPES)[:4])}, ...)", dtype)
+        if dtype not in _DTYPES:
+            raise _bad(path, f"{where}.dtype", f"a torch dtype name ({', '.join(list(_DTYPES)[:4])}, ...)", dtype)
         shapes.append(shape)
     if _input_elements(shapes) > MAX_INPUT_ELEMENTS:
         raise ArtifactError(
@@ -371,7 +371,7 @@ def _validate_meta(meta: Any, path: Path) -> Dict[str, Any]:
         _want_str(path, f"aliases.{name}", target)
     dtypes = _want_obj(path, "dtypes", meta.get("dtypes", {}))
     for name, dtype in dtypes.items():
-        if dtype not in DTYPES:
+        if dtype not in _DTYPES:
             raise _bad(path, f"dtypes.{name}", "a torch dtype name", dtype)
     for key in ("num_tensors", "num_parameters"):
         if key in meta:
@@ -729,7 +729,7 @@ def _input_specs(pruned: nn.Module, example_inputs: Any) -> Optional[List[Dict[s
         return None
     shapes = [s["shape"] for s in specs]
     if len(specs) > MAX_INPUTS or any(len(s) > MAX_INPUT_DIMS for s in shapes) or \
-            _input_elements(shapes) > MAX_INPUT_ELEMENTS or any(s["dtype"] not in DTYPES for s in specs):
+            _input_elements(shapes) > MAX_INPUT_ELEMENTS or any(s["dtype"] not in _DTYPES for s in specs):
         raise ArtifactError(
             f"the example inputs to record ({', '.join('x'.join(map(str, s)) for s in shapes[:4])}) exceed what an "
             f"artifact may hold (at most {MAX_INPUTS} inputs of plain dtypes, {MAX_INPUT_DIMS} dims, "
@@ -752,7 +752,7 @@ def _tensors(pruned: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
         if not isinstance(t, torch.Tensor):
             raise ArtifactError(f"state_dict entry {name} is a {type(t).__name__}, not a tensor; only tensors can be saved")
         t = t.detach()
-        if str(t.dtype).replace("torch.", "") not in DTYPES:
+        if str(t.dtype).replace("torch.", "") not in _DTYPES:
             raise ArtifactError(f"state_dict entry {name} has dtype {t.dtype}, which an artifact cannot hold")
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
             if t.device.type != "meta" else None
@@ -874,7 +874,11 @@ def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, Non
     }
     meta_bytes = (json.dumps(meta, indent=1) + "\n").encode()
 
-    dest = Path(path)
+    # Work on the absolute path: temporaries are siblings named after the folder, which
+    # "." or "out/.." would not have.
+    dest = Path(os.path.abspath(os.fspath(path)))
+    if not dest.name:
+        raise ArtifactError(f"cannot save to {path!r}: it names no folder. Hint: pass a path such as 'out/model.fxprune'")
     try:
         _recover(dest)  # a previous save died mid-replace: bring the old artifact back first
         _prepare_destination(dest)
@@ -898,7 +902,7 @@ def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, Non
         raise
     finally:
         _ACTIVE.discard(str(tmp))
-    return dest
+    return Path(path)
 
 
 def _fxprune_version() -> str:
@@ -1035,7 +1039,7 @@ def _example_inputs(meta: Mapping[str, Any], device: Optional[str]) -> Optional[
     specs = meta.get("inputs")  # validated and bounded by read_meta
     if not specs:
         return None
-    return tuple(torch.zeros(spec["shape"], dtype=DTYPES[spec["dtype"]], device=device) for spec in specs)
+    return tuple(torch.zeros(spec["shape"], dtype=_DTYPES[spec["dtype"]], device=device) for spec in specs)
 
 
 class _Mismatch(ArtifactError):
@@ -1114,7 +1118,7 @@ def _rebuild(build: Callable[[], nn.Module], meta_ok: bool, plan: PruningPlan, m
 
 
 def _stored_dtype(code: str, path: Path, name: str) -> torch.dtype:
-    dtype = DTYPES.get(_ST_DTYPES.get(code, ""))
+    dtype = _DTYPES.get(_ST_DTYPES.get(code, ""))
     if dtype is None:
         raise ArtifactError(f"{path}: tensor {name} has dtype {code}, which fxprune does not load. " + _HINT_DAMAGED)
     return dtype
@@ -1170,7 +1174,7 @@ def _load_weights(rebuilt: nn.Module, folder: Path, meta: Mapping[str, Any], dev
                                 "num_classes) the artifact was saved from")
         for name, (_, dtype) in stored.items():
             want = recorded.get(name)
-            if want is not None and DTYPES[want] != dtype:
+            if want is not None and _DTYPES[want] != dtype:
                 raise ArtifactError(f"{path}: tensor {name} is stored as {str(dtype)[6:]} but {meta_file} records "
                                     f"{want}. " + _HINT_DAMAGED)
         for name, (_, dtype) in available.items():

@@ -494,6 +494,12 @@ MALFORMED: Dict[str, Tuple[Callable[[Path], Any], str]] = {
     # meta.json (not checksummed: it holds the checksums)
     "meta-deep-nesting": (lambda f: _meta_text(f, _set("notes", "@X"), {"@X": DEEP}),
                           r"meta.json is corrupt: JSON nested too deeply"),
+    "meta-bad-utf8": (lambda f: (f / "meta.json").write_bytes((f / "meta.json").read_bytes().replace(b'"format_version"', b'"form\xe9t"')),
+                      r"meta.json is corrupt: not UTF-8 text"),
+    "meta-files-array": (lambda f: _meta_text(f, _set("files", ["plan.json", "weights.safetensors"])),
+                         r"meta.json: field files must be an object"),
+    "meta-inputs-object": (lambda f: _meta_text(f, _set("inputs", {"shape": [1, 3, 8, 8]})),
+                           r"meta.json: field inputs must be an array"),
     "meta-files-entry-string": (lambda f: _meta_text(f, _set("files/plan.json", "abc")),
                                 r"meta.json: field files.plan.json must be an object"),
     "meta-aliases-array": (lambda f: _meta_text(f, _set("aliases", ["fc.bias"])),

@@ -16,7 +16,8 @@ What an artifact can and cannot make fxprune do (the folder is treated as untrus
 
 - It never runs code. Nothing is unpickled or imported: safetensors is a plain tensor container,
   and a ``source`` naming a Python callable is only honoured when the caller passes it as
-  ``model=``; a recorded torchvision name is built with ``weights=None`` (nothing downloaded).
+  ``model=``; a recorded torchvision name is built with ``weights=None`` (and
+  ``weights_backbone=None``): nothing is downloaded.
 - It cannot make fxprune allocate more than the model it describes. The JSON files are capped
   (:data:`MAX_JSON_BYTES`), strictly typed (no ``NaN``/``Infinity``, no duplicate keys, bounded
   nesting) and validated field by field; a recorded torchvision architecture is first built on
@@ -63,6 +64,7 @@ For a standalone module without fxprune, ``print(pruned.code)`` shows the plain 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import errno
@@ -986,9 +988,58 @@ def _torchvision_names() -> List[str]:
 
 
 def _build_torchvision(name: str) -> nn.Module:
+    import inspect
+
     import torchvision
 
-    return torchvision.models.get_model(name, weights=None)
+    builder = torchvision.models.get_model_builder(name)
+    kwargs: Dict[str, Any] = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None  # detection/segmentation builders would download ImageNet weights
+    return builder(**kwargs)
+
+
+@contextlib.contextmanager
+def _registered_on_meta() -> Iterator[None]:
+    """Move every parameter and buffer to the meta device as a module registers it.
+
+    For constructors that compute on small tensors of their own (torchvision's RegNets call
+    ``.tolist()``), which the meta device context cannot run: each layer's tensor exists for
+    real only until it is registered, and its initialisation then runs on meta. The hooks are
+    process-wide while they are installed (modules built by other threads meanwhile would be
+    affected too), so they are held only for the one constructor call.
+    """
+    from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                         register_module_parameter_registration_hook)
+
+    def parameter(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> Optional[nn.Parameter]:
+        return None if param is None else nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    def buffer(module: nn.Module, name: str, value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if value is None else value.to("meta")
+
+    handles = [register_module_parameter_registration_hook(parameter), register_module_buffer_registration_hook(buffer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _skeleton(build: Callable[[], nn.Module]) -> Optional[nn.Module]:
+    """The architecture with (nearly) all its tensors on the meta device, or None if it cannot be."""
+    # A constructor may fail on meta tensors in many ways (NotImplementedError, RuntimeError...);
+    # each failure only means "try the next, more real, way".
+    try:
+        with torch.device("meta"):
+            return build()
+    except Exception:
+        pass
+    try:
+        with _registered_on_meta():
+            return build()
+    except Exception:
+        return None
 
 
 def _resolve_model(model: ModelSpec, source: Optional[str], folder: Path) -> Tuple[Callable[[], nn.Module], bool]:
@@ -1070,10 +1121,10 @@ def _replay(original: nn.Module, plan: PruningPlan, meta: Mapping[str, Any], fol
             mismatch = mismatch or exc
         except FxPruneError as exc:
             other = other or exc
-    if mismatch is None:
-        raise ArtifactError(f"cannot rebuild {folder} from {type(original).__name__}: {other}") from other
     where = f"saved from {meta.get('source')!r} ({meta.get('model_class')})" if meta.get("source") else \
         f"saved from a {meta.get('model_class')}"
+    if mismatch is None:
+        raise ArtifactError(f"cannot rebuild {folder} ({where}) from {type(original).__name__}: {other}") from other
     raise _Mismatch(
         f"the artifact {folder} ({where}) does not fit the model given ({type(original).__name__}): {mismatch}. "
         "Hint: pass the architecture the artifact was pruned from (same class and constructor arguments)") from mismatch
@@ -1100,11 +1151,7 @@ def _rebuild(build: Callable[[], nn.Module], meta_ok: bool, plan: PruningPlan, m
     its plan has been checked against that architecture's structure.
     """
     if meta_ok:
-        try:
-            with torch.device("meta"):
-                skeleton = build()
-        except Exception:  # a constructor computing on its tensors (e.g. .item()) needs real ones
-            skeleton = None
+        skeleton = _skeleton(build)
         if skeleton is not None:
             try:
                 rebuilt = _replay(skeleton, plan, meta, folder, "meta")

@@ -273,22 +273,65 @@ def test_save_refuses_a_resnet34_plan_with_a_resnet18(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 7. content cannot drive memory
 
 
-def test_a_recorded_torchvision_source_is_checked_on_the_meta_device(tmp_path: Path, tiny,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def _only_on_meta(monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    """Make every torchvision constructor refuse to run unless its tensors go to the meta device."""
     import torchvision
 
+    real = torchvision.models.get_model_builder
+    built: List[str] = []
+
+    def checked(name: str) -> Callable[..., nn.Module]:
+        builder = real(name)
+
+        def build(**kwargs: Any) -> nn.Module:
+            if not nn.Linear(1, 1).weight.is_meta:
+                raise AssertionError(f"{name} built with real tensors before the plan was checked")
+            built.append(name)
+            return builder(**kwargs)
+        return build
+
+    monkeypatch.setattr(torchvision.models, "get_model_builder", checked)
+    return built
+
+
+@pytest.mark.parametrize("source", ["vit_h_14", "regnet_y_128gf"])  # 632 M / 645 M parameters if built for real
+def test_a_recorded_torchvision_source_is_checked_on_the_meta_device(tmp_path: Path, tiny, source: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     _, pruned, plan = tiny
-    out = fxprune.save(pruned, tmp_path / "a", plan=plan, source="vit_h_14")  # 632 M parameters if built
-    real = torchvision.models.get_model
-
-    def only_on_meta(name: str, **kwargs: Any) -> nn.Module:
-        if torch.empty(()).device.type != "meta":
-            raise AssertionError(f"{name} built with real tensors before the plan was checked")
-        return real(name, **kwargs)
-
-    monkeypatch.setattr(torchvision.models, "get_model", only_on_meta)
-    with pytest.raises(ArtifactError, match=r"saved from 'vit_h_14' \((Tiny|GraphModule)\).*does not fit.*VisionTransformer"):
+    out = fxprune.save(pruned, tmp_path / "a", plan=plan, source=source)
+    built = _only_on_meta(monkeypatch)
+    with pytest.raises(ArtifactError, match=rf"saved from '{source}' \((Tiny|GraphModule)\).*does not fit"):
         fxprune.load(out)
+    assert built  # RegNet's constructor computes on its tensors: built with parameters moved to meta
+
+
+def test_a_recorded_torchvision_source_never_downloads_anything(tmp_path: Path, tiny,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.hub
+
+    _, pruned, plan = tiny
+    out = fxprune.save(pruned, tmp_path / "a", plan=plan, source="ssdlite320_mobilenet_v3_large")
+
+    def no_download(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an artifact made fxprune download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    with pytest.raises(ArtifactError, match="ssdlite320_mobilenet_v3_large"):
+        fxprune.load(out)
+
+
+def test_an_architecture_built_on_meta_loads_bit_identically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    model = torchvision.models.regnet_y_400mf().eval()
+    plan = fxprune.plan(model, 0.5)
+    pruned = fxprune.apply(model, plan).eval()
+    out = fxprune.save(pruned, tmp_path / "r", plan=plan, source="regnet_y_400mf")
+    _only_on_meta(monkeypatch)
+    loaded = fxprune.load(out)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
 
 
 class WithConstant(nn.Module):

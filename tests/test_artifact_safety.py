@@ -291,6 +291,7 @@ def _only_on_meta(monkeypatch: pytest.MonkeyPatch) -> List[str]:
         return build
 
     monkeypatch.setattr(torchvision.models, "get_model_builder", checked)
+    monkeypatch.setattr(torchvision.models._api, "get_model_builder", checked)  # what get_model() calls
     return built
 
 

@@ -630,7 +630,7 @@ def _drop_previous(folder: Path, dest: Path) -> None:
         # Something not ours appeared in the old artifact after it was checked: keep all of it.
         warnings.warn(f"the previous artifact at {dest} was moved to {folder} and kept there, because it now holds "
                       "files fxprune did not write; nothing was deleted. Remove that folder yourself when done",
-                      FxPruneWarning, stacklevel=3)
+                      FxPruneWarning, stacklevel=4)
 
 
 # =========================================================================== save

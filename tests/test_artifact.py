@@ -208,8 +208,10 @@ def test_interrupted_save_leaves_nothing(tmp_path: Path, r18, monkeypatch: pytes
         real(path, data)
 
     monkeypatch.setattr(artifact, "_write", failing)
-    with pytest.raises(OSError, match="disk full"):
+    # A file-system failure is an ArtifactError too (one line from the CLI), naming the cause.
+    with pytest.raises(ArtifactError, match="could not write the artifact .*disk full") as info:
         fxprune.save(pruned, tmp_path / "x", plan=plan)
+    assert isinstance(info.value.__cause__, OSError)
     assert calls == ["plan.json", "weights.safetensors", "meta.json"]
     assert list(tmp_path.iterdir()) == []
 

@@ -92,7 +92,8 @@ from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .plan import PLAN_VERSION, GroupPlan, PruningPlan
 
 __all__ = ["save", "load", "read_meta", "read_plan", "ArtifactError", "FORMAT", "FORMAT_VERSION", "PLAN_META_KEY",
-           "SOURCE_META_KEY", "ARTIFACT_FILES", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS"]
+           "SOURCE_META_KEY", "ARTIFACT_FILES", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS",
+           "process_alive"]
 
 #: The format marker: ``meta.json``'s ``"format"``. A folder is an fxprune artifact (which
 #: :func:`save` may replace) only if its meta.json says this and it holds nothing else.
@@ -516,7 +517,7 @@ def _siblings(dest: Path) -> Iterator[Tuple[Path, str, Optional[int]]]:
                 yield dest.parent / name, kind, int(m.group("pid")) if m.group("pid") else None
 
 
-def _alive(pid: int) -> Optional[bool]:
+def process_alive(pid: int) -> Optional[bool]:
     """Whether process ``pid`` runs; None where that cannot be asked safely."""
     if os.name != "posix":
         return None  # os.kill(pid, 0) would terminate the process on Windows
@@ -540,7 +541,7 @@ def _stale(path: Path, pid: Optional[int]) -> bool:
         return age > _LEGACY_AGE_S
     if pid == os.getpid():
         return True  # an earlier save of this very process that was interrupted
-    alive = _alive(pid)
+    alive = process_alive(pid)
     return not alive if alive is not None else age > _FOREIGN_AGE_S
 
 

@@ -29,11 +29,12 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from fxprune.artifact import process_alive
 from fxprune.errors import InternalError
 from fxprune.workflow.data import make_loader
 from fxprune.workflow.distributed import DistContext, all_reduce_sum, barrier
@@ -51,6 +53,7 @@ from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.models import load_checkpoint_file
 
 __all__ = [
+    "remove_stale_temporaries",
     "TrainConfig",
     "TrainResult",
     "train",
@@ -182,10 +185,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
+_CHECKPOINT_TMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
+
+
+def remove_stale_temporaries(path: Union[str, Path]) -> List[Path]:
+    """Remove what an interrupted :func:`save_checkpoint` of ``path`` left behind.
+
+    A killed process cannot clean up after itself, and a checkpoint temporary is as large as
+    the model and its optimizer state; so the next write cleans it. Only files named exactly
+    as this module names its temporaries are touched, and only when their writer (the pid in
+    the name) is this process or no longer runs: a concurrent writer's file is left alone.
+    """
+    path = Path(path)
+    removed: List[Path] = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = _CHECKPOINT_TMP.fullmatch(name)
+        if not m or m.group("name") != path.name:
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and process_alive(pid) is not False:
+            continue
+        candidate = path.parent / name
+        try:
+            if candidate.is_file() and not candidate.is_symlink():
+                candidate.unlink()
+                removed.append(candidate)
+        except OSError:
+            pass  # best effort: a leftover we cannot remove must not fail the checkpoint itself
+    return removed
+
+
 def save_checkpoint(obj: dict[str, Any], path: Union[str, Path]) -> None:
     """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     # Same folder so os.replace is a rename within one file system (atomic on POSIX).
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

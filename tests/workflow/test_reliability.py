@@ -438,3 +438,27 @@ def test_sweep_resume_never_reuses_a_point_made_from_other_data(tmp_path: Path,
     with pytest.raises(CheckpointError, match="data_identity"):
         sweep(config.replace(resume=True), [0.5], ["l1"])
     assert sweep(config, [0.5], ["l1"])["points"][0]["top1"] is not None  # a fresh start works
+
+
+def test_an_interrupted_checkpoint_leaves_no_debris_after_the_next_write(tmp_path):
+    """Issue 10 item 3: a killed save_checkpoint leaves a model-sized temporary; the next write removes it."""
+    import subprocess
+    import sys as _sys
+
+    from fxprune.workflow.finetune import save_checkpoint
+
+    target = tmp_path / "train.ckpt"
+    dead = subprocess.run([_sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)  # that process has exited: its temporary is debris
+    debris = tmp_path / f".train.ckpt.tmp-{dead_pid}"
+    debris.write_bytes(b"x" * 1024)
+    live = tmp_path / f".train.ckpt.tmp-{os.getppid()}"  # a running writer: left alone
+    live.write_bytes(b"y")
+    foreign = tmp_path / ".other.ckpt.tmp-1"  # another file's temporary: not ours to judge here
+    foreign.write_bytes(b"z")
+    save_checkpoint({"a": 1}, target)
+    assert target.exists()
+    assert not debris.exists()
+    assert live.exists() and foreign.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, foreign.name])

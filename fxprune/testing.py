@@ -261,15 +261,11 @@ def _vacuity_reason(base: nn.Module) -> str:
             "scale, a dead residual branch)" + found)
 
 
-def _copies(model: ModelLike, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],
-            whole_groups: bool = False) -> Tuple[torch.fx.GraphModule, bool]:
-    gm = copy.deepcopy(as_graph_module(model))
+def _masked_copy(source: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],
+                 whole_groups: bool = False) -> Tuple[torch.fx.GraphModule, bool]:
+    gm = copy.deepcopy(source)
     removes = _mask(gm, plan, example_inputs, whole_groups)
     return gm.eval(), removes
-
-
-def _unmasked(model: ModelLike) -> torch.fx.GraphModule:
-    return copy.deepcopy(as_graph_module(model)).eval()
 
 
 @contextlib.contextmanager
@@ -290,7 +286,8 @@ def _run(models: Sequence[nn.Module], inputs: Sequence[Any], dtype: Optional[tor
         # In place: Module.to releases each float32 tensor as it converts it.
         models = [cast_model(m, dtype) for m in models]
         inputs = [_cast_value(x, dtype) for x in inputs]
-    with torch.no_grad(), _default_dtype(dtype if dtype is not None and dtype.is_floating_point else None):
+    # set_default_dtype takes float32/float64 only.
+    with torch.no_grad(), _default_dtype(dtype if dtype in (torch.float32, torch.float64) else None):
         return [m(*inputs) for m in models]
 
 
@@ -309,20 +306,25 @@ def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, in
     :class:`~fxprune.errors.FxPruneWarning`. ``dtype=None`` compares in the models' own dtype.
     Pass the same ``example_inputs`` the plan was made with (shapes can tie more channels).
 
-    The proof must be able to fail: if the plan removes channels but the masked reference's
-    output is bit-identical to the unmasked model's, the removed channels do not influence
-    the output on ``inputs``, so a wrongly sliced rewrite would pass too, and
-    :class:`VacuousProofError` (an ``AssertionError``) says why. Randomise constant-valued
-    tensors first (:func:`randomize_constants`; :func:`randomize_norms` calls it), or pass
-    ``allow_vacuous=True`` where the equality is expected (a plan that removes only channels
-    that are zero already, inputs that do not reach them on purpose).
+    The proof must be able to fail. If the plan removes channels but the masked reference's
+    output is bit-identical to the unmasked model's, the removed channels did not influence
+    the output on ``inputs``; that is harmless when they were zero already, so the pruned
+    groups are then zeroed entirely (kept channels too): if the output still does not move,
+    it does not depend on those channels at all (a zero-initialised head, gain or layer scale,
+    a dead residual branch), a wrongly sliced rewrite would pass too, and
+    :class:`VacuousProofError` (an ``AssertionError``) says so, naming the constant-valued
+    tensors that may be the cause. Randomise them first (:func:`randomize_constants`;
+    :func:`randomize_norms` calls it), or pass ``allow_vacuous=True`` where that is expected.
+    The check costs nothing unless the candidate's output is bit-identical to the reference's
+    (then one or two more forward passes).
     """
     inputs = list(inputs)
-    ref, removes = _copies(model, plan, example_inputs)
+    source = as_graph_module(model)  # traced once; every model run below is a deep copy of it
+    ref, removes = _masked_copy(source, plan, example_inputs)
     run_dtype: Optional[torch.dtype] = dtype
     try:
-        expected, original, actual = _run([ref, _unmasked(model), copy.deepcopy(pruned).eval()], inputs, dtype)
-    except Exception as exc:
+        (expected,) = _run([ref], inputs, dtype)
+    except Exception as exc:  # the model itself cannot run in dtype
         if dtype is None:
             raise
         rtol, atol = rtol or _FLOAT32_RTOL, atol or _FLOAT32_ATOL
@@ -330,23 +332,29 @@ def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, in
             f"the proof could not run in {dtype} ({type(exc).__name__}: {exc}); comparing in the models' own dtype "
             f"with float32 tolerances instead (rtol={rtol}, atol={atol})", FxPruneWarning, stacklevel=2)
         run_dtype = None
-        ref, removes = _copies(model, plan, example_inputs)  # the cast copies are spoilt
-        expected, original, actual = _run([ref, _unmasked(model), copy.deepcopy(pruned).eval()], inputs, None)
+        ref, removes = _masked_copy(source, plan, example_inputs)  # the cast copy is spoilt
+        (expected,) = _run([ref], inputs, None)
+    (actual,) = _run([copy.deepcopy(pruned).eval()], inputs, run_dtype)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-    if not removes or allow_vacuous or not _identical(expected, original):
+    # A proof is vacuous when the output does not depend on the pruned groups at all; then
+    # the candidate, which differs from the reference only inside them, computes the very same
+    # bits. Only then are the more expensive checks below needed.
+    if not removes or allow_vacuous or not _identical(actual, expected):
+        return
+    (original,) = _run([copy.deepcopy(source).eval()], inputs, run_dtype)
+    if not _identical(expected, original):
         return
     # The removed channels change nothing. That is fine if the kept ones matter (the removed
     # ones were zero already): zero the pruned groups entirely and see whether anything moves.
-    blank, _ = _copies(model, plan, example_inputs, whole_groups=True)
+    blank, _ = _masked_copy(source, plan, example_inputs, whole_groups=True)
     (blanked,) = _run([blank], inputs, run_dtype)
     if _identical(blanked, expected):
         raise VacuousProofError(
             "vacuous proof: the masked reference's output is bit-identical to the unmasked model's on these inputs, "
             "and stays so with every channel of the pruned groups zeroed: the output does not depend on those "
-            "channels, so a wrongly sliced rewrite would pass as well. Why: "
-            f"{_vacuity_reason(model if isinstance(model, nn.Module) else as_graph_module(model))}. Hint: call fxprune.testing.randomize_constants(model) (or "
-            "randomize_norms) before planning, use inputs that reach the pruned channels, or pass "
-            "allow_vacuous=True if this is expected")
+            f"channels, so a wrongly sliced rewrite would pass as well. Why: {_vacuity_reason(source)}. Hint: call "
+            "fxprune.testing.randomize_constants(model) (or randomize_norms) before planning, use inputs that reach "
+            "the pruned channels, or pass allow_vacuous=True if this is expected")
 
 
 # ------------------------------------------------------------------------------ randomisers

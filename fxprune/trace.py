@@ -1,8 +1,10 @@
 """Tracing and shape propagation: the entry of the pipeline.
 
 ``trace`` turns an ``nn.Module`` into a ``torch.fx.GraphModule`` and records the user's source
-line of every node (so errors can point at it); ``propagate_shapes`` stores ShapeProp's
-``tensor_meta`` on every node of a graph the caller owns.
+line of every node (so errors can point at it), leaving no ``torch.fx.Proxy`` behind in the
+model's attributes (:func:`stale_proxies`); ``propagate_shapes`` stores ShapeProp's
+``tensor_meta`` on every node of a graph the caller owns, printing nothing, and falls back to
+no shapes (with a warning) when only node-by-node execution of user code fails.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata  # ShapeProp's o
 from .errors import FxPruneError, FxPruneWarning, describe_node
 
 __all__ = ["trace", "as_graph_module", "copy_graph_module", "propagate_shapes", "node_shape", "stale_proxies",
-           "check_graph", "ShapeRecorder", "ShapePropagationError"]
+           "check_graph", "ShapeRecorder", "ShapePropagationError", "mutable_copy"]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -271,14 +273,18 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return copy.deepcopy(gm)
 
 
-def _mutable(value: Any) -> Any:
-    """``value`` with fx's immutable lists/dicts (and plain ones) replaced by fresh mutable copies."""
+def mutable_copy(value: Any) -> Any:
+    """``value`` with fx's immutable lists/dicts (and plain ones) replaced by fresh mutable copies.
+
+    What the generated ``forward`` hands a call (it builds list literals afresh each run); an
+    ``Interpreter`` subclass should pass its arguments through this too.
+    """
     if isinstance(value, list):
-        return [_mutable(v) for v in value]
+        return [mutable_copy(v) for v in value]
     if isinstance(value, dict):
-        return {k: _mutable(v) for k, v in value.items()}
+        return {k: mutable_copy(v) for k, v in value.items()}
     if type(value) is tuple:
-        return tuple(_mutable(v) for v in value)
+        return tuple(mutable_copy(v) for v in value)
     return value
 
 
@@ -298,7 +304,7 @@ class ShapeRecorder(torch.fx.Interpreter):
 
     def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return tuple(_mutable(a) for a in args), {k: _mutable(v) for k, v in kwargs.items()}
+        return tuple(mutable_copy(a) for a in args), {k: mutable_copy(v) for k, v in kwargs.items()}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:

@@ -460,3 +460,43 @@ def test_non_finite_statistics_of_a_removed_channel(value: float) -> None:
     assert_equivalent(model, pruned, plan, (X,))
     with pytest.raises(AssertionError):
         assert_equivalent(model, _swap_rows(pruned, "conv2"), plan, (X,))
+
+
+# ------------------------------------------------------------------ the zoo models themselves (slow)
+
+
+def _flip_a_pruned_layer(model: nn.Module, pruned: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Break the rewrite: reverse the output rows of the first layer the plan made narrower."""
+    for name, layer in pruned.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight.shape[0] < model.get_submodule(name).weight.shape[0]:
+            return _swap_rows(pruned, name)
+    raise AssertionError("nothing was pruned")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kwargs", [("mixer_s16_224", {"img_size": 64}), ("nf_regnet_b0", {})])
+def test_timm_zero_initialised_models_are_vacuous_until_randomized(name: str, kwargs: Dict[str, Any]) -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    x = torch.randn(1, 3, 64, 64)
+    plan = fxprune.plan(model, 0.3)
+    pruned = fxprune.apply(model, plan)
+    with pytest.raises(VacuousProofError):  # before: passed, proving nothing
+        assert_equivalent(model, _flip_a_pruned_layer(model, pruned), plan, (x,))
+    randomize_norms(model)
+    plan = fxprune.plan(model, 0.3)
+    pruned = fxprune.apply(model, plan)
+    assert_equivalent(model, pruned, plan, (x,))
+    with pytest.raises(AssertionError) as info:
+        assert_equivalent(model, _flip_a_pruned_layer(model, pruned), plan, (x,))
+    assert not isinstance(info.value, VacuousProofError)
+
+
+@pytest.mark.slow
+def test_timm_levit_find_groups_then_prune() -> None:
+    timm = pytest.importorskip("timm")
+    model = randomize_norms(timm.create_model("levit_128", pretrained=False, num_classes=10, img_size=64)).eval()
+    fxprune.find_groups(model)
+    pruned = fxprune.prune(model, 0.3)  # before: KeyError: 'getitem_N' in fxprune/graph.py walk
+    assert stale_proxies(model) == []
+    assert_equivalent(model, pruned, pruned.meta["fxprune_plan"], (torch.randn(1, 3, 64, 64),))

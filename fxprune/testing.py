@@ -161,9 +161,9 @@ def _cast_value(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, list):
         cast = [_cast_value(v, dtype) for v in value]
         return value if all(a is b for a, b in zip(cast, value)) else cast
-    if type(value) is tuple or type(value) is torch.fx.immutable_collections.immutable_list:
-        cast_t = [_cast_value(v, dtype) for v in value]
-        return value if all(a is b for a, b in zip(cast_t, value)) else type(value)(cast_t)
+    if type(value) is tuple:
+        cast_t = tuple(_cast_value(v, dtype) for v in value)
+        return value if all(a is b for a, b in zip(cast_t, value)) else cast_t
     if isinstance(value, dict):
         cast_d = {k: _cast_value(v, dtype) for k, v in value.items()}
         return value if all(cast_d[k] is v for k, v in value.items()) else cast_d
@@ -219,11 +219,11 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 class VacuousProofError(AssertionError):
-    """The masked reference computes exactly what the unmasked model computes.
+    """The output does not depend on the pruned channels: matching the reference proves nothing.
 
-    Then the removed channels never reach the output (a zero-initialised head, gain or layer
-    scale, a dead residual branch...), so neither would a wrongly sliced one: matching the
-    reference proves nothing about the rewrite.
+    The masked reference computes bit for bit what the unmasked model computes, and so does a
+    copy with every channel of the pruned groups zeroed (a zero-initialised head, gain or
+    layer scale, a dead residual branch...): a wrongly sliced rewrite would match as well.
     """
 
 
@@ -254,9 +254,12 @@ def constant_tensors(model: nn.Module) -> List[str]:
 
 
 def _vacuity_reason(base: nn.Module) -> str:
-    constants = constant_tensors(base)
-    shown = ", ".join(constants[:6]) + (f" and {len(constants) - 6} more" if len(constants) > 6 else "")
-    found = f"; constant-valued tensors that may do that: {shown}" if constants else ""
+    constants = [(name, float(t.detach().reshape(-1)[0])) for name, t in _named_tensors(base) if _is_constant(t)]
+    # Zero weights and gains first: they are what kills a signal (zero shifts seldom do).
+    constants.sort(key=lambda item: (item[1] != 0, item[0].endswith(("bias", "running_mean"))))
+    shown = ", ".join(f"{name} (all {value:g})" for name, value in constants[:6])
+    more = f" and {len(constants) - 6} more" if len(constants) > 6 else ""
+    found = f"; constant-valued tensors that may do that: {shown}{more}" if constants else ""
     return ("something after them multiplies them away (a zero-initialised or constant head, gain or layer "
             "scale, a dead residual branch)" + found)
 

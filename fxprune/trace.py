@@ -203,7 +203,7 @@ def check_graph(graph: torch.fx.Graph, what: str) -> None:
         for inp in node.all_input_nodes:
             if inp.graph is not graph:
                 raise FxPruneError(
-                    f"the graph of {what} is inconsistent: node {node.name} ({node.format_node()}) reads "
+                    f"the graph of {what} is inconsistent: {describe_node(node)} reads "
                     f"{inp.name}, a node of another graph: a torch.fx Proxy kept from an earlier trace (e.g. a "
                     "tensor cached in a module attribute during forward). Hint: clear such caches "
                     "(fxprune.trace.stale_proxies(model) names them) or build a fresh instance, and trace again")
@@ -381,8 +381,9 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             try:
                 gm(*inputs)
             except Exception as exc:
+                also = "" if str(exc) == str(failure.error) else f" (its forward: {type(exc).__name__}: {exc})"
                 raise FxPruneError(
-                    f"running the model on example_inputs failed at {failure}. Hint: example_inputs must be "
+                    f"running the model on example_inputs failed at {failure}{also}. Hint: example_inputs must be "
                     "a tuple of tensors the model's forward accepts (number, shape and dtype)") from exc
     finally:
         for m, mode in modes:

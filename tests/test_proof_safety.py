@@ -378,7 +378,8 @@ def test_a_float32_constant_attribute_of_a_graph_module() -> None:
     proj = torch.randn(6, 5)
     object.__setattr__(gm, "proj", proj)  # a plain attribute (an unlifted constant), not a buffer
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(output):
+    with gm.graph.inserting_before(output), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fx: "no underlying reference" (not a buffer, on purpose)
         const = gm.graph.get_attr("proj")
         out = gm.graph.call_function(torch.matmul, (output.args[0], const))
     output.args = (out,)

@@ -501,3 +501,29 @@ def test_timm_levit_find_groups_then_prune() -> None:
     pruned = fxprune.prune(model, 0.3)  # before: KeyError: 'getitem_N' in fxprune/graph.py walk
     assert stale_proxies(model) == []
     assert_equivalent(model, pruned, pruned.meta["fxprune_plan"], (torch.randn(1, 3, 64, 64),))
+
+
+@pytest.mark.slow
+def test_torchvision_swin3d_with_example_inputs() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = randomize_norms(torchvision.models.video.swin3d_t(num_classes=10)).eval()
+    x = torch.randn(1, 3, 4, 64, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = fxprune.prune(model, 0.3, example_inputs=(x,))  # before: FxPruneError (immutable_list)
+    assert not [w for w in caught if "shape propagation" in str(w.message)]
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    assert_equivalent(model, pruned, pruned.meta["fxprune_plan"], (x,), example_inputs=(x,))
+
+
+@pytest.mark.slow
+def test_torchvision_raft_exported_proves_in_float64() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = randomize_norms(torchvision.models.optical_flow.raft_small()).eval()
+    images = (torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128))
+    exported = torch.export.export(model, images)
+    plan = fxprune.plan(exported, 0.3)
+    pruned = fxprune.apply(exported, plan)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the proof could not run")  # float64 itself, no fallback
+        assert_equivalent(exported, pruned, plan, images)  # before: expected scalar type Double but found Float

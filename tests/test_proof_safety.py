@@ -475,11 +475,12 @@ def _flip_a_pruned_layer(model: nn.Module, pruned: torch.fx.GraphModule) -> torc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, kwargs", [("mixer_s16_224", {"img_size": 64}), ("nf_regnet_b0", {})])
-def test_timm_zero_initialised_models_are_vacuous_until_randomized(name: str, kwargs: Dict[str, Any]) -> None:
+@pytest.mark.parametrize("name, kwargs, size", [("mixer_s16_224", {"img_size": 64}, 64), ("nf_regnet_b0", {}, 64),
+                                                ("sequencer2d_s", {}, 112)])
+def test_timm_zero_initialised_models_are_vacuous_until_randomized(name: str, kwargs: Dict[str, Any], size: int) -> None:
     timm = pytest.importorskip("timm")
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, size, size)
     plan = fxprune.plan(model, 0.3)
     pruned = fxprune.apply(model, plan)
     with pytest.raises(VacuousProofError):  # before: passed, proving nothing
@@ -494,13 +495,14 @@ def test_timm_zero_initialised_models_are_vacuous_until_randomized(name: str, kw
 
 
 @pytest.mark.slow
-def test_timm_levit_find_groups_then_prune() -> None:
+@pytest.mark.parametrize("name, kwargs, size", [("levit_128", {"img_size": 64}, 64), ("efficientformer_l1", {}, 224)])
+def test_timm_attention_bias_caches_find_groups_then_prune(name: str, kwargs: Dict[str, Any], size: int) -> None:
     timm = pytest.importorskip("timm")
-    model = randomize_norms(timm.create_model("levit_128", pretrained=False, num_classes=10, img_size=64)).eval()
+    model = randomize_norms(timm.create_model(name, pretrained=False, num_classes=10, **kwargs)).eval()
     fxprune.find_groups(model)
     pruned = fxprune.prune(model, 0.3)  # before: KeyError: 'getitem_N' in fxprune/graph.py walk
     assert stale_proxies(model) == []
-    assert_equivalent(model, pruned, pruned.meta["fxprune_plan"], (torch.randn(1, 3, 64, 64),))
+    assert_equivalent(model, pruned, pruned.meta["fxprune_plan"], (torch.randn(1, 3, size, size),))
 
 
 @pytest.mark.slow

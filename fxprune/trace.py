@@ -75,12 +75,18 @@ class _RecordingTracer(torch.fx.Tracer):
 
 # ---------------------------------------------------------------- Proxies kept in module attributes
 
-# nn.Module's own bookkeeping: tensors and submodules (never Proxies) or hooks.
-_MODULE_SLOTS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+# nn.Module's own bookkeeping (parameters, buffers, submodules, hook tables, the training
+# flag) never holds a Proxy; only the attributes a module's own code sets are scanned.
+_MODULE_SLOTS = frozenset(vars(torch.nn.Module()))
 _SCAN_DEPTH = 4  # how deep into dicts/lists of an attribute Proxies are looked for
 
 
+_ATOMS = (int, float, bool, str, type(None), torch.Tensor, torch.dtype, torch.device)
+
+
 def _holds_proxy(value: Any, depth: int = _SCAN_DEPTH) -> bool:
+    if isinstance(value, _ATOMS):  # most attributes (channel counts, kernel sizes): checked fast
+        return False
     if isinstance(value, torch.fx.Proxy):
         return True
     if depth <= 0:
@@ -88,16 +94,19 @@ def _holds_proxy(value: Any, depth: int = _SCAN_DEPTH) -> bool:
     if isinstance(value, dict):
         return any(_holds_proxy(v, depth - 1) or _holds_proxy(k, depth - 1) for k, v in value.items())
     if isinstance(value, (list, tuple, set, frozenset)):
-        return any(_holds_proxy(v, depth - 1) for v in value)
+        return any(not isinstance(v, _ATOMS) and _holds_proxy(v, depth - 1) for v in value)
     return False
 
 
 def _containers_copy(value: Any, depth: int = _SCAN_DEPTH) -> Any:
     """``value`` with its dicts and lists copied (not their leaves): a snapshot to restore from."""
-    if depth <= 0:
+    if depth <= 0 or not isinstance(value, (dict, list)):
         return value
     if isinstance(value, dict):
-        copied = copy.copy(value)  # keeps the dict's class (OrderedDict, defaultdict...)
+        try:
+            copied = copy.copy(value)  # keeps the dict's class (OrderedDict, defaultdict...)
+        except Exception:  # a dict subclass that cannot be copied: its items are what matters
+            copied = dict(value)
         for k, v in value.items():
             copied[k] = _containers_copy(v, depth - 1)
         return copied
@@ -144,7 +153,7 @@ class _ProxyGuard:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.saved: List[Tuple[torch.nn.Module, str, bool, Any, Any]] = []
+        self.saved: List[Tuple[torch.nn.Module, str, Any, Any]] = []
         self.hidden: List[Tuple[Dict[Any, Any], Any, Any]] = []
         self.unhidable: List[str] = []
         for name, module, attr, value in _attributes(model):
@@ -156,7 +165,7 @@ class _ProxyGuard:
                         del value[key]
             elif _holds_proxy(value):
                 self.unhidable.append(where)
-            self.saved.append((module, attr, True, value, _containers_copy(value)))
+            self.saved.append((module, attr, value, _containers_copy(value)))
         self.model = model
         if self.unhidable:
             self.restore()
@@ -169,7 +178,7 @@ class _ProxyGuard:
 
     def restore(self) -> List[str]:
         """Undo the trace's Proxies and put hidden entries back; returns what could not be undone."""
-        before = {(id(module), attr): (value, snapshot) for module, attr, _, value, snapshot in self.saved}
+        before = {(id(module), attr): (value, snapshot) for module, attr, value, snapshot in self.saved}
         left: List[str] = []
         for name, module, attr, value in _attributes(self.model):
             if not _holds_proxy(value):

@@ -313,6 +313,9 @@ class ShapeRecorder(torch.fx.Interpreter):
 
     def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         args, kwargs = super().fetch_args_kwargs_from_env(n)
+        if not any(isinstance(a, (list, dict, tuple)) for a in args) and \
+                not any(isinstance(v, (list, dict, tuple)) for v in kwargs.values()):
+            return args, kwargs  # most nodes: tensors and numbers only, nothing to copy
         return tuple(mutable_copy(a) for a in args), {k: mutable_copy(v) for k, v in kwargs.items()}
 
     def run_node(self, n: torch.fx.Node) -> Any:

@@ -13,20 +13,25 @@ register a mask for a custom module with other per-channel tensors).
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Callable, Dict, Optional, Sequence
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from .api import ModelLike, analyze_model
+from .errors import FxPruneWarning
 from .plan import PruningPlan, resolve
 from .rewrite import slot_indices
 from .rules import role_tensors
 from .trace import as_graph_module
 
-__all__ = ["masked_reference", "assert_equivalent", "register_mask", "randomize_norms", "Mask"]
+__all__ = ["masked_reference", "assert_equivalent", "register_mask", "randomize_norms", "randomize_constants",
+           "constant_tensors", "cast_model", "VacuousProofError", "Mask"]
 
 Mask = Callable[[nn.Module, str, torch.Tensor], None]
 _MASKS: Dict[type, Mask] = {}
@@ -82,25 +87,30 @@ def _mask_linear(lin: nn.Module, role: str, removed: torch.Tensor) -> None:
 
 @register_mask(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 def _mask_norm(norm: nn.Module, role: str, removed: torch.Tensor) -> None:
-    # weight = bias = 0 makes the channel's output exactly 0 whatever its statistics.
+    # weight = bias = 0 zeroes the channel's output, but only if its normalised value is
+    # finite: a NaN/Inf running statistic would turn 0 * x into NaN. Set the statistics too,
+    # to mean 0 / variance 1, so the removed channel's output is exactly 0 whatever they were.
     _zero_along(getattr(norm, "weight", None), 0, removed)
     _zero_along(getattr(norm, "bias", None), 0, removed)
+    _zero_along(getattr(norm, "running_mean", None), 0, removed)
+    var = getattr(norm, "running_var", None)
+    if isinstance(var, torch.Tensor):
+        var[removed.to(var.device)] = 1
 
 
-def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None) -> torch.fx.GraphModule:
-    """A deep copy of ``model`` (traced) with the channels ``plan`` removes set to zero.
+def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],
+          whole_groups: bool = False) -> bool:
+    """Zero the channels ``plan`` removes in ``gm``, in place; True if the plan removes any.
 
-    >>> import torch, torchvision, fxprune
-    >>> from fxprune.testing import masked_reference
-    >>> m = torchvision.models.resnet18().eval()
-    >>> p = fxprune.plan(m, 0.5)
-    >>> ref = masked_reference(m, p)
-    >>> int((ref.layer1[0].conv1.weight.abs().sum((1, 2, 3)) == 0).sum())
-    32
+    ``whole_groups``: zero every channel of each group the plan prunes, kept ones too (what a
+    rewrite that kept the wrong channels can at worst compute: the vacuity check's yardstick).
     """
-    gm = copy.deepcopy(as_graph_module(model))
     analysis = analyze_model(gm, example_inputs=example_inputs)
     kept = resolve(analysis, plan)
+    if whole_groups:
+        sizes = {g: size for slot in analysis.slots.values() for g, size in slot.segments}
+        kept = {g: ([] if len(rows) < sizes.get(g, len(rows)) else rows) for g, rows in kept.items()}
+    removes = False
     with torch.no_grad():
         for slot in analysis.slots.values():
             keep = slot_indices(slot, kept)
@@ -109,38 +119,321 @@ def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Option
             module = gm.get_submodule(slot.module)
             removed = torch.ones(sum(size for _, size in slot.segments) * slot.block, dtype=torch.bool)
             removed[keep] = False
+            removes = removes or bool(removed.any())
             _MASKS.get(type(module), _default_mask)(module, slot.role, removed)
+    return removes
+
+
+def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None) -> torch.fx.GraphModule:
+    """A deep copy of ``model`` (traced) with the channels ``plan`` removes set to zero.
+
+    BatchNorm running statistics of removed channels are reset to mean 0, variance 1, so a
+    NaN or Inf statistic cannot leak into the output through ``0 * NaN``.
+
+    >>> import torch, torchvision, fxprune
+    >>> from fxprune.testing import masked_reference
+    >>> m = torchvision.models.resnet18().eval()
+    >>> p = fxprune.plan(m, 0.5)
+    >>> ref = masked_reference(m, p)
+    >>> int((ref.get_submodule("layer1.0.conv1").weight.abs().sum((1, 2, 3)) == 0).sum())
+    32
+    """
+    gm = copy.deepcopy(as_graph_module(model))
+    _mask(gm, plan, example_inputs)
     return gm
+
+
+# ------------------------------------------------------------------------------- dtype casts
+
+# nn.Module's own bookkeeping: parameters and buffers (Module.to casts them) and submodules.
+_MODULE_SLOTS = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _cast_value(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor in it (in tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(value, torch.dtype):
+        # A graph's own dtype requests (x.to(torch.float32), arange(..., dtype=torch.float32)).
+        return dtype if value.is_floating_point and dtype.is_floating_point else value
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.dtype != dtype and not isinstance(value, nn.Parameter):
+            return value.to(dtype)
+        return value
+    if isinstance(value, list):
+        cast = [_cast_value(v, dtype) for v in value]
+        return value if all(a is b for a, b in zip(cast, value)) else cast
+    if type(value) is tuple:
+        cast_t = tuple(_cast_value(v, dtype) for v in value)
+        return value if all(a is b for a, b in zip(cast_t, value)) else cast_t
+    if isinstance(value, dict):
+        cast_d = {k: _cast_value(v, dtype) for k, v in value.items()}
+        return value if all(cast_d[k] is v for k, v in value.items()) else cast_d
+    return value
+
+
+_DTYPE_METHODS = {"half": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32, "double": torch.float64}
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``, plus every floating tensor constant and dtype request it holds, in place.
+
+    ``Module.to`` casts parameters and buffers only; a graph can also keep tensor constants as
+    plain attributes read by ``get_attr`` (export's lifted constants), modules cache tensors in
+    dict attributes, a hand-built graph can hold tensors as node arguments, and a graph can ask
+    for float32 itself (RAFT's ``coords.float()``, export's ``dtype=torch.float32``
+    arguments). Left alone, any of them makes a float64 run fail ("expected scalar type
+    Double but found Float"); so floating tensor attributes, floating tensors and floating
+    ``torch.dtype`` values in node arguments, and ``x.float()``-style calls all follow ``dtype``.
+    Code inside leaf modules is not rewritten.
+    """
+    model.to(dtype)
+    for module in model.modules():
+        for attr, value in list(vars(module).items()):
+            if attr in _MODULE_SLOTS:
+                continue
+            cast = _cast_value(value, dtype)
+            if cast is value:
+                continue
+            if isinstance(value, dict):
+                value.update(cast)  # in place: other code may hold the same dict (a cache)
+            elif isinstance(value, list):
+                value[:] = cast
+            else:
+                setattr(module, attr, cast)
+        if isinstance(module, torch.fx.GraphModule):
+            changed = False
+            for node in module.graph.nodes:
+                if node.op == "call_method" and node.target in _DTYPE_METHODS and dtype.is_floating_point \
+                        and _DTYPE_METHODS[str(node.target)] != dtype and node.args:
+                    node.target, node.args = "to", (node.args[0], dtype)  # x.float() -> x.to(dtype)
+                    changed = True
+                args, kwargs = _cast_value(node.args, dtype), _cast_value(node.kwargs, dtype)
+                if args is not node.args or kwargs is not node.kwargs:
+                    node.args, node.kwargs = tuple(args), dict(kwargs)
+                    changed = True
+            if changed:
+                module.recompile()
+    return model
+
+
+# ------------------------------------------------------------------------------ the proof
+
+
+class VacuousProofError(AssertionError):
+    """The output does not depend on the pruned channels: matching the reference proves nothing.
+
+    The masked reference computes bit for bit what the unmasked model computes, and so does a
+    copy with every channel of the pruned groups zeroed (a zero-initialised head, gain or
+    layer scale, a dead residual branch...): a wrongly sliced rewrite would match as well.
+    """
+
+
+_FLOAT32_RTOL = 1e-4  # float32 fallback: summation-order rounding of a pruned model, with margin
+_FLOAT32_ATOL = 1e-5
+
+
+def _identical(a: Any, b: Any) -> bool:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or x != y:
+            return False
+    return True
+
+
+def constant_tensors(model: nn.Module) -> List[str]:
+    """Names of the floating parameters and buffers of ``model`` whose elements are all equal.
+
+    Such tensors (a classifier initialised to zero, gains and layer scales of ones or zeros,
+    fresh norm statistics) treat every channel alike, so they can hide a wrong slice.
+    """
+    return [name for name, t in _named_tensors(model) if _is_constant(t)]
+
+
+def _vacuity_reason(base: nn.Module) -> str:
+    constants = [(name, float(t.detach().reshape(-1)[0])) for name, t in _named_tensors(base) if _is_constant(t)]
+    # Zero weights and gains first: they are what kills a signal (zero shifts seldom do).
+    constants.sort(key=lambda item: (item[1] != 0, item[0].endswith(("bias", "running_mean"))))
+    shown = ", ".join(f"{name} (all {value:g})" for name, value in constants[:6])
+    more = f" and {len(constants) - 6} more" if len(constants) > 6 else ""
+    found = f"; constant-valued tensors that may do that: {shown}{more}" if constants else ""
+    return ("something after them multiplies them away (a zero-initialised or constant head, gain or layer "
+            "scale, a dead residual branch)" + found)
+
+
+def _masked_copy(source: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],
+                 whole_groups: bool = False) -> Tuple[torch.fx.GraphModule, bool]:
+    gm = copy.deepcopy(source)
+    removes = _mask(gm, plan, example_inputs, whole_groups)
+    return gm.eval(), removes
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """Tensors a forward creates without a dtype (``torch.zeros(n)``) come out in ``dtype``."""
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _run(models: Sequence[nn.Module], inputs: Sequence[Any], dtype: Optional[torch.dtype]) -> List[Any]:
+    """Each model's output on ``inputs`` (models and inputs cast to ``dtype`` first, if given)."""
+    if dtype is not None:
+        # In place: Module.to releases each float32 tensor as it converts it.
+        models = [cast_model(m, dtype) for m in models]
+        inputs = [_cast_value(x, dtype) for x in inputs]
+    # set_default_dtype takes float32/float64 only.
+    with torch.no_grad(), _default_dtype(dtype if dtype in (torch.float32, torch.float64) else None):
+        return [m(*inputs) for m in models]
 
 
 def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, inputs: Sequence[Any],
                       rtol: Optional[float] = None, atol: Optional[float] = None,
                       dtype: Optional[torch.dtype] = torch.float64,
-                      example_inputs: Optional[Sequence[Any]] = None) -> None:
+                      example_inputs: Optional[Sequence[Any]] = None, allow_vacuous: bool = False) -> None:
     """Assert ``pruned`` computes what the masked reference of ``model`` computes (eval mode).
 
     Both models run on copies cast to ``dtype`` (float64 by default): removing channels changes
     the order of float sums, and in double precision that rounding is far below any real bug,
-    so the comparison can use tight tolerances. ``dtype=None`` compares in the models' own dtype.
+    so the comparison can use tight tolerances. Every floating tensor the models hold is cast,
+    graph constants included (:func:`cast_model`). If a model still cannot run in ``dtype``
+    (an op that insists on float32), the comparison falls back to the models' own dtype with
+    float32 tolerances (``rtol=1e-4``, ``atol=1e-5`` unless given) and says so with an
+    :class:`~fxprune.errors.FxPruneWarning`. ``dtype=None`` compares in the models' own dtype.
     Pass the same ``example_inputs`` the plan was made with (shapes can tie more channels).
+
+    The proof must be able to fail. If the plan removes channels but the masked reference's
+    output is bit-identical to the unmasked model's, the removed channels did not influence
+    the output on ``inputs``; that is harmless when they were zero already, so the pruned
+    groups are then zeroed entirely (kept channels too): if the output still does not move,
+    it does not depend on those channels at all (a zero-initialised head, gain or layer scale,
+    a dead residual branch), a wrongly sliced rewrite would pass too, and
+    :class:`VacuousProofError` (an ``AssertionError``) says so, naming the constant-valued
+    tensors that may be the cause. Randomise them first (:func:`randomize_constants`;
+    :func:`randomize_norms` calls it), or pass ``allow_vacuous=True`` where that is expected.
+    The check costs nothing unless the candidate's output is bit-identical to the reference's
+    (then one or two more forward passes).
     """
-    ref = masked_reference(model, plan, example_inputs=example_inputs).eval()
-    candidate = copy.deepcopy(pruned).eval()
-    if dtype is not None:
-        # Module.to converts in place: the float32 copies are released as it goes.
-        ref, candidate = ref.to(dtype), candidate.to(dtype)
-        inputs = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
-    with torch.no_grad():
-        expected = ref(*inputs)
-        actual = candidate(*inputs)
+    inputs = list(inputs)
+    source = as_graph_module(model)  # traced once; every model run below is a deep copy of it
+    ref, removes = _masked_copy(source, plan, example_inputs)
+    run_dtype: Optional[torch.dtype] = dtype
+    try:
+        (expected,) = _run([ref], inputs, dtype)
+    except Exception as exc:  # the model itself cannot run in dtype
+        if dtype is None:
+            raise
+        rtol, atol = rtol or _FLOAT32_RTOL, atol or _FLOAT32_ATOL
+        warnings.warn(
+            f"the proof could not run in {dtype} ({type(exc).__name__}: {exc}); comparing in the models' own dtype "
+            f"with float32 tolerances instead (rtol={rtol}, atol={atol})", FxPruneWarning, stacklevel=2)
+        run_dtype = None
+        ref, removes = _masked_copy(source, plan, example_inputs)  # the cast copy is spoilt
+        (expected,) = _run([ref], inputs, None)
+    (actual,) = _run([copy.deepcopy(pruned).eval()], inputs, run_dtype)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    # A proof is vacuous when the output does not depend on the pruned groups at all; then
+    # the candidate, which differs from the reference only inside them, computes the very same
+    # bits. Only then are the more expensive checks below needed.
+    if not removes or allow_vacuous or not _identical(actual, expected):
+        return
+    (original,) = _run([copy.deepcopy(source).eval()], inputs, run_dtype)
+    if not _identical(expected, original):
+        return
+    # The removed channels change nothing. That is fine if the kept ones matter (the removed
+    # ones were zero already): zero the pruned groups entirely and see whether anything moves.
+    blank, _ = _masked_copy(source, plan, example_inputs, whole_groups=True)
+    (blanked,) = _run([blank], inputs, run_dtype)
+    if _identical(blanked, expected):
+        raise VacuousProofError(
+            "vacuous proof: the masked reference's output is bit-identical to the unmasked model's on these inputs, "
+            "and stays so with every channel of the pruned groups zeroed: the output does not depend on those "
+            f"channels, so a wrongly sliced rewrite would pass as well. Why: {_vacuity_reason(source)}. Hint: call "
+            "fxprune.testing.randomize_constants(model) (or randomize_norms) before planning, use inputs that reach "
+            "the pruned channels, or pass allow_vacuous=True if this is expected")
+
+
+# ------------------------------------------------------------------------------ randomisers
+
+
+def _named_tensors(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Parameters, then buffers, each tensor once (tied ones under their first name)."""
+    seen = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield name, t
+
+
+def _is_constant(t: torch.Tensor) -> bool:
+    """All elements equal (and finite). A single element can only hide channels by being 0."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    first = t.detach().reshape(-1)[0]
+    if t.numel() == 1:
+        return bool(first == 0)
+    return bool(torch.isfinite(first)) and bool((t.detach() == first).all())
+
+
+def _randomize_constants(model: nn.Module, g: torch.Generator) -> List[str]:
+    changed = []
+    with torch.no_grad():
+        for name, t in _named_tensors(model):
+            if not _is_constant(t):
+                continue
+            value = float(t.reshape(-1)[0])
+            noise = torch.rand(t.shape, generator=g, dtype=torch.float64)
+            if name.rsplit(".", 1)[-1] == "running_var":
+                new = noise + 0.5  # a variance must stay positive, whatever it was
+            elif value != 0:
+                new = value * (noise + 0.5)  # jitter keeps each element's sign and scale
+            else:
+                # Zero (a zero-initialised head or gain): the usual uniform init scale.
+                fan_in = t[0].numel() if t.dim() >= 2 else 0
+                bound = fan_in ** -0.5 if fan_in else 0.5
+                new = (noise * 2 - 1) * bound
+            t.copy_(new.to(t.dtype))
+            changed.append(name)
+    return changed
+
+
+def randomize_constants(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every constant-valued floating parameter and buffer of ``model`` varied values, in place.
+
+    A tensor whose elements are all equal treats every channel alike, so it can hide a wrong
+    slice: fresh norm statistics and affine parameters (BatchNorm, LayerNorm, GroupNorm),
+    gains and layer scales, a classifier or gain initialised to zero (whose output then does
+    not depend on the channels at all). Non-zero constants get a per-element jitter
+    (``value * U(0.5, 1.5)``: sign and scale kept, so a layer scale of 1e-6 stays small); zeros
+    get ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``U(-0.5, 0.5)`` for vectors); a running
+    variance stays positive. Tensors with varied values, non-finite or integer tensors are
+    left alone.
+
+    >>> import torch
+    >>> head = torch.nn.Linear(4, 2)
+    >>> _ = torch.nn.init.zeros_(head.weight)
+    >>> _ = randomize_constants(head)
+    >>> bool(head.weight.std() > 0)
+    True
+    """
+    _randomize_constants(model, torch.Generator().manual_seed(seed))
+    return model
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm/InstanceNorm non-trivial statistics and affine parameters, in place.
+    """Give every BatchNorm/InstanceNorm random statistics and affine parameters, then
+    randomise every other constant-valued tensor (:func:`randomize_constants`), in place.
 
-    A freshly built model has mean 0, variance 1, scale 1 and shift 0 everywhere, which can hide
-    a BatchNorm sliced with the wrong channels; random values make equivalence checks bite.
+    A freshly built model has mean 0, variance 1, scale 1 and shift 0 everywhere, zero-initialised
+    heads, gains and layer scales: all of these can hide a layer sliced with the wrong channels,
+    and random values make equivalence checks bite.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -154,4 +447,5 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
             if m.weight is not None and m.bias is not None:
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    _randomize_constants(model, g)
     return model

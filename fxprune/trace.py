@@ -1,8 +1,10 @@
 """Tracing and shape propagation: the entry of the pipeline.
 
 ``trace`` turns an ``nn.Module`` into a ``torch.fx.GraphModule`` and records the user's source
-line of every node (so errors can point at it); ``propagate_shapes`` stores ShapeProp's
-``tensor_meta`` on every node of a graph the caller owns.
+line of every node (so errors can point at it), leaving no ``torch.fx.Proxy`` behind in the
+model's attributes (:func:`stale_proxies`); ``propagate_shapes`` stores ShapeProp's
+``tensor_meta`` on every node of a graph the caller owns, printing nothing, and falls back to
+no shapes (with a warning) when only node-by-node execution of user code fails.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ import copy
 import linecache
 import os
 import sys
+import warnings
 from types import FrameType
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata  # ShapeProp's own tensor_meta format
 
-from .errors import FxPruneError
+from .errors import FxPruneError, FxPruneWarning, describe_node
 
-__all__ = ["trace", "as_graph_module", "copy_graph_module", "propagate_shapes", "node_shape"]
+__all__ = ["trace", "as_graph_module", "copy_graph_module", "propagate_shapes", "node_shape", "stale_proxies",
+           "check_graph", "ShapeRecorder", "ShapePropagationError", "mutable_copy"]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -69,8 +73,159 @@ class _RecordingTracer(torch.fx.Tracer):
         return node
 
 
+# ---------------------------------------------------------------- Proxies kept in module attributes
+
+# nn.Module's own bookkeeping (parameters, buffers, submodules, hook tables, the training
+# flag) never holds a Proxy; only the attributes a module's own code sets are scanned.
+_MODULE_SLOTS = frozenset(vars(torch.nn.Module()))
+_SCAN_DEPTH = 4  # how deep into dicts/lists of an attribute Proxies are looked for
+
+
+_ATOMS = (int, float, bool, str, type(None), torch.Tensor, torch.dtype, torch.device)
+
+
+def _holds_proxy(value: Any, depth: int = _SCAN_DEPTH) -> bool:
+    if isinstance(value, _ATOMS):  # most attributes (channel counts, kernel sizes): checked fast
+        return False
+    if isinstance(value, torch.fx.Proxy):
+        return True
+    if depth <= 0:
+        return False
+    if isinstance(value, dict):
+        return any(_holds_proxy(v, depth - 1) or _holds_proxy(k, depth - 1) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(not isinstance(v, _ATOMS) and _holds_proxy(v, depth - 1) for v in value)
+    return False
+
+
+def _containers_copy(value: Any, depth: int = _SCAN_DEPTH) -> Any:
+    """``value`` with its dicts and lists copied (not their leaves): a snapshot to restore from."""
+    if depth <= 0 or not isinstance(value, (dict, list)):
+        return value
+    if isinstance(value, dict):
+        try:
+            copied = copy.copy(value)  # keeps the dict's class (OrderedDict, defaultdict...)
+        except Exception:  # a dict subclass that cannot be copied: its items are what matters
+            copied = dict(value)
+        for k, v in value.items():
+            copied[k] = _containers_copy(v, depth - 1)
+        return copied
+    if isinstance(value, list):
+        return [_containers_copy(v, depth - 1) for v in value]
+    return value
+
+
+def _attributes(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Module, str, Any]]:
+    for name, module in model.named_modules(remove_duplicate=True):
+        for attr, value in list(vars(module).items()):
+            if attr not in _MODULE_SLOTS:
+                yield name, module, attr, value
+
+
+def stale_proxies(model: torch.nn.Module) -> List[str]:
+    """``module.attribute`` names of ``model`` that hold a ``torch.fx.Proxy`` (in dicts/lists too).
+
+    Only a trace in progress can use a Proxy; one found in a module attribute was cached by
+    ``forward`` during an earlier trace (timm's ``attention_bias_cache`` does this).
+
+    >>> import torch
+    >>> class Cached(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.cache = {}
+    ...     def forward(self, x):
+    ...         self.cache.setdefault("k", x * 2)
+    ...         return self.cache["k"]
+    >>> m = Cached()
+    >>> _ = torch.fx.symbolic_trace(m)
+    >>> stale_proxies(m)
+    ['cache']
+    """
+    return [f"{name}.{attr}" if name else attr for name, _, attr, value in _attributes(model) if _holds_proxy(value)]
+
+
+class _ProxyGuard:
+    """Makes a trace leave the model's attributes as it found them, Proxy-free.
+
+    Before the trace, Proxies an earlier trace left in dict entries are taken out (and put
+    back after: the model passed in is never modified); after it, every attribute this trace
+    made hold a Proxy gets its old contents back: a cache filled while tracing is emptied again.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.saved: List[Tuple[torch.nn.Module, str, Any, Any]] = []
+        self.hidden: List[Tuple[Dict[Any, Any], Any, Any]] = []
+        self.unhidable: List[str] = []
+        for name, module, attr, value in _attributes(model):
+            where = f"{name}.{attr}" if name else attr
+            if isinstance(value, dict) and _holds_proxy(value):
+                for key, item in list(value.items()):
+                    if _holds_proxy(item) or _holds_proxy(key, 0):
+                        self.hidden.append((value, key, item))
+                        del value[key]
+            elif _holds_proxy(value):
+                self.unhidable.append(where)
+            self.saved.append((module, attr, value, _containers_copy(value)))
+        self.model = model
+        if self.unhidable:
+            self.restore()
+            raise FxPruneError(
+                f"{type(model).__name__} holds torch.fx Proxies left by an earlier trace in "
+                f"{', '.join(self.unhidable)}; tracing it again would read them as nodes of another graph. "
+                "Hint: reset those attributes (or build a fresh instance) before pruning; a module that "
+                "caches tensors computed in forward should not cache while tracing "
+                "(torch.fx._symbolic_trace.is_fx_tracing())")
+
+    def restore(self) -> List[str]:
+        """Undo the trace's Proxies and put hidden entries back; returns what could not be undone."""
+        before = {(id(module), attr): (value, snapshot) for module, attr, value, snapshot in self.saved}
+        left: List[str] = []
+        for name, module, attr, value in _attributes(self.model):
+            if not _holds_proxy(value):
+                continue
+            where = f"{name}.{attr}" if name else attr
+            old = before.get((id(module), attr))
+            if old is None:
+                delattr(module, attr)  # created by the trace
+            elif old[0] is not value:
+                setattr(module, attr, old[0])  # rebound by the trace
+            elif isinstance(value, dict):
+                value.clear()
+                value.update(old[1])
+            elif isinstance(value, list):
+                value[:] = old[1]
+            else:
+                left.append(where)
+        for container, key, item in self.hidden:
+            container[key] = item
+        self.hidden = []
+        return left
+
+
+def check_graph(graph: torch.fx.Graph, what: str) -> None:
+    """Raise :class:`FxPruneError` if a node of ``graph`` reads a node of another graph.
+
+    That is what a Proxy cached by one trace and read back by the next one becomes; the
+    analysis would otherwise fail far from the cause.
+    """
+    for node in graph.nodes:
+        for inp in node.all_input_nodes:
+            if inp.graph is not graph:
+                raise FxPruneError(
+                    f"the graph of {what} is inconsistent: {describe_node(node)} reads "
+                    f"{inp.name}, a node of another graph: a torch.fx Proxy kept from an earlier trace (e.g. a "
+                    "tensor cached in a module attribute during forward). Hint: clear such caches "
+                    "(fxprune.trace.stale_proxies(model) names them) or build a fresh instance, and trace again")
+
+
 def trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` into a GraphModule that remembers source lines.
+
+    Tracing leaves ``model`` as it found it: a module that caches a value computed in
+    ``forward`` in an attribute (timm's attention-bias caches) would otherwise keep a
+    ``torch.fx.Proxy`` of this trace, and a second trace would read that Proxy back as a node
+    of another graph. Proxies left by an earlier trace (the user's own ``symbolic_trace``) are
+    hidden from this one for the same reason; see :func:`stale_proxies`.
 
     >>> import torchvision, fxprune
     >>> gm = fxprune.trace(torchvision.models.resnet18())
@@ -82,6 +237,7 @@ def trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]] = None
     if not isinstance(model, torch.nn.Module):
         raise FxPruneError(f"expected an nn.Module or torch.fx.GraphModule, got {type(model).__name__}")
     tracer = _RecordingTracer()
+    guard = _ProxyGuard(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError... all mean "untraceable"
@@ -91,6 +247,16 @@ def trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]] = None
             "leaf (a torch.fx.Tracer subclass with is_leaf_module), pass concrete_args for "
             "flag arguments, or trace the model yourself and pass the GraphModule"
         ) from exc
+    finally:
+        left = guard.restore()
+    if left:
+        raise FxPruneError(
+            f"tracing {type(model).__name__} left torch.fx Proxies in module attributes that fxprune cannot "
+            f"put back: {', '.join(left)}. A Proxy is only meaningful during the trace that made it, and the "
+            "next trace of this instance would read it as a node of another graph. Hint: make the cache a "
+            "dict or list attribute (fxprune restores those), skip caching while tracing "
+            "(torch.fx._symbolic_trace.is_fx_tracing()), or trace a fresh instance")
+    check_graph(graph, type(model).__name__)
     name = model.__class__.__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
 
@@ -105,7 +271,10 @@ def as_graph_module(model: torch.nn.Module) -> torch.fx.GraphModule:
 
     if is_aten_graph(model):
         return from_exported(model)
-    return model if isinstance(model, torch.fx.GraphModule) else trace(model)
+    if isinstance(model, torch.fx.GraphModule):
+        check_graph(model.graph, type(model).__name__)  # a graph someone else traced
+        return model
+    return trace(model)
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -113,26 +282,129 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return copy.deepcopy(gm)
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Run ShapeProp on ``gm`` (which the caller owns) so nodes carry ``tensor_meta``.
+def mutable_copy(value: Any) -> Any:
+    """``value`` with fx's immutable lists/dicts (and plain ones) replaced by fresh mutable copies.
 
-    Runs in eval mode under ``torch.no_grad`` and restores the training flag, so BatchNorm
-    running statistics are not updated by the probe.
+    What the generated ``forward`` hands a call (it builds list literals afresh each run); an
+    ``Interpreter`` subclass should pass its arguments through this too.
     """
+    if isinstance(value, list):
+        return [mutable_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: mutable_copy(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(mutable_copy(v) for v in value)
+    return value
+
+
+class ShapeRecorder(torch.fx.Interpreter):
+    """Runs a GraphModule node by node and stores each result's ``tensor_meta`` (as ShapeProp does).
+
+    Two differences from ``torch.fx.passes.shape_prop.ShapeProp``: list and dict arguments are
+    handed to each call as fresh mutable copies, as the generated ``forward`` builds them (fx
+    stores them immutable, and a helper that mutates its list argument, like torchvision's
+    swin3d window-size helper, fails only under an interpreter); and a failing node raises
+    :class:`ShapePropagationError` naming it, without printing a traceback to stderr.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # the error names the node itself, in one line
+
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        if not any(isinstance(a, (list, dict, tuple)) for a in args) and \
+                not any(isinstance(v, (list, dict, tuple)) for v in kwargs.values()):
+            return args, kwargs  # most nodes: tensors and numbers only, nothing to copy
+        return tuple(mutable_copy(a) for a in args), {k: mutable_copy(v) for k, v in kwargs.items()}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise ShapePropagationError(n, exc) from exc
+        found = False
+
+        def meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        recorded = torch.fx.node.map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = recorded
+        n.meta["type"] = type(result)
+        return result
+
+
+class ShapePropagationError(FxPruneError):
+    """Running a graph node by node on example inputs failed at ``node``."""
+
+    def __init__(self, node: torch.fx.Node, error: BaseException) -> None:
+        self.node = node
+        self.error = error
+        super().__init__(f"{describe_node(node)}: {type(error).__name__}: {error}")
+
+
+def _placeholder_count(gm: torch.fx.GraphModule) -> Optional[int]:
+    """How many positional inputs the graph takes at most (None: any number, it has ``*args``)."""
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    return None if any(t.startswith("*") for t in targets) else len(targets)
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Record ``tensor_meta`` on every node of ``gm`` (which the caller owns); True if it could.
+
+    Runs in eval mode under ``torch.no_grad`` and restores the training flags, so BatchNorm
+    running statistics are not updated by the probe. Nothing is printed (torch's ShapeProp
+    prints a traceback before raising); errors carry what went wrong instead.
+
+    When a node fails, the model is run once more as a whole (its generated ``forward``) to
+    tell whose fault it is:
+
+    * if that fails too, ``example_inputs`` are wrong for this model (wrong number, shape or
+      dtype): :class:`FxPruneError` naming the failing node, its source line and the error;
+    * if the model runs, only node-by-node execution fails (fx hands arguments to user code
+      differently from ``forward``): shapes are an optional aid, so an
+      :class:`~fxprune.errors.FxPruneWarning` names the node and the error, every partial
+      ``tensor_meta`` is dropped and False is returned: the analysis then runs as it does
+      without example inputs (more channels may stay frozen, nothing is guessed).
+    """
+    inputs = tuple(example_inputs)
+    most = _placeholder_count(gm)
+    if most is not None and len(inputs) > most:
+        raise FxPruneError(
+            f"example_inputs has {len(inputs)} inputs but the model's forward takes at most {most}. "
+            "Hint: pass a tuple with one tensor per forward argument, e.g. example_inputs=(x,)")
     # Modules may be shared with the caller's model: restore each one's own mode afterwards.
     modes = [(m, m.training) for m in gm.modules()]
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as exc:
-        raise FxPruneError(
-            f"running the model on example_inputs failed: {type(exc).__name__}: {exc}. "
-            "Hint: example_inputs must be a tuple of tensors the model's forward accepts"
-        ) from exc
+            try:
+                ShapeRecorder(gm).run(*inputs)
+                return True
+            except ShapePropagationError as exc:
+                failure = exc
+            for node in gm.graph.nodes:
+                node.meta.pop("tensor_meta", None)
+            try:
+                gm(*inputs)
+            except Exception as exc:
+                also = "" if str(exc) == str(failure.error) else f" (its forward: {type(exc).__name__}: {exc})"
+                raise FxPruneError(
+                    f"running the model on example_inputs failed at {failure}{also}. Hint: example_inputs must be "
+                    "a tuple of tensors the model's forward accepts (number, shape and dtype)") from exc
     finally:
         for m, mode in modes:
             m.training = mode
+    warnings.warn(
+        f"shape propagation on example_inputs failed at {failure}, although the model itself runs on them; "
+        "continuing without shapes (as if no example_inputs were given: channels whose structure only "
+        "shapes could tell stay unpruned)", FxPruneWarning, stacklevel=3)
+    return False
 
 
 def node_shape(node: torch.fx.Node) -> Optional[torch.Size]:

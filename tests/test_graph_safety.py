@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.errors import InternalError
-from fxprune.groups import unique_keys
 from fxprune.testing import assert_equivalent, randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -318,6 +317,8 @@ def test_a_plan_naming_a_group_twice_is_a_mismatch_not_a_missing_entry() -> None
 
 
 def test_unique_keys_are_stable_and_never_clash() -> None:
+    from fxprune.groups import unique_keys
+
     cands = [("head:in", "head:in@0"), ("head:in", "head:in@3"), ("head:in@3", "head:in@3@0"), ("conv", "conv@3"),
              ("conv", "conv@4")]
     keys = unique_keys(cands)

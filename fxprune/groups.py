@@ -6,16 +6,27 @@ its output's channels relate to its inputs' (:mod:`fxprune.rules`); ops that tie
 *frozen* (never pruned) when it reaches a graph output, touches an op without a rule, or meets
 a pattern of ``ignore``.
 
-Two more facts are checked on the module tree, not the graph:
+After the walk, three more facts are checked:
 
-- *Tied tensors*: two modules sharing one parameter (or buffer) must keep the same channels.
-  Same-type modules sharing it under the same name have their slots unified role by role (as
-  for a module called twice); any other sharing, or a parameter the graph also reads directly
-  (``get_attr``), freezes the groups of every module involved.
-- *Blocked groups*: a grouped convolution needs every conv group to keep the same number of
-  channels, so its input and output groups carry ``blocks`` (G equal blocks, the same count
-  kept in each). :func:`fit_count` and :func:`select_channels` are what a planner uses to
-  honour that; :func:`check_balanced` is what the rewrite checks.
+- *Call sites*: a module called more than once keeps one channel set per role across its call
+  sites, and a role that one call site leaves untracked (the module reads the model input
+  there) keeps its channels whole at every call site: unprunable at any call site means
+  unprunable.
+- *Parameter operands*: a parameter or buffer an element-wise op reads directly (``get_attr``)
+  with exactly the channels of its other operand is sliced with them (:class:`TensorSlot`),
+  provided every op that reads it expects it sliced; otherwise its channels stay whole.
+- *Tied tensors* (on the module tree): two modules sharing one parameter (or buffer) must keep
+  the same channels. Same-type modules sharing it under the same name have their slots unified
+  role by role (as for a module called twice); any other sharing, or a parameter the graph
+  also reads directly (``get_attr``), freezes the groups of every module involved.
+
+Groups may also be *blocked*: a grouped convolution needs every conv group to keep the same
+number of channels, so its input and output groups carry ``blocks`` (G equal blocks, the same
+count kept in each). :func:`fit_count` and :func:`select_channels` are what a planner uses to
+honour that; :func:`check_balanced` is what the rewrite checks.
+
+Every group gets a key, unique within the analysis (:func:`unique_keys`): it is what a plan
+names the group by.
 """
 
 from __future__ import annotations
@@ -175,6 +186,7 @@ class _Engine:
         self.tensor_sites: Dict[str, set] = {}
         self.ranks: Dict[str, Optional[int]] = {}  # rank of tensors without a layout, where an op fixes it
         self.static: Dict[str, Any] = {}  # meta-device values of parameter-only expressions
+        self.refusals: List[Tuple[torch.fx.Node, List[Layout], str, Optional[str]]] = []
 
     # --- RuleContext
     def layout(self, arg: Any) -> Optional[Layout]:
@@ -321,6 +333,23 @@ class _Engine:
         self.warn(node, reason)
         self.freeze(node, layouts, reason)
 
+    def refuse(self, node: torch.fx.Node, layouts: Iterable[Optional[Layout]], reason: str,
+               hint: Optional[str] = None) -> None:
+        # Decided once every group is known: a refusal warns (strict: raises) only where it is
+        # what keeps channels whole, not where the group is frozen by design anyway.
+        self.freezes += 1
+        self.refusals.append((node, [lay for lay in layouts if lay is not None], reason, hint))
+
+    def _settle_refusals(self) -> None:
+        frozen_roots = {self.union[g] for g in self.frozen}
+        for node, layouts, reason, hint in self.refusals:
+            gids = [g for lay in layouts for g in lay.groups if self.sizes[g] > 0]
+            if any(self.union[g] not in frozen_roots for g in gids):
+                if self.strict:
+                    raise UnsupportedNodeError(node, reason, hint)
+                self.warn(node, reason)
+            self._freeze_at(node.name, layouts, reason)
+
     def warn(self, node: torch.fx.Node, reason: str) -> None:
         message = f"channels left unpruned: {reason}: {describe_node(node)}"
         self.messages.append(message)
@@ -355,6 +384,7 @@ class _Engine:
             if any(fnmatch.fnmatchcase(module, pat) for pat in ignore):
                 for gid in self.slot_layouts[key].groups:
                     self.frozen.setdefault(gid, []).append(f"ignored module {module}")
+        self._settle_refusals()
         return self._result()
 
     def _visit(self, node: torch.fx.Node) -> Optional[Layout]:

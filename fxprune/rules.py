@@ -17,6 +17,11 @@ Two kinds of "no" are kept apart. An op the table does not know is *unsupported*
 table knows but whose channels provably cannot be removed exactly (LayerNorm over the channel
 dim, attention that mixes the embedding, a grouped conv with one channel per conv group) is
 *frozen by design*: no warning, and the group lists the reason.
+
+A third kind sits between them: an op the table knows whose rewrite it cannot express yet (a
+literal channel count in a ``view``, a channel-sized parameter expression as an operand). The
+rule *refuses* the node (:meth:`RuleContext.refuse`), so plan and apply always agree: its groups
+are frozen, with a warning (strict mode: an error) unless they are frozen by design anyway.
 """
 
 from __future__ import annotations
@@ -120,6 +125,9 @@ class RuleContext(Protocol):
     def unsupported(self, node: torch.fx.Node, reason: str, hint: Optional[str] = None) -> None: ...
 
     def warn(self, node: torch.fx.Node, reason: str) -> None: ...
+
+    def refuse(self, node: torch.fx.Node, layouts: Iterable[Optional[Layout]], reason: str,
+               hint: Optional[str] = None) -> None: ...
 
     def opaque(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
 
@@ -334,8 +342,8 @@ def _broadcast(ctx: RuleContext, node: torch.fx.Node, operands: Sequence[Any]) -
         if shape is None:
             # Its channel structure is unknown (no shapes were recorded): fail closed.
             if _parameters_only(op):
-                ctx.unsupported(node, f"operand {op.name} is a parameter expression of unknown shape",
-                                "pass example_inputs so shapes can be propagated")
+                ctx.refuse(node, [result], f"operand {op.name} is a parameter expression of unknown shape",
+                           "pass example_inputs so shapes can be propagated")
             else:
                 ctx.freeze(node, [result], f"operand {op.name} of unknown channel structure")
             return result
@@ -347,8 +355,9 @@ def _broadcast(ctx: RuleContext, node: torch.fx.Node, operands: Sequence[Any]) -
             ctx.tensor_member(node, op, pos, result)
             continue
         if _parameters_only(op):
-            ctx.unsupported(node, f"operand {op.name} of shape {tuple(shape)} is a parameter expression with "
-                                  f"{shape[pos]} channels of its own, which this rule cannot slice")
+            ctx.refuse(node, [result], f"operand {op.name} of shape {tuple(shape)} is a parameter expression with "
+                                       f"{shape[pos]} channels of its own, which this rule cannot slice",
+                       "read the parameter directly in its broadcast shape (e.g. a 1 x C x 1 x 1 nn.Parameter) so it can be sliced")
         else:
             ctx.freeze(node, [result], f"operand {op.name} has {shape[pos]} channels of its own")
         return result
@@ -719,11 +728,12 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         # pruning, or the rewrite cannot be built and the group must not be planned.
         j = out.rank + out.dim  # type: ignore[operator]
         tail = out_shape[j] // in_shape[len(in_shape) + inp.dim]
+        # A refused node keeps its layout: its groups are frozen either way, and following
+        # them on lets a later op that freezes them by design say so instead.
         if not isinstance(sizes, (list, tuple)) or len(sizes) != len(out_shape):
-            ctx.unsupported(node, "view/reshape whose sizes are not given one per dim")
-            return None
-        if not _size_follows_channels(ctx, node, sizes[j], inp, tail):
-            return None
+            ctx.refuse(node, [inp], "view/reshape whose sizes are not given one per dim")
+            return out
+        _size_follows_channels(ctx, node, sizes[j], inp, tail)
         return out
     # Without shapes, only the classic head `x.view(x.size(0), -1)` is understood.
     if isinstance(sizes, (list, tuple)) and len(sizes) == 2 and sizes[1] == -1 and inp.rank is not None:
@@ -773,8 +783,8 @@ def _size_follows_channels(ctx: RuleContext, node: torch.fx.Node, arg: Any, inp:
                 ctx.unify(node, [inp, replace(lay, dim=inp.dim, rank=inp.rank)])
                 return True
     what = f"the literal size {arg}" if isinstance(arg, int) else f"size {getattr(arg, 'name', arg)!s}"
-    ctx.unsupported(node, f"{_label(node)} gives the channel dim {what}, which would not follow pruning",
-                    "write -1 (or x.size(d) of the same tensor) for the channel dim so the pruned model can run")
+    ctx.refuse(node, [inp], f"{_label(node)} gives the channel dim {what}, which would not follow pruning",
+               "write -1 (or x.size(d) of the same tensor) for the channel dim so the pruned model can run")
     return False
 
 
@@ -996,8 +1006,8 @@ def _by_shapes(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
             # The result takes ``other``'s shape: its channels must be the same ones.
             lay = ctx.layout(_arg(node, 1, "other", None))
             if lay is None or lay.dim != inp.dim or lay.channels != inp.channels:
-                ctx.unsupported(node, "expand_as a tensor whose channels are not tied to the input's")
-                return None
+                ctx.refuse(node, [inp], "expand_as a tensor whose channels are not tied to the input's")
+                return out
             return ctx.unify(node, [out, replace(lay, rank=out.rank)])
         sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         if len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node):
@@ -1007,13 +1017,13 @@ def _by_shapes(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
                 (whole.op == "call_function" and whole.target is builtins.getattr and whole.args[1] == "shape") else None
             lay = ctx.layout(source)
             if lay is None or lay.dim != inp.dim or lay.channels != inp.channels:
-                ctx.unsupported(node, "expand to the shape of a tensor whose channels are not tied to the input's")
-                return None
+                ctx.refuse(node, [inp], "expand to the shape of a tensor whose channels are not tied to the input's")
+                return out
             return ctx.unify(node, [out, replace(lay, rank=out.rank)])
-        if len(sizes) != len(out_shape) or not _size_follows_channels(ctx, node, sizes[inp.dim], inp, 1):
-            if len(sizes) != len(out_shape):
-                ctx.unsupported(node, "expand whose sizes are not given one per dim")
-            return None
+        if len(sizes) != len(out_shape):
+            ctx.refuse(node, [inp], "expand whose sizes are not given one per dim")
+        else:
+            _size_follows_channels(ctx, node, sizes[inp.dim], inp, 1)
         return out
     dims = _arg(node, 1, "dim", None)
     candidates = range(len(in_shape)) if dims is None else _normalize_dims(dims, len(in_shape))

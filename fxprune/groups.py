@@ -217,7 +217,10 @@ class _Engine:
         if node.op == "get_attr":
             tensor = self._attr(node)
             value = tensor.detach().to("meta") if isinstance(tensor, torch.Tensor) else _NO_VALUE
-        elif node.op in ("call_function", "call_method") and depth < 16:
+        elif node.op in ("call_function", "call_method") and depth < 16 and node.all_input_nodes \
+                and (node.op == "call_method" or _is_torch_op(node.target)):
+            # Only torch's own ops, and only on values that come from parameters: the user's
+            # code is never run here, and nothing is computed or allocated (meta tensors).
             inputs = {n.name: self._static_value(n, depth + 1) for n in node.all_input_nodes}
             if all(v is not _NO_VALUE for v in inputs.values()):
                 args = torch.fx.node.map_arg(node.args, lambda n: inputs[n.name])
@@ -567,6 +570,11 @@ class _Engine:
                 reasons.setdefault(idx, []).append(f"one channel per conv group ({what})")
             out[idx] = total
         return out
+
+
+def _is_torch_op(target: Any) -> bool:
+    module = getattr(target, "__module__", None) or ""
+    return module == "_operator" or module == "torch" or module.startswith(("torch.", "torch._"))
 
 
 def unique_keys(candidates: Sequence[Tuple[str, str]]) -> List[str]:

@@ -256,7 +256,8 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         except FxPruneError as exc:
             # The same inputs ran through the original model during the analysis: a pruned
             # model that cannot run them is fxprune's fault, not the inputs'.
-            raise InternalError(f"the pruned model does not run on example_inputs the original model runs on: "
+            raise InternalError(f"the pruned model does not run on example_inputs the original model runs on "
+                                f"(if the model uses a rule of your own from fxprune.register_rule, check it first): "
                                 f"{exc.__cause__ or exc}") from exc
         _check_channels(new)
     return new

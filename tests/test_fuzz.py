@@ -375,11 +375,14 @@ class HazardNet(nn.Module):
 def hazard_networks(draw: Any) -> HazardNet:
     channels = [3]
     steps: List[Hazard] = []
-    kinds = ["conv", "operand", "operand", "shared", "repeat", "c2f", "view", "view", "act"]
+    kinds = ["conv", "conv", "operand", "operand", "operand", "shared", "repeat", "c2f", "view", "act"]
     for _ in range(draw(st.integers(2, 6))):
         kind = draw(st.sampled_from(kinds if len(channels) > 1 else ["conv", "shared", "repeat"]))
         src = draw(st.integers(1 if len(channels) > 1 else 0, len(channels) - 1))
         other = draw(st.integers(1 if len(channels) > 1 else 0, len(channels) - 1))
+        convs = [i + 1 for i, s in enumerate(steps) if s.kind == "conv"]
+        if kind == "operand" and convs and draw(st.booleans()):
+            src = draw(st.sampled_from(convs))  # often right after a conv: a prunable group to slice with
         cin, variant = channels[src], draw(st.integers(0, 23))
         if kind == "c2f" and cin % 2:
             kind = "repeat"

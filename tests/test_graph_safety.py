@@ -400,6 +400,57 @@ def test_a_literal_channel_count_in_expand_freezes() -> None:
     assert pruned.get_submodule("a").out_channels == 8
 
 
+class LiteralViewAtTheOutput(nn.Module):
+    """A literal view of channels that reach the model output: frozen by design, so no warning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return y.view(y.size(0), 8, -1)
+
+
+def test_a_refusal_is_silent_where_the_channels_are_frozen_by_design_anyway() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        pruned = prove(LiteralViewAtTheOutput(), 0.5, X, True, strict=True)
+    assert pruned.get_submodule("a").out_channels == 8
+    reason = " ".join(group_of(LiteralViewAtTheOutput(), "a", example_inputs=(X,)).reasons)
+    assert "reaches the model output" in reason and "literal size 8" in reason
+
+
+class ExpandAs(nn.Module):
+    def __init__(self, other: str) -> None:
+        super().__init__()
+        self.other = other
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.register_buffer("canvas", torch.zeros(2, 8, 6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        like = {"self": y, "conv": self.c(x), "buffer": self.canvas}[self.other]
+        return self.b(y.mean((2, 3), keepdim=True).expand_as(like) + y).mean((2, 3))
+
+
+@pytest.mark.parametrize("other", ["self", "conv", "buffer"])
+def test_expand_as_follows_channels_only_when_they_are_tied(other: str) -> None:
+    if other == "buffer":  # an untracked shape: the expanded channel count would not follow
+        with pytest.warns(fxprune.FxPruneWarning, match="expand_as"):
+            pruned = prove(ExpandAs(other), 0.5, X, True)
+        assert pruned.get_submodule("a").out_channels == 8
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        pruned = prove(ExpandAs(other), 0.5, X, True, strict=True)
+    assert pruned.get_submodule("a").out_channels == 4
+    if other == "conv":  # the shape it expands to must keep the same count: one group
+        assert pruned.get_submodule("c").out_channels == 4
+
+
 # =========================================================================== item 18: Linear -> BatchNorm1d ranks
 
 

@@ -316,9 +316,10 @@ def _broadcast(ctx: RuleContext, node: torch.fx.Node, operands: Sequence[Any]) -
     assumed harmless: one that broadcasts along the channel dim (size 1 there, or too few
     dims to reach it) is fine; a parameter or buffer read directly (``get_attr``) with exactly
     the channels of the result is sliced with them (a per-channel scale, bias or bound); a
-    parameter expression with channels of its own cannot be sliced today (unsupported:
-    warning, or an error in strict mode); anything else with channels of its own (the model
-    input, an untracked tensor) pins them (frozen by design).
+    parameter expression with channels of its own cannot be sliced today, so the node is
+    refused (a warning, or an error in strict mode, unless the channels are frozen by design
+    anyway); anything else with channels of its own (the model input, an untracked tensor)
+    pins them (frozen by design).
     """
     layouts: List[Layout] = []
     unknown: List[torch.fx.Node] = []
@@ -1220,12 +1221,12 @@ def output_rank(ctx: RuleContext, node: torch.fx.Node, module: Optional[nn.Modul
         return None
     first = node.args[0]
     rank = ctx.rank(first) if isinstance(first, torch.fx.Node) else None
+    if any(n is not first for n in node.all_input_nodes) and node.target not in (torch.flatten, "flatten", "view", "reshape", torch.reshape):
+        return None  # another tensor operand may broadcast to a higher rank
     if node.op == "call_module":
         if isinstance(module, nn.Flatten):
             return _flat_rank(rank, module.start_dim, module.end_dim)
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return rank if rank is not None else len(module.kernel_size) + 2
-        return rank if type(module) in _RANK_KEEPING_MODULES else None
+        return rank if type(module) in _RANK_KEEPING_MODULES or isinstance(module, nn.modules.conv._ConvNd) else None
     target = node.target
     if target in (torch.flatten, "flatten"):
         return _flat_rank(rank, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))

@@ -6,16 +6,27 @@ its output's channels relate to its inputs' (:mod:`fxprune.rules`); ops that tie
 *frozen* (never pruned) when it reaches a graph output, touches an op without a rule, or meets
 a pattern of ``ignore``.
 
-Two more facts are checked on the module tree, not the graph:
+After the walk, three more facts are checked:
 
-- *Tied tensors*: two modules sharing one parameter (or buffer) must keep the same channels.
-  Same-type modules sharing it under the same name have their slots unified role by role (as
-  for a module called twice); any other sharing, or a parameter the graph also reads directly
-  (``get_attr``), freezes the groups of every module involved.
-- *Blocked groups*: a grouped convolution needs every conv group to keep the same number of
-  channels, so its input and output groups carry ``blocks`` (G equal blocks, the same count
-  kept in each). :func:`fit_count` and :func:`select_channels` are what a planner uses to
-  honour that; :func:`check_balanced` is what the rewrite checks.
+- *Call sites*: a module called more than once keeps one channel set per role across its call
+  sites, and a role that one call site leaves untracked (the module reads the model input
+  there) keeps its channels whole at every call site: unprunable at any call site means
+  unprunable.
+- *Parameter operands*: a parameter or buffer an element-wise op reads directly (``get_attr``)
+  with exactly the channels of its other operand is sliced with them (:class:`TensorSlot`),
+  provided every op that reads it expects it sliced; otherwise its channels stay whole.
+- *Tied tensors* (on the module tree): two modules sharing one parameter (or buffer) must keep
+  the same channels. Same-type modules sharing it under the same name have their slots unified
+  role by role (as for a module called twice); any other sharing, or a parameter the graph
+  also reads directly (``get_attr``), freezes the groups of every module involved.
+
+Groups may also be *blocked*: a grouped convolution needs every conv group to keep the same
+number of channels, so its input and output groups carry ``blocks`` (G equal blocks, the same
+count kept in each). :func:`fit_count` and :func:`select_channels` are what a planner uses to
+honour that; :func:`check_balanced` is what the rewrite checks.
+
+Every group gets a key, unique within the analysis (:func:`unique_keys`): it is what a plan
+names the group by.
 """
 
 from __future__ import annotations
@@ -34,15 +45,16 @@ import torch.nn as nn
 
 from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe_node, target_name, InternalError
 from .graph import to_networkx, walk
-from .rules import Layout, TupleLayout, lookup_rule
+from .rules import Layout, TupleLayout, lookup_rule, output_rank
 from .trace import node_shape
 
 __all__ = [
-    "Member", "Group", "Slot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",
-    "tensor_users",
+    "Member", "Group", "Slot", "TensorSlot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",
+    "tensor_users", "unique_keys",
 ]
 
 ROLES = ("out", "in", "channelwise")
+_NO_VALUE = object()  # a node whose value cannot be computed without inputs
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,24 @@ class Slot:
     block: int
 
 
+@dataclass(frozen=True)
+class TensorSlot:
+    """A parameter or buffer the graph reads directly (``get_attr``) as a per-channel operand.
+
+    ``target``: its attribute path; ``dim``: the tensor dimension that holds the channels;
+    ``segments``: group indices and sizes along it, in order. The rewrite slices it along
+    ``dim``; it is no module member, so scores and the cost model leave it out (a removed
+    channel's entry only ever meets a removed channel, so the masked reference need not zero it).
+    """
+
+    target: str
+    dim: int
+    segments: Tuple[Tuple[int, int], ...]
+
+    def as_slot(self) -> Slot:
+        return Slot(self.target, "channelwise", self.segments, 1)
+
+
 @dataclass
 class Analysis:
     """The result of :func:`analyze`: groups and the slots the rewrite must slice."""
@@ -116,6 +146,7 @@ class Analysis:
     groups: List[Group]
     slots: Dict[Tuple[str, str], Slot]
     warnings: List[str] = field(default_factory=list)
+    tensors: Dict[str, TensorSlot] = field(default_factory=dict)
 
     def group(self, key: str) -> Group:
         for g in self.groups:
@@ -146,6 +177,16 @@ class _Engine:
         self.messages: List[str] = []
         self.current: Optional[torch.fx.Node] = None
         self.freezes = 0  # how many freeze() calls so far: tells whether a rule froze anything
+        # Which roles each call site of a module declared: a role one call site leaves
+        # untracked (the model input, say) pins that role's channels at every call site.
+        self.site_roles: Dict[str, Dict[str, set]] = {}
+        # get_attr tensors read as per-channel operands: target -> (dim in the tensor, layout),
+        # and the nodes that read them so (every other reader must leave them whole).
+        self.tensor_layouts: Dict[str, Tuple[int, Layout]] = {}
+        self.tensor_sites: Dict[str, set] = {}
+        self.ranks: Dict[str, Optional[int]] = {}  # rank of tensors without a layout, where an op fixes it
+        self.static: Dict[str, Any] = {}  # meta-device values of parameter-only expressions
+        self.refusals: List[Tuple[torch.fx.Node, List[Layout], str, Optional[str]]] = []
 
     # --- RuleContext
     def layout(self, arg: Any) -> Optional[Layout]:
@@ -158,7 +199,70 @@ class _Engine:
         return self.modules[str(node.target)]
 
     def shape(self, arg: Any) -> Optional[torch.Size]:
-        return node_shape(arg) if isinstance(arg, torch.fx.Node) else None
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        found = node_shape(arg)
+        if found is None and arg.op in ("get_attr", "call_function", "call_method"):
+            # A parameter, buffer or expression of them alone has its shape without any
+            # example input: evaluate it on the meta device (no memory, no compute).
+            value = self._static_value(arg, 0)
+            found = value.shape if isinstance(value, torch.Tensor) else None
+        return found
+
+    def _static_value(self, node: torch.fx.Node, depth: int) -> Any:
+        """``node``'s value on the meta device if it depends on parameters and constants only."""
+        if node.name in self.static:
+            return self.static[node.name]
+        value: Any = _NO_VALUE
+        if node.op == "get_attr":
+            tensor = self._attr(node)
+            value = tensor.detach().to("meta") if isinstance(tensor, torch.Tensor) else _NO_VALUE
+        elif node.op in ("call_function", "call_method") and depth < 16 and node.all_input_nodes \
+                and (node.op == "call_method" or _is_torch_op(node.target)):
+            # Only torch's own ops, and only on values that come from parameters: the user's
+            # code is never run here, and nothing is computed or allocated (meta tensors).
+            inputs = {n.name: self._static_value(n, depth + 1) for n in node.all_input_nodes}
+            if all(v is not _NO_VALUE for v in inputs.values()):
+                args = torch.fx.node.map_arg(node.args, lambda n: inputs[n.name])
+                kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: inputs[n.name])
+                try:
+                    with torch.no_grad():
+                        if node.op == "call_function":
+                            value = node.target(*args, **kwargs)  # type: ignore[operator]
+                        else:
+                            value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                except Exception:  # an op meta tensors do not support: the shape stays unknown
+                    value = _NO_VALUE
+        self.static[node.name] = value
+        return value
+
+    def rank(self, arg: Any) -> Optional[int]:
+        shape = self.shape(arg)
+        if shape is not None:
+            return len(shape)
+        lay = self.layout(arg)
+        if lay is not None and lay.rank is not None:
+            return lay.rank
+        return self.ranks.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+
+    def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout) -> None:
+        target = str(operand.target)
+        self.tensor_sites.setdefault(target, set()).add(node.name)
+        if target in self.tensor_layouts:
+            # One tensor read at several ops: every read must keep the same channels.
+            old_dim, old = self.tensor_layouts[target]
+            if old_dim != dim:
+                self._freeze_at(node.name, [old, layout], f"parameter {target} is read with its channels on different dims")
+                return
+            self.unify(node, [old, layout])
+            return
+        self.tensor_layouts[target] = (dim, layout)
+
+    def _attr(self, node: torch.fx.Node) -> Any:
+        try:
+            return operator.attrgetter(str(node.target))(self.gm)
+        except AttributeError:
+            return None
 
     def _new_group(self, size: int) -> int:
         gid = len(self.sizes)
@@ -180,6 +284,7 @@ class _Engine:
 
     def member(self, node: torch.fx.Node, role: str, layout: Layout) -> None:
         key = (str(node.target), role)
+        self.site_roles.setdefault(key[0], {}).setdefault(node.name, set()).add(role)
         if key in self.slot_layouts:
             # A shared module: every call site must keep the same channels.
             self.unify(node, [self.slot_layouts[key], layout])
@@ -231,6 +336,23 @@ class _Engine:
         self.warn(node, reason)
         self.freeze(node, layouts, reason)
 
+    def refuse(self, node: torch.fx.Node, layouts: Iterable[Optional[Layout]], reason: str,
+               hint: Optional[str] = None) -> None:
+        # Decided once every group is known: a refusal warns (strict: raises) only where it is
+        # what keeps channels whole, not where the group is frozen by design anyway.
+        self.freezes += 1
+        self.refusals.append((node, [lay for lay in layouts if lay is not None], reason, hint))
+
+    def _settle_refusals(self) -> None:
+        frozen_roots = {self.union[g] for g in self.frozen}
+        for node, layouts, reason, hint in self.refusals:
+            gids = [g for lay in layouts for g in lay.groups if self.sizes[g] > 0]
+            if any(self.union[g] not in frozen_roots for g in gids):
+                if self.strict:
+                    raise UnsupportedNodeError(node, reason, hint)
+                self.warn(node, reason)
+            self._freeze_at(node.name, layouts, reason)
+
     def warn(self, node: torch.fx.Node, reason: str) -> None:
         message = f"channels left unpruned: {reason}: {describe_node(node)}"
         self.messages.append(message)
@@ -255,12 +377,17 @@ class _Engine:
             self.current = node
             self.layouts[node.name] = self._visit(node)
             node.meta["fxprune_layout"] = self.layouts[node.name]
+            if self.layouts[node.name] is None and node.name not in self.tuples:
+                self.ranks[node.name] = output_rank(self, node, self.modules.get(str(node.target)) if node.op == "call_module" else None)
+        self._pin_call_sites()
+        self._check_tensor_readers()
         self._tie_shared_tensors()
         for key in self.slot_order:
             module, _ = key
             if any(fnmatch.fnmatchcase(module, pat) for pat in ignore):
                 for gid in self.slot_layouts[key].groups:
                     self.frozen.setdefault(gid, []).append(f"ignored module {module}")
+        self._settle_refusals()
         return self._result()
 
     def _visit(self, node: torch.fx.Node) -> Optional[Layout]:
@@ -296,6 +423,43 @@ class _Engine:
                 self.freeze(node, lost, f"the rule for {target_name(node)} gave its output no channel layout")
         return result
 
+    # --- modules called more than once
+    def _pin_call_sites(self) -> None:
+        """Unprunable at any call site means unprunable.
+
+        A module called twice has one set of weights, so every role (input columns, output
+        rows, per-channel parameters) keeps one channel set across its call sites. A call site
+        whose rule declared no such role for it (its input is the model input, or a tensor whose
+        channels are not tracked) reads the full width there: the role's channels stay whole.
+        """
+        sites: Dict[str, List[torch.fx.Node]] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                sites.setdefault(str(node.target), []).append(node)
+        for (module, role), lay in list(self.slot_layouts.items()):
+            calls = sites.get(module, [])
+            if len(calls) < 2:
+                continue
+            declared = self.site_roles.get(module, {})
+            for call in calls:
+                if role not in declared.get(call.name, ()):
+                    self._freeze_at(call.name, [lay], f"module {module} is also called here, where its {role} "
+                                                      "channels are not tracked (one channel set across call sites)")
+                    break
+
+    # --- parameters read directly as operands
+    def _check_tensor_readers(self) -> None:
+        """A tensor sliced for one op must be read only by ops that expect it sliced."""
+        readers: Dict[str, List[str]] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "get_attr" and str(node.target) in self.tensor_layouts:
+                readers.setdefault(str(node.target), []).extend(u.name for u in node.users)
+        for target, names in readers.items():
+            others = sorted(set(names) - self.tensor_sites.get(target, set()))
+            if others:
+                _, lay = self.tensor_layouts[target]
+                self._freeze_at(others[0], [lay], f"parameter {target} is also read whole by {', '.join(others[:3])}")
+
     # --- tied tensors
     def _tie_shared_tensors(self) -> None:
         """Unify or freeze the slots of modules that share a parameter or buffer."""
@@ -304,7 +468,12 @@ class _Engine:
             slotted.setdefault(module, {})[role] = lay
         for users in tensor_users(self.gm).values():
             targets = {target for target, _ in users}
-            if len(targets) < 2 or not targets & slotted.keys():
+            if len(targets) < 2:
+                continue
+            for t in sorted(targets & self.tensor_layouts.keys()):
+                # Slicing one owner's copy of a shared tensor would leave the other's whole.
+                self._freeze_at(t, [self.tensor_layouts[t][1]], f"parameter {t} is shared with {', '.join(sorted(targets - {t}))}")
+            if not targets & slotted.keys():
                 continue
             names = sorted(targets)
             attrs = {attr for _, attr in users}
@@ -353,18 +522,31 @@ class _Engine:
             for idx, size in segments:
                 members[idx].append(Member(key[0], key[1], offset, int(lay.block or 1)))
                 offset += size
+        tensors: Dict[str, TensorSlot] = {}
+        for target, (dim, lay) in self.tensor_layouts.items():
+            segments = tuple((roots[self.union[g]], s) for g, s in zip(lay.groups, lay.sizes) if g not in empty)
+            tensors[target] = TensorSlot(target, dim, segments)
         for node in self.gm.graph.nodes:
             lay = self.layouts.get(node.name)
             if lay is not None:
                 node.meta["fxprune_groups"] = tuple(roots[self.union[g]] for g in lay.groups if g not in empty)
-        groups = []
+        candidates = []
         for idx in range(len(roots)):
             mems = members[idx]
             producers = [m.module for m in mems if m.role == "out"]
-            key = producers[0] if producers else (f"{mems[0].module}:{mems[0].role}" if mems else f"tensor{idx}")
+            if producers:
+                candidates.append((producers[0], f"{producers[0]}@{idx}"))
+            elif mems:
+                first = mems[0]
+                candidates.append((f"{first.module}:{first.role}", f"{first.module}:{first.role}@{first.offset}"))
+            else:
+                candidates.append((f"tensor{idx}", f"tensor{idx}"))
+        keys = unique_keys(candidates)
+        groups = []
+        for idx in range(len(roots)):
             why = tuple(dict.fromkeys(reasons.get(idx, [])))  # dedupe, keep order
-            groups.append(Group(idx, key, sizes[idx], tuple(mems), bool(why), why, blocks.get(idx, 1)))
-        return Analysis(self.gm, groups, slots, list(self.messages))
+            groups.append(Group(idx, keys[idx], sizes[idx], tuple(members[idx]), bool(why), why, blocks.get(idx, 1)))
+        return Analysis(self.gm, groups, slots, list(self.messages), tensors)
 
     def _resolve_blocks(self, roots: Dict[int, int], sizes: Dict[int, int], reasons: Dict[int, List[str]]) -> Dict[int, int]:
         """Blocks per final group: the lcm of every grouped conv's demand on its members.
@@ -388,6 +570,43 @@ class _Engine:
                 reasons.setdefault(idx, []).append(f"one channel per conv group ({what})")
             out[idx] = total
         return out
+
+
+def _is_torch_op(target: Any) -> bool:
+    module = getattr(target, "__module__", None) or ""
+    return module == "_operator" or module == "torch" or module.startswith(("torch.", "torch._"))
+
+
+def unique_keys(candidates: Sequence[Tuple[str, str]]) -> List[str]:
+    """One distinct key per group from ``(preferred, alternative)`` candidates, in group order.
+
+    A key is what a plan names a group by, so it must be unique and stable: the first group
+    with a preferred key keeps it (the key every plan written so far uses); a later group with
+    the same one (an untracked tensor concatenated twice gives two groups whose first member
+    is the same consumer, at different offsets) takes its alternative, and ``#n`` settles
+    anything still equal.
+
+    >>> unique_keys([("head:in", "head:in@0"), ("head:in", "head:in@3"), ("conv", "conv@2")])
+    ['head:in', 'head:in@3', 'conv']
+    """
+    preferred = {first for first, _ in candidates}
+    taken: set = set()
+    out: List[str] = []
+    for first, second in candidates:
+        if first not in taken:
+            key = first
+        elif second not in taken and second not in preferred:
+            key = second
+        else:
+            n = 2
+            while f"{first}#{n}" in taken or f"{first}#{n}" in preferred:
+                n += 1
+            key = f"{first}#{n}"
+        taken.add(key)
+        out.append(key)
+    if len(set(out)) != len(out):
+        raise InternalError(f"group keys are not unique: {out}")
+    return out
 
 
 def tensor_users(gm: torch.fx.GraphModule) -> Dict[int, List[Tuple[str, str]]]:

@@ -193,7 +193,14 @@ def resolve(analysis: Analysis, plan: PruningPlan) -> Dict[int, List[int]]:
     """
     if not isinstance(plan, PruningPlan):
         raise FxPruneError(f"expected a fxprune.PruningPlan, got {type(plan).__name__}")
+    keys = [g.key for g in analysis.groups]
+    if len(set(keys)) != len(keys):
+        raise InternalError(f"the analysis gave two groups the same key: {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
     by_key = {g.key: g for g in plan.groups}
+    if len(by_key) != len(plan.groups):
+        twice = sorted({g.key for g in plan.groups if [h.key for h in plan.groups].count(g.key) > 1})
+        raise PlanMismatchError(f"the plan lists group {twice[0]} more than once (each group has one entry); "
+                                f"duplicated: {twice[:5]}")
     same_structure = bool(plan.model.get("fingerprint")) and plan.model.get("fingerprint") == fingerprint(analysis)
     where = _context(analysis, plan)
     kept: Dict[int, List[int]] = {}

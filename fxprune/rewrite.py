@@ -20,7 +20,7 @@ import torch.fx
 import torch.nn as nn
 
 from .errors import FxPruneError, PlanMismatchError, InternalError
-from .groups import Analysis, Slot, check_balanced, tensor_users
+from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
 from .plan import PruningPlan, resolve
 from .trace import propagate_shapes
 
@@ -213,6 +213,9 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
             continue
         target = str(node.target)
         original = operator.attrgetter(target)(src)
+        if node.op == "get_attr" and target in analysis.tensors:
+            root[target] = _sliced_tensor(original, analysis.tensors[target], kept, as_tensor)
+            continue
         slots = by_module.get(target, {})
         idx = {role: slot_indices(slot, kept, as_tensor) for role, slot in slots.items()}
         if any(i is not None for i in idx.values()):
@@ -242,10 +245,32 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
             # (below) still checks what it built.
             if role in sizes and sizes[role] != _expected(slot, kept):
                 raise InternalError(f"{target} has {sizes.get(role)} {role} positions, plan needs {_expected(slot, kept)}")
+    for target, tslot in analysis.tensors.items():
+        want = _expected(tslot.as_slot(), kept)
+        got = operator.attrgetter(target)(new).shape[tslot.dim]
+        if got != want:
+            raise InternalError(f"parameter {target} has {got} channels after the rewrite, plan needs {want}")
     if example_inputs is not None:
-        propagate_shapes(new, example_inputs)  # a mismatch fails here, loudly
+        try:
+            propagate_shapes(new, example_inputs)  # a mismatch fails here, loudly
+        except FxPruneError as exc:
+            # The same inputs ran through the original model during the analysis: a pruned
+            # model that cannot run them is fxprune's fault, not the inputs'.
+            raise InternalError(f"the pruned model does not run on example_inputs the original model runs on "
+                                f"(if the model uses a rule of your own from fxprune.register_rule, check it first): "
+                                f"{exc.__cause__ or exc}") from exc
         _check_channels(new)
     return new
+
+
+def _sliced_tensor(original: Any, tslot: TensorSlot, kept: Dict[int, List[int]],
+                   as_tensor: Dict[int, torch.Tensor]) -> Any:
+    """A copy of a directly read parameter/buffer keeping the planned channels along its dim."""
+    idx = slot_indices(tslot.as_slot(), kept, as_tensor)
+    if idx is None or not isinstance(original, torch.Tensor):
+        return copy.deepcopy(original)
+    new = _sliced(original, tslot.dim, idx)
+    return nn.Parameter(new, requires_grad=original.requires_grad) if isinstance(original, nn.Parameter) else new
 
 
 def _check_channels(gm: torch.fx.GraphModule) -> None:

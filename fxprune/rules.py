@@ -17,6 +17,11 @@ Two kinds of "no" are kept apart. An op the table does not know is *unsupported*
 table knows but whose channels provably cannot be removed exactly (LayerNorm over the channel
 dim, attention that mixes the embedding, a grouped conv with one channel per conv group) is
 *frozen by design*: no warning, and the group lists the reason.
+
+A third kind sits between them: an op the table knows whose rewrite it cannot express yet (a
+literal channel count in a ``view``, a channel-sized parameter expression as an operand). The
+rule *refuses* the node (:meth:`RuleContext.refuse`), so plan and apply always agree: its groups
+are frozen, with a warning (strict mode: an error) unless they are frozen by design anyway.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ __all__ = [
     "lookup_rule",
     "no_channels",
     "role_tensors",
+    "output_rank",
     "ELEMENTWISE_MODULES",
 ]
 
@@ -104,6 +110,10 @@ class RuleContext(Protocol):
 
     def shape(self, arg: Any) -> Optional[torch.Size]: ...
 
+    def rank(self, arg: Any) -> Optional[int]: ...
+
+    def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout) -> None: ...
+
     def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
 
     def member(self, node: torch.fx.Node, role: str, layout: Layout) -> None: ...
@@ -115,6 +125,9 @@ class RuleContext(Protocol):
     def unsupported(self, node: torch.fx.Node, reason: str, hint: Optional[str] = None) -> None: ...
 
     def warn(self, node: torch.fx.Node, reason: str) -> None: ...
+
+    def refuse(self, node: torch.fx.Node, layouts: Iterable[Optional[Layout]], reason: str,
+               hint: Optional[str] = None) -> None: ...
 
     def opaque(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
 
@@ -239,14 +252,23 @@ _ELEMENTWISE_METHODS: Tuple[str, ...] = (
 )
 
 
+# Conversions whose other arguments say only which dtype/device to take (``x.to(y)``,
+# ``x.type_as(y)``): those are read, never broadcast against ``x``.
+_CONVERSIONS = frozenset({"to", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"})
+
+
 @register_rule(*ELEMENTWISE_MODULES, *_ELEMENTWISE_FUNCTIONS, *_ELEMENTWISE_METHODS)
 def _elementwise(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
-    # The channel passes through untouched; bounds like clamp(min, max) are scalars.
-    for extra in list(node.args[1:]) + list(node.kwargs.values()):
-        if isinstance(extra, torch.fx.Node) and ctx.layout(extra) is not None:
-            ctx.unsupported(node, "element-wise op with a channel-carrying second operand")
-            return None
-    return _first_layout(ctx, node)
+    # The channel passes through untouched. A tensor among the other arguments (clamp's
+    # min/max, given positionally or by keyword) is a broadcast operand like a binary op's.
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    if node.op == "call_method" and node.target in _CONVERSIONS:
+        return ctx.layout(first)
+    extras = [a for a in list(node.args[1:]) + [v for k, v in node.kwargs.items() if k != "input"]
+              if isinstance(a, torch.fx.Node)]
+    if not extras:
+        return ctx.layout(first)
+    return _broadcast(ctx, node, [first] + extras)
 
 
 # Shape queries read a tensor without moving its channels: after pruning they simply answer
@@ -264,25 +286,41 @@ def _shape_query(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
 # --------------------------------------------------------------------------- binary
 
 
-def _binary_operands(node: torch.fx.Node) -> List[Any]:
-    ops = list(node.args[:2])
-    if "other" in node.kwargs:
-        ops.append(node.kwargs["other"])
-    if "alpha" in node.kwargs or len(node.args) > 2:
-        pass  # alpha is a scalar multiplier: harmless
-    return ops
+# Keyword arguments of broadcasting ops that are never a tensor operand.
+_SCALAR_KWARGS = frozenset({"alpha", "out", "rounding_mode"})
 
 
-@register_rule(
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-    torch.maximum, torch.minimum,
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
-)
-def _binary(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
-    operands = _binary_operands(node)
-    if node.op == "call_method":
-        operands = [node.args[0]] + list(node.args[1:2]) + ([node.kwargs["other"]] if "other" in node.kwargs else [])
+def _operands(node: torch.fx.Node) -> List[Any]:
+    """Every argument of an element-wise op that may be a tensor, positional or keyword."""
+    return list(node.args) + [v for k, v in node.kwargs.items() if k not in _SCALAR_KWARGS]
+
+
+def _parameters_only(node: torch.fx.Node) -> bool:
+    """True if ``node`` is computed from parameters and constants alone (no model input)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op == "placeholder":
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def _broadcast(ctx: RuleContext, node: torch.fx.Node, operands: Sequence[Any]) -> Optional[Layout]:
+    """The output layout of an element-wise op over broadcast ``operands`` (tensors or scalars).
+
+    Operands with channels tie their groups. Every other tensor operand is checked, never
+    assumed harmless: one that broadcasts along the channel dim (size 1 there, or too few
+    dims to reach it) is fine; a parameter or buffer read directly (``get_attr``) with exactly
+    the channels of the result is sliced with them (a per-channel scale, bias or bound); a
+    parameter expression with channels of its own cannot be sliced today, so the node is
+    refused (a warning, or an error in strict mode, unless the channels are frozen by design
+    anyway); anything else with channels of its own (the model input, an untracked tensor)
+    pins them (frozen by design).
+    """
     layouts: List[Layout] = []
     unknown: List[torch.fx.Node] = []
     for op in operands:
@@ -299,20 +337,57 @@ def _binary(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     result = ctx.unify(node, wide)
     if result is None:
         return None
+    ranks: List[Optional[int]] = [lay.rank for lay in layouts]
     for op in unknown:
         shape = ctx.shape(op)
-        # A tensor without a layout (a parameter, an input, an unknown op's output) is safe
-        # only if it provably broadcasts along the channel dim.
         if shape is None:
-            ctx.freeze(node, [result], f"operand {op.name} of unknown channel structure")
+            # Its channel structure is unknown (no shapes were recorded): fail closed.
+            if _parameters_only(op):
+                ctx.refuse(node, [result], f"operand {op.name} is a parameter expression of unknown shape",
+                           "pass example_inputs so shapes can be propagated")
+            else:
+                ctx.freeze(node, [result], f"operand {op.name} of unknown channel structure")
             return result
+        ranks.append(len(shape))
         pos = len(shape) + result.dim
-        if pos >= 0 and shape[pos] != 1:
+        if pos < 0 or shape[pos] == 1:
+            continue  # broadcasts along the channel dim
+        if op.op == "get_attr" and result.block == 1 and shape[pos] == result.channels:
+            ctx.tensor_member(node, op, pos, result)
+            continue
+        if _parameters_only(op):
+            ctx.refuse(node, [result], f"operand {op.name} of shape {tuple(shape)} is a parameter expression with "
+                                       f"{shape[pos]} channels of its own, which this rule cannot slice",
+                       "read the parameter directly in its broadcast shape (e.g. a 1 x C x 1 x 1 nn.Parameter) so it can be sliced")
+        else:
             ctx.freeze(node, [result], f"operand {op.name} has {shape[pos]} channels of its own")
-            return result
-    ranks = [lay.rank for lay in layouts]
+        return result
     rank = None if any(r is None for r in ranks) else max(ranks)  # type: ignore[type-var]
     return replace(result, rank=rank)
+
+
+@register_rule(
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+    torch.maximum, torch.minimum, torch.fmax, torch.fmin,
+    operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne,
+    torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne,
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+    "gt", "ge", "lt", "le", "eq", "ne",
+)
+def _binary(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    return _broadcast(ctx, node, _operands(node))
+
+
+@register_rule(torch.where, "where")
+def _where(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    # where(condition, input, other) selects element-wise between broadcast operands;
+    # where(condition) alone is nonzero(): indices, not channels.
+    if node.op == "call_function" and len(node.args) + len(node.kwargs) < 2:
+        if any(ctx.layout(a) is not None for a in node.all_input_nodes):
+            ctx.unsupported(node, "where(condition) returns indices of a channel-carrying tensor")
+        return None
+    return _broadcast(ctx, node, _operands(node))
 
 
 # --------------------------------------------------------------------------- concat
@@ -460,6 +535,10 @@ def _linear(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     inp = _first_layout(ctx, node)
     shape = ctx.shape(node)
     rank = len(shape) if shape is not None else (inp.rank if inp is not None else None)
+    if rank is None and node.args:
+        # A Linear keeps its input's rank: an untracked input whose rank an op fixed (a
+        # flatten, a view) still gives the output a known rank.
+        rank = ctx.rank(node.args[0])
     if inp is not None:
         if inp.dim != -1:
             ctx.unsupported(node, "Linear over a dimension that is not the channel dim")
@@ -491,6 +570,10 @@ def _batchnorm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         return None
     shape = ctx.shape(node)
     rank = len(shape) if shape is not None else inp.rank
+    if rank is None and isinstance(bn, nn.BatchNorm1d) and inp.dim == -1 and _is_linear_call(ctx, node.args[0]):
+        # A Linear's channels are its last dim, and BatchNorm1d takes (N, C) or (N, C, L):
+        # with the channels last its input is the 2-D (N, C), so dim 1 is the channel dim.
+        rank = 2
     # BatchNorm normalises dim 1: it must be the channel dim of the input layout.
     if rank is None or inp.dim != 1 - rank or inp.block != 1:
         ctx.unsupported(node, "BatchNorm over a dim not known to be the channel dim")
@@ -500,6 +583,10 @@ def _batchnorm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         return None
     ctx.member(node, "channelwise", inp)
     return replace(inp, rank=rank)
+
+
+def _is_linear_call(ctx: RuleContext, arg: Any) -> bool:
+    return isinstance(arg, torch.fx.Node) and arg.op == "call_module" and isinstance(ctx.module(arg), nn.Linear)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -635,13 +722,75 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     in_shape = ctx.shape(node.args[0])
     out_shape = ctx.shape(node)
     if in_shape is not None and out_shape is not None and inp.rank is not None:
-        return _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
+        out = _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
+        if out is None:
+            return None
+        # The shapes say where the channels go; the arguments must still say it after
+        # pruning, or the rewrite cannot be built and the group must not be planned.
+        j = out.rank + out.dim  # type: ignore[operator]
+        tail = out_shape[j] // in_shape[len(in_shape) + inp.dim]
+        # A refused node keeps its layout: its groups are frozen either way, and following
+        # them on lets a later op that freezes them by design say so instead.
+        if not isinstance(sizes, (list, tuple)) or len(sizes) != len(out_shape):
+            ctx.refuse(node, [inp], "view/reshape whose sizes are not given one per dim")
+            return out
+        _size_follows_channels(ctx, node, sizes[j], inp, tail)
+        return out
     # Without shapes, only the classic head `x.view(x.size(0), -1)` is understood.
     if isinstance(sizes, (list, tuple)) and len(sizes) == 2 and sizes[1] == -1 and inp.rank is not None:
         return _flatten_layout(ctx, node, inp, 1, -1)
     ctx.unsupported(node, "view/reshape whose effect on channels is unknown without shapes",
                     "pass example_inputs so shapes can be propagated")
     return None
+
+
+def _channel_size_source(ctx: RuleContext, arg: torch.fx.Node) -> Optional[Tuple[torch.fx.Node, int]]:
+    """``(tensor, dim)`` if ``arg`` reads one dim of a tensor's size: ``t.size(d)``, ``t.size()[d]``, ``t.shape[d]``."""
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) == 2 and isinstance(arg.args[1], int):
+        source, dim = arg.args[0], arg.args[1]
+    elif arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[1], int) \
+            and isinstance(arg.args[0], torch.fx.Node):
+        whole, dim = arg.args[0], arg.args[1]
+        if whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1:
+            source = whole.args[0]
+        elif whole.op == "call_function" and whole.target is builtins.getattr and whole.args[1] == "shape":
+            source = whole.args[0]
+        else:
+            return None
+    else:
+        return None
+    return (source, dim) if isinstance(source, torch.fx.Node) else None
+
+
+def _size_follows_channels(ctx: RuleContext, node: torch.fx.Node, arg: Any, inp: Layout, tail: int) -> bool:
+    """Whether size argument ``arg``, giving the extent of the dim that holds ``inp``'s channels
+    (``tail`` features each), still gives it after pruning; if not, refuse the node.
+
+    ``-1`` (inferred) does. So does the channel count read from a tensor whose channels are
+    tied to ``inp``'s (``b, c, h, w = x.size(); y.view(b, c, 1, 1)``): the two are made one
+    group, so they keep the same count. A literal (``y.view(n, 8, -1)``, ``x.view(-1, 512)``)
+    would still say the old count, and a computed size could say anything.
+    """
+    if arg == -1 and not isinstance(arg, bool):
+        return True
+    if isinstance(arg, torch.fx.Node) and tail == 1:
+        found = _channel_size_source(ctx, arg)
+        if found is not None:
+            source, dim = found
+            lay = ctx.layout(source)
+            norm = _normalize_dims(dim, ctx.rank(source)) if lay is not None else None
+            if lay is not None and norm is not None and norm[0] == lay.dim and lay.block == 1 \
+                    and lay.channels == inp.channels and inp.block == 1:
+                ctx.unify(node, [inp, replace(lay, dim=inp.dim, rank=inp.rank)])
+                return True
+    what = f"the literal size {arg}" if isinstance(arg, int) else f"size {getattr(arg, 'name', arg)!s}"
+    ctx.refuse(node, [inp], f"{_label(node)} gives the channel dim {what}, which would not follow pruning",
+               "write -1 (or x.size(d) of the same tensor) for the channel dim so the pruned model can run")
+    return False
+
+
+def _label(node: torch.fx.Node) -> str:
+    return str(node.target) if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 def _view_from_shapes(ctx: RuleContext, node: torch.fx.Node, inp: Layout,
@@ -853,7 +1002,30 @@ def _by_shapes(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         if out_shape[inp.dim] != size:
             ctx.unsupported(node, "expand that repeats the channel dim")
             return None
-        return replace(inp, rank=len(out_shape))
+        out = replace(inp, rank=len(out_shape))
+        if node.target == "expand_as":
+            # The result takes ``other``'s shape: its channels must be the same ones.
+            lay = ctx.layout(_arg(node, 1, "other", None))
+            if lay is None or lay.dim != inp.dim or lay.channels != inp.channels:
+                ctx.refuse(node, [inp], "expand_as a tensor whose channels are not tied to the input's")
+                return out
+            return ctx.unify(node, [out, replace(lay, rank=out.rank)])
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node):
+            # x.expand(y.shape) / x.expand(y.size()): y's channels must be the same ones.
+            whole = sizes[0]
+            source = whole.args[0] if (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1) or \
+                (whole.op == "call_function" and whole.target is builtins.getattr and whole.args[1] == "shape") else None
+            lay = ctx.layout(source)
+            if lay is None or lay.dim != inp.dim or lay.channels != inp.channels:
+                ctx.refuse(node, [inp], "expand to the shape of a tensor whose channels are not tied to the input's")
+                return out
+            return ctx.unify(node, [out, replace(lay, rank=out.rank)])
+        if len(sizes) != len(out_shape):
+            ctx.refuse(node, [inp], "expand whose sizes are not given one per dim")
+        else:
+            _size_follows_channels(ctx, node, sizes[inp.dim], inp, 1)
+        return out
     dims = _arg(node, 1, "dim", None)
     candidates = range(len(in_shape)) if dims is None else _normalize_dims(dims, len(in_shape))
     if candidates is None:
@@ -1016,6 +1188,68 @@ def _sdpa(ctx: RuleContext, node: torch.fx.Node) -> None:
     # q @ k^T sums over the head dim, so q and k channels are coupled pairwise; not modelled.
     _freeze_all_inputs(ctx, node, "scaled_dot_product_attention couples query and key channels")
     return None
+
+
+# --------------------------------------------------------------------------- ranks of untracked tensors
+
+_RANK_KEEPING_MODULES: Tuple[type, ...] = ELEMENTWISE_MODULES + _POOL_MODULES + (
+    nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_RANK_KEEPING_CALLS: Tuple[Any, ...] = _ELEMENTWISE_FUNCTIONS + _POOL_FUNCTIONS + _ELEMENTWISE_METHODS
+
+
+def _flat_rank(rank: Optional[int], start: Any, end: Any) -> Optional[int]:
+    if not isinstance(start, int) or not isinstance(end, int):
+        return None
+    if end == -1 and start >= 0:
+        return start + 1  # whatever the input's rank: dims before start, then one merged dim
+    if rank is None:
+        return None
+    return rank - ((end % rank) - (start % rank))
+
+
+def output_rank(ctx: RuleContext, node: torch.fx.Node, module: Optional[nn.Module]) -> Optional[int]:
+    """The rank of ``node``'s output where its op fixes it without shapes, else None.
+
+    Used for tensors without a channel layout (downstream of an op with no rule, or of the
+    model input), so that a layer after them (a Linear, then BatchNorm1d) still knows the
+    rank of what it produces. Only ops whose output rank is certain are answered.
+    """
+    if node.op == "get_attr":
+        shape = ctx.shape(node)
+        return None if shape is None else len(shape)
+    if node.op not in ("call_module", "call_function", "call_method") or not node.args:
+        return None
+    first = node.args[0]
+    rank = ctx.rank(first) if isinstance(first, torch.fx.Node) else None
+    if any(n is not first for n in node.all_input_nodes) and node.target not in (torch.flatten, "flatten", "view", "reshape", torch.reshape):
+        return None  # another tensor operand may broadcast to a higher rank
+    if node.op == "call_module":
+        if isinstance(module, nn.Flatten):
+            return _flat_rank(rank, module.start_dim, module.end_dim)
+        return rank if type(module) in _RANK_KEEPING_MODULES or isinstance(module, nn.modules.conv._ConvNd) else None
+    target = node.target
+    if target in (torch.flatten, "flatten"):
+        return _flat_rank(rank, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+    if target in (torch.reshape, "view", "reshape"):
+        if node.op == "call_function":
+            sizes = _arg(node, 1, "shape", None)
+        else:
+            sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if isinstance(sizes, (list, tuple)) and sizes and all(isinstance(d, (int, torch.fx.Node)) for d in sizes):
+            if not (len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node)):  # one node may be a whole shape
+                return len(sizes)
+        return None
+    if target in (torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"):
+        dims, keepdim = _arg(node, 1, "dim", None), _arg(node, 2, "keepdim", False)
+        norm = _normalize_dims(dims, rank) if rank is not None else None
+        if keepdim is True and rank is not None:
+            return rank
+        return None if norm is None or rank is None else rank - len(set(norm))
+    try:
+        keeps = target in _RANK_KEEPING_CALLS
+    except TypeError:  # an unhashable target
+        keeps = False
+    return rank if keeps else None
 
 
 # --------------------------------------------------------------------------- torchvision ops

@@ -221,7 +221,12 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         if any(i is not None for i in idx.values()):
             builder = _BUILDERS.get(type(original))
             if builder is None:
-                raise InternalError(f"no builder for {type(original).__name__} at {target}")
+                # Every built-in layer type has a builder, so this is a user rule for a custom
+                # layer registered without one: the user's to fix, not a bug of ours.
+                raise FxPruneError(
+                    f"no builder for {type(original).__name__} at {target}: a channel rule is registered "
+                    f"for it, but nothing says how to slice its tensors. Hint: register one with "
+                    f"@fxprune.register_builder({type(original).__name__}), or list {target!r} in ignore=")
             root[target] = builder(original, idx)
             changed[target] = slots
         else:

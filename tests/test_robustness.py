@@ -878,3 +878,28 @@ def test_a_pruned_transposed_conv_saves_and_loads(tmp_path: Any) -> None:
     loaded = fxprune.load(tmp_path / "unet", model=TinyUNet())
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(loaded(x), pruned(x))
+
+
+class ScaleWithoutBuilder(ChannelScale):
+    """A custom leaf with a channel rule registered but no builder."""
+
+
+@fxprune.register_rule(ScaleWithoutBuilder)
+def _scale_without_builder_rule(ctx: Any, node: torch.fx.Node) -> Optional[fxprune.Layout]:
+    layout = ctx.layout(node.args[0])
+    if layout is not None:
+        ctx.member(node, "channelwise", layout)
+    return layout
+
+
+class ScaleWithoutBuilderTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, ScaleWithoutBuilder) or super().is_leaf_module(m, qualname)
+
+
+def test_a_rule_without_a_builder_is_the_users_error_not_a_bug() -> None:
+    model = WithLeaves(ScaleWithoutBuilder(8)).eval()
+    gm = torch.fx.GraphModule(model, ScaleWithoutBuilderTracer().trace(model))
+    with pytest.raises(fxprune.FxPruneError, match="register_builder") as info:
+        fxprune.prune(gm, 0.5)
+    assert not isinstance(info.value, fxprune.InternalError)

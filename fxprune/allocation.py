@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import FxPruneError, FxPruneWarning, InternalError, UnsupportedNodeError, describe_node, target_name
 from .groups import Analysis, Group
+from .trace import MutableArgsInterpreter
 from .rules import lookup_rule, role_tensors
 
 __all__ = [
@@ -260,7 +261,7 @@ class GlobalRanking:
         return out
 
 
-class _FlopRecorder(torch.fx.Interpreter):
+class _FlopRecorder(MutableArgsInterpreter):
     """Runs the graph under one FlopCounterMode and attributes the FLOPs to each node."""
 
     def __init__(self, gm: torch.fx.GraphModule, counter: FlopCounterMode) -> None:

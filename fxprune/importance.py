@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .errors import FxPruneError
 from .groups import Analysis, Group, Member
+from .trace import MutableArgsInterpreter
 from .rules import role_tensors
 
 __all__ = [
@@ -480,7 +481,7 @@ def _is_relu_like(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
     return False
 
 
-class _Recorder(torch.fx.Interpreter):
+class _Recorder(MutableArgsInterpreter):
     """Runs the graph and counts, per watched node, the zero entries of each channel."""
 
     def __init__(self, gm: torch.fx.GraphModule, watch: Dict[str, Tuple[int, int, bool]]) -> None:

@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata  # ShapeProp's o
 from .errors import FxPruneError, FxPruneWarning, describe_node
 
 __all__ = ["trace", "as_graph_module", "copy_graph_module", "propagate_shapes", "node_shape", "stale_proxies",
-           "check_graph", "ShapeRecorder", "ShapePropagationError", "mutable_copy"]
+           "check_graph", "MutableArgsInterpreter", "ShapeRecorder", "ShapePropagationError", "mutable_copy"]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -297,7 +297,25 @@ def mutable_copy(value: Any) -> Any:
     return value
 
 
-class ShapeRecorder(torch.fx.Interpreter):
+class MutableArgsInterpreter(torch.fx.Interpreter):
+    """An ``Interpreter`` that hands each call fresh mutable list/dict arguments.
+
+    fx stores list and dict arguments immutable, while the generated ``forward`` builds them
+    afresh on every run; a user helper that mutates its list argument (torchvision's swin3d
+    window-size helper) runs under ``forward`` but fails under a plain interpreter. Every
+    interpreter fxprune runs over a user's graph (shapes, FLOPs, activation statistics) derives
+    from this one so they all run the model as its own ``forward`` would.
+    """
+
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        if not any(isinstance(a, (list, dict, tuple)) for a in args) and \
+                not any(isinstance(v, (list, dict, tuple)) for v in kwargs.values()):
+            return args, kwargs  # most nodes: tensors and numbers only, nothing to copy
+        return tuple(mutable_copy(a) for a in args), {k: mutable_copy(v) for k, v in kwargs.items()}
+
+
+class ShapeRecorder(MutableArgsInterpreter):
     """Runs a GraphModule node by node and stores each result's ``tensor_meta`` (as ShapeProp does).
 
     Two differences from ``torch.fx.passes.shape_prop.ShapeProp``: list and dict arguments are
@@ -310,13 +328,6 @@ class ShapeRecorder(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm)
         self.extra_traceback = False  # the error names the node itself, in one line
-
-    def fetch_args_kwargs_from_env(self, n: torch.fx.Node) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        if not any(isinstance(a, (list, dict, tuple)) for a in args) and \
-                not any(isinstance(v, (list, dict, tuple)) for v in kwargs.values()):
-            return args, kwargs  # most nodes: tensors and numbers only, nothing to copy
-        return tuple(mutable_copy(a) for a in args), {k: mutable_copy(v) for k, v in kwargs.items()}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:

@@ -529,3 +529,18 @@ def test_torchvision_raft_exported_proves_in_float64() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="the proof could not run")  # float64 itself, no fallback
         assert_equivalent(exported, pruned, plan, images)  # before: expected scalar type Double but found Float
+
+
+@pytest.mark.parametrize("how", ["target_macs", "apoz"])
+def test_every_interpreter_over_the_graph_hands_helpers_mutable_lists(how: str) -> None:
+    """The FLOP recorder (MACs targets) and the activation recorder (APoZ) run the graph node by
+    node too: a helper that mutates its list argument must work under them as under forward."""
+    model = randomize_norms(WindowNet()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxprune.FxPruneWarning)
+        if how == "target_macs":
+            pruned = fxprune.prune(model, target_macs=0.6, example_inputs=(X,))
+        else:
+            pruned = fxprune.prune(model, 0.5, importance="apoz", example_inputs=(X,),
+                                   calibration=[X])
+    assert pruned(X).shape == model(X).shape

@@ -426,8 +426,8 @@ def _result(named: Mapping[str, nn.Module], times: Mapping[str, list[float]], nu
         warnings.append(f"only {rounds} round(s): the spread (and the busy check) says little below "
                         f"{MIN_ROUNDS_FOR_SPREAD}")
     method = (f"torch.utils.benchmark.Timer, {rounds} interleaved round(s) (one sample per model per round, "
-              f"model order rotated each round), each sample the mean of calls_per_sample calls (about "
-              f"{min_sample_s * 1000:g} ms); {warmup} warm-up call(s) per model first; torch.inference_mode; "
+              f"model order rotated each round), each sample the mean of enough calls to last about "
+              f"{min_sample_s * 1000:g} ms (calls_per_sample per model); {warmup} warm-up call(s) per model first; torch.inference_mode; "
               f"{threads} thread(s)" + ("; CUDA synchronised by the Timer" if device.type == "cuda" else ""))
     return LatencyResult(
         models=stats, speedups=speedups, reference=reference, mode=mode, device=str(device),

@@ -289,7 +289,7 @@ def latency_section(report: Mapping[str, Any]) -> list[str]:
                   f"Baseline and pruned timed interleaved (round-robin) with torch.utils.benchmark at "
                   f"{section.get('threads', '-')} CPU thread(s), torch {section.get('torch', '-')}"
                   + (f", on {'; '.join(f'{d}: {n}' for d, n in devices.items())}" if devices else "")
-                  + "; per-call median ± IQR; speed-up = median of the per-round ratios (IQR in brackets); "
+                  + "; per-call median ± IQR; speed-up = median of the per-round ratios, with their IQR; "
                   f"realised fraction = speed-up / MACs reduction ({_fmt(macs_x)}x).", "",
                   "| setting | baseline (ms) | pruned (ms) | speed-up | speed-up IQR | realised fraction "
                   "| rounds | threads | spread |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -191,7 +191,7 @@ def compare_latency(baseline: nn.Module, pruned: nn.Module, sample: torch.Tensor
                     settings: Optional[Sequence[LatencySetting]] = None,
                     devices: Sequence[Union[str, torch.device]] = ("cpu",), batch_sizes: Sequence[int] = (1, 32),
                     compile: bool = True, rounds: int = 20, threads: Optional[int] = None,
-                    macs_reduction: Optional[float] = None, quiet: bool = True,
+                    macs_reduction: Optional[float] = None, quiet: bool = True, label: str = "",
                     measure: Callable[..., LatencyResult] = core_measure_latency) -> dict[str, Any]:
     """Baseline and pruned timed **interleaved** at every setting (:func:`fxprune.measure_latency`).
 
@@ -204,8 +204,10 @@ def compare_latency(baseline: nn.Module, pruned: nn.Module, sample: torch.Tensor
     ``latency_iqr_ms`` and ``latency_failures``; ``latency`` holds per setting the speed-up
     (median of per-round ratios) with its quartiles, the spread, ``slower`` and ``busy``, plus
     the threads, device names, torch version and method. A slower pruned model and a busy
-    measurement are logged as warnings. The models themselves are not modified.
+    measurement are logged as warnings (prefixed by ``label``, e.g. a sweep point's name). The
+    models themselves are not modified.
     """
+    prefix = f"{label}: " if label else ""
     if settings is None:
         settings = latency_settings(devices, batch_sizes, compile)
     sides: dict[str, dict[str, Any]] = {side: {"latency_ms": {}, "latency_iqr_ms": {}, "latency_failures": {}}
@@ -227,7 +229,7 @@ def compare_latency(baseline: nn.Module, pruned: nn.Module, sample: torch.Tensor
                 side["latency_ms"][key] = None
                 side["latency_failures"][key] = reason
             table[key] = {"failed": reason}
-            logger.warning("latency %s failed: %s", key, reason)
+            logger.warning("%slatency %s failed: %s", prefix, key, reason)
             continue
         finally:
             if setting.mode == "compiled":
@@ -241,18 +243,18 @@ def compare_latency(baseline: nn.Module, pruned: nn.Module, sample: torch.Tensor
         section["threads"] = result.threads
         section["method"] = result.method
         section["devices"][str(result.device)] = result.device_name
-        logger.info("latency %s: baseline %.3f ± %.3f ms, pruned %.3f ± %.3f ms: %s (%d rounds, %d thread(s))",
-                    key, row["baseline_ms"], row["baseline_iqr_ms"], row["pruned_ms"], row["pruned_iqr_ms"],
+        logger.info("%slatency %s: baseline %.3f ± %.3f ms, pruned %.3f ± %.3f ms: %s (%d rounds, %d thread(s))",
+                    prefix, key, row["baseline_ms"], row["baseline_iqr_ms"], row["pruned_ms"], row["pruned_iqr_ms"],
                     row["speedup_text"], row["samples"], row["threads"])
         if row["slower"]:
             section["slower"].append(key)
-            message = (f"WARNING: the pruned model is SLOWER than the baseline at {key}: "
+            message = (f"WARNING: {prefix}the pruned model is SLOWER than the baseline at {key}: "
                        f"{row['speedup_text']} ({row['pruned_ms']:.3f} ms vs {row['baseline_ms']:.3f} ms)")
             section["warnings"].append(message)
             logger.warning("%s", message)
         if row["busy"]:
             section["busy"] = True
-            message = f"WARNING: latency {key}: {result.warnings[0]}"
+            message = f"WARNING: {prefix}latency {key}: {result.warnings[0]}"
             section["warnings"].append(message)
             logger.warning("%s", message)
     return {**sides, "latency": section}

@@ -612,9 +612,11 @@ def measure_latency_pair(session: _Session, baseline: nn.Module, pruned: nn.Modu
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         macs_x = (baseline_entry["macs"] / pruned_entry["macs"]
                   if baseline_entry.get("macs") and pruned_entry.get("macs") else None)
+        what = (f"ratio {config.effective_ratio:g}" if config.effective_ratio is not None
+                else f"target MACs {config.target_macs:g}")
         measured = compare_latency(baseline, pruned, example_batch(session.data.test, 1), devices=devices,
                                    compile=config.compile, rounds=config.latency_runs, macs_reduction=macs_x,
-                                   quiet=config.quiet)
+                                   quiet=config.quiet, label=f"{config.importance}, {what}")
         baseline_entry.update(measured["baseline"])
         pruned_entry.update(measured["pruned"])
         section = measured["latency"]

@@ -2,16 +2,17 @@
 its MACs reduction?
 
 resnet18 and resnet50 (random weights, L1 importance) at ratios 0.3 / 0.5 / 0.7, batch 1 and
-32, 224x224 inputs, eager and ``torch.compile(fullgraph=True)``, on CUDA when present else CPU.
+32, 224x224 inputs, eager and ``torch.compile(dynamic=False)``, on CUDA when present else CPU.
 Next to them: Torch-Pruning 1.6's uniform 0.5 resnet18 (MagnitudePruner, same layer shapes)
 and fxprune with ``round_to`` 8 / 16 where the plain recipe leaves odd channel counts.
 
     pytest benchmarks/bench_latency.py                       # summary table printed at the end
     FXPRUNE_BENCH_FULL=1 pytest benchmarks/bench_latency.py  # compiled at every ratio too
 
-All variants of one (model, batch, mode) are timed in turn, round after round, so that they see
-the same machine load; speed-ups use each variant's fastest round (``min``), the statistic least
-disturbed by other processes, and the summary also shows medians.
+All variants of one (model, batch, mode) are timed together by :func:`fxprune.measure_latency`,
+in turn, round after round, so that they see the same machine load; speed-ups use each variant's
+fastest round (``min``), the statistic least disturbed by other processes, and the summary also
+shows medians.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ import fxprune
 from fxprune.cost import count_macs
 
 FULL = os.environ.get("FXPRUNE_BENCH_FULL", "") not in ("", "0")  # see benchmarks/conftest.py
+THREADS = int(os.environ.get("FXPRUNE_BENCH_THREADS", "1"))  # as benchmarks/conftest.py sets them
 
 ARCHS = ["resnet18", "resnet50"]
 RATIOS = [0.3, 0.5, 0.7]
@@ -96,28 +98,21 @@ def _variants(arch: str, batch: int, mode: str) -> Dict[str, Tuple[nn.Module, Tu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_latency(side_by_side: Any, record: Any, device: torch.device, arch: str, batch: int, mode: str) -> None:
-    x = torch.randn(batch, 3, SIZE, SIZE, device=device)
-    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def test_latency(record: Any, device: torch.device, arch: str, batch: int, mode: str) -> None:
     variants = _variants(arch, batch, mode)
     if mode == "compiled":
         torch._dynamo.reset()
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-    runners: Dict[str, Callable[[], None]] = {}
-    with torch.inference_mode():
-        for name, (model, _) in variants.items():
-            m = copy.deepcopy(model).to(device)
-            if mode == "compiled":
-                m = torch.compile(m, fullgraph=True, dynamic=False)
-            m(x)  # compile (if compiled) and first-touch allocations, outside the timing
-            sync()
-            runners[name] = functools.partial(_call, m, x, sync)
-        times = side_by_side(runners, rounds=15 if batch == 1 else 3)
+    # fxprune.measure_latency times every variant interleaved (one Timer sample of each per round,
+    # the start rotated each round), at the session's thread count, compiling in warm-up.
+    result = fxprune.measure_latency({name: model for name, (model, _) in variants.items()},
+                                     example_inputs=(torch.randn(1, 3, SIZE, SIZE),), batch_size=batch,
+                                     device=device, mode=mode, threads=THREADS if device.type == "cpu" else None,
+                                     rounds=15 if batch == 1 else 5, warmup=1, min_sample_s=0.0,
+                                     progress=print)
+    for warning in result.warnings:
+        print(f"{arch} b{batch} {mode}: {warning}")
     for name, (model, sort) in variants.items():
-        record("latency", times[name], arch=arch, batch=batch, mode=mode, device=device.type, macs=macs(model),
+        times_s = [t / 1000.0 for t in result.models[name].times_ms]
+        record("latency", times_s, arch=arch, batch=batch, mode=mode, device=device.type, macs=macs(model),
                variant=name, sort=sort)
-
-
-def _call(model: Callable[[torch.Tensor], Any], x: torch.Tensor, sync: Callable[[], None]) -> None:
-    model(x)
-    sync()

@@ -11,6 +11,7 @@ from .errors import FxPruneError, FxPruneWarning, InternalError, PlanMismatchErr
 from .groups import Group, Member
 from .importance import available_criteria, register_criterion, register_model_criterion
 from .iterative import prune_iteratively
+from .latency import LatencyResult, format_speedup, measure_latency, realised_fraction
 from .plan import GroupPlan, PruningPlan
 from .rewrite import register_builder
 from .rules import Layout, register_rule
@@ -25,4 +26,5 @@ __all__ = [
     "FxPruneError", "UnsupportedNodeError", "PlanMismatchError", "InternalError", "FxPruneWarning", "__version__",
     "save", "load", "register_builder",
     "prune_iteratively", "register_model_criterion", "available_criteria", "GroupPlan",
+    "measure_latency", "LatencyResult", "format_speedup", "realised_fraction",
 ]

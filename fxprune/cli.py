@@ -36,32 +36,70 @@ def _model(name: str, num_classes: int) -> Any:
     return build_model(name, num_classes=num_classes, adapt=False).eval()
 
 
-def compare_models(original: Any, pruned: Any, example: Any, *, runs: int = 10) -> Dict[str, Dict[str, float]]:
-    """Parameters, MACs, size on disk and CPU latency (batch 1, eager) of two models."""
-    from .cost import count_macs, count_params
-    from .workflow.evaluate import measure_latency, model_size_mb
+def compare_models(original: Any, pruned: Any, example: Any, *, runs: int = 10) -> Dict[str, Dict[str, Any]]:
+    """Parameters, MACs, size on disk and CPU latency (batch 1, eager) of two models.
 
-    rows: Dict[str, Dict[str, float]] = {}
+    Latency: both models timed interleaved (``runs`` rounds) by :func:`fxprune.measure_latency`
+    at one CPU thread; ``rows["latency"]`` holds the speed-up with its spread, threads and the
+    busy flag.
+    """
+    from .cost import count_macs, count_params
+    from .latency import measure_latency
+    from .workflow.evaluate import model_size_mb
+
+    result = measure_latency({"original": original, "pruned": pruned}, example_inputs=(example,),
+                             device="cpu", mode="eager", rounds=runs)
+    rows: Dict[str, Dict[str, Any]] = {}
     for label, model in (("original", original), ("pruned", pruned)):
-        latency, _ = measure_latency(model, example, devices=("cpu",), batch_sizes=(1,), compile=False,
-                                     warmup=3, runs=runs)
+        timed = result.models[label]
         rows[label] = {
             "params": count_params(model),
             "macs": count_macs(model, example),
             "size_mb": model_size_mb(model),
-            "latency_ms": latency.get("cpu/eager/b1") or float("nan"),
+            "latency_ms": timed.median_ms,
+            "latency_iqr_ms": timed.iqr_ms,
         }
+    speed = result.speedup
+    rows["latency"] = {"speedup": speed.median if speed else float("nan"),
+                       "speedup_q25": speed.q25 if speed else float("nan"),
+                       "speedup_q75": speed.q75 if speed else float("nan"),
+                       "threads": result.threads, "rounds": result.rounds, "busy": result.busy,
+                       "device_name": result.device_name, "warnings": list(result.warnings)}
     return rows
 
 
-def _table(rows: Dict[str, Dict[str, float]]) -> str:
+def _table(rows: Dict[str, Dict[str, Any]]) -> str:
+    from .latency import format_speedup, realised_fraction
+
     a, b = rows["original"], rows["pruned"]
-    lines = [f"{'':<18}{'original':>14}{'pruned':>14}{'ratio':>9}"]
+    lines = [f"{'':<18}{'original':>18}{'pruned':>18}{'change':>16}"]
     fmt = {"params": ("parameters", "{:,.0f}"), "macs": ("MACs", "{:,.0f}"),
-           "size_mb": ("size on disk MB", "{:.2f}"), "latency_ms": ("CPU latency ms", "{:.2f}")}
+           "size_mb": ("size on disk MB", "{:.2f}")}
     for key, (name, f) in fmt.items():
         ratio = b[key] / a[key] if a[key] else float("nan")
-        lines.append(f"{name:<18}{f.format(a[key]):>14}{f.format(b[key]):>14}{ratio:>8.2f}x")
+        lines.append(f"{name:<18}{f.format(a[key]):>18}{f.format(b[key]):>18}{ratio:>15.2f}x")
+    latency = rows.get("latency") or {}
+    speedup = latency.get("speedup")
+    if speedup is None and a.get("latency_ms") and b.get("latency_ms"):
+        speedup = a["latency_ms"] / b["latency_ms"]
+
+    def ms(row: Dict[str, Any]) -> str:
+        iqr = row.get("latency_iqr_ms")
+        return f"{row['latency_ms']:.2f}" + (f" ± {iqr:.2f}" if iqr is not None else "")
+
+    lines.append(f"{'CPU latency ms':<18}{ms(a):>18}{ms(b):>18}{format_speedup(speedup):>16}")
+    if latency:
+        fraction = realised_fraction(speedup, a["macs"] / b["macs"] if b.get("macs") else None)
+        lines.append(f"\nlatency: batch 1, eager, {latency.get('threads')} thread(s), {latency.get('rounds')} "
+                     f"interleaved rounds (torch.utils.benchmark), median ± IQR; speed-up IQR "
+                     f"{latency.get('speedup_q25', float('nan')):.2f}-{latency.get('speedup_q75', float('nan')):.2f}, "
+                     f"realised fraction (speed-up / MACs reduction) "
+                     f"{'-' if fraction is None else f'{fraction:.2f}'}")
+    if speedup is not None and speedup < 1.0:
+        lines.append(f"WARNING: the pruned model is SLOWER than the original here ({format_speedup(speedup)})")
+    if latency.get("busy"):
+        lines.append("WARNING: the machine looked busy while timing (large spread between rounds): "
+                     "treat the latencies as rough")
     return "\n".join(lines)
 
 

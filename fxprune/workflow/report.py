@@ -32,6 +32,10 @@ __all__ = [
     "plot_channels",
     "plot_sweep",
     "render_sweep_markdown",
+    "latency_rows",
+    "latency_warnings",
+    "latency_section",
+    "sweep_latency_warnings",
     "save_pruned",
     "load_pruned",
     "setup_logging",
@@ -174,6 +178,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- Pruning: importance `{config.get('importance', '-')}`, requested {requested}",
         *_achieved_lines(pruned.get("achieved")),
         f"- Machine: {machine.get('cpu', '-')} ({machine.get('cpu_count', '-')} cores){gpu}",
+        *latency_warnings(report),
         "",
         "| metric | baseline | pruned | change |",
         "|---|---:|---:|---:|",
@@ -194,14 +199,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         row("MACs per image", "macs", _fmt_int, "fewer"),
         row("size on disk (MB)", "size_mb", _fmt, "smaller"),
     ]
-    base_lat, pruned_lat = base.get("latency_ms", {}) or {}, pruned.get("latency_ms", {}) or {}
-    for key in base_lat:
-        lines.append(f"| latency {key} (ms) | {_fmt(base_lat.get(key), 3)} | {_fmt(pruned_lat.get(key), 3)} | "
-                     f"{_ratio(base_lat.get(key), pruned_lat.get(key))} faster |")
-    failures = {**base.get("latency_failures", {}), **pruned.get("latency_failures", {})}
-    if failures:
-        lines += ["", "Latency settings that could not be measured:", ""]
-        lines += [f"- `{key}`: {reason}" for key, reason in sorted(failures.items())]
+    lines += latency_rows(report)
+    lines += latency_section(report)
     per_b, per_p = base.get("per_class", {}) or {}, pruned.get("per_class", {}) or {}
     if per_b:
         lines += ["", "## Per-class top-1 accuracy (%)", "", "| class | baseline | pruned |", "|---|---:|---:|"]
@@ -214,6 +213,130 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if plots:
         lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _latency_settings(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    """report.json's ``latency.settings`` (empty for reports written before interleaved timing)."""
+    section = report.get("latency") or {}
+    settings = section.get("settings") if isinstance(section, Mapping) else None
+    return settings if isinstance(settings, Mapping) else {}
+
+
+def _speedup_of(report: Mapping[str, Any], key: str) -> Optional[float]:
+    row = _latency_settings(report).get(key)
+    if isinstance(row, Mapping) and isinstance(row.get("speedup"), (int, float)):
+        return float(row["speedup"])
+    before = (report["baseline"].get("latency_ms") or {}).get(key)
+    after = (report["pruned"].get("latency_ms") or {}).get(key)
+    return before / after if before and after else None
+
+
+def _ms(value: Any, iqr: Any) -> str:
+    if not isinstance(iqr, (int, float)):
+        return _fmt(value, 3)
+    return f"{_fmt(value, 3)} ± {_fmt(iqr, 3)}" if isinstance(value, (int, float)) else "-"
+
+
+def latency_rows(report: Mapping[str, Any]) -> list[str]:
+    """The main table's latency rows: baseline and pruned median ± IQR (ms), "N.NNx faster/slower"."""
+    from fxprune.latency import format_speedup
+
+    base, pruned = report["baseline"], report["pruned"]
+    base_lat, pruned_lat = base.get("latency_ms") or {}, pruned.get("latency_ms") or {}
+    base_iqr, pruned_iqr = base.get("latency_iqr_ms") or {}, pruned.get("latency_iqr_ms") or {}
+    lines = []
+    for key in base_lat:
+        speedup = _speedup_of(report, key)
+        lines.append(f"| latency {key} (ms) | {_ms(base_lat.get(key), base_iqr.get(key))} | "
+                     f"{_ms(pruned_lat.get(key), pruned_iqr.get(key))} | {format_speedup(speedup)} |")
+    return lines
+
+
+def latency_warnings(report: Mapping[str, Any]) -> list[str]:
+    """Loud lines for the top of report.md: the pruned model slower anywhere, a busy measurement."""
+    from fxprune.latency import format_speedup
+
+    slower = []
+    for key in report["baseline"].get("latency_ms") or {}:
+        speedup = _speedup_of(report, key)
+        if speedup is not None and speedup < 1.0:
+            slower.append(f"`{key}` ({format_speedup(speedup)})")
+    busy = [key for key, row in _latency_settings(report).items() if isinstance(row, Mapping) and row.get("busy")]
+    lines = []
+    if slower:
+        lines += ["", f"> **WARNING: the pruned model is SLOWER than the baseline at {', '.join(slower)}.** "
+                  "Fewer MACs did not make it faster there (see the latency section)."]
+    if busy:
+        lines += ["", f"> **WARNING: the machine looked busy while timing {', '.join(f'`{k}`' for k in busy)}** "
+                  "(the spread of the interleaved rounds exceeded the threshold): treat those latencies as rough."]
+    return lines
+
+
+def latency_section(report: Mapping[str, Any]) -> list[str]:
+    """``## Latency``: how it was measured, per setting the speed-up with its spread, the realised
+    fraction (speed-up / MACs reduction), threads; and the settings that failed."""
+    from fxprune.latency import format_speedup, realised_fraction
+
+    base, pruned = report["baseline"], report["pruned"]
+    settings = _latency_settings(report)
+    section = report.get("latency") or {}
+    macs_x = (report.get("reduction") or {}).get("macs_x")
+    lines: list[str] = []
+    measured = {k: v for k, v in settings.items() if isinstance(v, Mapping) and "speedup" in v}
+    if measured:
+        devices = section.get("devices") or {}
+        lines += ["", "## Latency", "",
+                  f"Baseline and pruned timed interleaved (round-robin) with torch.utils.benchmark at "
+                  f"{section.get('threads', '-')} CPU thread(s), torch {section.get('torch', '-')}"
+                  + (f", on {'; '.join(f'{d}: {n}' for d, n in devices.items())}" if devices else "")
+                  + "; per-call median ± IQR; speed-up = median of the per-round ratios, with their IQR; "
+                  f"realised fraction = speed-up / MACs reduction ({_fmt(macs_x)}x).", "",
+                  "| setting | baseline (ms) | pruned (ms) | speed-up | speed-up IQR | realised fraction "
+                  "| rounds | threads | spread |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, row in measured.items():
+            fraction = row.get("realised_fraction")
+            if not isinstance(fraction, (int, float)):
+                fraction = realised_fraction(row.get("speedup"), macs_x)
+            spread = row.get("spread")
+            lines.append(
+                f"| {key} | {_ms(row.get('baseline_ms'), row.get('baseline_iqr_ms'))} | "
+                f"{_ms(row.get('pruned_ms'), row.get('pruned_iqr_ms'))} | {format_speedup(row.get('speedup'))} | "
+                f"{_fmt(row.get('speedup_q25'))}-{_fmt(row.get('speedup_q75'))} | {_fmt(fraction)} | "
+                f"{row.get('samples', '-')} | {row.get('threads', '-')} | "
+                f"{_fmt(100 * spread if isinstance(spread, (int, float)) else None, 1)}%"
+                f"{' BUSY' if row.get('busy') else ''} |")
+        if section.get("method"):
+            lines += ["", f"Method: {section['method']}."]
+    failures = {**(base.get("latency_failures") or {}), **(pruned.get("latency_failures") or {})}
+    if failures:
+        lines += ["", "Latency settings that could not be measured:", ""]
+        lines += [f"- `{key}`: {reason}" for key, reason in sorted(failures.items())]
+    return lines
+
+
+def sweep_latency_warnings(sweep: Mapping[str, Any]) -> list[str]:
+    """Loud lines under sweep.md's table: points slower than the baseline, busy measurements."""
+    from fxprune.latency import format_speedup
+
+    slower, busy = [], []
+    for point in sweep.get("points") or []:
+        name = f"{point.get('importance')} r={point.get('ratio')}"
+        settings = ((point.get("latency") or {}).get("settings") or {})
+        for key, row in settings.items():
+            if not isinstance(row, Mapping):
+                continue
+            speedup = row.get("speedup")
+            if isinstance(speedup, (int, float)) and speedup < 1.0:
+                slower.append(f"{name} at `{key}` ({format_speedup(speedup)})")
+            if row.get("busy"):
+                busy.append(f"{name} at `{key}`")
+    lines = []
+    if slower:
+        lines += ["", f"> **WARNING: pruned models SLOWER than the baseline: {', '.join(slower)}.**"]
+    if busy:
+        lines += ["", f"> **WARNING: the machine looked busy while timing {', '.join(busy)}:** treat those "
+                  "latencies as rough."]
+    return lines
 
 
 def write_report(report: Mapping[str, Any], out_dir: Union[str, Path]) -> tuple[Path, Path]:
@@ -339,6 +462,7 @@ def render_sweep_markdown(sweep: Mapping[str, Any]) -> str:
     lines.append(row("baseline", "-", "0", base))
     for point in sweep["points"]:
         lines.append(row("pruned", str(point["importance"]), f"{point['ratio']:g}", point))
+    lines += sweep_latency_warnings(sweep)
     plots = sweep.get("plots", [])
     if plots:
         lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]

@@ -41,7 +41,7 @@ from fxprune.workflow.data import DataBundle, example_batch, load_data, make_loa
 from fxprune.workflow.distributed import (DistContext, barrier, init_distributed, resolve_device,
                                           shutdown_distributed)
 from fxprune.workflow.errors import CheckpointError, ConfigError
-from fxprune.workflow.evaluate import evaluate_accuracy, measure_latency, model_cost
+from fxprune.workflow.evaluate import compare_latency, evaluate_accuracy, model_cost
 from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate_batchnorm, resume_fingerprint,
                                        save_checkpoint, train)
 from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
@@ -50,7 +50,8 @@ from fxprune.workflow.report import (close_logging, machine_info, plot_channels,
                                      save_pruned, setup_logging, utc_now, write_json, write_report)
 
 __all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "check_importance",
-           "check_model_fits", "achieved_pruning", "weights_identity",
+           "check_model_fits", "achieved_pruning", "weights_identity", "measure_latency_pair",
+           "sweep_baseline_latency",
            "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE"]
 
 logger = logging.getLogger("fxprune.workflow")
@@ -588,19 +589,40 @@ def measure_model(session: _Session, model: nn.Module, label: str) -> dict[str, 
         started = time.perf_counter()
         sample = example_batch(data.test, 1)
         entry.update(model_cost(model, sample))
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        latency, failures = measure_latency(model, sample, devices=devices, compile=config.compile,
-                                            runs=config.latency_runs, quiet=config.quiet)
-        entry["latency_ms"] = latency
-        entry["latency_failures"] = failures
-        model.to(session.device)  # measure_latency works on copies; keep the model where it was
+        model.to(session.device)
         session.timings[f"{label}_benchmark"] = time.perf_counter() - started
-        logger.info("%s: %d params, %.1f MMACs, %.2f MB; latency %s", label, entry["params"],
-                    entry["macs"] / 1e6, entry["size_mb"],
-                    ", ".join(f"{k} {v:.2f} ms" if v is not None else f"{k} failed"
-                              for k, v in latency.items()))
+        # Latency is timed later, baseline and pruned together (measure_latency_pair).
+        logger.info("%s: %d params, %.1f MMACs, %.2f MB", label, entry["params"],
+                    entry["macs"] / 1e6, entry["size_mb"])
     barrier(session.ctx)
     return entry
+
+
+def measure_latency_pair(session: _Session, baseline: nn.Module, pruned: nn.Module,
+                         baseline_entry: dict[str, Any], pruned_entry: dict[str, Any]) -> dict[str, Any]:
+    """Baseline and pruned timed interleaved (main process only); returns report.json's ``latency``.
+
+    Adds ``latency_ms`` / ``latency_iqr_ms`` / ``latency_failures`` to both entries; a slower
+    pruned model or a busy machine is logged as a warning (by ``compare_latency``).
+    """
+    config = session.config
+    section: dict[str, Any] = {}
+    if session.ctx.is_main:
+        started = time.perf_counter()
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        macs_x = (baseline_entry["macs"] / pruned_entry["macs"]
+                  if baseline_entry.get("macs") and pruned_entry.get("macs") else None)
+        what = (f"ratio {config.effective_ratio:g}" if config.effective_ratio is not None
+                else f"target MACs {config.target_macs:g}")
+        measured = compare_latency(baseline, pruned, example_batch(session.data.test, 1), devices=devices,
+                                   compile=config.compile, rounds=config.latency_runs, macs_reduction=macs_x,
+                                   quiet=config.quiet, label=f"{config.importance}, {what}")
+        baseline_entry.update(measured["baseline"])
+        pruned_entry.update(measured["pruned"])
+        section = measured["latency"]
+        session.timings["latency"] = time.perf_counter() - started
+    barrier(session.ctx)
+    return section
 
 
 class _OnDevice:
@@ -757,8 +779,10 @@ def run(config: RunConfig, *, on_epoch_end: Optional[Callable[[int, dict[str, fl
         baseline_entry = measure_model(session, baseline, "baseline")
         pruned, pruned_entry = _prune_finetune_measure(session, baseline, session.out, ratio,
                                                        config.importance, on_epoch_end)
+        latency = measure_latency_pair(session, baseline, pruned, baseline_entry, pruned_entry)
         session.timings["total"] = time.perf_counter() - started
         report = _report(session, baseline_entry, pruned_entry, config, info)
+        report["latency"] = latency
         report["fingerprint"] = _run_fingerprint(session, ratio, config.importance)
         if session.ctx.is_main:
             _write_outputs(session, session.out, report, baseline, pruned, config, ratio,
@@ -776,6 +800,20 @@ def _same_settings(saved: Any, current: dict[str, Any]) -> bool:
 
 # What sweep.json keeps of each point's report.
 _POINT_KEYS = ("top1", "top5", "params", "macs", "size_mb", "latency_ms", "top1_before_finetune", "achieved")
+
+
+def sweep_baseline_latency(points: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """The baseline's latency per setting in a sweep: the median over the points' interleaved
+    measurements (each point times the baseline next to its pruned model)."""
+    import statistics
+
+    values: dict[str, list[float]] = {}
+    for point in points:
+        for key, row in ((point.get("latency") or {}).get("settings") or {}).items():
+            values.setdefault(key, [])
+            if isinstance(row, dict) and isinstance(row.get("baseline_ms"), (int, float)):
+                values[key].append(float(row["baseline_ms"]))
+    return {key: (statistics.median(v) if v else None) for key, v in values.items()}
 
 
 def _point_dir(out: Path, importance: str, ratio: float) -> Path:
@@ -822,19 +860,24 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
                             and _same_settings(saved.get("fingerprint"), fingerprint)):
                         logger.info("sweep: reusing %s", existing)
                         points.append({"importance": importance, "ratio": ratio,
-                                       **{k: saved["pruned"].get(k) for k in _POINT_KEYS}})
+                                       **{k: saved["pruned"].get(k) for k in _POINT_KEYS},
+                                       "latency": saved.get("latency")})
                         continue
                 logger.info("sweep: importance %s, ratio %g", importance, ratio)
                 if session.ctx.is_main:
                     folder.mkdir(parents=True, exist_ok=True)
                 barrier(session.ctx)
                 pruned, entry = _prune_finetune_measure(point_session, baseline, folder, ratio, importance)
-                report = _report(point_session, baseline_entry, entry, point_config, info)
+                point_baseline = dict(baseline_entry)  # this point's interleaved baseline timings
+                latency = measure_latency_pair(point_session, baseline, pruned, point_baseline, entry)
+                report = _report(point_session, point_baseline, entry, point_config, info)
+                report["latency"] = latency
                 report["fingerprint"] = fingerprint
                 if session.ctx.is_main:
                     _write_outputs(session, folder, report, baseline, pruned, point_config, ratio, importance)
                 points.append({"importance": importance, "ratio": ratio,
-                               **{k: entry.get(k) for k in _POINT_KEYS}})
+                               **{k: entry.get(k) for k in _POINT_KEYS}, "latency": latency})
+        baseline_entry["latency_ms"] = sweep_baseline_latency(points)
         session.timings["total"] = time.perf_counter() - started
         summary: dict[str, Any] = {
             "baseline": {k: baseline_entry.get(k) for k in ("top1", "top5", "params", "macs", "size_mb",

@@ -1,4 +1,5 @@
-"""Evaluation: exact accuracies, size on disk, latency (and recorded compile failures)."""
+"""Evaluation: exact accuracies, size on disk, latency (single model and baseline vs pruned interleaved,
+and recorded compile failures)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,27 @@ def test_latency_with_torch_compile() -> None:
     assert latency["cpu/eager/b1"] > 0
     # Either it compiled and was timed, or the reason it could not is on record.
     assert (latency["cpu/compile/b1"] or 0) > 0 or "cpu/compile/b1" in failures
+
+
+def test_compare_latency_records_a_compile_failure_for_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxprune.workflow.evaluate import compare_latency
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    base = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 26 * 26, 10)).eval()
+    pruned = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)).eval()
+    before = torch.get_num_threads()
+    out = compare_latency(base, pruned, torch.randn(1, 1, 28, 28), batch_sizes=(1, 4), rounds=2)
+    keys = {"cpu/eager/b1", "cpu/eager/b4", "cpu/compile/b1", "cpu/compile/b4"}
+    for side in ("baseline", "pruned"):
+        assert set(out[side]["latency_ms"]) == keys  # the keys report.json always had
+        assert out[side]["latency_ms"]["cpu/eager/b4"] > 0 and out[side]["latency_ms"]["cpu/compile/b1"] is None
+        assert out[side]["latency_failures"]["cpu/compile/b1"] == "RuntimeError: no C++ compiler found"
+        assert out[side]["latency_iqr_ms"]["cpu/eager/b1"] >= 0
+    row = out["latency"]["settings"]["cpu/eager/b1"]
+    assert {"speedup", "speedup_q25", "speedup_q75", "speedup_text", "threads", "busy", "baseline_iqr_ms"} <= set(row)
+    assert row["threads"] == 1 and out["latency"]["threads"] == 1 and out["latency"]["devices"]["cpu"]
+    assert out["latency"]["settings"]["cpu/compile/b1"] == {"failed": "RuntimeError: no C++ compiler found"}
+    assert torch.get_num_threads() == before and not base.training

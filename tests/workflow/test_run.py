@@ -47,6 +47,9 @@ def test_run_end_to_end_then_reuse_and_sweep(tmp_path: Path) -> None:
         assert data[side]["samples"] == 400 and 0 <= data[side]["top1"] <= data[side]["top5"] <= 100
         assert data[side]["latency_ms"]["cpu/eager/b1"] > 0 and data[side]["latency_ms"]["cpu/eager/b32"] > 0
     assert {"config", "machine", "date"} <= set(data)
+    # Baseline and pruned timed together: speed-up with spread, threads, busy flag per setting.
+    assert {"speedup", "speedup_q25", "speedup_q75", "threads", "busy"} <= set(data["latency"]["settings"]["cpu/eager/b1"])
+    assert "## Latency" in (out / "report.md").read_text()
     # Ratio 0.5 removes half the channels of every group: about 4x fewer MACs on resnet18.
     assert 3.5 < data["reduction"]["macs_x"] < 4.5
     assert data["pruned"]["params"] < data["baseline"]["params"] / 3
@@ -70,6 +73,8 @@ def test_run_end_to_end_then_reuse_and_sweep(tmp_path: Path) -> None:
 
     summary = sweep(_tiny(out), ratios=[0.3, 0.7], importances=["l2"])
     assert [(p["importance"], p["ratio"]) for p in summary["points"]] == [("l2", 0.3), ("l2", 0.7)]
+    assert all(p["latency"]["settings"]["cpu/eager/b1"]["speedup"] > 0 for p in summary["points"])
+    assert summary["baseline"]["latency_ms"]["cpu/eager/b1"] > 0  # median of the points' interleaved timings
     macs = [p["macs"] for p in summary["points"]]
     assert macs[1] < macs[0] < summary["baseline"]["macs"]
     for name in ("sweep.json", "sweep.md", "accuracy_vs_macs.png", "accuracy_vs_latency.png",

@@ -327,8 +327,8 @@ class JobProgress:
         self.stage_started = self.clock()
         self.steps_done = 0
         stage = self.stages[self.index]
-        work = f"{stage.epochs} epoch{'s' if stage.epochs != 1 else ''} x {stage.batches} batches" \
-            if stage.steps else ""
+        work = (f"{stage.epochs} epoch{'s' if stage.epochs != 1 else ''} x {stage.batches} "
+                f"batch{'es' if stage.batches != 1 else ''}") if stage.steps else ""
         parts = [p for p in (detail, work) if p]
         self.log.info("%s%s, %s", self.counter(), f": {', '.join(parts)}" if parts else "", self.eta())
 

@@ -16,6 +16,7 @@ from typing import Any, NoReturn, Optional, Sequence
 
 from fxprune.errors import FxPruneError
 from fxprune.workflow.errors import ConfigError
+from fxprune.workflow.progress import LOG_LEVELS
 from fxprune.workflow.run import DEFAULT_RATIO, RunConfig, run, sweep
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "add_run_arguments",
     "add_sweep_arguments",
     "config_from_args",
+    "console_log_level",
     "main_run",
     "main_sweep",
     "build_parser",
@@ -192,7 +194,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                            help="timed runs per latency setting (median reported; default: %(default)s)")
     run_group.add_argument("--out", default=defaults.out,
                            help="output folder (default: %(default)s)")
-    run_group.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    chatter = run_group.add_mutually_exclusive_group()
+    chatter.add_argument("-q", "--quiet", action="store_true",
+                         help="no progress bars; warnings and errors only on the console")
+    chatter.add_argument("-v", "--verbose", action="store_true",
+                         help="debug messages on the console too (same as --log-level debug)")
+    run_group.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                           help="console messages at this level and above (default: info, warning with "
+                                "--quiet); run.log always keeps info. Changes what is printed, never the result")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -219,12 +228,26 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def console_log_level(args: argparse.Namespace) -> Optional[str]:
+    """``--log-level``, or ``debug`` for ``-v``; a :class:`UsageError` when they (or ``-q``) contradict."""
+    level = getattr(args, "log_level", None)
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if verbose:
+        if level not in (None, "debug"):
+            raise UsageError(f"fxprune: -v/--verbose (debug) contradicts --log-level {level}: give one")
+        return "debug"
+    if quiet and level in ("debug", "info"):
+        raise UsageError(f"fxprune: -q/--quiet (warnings only) contradicts --log-level {level}: give one")
+    return level
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`RunConfig` an argparse namespace of these options describes."""
     values: dict[str, Any] = {}
     for name in RunConfig.__dataclass_fields__:
         if hasattr(args, name):
             values[name] = getattr(args, name)
+    values["log_level"] = console_log_level(args)
     if "ignore" in values:
         values["ignore"] = tuple(values["ignore"] or ())
     # A sweep has no single ratio/importance; the first of each stands in for the config's.

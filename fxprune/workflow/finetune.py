@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from fxprune.artifact import process_alive
 from fxprune.errors import InternalError
+from fxprune.workflow import progress
 from fxprune.workflow.data import make_loader
 from fxprune.workflow.distributed import DistContext, all_reduce_sum, barrier
 from fxprune.workflow.errors import CheckpointError, ConfigError
@@ -448,6 +449,8 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     show = progress_enabled(config.quiet, ctx)
+    tracker = progress.current()  # the running job's stage counter, ETA and step logging
+    tracker.training(config.epochs - start_epoch, steps_per_epoch)
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.perf_counter()
         loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
@@ -455,7 +458,9 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
         model.train()
         # Sums kept on the device: no host sync per step on a GPU.
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-        bar = tqdm(loader, desc=f"{config.desc} {epoch + 1}/{config.epochs}", disable=not show,
+        label = f"{config.desc} {epoch + 1}/{config.epochs}"
+        tracker.epoch_started(label, steps_per_epoch)
+        bar = tqdm(loader, desc=tracker.bar_description(label), disable=not show,
                    leave=False, dynamic_ncols=True)
         for images, labels in bar:
             images = images.to(device, non_blocking=True)
@@ -484,6 +489,10 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
                 totals += torch.stack([loss.detach().double() * n,
                                        (logits.argmax(1) == labels).sum().double(),
                                        torch.tensor(float(n), dtype=torch.float64, device=device)])
+            tracker.step(n, loss=lambda: float(loss.detach()))
+            if show:
+                bar.set_postfix_str(tracker.bar_postfix(), refresh=False)
+        tracker.epoch_done()
         all_reduce_sum(totals, ctx)
         loss_sum, correct, count = totals.tolist()
         metrics = {"epoch": epoch, "loss": loss_sum / max(count, 1.0),
@@ -491,8 +500,9 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
                    "lr": optimizer.param_groups[0]["lr"],
                    "seconds": time.perf_counter() - epoch_started}
         result.history.append(metrics)
-        logger.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, %.1fs", config.desc, epoch + 1,
-                    config.epochs, metrics["loss"], metrics["train_acc"], metrics["seconds"])
+        logger.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, %.1fs%s", config.desc, epoch + 1,
+                    config.epochs, metrics["loss"], metrics["train_acc"], metrics["seconds"],
+                    f", {count / metrics['seconds']:.0f} img/s" if metrics["seconds"] > 0 else "")
         if ckpt_path is not None and ctx.is_main:
             save_checkpoint({
                 "format": CHECKPOINT_FORMAT,

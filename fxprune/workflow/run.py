@@ -44,6 +44,7 @@ from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.evaluate import compare_latency, evaluate_accuracy, model_cost
 from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate_batchnorm, resume_fingerprint,
                                        save_checkpoint, train)
+from fxprune.workflow import progress
 from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
                                      load_weights)
 from fxprune.workflow.report import (close_logging, machine_info, plot_channels, plot_sweep, render_sweep_markdown,
@@ -63,8 +64,8 @@ DEFAULT_RATIO = 0.5
 
 #: The options that change a run's result: a checkpoint or a sweep point made under other
 #: values of any of them is never resumed into this run (see ``_run_fingerprint``). The rest
-#: (device, threads, workers, out, quiet, compile, latency_runs, download) change how fast or
-#: where, not which weights come out.
+#: (device, threads, workers, out, quiet, log_level, compile, latency_runs, download) change how
+#: fast or where, or what is printed, not which weights come out.
 RESULT_OPTIONS = ("model", "weights", "data", "limit", "image_size", "seed", "ratio", "target_macs",
                   "importance", "ignore", "round_to", "epochs", "lr", "baseline_epochs", "baseline_lr",
                   "batch_size", "augment", "optimizer", "weight_decay", "label_smoothing", "distill",
@@ -102,6 +103,7 @@ class RunConfig:
     out: str = "fxprune-out"
     resume: bool = False
     quiet: bool = False
+    log_level: Optional[str] = None  # console: debug/info/warning/error (None: info, warning with quiet)
     download: bool = False
     seed: int = 0
     limit: Optional[int] = None  # samples per split, for quick trials and tests
@@ -179,6 +181,8 @@ class RunConfig:
             if value not in choices:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
         check_importance(self.importance)
+        if self.log_level is not None and self.log_level not in progress.LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of {', '.join(progress.LOG_LEVELS)}; got {self.log_level!r}")
         if not isinstance(self.ignore, (tuple, list)) or not all(isinstance(n, str) and n for n in self.ignore):
             raise ConfigError(f"--ignore takes module names, got {self.ignore!r}")
 
@@ -382,6 +386,7 @@ def _process_settings(config: RunConfig) -> Iterator[None]:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
         yield
     finally:
+        progress.end_job()
         close_logging()
         torch.set_num_threads(threads)
         shutdown_distributed(ctx)
@@ -394,8 +399,10 @@ def _setup(config: RunConfig) -> _Session:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, quiet=config.quiet, is_main=ctx.is_main)
+    progress.start_job(quiet=config.quiet, log_level=config.log_level, is_main=ctx.is_main)
     logger.info("fxprune workflow started: %s", json.dumps(config.to_dict()))
     started = time.perf_counter()
+    progress.current().note(f"loading data: {config.data}")
     if ctx.enabled and config.download:
         # One process downloads; the others read what it wrote.
         if ctx.is_main:
@@ -547,6 +554,7 @@ def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dic
     folder = session.out / "baseline"
     cache = folder / BASELINE_FILE
     meta = _baseline_meta(config, data, ctx)
+    progress.current().note(f"looking for a cached baseline in {cache}")
     saved = _cached_baseline(cache, meta)
     if saved is not None:
         try:
@@ -610,6 +618,7 @@ def measure_latency_pair(session: _Session, baseline: nn.Module, pruned: nn.Modu
     if session.ctx.is_main:
         started = time.perf_counter()
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        progress.current().note(_latency_note(devices, config.compile))
         macs_x = (baseline_entry["macs"] / pruned_entry["macs"]
                   if baseline_entry.get("macs") and pruned_entry.get("macs") else None)
         what = (f"ratio {config.effective_ratio:g}" if config.effective_ratio is not None
@@ -623,6 +632,25 @@ def measure_latency_pair(session: _Session, baseline: nn.Module, pruned: nn.Modu
         session.timings["latency"] = time.perf_counter() - started
     barrier(session.ctx)
     return section
+
+
+def _latency_note(devices: Sequence[str], compile: bool) -> str:
+    # Compiling with inductor prints nothing for a minute or more: say so up front.
+    return (f"timing latency on {', '.join(devices)}"
+            + (" (eager, then torch.compile: the inductor compile comes first and can take minutes)"
+               if compile else " (eager)"))
+
+
+def _plan(session: _Session, points: Sequence[str], sweep: bool) -> list[progress.Stage]:
+    # The stage list the progress display counts and estimates from (epochs x batches known).
+    config = session.config
+    kwargs = dict(epochs=config.epochs, baseline_epochs=config.baseline_epochs,
+                  train_baseline=config.weights is None,
+                  batches=progress.train_steps(len(session.data.train), config.batch_size,  # type: ignore[arg-type]
+                                               session.ctx.world_size))
+    if sweep:
+        return progress.plan_sweep(points=points, **kwargs)  # type: ignore[arg-type]
+    return progress.plan_run(point=points[0], **kwargs)  # type: ignore[arg-type]
 
 
 class _OnDevice:
@@ -669,6 +697,11 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
                             on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None
                             ) -> tuple[nn.Module, dict[str, Any]]:
     config, data, ctx = session.config, session.data, session.ctx
+    point = progress.point_label(importance, ratio)
+    progress.current().begin("prune", point, detail=f"{importance}, "
+                             + (f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}")
+                             + (f", scoring on {config.calibration_batches} calibration batches"
+                                if importance in progress.DATA_DRIVEN_CRITERIA else ""))
     started = time.perf_counter()
     example = example_batch(data.train, 1).to(session.device)
     baseline.eval()
@@ -688,6 +721,8 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
         logger.info("pruned %s of %s channels (%.1f%%; %s requested, %s)", achieved["channels_removed"],
                     achieved["channels"], 100 * achieved["channels_removed_fraction"], what, importance)
 
+    progress.current().begin("recalibrate", point, detail=f"re-estimating BatchNorm statistics on "
+                             f"{config.recalibration_batches} batches, then evaluating")
     started = time.perf_counter()
     recalibrate_batchnorm(pruned, data.train, batches=config.recalibration_batches,
                           batch_size=config.batch_size, device=session.device, seed=config.seed,
@@ -703,6 +738,7 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
     history: list[dict[str, float]] = []
     if config.epochs > 0:
         teacher = copy.deepcopy(baseline).eval() if config.distill else None
+        progress.current().begin("fine-tune", point)
         started = time.perf_counter()
         result = train(pruned, data.train, _train_config(config, baseline=False), device=session.device,
                        teacher=teacher, checkpoint=out / "finetune_checkpoint.pt", resume=config.resume,
@@ -710,6 +746,7 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
                        fingerprint=_run_fingerprint(session, ratio, importance))
         session.timings["finetune"] = time.perf_counter() - started
         history = result.history
+    progress.current().begin("measure", point)
     entry = measure_model(session, pruned, "pruned")
     entry["achieved"] = achieved
     entry["top1_before_finetune"] = after_recal.top1
@@ -744,6 +781,7 @@ def _report(session: _Session, baseline_entry: dict[str, Any], pruned_entry: dic
 def _write_outputs(session: _Session, out: Path, report: dict[str, Any], baseline: nn.Module,
                    pruned: nn.Module, config: RunConfig, ratio: Optional[float], importance: str) -> dict[str, Any]:
     data = session.data
+    progress.current().begin("save", progress.point_label(importance, ratio), detail=f"writing to {out}")
     # The torchvision name for torchvision.models:resnet18, so that load_pruned can rebuild it
     # from the file alone (it never resolves a callable a file names).
     build = {"name": canonical_model_name(config.model), "num_classes": data.num_classes,
@@ -775,7 +813,10 @@ def run(config: RunConfig, *, on_epoch_end: Optional[Callable[[int, dict[str, fl
     with _process_settings(config):
         session = _setup(config)
         _check_resume_up_front(session, [(session.out, ratio, config.importance)])
+        progress.current().set_stages(_plan(session, [progress.point_label(config.importance, ratio)], False))
+        progress.current().begin("baseline")
         baseline, info = get_baseline(session, on_epoch_end=on_epoch_end)
+        progress.current().begin("measure")
         baseline_entry = measure_model(session, baseline, "baseline")
         pruned, pruned_entry = _prune_finetune_measure(session, baseline, session.out, ratio,
                                                        config.importance, on_epoch_end)
@@ -789,6 +830,7 @@ def run(config: RunConfig, *, on_epoch_end: Optional[Callable[[int, dict[str, fl
                            config.importance)
             logger.info("report written to %s (%.0f s in all)", session.out / "report.md",
                         session.timings["total"])
+        progress.current().finish()
         barrier(session.ctx)
         return report
 
@@ -842,7 +884,11 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
                                              out=_point_dir(session.out, imp, r))
                           for imp in importances for r in ratios}
         _check_resume_up_front(session, [(ps.out, r, imp) for (imp, r), ps in point_sessions.items()])
+        progress.current().set_stages(_plan(session, [progress.point_label(imp, r) for imp, r in point_sessions],
+                                            True))
+        progress.current().begin("baseline")
         baseline, info = get_baseline(session)
+        progress.current().begin("measure")
         baseline_entry = measure_model(session, baseline, "baseline")
         points: list[dict[str, Any]] = []
         for importance in importances:
@@ -897,5 +943,6 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
             write_json(summary, session.out / "sweep.json")
             (session.out / "sweep.md").write_text(render_sweep_markdown(summary), encoding="utf-8")
             logger.info("sweep written to %s", session.out / "sweep.md")
+        progress.current().finish()
         barrier(session.ctx)
         return summary

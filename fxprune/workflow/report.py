@@ -374,7 +374,7 @@ def render_sweep_markdown(sweep: Mapping[str, Any]) -> str:
     lines.append(row("baseline", "-", "0", base))
     control = sweep.get("control") if isinstance(sweep.get("control"), Mapping) else {}
     if control.get("top1") is not None:
-        lines.append(row(f"control (baseline + {control.get('epochs', '-')} epochs, same recipe)", "-", "0",
+        lines.append(row(f"control (baseline + {_epochs(control.get('epochs'))}, same recipe)", "-", "0",
                          control))
     for point in sweep["points"]:
         lines.append(row("pruned", str(point["importance"]), f"{point['ratio']:g}", point))
@@ -382,7 +382,7 @@ def render_sweep_markdown(sweep: Mapping[str, Any]) -> str:
         costs = [f"{p['importance']} r{p['ratio']:g}: {_delta(p['top1'] - control['top1'])}"
                  for p in sweep["points"] if p.get("top1") is not None]
         lines += ["", f"Pruning cost at equal training (top-1, pruned − control; every pruned model and the "
-                      f"control trained the same {control.get('epochs', '-')} extra epochs): " + "; ".join(costs)]
+                      f"control trained the same {_epochs(control.get('epochs'))} more): " + "; ".join(costs)]
     elif control.get("skipped"):
         lines += ["", f"No equal-training control ({control['skipped']}): a pruned model's change against the "
                       f"baseline mixes pruning with its fine-tuning."]
@@ -906,12 +906,16 @@ def _pruning_lines(pruning: Any) -> list[str]:
 # Accuracy at equal training: baseline, control (baseline + the same fine-tuning), pruned
 # --------------------------------------------------------------------------------------------
 
+def _epochs(count: Any) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}" if count is not None else "- epochs"
+
+
 def _accuracy_lines(report: Mapping[str, Any]) -> list[str]:
     base, pruned = report["baseline"], report["pruned"]
     control = report.get("control") if isinstance(report.get("control"), Mapping) else None
     epochs = (report.get("config") or {}).get("epochs")
     trained = control is not None and control.get("top1") is not None
-    extra = f"{epochs} epoch{'' if epochs == 1 else 's'}" if epochs is not None else "the fine-tuning"
+    extra = _epochs(epochs) if epochs is not None else "the fine-tuning"
     head = f"control (baseline + {extra})"
     lines = ["", "## Accuracy at equal training", "",
              f"| | baseline | {head} | pruned (+ {extra} fine-tuning) |", "|---|---:|---:|---:|"]
@@ -934,8 +938,8 @@ def _accuracy_lines(report: Mapping[str, Any]) -> list[str]:
                      f"trained the same {extra} with the same recipe, so this is what pruning itself costs"
                      f"{verdict}).")
         lines.append(f"- Pruned vs baseline: {_delta(versus_base)} top-1. This mixes pruning with {extra} of "
-                     f"extra training the baseline never had (the control gained "
-                     f"{_delta(control['top1'] - base['top1'])} from that training alone).")  # type: ignore[index]
+                     f"extra training the baseline never had (that training alone moved the unpruned model by "
+                     f"{_delta(control['top1'] - base['top1'])}: the control).")  # type: ignore[index]
     else:
         why = control.get("skipped") if control is not None else None
         lines.append(f"- No equal-training control ({why or 'not run'}).")

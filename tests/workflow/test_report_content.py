@@ -277,7 +277,7 @@ def test_a_sweep_shows_one_control_for_all_points(tmp_path: Path, data: Path,
     assert [c[0] for c in calls].count("control") == 1
     assert summary["control"]["top1"] is not None and summary["control"]["source"] == "trained"
     md = (tmp_path / "out" / "sweep.md").read_text()
-    assert "| control (baseline + 1 epochs, same recipe) |" in md and "Pruning cost at equal training" in md
+    assert "| control (baseline + 1 epoch, same recipe) |" in md and "Pruning cost at equal training" in md
     point = json.loads((tmp_path / "out" / "l1-r0.3" / "report.json").read_text())
     assert point["control"]["top1"] == summary["control"]["top1"]
 

@@ -4,6 +4,19 @@
 ``top1``, ``top5``, ``params``, ``macs``, ``size_mb``, ``latency_ms``; plus ``config``,
 ``machine``, ``date``); ``report.md`` is the same as a table a person reads. Plots are PNGs
 drawn with matplotlib's Agg backend (no display needed).
+
+What else ``report.json`` holds, each also in ``report.md``:
+
+- ``control``: the equal-training control (the baseline fine-tuned with the pruned model's
+  recipe: ``top1``, ``top5``, ``epochs``, ``source`` trained/cache), or ``{"skipped": why}``;
+  ``equal_training``: ``pruning_cost_top1`` (pruned - control), ``training_gain_top1``
+  (control - baseline) and ``pruned_vs_baseline_top1`` (the two mixed);
+- ``pruning``: ``groups`` (pruned / frozen / kept whole, the frozen groups' reasons counted),
+  ``layers`` (output channels and MACs of every conv/linear layer, before and after) and
+  ``stages`` (MACs per top-level child, and its share of the cut);
+- ``warnings``: every :class:`fxprune.FxPruneWarning` of the run, identical ones counted once;
+- ``command`` / ``argv`` (the command line), ``software`` (fxprune version and git commit,
+  torch, torchvision, python).
 """
 
 from __future__ import annotations
@@ -219,7 +232,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for key in base_lat:
         lines.append(f"| latency {key} (ms) | {_fmt(base_lat.get(key), 3)} | {_fmt(pruned_lat.get(key), 3)} | "
                      f"{_ratio(base_lat.get(key), pruned_lat.get(key))} faster |")
-    if pruned.get("top1_before_finetune") is not None or report.get("control") is not None:
+    if config.get("epochs"):
         lines += ["", "The accuracy change against the baseline mixes pruning with the pruned model's fine-tuning; "
                       "the cost of pruning at equal training is stated above."]
     failures = {**base.get("latency_failures", {}), **pruned.get("latency_failures", {})}
@@ -623,7 +636,9 @@ def git_commit(folder: Union[str, Path, None] = None) -> Optional[dict[str, Any]
         sha = head.stdout.strip()
         if head.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40,64}", sha):
             return None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        # core.fsmonitor=false: a status must not start the checkout's file-system monitor hook.
+        status = subprocess.run(["git", "-C", str(root), "-c", "core.fsmonitor=false", "status", "--porcelain",
+                                 "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=10, env=env, check=False)
         dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, ValueError):

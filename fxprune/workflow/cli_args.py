@@ -174,6 +174,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                       help="random horizontal flips while training (worth it for longer schedules)")
     tune.add_argument("--distill", action="store_true",
                       help="fine-tune with knowledge distillation from the unpruned model")
+    tune.add_argument("--no-control", dest="control", action="store_false",
+                      help="skip the equal-training control: the unpruned baseline fine-tuned with the pruned "
+                           "model's recipe (same --epochs, --lr schedule, --seed, --augment, --distill), whose "
+                           "accuracy separates the cost of pruning from the gain of the extra epochs. On by "
+                           "default; trained once and cached in OUT/control/ (costs about --epochs epochs of "
+                           "the unpruned model the first time)")
     tune.add_argument("--seed", type=_non_negative_int, default=defaults.seed,
                       help="random seed (default: %(default)s)")
     tune.add_argument("--resume", action="store_true",
@@ -273,8 +279,11 @@ def main_run(args: argparse.Namespace) -> int:
         return _fail(error)
     if not args.quiet:
         base, pruned = report["baseline"], report["pruned"]
-        print(json.dumps({"baseline_top1": base["top1"], "pruned_top1": pruned["top1"],
-                          "macs_x": report["reduction"]["macs_x"], "out": args.out}))
+        summary = {"baseline_top1": base["top1"], "pruned_top1": pruned["top1"]}
+        if "equal_training" in report:
+            summary["control_top1"] = report["control"]["top1"]
+            summary["pruning_cost_top1"] = report["equal_training"]["pruning_cost_top1"]
+        print(json.dumps({**summary, "macs_x": report["reduction"]["macs_x"], "out": args.out}))
     return 0
 
 

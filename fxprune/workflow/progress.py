@@ -125,20 +125,32 @@ def _shared_stages(train_baseline: bool, baseline_epochs: int, batches: int) -> 
     return [first, Stage("measure", "measure baseline")]
 
 
+def _control_stage(epochs: int, batches: int) -> list[Stage]:
+    # The equal-training control trains the unpruned baseline for the fine-tune's epochs.
+    return [_train_stage("control", "equal-training control", epochs, batches, None)] if epochs > 0 else []
+
+
 def plan_run(*, epochs: int, baseline_epochs: int, train_baseline: bool, batches: int,
-             point: str) -> list[Stage]:
-    """The stages of ``fxprune run``: baseline, measure it, prune, recalibrate, fine-tune, measure, save.
+             point: str, control: bool = False) -> list[Stage]:
+    """The stages of ``fxprune run``: baseline, measure it, prune, recalibrate, fine-tune, measure,
+    the equal-training control (``control``), save.
 
     ``batches`` is the number of training batches per epoch (:func:`train_steps`). A baseline
     read from the cache turns out to be quick: its stage then simply ends early.
     """
-    return _shared_stages(train_baseline, baseline_epochs, batches) + _point_stages(point, None, epochs, batches)
+    stages = _shared_stages(train_baseline, baseline_epochs, batches) + _point_stages(point, None, epochs, batches)
+    if control:
+        stages[-1:-1] = _control_stage(epochs, batches)  # after the pruned arm, before saving
+    return stages
 
 
 def plan_sweep(*, epochs: int, baseline_epochs: int, train_baseline: bool, batches: int,
-               points: Sequence[str]) -> list[Stage]:
-    """The stages of ``fxprune sweep``: the shared baseline, then the run's stages per point."""
+               points: Sequence[str], control: bool = False) -> list[Stage]:
+    """The stages of ``fxprune sweep``: the shared baseline (and its control), then the run's
+    stages per point."""
     stages = _shared_stages(train_baseline, baseline_epochs, batches)
+    if control:
+        stages += _control_stage(epochs, batches)
     for point in points:
         stages += _point_stages(point, point, epochs, batches)
     return stages

@@ -4,10 +4,24 @@
 ``top1``, ``top5``, ``params``, ``macs``, ``size_mb``, ``latency_ms``; plus ``config``,
 ``machine``, ``date``); ``report.md`` is the same as a table a person reads. Plots are PNGs
 drawn with matplotlib's Agg backend (no display needed).
+
+What else ``report.json`` holds, each also in ``report.md``:
+
+- ``control``: the equal-training control (the baseline fine-tuned with the pruned model's
+  recipe: ``top1``, ``top5``, ``epochs``, ``source`` trained/cache), or ``{"skipped": why}``;
+  ``equal_training``: ``pruning_cost_top1`` (pruned - control), ``training_gain_top1``
+  (control - baseline) and ``pruned_vs_baseline_top1`` (the two mixed);
+- ``pruning``: ``groups`` (pruned / frozen / kept whole, the frozen groups' reasons counted),
+  ``layers`` (output channels and MACs of every conv/linear layer, before and after) and
+  ``stages`` (MACs per top-level child, and its share of the cut);
+- ``warnings``: every :class:`fxprune.FxPruneWarning` of the run, identical ones counted once;
+- ``command`` / ``argv`` (the command line), ``software`` (fxprune version and git commit,
+  torch, torchvision, python).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -15,9 +29,13 @@ import logging
 import math
 import os
 import platform
+import re
+import shlex
+import subprocess
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -40,7 +58,19 @@ __all__ = [
     "load_pruned",
     "setup_logging",
     "close_logging",
+    "log_run_error",
     "LOG_NAME",
+    "FILE_ONLY",
+    "software_info",
+    "git_commit",
+    "command_line",
+    "WarningLog",
+    "collect_warnings",
+    "layer_macs",
+    "layer_table",
+    "stage_table",
+    "group_summary",
+    "reason_kind",
 ]
 
 LOG_NAME = "run.log"
@@ -149,11 +179,8 @@ def _achieved_lines(achieved: Any) -> list[str]:
     line = (f"- Achieved: {groups}{achieved.get('channels_removed', '-')} of {achieved.get('channels', '-')} "
             f"channels removed ({_fmt(100 * fraction if isinstance(fraction, (int, float)) else None, 1)}%), "
             f"{achieved.get('layers_pruned', '-')} of {achieved.get('layers', '-')} layers narrower")
-    if achieved.get("nothing_pruned"):
-        return [line, "", "> **WARNING: nothing was pruned.** Every group kept all its channels (check "
-                "`--round-to`, `--ignore` and the warnings in run.log); the pruned model is the baseline's "
-                "architecture.", ""]
-    return [line]
+    # Nothing pruned is said at the top of the report (_top_warnings), not only here.
+    return [line + (" (**nothing was pruned**)" if achieved.get("nothing_pruned") else "")]
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -172,15 +199,22 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         "# fxprune report",
         "",
+        *_top_warnings(report),
         f"- Date: {report.get('date', '-')}",
+        *([f"- Command: {_code(report['command'])}"] if report.get("command") else []),
+        *([f"- Software: {_software_text(report['software'])}"] if isinstance(report.get("software"), Mapping)
+          else []),
         f"- Model: `{config.get('model', '-')}`; data: `{data_name}` "
         f"(accuracy on the held-out split, {base.get('samples', '-')} samples)",
         f"- Pruning: importance `{config.get('importance', '-')}`, requested {requested}",
         *_achieved_lines(pruned.get("achieved")),
         f"- Machine: {machine.get('cpu', '-')} ({machine.get('cpu_count', '-')} cores){gpu}",
         *latency_warnings(report),
+        *(_accuracy_lines(report) if "top1" in base and "top1" in pruned else []),
         "",
-        "| metric | baseline | pruned | change |",
+        "## Baseline and pruned model",
+        "",
+        "| metric | baseline | pruned | pruned vs baseline |",
         "|---|---:|---:|---:|",
     ]
 
@@ -200,9 +234,20 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         row("size on disk (MB)", "size_mb", _fmt, "smaller"),
     ]
     lines += latency_rows(report)
+    if config.get("epochs"):
+        lines += ["", "The accuracy change against the baseline mixes pruning with the pruned model's fine-tuning; "
+                      "the cost of pruning at equal training is stated above."]
     lines += latency_section(report)
+    lines += _pruning_lines(report.get("pruning"))
+    lines += _warning_lines(report.get("warnings") or [])
     per_b, per_p = base.get("per_class", {}) or {}, pruned.get("per_class", {}) or {}
-    if per_b:
+    per_c = (report.get("control") or {}).get("per_class") or {}
+    if per_b and per_c:
+        lines += ["", "## Per-class top-1 accuracy (%)", "", "| class | baseline | control | pruned |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {_fmt(per_b.get(name))} | {_fmt(per_c.get(name))} | {_fmt(per_p.get(name))} |"
+                  for name in per_b]
+    elif per_b:
         lines += ["", "## Per-class top-1 accuracy (%)", "", "| class | baseline | pruned |", "|---|---:|---:|"]
         lines += [f"| {name} | {_fmt(per_b.get(name))} | {_fmt(per_p.get(name))} |" for name in per_b]
     timings = report.get("timings_s", {})
@@ -449,6 +494,9 @@ def render_sweep_markdown(sweep: Mapping[str, Any]) -> str:
     header = ("| model | importance | ratio | top-1 (%) | top-1 before fine-tuning (%) | top-5 (%) | params "
               "| MACs | size (MB) | " + " | ".join(f"{k} (ms)" for k in keys) + " |")
     lines = ["# fxprune sweep", "", f"- Date: {sweep.get('date', '-')}",
+             *([f"- Command: {_code(sweep['command'])}"] if sweep.get("command") else []),
+             *([f"- Software: {_software_text(sweep['software'])}"] if isinstance(sweep.get("software"), Mapping)
+               else []),
              f"- Machine: {sweep.get('machine', {}).get('cpu', '-')}", "", header,
              "|" + "---|" * (9 + len(keys))]
 
@@ -460,8 +508,20 @@ def render_sweep_markdown(sweep: Mapping[str, Any]) -> str:
                 + " | ".join(_fmt(lat.get(k), 3) for k in keys) + " |")
 
     lines.append(row("baseline", "-", "0", base))
+    control = sweep.get("control") if isinstance(sweep.get("control"), Mapping) else {}
+    if control.get("top1") is not None:
+        lines.append(row(f"control (baseline + {_epochs(control.get('epochs'))}, same recipe)", "-", "0",
+                         control))
     for point in sweep["points"]:
         lines.append(row("pruned", str(point["importance"]), f"{point['ratio']:g}", point))
+    if control.get("top1") is not None:
+        costs = [f"{p['importance']} r{p['ratio']:g}: {_delta(p['top1'] - control['top1'])}"
+                 for p in sweep["points"] if p.get("top1") is not None]
+        lines += ["", f"Pruning cost at equal training (top-1, pruned − control; every pruned model and the "
+                      f"control trained the same {_epochs(control.get('epochs'))} more): " + "; ".join(costs)]
+    elif control.get("skipped"):
+        lines += ["", f"No equal-training control ({control['skipped']}): a pruned model's change against the "
+                      f"baseline mixes pruning with its fine-tuning."]
     lines += sweep_latency_warnings(sweep)
     plots = sweep.get("plots", [])
     if plots:
@@ -609,11 +669,18 @@ def close_logging() -> None:
             handler.close()
 
 
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, FILE_ONLY, False)
+
+
 def setup_logging(out_dir: Union[str, Path, None], *, quiet: bool = False,
-                  is_main: bool = True) -> Optional[Path]:
+                  is_main: bool = True, section: Optional[str] = None) -> Optional[Path]:
     """Log ``fxprune`` messages to ``out_dir/run.log`` (main process) and to stderr.
 
     Returns the log file path. Calling it again replaces the handlers it added before.
+    run.log is appended to, one section per run: ``section`` (e.g. ``"fxprune run"``) opens
+    it with a dated header and the command line, so that runs into the same folder stay
+    apart. Records marked ``extra={FILE_ONLY: True}`` skip stderr.
     """
     root = logging.getLogger("fxprune")
     root.setLevel(logging.INFO)
@@ -621,15 +688,440 @@ def setup_logging(out_dir: Union[str, Path, None], *, quiet: bool = False,
     stream = logging.StreamHandler(sys.stderr)
     stream.setLevel(logging.WARNING if (quiet or not is_main) else logging.INFO)
     stream.setFormatter(logging.Formatter("%(message)s"))
+    stream.addFilter(_not_file_only)
     stream._fxprune_workflow = True  # type: ignore[attr-defined]
     root.addHandler(stream)
     if out_dir is None or not is_main:
         return None
     path = Path(out_dir) / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
+    if section is not None:
+        rule = "=" * 78
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(f"{rule}\n{section} started {utc_now()}\ncommand line: {command_line()}\n{rule}\n")
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler._fxprune_workflow = True  # type: ignore[attr-defined]
     root.addHandler(file_handler)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance: what produced a report (command line, fxprune version and commit, library versions)
+# --------------------------------------------------------------------------------------------
+
+#: A log record carrying this attribute (``extra={FILE_ONLY: True}``) goes to run.log only, not
+#: to stderr: for what stderr shows already in another form (an error the CLI prints itself).
+FILE_ONLY = "fxprune_file_only"
+
+# How ``python -m`` entry points show in sys.argv[0], and the command a user typed for them.
+_ENTRY_POINTS = (("fxprune/__main__.py", "python -m fxprune"),
+                 ("fxprune/workflow/cli_args.py", "python -m fxprune.workflow.cli_args"))
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """The command line of this process (``sys.argv``), shell-quoted, as the user would retype it.
+
+    ``python -m fxprune run`` puts the path of ``fxprune/__main__.py`` in ``argv[0]``; that is
+    shown as ``python -m fxprune``, and the installed script as ``fxprune``.
+    """
+    args = [str(a) for a in (sys.argv if argv is None else argv)]
+    if not args:
+        return ""
+    head = args[0].replace(os.sep, "/")
+    for suffix, shown in _ENTRY_POINTS:
+        if head.endswith(suffix):
+            return " ".join([shown, *map(shlex.quote, args[1:])])
+    if Path(head).name == "fxprune":
+        return shlex.join(["fxprune", *args[1:]])
+    if head.endswith(".py") or head in ("-c", "-m"):
+        return shlex.join(["python", *args])  # a script (or -c) the interpreter ran
+    return shlex.join(args)
+
+
+def git_commit(folder: Union[str, Path, None] = None) -> Optional[dict[str, Any]]:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout ``folder`` sits in; None if there is none.
+
+    ``folder`` defaults to the folder above the installed ``fxprune`` package. Never raises:
+    no git, no checkout (a wheel install), or a git that fails all give None. Only a
+    ``.git`` entry right there counts, so an installed package inside some unrelated
+    repository (a virtual environment in a project) does not report that project's commit.
+    """
+    if folder is None:
+        folder = Path(__file__).resolve().parents[2]
+    root = Path(folder)
+    try:
+        if not (root / ".git").exists():
+            return None
+        env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # a read: never take the index lock
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, env=env, check=False)
+        sha = head.stdout.strip()
+        if head.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40,64}", sha):
+            return None
+        # core.fsmonitor=false: a status must not start the checkout's file-system monitor hook.
+        status = subprocess.run(["git", "-C", str(root), "-c", "core.fsmonitor=false", "status", "--porcelain",
+                                 "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, env=env, check=False)
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return {"commit": sha, "dirty": dirty}
+
+
+def software_info() -> dict[str, Any]:
+    """fxprune's version (and git commit when it runs from a checkout), torch, torchvision, python."""
+    import fxprune
+
+    info: dict[str, Any] = {"fxprune": getattr(fxprune, "__version__", None), "git": git_commit(),
+                            "torch": torch.__version__, "torchvision": None, "python": sys.version.split()[0]}
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _software_text(info: Mapping[str, Any]) -> str:
+    git = info.get("git") or {}
+    commit = ""
+    if git.get("commit"):
+        commit = f" (git {str(git['commit'])[:12]}{', with uncommitted changes' if git.get('dirty') else ''})"
+    return (f"fxprune {info.get('fxprune', '-')}{commit}, torch {info.get('torch', '-')}, "
+            f"torchvision {info.get('torchvision') or '-'}, python {info.get('python', '-')}")
+
+
+def _code(text: str) -> str:
+    """``text`` as a markdown code span, whatever backticks it holds."""
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings raised during a run: collected, counted, logged once
+# --------------------------------------------------------------------------------------------
+
+class WarningLog:
+    """The :class:`fxprune.FxPruneWarning` messages of one run, identical ones counted once."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def add(self, category: str, message: str) -> bool:
+        """Count one warning; True the first time this message is seen."""
+        key = (category, message)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        return self._counts[key] == 1
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """``[{"category", "message", "count"}]`` in the order first raised."""
+        return [{"category": c, "message": m, "count": n} for (c, m), n in self._counts.items()]
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+@contextlib.contextmanager
+def collect_warnings(log: WarningLog) -> Iterator[WarningLog]:
+    """Within the block, every :class:`fxprune.FxPruneWarning` is counted in ``log``.
+
+    The first of each distinct message is logged as a WARNING (so it reaches run.log, and
+    stderr once, even with ``--quiet``); repeats are only counted, for the report. Other
+    warnings pass through to whatever displayed them before (torch's own, pytest's recorder).
+    """
+    from fxprune.errors import FxPruneWarning
+
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        # "always": repeats from one line count too (the default shows one per location).
+        warnings.simplefilter("always", FxPruneWarning)
+        previous = warnings.showwarning
+
+        def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                 line: Optional[str] = None) -> None:
+            if isinstance(category, type) and issubclass(category, FxPruneWarning):
+                if log.add(category.__name__, str(message)):
+                    logger.warning("%s: %s", category.__name__, message)
+                return
+            previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield log
+
+
+def _warning_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not entries:
+        return []
+    total = sum(int(e.get("count", 1)) for e in entries)
+    lines = ["", f"## Warnings ({total} raised, {len(entries)} distinct)", "",
+             "Channels fxprune left unpruned because it could not prove pruning them safe, and other "
+             "warnings of the run (also in run.log):", ""]
+    for entry in entries:
+        count = int(entry.get("count", 1))
+        text = " ".join(str(entry.get("message", "")).split())
+        lines.append(f"- {count}x {entry.get('category', 'warning')}: {text}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# What was pruned: groups (pruned, frozen and why), channels and MACs per layer and per stage
+# --------------------------------------------------------------------------------------------
+
+def reason_kind(reason: str) -> str:
+    """A frozen group's reason without the node it was found at, so that reasons can be counted.
+
+    ``"reaches the model output at output"`` -> ``"reaches the model output"``;
+    ``"ignored module fc"`` -> ``"ignored module (--ignore)"``.
+    """
+    if reason.startswith("ignored module "):
+        return "ignored module (--ignore)"
+    return re.sub(r" at [^\s]+$", "", reason.strip())
+
+
+def group_summary(groups: Sequence[Any], plan: Any) -> dict[str, Any]:
+    """How each channel group of the model fared: pruned, frozen (with reasons), or kept whole.
+
+    ``groups``: the :class:`fxprune.Group` objects of the unpruned model (``fxprune.analyze_model``);
+    ``plan``: the :class:`fxprune.PruningPlan` that built the pruned model. A group is *frozen*
+    when fxprune may not prune it (its reasons are counted, node names left out), *kept whole*
+    when it could be pruned but the options left it so (``--round-to``, a small ratio, a MACs
+    target), *single channel* when it has one channel only.
+    """
+    planned = {g.key: g for g in getattr(plan, "groups", [])}
+    counts = {"pruned": 0, "frozen": 0, "kept_whole": 0, "single_channel": 0}
+    reasons: dict[str, dict[str, Any]] = {}
+    frozen_groups, whole_groups = [], []
+    for group in groups:
+        entry = planned.get(group.key)
+        if entry is not None and entry.pruned:
+            counts["pruned"] += 1
+        elif group.frozen:
+            counts["frozen"] += 1
+            frozen_groups.append({"key": group.key, "size": group.size, "reasons": list(group.reasons)})
+            for kind in dict.fromkeys(reason_kind(r) for r in group.reasons):
+                slot = reasons.setdefault(kind, {"reason": kind, "groups": 0, "channels": 0, "examples": []})
+                slot["groups"] += 1
+                slot["channels"] += group.size
+                if len(slot["examples"]) < 3:
+                    slot["examples"].append(group.key)
+        elif group.size <= 1:
+            counts["single_channel"] += 1
+        else:
+            counts["kept_whole"] += 1
+            whole_groups.append({"key": group.key, "size": group.size})
+    ranked = sorted(reasons.values(), key=lambda r: (-r["groups"], -r["channels"], r["reason"]))
+    return {"groups": len(groups), **counts, "frozen_reasons": ranked, "frozen_groups": frozen_groups,
+            "kept_whole_groups": whole_groups}
+
+
+def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """MACs of one forward pass on ``example_inputs``, per module (qualified name) and in all ("").
+
+    Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (PyTorch's formulas, as
+    :func:`fxprune.cost.count_macs`), which attributes each op to every module it ran inside.
+    A module's entry therefore includes its children's; a ``GraphModule`` calls its layers
+    directly, so its containers (``layer1``) have no entry of their own. Eval mode, no autograd;
+    the model's train/eval flags are restored.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*args)
+    finally:
+        for module, training in flags:
+            module.training = training
+    macs: dict[str, int] = {"": int(counter.get_total_flops()) // 2}
+    for name, per_op in counter.get_flop_counts().items():
+        # Names are "<root class>.<qualified name>"; the root's own entry, and "Global", is the total.
+        if "." in name:
+            macs[name.split(".", 1)[1]] = int(sum(per_op.values())) // 2
+    return macs
+
+
+def _leaf_macs(macs: Mapping[str, int]) -> dict[str, int]:
+    """The entries of :func:`layer_macs` no other entry is inside (each op counted once)."""
+    names = [n for n in macs if n]
+    return {n: macs[n] for n in names if not any(o.startswith(n + ".") for o in names)}
+
+
+def layer_table(baseline: nn.Module, pruned: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
+    """Per conv/linear layer: output channels and MACs, before and after pruning."""
+    channels_before, channels_after = layer_channels(baseline), layer_channels(pruned)
+    macs_before, macs_after = layer_macs(baseline, example_inputs), layer_macs(pruned, example_inputs)
+    rows = []
+    for name, width in channels_before.items():
+        rows.append({"layer": name, "channels_before": width, "channels_after": channels_after.get(name),
+                     "macs_before": macs_before.get(name), "macs_after": macs_after.get(name)})
+    return rows
+
+
+def stage_table(baseline: nn.Module, pruned: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
+    """MACs per stage (the model's top-level children) before and after, and where the cut came from.
+
+    A stage's MACs are those of the layers inside it; ops outside any layer (a functional
+    ``torch.matmul`` in ``forward``) are the ``(outside layers)`` row. ``share_of_cut``: the
+    fraction of all removed MACs that this stage gave up.
+    """
+    def per_stage(macs: Mapping[str, int]) -> dict[str, int]:
+        stages: dict[str, int] = {}
+        for name, value in _leaf_macs(macs).items():
+            stage = name.split(".", 1)[0]
+            stages[stage] = stages.get(stage, 0) + value
+        rest = macs.get("", 0) - sum(stages.values())
+        if rest > 0:
+            stages["(outside layers)"] = rest
+        return stages
+
+    before, after = per_stage(layer_macs(baseline, example_inputs)), per_stage(layer_macs(pruned, example_inputs))
+    order = list(before) + [name for name in after if name not in before]
+    cut = sum(before.values()) - sum(after.values())
+    rows = []
+    for name in order:
+        b, a = before.get(name, 0), after.get(name, 0)
+        rows.append({"stage": name, "macs_before": b, "macs_after": a,
+                     "share_of_cut": (b - a) / cut if cut > 0 else None})
+    return rows
+
+
+def _pruning_lines(pruning: Any) -> list[str]:
+    """``## What was pruned``: groups and why some were not, MACs per stage, channels per layer."""
+    if not isinstance(pruning, Mapping):
+        return []
+    lines = ["", "## What was pruned"]
+    summary = pruning.get("groups")
+    if isinstance(summary, Mapping):
+        lines += ["", f"- Channel groups: {summary.get('groups', '-')}: {summary.get('pruned', '-')} pruned, "
+                      f"{summary.get('frozen', '-')} frozen (fxprune may not prune them), "
+                      f"{summary.get('kept_whole', '-')} prunable but kept whole by the options, "
+                      f"{summary.get('single_channel', '-')} of a single channel"]
+        reasons = summary.get("frozen_reasons") or []
+        if reasons:
+            lines += ["", "| why groups were frozen (top reasons) | groups | channels | e.g. |", "|---|---:|---:|---|"]
+            for reason in reasons[:5]:
+                examples = ", ".join(f"`{e}`" for e in reason.get("examples", []))
+                lines.append(f"| {reason['reason']} | {reason['groups']} | {reason['channels']} | {examples} |")
+            if len(reasons) > 5:
+                lines.append(f"| ({len(reasons) - 5} more reasons in report.json) | | | |")
+        whole = summary.get("kept_whole_groups") or []
+        if whole:
+            shown = ", ".join(f"`{g['key']}` ({g['size']} ch)" for g in whole[:8])
+            lines += ["", f"- Kept whole although prunable: {shown}{' ...' if len(whole) > 8 else ''} "
+                          f"(check `--round-to`, the ratio or the MACs target)"]
+    stages = pruning.get("stages") or []
+    if stages:
+        lines += ["", "Where the MACs went (per stage; MACs of one image):", "",
+                  "| stage | MACs before | MACs after | kept | share of the cut |", "|---|---:|---:|---:|---:|"]
+        for row in stages:
+            b, a, share = row.get("macs_before"), row.get("macs_after"), row.get("share_of_cut")
+            kept = _fmt(100 * a / b, 1, " %") if b and a is not None else "-"
+            lines.append(f"| {row['stage']} | {_fmt_int(b)} | {_fmt_int(a)} | {kept} | "
+                         f"{_fmt(100 * share if share is not None else None, 1, ' %')} |")
+    layers = pruning.get("layers") or []
+    if layers:
+        narrower = sum(1 for r in layers if r.get("channels_after") is not None
+                       and r["channels_after"] < r["channels_before"])
+        lines += ["", f"<details><summary>Channels and MACs per layer ({narrower} of {len(layers)} layers "
+                      f"narrower)</summary>", "",
+                  "| layer | channels before → after | MACs before | MACs after |", "|---|---:|---:|---:|"]
+        for row in layers:
+            after = row.get("channels_after")
+            lines.append(f"| `{row['layer']}` | {row['channels_before']} → {after if after is not None else '-'} | "
+                         f"{_fmt_int(row.get('macs_before'))} | {_fmt_int(row.get('macs_after'))} |")
+        lines += ["", "</details>"]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy at equal training: baseline, control (baseline + the same fine-tuning), pruned
+# --------------------------------------------------------------------------------------------
+
+def _epochs(count: Any) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}" if count is not None else "- epochs"
+
+
+def _accuracy_lines(report: Mapping[str, Any]) -> list[str]:
+    base, pruned = report["baseline"], report["pruned"]
+    control = report.get("control") if isinstance(report.get("control"), Mapping) else None
+    epochs = (report.get("config") or {}).get("epochs")
+    trained = control is not None and control.get("top1") is not None
+    extra = _epochs(epochs) if epochs is not None else "the fine-tuning"
+    head = f"control (baseline + {extra})"
+    lines = ["", "## Accuracy at equal training", "",
+             f"| | baseline | {head} | pruned (+ {extra} fine-tuning) |", "|---|---:|---:|---:|"]
+
+    def cell(entry: Optional[Mapping[str, Any]], key: str) -> str:
+        return _fmt(entry.get(key)) if entry is not None else "-"
+
+    lines += [f"| top-1 accuracy (%) | {cell(base, 'top1')} | {cell(control, 'top1')} | {cell(pruned, 'top1')} |",
+              f"| top-5 accuracy (%) | {cell(base, 'top5')} | {cell(control, 'top5')} | {cell(pruned, 'top5')} |"]
+    if pruned.get("top1_before_finetune") is not None:
+        lines.append(f"| top-1 before fine-tuning, after BatchNorm recalibration (%) | - | - | "
+                     f"{_fmt(pruned.get('top1_before_finetune'))} |")
+    lines.append("")
+    versus_base = (pruned["top1"] - base["top1"]) if pruned.get("top1") is not None and base.get("top1") is not None \
+        else None
+    if trained:
+        cost = pruned["top1"] - control["top1"]  # type: ignore[index]
+        verdict = "" if cost < 0 else "; pruning cost no accuracy here"
+        lines.append(f"- **Pruning cost at equal training: {_delta(cost)} top-1** (pruned − control; both were "
+                     f"trained the same {extra} with the same recipe, so this is what pruning itself costs"
+                     f"{verdict}).")
+        lines.append(f"- Pruned vs baseline: {_delta(versus_base)} top-1. This mixes pruning with {extra} of "
+                     f"extra training the baseline never had (that training alone moved the unpruned model by "
+                     f"{_delta(control['top1'] - base['top1'])}: the control).")  # type: ignore[index]
+    else:
+        why = control.get("skipped") if control is not None else None
+        lines.append(f"- No equal-training control ({why or 'not run'}).")
+        lines.append(f"- Pruned vs baseline: {_delta(versus_base)} top-1. When the pruned model is fine-tuned, "
+                     f"this mixes pruning with {extra} of extra training the baseline never had; run without "
+                     f"`--no-control` to separate the two.")
+    return lines
+
+
+def _top_warnings(report: Mapping[str, Any]) -> list[str]:
+    """The banner at the very top of report.md when nothing was (or could be) pruned."""
+    from fxprune.allocation import NOTHING_PRUNABLE, NOTHING_PRUNED
+
+    achieved = (report.get("pruned") or {}).get("achieved")
+    nothing = isinstance(achieved, Mapping) and bool(achieved.get("nothing_pruned"))
+    why = [str(w.get("message", "")) for w in report.get("warnings") or []
+           if str(w.get("message", "")).startswith((NOTHING_PRUNABLE, NOTHING_PRUNED))]
+    if not nothing and not why:
+        return []
+    lines = ["> **WARNING: nothing was pruned.** Every group kept all its channels; the pruned model is the "
+             "baseline's architecture (check `--round-to`, `--ignore` and the warnings below and in run.log)."]
+    for text in why:
+        lines += [">", f"> fxprune: {' '.join(text.split())}"]
+    return lines + [""]
+
+
+def log_run_error(error: BaseException) -> None:
+    """Write the error that stops a run into run.log (only there: the CLI prints it on stderr itself).
+
+    An :class:`fxprune.FxPruneError` (bad input) is one line; anything else gets its traceback,
+    since it is a bug or an interruption worth reading later. Nothing happens when no run.log
+    is open (the error came before the output folder was set up).
+    """
+    from fxprune.errors import FxPruneError
+
+    root = logging.getLogger("fxprune")
+    if not any(isinstance(h, logging.FileHandler) and getattr(h, "_fxprune_workflow", False) for h in root.handlers):
+        return
+    text = " ".join(str(error).split())
+    if isinstance(error, FxPruneError):
+        logger.error("run stopped by an error (%s): %s", type(error).__name__, text, extra={FILE_ONLY: True})
+    elif isinstance(error, KeyboardInterrupt):
+        logger.error("run interrupted (KeyboardInterrupt)", extra={FILE_ONLY: True})
+    else:
+        logger.error("run stopped by %s: %s", type(error).__name__, text, exc_info=error,
+                     extra={FILE_ONLY: True})

@@ -8,11 +8,14 @@ Output folder (``--out``)::
 
     baseline/baseline_model.pt     trained baseline (reused by the next run with the same settings)
     baseline/checkpoint.pt         baseline training checkpoint (for --resume)
+    control/control_model.pt       the equal-training control: the baseline fine-tuned with the
+                                   pruned model's recipe (reused like the baseline; --no-control skips it)
+    control/checkpoint.pt          its training checkpoint (for --resume)
     finetune_checkpoint.pt         fine-tuning checkpoint (for --resume)
     report.json, report.md         the comparison
     channels.png                   channels per layer, before and after
     pruned_model.*                 the pruned model
-    run.log                        the log
+    run.log                        the log: one dated section per run, warnings and errors included
 
 A sweep writes one such folder per point (``<importance>-r<ratio>/``) next to the shared
 ``baseline/``, plus ``sweep.json``, ``sweep.md``, ``accuracy_vs_macs.png`` and
@@ -23,13 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -47,25 +53,31 @@ from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate
 from fxprune.workflow import progress
 from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
                                      load_weights)
-from fxprune.workflow.report import (close_logging, machine_info, plot_channels, plot_sweep, render_sweep_markdown,
-                                     save_pruned, setup_logging, utc_now, write_json, write_report)
+from fxprune.workflow.report import (FILE_ONLY, WarningLog, close_logging, collect_warnings, command_line,
+                                     group_summary, layer_table, log_run_error, machine_info, plot_channels,
+                                     plot_sweep, render_sweep_markdown, save_pruned, setup_logging, software_info,
+                                     stage_table, utc_now, write_json, write_report)
 
 __all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "check_importance",
            "check_model_fits", "achieved_pruning", "weights_identity", "measure_latency_pair",
-           "sweep_baseline_latency",
-           "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE"]
+           "sweep_baseline_latency", "get_baseline", "get_control", "pruning_details",
+           "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE", "CONTROL_FILE"]
 
 logger = logging.getLogger("fxprune.workflow")
 
 BASELINE_FILE = "baseline_model.pt"
 _BASELINE_FORMAT = "fxprune-baseline"
+CONTROL_FILE = "control_model.pt"
+_CONTROL_FORMAT = "fxprune-control"
 #: The ratio when neither ``ratio`` nor ``target_macs`` is given.
 DEFAULT_RATIO = 0.5
 
 #: The options that change a run's result: a checkpoint or a sweep point made under other
 #: values of any of them is never resumed into this run (see ``_run_fingerprint``). The rest
 #: (device, threads, workers, out, quiet, log_level, compile, latency_runs, download) change how
-#: fast or where, or what is printed, not which weights come out.
+#: fast or where, or what is printed, not which weights come out; ``control`` adds the
+#: equal-training control to the report, whose own cache and checkpoint are keyed by everything
+#: that determines it (``_control_meta``), and leaves the pruned model as it is.
 RESULT_OPTIONS = ("model", "weights", "data", "limit", "image_size", "seed", "ratio", "target_macs",
                   "importance", "ignore", "round_to", "epochs", "lr", "baseline_epochs", "baseline_lr",
                   "batch_size", "augment", "optimizer", "weight_decay", "label_smoothing", "distill",
@@ -77,7 +89,11 @@ class RunConfig:
     """Options of ``fxprune run`` / ``fxprune sweep`` (the CLI flags, one field each).
 
     The defaults are the embedded default job: resnet18 on Fashion-MNIST, ratio 0.5, L1,
-    sized to finish within 10 minutes on a 2-core CPU including baseline training.
+    sized to finish within 10 minutes on a 2-core CPU including baseline training. The
+    equal-training control (``control``, on by default) fine-tunes the unpruned baseline for
+    ``epochs`` more epochs the first time (5 epochs of the full model: about 5/3 of the
+    baseline's training time again); it is cached like the baseline, so a second run pays
+    only its evaluation.
     """
 
     model: str = "resnet18"
@@ -114,6 +130,7 @@ class RunConfig:
     latency_runs: int = 20
     recalibration_batches: int = 20
     calibration_batches: int = 8  # batches fed to data-driven importance criteria
+    control: bool = True  # also fine-tune the unpruned baseline with the same recipe (--no-control: skip)
 
     @property
     def effective_ratio(self) -> Optional[float]:
@@ -180,6 +197,8 @@ class RunConfig:
                                      ("--amp", self.amp, ("auto", "on", "off"))):
             if value not in choices:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+        if not isinstance(self.control, bool):
+            raise ConfigError(f"control (--no-control) is a switch, True or False; got {self.control!r}")
         check_importance(self.importance)
         if self.log_level is not None and self.log_level not in progress.LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(progress.LOG_LEVELS)}; got {self.log_level!r}")
@@ -365,6 +384,8 @@ class _Session:
     data: DataBundle
     out: Path
     timings: dict[str, float] = field(default_factory=dict)
+    #: The FxPruneWarnings raised while this session's models were pruned and saved.
+    warnings: WarningLog = field(default_factory=WarningLog)
 
 
 @contextlib.contextmanager
@@ -385,6 +406,10 @@ def _process_settings(config: RunConfig) -> Iterator[None]:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
         yield
+    except BaseException as error:
+        # Into run.log before the CLI prints it: the log of a failed run says how it ended.
+        log_run_error(error)
+        raise
     finally:
         progress.end_job()
         close_logging()
@@ -392,15 +417,17 @@ def _process_settings(config: RunConfig) -> Iterator[None]:
         shutdown_distributed(ctx)
 
 
-def _setup(config: RunConfig) -> _Session:
+def _setup(config: RunConfig, command: str = "run") -> _Session:
     ctx = init_distributed(config.device)  # joined by _process_settings: returns its context
     device = resolve_device(config.device, ctx.local_rank)
     out = Path(config.out)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out, quiet=config.quiet, is_main=ctx.is_main)
+    setup_logging(out, quiet=config.quiet, is_main=ctx.is_main, section=f"fxprune {command}")
     progress.start_job(quiet=config.quiet, log_level=config.log_level, is_main=ctx.is_main)
     logger.info("fxprune workflow started: %s", json.dumps(config.to_dict()))
+    software = software_info()
+    logger.info("software: %s", json.dumps(software), extra={FILE_ONLY: True})
     started = time.perf_counter()
     progress.current().note(f"loading data: {config.data}")
     if ctx.enabled and config.download:
@@ -516,16 +543,20 @@ def _check_resume_up_front(session: "_Session", points: Sequence[tuple[Path, Opt
     if config.epochs > 0:
         for folder, ratio, importance in points:
             check_resumable(folder / "finetune_checkpoint.pt", _finetune_fingerprint(session, ratio, importance))
+    if _control_wanted(config) is None:
+        control = _control_meta(session)
+        if _cached_baseline(session.out / "control" / CONTROL_FILE, control, "control") is None:
+            check_resumable(session.out / "control" / "checkpoint.pt", _control_fingerprint(session, control))
 
 
-def _cached_baseline(cache: Path, meta: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The cached baseline at ``cache`` if it was trained under exactly ``meta``, else None."""
+def _cached_baseline(cache: Path, meta: dict[str, Any], what: str = "baseline") -> Optional[dict[str, Any]]:
+    """The cached ``what`` (baseline, control) at ``cache`` if trained under exactly ``meta``, else None."""
     if not cache.is_file():
         return None
     try:
         saved = load_checkpoint_file(cache)
     except CheckpointError as exc:
-        logger.warning("ignoring the cached baseline: %s", exc)
+        logger.warning("ignoring the cached %s: %s", what, exc)
         return None
     return saved if isinstance(saved, dict) and saved.get("meta") == meta else None
 
@@ -580,6 +611,140 @@ def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dic
     barrier(ctx)
     return model.eval(), {"source": "trained", "path": str(cache), "history": result.history,
                           "seconds": result.seconds}
+
+
+def _control_wanted(config: RunConfig) -> Optional[str]:
+    """Why no equal-training control is trained (None: it is)."""
+    if not config.control:
+        return "skipped with --no-control"
+    if config.epochs == 0:
+        return "no fine-tuning (--epochs 0): the baseline is its own control"
+    return None
+
+
+def _control_meta(session: _Session) -> dict[str, Any]:
+    """What determines the control: the baseline's weights, the data, and the fine-tuning recipe.
+
+    The same recipe as the pruned model's fine-tuning (:func:`_train_config` with
+    ``baseline=False``: epochs, learning rate and schedule, optimizer, seed, augmentation,
+    distillation), so that pruned - control is the cost of pruning alone.
+    """
+    config, data, ctx = session.config, session.data, session.ctx
+    meta = {
+        "format": _CONTROL_FORMAT,
+        "training": resume_fingerprint(_train_config(config, baseline=False), config.distill, ctx.world_size),
+        "amp": config.amp,
+        "baseline": _baseline_identity(config, data, ctx),
+        "model": config.model,
+        "data": data.name,
+        "data_source": data.source,
+        "data_identity": data.identity,
+        "train_samples": len(data.train),  # type: ignore[arg-type]
+        "num_classes": data.num_classes,
+        "in_channels": data.in_channels,
+        "image_size": data.image_size,
+        "limit": config.limit,
+    }
+    # Plain JSON data: what the cache file holds compares equal to what a later run computes.
+    return json.loads(json.dumps(meta, sort_keys=True, default=str))
+
+
+def _control_fingerprint(session: _Session, meta: dict[str, Any]) -> dict[str, Any]:
+    config = session.config
+    return resume_fingerprint(_train_config(config, baseline=False), config.distill, session.ctx.world_size,
+                              {"control": meta})
+
+
+def get_control(session: _Session, baseline: nn.Module, baseline_entry: Optional[dict[str, Any]] = None, *,
+                on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None) -> dict[str, Any]:
+    """The equal-training control: a copy of the unpruned baseline fine-tuned exactly as the pruned model.
+
+    Its accuracy separates what pruning costs from what the extra epochs of fine-tuning
+    gain. Trained once and cached in ``out/control/`` under :func:`_control_meta` (a second
+    run with the same baseline and recipe reuses it; ``--resume`` continues a killed one);
+    ``{"skipped": why}`` with ``--no-control`` or without fine-tuning. Its size and MACs are
+    the baseline's (``baseline_entry``); its latency is not measured.
+    """
+    config, data, ctx = session.config, session.data, session.ctx
+    skipped = _control_wanted(config)
+    if skipped is not None:
+        return {"skipped": skipped}
+    progress.current().begin("control")
+    folder = session.out / "control"
+    cache = folder / CONTROL_FILE
+    meta = _control_meta(session)
+    model = copy.deepcopy(baseline)
+    saved = _cached_baseline(cache, meta, "control")
+    entry: dict[str, Any] = {"epochs": config.epochs, "path": str(cache)}
+    if saved is not None:
+        try:
+            model.load_state_dict(saved["model"])
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"the cached control {cache} does not fit {config.model}: {exc}; "
+                                  f"delete it to train anew") from exc
+        logger.info("control: reusing the baseline fine-tuned with the same recipe, cached in %s", cache)
+        entry.update(source="cache", history=saved.get("history", []))
+    else:
+        logger.info("control: fine-tuning the unpruned baseline with the pruned model's recipe (%d epoch%s)",
+                    config.epochs, "" if config.epochs == 1 else "s")
+        teacher = copy.deepcopy(baseline).eval() if config.distill else None
+        started = time.perf_counter()
+        train_cfg = dataclasses.replace(_train_config(config, baseline=False), desc="control")
+        result = train(model, data.train, train_cfg, device=session.device, teacher=teacher,
+                       checkpoint=folder / "checkpoint.pt", resume=config.resume, ctx=ctx,
+                       on_epoch_end=on_epoch_end, fingerprint={"control": meta})
+        session.timings["control_train"] = time.perf_counter() - started
+        if ctx.is_main:
+            save_checkpoint({"format": _CONTROL_FORMAT, "meta": meta, "model": model.state_dict(),
+                             "history": result.history}, cache)
+        barrier(ctx)
+        entry.update(source="trained", history=result.history, seconds=result.seconds)
+    started = time.perf_counter()
+    accuracy = evaluate_accuracy(model, data.test, classes=data.classes, batch_size=max(256, config.batch_size),
+                                 device=session.device, ctx=ctx, num_workers=data.num_workers,
+                                 quiet=config.quiet, desc="evaluate control")
+    session.timings["control_evaluate"] = time.perf_counter() - started
+    entry.update(accuracy.to_dict())
+    for key in ("params", "macs", "size_mb"):
+        if baseline_entry is not None and key in baseline_entry:
+            entry[key] = baseline_entry[key]
+    logger.info("control (baseline + %d epoch%s, same recipe): top-1 %.2f%%, top-5 %.2f%%", config.epochs,
+                "" if config.epochs == 1 else "s", accuracy.top1, accuracy.top5)
+    return entry
+
+
+def pruning_details(baseline: nn.Module, pruned: nn.Module, config: RunConfig,
+                    example: torch.Tensor) -> dict[str, Any]:
+    """What was pruned and what was not: groups (frozen ones with their reasons), layers, stages.
+
+    The groups come from analysing the baseline again as :func:`prune_model` did (same
+    example input and ``ignore``); its warnings were counted when the model was pruned, so
+    they are not raised twice.
+    """
+    import fxprune
+    from fxprune.errors import FxPruneError
+
+    details: dict[str, Any] = {}
+    plan = getattr(pruned, "meta", {}).get("fxprune_plan") if hasattr(pruned, "meta") else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = fxprune.analyze_model(baseline, example_inputs=(example,), ignore=tuple(config.ignore))
+        details["groups"] = group_summary(analysis.groups, plan)
+    except FxPruneError as exc:  # the report says what it could; pruning itself succeeded
+        logger.warning("report: could not list the channel groups (%s)", exc)
+    details["layers"] = layer_table(baseline, pruned, example)
+    details["stages"] = stage_table(baseline, pruned, example)
+    return details
+
+
+def _log_warning_summary(log: WarningLog) -> None:
+    """run.log's collapsed list of the run's warnings (stderr showed each distinct one already)."""
+    if not len(log):
+        return
+    logger.info("%d warning(s) in this run, %d distinct:", log.total, len(log), extra={FILE_ONLY: True})
+    for item in log.to_list():
+        logger.info("  %dx %s: %s", item["count"], item["category"], item["message"], extra={FILE_ONLY: True})
 
 
 def measure_model(session: _Session, model: nn.Module, label: str) -> dict[str, Any]:
@@ -645,7 +810,7 @@ def _plan(session: _Session, points: Sequence[str], sweep: bool) -> list[progres
     # The stage list the progress display counts and estimates from (epochs x batches known).
     config = session.config
     kwargs = dict(epochs=config.epochs, baseline_epochs=config.baseline_epochs,
-                  train_baseline=config.weights is None,
+                  train_baseline=config.weights is None, control=_control_wanted(config) is None,
                   batches=progress.train_steps(len(session.data.train), config.batch_size,  # type: ignore[arg-type]
                                                session.ctx.world_size))
     if sweep:
@@ -707,10 +872,12 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
     baseline.eval()
     calibration = _OnDevice(make_loader(data.train, config.batch_size, train=True, seed=config.seed,
                                         num_workers=data.num_workers), session.device)
-    pruned = prune_model(baseline, config, example, calibration=calibration, ratio=ratio,
-                         importance=importance)
+    with collect_warnings(session.warnings):
+        pruned = prune_model(baseline, config, example, calibration=calibration, ratio=ratio,
+                             importance=importance)
     pruned.to(session.device)
     session.timings["prune"] = time.perf_counter() - started
+    details = pruning_details(baseline, pruned, config, example) if ctx.is_main else None
     achieved = achieved_pruning(baseline, pruned)
     what = f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}"
     if achieved["nothing_pruned"]:
@@ -752,20 +919,52 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
     entry["top1_before_finetune"] = after_recal.top1
     entry["top5_before_finetune"] = after_recal.top5
     entry["finetune_history"] = history
+    if details is not None:
+        entry["details"] = details
     return pruned, entry
 
 
+def _report_extras(session: _Session, baseline_entry: dict[str, Any], pruned_entry: dict[str, Any],
+                   control: Optional[dict[str, Any]], pruning: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """report.json beyond baseline vs pruned: the control, what was pruned, warnings, provenance."""
+    extras: dict[str, Any] = {}
+    if control is not None:
+        extras["control"] = control
+        if control.get("top1") is not None:
+            extras["equal_training"] = {
+                "extra_epochs": session.config.epochs,
+                # What pruning costs, both models trained the same extra epochs.
+                "pruning_cost_top1": pruned_entry["top1"] - control["top1"],
+                "pruning_cost_top5": pruned_entry["top5"] - control["top5"],
+                # What the extra training alone gained the unpruned model.
+                "training_gain_top1": control["top1"] - baseline_entry["top1"],
+                # The old comparison: pruning and extra training mixed.
+                "pruned_vs_baseline_top1": pruned_entry["top1"] - baseline_entry["top1"],
+            }
+    if pruning is not None:
+        extras["pruning"] = pruning
+    extras["warnings"] = session.warnings.to_list()
+    extras["command"] = command_line()
+    extras["argv"] = list(sys.argv)
+    extras["software"] = software_info()
+    return extras
+
+
 def _report(session: _Session, baseline_entry: dict[str, Any], pruned_entry: dict[str, Any],
-            config: RunConfig, baseline_info: dict[str, Any]) -> dict[str, Any]:
+            config: RunConfig, baseline_info: dict[str, Any],
+            control: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     reductions = {}
     for key in ("params", "macs", "size_mb"):
         before, after = baseline_entry.get(key), pruned_entry.get(key)
         reductions[f"{key}_x"] = (before / after) if before and after else None
     reductions["top1_delta"] = pruned_entry["top1"] - baseline_entry["top1"]
+    pruned_entry = dict(pruned_entry)
+    pruning = pruned_entry.pop("details", None)
     return {
         "baseline": baseline_entry,
         "pruned": pruned_entry,
         "reduction": reductions,
+        **_report_extras(session, baseline_entry, pruned_entry, control, pruning),
         "config": config.to_dict(),
         "data": session.data.summary(),
         "baseline_source": {k: v for k, v in baseline_info.items() if k != "history"},
@@ -792,9 +991,12 @@ def _write_outputs(session: _Session, out: Path, report: dict[str, Any], baselin
     plots = [plot_channels(baseline, pruned, out / "channels.png",
                            title=f"Channels per layer: {config.model}, {importance}, {what}")]
     report["plots"] = [str(p.name) for p in plots]
-    artifacts = save_pruned(pruned, out, example_inputs=example, build=build,
-                            extra={"ratio": ratio, "importance": importance})
+    with collect_warnings(session.warnings):
+        artifacts = save_pruned(pruned, out, example_inputs=example, build=build,
+                                extra={"ratio": ratio, "importance": importance})
     report["artifacts"] = [p.name for p in artifacts]
+    report["warnings"] = session.warnings.to_list()  # with any the save raised
+    _log_warning_summary(session.warnings)
     write_report(report, out)
     return report
 
@@ -821,8 +1023,10 @@ def run(config: RunConfig, *, on_epoch_end: Optional[Callable[[int, dict[str, fl
         pruned, pruned_entry = _prune_finetune_measure(session, baseline, session.out, ratio,
                                                        config.importance, on_epoch_end)
         latency = measure_latency_pair(session, baseline, pruned, baseline_entry, pruned_entry)
+        # After the pruned arm: its result (and the epoch count a callback sees) is as without it.
+        control = get_control(session, baseline, baseline_entry, on_epoch_end=on_epoch_end)
         session.timings["total"] = time.perf_counter() - started
-        report = _report(session, baseline_entry, pruned_entry, config, info)
+        report = _report(session, baseline_entry, pruned_entry, config, info, control)
         report["latency"] = latency
         report["fingerprint"] = _run_fingerprint(session, ratio, config.importance)
         if session.ctx.is_main:
@@ -878,7 +1082,7 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
     preflight(config, importances=importances, ratios=ratios)
     started = time.perf_counter()
     with _process_settings(config):
-        session = _setup(config)
+        session = _setup(config, "sweep")
         point_sessions = {(imp, r): _Session(config=config.replace(ratio=r, importance=imp), ctx=session.ctx,
                                              device=session.device, data=session.data,
                                              out=_point_dir(session.out, imp, r))
@@ -890,6 +1094,8 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
         baseline, info = get_baseline(session)
         progress.current().begin("measure")
         baseline_entry = measure_model(session, baseline, "baseline")
+        # One control for every point: it depends on the baseline and the recipe, not on the ratio.
+        control = get_control(session, baseline, baseline_entry)
         points: list[dict[str, Any]] = []
         for importance in importances:
             for ratio in ratios:
@@ -916,11 +1122,12 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
                 pruned, entry = _prune_finetune_measure(point_session, baseline, folder, ratio, importance)
                 point_baseline = dict(baseline_entry)  # this point's interleaved baseline timings
                 latency = measure_latency_pair(point_session, baseline, pruned, point_baseline, entry)
-                report = _report(point_session, point_baseline, entry, point_config, info)
+                report = _report(point_session, point_baseline, entry, point_config, info, control)
                 report["latency"] = latency
                 report["fingerprint"] = fingerprint
                 if session.ctx.is_main:
-                    _write_outputs(session, folder, report, baseline, pruned, point_config, ratio, importance)
+                    _write_outputs(point_session, folder, report, baseline, pruned, point_config, ratio,
+                                   importance)
                 points.append({"importance": importance, "ratio": ratio,
                                **{k: entry.get(k) for k in _POINT_KEYS}, "latency": latency})
         baseline_entry["latency_ms"] = sweep_baseline_latency(points)
@@ -928,9 +1135,13 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
         summary: dict[str, Any] = {
             "baseline": {k: baseline_entry.get(k) for k in ("top1", "top5", "params", "macs", "size_mb",
                                                              "latency_ms")},
+            "control": {k: control.get(k) for k in ("top1", "top5", "params", "macs", "size_mb", "epochs",
+                                                     "source", "skipped") if k in control},
             "points": points,
             "ratios": list(ratios),
             "importances": list(importances),
+            "command": command_line(),
+            "software": software_info(),
             "config": config.to_dict(),
             "data": session.data.summary(),
             "machine": machine_info(),

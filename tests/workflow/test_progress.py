@@ -322,10 +322,12 @@ def test_tiny_run_logs_stage_lines_and_throughput(tmp_path: Path, fake_fmnist_di
                   compile=False, latency_runs=1, recalibration_batches=1, calibration_batches=1, quiet=True,
                   out=str(out), threads=1, lr=0.05, baseline_lr=0.05))
     text = (out / "run.log").read_text(encoding="utf-8")
-    for expected in ("[1/7] baseline: 1 epoch x 4 batches, ETA unknown", "[2/7] measure baseline",
-                     "timing latency on cpu (eager)", "[3/7] prune: l1, ratio 0.5", "[4/7] BN recalibration",
-                     "[5/7] fine-tune: 1 epoch x 4 batches", "[5/7] fine-tune 1/1: step 4/4",
-                     "[6/7] measure pruned", "[7/7] save", "all 7 stages done", "looking for a cached baseline"):
+    for expected in ("[1/8] baseline: 1 epoch x 4 batches, ETA unknown", "[2/8] measure baseline",
+                     "[3/8] prune: l1, ratio 0.5", "[4/8] BN recalibration",
+                     "[5/8] fine-tune: 1 epoch x 4 batches", "[5/8] fine-tune 1/1: step 4/4",
+                     "[6/8] measure pruned", "[6/8] measure pruned: timing latency on cpu (eager)",
+                     "[7/8] equal-training control: 1 epoch x 4 batches", "[8/8] save", "all 8 stages done",
+                     "looking for a cached baseline"):
         assert expected in text, expected
     assert "img/s" in text
     assert not progress.current().enabled  # the job's tracker is gone

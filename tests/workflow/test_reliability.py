@@ -70,8 +70,10 @@ def _kill_at(call: int):
 def test_every_run_option_is_classified_for_the_resume_fingerprint() -> None:
     # A new RunConfig option must be put in RESULT_OPTIONS or, if it cannot change the result,
     # here: otherwise a resume could silently continue a checkpoint made under another value.
+    # control: adds the equal-training control to the report; the pruned model is the same, and
+    # the control's own cache and checkpoint are keyed by what determines it (run._control_meta).
     no_effect = {"device", "out", "resume", "quiet", "download", "threads", "workers", "compile",
-                 "latency_runs", "log_level"}
+                 "latency_runs", "log_level", "control"}
     names = {f.name for f in fields(RunConfig)}
     assert set(RESULT_OPTIONS) | no_effect == names
     assert not set(RESULT_OPTIONS) & no_effect

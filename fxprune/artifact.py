@@ -6,21 +6,32 @@ A saved model is a folder of three files::
       plan.json            the PruningPlan (kept channels per group) + "source": the model's identity
       weights.safetensors  every tensor of the pruned state_dict (safetensors: a JSON header + raw bytes)
       meta.json            the format marker ("format": "fxprune-artifact", "format_version"),
-                           fxprune/torch versions, input shapes, training flag, tied-name aliases,
-                           each stored tensor's dtype, size and sha256 of the two files above
+                           fxprune/torch versions, the source architecture's declarative
+                           "model_spec" (fxprune.modelspec), input shapes, training flag,
+                           tied-name aliases, each stored tensor's dtype, size and sha256 of
+                           the two files above
 
 Loading rebuilds the pruned GraphModule from the *original* architecture by replaying the plan
 (:func:`fxprune.apply`) and then assigns the saved tensors (strict: every key, shape and dtype).
+The original architecture is the caller's ``model=`` if given, else the recorded
+``model_spec``: a constructor from an allow-list (``torchvision:<name>``, ``timm:<name>``) with
+typed, bounded JSON arguments and fxprune's own adaptations (first-convolution channels, the
+small-image ResNet stem), see :mod:`fxprune.modelspec`. ``fxprune run`` and ``fxprune prune
+--save`` record it, so ``fxprune.load(path)`` works on their output as it is.
 
 What an artifact can and cannot make fxprune do (the folder is treated as untrusted input):
 
 - It never runs code. Nothing is unpickled or imported: safetensors is a plain tensor container,
   and a ``source`` naming a Python callable is only honoured when the caller passes it as
-  ``model=``; a recorded torchvision name is built with ``weights=None`` (and
-  ``weights_backbone=None``): nothing is downloaded.
+  ``model=``; a ``model_spec`` cannot name one at all (its constructor must be
+  ``torchvision:`` or ``timm:`` plus a plain name, checked against that library's list, and
+  every argument is an integer or boolean of a known key within bounds; anything else is an
+  :class:`ArtifactError` before anything is imported); a recorded torchvision name is built
+  with ``weights=None`` (and ``weights_backbone=None``), a timm one with ``pretrained=False``:
+  nothing is downloaded.
 - It cannot make fxprune allocate more than the model it describes. The JSON files are capped
   (:data:`MAX_JSON_BYTES`), strictly typed (no ``NaN``/``Infinity``, no duplicate keys, bounded
-  nesting) and validated field by field; a recorded torchvision architecture is first built on
+  nesting) and validated field by field; a recorded torchvision/timm architecture is first built on
   the ``meta`` device (no memory) and the plan checked against it, so a plan for another model
   is rejected before any weight exists; recorded input shapes are bounded
   (:data:`MAX_INPUT_ELEMENTS`); the weights file is memory-mapped and every tensor's name, shape
@@ -1386,10 +1397,13 @@ def load(path: PathLike, model: ModelArg = None, *, map_location: Union[str, tor
     """Rebuild the pruned GraphModule saved at ``path`` and load its weights (never unpickles).
 
     ``model``: the original, unpruned architecture: an ``nn.Module`` (its weights do not
-    matter, they are all replaced), a torchvision name (``"resnet18"``, ``"torchvision:resnet18"``)
-    or ``"package.module:callable"`` (imported and called with no arguments). Default: the
-    ``source`` recorded at save time, if it is a torchvision name; a recorded Python callable is
-    never imported on the file's word, pass it explicitly. The plan is replayed with
+    matter, they are all replaced), a :class:`fxprune.modelspec.ModelSpec`, a torchvision name
+    (``"resnet18"``, ``"torchvision:resnet18"``), ``"timm:<name>"`` or
+    ``"package.module:callable"`` (imported and called with no arguments). Given, it always
+    wins. Default: the ``model_spec`` recorded at save time (every artifact ``fxprune run`` and
+    ``fxprune prune --save`` write has one: e.g. resnet18 with 10 classes, 1 input channel and
+    the small-image stem), else the recorded ``source`` if it is a torchvision or timm name; a
+    recorded Python callable is never imported on the file's word, pass it explicitly. The plan is replayed with
     :func:`fxprune.apply` (a torchvision architecture on the ``meta`` device, so a plan that does
     not fit is rejected before any memory is spent) and every saved tensor is assigned (strict:
     all keys, shapes and dtypes), so the result computes bit-identically to the model that was

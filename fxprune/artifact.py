@@ -103,7 +103,7 @@ from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .modelspec import ModelSpec, ModelSpecError
 from .plan import PLAN_VERSION, GroupPlan, PruningPlan
 
-__all__ = ["save", "load", "read_meta", "read_plan", "ArtifactError", "FORMAT", "FORMAT_VERSION", "PLAN_META_KEY",
+__all__ = ["save", "load", "read_meta", "read_plan", "ArtifactError", "SpecMismatchError", "FORMAT", "FORMAT_VERSION", "PLAN_META_KEY",
            "SOURCE_META_KEY", "SPEC_META_KEY", "ARTIFACT_FILES", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS",
            "process_alive"]
 
@@ -155,6 +155,10 @@ _HINT_DAMAGED = ("Hint: the artifact is damaged or was edited; copy it again, or
 
 class ArtifactError(FxPruneError):
     """A saved model folder that cannot be written or read back: the message says what is wrong."""
+
+
+class SpecMismatchError(ArtifactError):
+    """:func:`save` was given a model spec that does not rebuild the model being saved (nothing was written)."""
 
 
 # =========================================================================== files
@@ -944,7 +948,7 @@ def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, Non
     if model_spec is not None:
         problem = _spec_mismatch(model_spec, the_plan, pruned, inputs, Path(os.fspath(path)))
         if problem is not None and given:
-            raise ArtifactError(f"spec {model_spec} does not rebuild the model being saved: {problem}. Hint: give the "
+            raise SpecMismatchError(f"spec {model_spec} does not rebuild the model being saved: {problem}. Hint: give the "
                                 "constructor arguments the original model was built with, e.g. "
                                 "ModelSpec('torchvision:resnet18', {'num_classes': 10})")
         if problem is not None:

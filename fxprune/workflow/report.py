@@ -381,8 +381,14 @@ def save_pruned(pruned: nn.Module, out_dir: Union[str, Path], *,
                           image_size=build["image_size"], adapt_small_images=build.get("adapt", True))
     if any(t.device.type != "cpu" for t in pruned.state_dict().values()):
         pruned = copy.deepcopy(pruned).cpu()  # the caller's model stays on its device
-    artifact = fxprune.save(pruned, out / ARTIFACT_NAME, source=source, spec=spec,
-                            example_inputs=None if example_inputs is None else (example_inputs[:1].cpu(),))
+    example = None if example_inputs is None else (example_inputs[:1].cpu(),)
+    try:
+        artifact = fxprune.save(pruned, out / ARTIFACT_NAME, source=source, spec=spec, example_inputs=example)
+    except fxprune.artifact.SpecMismatchError as exc:
+        # A build description that does not fit the model must not cost the run its output:
+        # save without a spec (fxprune.load then needs model=), and say why.
+        logger.warning("the pruned model is saved without a model spec: %s", exc)
+        artifact = fxprune.save(pruned, out / ARTIFACT_NAME, source=source, example_inputs=example)
     written = [Path(artifact)]
     code = getattr(pruned, "code", None)
     if isinstance(code, str):

@@ -17,6 +17,7 @@ from .rewrite import register_builder
 from .rules import Layout, register_rule
 from .trace import trace
 from .artifact import load, save
+from .modelspec import ModelSpec
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,7 @@ __all__ = [
     "prune", "plan", "apply", "find_groups", "analyze_model", "trace", "register_rule",
     "register_criterion", "PruningPlan", "Group", "Member", "GroupList", "Layout",
     "FxPruneError", "UnsupportedNodeError", "PlanMismatchError", "InternalError", "FxPruneWarning", "__version__",
-    "save", "load", "register_builder",
+    "save", "load", "ModelSpec", "register_builder",
     "prune_iteratively", "register_model_criterion", "available_criteria", "GroupPlan",
     "measure_latency", "LatencyResult", "format_speedup", "realised_fraction",
 ]

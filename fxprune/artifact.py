@@ -6,21 +6,32 @@ A saved model is a folder of three files::
       plan.json            the PruningPlan (kept channels per group) + "source": the model's identity
       weights.safetensors  every tensor of the pruned state_dict (safetensors: a JSON header + raw bytes)
       meta.json            the format marker ("format": "fxprune-artifact", "format_version"),
-                           fxprune/torch versions, input shapes, training flag, tied-name aliases,
-                           each stored tensor's dtype, size and sha256 of the two files above
+                           fxprune/torch versions, the source architecture's declarative
+                           "model_spec" (fxprune.modelspec), input shapes, training flag,
+                           tied-name aliases, each stored tensor's dtype, size and sha256 of
+                           the two files above
 
 Loading rebuilds the pruned GraphModule from the *original* architecture by replaying the plan
 (:func:`fxprune.apply`) and then assigns the saved tensors (strict: every key, shape and dtype).
+The original architecture is the caller's ``model=`` if given, else the recorded
+``model_spec``: a constructor from an allow-list (``torchvision:<name>``, ``timm:<name>``) with
+typed, bounded JSON arguments and fxprune's own adaptations (first-convolution channels, the
+small-image ResNet stem), see :mod:`fxprune.modelspec`. ``fxprune run`` and ``fxprune prune
+--save`` record it, so ``fxprune.load(path)`` works on their output as it is.
 
 What an artifact can and cannot make fxprune do (the folder is treated as untrusted input):
 
 - It never runs code. Nothing is unpickled or imported: safetensors is a plain tensor container,
   and a ``source`` naming a Python callable is only honoured when the caller passes it as
-  ``model=``; a recorded torchvision name is built with ``weights=None`` (and
-  ``weights_backbone=None``): nothing is downloaded.
+  ``model=``; a ``model_spec`` cannot name one at all (its constructor must be
+  ``torchvision:`` or ``timm:`` plus a plain name, checked against that library's list, and
+  every argument is an integer or boolean of a known key within bounds; anything else is an
+  :class:`ArtifactError` before anything is imported); a recorded torchvision name is built
+  with ``weights=None`` (and ``weights_backbone=None``), a timm one with ``pretrained=False``:
+  nothing is downloaded.
 - It cannot make fxprune allocate more than the model it describes. The JSON files are capped
   (:data:`MAX_JSON_BYTES`), strictly typed (no ``NaN``/``Infinity``, no duplicate keys, bounded
-  nesting) and validated field by field; a recorded torchvision architecture is first built on
+  nesting) and validated field by field; a recorded torchvision/timm architecture is first built on
   the ``meta`` device (no memory) and the plan checked against it, so a plan for another model
   is rejected before any weight exists; recorded input shapes are bounded
   (:data:`MAX_INPUT_ELEMENTS`); the weights file is memory-mapped and every tensor's name, shape
@@ -89,10 +100,11 @@ import torch.fx
 import torch.nn as nn
 
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
+from .modelspec import ModelSpec, ModelSpecError
 from .plan import PLAN_VERSION, GroupPlan, PruningPlan
 
-__all__ = ["save", "load", "read_meta", "read_plan", "ArtifactError", "FORMAT", "FORMAT_VERSION", "PLAN_META_KEY",
-           "SOURCE_META_KEY", "ARTIFACT_FILES", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS",
+__all__ = ["save", "load", "read_meta", "read_plan", "ArtifactError", "SpecMismatchError", "FORMAT", "FORMAT_VERSION", "PLAN_META_KEY",
+           "SOURCE_META_KEY", "SPEC_META_KEY", "ARTIFACT_FILES", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS",
            "process_alive"]
 
 #: The format marker: ``meta.json``'s ``"format"``. A folder is an fxprune artifact (which
@@ -105,6 +117,9 @@ ARTIFACT_FILES = (META_FILE, PLAN_FILE, WEIGHTS_FILE)
 PLAN_META_KEY = "fxprune_plan"
 #: ``pruned.meta[SOURCE_META_KEY]``: the source identity, e.g. ``"torchvision:resnet18"``.
 SOURCE_META_KEY = "fxprune_source"
+#: ``pruned.meta[SPEC_META_KEY]``: the :class:`fxprune.modelspec.ModelSpec` of the source
+#: architecture (what :func:`save` records as meta.json's ``"model_spec"``).
+SPEC_META_KEY = "fxprune_model_spec"
 
 #: Largest plan.json / meta.json read (bytes). A plan lists kept channel indices: even a
 #: model with a million channels needs under 8 MiB, so 32 MiB bounds parsing time and memory.
@@ -133,13 +148,17 @@ _ST_DTYPES: Dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float1
                               "U16": "uint16", "U32": "uint32", "U64": "uint64"}
 
 PathLike = Union[str, "os.PathLike[str]"]
-ModelSpec = Union[nn.Module, str, None]
+ModelArg = Union[nn.Module, str, "ModelSpec", None]
 
 _HINT_DAMAGED = ("Hint: the artifact is damaged or was edited; copy it again, or re-save the model with fxprune.save")
 
 
 class ArtifactError(FxPruneError):
     """A saved model folder that cannot be written or read back: the message says what is wrong."""
+
+
+class SpecMismatchError(ArtifactError):
+    """:func:`save` was given a model spec that does not rebuild the model being saved (nothing was written)."""
 
 
 # =========================================================================== files
@@ -351,6 +370,16 @@ def _validate_inputs(path: Path, value: Any) -> Optional[List[Dict[str, Any]]]:
     return specs
 
 
+def _validate_spec(path: Path, value: Any) -> Optional[ModelSpec]:
+    """meta.json's ``model_spec`` (or None): schema, types and bounds; imports nothing."""
+    if value is None:
+        return None
+    try:
+        return ModelSpec.from_dict(value)
+    except ModelSpecError as exc:
+        raise ArtifactError(f"{path}: field model_spec: {exc}. {_HINT_DAMAGED}") from exc
+
+
 def _validate_meta(meta: Any, path: Path) -> Dict[str, Any]:
     """meta.json, field by field (format version 1). Unknown fields are ignored."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -366,6 +395,7 @@ def _validate_meta(meta: Any, path: Path) -> Dict[str, Any]:
             _want_str(path, key, meta[key])
     _want_str(path, "source", meta.get("source"), null=True)
     _want_str(path, "model_class", meta.get("model_class"), null=True)
+    _validate_spec(path, meta.get("model_spec"))
     if not isinstance(meta.get("training"), bool):
         raise _bad(path, "training", "true or false", meta.get("training"))
     _validate_inputs(path, meta.get("inputs"))
@@ -801,8 +831,70 @@ def _prepare_destination(dest: Path) -> None:
                             "Hint: is a part of the path a regular file?") from exc
 
 
+def _spec_of(pruned: nn.Module, spec: Union[ModelSpec, Mapping[str, Any], None], source: Optional[str]
+             ) -> Tuple[Optional[ModelSpec], bool]:
+    """The spec to record and whether the caller gave it (else it was derived from ``source``)."""
+    if spec is not None:
+        if isinstance(spec, ModelSpec):
+            return spec, True
+        if isinstance(spec, Mapping):
+            try:
+                return ModelSpec.from_dict(spec), True
+            except ModelSpecError as exc:
+                raise ArtifactError(f"spec: {exc}") from exc
+        raise ArtifactError(f"spec must be a fxprune.modelspec.ModelSpec or its dict, got {type(spec).__name__}")
+    carried = pruned.meta.get(SPEC_META_KEY) if isinstance(getattr(pruned, "meta", None), dict) else None
+    if isinstance(carried, ModelSpec):
+        return carried, True
+    if source is None:
+        return None, False
+    prefix, colon, rest = source.partition(":")
+    name = rest if prefix == "torchvision" else (source if not colon else None)
+    try:
+        if name is not None and name in _torchvision_names():
+            return ModelSpec(f"torchvision:{name}"), False
+        if prefix == "timm":
+            return ModelSpec(source), False
+    except ModelSpecError:
+        return None, False
+    return None, False  # a package.module:callable: a file may not name code, so no spec
+
+
+def _spec_mismatch(spec: ModelSpec, plan: PruningPlan, pruned: nn.Module, inputs: Optional[List[Dict[str, Any]]],
+                   dest: Path) -> Optional[str]:
+    """Why ``spec`` (replayed with ``plan`` on the meta device) does not rebuild ``pruned``; None if it does.
+
+    None too when it cannot be checked cheaply (no meta kernel for an op): load still checks
+    every key and shape strictly.
+    """
+    try:
+        spec.check_allowed()
+    except ModelSpecError as exc:
+        return str(exc)
+    skeleton = _skeleton(spec.build)
+    if skeleton is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FxPruneWarning)  # the pass warned when the plan was made
+            rebuilt = _replay(skeleton, plan, {"inputs": inputs, "source": str(spec)}, dest, "meta")
+    except _Mismatch as exc:
+        return str(exc.__cause__ or exc)
+    except ArtifactError:
+        return None
+    want = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if want == got:
+        return None
+    wrong = [f"{k}: model {want[k]}, spec {got[k]}" for k in want if k in got and want[k] != got[k]]
+    others = sorted(set(want) ^ set(got))
+    return "; ".join(wrong[:3] + ([f"{len(others)} tensors only on one side ({', '.join(others[:3])})"]
+                                  if others else []))
+
+
 def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, None] = None,
-         source: Optional[str] = None, example_inputs: Any = None) -> Path:
+         source: Optional[str] = None, example_inputs: Any = None,
+         spec: Union[ModelSpec, Mapping[str, Any], None] = None) -> Path:
     """Write ``pruned`` to the folder ``path`` (plan.json, weights.safetensors, meta.json).
 
     ``plan``: the :class:`fxprune.PruningPlan` the model was built from; defaults to
@@ -815,6 +907,17 @@ def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, Non
     shape metadata if the model was pruned with example inputs); they let :func:`load` replay
     a plan that was made with shape propagation. At most :data:`MAX_INPUT_ELEMENTS` elements
     are recorded (only shapes are stored; a batch of 1 is enough).
+
+    ``spec``: the declarative :class:`fxprune.modelspec.ModelSpec` (or its dict) of the
+    original architecture, recorded as meta.json's ``"model_spec"`` so that
+    ``fxprune.load(path)`` rebuilds it with no ``model=``, e.g.
+    ``ModelSpec("torchvision:resnet18", {"num_classes": 10})``. Default:
+    ``pruned.meta["fxprune_model_spec"]`` (a loaded model carries it), else the spec of a
+    torchvision or ``timm:`` ``source`` name with default arguments. The spec is replayed with
+    the plan on the meta device before anything is written: a given spec that does not
+    rebuild ``pruned`` is an :class:`ArtifactError`; a default one that does not (say
+    ``source="resnet18"`` for a 10-class resnet18) is left out with an FxPruneWarning, and
+    :func:`load` then needs ``model=``.
 
     ``path`` may be absent, an empty folder or an fxprune artifact (the format marker in its
     meta.json, and no file that is not its own); any other folder or file is refused with
@@ -841,6 +944,19 @@ def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, Non
     if source is not None and not isinstance(source, str):
         raise ArtifactError(f"source must be a string such as 'torchvision:resnet18', got {type(source).__name__}")
     inputs = _input_specs(pruned, example_inputs)
+    model_spec, given = _spec_of(pruned, spec, source)
+    if model_spec is not None:
+        problem = _spec_mismatch(model_spec, the_plan, pruned, inputs, Path(os.fspath(path)))
+        if problem is not None and given:
+            raise SpecMismatchError(f"spec {model_spec} does not rebuild the model being saved: {problem}. Hint: give the "
+                                "constructor arguments the original model was built with, e.g. "
+                                "ModelSpec('torchvision:resnet18', {'num_classes': 10})")
+        if problem is not None:
+            warnings.warn(f"fxprune.save: source {source!r} with default arguments does not rebuild this model "
+                          f"({problem}); no model spec recorded, so fxprune.load will need model=. Hint: pass "
+                          "spec=fxprune.modelspec.ModelSpec(...) with its constructor arguments",
+                          FxPruneWarning, stacklevel=2)
+            model_spec = None
 
     from safetensors.torch import save as st_save
 
@@ -864,6 +980,7 @@ def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, Non
         "python_version": platform.python_version(),
         "source": source,
         "model_class": type(pruned).__name__,
+        "model_spec": None if model_spec is None else model_spec.to_dict(),
         "training": bool(pruned.training),
         "inputs": inputs,
         "aliases": aliases,
@@ -1043,45 +1160,74 @@ def _skeleton(build: Callable[[], nn.Module]) -> Optional[nn.Module]:
         return None
 
 
-def _resolve_model(model: ModelSpec, source: Optional[str], folder: Path) -> Tuple[Callable[[], nn.Module], bool]:
+def _spec_builder(spec: ModelSpec, folder: Path, where: str) -> Callable[[], nn.Module]:
+    """Build ``spec`` after checking its name against the allow-list; errors as :class:`ArtifactError`."""
+    try:
+        spec.check_allowed()
+    except ModelSpecError as exc:
+        raise ArtifactError(f"{folder}: {where} {spec}: {exc}. Hint: pass the original architecture as model=") from exc
+
+    def build() -> nn.Module:
+        try:
+            return spec.build()
+        except ModelSpecError as exc:
+            raise ArtifactError(f"cannot rebuild {spec} ({where} of {folder}): {exc}") from exc
+
+    return build
+
+
+def _resolve_model(model: ModelArg, source: Optional[str], folder: Path, spec: Optional[ModelSpec] = None
+                   ) -> Tuple[Callable[[], nn.Module], bool]:
     """How to build the original architecture, and whether it may first be built on ``meta``.
 
-    From an nn.Module (used as is), a torchvision name (built with ``weights=None``; safe to
-    build on the meta device, which costs no memory) or the caller's ``pkg.mod:callable``.
+    From an nn.Module (used as is), a :class:`~fxprune.modelspec.ModelSpec`, a torchvision or
+    ``timm:`` name (built without weights; safe to build on the meta device, which costs no
+    memory) or the caller's ``pkg.mod:callable``. With no ``model``: the recorded spec, else a
+    recorded torchvision/timm source name; a recorded callable is never imported.
     """
     if isinstance(model, nn.Module):
         return (lambda: model), False
+    if isinstance(model, ModelSpec):
+        return _spec_builder(model, folder, "model="), True
+    if model is None and spec is not None:
+        return _spec_builder(spec, folder, "the recorded model_spec"), True
     trusted = model is not None  # a string the caller wrote may import code; one from the file may not
-    spec = model if model is not None else source
-    if spec is None:
+    spec_text = model if model is not None else source
+    if spec_text is None:
         raise ArtifactError(f"{folder} does not record its source architecture. Hint: pass model= (the original "
                             "nn.Module, a torchvision name such as 'resnet18', or 'package.module:callable')")
-    if not isinstance(spec, str):
-        raise ArtifactError(f"model must be an nn.Module or a string, got {type(spec).__name__}")
-    prefix, _, rest = spec.partition(":")
-    if prefix == "torchvision" or ":" not in spec:
-        name = rest if prefix == "torchvision" else spec
+    if not isinstance(spec_text, str):
+        raise ArtifactError(f"model must be an nn.Module, a ModelSpec or a string, got {type(spec_text).__name__}")
+    prefix, _, rest = spec_text.partition(":")
+    if prefix == "torchvision" or ":" not in spec_text:
+        name = rest if prefix == "torchvision" else spec_text
         if name not in _torchvision_names():
             raise ArtifactError(f"{name!r} is not a torchvision model name. Hint: pass the original nn.Module as model=")
         return (lambda: _build_torchvision(name)), True
+    if prefix == "timm":
+        try:
+            named = ModelSpec(spec_text)
+        except ModelSpecError as exc:
+            raise ArtifactError(f"{folder}: {exc}") from exc
+        return _spec_builder(named, folder, "model=" if trusted else "the recorded source"), True
     if not trusted:
         raise ArtifactError(
-            f"{folder} was saved from {spec!r}, a Python callable; fxprune never imports code named by a file. "
-            f"Hint: if you trust it, pass it yourself: fxprune.load(path, model={spec!r})")
+            f"{folder} was saved from {spec_text!r}, a Python callable; fxprune never imports code named by a file. "
+            f"Hint: if you trust it, pass it yourself: fxprune.load(path, model={spec_text!r})")
     if not _DOTTED.fullmatch(prefix) or not _DOTTED.fullmatch(rest):
-        raise ArtifactError(f"model {spec!r} is not of the form 'package.module:callable'. Hint: e.g. "
+        raise ArtifactError(f"model {spec_text!r} is not of the form 'package.module:callable'. Hint: e.g. "
                             "model='mypkg.nets:build', or pass the nn.Module itself")
     try:
         obj: Any = importlib.import_module(prefix)
         for part in rest.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise ArtifactError(f"cannot find {spec!r}: {exc}") from exc
+        raise ArtifactError(f"cannot find {spec_text!r}: {exc}") from exc
 
     def build() -> nn.Module:
         built = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
         if not isinstance(built, nn.Module):
-            raise ArtifactError(f"{spec!r} returned a {type(built).__name__}, not an nn.Module")
+            raise ArtifactError(f"{spec_text!r} returned a {type(built).__name__}, not an nn.Module")
         return built
 
     return build, False
@@ -1251,14 +1397,17 @@ def _load_weights(rebuilt: nn.Module, folder: Path, meta: Mapping[str, Any], dev
     rebuilt.load_state_dict(tensors, strict=True, assign=True)
 
 
-def load(path: PathLike, model: ModelSpec = None, *, map_location: Union[str, torch.device] = "cpu") -> torch.fx.GraphModule:
+def load(path: PathLike, model: ModelArg = None, *, map_location: Union[str, torch.device] = "cpu") -> torch.fx.GraphModule:
     """Rebuild the pruned GraphModule saved at ``path`` and load its weights (never unpickles).
 
     ``model``: the original, unpruned architecture: an ``nn.Module`` (its weights do not
-    matter, they are all replaced), a torchvision name (``"resnet18"``, ``"torchvision:resnet18"``)
-    or ``"package.module:callable"`` (imported and called with no arguments). Default: the
-    ``source`` recorded at save time, if it is a torchvision name; a recorded Python callable is
-    never imported on the file's word, pass it explicitly. The plan is replayed with
+    matter, they are all replaced), a :class:`fxprune.modelspec.ModelSpec`, a torchvision name
+    (``"resnet18"``, ``"torchvision:resnet18"``), ``"timm:<name>"`` or
+    ``"package.module:callable"`` (imported and called with no arguments). Given, it always
+    wins. Default: the ``model_spec`` recorded at save time (every artifact ``fxprune run`` and
+    ``fxprune prune --save`` write has one: e.g. resnet18 with 10 classes, 1 input channel and
+    the small-image stem), else the recorded ``source`` if it is a torchvision or timm name; a
+    recorded Python callable is never imported on the file's word, pass it explicitly. The plan is replayed with
     :func:`fxprune.apply` (a torchvision architecture on the ``meta`` device, so a plan that does
     not fit is rejected before any memory is spent) and every saved tensor is assigned (strict:
     all keys, shapes and dtypes), so the result computes bit-identically to the model that was
@@ -1283,11 +1432,14 @@ def load(path: PathLike, model: ModelSpec = None, *, map_location: Union[str, to
     _check_sha(folder, meta, PLAN_FILE)
     plan = _read_plan_file(folder, meta)
     source = meta.get("source")
-    build, meta_ok = _resolve_model(model, source, folder)
+    spec = _validate_spec(folder / META_FILE, meta.get("model_spec"))
+    build, meta_ok = _resolve_model(model, source, folder, spec)
     rebuilt = _rebuild(build, meta_ok, plan, meta, folder)
     _load_weights(rebuilt, folder, meta, map_location)
     rebuilt.train(meta["training"])
     rebuilt.meta[PLAN_META_KEY] = plan
     if source is not None:
         rebuilt.meta[SOURCE_META_KEY] = source
+    if spec is not None:
+        rebuilt.meta[SPEC_META_KEY] = spec  # a later save of this model records it again
     return rebuilt

@@ -143,7 +143,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         save = getattr(fxprune, "save", None)
         if save is None:
             raise fxprune.FxPruneError("saving needs fxprune.save (not available in this build)")
-        save(pruned, args.save, plan=plan, source=args.model, example_inputs=(example,))
+        from .workflow.models import model_spec
+
+        # The spec of the model _model built (its num_classes): fxprune.load(path) rebuilds it alone.
+        spec = model_spec(args.model, num_classes=args.num_classes, adapt=False)
+        save(pruned, args.save, plan=plan, source=args.model, example_inputs=(example,), spec=spec)
         print(f"\nsaved to {args.save}")
     return 0
 

@@ -125,8 +125,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     defaults = RunConfig()
     what = parser.add_argument_group("model and data")
     what.add_argument("--model", default=defaults.model,
-                      help="torchvision model name or package.module:callable (default: %(default)s, "
-                           "adapted to the data's classes, channels and image size)")
+                      help="torchvision model name, timm:<name> (timm installed) or package.module:callable "
+                           "(default: %(default)s, adapted to the data's classes, channels and image size)")
+    what.add_argument("--no-adapt", dest="adapt", action="store_false",
+                      help="keep the model's ImageNet stem on images under 64 px (by default a ResNet's 7x7 "
+                           "stride-2 conv1 becomes 3x3, logged and recorded in report.json's model_build); "
+                           "the first convolution still takes the data's channels")
     what.add_argument("--weights", default=None,
                       help="trained weights: a local state_dict/checkpoint/.safetensors file, or a "
                            "torchvision weights name already in the torch hub cache "

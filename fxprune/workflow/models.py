@@ -1,10 +1,29 @@
 """Building the model to prune, and loading its weights.
 
-``--model`` is a torchvision classification model name (``resnet18``) or a
-``package.module:callable`` returning an ``nn.Module``. torchvision models are built for the
-data: ``num_classes`` from the data set, the first convolution rebuilt for its number of
-input channels, and, for small images (Fashion-MNIST 28x28, CIFAR 32x32), a ResNet stem
-that keeps enough resolution (see :func:`adapt_stem`).
+``--model`` is a torchvision classification model name (``resnet18``), a timm model
+(``timm:efficientnet_b0``, when timm is installed; built with ``pretrained=False``) or a
+``package.module:callable`` returning an ``nn.Module`` (resolved with
+:func:`pkgutil.resolve_name`; modules in the current directory are found). torchvision and
+timm models are built for the data: ``num_classes`` from the data set, the first convolution
+for its number of input channels (timm: ``in_chans``), and, for small images (Fashion-MNIST
+28x28, CIFAR 32x32), a ResNet stem that keeps enough resolution (see :func:`adapt_stem`;
+``adapt_small_images=False``, the CLI's ``--no-adapt``, keeps the ImageNet stem). The result
+is described by a declarative :class:`fxprune.modelspec.ModelSpec` (:func:`model_spec`),
+which every artifact records, so ``fxprune.load(path)`` rebuilds the same architecture.
+
+A Hugging Face (or any other) model: write a factory that takes the keywords it needs and
+returns the ``nn.Module``, e.g. in ``my_hf.py`` in the current directory::
+
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    def build(num_classes: int = 10):
+        config = AutoConfig.from_pretrained("./my-local-checkpoint", num_labels=num_classes)
+        return AutoModelForImageClassification.from_config(config)
+
+and pass ``--model my_hf:build``. Only the keywords the factory's signature declares
+(``num_classes``, ``in_channels``, ``image_size``) are passed, never through ``**kwargs``.
+Such a model has no spec (a file never names code to import): load its artifact with
+``fxprune.load(path, model=my_hf.build())``.
 
 ``--weights`` is a local file (a state_dict, a checkpoint dict holding one, or a
 ``.safetensors`` file) read with ``torch.load(weights_only=True)``, or a torchvision weights
@@ -15,17 +34,22 @@ Nothing is downloaded unless ``download=True``.
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import pkgutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from fxprune.modelspec import ModelSpec, ModelSpecError, adapt_small_image_stem, has_resnet_stem, timm_available
 from fxprune.workflow.errors import CheckpointError, ConfigError
 
 __all__ = [
     "build_model",
+    "model_spec",
     "check_model_name",
     "canonical_model_name",
     "resolve_callable",
@@ -37,10 +61,16 @@ __all__ = [
     "read_state_dict",
     "load_checkpoint_file",
     "resolve_torchvision_weights",
+    "SMALL_IMAGE",
+    "TIMM_PREFIX",
 ]
+
+logger = logging.getLogger("fxprune.workflow")
 
 # Below this input size the ImageNet stem (7x7 stride-2 conv + stride-2 max-pool) is adapted.
 SMALL_IMAGE = 64
+#: ``--model timm:<name>``: a timm model.
+TIMM_PREFIX = "timm:"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -48,9 +78,27 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _with_cwd_on_path() -> bool:
+    """Put the current directory on ``sys.path`` (last) if it is not there; True if it was added.
+
+    ``python -m fxprune`` has it, the ``fxprune`` console script does not (its sys.path[0] is
+    the script's folder): ``--model my_models:build`` must find ``./my_models.py`` either way.
+    Appended, not prepended, so a local file never shadows an installed package.
+    """
+    cwd = os.getcwd()
+    if any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        return False
+    sys.path.append(cwd)
+    return True
+
+
 def resolve_callable(name: str) -> Callable[..., nn.Module]:
-    """The callable ``package.module:callable`` names (``pkgutil.resolve_name``), or a clear error."""
+    """The callable ``package.module:callable`` names (``pkgutil.resolve_name``), or a clear error.
+
+    Modules in the current directory are found (see :func:`_with_cwd_on_path`).
+    """
     module_name = name.partition(":")[0]
+    _with_cwd_on_path()
     try:
         target = pkgutil.resolve_name(name)
     except ImportError as exc:
@@ -107,16 +155,33 @@ def _call_with_declared(name: str, factory: Callable[..., nn.Module], **kwargs: 
 
 def canonical_model_name(name: str) -> str:
     """``resnet18`` for ``torchvision.models:resnet18`` (what a report and an artifact record); else ``name``."""
-    if ":" not in name:
+    if ":" not in name or name.startswith(TIMM_PREFIX):
         return name
     return torchvision_builder_name(resolve_callable(name)) or name
 
 
+def _check_timm_name(name: str) -> str:
+    model = name[len(TIMM_PREFIX):]
+    if not timm_available():
+        raise ConfigError(f"--model {name!r} needs timm, which is not installed (pip install timm)")
+    import timm
+
+    if model not in timm.list_models():
+        close = timm.list_models(f"*{model[:6]}*")[:5] if model else []
+        raise ConfigError(f"--model {name!r}: {model!r} is not a timm model name"
+                          + (f" (similar: {', '.join(close)})" if close else "")
+                          + "; timm.list_models() lists them")
+    return model
+
+
 def check_model_name(name: str) -> None:
-    """Raise :class:`ConfigError` unless ``name`` is a torchvision model or a resolvable callable.
+    """Raise :class:`ConfigError` unless ``name`` is a torchvision or timm model or a resolvable callable.
 
     Cheap (no model is built): the job checks it before loading data or training anything.
     """
+    if name.startswith(TIMM_PREFIX):
+        _check_timm_name(name)
+        return
     if ":" in name:
         resolve_callable(name)
         return
@@ -125,64 +190,95 @@ def check_model_name(name: str) -> None:
     if name not in tvm.list_models(module=tvm):
         raise ConfigError(
             f"--model {name!r} is not a torchvision classification model (e.g. resnet18, "
-            f"resnet50, mobilenet_v2, efficientnet_b0) nor a 'package.module:callable'.")
+            f"resnet50, mobilenet_v2, efficientnet_b0), a timm model ('timm:resnet18') nor a "
+            f"'package.module:callable'.")
+
+
+def model_spec(name: str = "resnet18", *, num_classes: int = 10, in_channels: int = 3, image_size: int = 224,
+               adapt: bool = True, adapt_small_images: bool = True) -> Optional[ModelSpec]:
+    """The declarative spec :func:`build_model` builds for these arguments; None for a callable.
+
+    torchvision: ``num_classes``, and with ``adapt`` an ``in_channels`` adaptation and, on
+    images below :data:`SMALL_IMAGE` pixels for a model with a ResNet stem (checked on the meta
+    device, no memory) and ``adapt_small_images``, the small-image stem. timm: ``num_classes``
+    and ``in_chans`` through ``timm.create_model`` (timm adapts the first convolution itself),
+    and the same stem rule. A ``package.module:callable`` naming a torchvision builder is that
+    builder's name.
+    """
+    if name.startswith(TIMM_PREFIX):
+        _check_timm_name(name)
+        kwargs: dict[str, Any] = {"num_classes": num_classes}
+        if adapt:
+            kwargs["in_chans"] = in_channels
+        base = ModelSpec(name, kwargs)
+    else:
+        if ":" in name:
+            name = canonical_model_name(name)
+            if ":" in name:
+                return None
+        check_model_name(name)
+        base = ModelSpec(f"torchvision:{name}", {"num_classes": num_classes},
+                         {"in_channels": in_channels} if adapt else {})
+    if not (adapt and adapt_small_images and image_size < SMALL_IMAGE):
+        return base
+    try:
+        with torch.device("meta"):
+            skeleton = base.build()
+    except Exception:  # a constructor that cannot run on meta: decide on a real (unused) build
+        skeleton = base.build()
+    if not has_resnet_stem(skeleton) or skeleton.conv1.kernel_size == (3, 3):
+        return base
+    return ModelSpec(base.constructor, base.kwargs, {**base.adapt, "small_image_stem": True})
 
 
 def build_model(name: str = "resnet18", *, num_classes: int = 10, in_channels: int = 3,
-                image_size: int = 224, adapt: bool = True) -> nn.Module:
-    """Build ``name`` (torchvision model name or ``pkg.module:callable``) for the data.
+                image_size: int = 224, adapt: bool = True, adapt_small_images: bool = True) -> nn.Module:
+    """Build ``name`` (torchvision name, ``timm:<name>`` or ``pkg.module:callable``) for the data.
 
-    A torchvision model gets ``num_classes`` through its constructor; with ``adapt`` its first
-    convolution is rebuilt for ``in_channels`` and, for ResNets on images smaller than 64
-    pixels, the stem is shrunk (:func:`adapt_stem`). A ``pkg.module:callable`` (resolved with
+    A torchvision or timm model is built from its :func:`model_spec`: ``num_classes`` through
+    its constructor; with ``adapt`` its first convolution takes ``in_channels`` and, for
+    ResNet stems on images smaller than 64 pixels, the stem is shrunk (:func:`adapt_stem`,
+    logged; ``adapt_small_images=False`` keeps it). A ``pkg.module:callable`` (resolved with
     :func:`pkgutil.resolve_name`) naming a torchvision builder is the same as its name; any
     other is called with those of ``num_classes``/``in_channels``/``image_size`` its signature
     declares, and with ``adapt`` its first convolution is rebuilt when it did not take
     ``in_channels``. Weights are freshly initialised (seed the global RNG for a fixed init).
     """
-    if ":" in name:
+    spec = model_spec(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                      adapt=adapt, adapt_small_images=adapt_small_images)
+    if spec is None:
         factory = resolve_callable(name)
-        torchvision_name = torchvision_builder_name(factory)
-        if torchvision_name is None:
-            model, passed = _call_with_declared(name, factory, num_classes=num_classes,
-                                                in_channels=in_channels, image_size=image_size)
-            if adapt and "in_channels" not in passed:
-                first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-                if first is not None and first.in_channels != in_channels:
-                    adapt_input_channels(model, in_channels)
-            return model
-        name = torchvision_name
-    check_model_name(name)
-    import torchvision.models as tvm
-
-    model = tvm.get_model(name, weights=None, num_classes=num_classes)
-    if adapt:
-        adapt_input_channels(model, in_channels)
-        if image_size < SMALL_IMAGE:
-            adapt_stem(model)
+        model, passed = _call_with_declared(name, factory, num_classes=num_classes,
+                                            in_channels=in_channels, image_size=image_size)
+        if adapt and "in_channels" not in passed:
+            first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+            if first is not None and first.in_channels != in_channels:
+                adapt_input_channels(model, in_channels)
+        return model
+    try:
+        model = spec.build()
+    except ModelSpecError as exc:
+        raise ConfigError(f"--model {name!r}: {exc}") from exc
+    if spec.adapt.get("small_image_stem"):
+        logger.info("model: %s adapted to %d px images: conv1 7x7 stride 2 -> 3x3 stride 2 (small-image stem; "
+                    "--no-adapt keeps the ImageNet stem)", name, image_size)
+    elif adapt and image_size < SMALL_IMAGE and not adapt_small_images and has_resnet_stem(model):
+        logger.info("model: %s keeps its ImageNet stem on %d px images (--no-adapt)", name, image_size)
     return model
 
 
 def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
     """Rebuild the first ``Conv2d`` of ``model`` to take ``in_channels`` channels (in place)."""
-    for parent in model.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d):
-                if child.in_channels != in_channels:
-                    if child.groups != 1:
-                        raise ConfigError(
-                            f"cannot adapt the grouped first convolution {child_name} to "
-                            f"{in_channels} input channels")
-                    setattr(parent, child_name, nn.Conv2d(
-                        in_channels, child.out_channels, child.kernel_size, child.stride,
-                        child.padding, child.dilation, 1, child.bias is not None,
-                        child.padding_mode))
-                return model
-    raise ConfigError(f"{type(model).__name__} has no Conv2d whose input channels can be adapted")
+    from fxprune.modelspec import adapt_input_channels as adapt_first
+
+    try:
+        return adapt_first(model, in_channels)
+    except ModelSpecError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def adapt_stem(model: nn.Module) -> nn.Module:
-    """Shrink a torchvision ResNet's ImageNet stem for small images (in place).
+    """Shrink a ResNet's ImageNet stem for small images (in place).
 
     The 7x7 stride-2 ``conv1`` becomes a 3x3 stride-2 convolution (a 7x7 kernel spans a
     quarter of a 28x28 image); the stride-2 max-pool stays. On 28x28 inputs the residual
@@ -190,14 +286,10 @@ def adapt_stem(model: nn.Module) -> nn.Module:
     default pipeline train a real baseline in minutes on a 2-core CPU. Measured on the 2-core
     EPYC this project targets, a stride-1 stem (stages at 14 pixels, 122 MMACs) trained about
     2.6x slower per epoch, for accuracy the 88% target does not need. Models without a ResNet
-    stem (``conv1``, ``maxpool``, ``layer1``)
-    are left unchanged.
+    stem (``conv1``, ``maxpool``, ``layer1``) are left unchanged. The swap itself is
+    :func:`fxprune.modelspec.adapt_small_image_stem`, so an artifact's spec rebuilds it.
     """
-    conv1 = getattr(model, "conv1", None)
-    if isinstance(conv1, nn.Conv2d) and hasattr(model, "maxpool") and hasattr(model, "layer1"):
-        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=2,
-                                padding=1, bias=conv1.bias is not None)
-    return model
+    return adapt_small_image_stem(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,12 +375,41 @@ def resolve_torchvision_weights(name: str, *, download: bool = False) -> Optiona
     return weights.get_state_dict(progress=False, check_hash=True)
 
 
-def load_weights(model: nn.Module, weights: Union[str, Path], *, download: bool = False) -> nn.Module:
+def _fits(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` loads strictly into ``spec``'s architecture (built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            own = spec.build().state_dict()
+    except Exception:  # cannot tell cheaply: no suggestion
+        return False
+    return set(own) == set(state) and all(tuple(own[k].shape) == tuple(state[k].shape) for k in own)
+
+
+def _other_stem_hint(spec: Optional[ModelSpec], state: Mapping[str, torch.Tensor]) -> str:
+    """" these weights fit <model> without the small-image adaptation; pass --no-adapt" (or the reverse), or ""."""
+    if spec is None:
+        return ""
+    name = spec.name if spec.family == "torchvision" else spec.constructor
+    if spec.adapt.get("small_image_stem"):
+        other = ModelSpec(spec.constructor, spec.kwargs, {k: v for k, v in spec.adapt.items() if k != "small_image_stem"})
+        if _fits(other, state):
+            return f"these weights fit {name} without the small-image adaptation; pass --no-adapt"
+        return ""
+    other = ModelSpec(spec.constructor, spec.kwargs, {**spec.adapt, "small_image_stem": True})
+    if _fits(other, state):
+        return f"these weights fit {name} with the small-image adaptation (3x3 stem); drop --no-adapt"
+    return ""
+
+
+def load_weights(model: nn.Module, weights: Union[str, Path], *, download: bool = False,
+                 spec: Optional[ModelSpec] = None) -> nn.Module:
     """Load ``weights`` (a file or a torchvision weights name) into ``model`` (in place), strictly.
 
     A mismatch (missing, unexpected or differently shaped tensors) raises
     :class:`CheckpointError` listing the first offending keys: loading half a model silently
-    would make every later number meaningless.
+    would make every later number meaningless. ``spec``: the :func:`model_spec` ``model`` was
+    built from; when the weights fit the same model with the other small-image stem choice,
+    the error says exactly that (and which ``--no-adapt`` setting fits).
     """
     state = resolve_torchvision_weights(str(weights), download=download)
     if state is None:
@@ -306,6 +427,10 @@ def load_weights(model: nn.Module, weights: Union[str, Path], *, download: bool 
             details.append("missing " + ", ".join(missing[:4]))
         if unexpected:
             details.append("unexpected " + ", ".join(unexpected[:4]))
+        hint = _other_stem_hint(spec, state)
+        if hint:
+            raise CheckpointError(f"weights {weights} do not fit {type(model).__name__} as built "
+                                  f"({' | '.join(details[:1])}): {hint}")
         raise CheckpointError(
             f"weights {weights} do not fit {type(model).__name__}: {' | '.join(details)}. "
             f"Check --model and the data set's class count / input channels (the model is "

@@ -556,10 +556,23 @@ def save_pruned(pruned: nn.Module, out_dir: Union[str, Path], *,
     if (build.get("name") and ":" not in str(build["name"]) and build.get("num_classes") == 1000
             and build.get("in_channels") == 3 and int(build.get("image_size") or 0) >= 64):
         source = f"torchvision:{build['name']}"
+    spec = None
+    if build.get("name"):
+        from fxprune.workflow.models import model_spec
+
+        # The declarative spec (fxprune.modelspec) lets fxprune.load(path) rebuild the adapted model alone.
+        spec = model_spec(str(build["name"]), num_classes=build["num_classes"], in_channels=build["in_channels"],
+                          image_size=build["image_size"], adapt_small_images=build.get("adapt", True))
     if any(t.device.type != "cpu" for t in pruned.state_dict().values()):
         pruned = copy.deepcopy(pruned).cpu()  # the caller's model stays on its device
-    artifact = fxprune.save(pruned, out / ARTIFACT_NAME, source=source,
-                            example_inputs=None if example_inputs is None else (example_inputs[:1].cpu(),))
+    example = None if example_inputs is None else (example_inputs[:1].cpu(),)
+    try:
+        artifact = fxprune.save(pruned, out / ARTIFACT_NAME, source=source, spec=spec, example_inputs=example)
+    except fxprune.artifact.SpecMismatchError as exc:
+        # A build description that does not fit the model must not cost the run its output:
+        # save without a spec (fxprune.load then needs model=), and say why.
+        logger.warning("the pruned model is saved without a model spec: %s", exc)
+        artifact = fxprune.save(pruned, out / ARTIFACT_NAME, source=source, example_inputs=example)
     written = [Path(artifact)]
     code = getattr(pruned, "code", None)
     if isinstance(code, str):
@@ -645,6 +658,8 @@ def load_pruned(out_dir: Union[str, Path], map_location: Union[str, torch.device
     # The artifact lives in this folder, under its own name: a path from the file is not followed.
     if artifact != ARTIFACT_NAME:
         raise CheckpointError(f"{where}: artifact must be {ARTIFACT_NAME!r}, got {artifact!r}")
+    if model is None and fxprune.artifact.read_meta(out / ARTIFACT_NAME).get("model_spec") is not None:
+        return fxprune.load(out / ARTIFACT_NAME, map_location=map_location)  # the artifact says how to rebuild it
     if model is None:
         spec = _declarative_build(info, where)
         original: nn.Module = build_model(spec["name"], num_classes=spec["num_classes"],

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from fxprune.modelspec import ModelSpec
 from fxprune.workflow.data import DataBundle, example_batch, load_data, make_loader
 from fxprune.workflow.distributed import (DistContext, barrier, init_distributed, resolve_device,
                                           shutdown_distributed)
@@ -52,7 +53,7 @@ from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate
                                        save_checkpoint, train)
 from fxprune.workflow import progress
 from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
-                                     load_weights)
+                                     load_weights, model_spec)
 from fxprune.workflow.report import (FILE_ONLY, WarningLog, close_logging, collect_warnings, command_line,
                                      group_summary, layer_table, log_run_error, machine_info, plot_channels,
                                      plot_sweep, render_sweep_markdown, save_pruned, setup_logging, software_info,
@@ -78,7 +79,7 @@ DEFAULT_RATIO = 0.5
 #: fast or where, or what is printed, not which weights come out; ``control`` adds the
 #: equal-training control to the report, whose own cache and checkpoint are keyed by everything
 #: that determines it (``_control_meta``), and leaves the pruned model as it is.
-RESULT_OPTIONS = ("model", "weights", "data", "limit", "image_size", "seed", "ratio", "target_macs",
+RESULT_OPTIONS = ("model", "adapt", "weights", "data", "limit", "image_size", "seed", "ratio", "target_macs",
                   "importance", "ignore", "round_to", "epochs", "lr", "baseline_epochs", "baseline_lr",
                   "batch_size", "augment", "optimizer", "weight_decay", "label_smoothing", "distill",
                   "amp", "recalibration_batches", "calibration_batches")
@@ -97,6 +98,7 @@ class RunConfig:
     """
 
     model: str = "resnet18"
+    adapt: bool = True  # small-image ResNet stem below 64 px; False: --no-adapt keeps the ImageNet stem
     weights: Optional[str] = None  # file or torchvision weights name; None: train a baseline
     data: str = "fashion-mnist"
     ratio: Optional[float] = None  # None: DEFAULT_RATIO, unless target_macs is set
@@ -202,6 +204,8 @@ class RunConfig:
         check_importance(self.importance)
         if self.log_level is not None and self.log_level not in progress.LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(progress.LOG_LEVELS)}; got {self.log_level!r}")
+        if not isinstance(self.adapt, bool):
+            raise ConfigError(f"adapt (--no-adapt) must be true or false, got {self.adapt!r}")
         if not isinstance(self.ignore, (tuple, list)) or not all(isinstance(n, str) and n for n in self.ignore):
             raise ConfigError(f"--ignore takes module names, got {self.ignore!r}")
 
@@ -481,6 +485,7 @@ def _baseline_meta(config: RunConfig, data: DataBundle, ctx: DistContext) -> dic
         "num_classes": data.num_classes,
         "in_channels": data.in_channels,
         "image_size": data.image_size,
+        **({} if config.adapt else {"adapt": False}),  # absent when adapted: older caches stay valid
         "data_identity": data.identity,
         "limit": config.limit,
         "amp": config.amp,
@@ -565,7 +570,13 @@ def _fresh_model(config: RunConfig, data: DataBundle) -> nn.Module:
     # A fixed initialisation: the same seed gives the same baseline on every run.
     torch.manual_seed(config.seed)
     return build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                       image_size=data.image_size)
+                       image_size=data.image_size, adapt_small_images=config.adapt)
+
+
+def _model_spec(config: RunConfig, data: DataBundle) -> Optional[ModelSpec]:
+    """The declarative spec of the model :func:`_fresh_model` builds (None for a callable)."""
+    return model_spec(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                      image_size=data.image_size, adapt_small_images=config.adapt)
 
 
 def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None
@@ -580,7 +591,7 @@ def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dic
     model = _fresh_model(config, data)
     check_model_fits(model, data, config)
     if config.weights is not None:
-        load_weights(model, config.weights, download=config.download)
+        load_weights(model, config.weights, download=config.download, spec=_model_spec(config, data))
         return model.to(session.device).eval(), {"source": "weights", "weights": str(config.weights)}
     folder = session.out / "baseline"
     cache = folder / BASELINE_FILE
@@ -985,7 +996,11 @@ def _write_outputs(session: _Session, out: Path, report: dict[str, Any], baselin
     # from the file alone (it never resolves a callable a file names).
     build = {"name": canonical_model_name(config.model), "num_classes": data.num_classes,
              "in_channels": data.in_channels,
-             "image_size": data.image_size}
+             "image_size": data.image_size, "adapt": config.adapt}
+    spec = _model_spec(config, data)
+    # report.json: what was built, so the small-image stem swap is never a surprise.
+    report["model_build"] = {"model": config.model, "spec": None if spec is None else spec.to_dict(),
+                             "small_image_stem": bool(spec is not None and spec.adapt.get("small_image_stem"))}
     example = example_batch(data.test, 1)
     what = f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}"
     plots = [plot_channels(baseline, pruned, out / "channels.png",

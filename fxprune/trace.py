@@ -236,6 +236,45 @@ def trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]] = None
         return model
     if not isinstance(model, torch.nn.Module):
         raise FxPruneError(f"expected an nn.Module or torch.fx.GraphModule, got {type(model).__name__}")
+    # Python code that reads ``self.training`` (timm's BatchNormAct2d, F.dropout(training=...),
+    # stochastic depth) is baked into the graph as the constant it had while tracing. A graph
+    # traced in train mode would compute batch statistics forever, also in eval mode, and fail
+    # at batch 1; so trace in eval mode, the mode a pruned model is deployed in.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        tracer, graph = _trace_once(model, concrete_args)
+        if any(mode for _, mode in modes):
+            _warn_if_mode_dependent(model, graph, concrete_args, modes)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    check_graph(graph, type(model).__name__)
+    name = model.__class__.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _warn_if_mode_dependent(model: torch.nn.Module, graph: torch.fx.Graph, concrete_args: Optional[Dict[str, Any]],
+                            modes: List[Tuple[torch.nn.Module, bool]]) -> None:
+    """Warn when the model's forward is another graph in the train mode it was given in."""
+    for m, mode in modes:
+        m.training = mode
+    try:
+        _, train_graph = _trace_once(model, concrete_args)
+    except FxPruneError:
+        return  # untraceable in train mode: the eval-mode graph is all there is
+    finally:
+        model.eval()
+    if train_graph.python_code("self").src != graph.python_code("self").src:
+        warnings.warn(FxPruneWarning(
+            f"{type(model).__name__} was given in train mode, and its forward reads self.training in Python "
+            "code that torch.fx bakes into the graph (functional batch norm or dropout, stochastic depth): the "
+            "graph was traced in eval mode, so the pruned GraphModule computes the eval-mode function in either "
+            "mode. Hint: call model.eval() before pruning to silence this; to fine-tune with train-mode "
+            "behaviour, fine-tune the original model class, or make those layers leaf modules"), stacklevel=3)
+
+
+def _trace_once(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]]) -> Tuple["_RecordingTracer", torch.fx.Graph]:
     tracer = _RecordingTracer()
     guard = _ProxyGuard(model)
     try:
@@ -256,9 +295,7 @@ def trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]] = None
             "next trace of this instance would read it as a node of another graph. Hint: make the cache a "
             "dict or list attribute (fxprune restores those), skip caching while tracing "
             "(torch.fx._symbolic_trace.is_fx_tracing()), or trace a fresh instance")
-    check_graph(graph, type(model).__name__)
-    name = model.__class__.__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    return tracer, graph
 
 
 def as_graph_module(model: torch.nn.Module) -> torch.fx.GraphModule:

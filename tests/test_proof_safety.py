@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxprune
 from fxprune import FxPruneError, FxPruneWarning
@@ -544,3 +545,36 @@ def test_every_interpreter_over_the_graph_hands_helpers_mutable_lists(how: str) 
             pruned = fxprune.prune(model, 0.5, importance="apoz", example_inputs=(X,),
                                    calibration=[X])
     assert pruned(X).shape == model(X).shape
+
+
+class FunctionalBN(nn.Module):
+    """A BatchNorm subclass that fx traces through, reading self.training in Python (timm's BatchNormAct2d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias,
+                         self.training, 0.1, 1e-5)
+        return self.head(y)
+
+
+def test_a_model_given_in_train_mode_is_traced_in_eval_mode_and_says_so() -> None:
+    """A graph traced in train mode bakes training=True into functional batch norm: in eval mode it
+    would use batch statistics (wrong outputs; an error at batch 1)."""
+    model = randomize_norms(FunctionalBN()).train()
+    with pytest.warns(fxprune.FxPruneWarning, match="reads self.training"):
+        gm = fxprune.trace(model)
+    assert model.training and all(m.training for m in model.modules())  # modes restored
+    x = torch.randn(1, 3, 6, 6)
+    gm.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))  # batch 1 runs, with the running statistics
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        fxprune.trace(model)  # in eval mode there is nothing to say

@@ -50,6 +50,7 @@ from fxprune.workflow.report import (close_logging, machine_info, plot_channels,
                                      save_pruned, setup_logging, utc_now, write_json, write_report)
 
 __all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "check_importance",
+           "check_weights",
            "check_model_fits", "achieved_pruning", "weights_identity",
            "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE"]
 
@@ -282,11 +283,16 @@ def preflight(config: RunConfig, *, importances: Sequence[str] = (), ratios: Seq
     for importance in importances:
         check_importance(importance, "--importances")
     check_model_name(config.model)
-    if config.weights is not None and "_Weights." not in str(config.weights):
-        if not Path(config.weights).expanduser().is_file():
-            raise ConfigError(f"--weights {config.weights}: no such file (nor a torchvision weights name such "
-                              f"as ResNet18_Weights.IMAGENET1K_V1)")
+    check_weights(config.weights)
     check_output_folder(config.out)
+
+
+def check_weights(weights: Optional[str], flag: str = "--weights") -> None:
+    """Raise :class:`ConfigError` unless ``weights`` is None, a file or a torchvision weights name."""
+    if weights is not None and "_Weights." not in str(weights):
+        if not Path(weights).expanduser().is_file():
+            raise ConfigError(f"{flag} {weights}: no such file (nor a torchvision weights name such "
+                              f"as ResNet18_Weights.IMAGENET1K_V1)")
 
 
 def check_model_fits(model: nn.Module, data: DataBundle, config: RunConfig) -> None:

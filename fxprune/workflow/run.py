@@ -42,6 +42,7 @@ from fxprune.workflow.distributed import (DistContext, barrier, init_distributed
                                           shutdown_distributed)
 from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.evaluate import evaluate_accuracy, measure_latency, model_cost
+from fxprune.workflow.extras import check_run_extras
 from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate_batchnorm, resume_fingerprint,
                                        save_checkpoint, train)
 from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
@@ -277,6 +278,7 @@ def preflight(config: RunConfig, *, importances: Sequence[str] = (), ratios: Seq
 
     Called by :func:`run` and :func:`sweep` before they load data or train anything.
     """
+    check_run_extras()  # tqdm and matplotlib: refused now, not when the report is drawn
     config.validate()
     for ratio in ratios:
         config.replace(ratio=ratio).validate()
@@ -435,7 +437,9 @@ def _train_config(config: RunConfig, *, baseline: bool) -> TrainConfig:
         augment=config.augment,
         amp=config.amp,
         quiet=config.quiet,
-        num_workers=0,
+        # --workers reaches the training loader too; without it, the main process loads (the
+        # default data sets are in-memory tensors, for which workers cost more than they save).
+        num_workers=config.workers if config.workers is not None else 0,
         desc="baseline" if baseline else "fine-tune",
     )
 

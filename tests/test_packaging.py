@@ -349,6 +349,7 @@ def test_only_rank_0_prints_the_run_summary(monkeypatch: pytest.MonkeyPatch, cap
     run_module = importlib.import_module("fxprune.workflow.run")
     report = {"baseline": {"top1": 90.0}, "pruned": {"top1": 89.0}, "reduction": {"macs_x": 4.0}}
     monkeypatch.setattr(run_module, "run", lambda config: report)
+    monkeypatch.setattr(cli_args, "run", run_module.run, raising=False)  # never a real run, whatever binds it
     monkeypatch.setenv("RANK", rank)
     assert cli_args.main_run(cli_args.build_parser().parse_args(["run"])) == 0
     out = capsys.readouterr().out

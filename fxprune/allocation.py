@@ -183,8 +183,8 @@ class Policy:
         if self.ratio is None:
             if not has_target:
                 raise ValueError(
-                    "a ratio or a target is required: give the fraction of channels to remove from each "
-                    "group, e.g. fxprune.prune(model, 0.5), or a budget, e.g. fxprune.prune(model, "
+                    "a ratio or a target is required (ratio=None, the default, means none was given): give "
+                    "the fraction of channels to remove from each group, e.g. fxprune.prune(model, 0.5), or a budget, e.g. fxprune.prune(model, "
                     "target_macs=0.5, example_inputs=(x,)) (target_params= likewise)")
             ratio = None
         elif isinstance(self.ratio, Mapping):

@@ -183,7 +183,10 @@ class Policy:
         ratio: RatioSpec
         if self.ratio is None:
             if not has_target:
-                raise ValueError("ratio must be a number in [0, 1) (or give target_macs=/target_params=), got None")
+                raise ValueError(
+                    "a ratio or a target is required (ratio=None, the default, means none was given): give "
+                    "the fraction of channels to remove from each group, e.g. fxprune.prune(model, 0.5), or a budget, e.g. fxprune.prune(model, "
+                    "target_macs=0.5, example_inputs=(x,)) (target_params= likewise)")
             ratio = None
         elif isinstance(self.ratio, Mapping):
             ratio = {}

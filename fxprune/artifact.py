@@ -172,6 +172,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _current_umask() -> int:
+    """The process's file mode creation mask (POSIX has no call that reads it without setting it).
+
+    Set to the strict 0o077 for the instant between the two calls, so a file another thread
+    creates meanwhile is never more open than intended.
+    """
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -1004,6 +1015,9 @@ def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, Non
         _prepare_destination(dest)
         _clean_stale(dest)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}-", suffix=".tmp", dir=dest.parent))
+        # mkdtemp makes it drwx------; the published folder gets what os.mkdir would give
+        # (the user's umask), like the files written into it.
+        os.chmod(tmp, 0o777 & ~_current_umask())
     except OSError as exc:
         raise ArtifactError(f"cannot save to {dest}: {exc.strerror or exc}. Hint: choose a path in a writable folder") from exc
     _ACTIVE.add(str(tmp))

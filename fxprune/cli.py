@@ -3,6 +3,11 @@
 Subcommands: ``run`` (the main job: train/prune/fine-tune/evaluate/report), ``sweep``
 (several ratios), ``prune`` (prune a model and print a before/after table, no data needed)
 and ``groups`` (print the channel-coupled groups of a model).
+
+Start-up time: this module, :func:`build_parser` and :func:`main` import nothing heavy, so
+``fxprune --help`` and a misspelt option answer at once; each command's function imports
+torch and the library when it runs. That is a deliberate exception to "no lazy imports"
+(tests/test_packaging.py checks that building the parser imports no torch).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ __all__ = ["main", "build_parser", "compare_models"]
 
 PRUNE_EXAMPLES = """\
 examples:
-  fxprune prune                              # torchvision resnet18, 30 % of channels, L1
-  fxprune prune --model resnet50 --ratio 0.5 --image-size 160
+  fxprune prune                              # torchvision resnet18, half the channels of each group, L1
+  fxprune prune --model resnet50 --ratio 0.3 --image-size 160
+  fxprune prune --target-macs 0.25 --ignore 'layer4.*'
+  fxprune prune --weights ResNet18_Weights.IMAGENET1K_V1 --save out/resnet18-p50
   fxprune prune --model mypkg.nets:build --ratio 0.4 --save out/pruned
 """
 
@@ -26,14 +33,36 @@ GROUPS_EXAMPLES = """\
 examples:
   fxprune groups                             # the coupled channel groups of resnet18
   fxprune groups --model mobilenet_v2
+
+Each line is one group: its channel count, whether it can be pruned (or why it is frozen),
+the layers whose output rows it indexes (out=), the layers whose input columns it indexes
+(in=) and the per-channel layers (channelwise=, e.g. BatchNorm) it also slices.
 """
 
 
-def _model(name: str, num_classes: int) -> Any:
-    from .workflow.models import build_model
+def _model(name: str, num_classes: int, weights: Optional[str] = None) -> Any:
+    from .workflow.models import build_model, load_weights
 
     # ImageNet-shaped models as torchvision ships them: no adaptation to a data set.
-    return build_model(name, num_classes=num_classes, adapt=False).eval()
+    model = build_model(name, num_classes=num_classes, adapt=False)
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def _amount(args: argparse.Namespace) -> Dict[str, Any]:
+    """``ratio=`` / ``target_macs=`` and ``ignore=`` of ``fxprune prune``, for fxprune.plan."""
+    from .workflow.cli_args import DEFAULT_RATIO
+
+    ratio = args.ratio if args.ratio is not None or args.target_macs is not None else DEFAULT_RATIO
+    return {"ratio": ratio, "target_macs": args.target_macs, "ignore": tuple(args.ignore)}
+
+
+def _amount_text(args: argparse.Namespace) -> str:
+    amount = _amount(args)
+    text = (f"at ratio {amount['ratio']}" if amount["target_macs"] is None
+            else f"to at most {amount['target_macs']:g} of its MACs")
+    return text + (f", ignoring {', '.join(amount['ignore'])}" if amount["ignore"] else "")
 
 
 def compare_models(original: Any, pruned: Any, example: Any, *, runs: int = 10) -> Dict[str, Dict[str, Any]]:
@@ -104,17 +133,18 @@ def _table(rows: Dict[str, Dict[str, Any]]) -> str:
 
 
 def _check_prune_args(args: argparse.Namespace) -> None:
-    """Everything ``fxprune prune`` can check before building a model (one clear error each)."""
-    import math
+    """Everything ``fxprune prune`` can check before building a model (one clear error each).
 
-    from .workflow.errors import ConfigError
+    The pruning options go through the same checks as ``fxprune run``'s (RunConfig.validate),
+    so both commands refuse the same values with the same words.
+    """
     from .workflow.models import check_model_name
-    from .workflow.run import check_importance, check_output_folder
+    from .workflow.run import RunConfig, check_output_folder, check_weights
 
-    if not (math.isfinite(args.ratio) and 0.0 <= args.ratio < 1.0):
-        raise ConfigError(f"--ratio: ratio must be in [0, 1), got {args.ratio}")
-    check_importance(args.importance)
+    RunConfig(model=args.model, weights=args.weights, ratio=args.ratio, target_macs=args.target_macs,
+              importance=args.importance, ignore=tuple(args.ignore)).validate()
     check_model_name(args.model)
+    check_weights(args.weights)
     if args.save:
         check_output_folder(args.save, "--save", parent_only=True)
 
@@ -125,13 +155,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     import fxprune
 
     _check_prune_args(args)
-    model = _model(args.model, args.num_classes)
+    model = _model(args.model, args.num_classes, args.weights)
     example = torch.randn(1, 3, args.image_size, args.image_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", fxprune.FxPruneWarning)
-        plan = fxprune.plan(model, args.ratio, importance=args.importance, example_inputs=(example,))
+        plan = fxprune.plan(model, **_amount(args), importance=args.importance, example_inputs=(example,))
         pruned = fxprune.apply(model, plan, example_inputs=(example,))
-    print(f"fxprune: {args.model} at ratio {args.ratio} ({args.importance})\n")
+    print(f"fxprune: {args.model} {_amount_text(args)} ({args.importance})\n")
     print(_table(compare_models(model, pruned, example, runs=args.runs)))
     print("\ngroups:")
     for g in plan.groups:
@@ -162,7 +192,25 @@ def _cmd_groups(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """``fxprune X (torch Y, torchvision Z, Python W)``, read from metadata: no torch import."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(str(v) for v in sys.version_info[:3])
+    return (f"fxprune {__version__} (torch {installed('torch')}, torchvision {installed('torchvision')}, "
+            f"Python {python})")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fxprune`` parser; building it (and ``--help``) imports no torch."""
     from .workflow import cli_args
 
     parser = cli_args.Parser(
@@ -170,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Structured channel pruning for PyTorch models, proven equivalent, physically smaller.",
         epilog="Run 'fxprune COMMAND --help' for each command's options and examples.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     fmt = argparse.RawDescriptionHelpFormatter
@@ -186,26 +235,42 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_sweep_arguments(sweep)
     sweep.set_defaults(func=cli_args.main_sweep)
 
+    defaults = cli_args.RUN_DEFAULTS
     prune = sub.add_parser("prune", help="prune a model and print a before/after table (no data needed)",
                            description="Prune a torchvision model (or package.module:callable) with random "
-                                       "or default weights and compare parameters, MACs, size and latency.",
+                                       "or given weights and compare parameters, MACs, size and latency. "
+                                       "The pruning options mean what they mean for 'fxprune run'.",
                            epilog=PRUNE_EXAMPLES, formatter_class=fmt)
-    prune.add_argument("--model", default="resnet18", help="torchvision model name or package.module:callable (default: %(default)s)")
-    prune.add_argument("--ratio", type=cli_args.finite_float, default=0.3, help="fraction of channels removed per group (default: %(default)s)")
-    prune.add_argument("--importance", default="l1", help="importance criterion (default: %(default)s)")
+    prune.add_argument("--model", default=defaults["model"],
+                       help="torchvision model name or package.module:callable, built as it is (default: "
+                            "%(default)s)")
+    prune.add_argument("--weights", default=None,
+                       help="weights to prune: a local state_dict/checkpoint/.safetensors file, or a "
+                            "torchvision weights name already in the torch hub cache (e.g. "
+                            "ResNet18_Weights.IMAGENET1K_V1). Default: random initialisation")
+    prune.add_argument("--ratio", type=cli_args.finite_float, default=None, help=cli_args.RATIO_HELP)
+    prune.add_argument("--target-macs", type=cli_args.finite_float, default=None, help=cli_args.TARGET_MACS_HELP)
+    prune.add_argument("--importance", default=defaults["importance"], metavar="NAME",
+                       help=cli_args.IMPORTANCE_HELP.replace("read calibration data", "need data: use fxprune run"))
+    prune.add_argument("--ignore", type=cli_args.str_list, default=[], metavar="NAMES",
+                       help=cli_args.IGNORE_HELP)
     prune.add_argument("--image-size", type=cli_args.positive_int, default=224,
                        help="input height/width (default: %(default)s)")
     prune.add_argument("--num-classes", type=cli_args.positive_int, default=1000,
                        help="classifier outputs (default: %(default)s)")
     prune.add_argument("--runs", type=cli_args.positive_int, default=10,
                        help="timed runs for latency (default: %(default)s)")
-    prune.add_argument("--save", default=None, help="save the pruned model to this folder")
+    prune.add_argument("--save", default=None, help="save the pruned model to this folder (an fxprune artifact)")
     prune.set_defaults(func=_cmd_prune)
 
     groups = sub.add_parser("groups", help="print the channel-coupled groups of a model",
+                            description="Print the groups of channels that must be pruned together, and "
+                                        "which of them cannot be pruned and why. Nothing is pruned.",
                             epilog=GROUPS_EXAMPLES, formatter_class=fmt)
-    groups.add_argument("--model", default="resnet18", help="torchvision model name or package.module:callable")
-    groups.add_argument("--num-classes", type=cli_args.positive_int, default=1000)
+    groups.add_argument("--model", default=defaults["model"],
+                        help="torchvision model name or package.module:callable (default: %(default)s)")
+    groups.add_argument("--num-classes", type=cli_args.positive_int, default=1000,
+                        help="classifier outputs (default: %(default)s)")
     groups.set_defaults(func=_cmd_groups)
     return parser
 

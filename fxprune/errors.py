@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-import torch.fx
+if TYPE_CHECKING:
+    import torch.fx
 
 __all__ = [
     "FxPruneError",
@@ -27,7 +26,15 @@ __all__ = [
 
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
-_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _torch_dir() -> str:
+    # Imported here, not at the top: the command line imports these error classes before it
+    # knows whether the command needs torch (``fxprune --help`` must not load it). Every
+    # caller holds an fx node, so torch is loaded already and this costs nothing.
+    import torch
+
+    return os.path.dirname(torch.__file__)
 
 
 def _source_line(node: torch.fx.Node) -> str:
@@ -40,10 +47,11 @@ def _source_line(node: torch.fx.Node) -> str:
     if not trace:
         return "source line unknown (trace with fxprune.trace(model) to record source lines)"
     lines = trace.splitlines()
+    torch_dir = _torch_dir()
     found = None
     for i, line in enumerate(lines):
         m = _FRAME.search(line)
-        if m and not m.group("file").startswith(_TORCH_DIR):
+        if m and not m.group("file").startswith(torch_dir):
             code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.search(lines[i + 1]) else ""
             found = f'{m.group("file")}:{m.group("line")} in {m.group("func")}: {code}'
     return found or "source line unknown (only torch-internal frames were recorded)"
@@ -51,6 +59,8 @@ def _source_line(node: torch.fx.Node) -> str:
 
 def target_name(node: torch.fx.Node) -> str:
     """``torch.cumsum`` rather than ``<built-in method cumsum ...>``."""
+    import torch.fx  # see _torch_dir: loaded already whenever there is a node
+
     target = node.target
     if isinstance(target, str):
         return target

@@ -20,7 +20,7 @@ def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
 
     >>> import torchvision, fxprune
     >>> g = to_networkx(fxprune.trace(torchvision.models.resnet18()))
-    >>> sorted(g.successors("layer1_0_relu_1"))
+    >>> sorted(g.successors("layer1_0_relu_1"))  # block 0's output: block 1's conv and residual add
     ['add_1', 'layer1_1_conv1']
     """
     view = nx.DiGraph()

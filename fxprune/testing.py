@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .api import ModelLike, analyze_model
-from .errors import FxPruneWarning
+from .errors import FxPruneWarning, PlanMismatchError
 from .plan import PruningPlan, resolve
 from .rewrite import slot_indices
 from .rules import role_tensors
@@ -106,7 +106,16 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
     rewrite that kept the wrong channels can at worst compute: the vacuity check's yardstick).
     """
     analysis = analyze_model(gm, example_inputs=example_inputs)
-    kept = resolve(analysis, plan)
+    try:
+        kept = resolve(analysis, plan)
+    except PlanMismatchError as exc:
+        # The usual cause: the plan was made with example_inputs (shapes tie more channels,
+        # e.g. through a view) and the proof analysed the model without them, or vice versa.
+        given = "without example_inputs" if example_inputs is None else "with these example_inputs"
+        raise PlanMismatchError(
+            f"{exc}. Hint: the model was analysed {given}; pass the same example_inputs= that "
+            f"fxprune.plan/prune was given (e.g. assert_equivalent(model, pruned, plan, inputs, "
+            f"example_inputs=(x,)))") from exc
     if whole_groups:
         sizes = {g: size for slot in analysis.slots.values() for g, size in slot.segments}
         kept = {g: ([] if len(rows) < sizes.get(g, len(rows)) else rows) for g, rows in kept.items()}

@@ -6,15 +6,30 @@ workflow imports the core (:func:`fxprune.prune`, :mod:`fxprune.cost`); the core
 imports the workflow.
 """
 
-from __future__ import annotations
+from typing import TYPE_CHECKING
 
-from fxprune.workflow.data import DataBundle, load_data
-from fxprune.workflow.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, WorkflowError
-from fxprune.workflow.evaluate import evaluate_accuracy, measure_latency, model_cost
-from fxprune.workflow.finetune import TrainConfig, recalibrate_batchnorm, train
-from fxprune.workflow.models import build_model, load_weights
-from fxprune.workflow.report import load_pruned, save_pruned
-from fxprune.workflow.run import RunConfig, run, sweep
+from fxprune.lazy import install
+
+# Submodule -> the names it exports, in import order. They load on first use (fxprune.lazy):
+# ``fxprune run --help`` builds its parser from fxprune.workflow.cli_args without torch.
+_EXPORTS = {
+    ".data": ("DataBundle", "load_data"),
+    ".errors": ("CheckpointError", "ConfigError", "DataError", "DataNotFoundError", "WorkflowError"),
+    ".evaluate": ("evaluate_accuracy", "measure_latency", "model_cost"),
+    ".finetune": ("TrainConfig", "recalibrate_batchnorm", "train"),
+    ".models": ("build_model", "load_weights"),
+    ".report": ("load_pruned", "save_pruned"),
+    ".run": ("RunConfig", "run", "sweep"),
+}
+
+if TYPE_CHECKING:  # the same names, for type checkers (tests/test_packaging.py keeps both in sync)
+    from fxprune.workflow.data import DataBundle, load_data
+    from fxprune.workflow.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, WorkflowError
+    from fxprune.workflow.evaluate import evaluate_accuracy, measure_latency, model_cost
+    from fxprune.workflow.finetune import TrainConfig, recalibrate_batchnorm, train
+    from fxprune.workflow.models import build_model, load_weights
+    from fxprune.workflow.report import load_pruned, save_pruned
+    from fxprune.workflow.run import RunConfig, run, sweep
 
 __all__ = [
     "RunConfig", "run", "sweep",
@@ -25,3 +40,5 @@ __all__ = [
     "save_pruned", "load_pruned",
     "WorkflowError", "DataError", "DataNotFoundError", "CheckpointError", "ConfigError",
 ]
+
+install(__name__, _EXPORTS)

@@ -9,19 +9,33 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
+import re
 import sys
-from typing import Any, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Optional, Sequence
 
+# Only light modules at the top: this file builds the parsers of ``fxprune run`` and ``fxprune
+# sweep``, and ``fxprune --help`` must not import torch. The entry points (main_run, main_sweep,
+# config_from_args) import the workflow when they run: the commented exception to "no lazy
+# imports", for the command line's start-up time. Neither errors module imports torch.
 from fxprune.errors import FxPruneError
 from fxprune.workflow.errors import ConfigError
-from fxprune.workflow.progress import LOG_LEVELS
-from fxprune.workflow.run import DEFAULT_RATIO, RunConfig, run, sweep
+from fxprune.workflow.progress import LOG_LEVELS  # stdlib only: no torch
+
+if TYPE_CHECKING:
+    from fxprune.workflow.run import RunConfig
 
 __all__ = [
     "RUN_EXAMPLES",
     "SWEEP_EXAMPLES",
+    "RUN_DEFAULTS",
+    "DEFAULT_RATIO",
+    "IMPORTANCE_CHOICES",
+    "RATIO_HELP",
+    "TARGET_MACS_HELP",
+    "IGNORE_HELP",
     "add_run_arguments",
     "add_sweep_arguments",
     "config_from_args",
@@ -34,7 +48,50 @@ __all__ = [
     "UsageError",
     "positive_int",
     "finite_float",
+    "str_list",
+    "closest",
 ]
+
+#: The ratio when neither --ratio nor --target-macs is given (fxprune.workflow.run.DEFAULT_RATIO;
+#: tests/test_packaging.py checks the two agree).
+DEFAULT_RATIO = 0.5
+
+#: The defaults of :class:`fxprune.workflow.run.RunConfig` the options show, as plain data so
+#: that building the parser imports no torch. tests/test_packaging.py checks every entry
+#: against ``RunConfig()``; a new option whose default is missing here fails at parser build.
+RUN_DEFAULTS: Mapping[str, Any] = {
+    "model": "resnet18", "data": "fashion-mnist", "importance": "l1", "epochs": 5, "lr": 0.1,
+    "baseline_epochs": 3, "baseline_lr": 0.1, "batch_size": 256, "optimizer": "sgd",
+    "weight_decay": 5e-4, "label_smoothing": 0.1, "seed": 0, "device": "auto", "amp": "auto",
+    "latency_runs": 20, "out": "fxprune-out",
+}
+
+#: The built-in importance criteria, listed in --help without importing torch (kept equal to
+#: :func:`fxprune.available_criteria` by tests/test_packaging.py). The options are still
+#: checked against the live registry before any work starts.
+IMPORTANCE_CHOICES = ("apoz", "bn", "fpgm", "l1", "l2", "random", "taylor")
+
+# One wording for the pruning amount, shared by ``fxprune run`` and ``fxprune prune``.
+RATIO_HELP = (f"fraction of channels removed from each prunable group, in [0, 1) (default: {DEFAULT_RATIO} "
+              "unless --target-macs is given)")
+TARGET_MACS_HELP = ("prune to at most this fraction of the unpruned model's MACs, in (0, 1], e.g. 0.27; "
+                    "the ratio is searched for (give --ratio or --target-macs, not both)")
+IGNORE_HELP = "comma-separated module names or glob patterns (layer4.*) to leave unpruned"
+IMPORTANCE_HELP = (f"channel importance criterion: {', '.join(IMPORTANCE_CHOICES)} "
+                   "(apoz and taylor read calibration data) (default: %(default)s)")
+
+
+class _Defaults:
+    """Attribute access to :data:`RUN_DEFAULTS` (``defaults.epochs``), failing clearly on a gap."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return RUN_DEFAULTS[name]
+        except KeyError:
+            raise AttributeError(f"RunConfig default {name!r} is missing from fxprune.workflow.cli_args."
+                                 f"RUN_DEFAULTS: add it there (the parser is built without importing "
+                                 f"RunConfig)") from None
+
 
 RUN_EXAMPLES = """\
 examples:
@@ -58,16 +115,79 @@ class UsageError(ConfigError):
     """A command line argparse refuses (unknown option, bad value): one line, exit status 2."""
 
 
+_INVALID_CHOICE = re.compile(r"invalid choice: (?P<value>.+?) \(choose from (?P<choices>.+)\)$")
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
+def closest(word: str, candidates: Sequence[str]) -> Optional[str]:
+    """The candidate closest to a misspelt ``word`` (difflib), or None when none is close."""
+    found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _closest_option(word: str, options: Sequence[str]) -> Optional[str]:
+    # Compare without the dashes: every long option shares "--", which would make anything
+    # look close to a short option name.
+    bare = {option.lstrip("-"): option for option in options}
+    found = closest(word.split("=", 1)[0].lstrip("-"), list(bare))
+    return bare[found] if found else None
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are a :class:`UsageError` instead of usage text + exit.
 
     ``fxprune.cli.main`` prints every error as one line on stderr and returns 2; argparse's
     own ``error`` would print two lines (usage, message) and raise ``SystemExit``.
-    Subparsers made by :meth:`add_subparsers` are of this class too.
+    Subparsers made by :meth:`add_subparsers` are of this class too. A misspelt option,
+    command or choice gets the closest valid one suggested (difflib: argparse itself only
+    learns that in Python 3.14).
     """
 
+    _subcommands: Optional[argparse.Action] = None
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)
+        self._subcommands = action  # to find the chosen subcommand's options for suggestions
+        return action
+
     def error(self, message: str) -> NoReturn:
+        match = _INVALID_CHOICE.search(message)
+        if match:
+            choices = [_unquote(c) for c in match.group("choices").split(",")]
+            suggestion = closest(_unquote(match.group("value")), choices)
+            if suggestion:
+                message += f"; did you mean {suggestion!r}?"
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+    def parse_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
+                   namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # argparse reports leftovers on the top-level parser; suggest from the options of
+            # the subcommand that was chosen, and name it. (``_actions`` is argparse's list of
+            # a parser's options; there is no public accessor.)
+            parser = self._chosen_subparser(parsed)
+            options = [o for action in parser._actions for o in action.option_strings]
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            for extra in extras:
+                suggestion = _closest_option(extra, options) if extra.startswith("-") else None
+                if suggestion:
+                    message += f"; did you mean {suggestion}?"
+                    break
+            parser.error(message)
+        return parsed
+
+    def _chosen_subparser(self, parsed: argparse.Namespace) -> "Parser":
+        action = self._subcommands
+        if action is not None and isinstance(action.choices, dict):
+            chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+            if isinstance(chosen, Parser):
+                return chosen._chosen_subparser(parsed)
+        return self
 
 
 def positive_int(text: str) -> int:
@@ -114,15 +234,19 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
-def _str_list(text: str) -> list[str]:
+def str_list(text: str) -> list[str]:
+    """argparse type: comma-separated names (``fc,layer4.*``), at least one."""
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
         raise argparse.ArgumentTypeError("expected at least one name")
     return values
 
 
+_str_list = str_list  # the name this module used before str_list became public
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    defaults = RunConfig()
+    defaults = _Defaults()
     what = parser.add_argument_group("model and data")
     what.add_argument("--model", default=defaults.model,
                       help="torchvision model name, timm:<name> (timm installed) or package.module:callable "
@@ -149,13 +273,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                       help="use only this many samples of each split (quick trials)")
 
     prune = parser.add_argument_group("pruning")
-    prune.add_argument("--target-macs", type=finite_float, default=None,
-                       help="prune to at most this fraction of the baseline's MACs (e.g. 0.27), instead of "
-                            "--ratio (give one of the two)")
+    prune.add_argument("--target-macs", type=finite_float, default=None, help=TARGET_MACS_HELP)
     prune.add_argument("--round-to", type=positive_int, default=None,
                        help="pruned layers keep a multiple of this many channels (e.g. 8 for tensor cores)")
-    prune.add_argument("--ignore", type=_str_list, default=[],
-                       help="comma-separated module names to leave unpruned")
+    prune.add_argument("--ignore", type=str_list, default=[], metavar="NAMES", help=IGNORE_HELP)
 
     tune = parser.add_argument_group("training")
     tune.add_argument("--epochs", type=_non_negative_int, default=defaults.epochs,
@@ -216,14 +337,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``fxprune run`` to ``parser``."""
-    defaults = RunConfig()
+    defaults = _Defaults()
     _add_common(parser)
     group = parser.add_argument_group("pruning amount")
-    group.add_argument("--ratio", type=finite_float, default=defaults.ratio,
-                       help=f"fraction of channels removed from each prunable group (default: {DEFAULT_RATIO} "
-                            f"unless --target-macs is given)")
-    group.add_argument("--importance", default=defaults.importance,
-                       help="channel importance criterion (default: %(default)s)")
+    # Default None, not DEFAULT_RATIO: an explicit --ratio next to --target-macs is refused.
+    group.add_argument("--ratio", type=finite_float, default=None, help=RATIO_HELP)
+    group.add_argument("--importance", default=defaults.importance, metavar="NAME", help=IMPORTANCE_HELP)
     return parser
 
 
@@ -233,8 +352,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group = parser.add_argument_group("sweep")
     group.add_argument("--ratios", type=_float_list, default=[0.3, 0.5, 0.7],
                        help="comma-separated pruning ratios (default: 0.3,0.5,0.7)")
-    group.add_argument("--importances", type=_str_list, default=["l1"],
-                       help="comma-separated importance criteria (default: l1)")
+    group.add_argument("--importances", type=str_list, default=["l1"], metavar="NAMES",
+                       help=f"comma-separated importance criteria from {', '.join(IMPORTANCE_CHOICES)} "
+                            f"(default: l1)")
     return parser
 
 
@@ -251,8 +371,10 @@ def console_log_level(args: argparse.Namespace) -> Optional[str]:
     return level
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def config_from_args(args: argparse.Namespace) -> "RunConfig":
     """The :class:`RunConfig` an argparse namespace of these options describes."""
+    from fxprune.workflow.run import RunConfig  # imports torch: only once a command runs
+
     values: dict[str, Any] = {}
     for name in RunConfig.__dataclass_fields__:
         if hasattr(args, name):
@@ -276,12 +398,18 @@ def _fail(error: Exception) -> int:
 
 
 def main_run(args: argparse.Namespace) -> int:
-    """``fxprune run``: returns the exit status (2 with one clear message on a user error)."""
+    """``fxprune run``: returns the exit status (2 with one clear message on a user error).
+
+    Under ``torchrun`` every process runs the job; only rank 0 prints the summary line.
+    """
+    from fxprune.workflow.distributed import launch_rank
+    from fxprune.workflow.run import run
+
     try:
         report = run(config_from_args(args))
     except FxPruneError as error:
         return _fail(error)
-    if not args.quiet:
+    if not args.quiet and launch_rank() == 0:
         base, pruned = report["baseline"], report["pruned"]
         summary = {"baseline_top1": base["top1"], "pruned_top1": pruned["top1"]}
         if "equal_training" in report:
@@ -292,12 +420,15 @@ def main_run(args: argparse.Namespace) -> int:
 
 
 def main_sweep(args: argparse.Namespace) -> int:
-    """``fxprune sweep``: returns the exit status."""
+    """``fxprune sweep``: returns the exit status (only rank 0 prints the summary under torchrun)."""
+    from fxprune.workflow.distributed import launch_rank
+    from fxprune.workflow.run import sweep
+
     try:
         summary = sweep(config_from_args(args), args.ratios, args.importances)
     except FxPruneError as error:
         return _fail(error)
-    if not args.quiet:
+    if not args.quiet and launch_rank() == 0:
         print(json.dumps({"points": [{k: p[k] for k in ("importance", "ratio", "top1", "macs")}
                                      for p in summary["points"]], "out": args.out}))
     return 0

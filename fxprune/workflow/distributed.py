@@ -19,7 +19,7 @@ import torch.distributed as dist
 from fxprune.workflow.errors import ConfigError
 
 __all__ = ["DistContext", "init_distributed", "resolve_device", "all_reduce_sum", "barrier",
-           "shutdown_distributed"]
+           "shutdown_distributed", "launch_rank"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,18 @@ class DistContext:
     def is_main(self) -> bool:
         """Only the main process writes checkpoints, reports and progress bars."""
         return self.rank == 0
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (``RANK``; 0 outside ``torchrun``).
+
+    Unlike :class:`DistContext`, readable after the job has left its process group, e.g. to
+    let only rank 0 print a command's final summary.
+    """
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
+from fxprune.workflow.extras import tqdm
 
 from fxprune.cost import count_macs, count_params
 from fxprune.latency import LatencyResult, format_speedup, realised_fraction

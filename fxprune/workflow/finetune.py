@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
-from tqdm import tqdm
+from fxprune.workflow.extras import tqdm
 
 from fxprune.artifact import process_alive
 from fxprune.errors import InternalError

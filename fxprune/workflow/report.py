@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from fxprune.workflow.extras import require
+
 __all__ = [
     "machine_info",
     "utc_now",
@@ -405,12 +407,9 @@ def layer_channels(model: nn.Module) -> dict[str, int]:
 
 
 def _pyplot() -> Any:
-    import matplotlib
-
+    matplotlib = require("matplotlib")  # the 'run' extra: a clear error when it is missing
     matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
+    return require("matplotlib.pyplot")
 
 
 def plot_channels(baseline: nn.Module, pruned: nn.Module, path: Union[str, Path],

@@ -49,6 +49,7 @@ from fxprune.workflow.distributed import (DistContext, barrier, init_distributed
                                           shutdown_distributed)
 from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.evaluate import compare_latency, evaluate_accuracy, model_cost
+from fxprune.workflow.extras import check_run_extras
 from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate_batchnorm, resume_fingerprint,
                                        save_checkpoint, train)
 from fxprune.workflow import progress
@@ -60,7 +61,7 @@ from fxprune.workflow.report import (FILE_ONLY, WarningLog, close_logging, colle
                                      stage_table, utc_now, write_json, write_report)
 
 __all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "check_importance",
-           "check_model_fits", "achieved_pruning", "weights_identity", "measure_latency_pair",
+           "check_weights", "check_model_fits", "achieved_pruning", "weights_identity", "measure_latency_pair",
            "sweep_baseline_latency", "get_baseline", "get_control", "pruning_details",
            "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE", "CONTROL_FILE"]
 
@@ -304,17 +305,23 @@ def preflight(config: RunConfig, *, importances: Sequence[str] = (), ratios: Seq
 
     Called by :func:`run` and :func:`sweep` before they load data or train anything.
     """
+    check_run_extras()  # tqdm and matplotlib: refused now, not when the report is drawn
     config.validate()
     for ratio in ratios:
         config.replace(ratio=ratio).validate()
     for importance in importances:
         check_importance(importance, "--importances")
     check_model_name(config.model)
-    if config.weights is not None and "_Weights." not in str(config.weights):
-        if not Path(config.weights).expanduser().is_file():
-            raise ConfigError(f"--weights {config.weights}: no such file (nor a torchvision weights name such "
-                              f"as ResNet18_Weights.IMAGENET1K_V1)")
+    check_weights(config.weights)
     check_output_folder(config.out)
+
+
+def check_weights(weights: Optional[str], flag: str = "--weights") -> None:
+    """Raise :class:`ConfigError` unless ``weights`` is None, a file or a torchvision weights name."""
+    if weights is not None and "_Weights." not in str(weights):
+        if not Path(weights).expanduser().is_file():
+            raise ConfigError(f"{flag} {weights}: no such file (nor a torchvision weights name such "
+                              f"as ResNet18_Weights.IMAGENET1K_V1)")
 
 
 def check_model_fits(model: nn.Module, data: DataBundle, config: RunConfig) -> None:
@@ -468,7 +475,9 @@ def _train_config(config: RunConfig, *, baseline: bool) -> TrainConfig:
         augment=config.augment,
         amp=config.amp,
         quiet=config.quiet,
-        num_workers=0,
+        # --workers reaches the training loader too; without it, the main process loads (the
+        # default data sets are in-memory tensors, for which workers cost more than they save).
+        num_workers=config.workers if config.workers is not None else 0,
         desc="baseline" if baseline else "fine-tune",
     )
 

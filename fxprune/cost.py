@@ -10,13 +10,13 @@ convention for MACs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Dict, Sequence, Union
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_macs", "count_flops"]
+__all__ = ["count_params", "count_macs", "count_flops", "module_flops"]
 
 ExampleInputs = Union[torch.Tensor, Sequence[Any]]
 
@@ -33,11 +33,13 @@ def _as_args(example_inputs: ExampleInputs) -> tuple[Any, ...]:
     return tuple(example_inputs)
 
 
-def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> int:
-    """FLOPs of one forward pass of ``model`` on ``example_inputs``, as PyTorch counts them.
+def module_flops(model: nn.Module, example_inputs: ExampleInputs) -> Dict[str, int]:
+    """FLOPs of one forward pass per module (qualified name), and in all under ``""``.
 
-    The model runs in eval mode and without autograd, so BatchNorm running statistics are
-    not updated and the model is left exactly as it was (its train/eval flags are restored).
+    Counted by :class:`torch.utils.flop_counter.FlopCounterMode`, which attributes each op to
+    every module it ran inside: a module's entry includes its children's. The model runs in
+    eval mode and without autograd, so BatchNorm running statistics are not updated and the
+    model is left exactly as it was (its train/eval flags are restored).
     """
     args = _as_args(example_inputs)
     # Remember every submodule's flag: a model may deliberately mix train and eval submodules.
@@ -49,7 +51,18 @@ def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> int:
     finally:
         for module, training in flags:
             module.training = training
-    return int(counter.get_total_flops())
+    flops: Dict[str, int] = {"": int(counter.get_total_flops())}
+    for name, per_op in counter.get_flop_counts().items():
+        # Names are "<root class>.<qualified name>"; the root's own entry, and "Global", is the total.
+        if "." in name:
+            flops[name.split(".", 1)[1]] = int(sum(per_op.values()))
+    return flops
+
+
+def count_flops(model: nn.Module, example_inputs: ExampleInputs) -> int:
+    """FLOPs of one forward pass of ``model`` on ``example_inputs``, as PyTorch counts them
+    (eval mode, no autograd, the model left as it was; see :func:`module_flops`)."""
+    return module_flops(model, example_inputs)[""]
 
 
 def count_macs(model: nn.Module, example_inputs: ExampleInputs) -> int:

@@ -52,6 +52,7 @@ from .errors import FxPruneError
 
 __all__ = [
     "measure_latency",
+    "cpu_name",
     "LatencyResult",
     "ModelLatency",
     "Speedup",
@@ -103,7 +104,8 @@ def realised_fraction(speedup: Optional[float], macs_reduction: Optional[float])
     return float(speedup) / float(macs_reduction)  # type: ignore[arg-type]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
@@ -121,7 +123,7 @@ def device_description(device: Union[str, torch.device]) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_name(index)
     if device.type == "cpu":
-        return _cpu_name()
+        return cpu_name()
     return str(device)
 
 

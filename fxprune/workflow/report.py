@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from fxprune.cost import module_flops
+from fxprune.latency import cpu_name
 from fxprune.workflow.extras import require
 
 __all__ = [
@@ -84,17 +86,6 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """What ran the job: CPU, cores, threads, GPU, library versions."""
     info: dict[str, Any] = {
@@ -102,7 +93,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": None,
@@ -943,23 +934,7 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     directly, so its containers (``layer1``) have no entry of their own. Eval mode, no autograd;
     the model's train/eval flags are restored.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*args)
-    finally:
-        for module, training in flags:
-            module.training = training
-    macs: dict[str, int] = {"": int(counter.get_total_flops()) // 2}
-    for name, per_op in counter.get_flop_counts().items():
-        # Names are "<root class>.<qualified name>"; the root's own entry, and "Global", is the total.
-        if "." in name:
-            macs[name.split(".", 1)[1]] = int(sum(per_op.values())) // 2
-    return macs
+    return {name: flops // 2 for name, flops in module_flops(model, example_inputs).items()}
 
 
 def _leaf_macs(macs: Mapping[str, int]) -> dict[str, int]:

@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -608,11 +608,7 @@ def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dic
     progress.current().note(f"looking for a cached baseline in {cache}")
     saved = _cached_baseline(cache, meta)
     if saved is not None:
-        try:
-            model.load_state_dict(saved["model"])
-        except (RuntimeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"the cached baseline {cache} does not fit {config.model}: {exc}; "
-                                  f"delete it to train anew") from exc
+        _restore_cached(model, saved, cache, "baseline", config.model)
         logger.info("baseline: reusing the trained model cached in %s", cache)
         return model.to(session.device).eval(), {"source": "cache", "path": str(cache),
                                                  "history": saved.get("history", [])}
@@ -631,6 +627,15 @@ def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dic
     barrier(ctx)
     return model.eval(), {"source": "trained", "path": str(cache), "history": result.history,
                           "seconds": result.seconds}
+
+
+def _restore_cached(model: nn.Module, saved: Mapping[str, Any], cache: Path, what: str, model_name: str) -> None:
+    """Load a cached model's weights into ``model``; a cache that does not fit is a CheckpointError."""
+    try:
+        model.load_state_dict(saved["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"the cached {what} {cache} does not fit {model_name}: {exc}; "
+                              f"delete it to train anew") from exc
 
 
 def _control_wanted(config: RunConfig) -> Optional[str]:
@@ -697,11 +702,7 @@ def get_control(session: _Session, baseline: nn.Module, baseline_entry: Optional
     saved = _cached_baseline(cache, meta, "control")
     entry: dict[str, Any] = {"epochs": config.epochs, "path": str(cache)}
     if saved is not None:
-        try:
-            model.load_state_dict(saved["model"])
-        except (RuntimeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"the cached control {cache} does not fit {config.model}: {exc}; "
-                                  f"delete it to train anew") from exc
+        _restore_cached(model, saved, cache, "control", config.model)
         logger.info("control: reusing the baseline fine-tuned with the same recipe, cached in %s", cache)
         entry.update(source="cache", history=saved.get("history", []))
     else:

@@ -549,6 +549,9 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, *, batches: int = 
     Deterministic: the batches are a function of ``seed``. Returns the number of samples seen;
     the model is left in eval mode.
     """
+    # Not torch.optim.swa_utils.update_bn: it puts the whole model in train mode (dropout and
+    # stochastic depth on while the statistics are gathered), reads every batch of the loader
+    # it is given, and has no way to cap the batches or keep their order a function of the seed.
     layers = _batchnorm_layers(model)
     if not layers:
         return 0

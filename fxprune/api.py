@@ -18,7 +18,7 @@ import torch.nn as nn
 from .allocation import (CostModel, Policy, check_prunable, requests_pruning, unpruned_message,
                          warn_unmatched_ignore)
 from .cost import count_macs, count_params
-from .errors import FxPruneError, FxPruneWarning, InternalError
+from .errors import FxPruneError, FxPruneWarning, InternalError, describe_node
 from .groups import Analysis, Group, analyze, select_channels
 from .importance import Criterion, ScoringOptions, check_importance
 from .plan import GroupPlan, PruningPlan, make_plan
@@ -182,6 +182,10 @@ def _mismatch(copy_: nn.Module, pruned: torch.fx.GraphModule) -> Optional[str]:
     graph node for node (Python code reading a pruned size, e.g. ``out_channels``, traces into
     other constants). The same code over the same objects is the same function.
     """
+    hooks = [kind for kind in ("_forward_pre_hooks", "_forward_hooks") if getattr(copy_, kind, None)]
+    if hooks:
+        # fx traces the root's forward, not its __call__: the graph never ran these, the copy would.
+        return f"it has {' and '.join(h.strip('_') for h in hooks)} on the model itself, which the traced graph leaves out"
     for target in _targets(pruned):
         if operator.attrgetter(target)(copy_) is not operator.attrgetter(target)(pruned):
             return f"{target} in the copy is not the pruned module or tensor"
@@ -199,8 +203,8 @@ def _mismatch(copy_: nn.Module, pruned: torch.fx.GraphModule) -> Optional[str]:
     theirs, ours = list(retraced.graph.nodes), list(pruned.graph.nodes)
     for mine, want in zip(theirs, ours):
         if _node_key(mine) != _node_key(want):
-            return (f"its forward traces to {mine.format_node()} where the pruned graph has {want.format_node()} "
-                    "(Python code in forward reads a value that pruning changed, e.g. a channel count)")
+            return (f"its forward, traced again, has {mine.format_node()} where the pruned graph has "
+                    f"{describe_node(want)} (Python code in forward reads a value pruning changed, e.g. a channel count)")
     if len(theirs) != len(ours):
         return f"its forward traces to {len(theirs)} nodes, the pruned graph has {len(ours)}"
     if retraced.graph.python_code("self").src != pruned.graph.python_code("self").src:
@@ -221,6 +225,11 @@ def keep_class(model: Any, pruned: torch.fx.GraphModule) -> nn.Module:
     returned as is. Modes: the proof is in eval mode, the mode fxprune traces in; every module
     of the copy keeps the user's training flag.
 
+    Plain Python numbers the class keeps about widths (timm's ``num_features``) are not
+    rewritten: a method that builds a new layer from one (``reset_classifier``) builds it for
+    the original width. Prune with ``ignore=`` on the head to keep its input width where such
+    methods matter.
+
     >>> import torch, torch.nn as nn, fxprune
     >>> class Net(nn.Module):
     ...     def __init__(self):
@@ -235,43 +244,47 @@ def keep_class(model: Any, pruned: torch.fx.GraphModule) -> nn.Module:
     """
     if isinstance(model, torch.fx.GraphModule):
         return pruned
-    if not isinstance(model, nn.Module):
-        why = f"{type(model).__name__} is not an nn.Module"
-    else:
-        why = None
-        try:
-            pairs = _replacements(model, pruned)
-        except AttributeError as exc:
-            why = f"the pruned graph reads an attribute {type(model).__name__} does not have ({exc})"
-        if why is None:
-            # Seeding deepcopy's memo puts the pruned objects in place wherever the user's model
-            # refers to the originals (a module registered twice, a Python list of layers), and
-            # the large original tensors are never copied only to be dropped.
-            memo: Dict[int, Any] = {id(old): new for old, new in pairs.values()}
-            try:
-                kept = copy.deepcopy(model, memo)
-                for target, (_, new) in pairs.items():
-                    _place(kept, target, new)  # a class with its own __deepcopy__ ignores the memo
-            except Exception as exc:  # user code (__deepcopy__, __setattr__): any failure means no copy
-                why = f"copying {type(model).__name__} failed: {type(exc).__name__}: {exc}"
-            else:
-                why = _mismatch(kept, pruned)
-        if why is None:
-            modes = dict(model.named_modules(remove_duplicate=False))
-            for name, module in kept.named_modules(remove_duplicate=False):
-                if name in modes:
-                    module.training = modes[name].training  # pruned modules carry the root's mode
-            meta = getattr(kept, "meta", None)
-            if meta is None:
-                object.__setattr__(kept, "meta", {})
-            if isinstance(getattr(kept, "meta", None), dict):
-                kept.meta.update(pruned.meta)  # the plan, where a GraphModule keeps it
+    if isinstance(model, nn.Module):
+        kept, why = _class_copy(model, pruned)
+        if kept is not None:
             return kept
+    else:
+        why = f"{type(model).__name__} is not an nn.Module"
     warnings.warn(FxPruneWarning(
         f"keep_class=True: returning a GraphModule, not a {type(model).__name__}: {why}. Hint: the GraphModule "
         "computes the pruned model; to keep the class, make forward read no size fxprune changes "
         "(or make that module a leaf)"), stacklevel=3)
     return pruned
+
+
+def _class_copy(model: nn.Module, pruned: torch.fx.GraphModule) -> Tuple[Optional[nn.Module], str]:
+    """(the proven class copy, "") or (None, why not)."""
+    try:
+        pairs = _replacements(model, pruned)
+    except AttributeError as exc:
+        return None, f"the pruned graph reads an attribute {type(model).__name__} does not have ({exc})"
+    # Seeding deepcopy's memo puts the pruned objects in place wherever the user's model refers
+    # to the originals (a module registered twice, a Python list of layers), and the large
+    # original tensors are never copied only to be dropped.
+    memo: Dict[int, Any] = {id(old): new for old, new in pairs.values()}
+    try:
+        kept = copy.deepcopy(model, memo)
+        for target, (_, new) in pairs.items():
+            _place(kept, target, new)  # a class with its own __deepcopy__ ignores the memo
+    except Exception as exc:  # user code (__deepcopy__, __setattr__): any failure means no copy
+        return None, f"copying {type(model).__name__} failed: {type(exc).__name__}: {exc}"
+    why = _mismatch(kept, pruned)
+    if why is not None:
+        return None, why
+    modes = dict(model.named_modules(remove_duplicate=False))
+    for name, module in kept.named_modules(remove_duplicate=False):
+        if name in modes:
+            module.training = modes[name].training  # the pruned modules came with the root's mode
+    if getattr(kept, "meta", None) is None:
+        object.__setattr__(kept, "meta", {})
+    if isinstance(getattr(kept, "meta", None), dict):
+        kept.meta.update(pruned.meta)  # the plan, where a GraphModule keeps it
+    return kept, ""
 
 
 _keep_class_fn = keep_class  # prune()/apply() take a keep_class flag that hides the function's name

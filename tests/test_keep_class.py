@@ -76,6 +76,15 @@ def test_forward_reading_a_pruned_size_falls_back_with_a_warning() -> None:
     assert_equivalent(model, out, out.meta["fxprune_plan"], [X])  # the GraphModule is still right
 
 
+def test_a_hook_on_the_model_itself_falls_back() -> None:
+    """fx traces the root's forward, not its __call__: the GraphModule has no root hook, the copy would."""
+    model = torchvision.models.resnet18().eval()
+    model.register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.warns(FxPruneWarning, match=r"forward_hooks on the model itself"):
+        out = fxprune.prune(model, 0.5, keep_class=True)
+    assert isinstance(out, torch.fx.GraphModule)
+
+
 def test_graph_module_input_has_no_class_to_keep() -> None:
     gm = torch.fx.symbolic_trace(torchvision.models.resnet18())
     out = _no_warnings(fxprune.prune, gm, 0.5, keep_class=True)
@@ -121,3 +130,61 @@ def test_timm_model_keeps_its_class_and_methods() -> None:
     assert_equivalent(model, kept, kept.meta["fxprune_plan"], [x], example_inputs=[x])
     kept.reset_classifier(10)
     assert kept(x).shape == (1, 10)
+
+
+def test_timm_efficientnet_keeps_its_class() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientnet_b0", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # groups frozen by ops without a rule are another matter
+        kept = fxprune.prune(model, 0.3, keep_class=True, example_inputs=x)
+        assert_equivalent(model, kept, kept.meta["fxprune_plan"], [x], example_inputs=[x])
+    assert type(kept) is type(model) and kept.pretrained_cfg == model.pretrained_cfg
+    assert sum(p.numel() for p in kept.parameters()) < sum(p.numel() for p in model.parameters())
+    assert kept.forward_features(x).shape[:2] == model.forward_features(x).shape[:2]
+
+
+class Shared(nn.Module):
+    """One conv registered under two names and held in a Python list too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.alias = self.conv1
+        self.layers = [self.conv1]
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.alias(x)))
+
+
+def test_a_module_under_two_names_is_replaced_everywhere() -> None:
+    model = Shared().eval()
+    kept = _no_warnings(fxprune.prune, model, 0.5, keep_class=True)
+    assert type(kept) is Shared
+    assert kept.conv1 is kept.alias is kept.layers[0] and kept.conv1.out_channels == 4
+    assert_equivalent(model, kept, kept.meta["fxprune_plan"], [X])
+
+
+class RootScale(nn.Module):
+    """A per-channel parameter on the model itself, read directly (get_attr) by forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.register_buffer("shift", torch.randn(1, 8, 1, 1))
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x) * self.scale + self.shift))
+
+
+def test_root_parameters_and_buffers_are_sliced_in_place() -> None:
+    model = RootScale().eval()
+    kept = _no_warnings(fxprune.prune, model, 0.5, keep_class=True, example_inputs=X)
+    assert type(kept) is RootScale
+    assert isinstance(kept.scale, nn.Parameter) and kept.scale.shape == (1, 4, 1, 1)
+    assert "shift" in dict(kept.named_buffers()) and kept.shift.shape == (1, 4, 1, 1)
+    assert_equivalent(model, kept, kept.meta["fxprune_plan"], [X], example_inputs=[X])

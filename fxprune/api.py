@@ -182,6 +182,8 @@ def _mismatch(copy_: nn.Module, pruned: torch.fx.GraphModule) -> Optional[str]:
     graph node for node (Python code reading a pruned size, e.g. ``out_channels``, traces into
     other constants). The same code over the same objects is the same function.
     """
+    if type(copy_).__call__ is not nn.Module.__call__:
+        return f"{type(copy_).__name__} overrides __call__, which the traced graph (its forward) leaves out"
     hooks = [kind for kind in ("_forward_pre_hooks", "_forward_hooks") if getattr(copy_, kind, None)]
     if hooks:
         # fx traces the root's forward, not its __call__: the graph never ran these, the copy would.
@@ -266,7 +268,9 @@ def _class_copy(model: nn.Module, pruned: torch.fx.GraphModule) -> Tuple[Optiona
     # Seeding deepcopy's memo puts the pruned objects in place wherever the user's model refers
     # to the originals (a module registered twice, a Python list of layers), and the large
     # original tensors are never copied only to be dropped.
-    memo: Dict[int, Any] = {id(old): new for old, new in pairs.values()}
+    # Only modules and tensors: an id is unique to them, while a small int or str is shared
+    # by the interpreter and would be replaced wherever it occurs.
+    memo: Dict[int, Any] = {id(old): new for old, new in pairs.values() if isinstance(old, (nn.Module, torch.Tensor))}
     try:
         kept = copy.deepcopy(model, memo)
         for target, (_, new) in pairs.items():

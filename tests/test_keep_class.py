@@ -85,6 +85,26 @@ def test_a_hook_on_the_model_itself_falls_back() -> None:
     assert isinstance(out, torch.fx.GraphModule)
 
 
+class Calls(nn.Module):
+    """A class whose __call__ adds 1 after forward: fx traces forward only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().__call__(x) + 1
+
+
+def test_a_class_overriding_call_falls_back() -> None:
+    with pytest.warns(FxPruneWarning, match=r"overrides __call__"):
+        out = fxprune.prune(Calls().eval(), 0.5, keep_class=True)
+    assert isinstance(out, torch.fx.GraphModule)
+
+
 def test_graph_module_input_has_no_class_to_keep() -> None:
     gm = torch.fx.symbolic_trace(torchvision.models.resnet18())
     out = _no_warnings(fxprune.prune, gm, 0.5, keep_class=True)

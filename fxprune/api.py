@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -17,14 +18,14 @@ import torch.nn as nn
 from .allocation import (CostModel, Policy, check_prunable, requests_pruning, unpruned_message,
                          warn_unmatched_ignore)
 from .cost import count_macs, count_params
-from .errors import FxPruneError, FxPruneWarning, InternalError
+from .errors import FxPruneError, FxPruneWarning, InternalError, describe_node
 from .groups import Analysis, Group, analyze, select_channels
 from .importance import Criterion, ScoringOptions, check_importance
 from .plan import GroupPlan, PruningPlan, make_plan
 from .rewrite import rewrite
-from .trace import as_graph_module, propagate_shapes
+from .trace import as_graph_module, propagate_shapes, trace
 
-__all__ = ["prune", "plan", "apply", "find_groups", "analyze_model", "GroupList"]
+__all__ = ["prune", "plan", "apply", "find_groups", "analyze_model", "GroupList", "keep_class"]
 
 ModelLike = Union[nn.Module, torch.fx.GraphModule]
 
@@ -142,6 +143,155 @@ def find_groups(model: ModelLike, *, example_inputs: Any = None, ignore: Union[s
     ['conv1', 'layer1.0.conv2', 'layer1.1.conv2']
     """
     return GroupList(analyze_model(model, example_inputs=example_inputs, ignore=ignore, strict=strict).groups)
+
+
+# ------------------------------------------------------------------ keep_class: the user's own class back
+
+def _targets(gm: torch.fx.GraphModule) -> List[str]:
+    """Every module and attribute ``gm``'s graph reads, once each, in graph order."""
+    return list(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
+
+
+def _replacements(model: nn.Module, pruned: torch.fx.GraphModule) -> Dict[str, Tuple[Any, Any]]:
+    """``target -> (the user's object, the pruned one)`` for every module and attribute the graph reads.
+
+    A target ``model`` lacks raises AttributeError; keep_class turns that into a fallback.
+    """
+    return {t: (operator.attrgetter(t)(model), operator.attrgetter(t)(pruned)) for t in _targets(pruned)}
+
+
+def _place(root: nn.Module, target: str, value: Any) -> None:
+    """Set ``root.<target>`` to ``value`` (a submodule, parameter, buffer or plain attribute)."""
+    owner_path, _, name = target.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    if getattr(owner, name, None) is not value:
+        setattr(owner, name, value)  # nn.Module.__setattr__ files it under _modules/_parameters/_buffers
+
+
+def _node_key(node: torch.fx.Node) -> Tuple[Any, ...]:
+    """What a node computes, with its inputs named: equal keys over equal graphs are equal code."""
+    named = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: ("%node", n.name))
+    return (node.op, node.name, node.target, named)
+
+
+def _mismatch(copy_: nn.Module, pruned: torch.fx.GraphModule) -> Optional[str]:
+    """Why ``copy_`` is not provably the function of ``pruned`` (None: it is).
+
+    Two checks, both structural: every module and tensor the pruned graph reads is, in the
+    copy, the very same object; and the copy's own ``forward``, traced again, is the pruned
+    graph node for node (Python code reading a pruned size, e.g. ``out_channels``, traces into
+    other constants). The same code over the same objects is the same function.
+    """
+    if type(copy_).__call__ is not nn.Module.__call__:
+        return f"{type(copy_).__name__} overrides __call__, which the traced graph (its forward) leaves out"
+    hooks = [kind for kind in ("_forward_pre_hooks", "_forward_hooks") if getattr(copy_, kind, None)]
+    if hooks:
+        # fx traces the root's forward, not its __call__: the graph never ran these, the copy would.
+        return f"it has {' and '.join(h.strip('_') for h in hooks)} on the model itself, which the traced graph leaves out"
+    for target in _targets(pruned):
+        if operator.attrgetter(target)(copy_) is not operator.attrgetter(target)(pruned):
+            return f"{target} in the copy is not the pruned module or tensor"
+    modes = [(m, m.training) for m in copy_.modules()]
+    copy_.eval()  # the mode fxprune traced in; trace() would otherwise trace twice to compare modes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the first trace already said whatever this one would
+            retraced = trace(copy_)
+    except FxPruneError as exc:
+        return f"tracing the copy again failed: {exc}"
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    theirs, ours = list(retraced.graph.nodes), list(pruned.graph.nodes)
+    for mine, want in zip(theirs, ours):
+        if _node_key(mine) != _node_key(want):
+            return (f"its forward, traced again, has {mine.format_node()} where the pruned graph has "
+                    f"{describe_node(want)} (Python code in forward reads a value pruning changed, e.g. a channel count)")
+    if len(theirs) != len(ours):
+        return f"its forward traces to {len(theirs)} nodes, the pruned graph has {len(ours)}"
+    if retraced.graph.python_code("self").src != pruned.graph.python_code("self").src:
+        return "its forward traces to other generated code than the pruned graph's"
+    return None
+
+
+def keep_class(model: Any, pruned: torch.fx.GraphModule) -> nn.Module:
+    """``pruned`` as a copy of ``model``'s own class where that is provably the same function.
+
+    ``model`` is what was pruned, ``pruned`` the GraphModule fxprune built from it. For a plain
+    ``nn.Module`` the result is a deep copy of ``model`` (same class, methods and attributes:
+    a timm model keeps ``forward_features``, ``reset_classifier``, ``pretrained_cfg``) in which
+    every module and tensor the pruned graph reads is the pruned one. It is returned only when
+    the copy is proven to compute the pruned graph's function (same objects, and its forward
+    re-traced is the same graph); otherwise an :class:`fxprune.FxPruneWarning` says why and
+    ``pruned`` comes back. A GraphModule ``model`` has no other class to keep: ``pruned`` is
+    returned as is. Modes: the proof is in eval mode, the mode fxprune traces in; every module
+    of the copy keeps the user's training flag.
+
+    Plain Python numbers the class keeps about widths (timm's ``num_features``) are not
+    rewritten: a method that builds a new layer from one (``reset_classifier``) builds it for
+    the original width. Prune with ``ignore=`` on the head to keep its input width where such
+    methods matter.
+
+    >>> import torch, torch.nn as nn, fxprune
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+    ...     def forward(self, x):
+    ...         return self.b(torch.relu(self.a(x)))
+    >>> net = Net()
+    >>> small = fxprune.prune(net, 0.5, keep_class=True)
+    >>> type(small).__name__, small.a.out_channels, net.a.out_channels
+    ('Net', 4, 8)
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        return pruned
+    if isinstance(model, nn.Module):
+        kept, why = _class_copy(model, pruned)
+        if kept is not None:
+            return kept
+    else:
+        why = f"{type(model).__name__} is not an nn.Module"
+    warnings.warn(FxPruneWarning(
+        f"keep_class=True: returning a GraphModule, not a {type(model).__name__}: {why}. Hint: the GraphModule "
+        "computes the pruned model; to keep the class, make forward read no size fxprune changes "
+        "(or make that module a leaf)"), stacklevel=3)
+    return pruned
+
+
+def _class_copy(model: nn.Module, pruned: torch.fx.GraphModule) -> Tuple[Optional[nn.Module], str]:
+    """(the proven class copy, "") or (None, why not)."""
+    try:
+        pairs = _replacements(model, pruned)
+    except AttributeError as exc:
+        return None, f"the pruned graph reads an attribute {type(model).__name__} does not have ({exc})"
+    # Seeding deepcopy's memo puts the pruned objects in place wherever the user's model refers
+    # to the originals (a module registered twice, a Python list of layers), and the large
+    # original tensors are never copied only to be dropped.
+    # Only modules and tensors: an id is unique to them, while a small int or str is shared
+    # by the interpreter and would be replaced wherever it occurs.
+    memo: Dict[int, Any] = {id(old): new for old, new in pairs.values() if isinstance(old, (nn.Module, torch.Tensor))}
+    try:
+        kept = copy.deepcopy(model, memo)
+        for target, (_, new) in pairs.items():
+            _place(kept, target, new)  # a class with its own __deepcopy__ ignores the memo
+    except Exception as exc:  # user code (__deepcopy__, __setattr__): any failure means no copy
+        return None, f"copying {type(model).__name__} failed: {type(exc).__name__}: {exc}"
+    why = _mismatch(kept, pruned)
+    if why is not None:
+        return None, why
+    modes = dict(model.named_modules(remove_duplicate=False))
+    for name, module in kept.named_modules(remove_duplicate=False):
+        if name in modes:
+            module.training = modes[name].training  # the pruned modules came with the root's mode
+    if getattr(kept, "meta", None) is None:
+        object.__setattr__(kept, "meta", {})
+    if isinstance(getattr(kept, "meta", None), dict):
+        kept.meta.update(pruned.meta)  # the plan, where a GraphModule keeps it
+    return kept, ""
+
+
+_keep_class_fn = keep_class  # prune()/apply() take a keep_class flag that hides the function's name
 
 
 RatioArg = Union[None, float, Mapping[str, float]]
@@ -291,11 +441,11 @@ plan.__doc__ = (plan.__doc__ or "") + _OPTIONS_DOC
 
 
 def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = None,
-          strict: bool = False) -> torch.fx.GraphModule:
+          strict: bool = False, keep_class: bool = False) -> nn.Module:
     """Build the pruned GraphModule a plan describes (raises PlanMismatchError if it does not fit).
 
     A plan loaded with :meth:`PruningPlan.from_json` rebuilds the same architecture on a
-    fresh copy of the model it was made for.
+    fresh copy of the model it was made for. ``keep_class=True``: see :func:`prune`.
 
     >>> import torchvision, fxprune
     >>> m = torchvision.models.resnet18()
@@ -307,7 +457,7 @@ def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = 
         analysis = analyze_model(model, example_inputs=example_inputs, strict=strict)
         pruned = rewrite(analysis, pruning_plan, _inputs(example_inputs))
     pruned.meta["fxprune_plan"] = pruning_plan
-    return pruned
+    return _keep_class_fn(model, pruned) if keep_class else pruned
 
 
 def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "l1", example_inputs: Any = None,
@@ -316,7 +466,8 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
           loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0,
           global_ranking: bool = False, max_group_ratio: float = 0.9, default_ratio: float = 0.0,
           round_to: int = 1, min_channels: int = 1,
-          target_macs: Optional[float] = None, target_params: Optional[float] = None) -> torch.fx.GraphModule:
+          target_macs: Optional[float] = None, target_params: Optional[float] = None,
+          keep_class: bool = False) -> nn.Module:
     """Remove ``ratio`` of the channels of every prunable group; return a NEW, smaller GraphModule.
 
     ``model`` is a GraphModule or an ``nn.Module`` (traced for you); it is never modified. A
@@ -325,6 +476,10 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
     (names or glob patterns). Ops fxprune has no rule for freeze the groups they touch, with a
     warning (``strict=True``: raise :class:`fxprune.UnsupportedNodeError`). The plan that built
     the result is in ``pruned.meta["fxprune_plan"]``.
+
+    ``keep_class=True`` returns, where it is provably the same function, a copy of the user's
+    own class with the pruned layers in place instead of a GraphModule (see :func:`keep_class`);
+    where not, the GraphModule and an :class:`fxprune.FxPruneWarning` saying why.
 
     >>> import torch, torchvision, fxprune
     >>> model = torchvision.models.resnet18().eval()
@@ -347,7 +502,7 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
     if pruned is None:
         raise InternalError("prune() planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result
-    return pruned
+    return _keep_class_fn(model, pruned) if keep_class else pruned
 
 
 prune.__doc__ = (prune.__doc__ or "") + _OPTIONS_DOC

@@ -614,19 +614,32 @@ def get_baseline(session: _Session, *, on_epoch_end: Optional[Callable[[int, dic
                                                  "history": saved.get("history", [])}
     if cache.is_file():
         logger.info("baseline: the cache in %s was trained with other settings; training anew", cache)
-    started = time.perf_counter()
     # The checkpoint carries the baseline's whole key: resuming it under another --limit, data
     # set or model is refused, so the cache below is only ever written with its own settings.
-    result = train(model, data.train, _train_config(config, baseline=True), device=session.device,
-                   checkpoint=folder / "checkpoint.pt", resume=config.resume, ctx=ctx,
-                   on_epoch_end=on_epoch_end, fingerprint={"baseline": meta})
-    session.timings["baseline_train"] = time.perf_counter() - started
-    if ctx.is_main:
-        save_checkpoint({"format": _BASELINE_FORMAT, "meta": meta, "model": model.state_dict(),
-                         "history": result.history}, cache)
-    barrier(ctx)
+    result = _train_and_cache(session, model, _train_config(config, baseline=True), "baseline",
+                              _BASELINE_FORMAT, meta, cache, on_epoch_end=on_epoch_end)
     return model.eval(), {"source": "trained", "path": str(cache), "history": result.history,
                           "seconds": result.seconds}
+
+
+def _train_and_cache(session: _Session, model: nn.Module, train_cfg: TrainConfig, what: str, fmt: str,
+                     meta: Mapping[str, Any], cache: Path, *, teacher: Optional[nn.Module] = None,
+                     on_epoch_end: Optional[Callable[..., Any]] = None) -> Any:
+    """Train ``model`` (resumable from ``cache``'s folder, under ``meta`` as fingerprint) and cache it.
+
+    The baseline and the equal-training control are both cached this way: one trained model
+    per folder, stored with the key that determined it, written by the main process only.
+    """
+    started = time.perf_counter()
+    result = train(model, session.data.train, train_cfg, device=session.device, teacher=teacher,
+                   checkpoint=cache.parent / "checkpoint.pt", resume=session.config.resume, ctx=session.ctx,
+                   on_epoch_end=on_epoch_end, fingerprint={what: meta})
+    session.timings[f"{what}_train"] = time.perf_counter() - started
+    if session.ctx.is_main:
+        save_checkpoint({"format": fmt, "meta": meta, "model": model.state_dict(), "history": result.history},
+                        cache)
+    barrier(session.ctx)
+    return result
 
 
 def _restore_cached(model: nn.Module, saved: Mapping[str, Any], cache: Path, what: str, model_name: str) -> None:
@@ -709,16 +722,9 @@ def get_control(session: _Session, baseline: nn.Module, baseline_entry: Optional
         logger.info("control: fine-tuning the unpruned baseline with the pruned model's recipe (%d epoch%s)",
                     config.epochs, "" if config.epochs == 1 else "s")
         teacher = copy.deepcopy(baseline).eval() if config.distill else None
-        started = time.perf_counter()
         train_cfg = dataclasses.replace(_train_config(config, baseline=False), desc="control")
-        result = train(model, data.train, train_cfg, device=session.device, teacher=teacher,
-                       checkpoint=folder / "checkpoint.pt", resume=config.resume, ctx=ctx,
-                       on_epoch_end=on_epoch_end, fingerprint={"control": meta})
-        session.timings["control_train"] = time.perf_counter() - started
-        if ctx.is_main:
-            save_checkpoint({"format": _CONTROL_FORMAT, "meta": meta, "model": model.state_dict(),
-                             "history": result.history}, cache)
-        barrier(ctx)
+        result = _train_and_cache(session, model, train_cfg, "control", _CONTROL_FORMAT, meta, cache,
+                                  teacher=teacher, on_epoch_end=on_epoch_end)
         entry.update(source="trained", history=result.history, seconds=result.seconds)
     started = time.perf_counter()
     accuracy = evaluate_accuracy(model, data.test, classes=data.classes, batch_size=max(256, config.batch_size),

@@ -44,7 +44,7 @@ class GroupList(List[Group]):
 
 
 @contextlib.contextmanager
-def _few_threads() -> Iterator[None]:
+def few_threads() -> Iterator[None]:
     """Run the pass on one intra-op thread.
 
     The pass is hundreds of small, memory-bound kernels (norms, index_select). Measured on a
@@ -61,7 +61,7 @@ def _few_threads() -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def _inputs(example_inputs: Any) -> Optional[Tuple[Any, ...]]:
+def as_inputs(example_inputs: Any) -> Optional[Tuple[Any, ...]]:
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
@@ -74,7 +74,7 @@ def _inputs(example_inputs: Any) -> Optional[Tuple[Any, ...]]:
 _IGNORE_FORMS = "a module name or glob pattern (a str, e.g. 'fc' or 'layer4.*') or a list of them"
 
 
-def _ignore(ignore: Union[None, str, Iterable[str]]) -> Tuple[str, ...]:
+def check_ignore(ignore: Union[None, str, Iterable[str]]) -> Tuple[str, ...]:
     """``ignore=`` as a tuple of patterns; anything else is a clear error before any work."""
     if ignore is None:
         return ()
@@ -113,8 +113,8 @@ def _check_arity(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
 def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union[str, Iterable[str]] = (),
                   strict: bool = False) -> Analysis:
     """Trace if needed and analyse a private copy of the graph (modules are shared, read-only)."""
-    inputs = _inputs(example_inputs)
-    patterns = _ignore(ignore)  # bad arguments fail before any tracing
+    inputs = as_inputs(example_inputs)
+    patterns = check_ignore(ignore)  # bad arguments fail before any tracing
     gm = as_graph_module(model)
     if gm is model:
         # The caller's graph: metadata goes on the nodes of our own copy. Submodules are
@@ -329,8 +329,8 @@ _OPTIONS_DOC = """
 """
 
 
-def _policy(ratio: RatioArg, *, global_ranking: bool, max_group_ratio: float, default_ratio: float, round_to: int,
-            min_channels: int, target_macs: Optional[float], target_params: Optional[float]) -> Policy:
+def make_policy(ratio: RatioArg, *, global_ranking: bool, max_group_ratio: float, default_ratio: float, round_to: int,
+                min_channels: int, target_macs: Optional[float], target_params: Optional[float]) -> Policy:
     policy = Policy(ratio=ratio, default_ratio=default_ratio, global_ranking=global_ranking,
                     max_group_ratio=max_group_ratio, round_to=round_to, min_channels=min_channels,
                     target_macs=target_macs, target_params=target_params)
@@ -353,17 +353,17 @@ def _exact_measure(analysis: Analysis, inputs: Optional[Tuple[Any, ...]]) -> Cal
     return measure
 
 
-def _decide(model: ModelLike, *, importance: Importance, example_inputs: Any, ignore: Any,
-            strict: bool, calibration: Optional[Iterable[Any]], calibration_batches: Optional[int],
-            loss_fn: Optional[Callable[..., Any]], seed: int, policy: Policy, build: bool,
-            keep_counts: Optional[Mapping[str, int]] = None,
-            explain: bool = True) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
+def decide(model: ModelLike, *, importance: Importance, example_inputs: Any, ignore: Any,
+           strict: bool, calibration: Optional[Iterable[Any]], calibration_batches: Optional[int],
+           loss_fn: Optional[Callable[..., Any]], seed: int, policy: Policy, build: bool,
+           keep_counts: Optional[Mapping[str, int]] = None,
+           explain: bool = True) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
     """Analyse, plan and (with ``build`` or a target to verify) rewrite: the body of plan()/prune().
 
     ``explain``: warn when nothing can be or was pruned (``strict``: raise on a layer fxprune
     cannot see); iterative pruning turns it off and explains once for all its steps.
     """
-    inputs = _inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     if policy.target_macs is not None and inputs is None:
         raise FxPruneError(f"target_macs={policy.target_macs} needs example_inputs=(x,) to count MACs on "
                            "(a batch the model's forward accepts, e.g. torch.randn(1, 3, 224, 224))")
@@ -428,12 +428,12 @@ def plan(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "
     >>> len(p.keep("layer1.0.conv1"))
     32
     """
-    policy = _policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
-                     round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
-    with _few_threads():
-        result, _ = _decide(model, importance=importance, example_inputs=example_inputs, ignore=_ignore(ignore),
-                            strict=strict, calibration=calibration, calibration_batches=calibration_batches,
-                            loss_fn=loss_fn, seed=seed, policy=policy, build=False)
+    policy = make_policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
+                         round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
+    with few_threads():
+        result, _ = decide(model, importance=importance, example_inputs=example_inputs, ignore=check_ignore(ignore),
+                           strict=strict, calibration=calibration, calibration_batches=calibration_batches,
+                           loss_fn=loss_fn, seed=seed, policy=policy, build=False)
     return result
 
 
@@ -453,9 +453,9 @@ def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = 
     >>> pruned.get_submodule("layer1.0.conv1").out_channels
     44
     """
-    with _few_threads():
+    with few_threads():
         analysis = analyze_model(model, example_inputs=example_inputs, strict=strict)
-        pruned = rewrite(analysis, pruning_plan, _inputs(example_inputs))
+        pruned = rewrite(analysis, pruning_plan, as_inputs(example_inputs))
     pruned.meta["fxprune_plan"] = pruning_plan
     return _keep_class_fn(model, pruned) if keep_class else pruned
 
@@ -492,13 +492,13 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
     >>> half.meta["fxprune_plan"].policy["achieved_macs"] <= 0.5
     True
     """
-    policy = _policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
-                     round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
-    with _few_threads():
-        result, pruned = _decide(model, importance=importance, example_inputs=example_inputs,
-                                 ignore=_ignore(ignore), strict=strict, calibration=calibration,
-                                 calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed,
-                                 policy=policy, build=True)
+    policy = make_policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
+                         round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
+    with few_threads():
+        result, pruned = decide(model, importance=importance, example_inputs=example_inputs,
+                                ignore=check_ignore(ignore), strict=strict, calibration=calibration,
+                                calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed,
+                                policy=policy, build=True)
     if pruned is None:
         raise InternalError("prune() planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result

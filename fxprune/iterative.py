@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .allocation import (NOTHING_PRUNABLE, NOTHING_PRUNED, UNMATCHED_IGNORE, Policy, allocate, check_prunable,
                          requests_pruning, unpruned_message)
-from .api import ModelLike, RatioArg, _decide, _few_threads, _ignore, _inputs, _policy, analyze_model
+from .api import ModelLike, RatioArg, decide, few_threads, check_ignore, as_inputs, make_policy, analyze_model
 from .cost import count_macs, count_params
 from .importance import check_importance
 from .errors import FxPruneError, FxPruneWarning, InternalError
@@ -89,19 +89,19 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if finetune is not None and not callable(finetune):
         raise FxPruneError(f"finetune must be a callable (model, step) -> model or None, got {type(finetune).__name__}")
-    policy = _policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
-                     round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
-    inputs = _inputs(example_inputs)
+    policy = make_policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
+                         round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
+    inputs = as_inputs(example_inputs)
     if policy.target_macs is not None and inputs is None:
         raise FxPruneError(f"target_macs={policy.target_macs} needs example_inputs=(x,) to count MACs on")
-    ignore_t = _ignore(ignore)
+    ignore_t = check_ignore(ignore)
     check_importance(importance)
     common: Dict[str, Any] = dict(importance=importance, example_inputs=inputs, ignore=ignore_t, strict=strict,
                                   calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn,
                                   seed=seed, round_to=round_to, min_channels=min_channels)
 
     original = as_graph_module(model)
-    with _few_threads():
+    with few_threads():
         analysis0 = analyze_model(original, example_inputs=inputs, ignore=ignore_t, strict=strict)
         base_macs = count_macs(original, inputs) if policy.target_macs is not None else None
     base_params = count_params(original)
@@ -119,26 +119,26 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
                 kwargs: Dict[str, Any] = dict(global_ranking=global_ranking, max_group_ratio=max_group_ratio)
                 if policy.target_macs is not None:
                     goal = (1.0 - (1.0 - policy.target_macs) * frac) * float(base_macs or 0)
-                    with _few_threads():
+                    with few_threads():
                         now_macs = count_macs(current, inputs)
                     kwargs["target_macs"] = min(1.0, goal / max(1, now_macs))
                 if policy.target_params is not None:
                     goal = (1.0 - (1.0 - policy.target_params) * frac) * base_params
                     kwargs["target_params"] = min(1.0, goal / max(1, count_params(current)))
-                pruned = _step(current, _policy(None, default_ratio=0.0, target_macs=kwargs.get("target_macs"),
-                                                target_params=kwargs.get("target_params"), global_ranking=global_ranking,
-                                                max_group_ratio=max_group_ratio, round_to=round_to,
-                                                min_channels=min_channels), common)
+                pruned = _step(current, make_policy(None, default_ratio=0.0, target_macs=kwargs.get("target_macs"),
+                                                    target_params=kwargs.get("target_params"), global_ranking=global_ranking,
+                                                    max_group_ratio=max_group_ratio, round_to=round_to,
+                                                    min_channels=min_channels), common)
             elif policy.global_ranking:
                 if not isinstance(policy.ratio, float):
                     raise InternalError(f"global ranking with ratio {policy.ratio!r} passed validation")
-                with _few_threads():
+                with few_threads():
                     now = sum(g.size for g in analyze_model(current, ignore=ignore_t).groups if g.prunable)
                 want = int(total0 * (1.0 - policy.ratio * frac))
                 step_ratio = min(max(0.0, 1.0 - want / max(1, now)), 0.999999)
-                pruned = _step(current, _policy(step_ratio, global_ranking=True, max_group_ratio=max_group_ratio,
-                                                default_ratio=0.0, round_to=round_to, min_channels=min_channels,
-                                                target_macs=None, target_params=None), common)
+                pruned = _step(current, make_policy(step_ratio, global_ranking=True, max_group_ratio=max_group_ratio,
+                                                    default_ratio=0.0, round_to=round_to, min_channels=min_channels,
+                                                    target_macs=None, target_params=None), common)
             else:
                 scaled: Any
                 if isinstance(policy.ratio, Mapping):
@@ -180,11 +180,11 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
 def _step(model: nn.Module, policy: Policy, common: Mapping[str, Any],
           keep: Optional[Mapping[str, int]] = None) -> torch.fx.GraphModule:
     """One step: prune ``model`` under ``policy`` (or to the ``keep`` counts per group key), without explaining."""
-    with _few_threads():
-        result, pruned = _decide(model, importance=common["importance"], example_inputs=common["example_inputs"],
-                                 ignore=common["ignore"], strict=common["strict"], calibration=common["calibration"],
-                                 calibration_batches=common["calibration_batches"], loss_fn=common["loss_fn"],
-                                 seed=common["seed"], policy=policy, build=True, keep_counts=keep, explain=False)
+    with few_threads():
+        result, pruned = decide(model, importance=common["importance"], example_inputs=common["example_inputs"],
+                                ignore=common["ignore"], strict=common["strict"], calibration=common["calibration"],
+                                calibration_batches=common["calibration_batches"], loss_fn=common["loss_fn"],
+                                seed=common["seed"], policy=policy, build=True, keep_counts=keep, explain=False)
     if pruned is None:
         raise InternalError("an iterative step planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result

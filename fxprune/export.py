@@ -188,6 +188,29 @@ _FUNCTIONS: Dict[Any, Tuple[str, Any]] = {
     aten.clone.default: ("call_method", "clone"),
 }
 
+# Channel splits and slices: the split rules follow each piece of the channel dim and rewrite
+# the sizes or bounds from the kept counts. Same argument order as the torch forms.
+_SPLIT_FUNCTIONS: Dict[Any, Tuple[str, Any]] = {
+    aten.split.Tensor: ("call_function", torch.split),
+    aten.split_with_sizes.default: ("call_function", torch.split),
+    aten.chunk.default: ("call_function", torch.chunk),
+    aten.tensor_split.sections: ("call_function", torch.tensor_split),
+    aten.tensor_split.indices: ("call_function", torch.tensor_split),
+    aten.narrow.default: ("call_function", torch.narrow),
+    aten.unbind.int: ("call_function", torch.unbind),
+}
+_FUNCTIONS.update(_SPLIT_FUNCTIONS)
+
+
+def _lift_slice(node: torch.fx.Node) -> Tuple[Any, Tuple[Any, ...]]:
+    """``aten.slice.Tensor(x, dim, start, end, step)`` as ``x[..., start:end:step, ...]`` (getitem)."""
+    bound = _bind(node)
+    dim, step = int(bound["dim"]), bound["step"]
+    cut = slice(bound["start"], bound["end"], None if step in (None, 1) else step)
+    index = (slice(None),) * dim + (cut,) if dim >= 0 else (Ellipsis, cut) + (slice(None),) * (-dim - 1)
+    return bound["self"], index
+
+
 # In-place activations ATen spells with a trailing underscore but Python spells with
 # ``inplace=True`` (the rule table knows the functional form).
 _INPLACE_KW: Dict[Any, Callable[..., Any]] = {
@@ -402,6 +425,9 @@ class _Lifter:
             elif node.op == "call_function" and _is_aten(node.target) and \
                     node.target.__name__.split(".")[0] in _DROPPED and not node.users:
                 continue
+            elif node.op == "call_function" and node.target is aten.slice.Tensor:
+                x, index = _lift_slice(node)
+                new = graph.create_node("call_function", operator.getitem, (env[x], index), {}, node.name)
             elif node.op == "call_function" and node.target in _FUNCTIONS:
                 kind, target = _FUNCTIONS[node.target]
                 args, kwargs = remap(node.args), remap(node.kwargs)

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe_node, target_name, InternalError
 from .graph import to_networkx, walk
-from .rules import Layout, TupleLayout, lookup_rule, output_rank
+from .rules import ARG_REWRITE, ArgPatch, ArgRewrite, Layout, TupleLayout, lookup_rule, output_rank
 from .trace import node_shape
 
 __all__ = [
@@ -187,6 +187,12 @@ class _Engine:
         self.ranks: Dict[str, Optional[int]] = {}  # rank of tensors without a layout, where an op fixes it
         self.static: Dict[str, Any] = {}  # meta-device values of parameter-only expressions
         self.refusals: List[Tuple[torch.fx.Node, List[Layout], str, Optional[str]]] = []
+        # Channel splits: raw group -> the raw groups it concatenates, each at its offset. A
+        # group may be cut more than once (and differently); _atoms() reconciles the cuts.
+        self.parts: List[Tuple[int, Tuple[Tuple[int, int], ...]]] = []
+        # Argument rewrites rules declared, by node name (raw group ids until _result).
+        self.arg_patches: Dict[str, List[ArgPatch]] = {}
+        self.arg_targets: Dict[str, Any] = {}
 
     # --- RuleContext
     def layout(self, arg: Any) -> Optional[Layout]:
@@ -297,6 +303,48 @@ class _Engine:
             raise InternalError(f"blocks required of a {len(layout.groups)}-group layout at {node.name}")
         if blocks > 1:
             self.blocks.setdefault(layout.groups[0], []).append((blocks, reason))
+
+    def split(self, node: torch.fx.Node, layout: Layout, sizes: Sequence[int]) -> List[Layout]:
+        """The layouts of consecutive pieces of ``layout``'s channels, ``sizes`` channels each.
+
+        A piece boundary inside a group cuts it: the group becomes the concatenation of new
+        groups (its *parts*, recorded in ``self.parts``), which the pieces then carry. The
+        analysis resolves every cut at the end (:meth:`_atoms`), so the producer's channels are
+        the concatenation of the pieces' groups and each piece keeps its own count.
+        """
+        if sum(sizes) != layout.channels or any(s < 0 for s in sizes) or layout.block != 1:
+            raise InternalError(f"split of {layout.channels} channels into {list(sizes)} at {node.name}")
+        bounds, at = set(), 0
+        for size in sizes:
+            at += size
+            bounds.add(at)
+        segments: List[Tuple[int, int, int]] = []  # (raw group, size, position), zero sizes left out
+        pos = 0
+        for gid, size in zip(layout.groups, layout.sizes):
+            inner = sorted(b - pos for b in bounds if pos < b < pos + size)
+            if not inner:
+                if size:
+                    segments.append((gid, size, pos))
+            else:
+                edges = [0] + inner + [size]
+                parts = []
+                for lo, hi in zip(edges, edges[1:]):
+                    part = self._new_group(hi - lo)
+                    parts.append((part, lo))
+                    segments.append((part, hi - lo, pos + lo))
+                self.parts.append((gid, tuple(parts)))
+            pos += size
+        pieces, start = [], 0
+        for size in sizes:
+            inside = [(g, s) for g, s, p in segments if start <= p < start + size]
+            pieces.append(Layout(tuple(g for g, _ in inside), tuple(s for _, s in inside), layout.dim, layout.rank, 1))
+            start += size
+        return pieces
+
+    def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None:
+        self.arg_patches.setdefault(node.name, []).append(patch)
+        if target is not None:
+            self.arg_targets[node.name] = target
 
     def unify(self, node: torch.fx.Node, layouts: Sequence[Layout]) -> Optional[Layout]:
         return self._unify(node.name, layouts)
@@ -497,26 +545,77 @@ class _Engine:
                 self._unify(f"tied weights of {', '.join(names)}", present)
 
     # --- the result
+    def _atoms(self) -> Dict[int, List[Tuple[Any, int]]]:
+        """Every union-find class's channels as consecutive *atoms*: ``[(atom, size), ...]``.
+
+        Without splits a class is one atom. A split cuts a group into parts; tied groups
+        (one class) must be cut at the same places, and a part's cuts are its parent's cuts
+        inside it and vice versa, so the cuts are propagated to a fixed point. Then atom ``k``
+        of a part is atom ``j`` of its parent at the same channels: those are united, and each
+        united set of atoms is one final group.
+        """
+        cuts: Dict[int, set] = {}
+        changed = True
+        while changed:  # terminates: cuts only grow, within (0, size) of each class
+            changed = False
+            for parent, parts in self.parts:
+                whole = cuts.setdefault(self.union[parent], set())
+                size = self.sizes[parent]
+                for part, offset in parts:
+                    inner = cuts.setdefault(self.union[part], set())
+                    width = self.sizes[part]
+                    up = {c for c in {offset, offset + width} | {offset + c for c in inner} if 0 < c < size} - whole
+                    if up:
+                        whole |= up
+                        changed = True
+                    down = {c - offset for c in whole if offset < c < offset + width} - inner
+                    if down:
+                        inner |= down
+                        changed = True
+        intervals: Dict[int, List[Tuple[int, int]]] = {}
+        for gid in range(len(self.sizes)):
+            root = self.union[gid]
+            if root not in intervals:
+                edges = [0] + sorted(cuts.get(root, ())) + [self.sizes[gid]]
+                intervals[root] = [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+        atoms = nx.utils.UnionFind()
+        for parent, parts in self.parts:
+            whole = self.union[parent]
+            starts = {lo: k for k, (lo, _) in enumerate(intervals[whole])}
+            for part, offset in parts:
+                root = self.union[part]
+                for k, (lo, _) in enumerate(intervals[root]):
+                    atoms.union((root, k), (whole, starts[offset + lo]))
+        return {root: [(atoms[(root, k)], hi - lo) for k, (lo, hi) in enumerate(spans)]
+                for root, spans in intervals.items()}
+
     def _result(self) -> Analysis:
         # Final group indices, in order of first appearance. A group of zero channels (a
         # layer with no outputs) has nothing to prune or keep: it forms no group, and its
-        # zero-width segments are left out of slots and node metadata.
-        roots: Dict[int, int] = {}
+        # zero-width segments are left out of slots and node metadata. A group a split cut
+        # becomes the concatenation of its atoms' groups wherever it appears.
+        atoms = self._atoms()
+        roots: Dict[Any, int] = {}
         for gid in range(len(self.sizes)):
-            if self.sizes[gid] > 0:
-                roots.setdefault(self.union[gid], len(roots))
-        empty = {gid for gid in range(len(self.sizes)) if self.sizes[gid] == 0}
+            for atom, _ in atoms[self.union[gid]]:
+                roots.setdefault(atom, len(roots))
+        final: Dict[int, Tuple[Tuple[int, int], ...]] = {
+            gid: tuple((roots[atom], size) for atom, size in atoms[self.union[gid]]) for gid in range(len(self.sizes))}
+
+        def expand(groups: Iterable[int]) -> Tuple[Tuple[int, int], ...]:
+            return tuple(seg for g in groups for seg in final[g])
+
         reasons: Dict[int, List[str]] = {}
         for gid, why in self.frozen.items():
-            if gid not in empty:
-                reasons.setdefault(roots[self.union[gid]], []).extend(why)
-        sizes = {roots[self.union[g]]: s for g, s in enumerate(self.sizes) if g not in empty}
-        blocks = self._resolve_blocks(roots, sizes, reasons)
-        members: Dict[int, List[Member]] = {i: [] for i in roots.values()}
+            for idx, _ in final[gid]:
+                reasons.setdefault(idx, []).extend(why)
+        sizes = {idx: s for gid in range(len(self.sizes)) for idx, s in final[gid]}
+        blocks = self._resolve_blocks(final, sizes, reasons)
+        members: Dict[int, List[Member]] = {i: [] for i in range(len(roots))}
         slots: Dict[Tuple[str, str], Slot] = {}
         for key in self.slot_order:
             lay = self.slot_layouts[key]
-            segments = tuple((roots[self.union[g]], s) for g, s in zip(lay.groups, lay.sizes) if g not in empty)
+            segments = expand(lay.groups)
             slots[key] = Slot(key[0], key[1], segments, int(lay.block or 1))
             offset = 0
             for idx, size in segments:
@@ -524,18 +623,24 @@ class _Engine:
                 offset += size
         tensors: Dict[str, TensorSlot] = {}
         for target, (dim, lay) in self.tensor_layouts.items():
-            segments = tuple((roots[self.union[g]], s) for g, s in zip(lay.groups, lay.sizes) if g not in empty)
-            tensors[target] = TensorSlot(target, dim, segments)
+            tensors[target] = TensorSlot(target, dim, expand(lay.groups))
         for node in self.gm.graph.nodes:
             lay = self.layouts.get(node.name)
             if lay is not None:
-                node.meta["fxprune_groups"] = tuple(roots[self.union[g]] for g in lay.groups if g not in empty)
+                node.meta["fxprune_groups"] = tuple(idx for idx, _ in expand(lay.groups))
+            node.meta.pop(ARG_REWRITE, None)  # a stale one from an earlier analysis of this graph
+            if node.name in self.arg_patches:
+                rewrite = ArgRewrite(tuple(self.arg_patches[node.name]), self.arg_targets.get(node.name))
+                node.meta[ARG_REWRITE] = rewrite.map_groups(lambda gs: tuple(idx for idx, _ in expand(gs)))
         candidates = []
         for idx in range(len(roots)):
             mems = members[idx]
-            producers = [m.module for m in mems if m.role == "out"]
+            producers = [m for m in mems if m.role == "out"]
             if producers:
-                candidates.append((producers[0], f"{producers[0]}@{idx}"))
+                # A piece of a split producer is named by where it starts in the producer's rows.
+                first = producers[0]
+                name = first.module if first.offset == 0 else f"{first.module}@{first.offset}"
+                candidates.append((name, f"{first.module}@{idx}"))
             elif mems:
                 first = mems[0]
                 candidates.append((f"{first.module}:{first.role}", f"{first.module}:{first.role}@{first.offset}"))
@@ -548,17 +653,22 @@ class _Engine:
             groups.append(Group(idx, keys[idx], sizes[idx], tuple(members[idx]), bool(why), why, blocks.get(idx, 1)))
         return Analysis(self.gm, groups, slots, list(self.messages), tensors)
 
-    def _resolve_blocks(self, roots: Dict[int, int], sizes: Dict[int, int], reasons: Dict[int, List[str]]) -> Dict[int, int]:
+    def _resolve_blocks(self, final: Dict[int, Tuple[Tuple[int, int], ...]], sizes: Dict[int, int],
+                        reasons: Dict[int, List[str]]) -> Dict[int, int]:
         """Blocks per final group: the lcm of every grouped conv's demand on its members.
 
         Equal counts in each of lcm(G1, G2) blocks imply equal counts in each of G1 and of G2
-        blocks (the blocks nest), and the lcm divides the size since each G does.
+        blocks (the blocks nest), and the lcm divides the size since each G does. A group a
+        split cut into pieces has blocks across pieces: not modelled, so it stays whole.
         """
         demands: Dict[int, List[Tuple[int, str]]] = {}
         for gid, reqs in self.blocks.items():
-            if self.sizes[gid] == 0:
+            if len(final[gid]) > 1:
+                for idx, _ in final[gid]:
+                    reasons.setdefault(idx, []).extend(f"{why} reads channels a split cuts" for _, why in reqs)
                 continue
-            demands.setdefault(roots[self.union[gid]], []).extend(reqs)
+            for idx, _ in final[gid]:
+                demands.setdefault(idx, []).extend(reqs)
         out: Dict[int, int] = {}
         for idx, reqs in demands.items():
             total = math.lcm(*(b for b, _ in reqs))

@@ -22,9 +22,10 @@ import torch.nn as nn
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
 from .plan import PruningPlan, resolve
+from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
 from .trace import propagate_shapes
 
-__all__ = ["rewrite", "register_builder", "slot_indices"]
+__all__ = ["rewrite", "register_builder", "slot_indices", "apply_arg_rewrites"]
 
 Indices = Optional[torch.Tensor]  # None: that dimension is unchanged
 Builder = Callable[[nn.Module, Dict[str, Indices]], nn.Module]
@@ -232,6 +233,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         else:
             root[target] = copy.deepcopy(original)
 
+    apply_arg_rewrites(graph, kept)
     for node in graph.nodes:
         # Shapes recorded before pruning are wrong now; they come back below if inputs allow.
         node.meta.pop("tensor_meta", None)
@@ -266,6 +268,62 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
                                 f"{exc.__cause__ or exc}") from exc
         _check_channels(new)
     return new
+
+
+def apply_arg_rewrites(graph: torch.fx.Graph, kept: Dict[int, List[int]]) -> None:
+    """Patch the arguments of ``graph``'s nodes (a NEW graph) that follow the kept channels.
+
+    The analysis left an :class:`fxprune.rules.ArgRewrite` in ``node.meta[ARG_REWRITE]`` of
+    each node whose arguments count channels (split sizes, slice bounds, a view's literal
+    channel count); each patch is evaluated on the kept counts and written where its path
+    says. A node whose arguments do not change is left exactly as it was (target included).
+    The record is then dropped: its group indices mean nothing to a later analysis.
+    """
+    counts = {g: len(k) for g, k in kept.items()}
+    for node in graph.nodes:
+        rewrite = node.meta.pop(ARG_REWRITE, None)
+        if rewrite is None:
+            continue
+        if not isinstance(rewrite, ArgRewrite):
+            raise InternalError(f"node {node.format_node()} carries {type(rewrite).__name__} under {ARG_REWRITE!r}")
+        args, kwargs = node.args, dict(node.kwargs)
+        changed = False
+        for patch in rewrite.patches:
+            new = evaluate_arg(patch.value, counts)
+            old = _at(args, kwargs, patch.path, node)
+            if old != new:
+                args, kwargs = _put(args, kwargs, patch.path, new)
+                changed = True
+        if changed:
+            node.args, node.kwargs = args, kwargs
+            if rewrite.target is not None:
+                node.target = rewrite.target
+
+
+def _at(args: Tuple[Any, ...], kwargs: Dict[str, Any], path: Tuple[Any, ...], node: torch.fx.Node) -> Any:
+    try:
+        value: Any = kwargs[path[0]] if isinstance(path[0], str) else args[path[0]]
+        for step in path[1:]:
+            value = value[step]
+    except (IndexError, KeyError, TypeError) as exc:
+        raise InternalError(f"argument rewrite at {path} does not fit {node.format_node()}") from exc
+    return value
+
+
+def _replaced(container: Any, step: Any, rest: Tuple[Any, ...], new: Any) -> Any:
+    """``container`` (a list or tuple) with ``container[step]`` replaced along ``rest``."""
+    items = list(container)
+    items[step] = new if not rest else _replaced(items[step], rest[0], rest[1:], new)
+    return type(container)(items) if isinstance(container, (list, tuple)) else items
+
+
+def _put(args: Tuple[Any, ...], kwargs: Dict[str, Any], path: Tuple[Any, ...], new: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    head, rest = path[0], path[1:]
+    if isinstance(head, str):
+        kwargs = dict(kwargs)
+        kwargs[head] = new if not rest else _replaced(kwargs[head], rest[0], rest[1:], new)
+        return args, kwargs
+    return tuple(_replaced(tuple(args), head, rest, new)), kwargs
 
 
 def _sliced_tensor(original: Any, tslot: TensorSlot, kept: Dict[int, List[int]],

@@ -30,7 +30,7 @@ import builtins
 import math
 import operator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -40,6 +40,13 @@ import torch.nn.functional as F
 __all__ = [
     "Layout",
     "TupleLayout",
+    "ARG_REWRITE",
+    "ChannelCount",
+    "Pieces",
+    "Bounds",
+    "ArgPatch",
+    "ArgRewrite",
+    "evaluate_arg",
     "RuleContext",
     "Rule",
     "register_rule",
@@ -101,6 +108,139 @@ class TupleLayout:
         return found + ([self.default] if self.default is not None else [])
 
 
+# --------------------------------------------------------------------------- argument rewrites
+
+# node.meta key of the :class:`ArgRewrite` the analysis resolved for a node (final group indices).
+ARG_REWRITE = "fxprune_args"
+
+
+@dataclass(frozen=True)
+class ChannelCount:
+    """An int argument that counts channels: ``block`` times the kept channels of ``groups``.
+
+    A rule builds it from a layout (raw group ids; the analysis resolves them to final groups,
+    a group cut by a split into several). Repeats count twice (``cat([a, a])``).
+    """
+
+    groups: Tuple[int, ...]
+    block: int = 1
+
+    @classmethod
+    def of(cls, layouts: Sequence[Layout], block: int = 1) -> "ChannelCount":
+        return cls(tuple(g for lay in layouts for g in lay.groups), block)
+
+    def evaluate(self, counts: Mapping[int, int]) -> int:
+        return self.block * sum(counts[g] for g in self.groups)
+
+
+def _chunk_sizes(total: int, chunks: int) -> List[int]:
+    """The piece sizes ``torch.chunk`` gives (ceil-sized pieces, possibly fewer than asked)."""
+    if total <= 0 or chunks <= 0:
+        return []
+    each = -(-total // chunks)
+    return [min(each, total - start) for start in range(0, total, each)]
+
+
+def _split_sizes(total: int, size: int) -> List[int]:
+    return [min(size, total - start) for start in range(0, total, size)] if size > 0 else []
+
+
+def _tensor_split_sizes(total: int, sections: int) -> List[int]:
+    each, extra = divmod(total, sections)
+    return [each + (i < extra) for i in range(sections)] if sections > 0 else []
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """The piece-size argument of a channel ``split`` / ``chunk`` / ``tensor_split``.
+
+    ``counts``: each piece's channels. ``original``: the argument as written; it is kept where
+    it still describes the pieces (equal pieces of ``chunk(n)``), else the explicit form is
+    written: split sizes (``chunk`` becomes ``split``, see :attr:`ArgRewrite.target`) or, for
+    ``tensor_split``, the cut indices.
+    """
+
+    counts: Tuple[ChannelCount, ...]
+    form: str  # "chunk" | "split" | "tensor_split"
+    original: Any
+
+    def evaluate(self, counts: Mapping[int, int]) -> Any:
+        sizes = [c.evaluate(counts) for c in self.counts]
+        total = sum(sizes)
+        if isinstance(self.original, int) and not isinstance(self.original, bool):
+            implied = {"chunk": _chunk_sizes, "split": _split_sizes, "tensor_split": _tensor_split_sizes}[self.form]
+            if implied(total, self.original) == sizes:
+                return self.original
+        if self.form == "tensor_split":
+            cuts, at = [], 0
+            for size in sizes[:-1]:
+                at += size
+                cuts.append(at)
+            return cuts
+        return sizes
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A slice along the channel dim: each bound an int or None kept as written, or a count."""
+
+    start: Any
+    stop: Any
+    step: Any = None
+
+    def evaluate(self, counts: Mapping[int, int]) -> slice:
+        return slice(evaluate_arg(self.start, counts), evaluate_arg(self.stop, counts), self.step)
+
+
+def evaluate_arg(value: Any, counts: Mapping[int, int]) -> Any:
+    """The argument ``value`` stands for when group ``g`` keeps ``counts[g]`` channels."""
+    if isinstance(value, (ChannelCount, Pieces, Bounds)):
+        return value.evaluate(counts)
+    return value
+
+
+def _map_value(value: Any, fn: Callable[[Tuple[int, ...]], Tuple[int, ...]]) -> Any:
+    if isinstance(value, ChannelCount):
+        return replace(value, groups=fn(value.groups))
+    if isinstance(value, Pieces):
+        return replace(value, counts=tuple(_map_value(c, fn) for c in value.counts))
+    if isinstance(value, Bounds):
+        return Bounds(_map_value(value.start, fn), _map_value(value.stop, fn), value.step)
+    return value
+
+
+@dataclass(frozen=True)
+class ArgPatch:
+    """One argument of a node that follows the kept channels.
+
+    ``path``: where it sits: ``(1,)`` is ``args[1]``, ``("dim",)`` is ``kwargs["dim"]``, and
+    further entries index into a list or tuple there (``(1, 2)``: ``args[1][2]``, a view size
+    or the slice of one dim in an index). ``value``: a :class:`ChannelCount`, :class:`Pieces` or
+    :class:`Bounds`, evaluated on the kept counts by the rewrite.
+    """
+
+    path: Tuple[Union[int, str], ...]
+    value: Any
+
+
+@dataclass(frozen=True)
+class ArgRewrite:
+    """How a node's arguments change with the kept channels; applied to the NEW graph only.
+
+    ``target``: the node's new target if any patch changes its argument (``chunk`` whose
+    pieces become unequal turns into ``split``; both take the same arguments in the same
+    places). A rule that cannot express a node's rewrite this way refuses the node instead,
+    so plan and apply always agree.
+    """
+
+    patches: Tuple[ArgPatch, ...]
+    target: Any = None
+
+    def map_groups(self, fn: Callable[[Tuple[int, ...]], Tuple[int, ...]]) -> "ArgRewrite":
+        """The same rewrite with group ids mapped (raw ids to final groups)."""
+        return replace(self, patches=tuple(ArgPatch(p.path, _map_value(p.value, fn)) for p in self.patches))
+
+
 class RuleContext(Protocol):
     """What a rule may ask of the analysis (implemented in :mod:`fxprune.groups`)."""
 
@@ -134,6 +274,10 @@ class RuleContext(Protocol):
     def elements(self, arg: Any) -> Optional[TupleLayout]: ...
 
     def require_blocks(self, node: torch.fx.Node, layout: Layout, blocks: int, reason: str) -> None: ...
+
+    def split(self, node: torch.fx.Node, layout: Layout, sizes: Sequence[int]) -> List[Layout]: ...
+
+    def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None: ...
 
 
 RuleResult = Union[Layout, TupleLayout, None]
@@ -734,7 +878,7 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         if not isinstance(sizes, (list, tuple)) or len(sizes) != len(out_shape):
             ctx.refuse(node, [inp], "view/reshape whose sizes are not given one per dim")
             return out
-        _size_follows_channels(ctx, node, sizes[j], inp, tail)
+        _size_follows_channels(ctx, node, sizes[j], inp, tail, _view_size_path(node, j))
         return out
     # Without shapes, only the classic head `x.view(x.size(0), -1)` is understood.
     if isinstance(sizes, (list, tuple)) and len(sizes) == 2 and sizes[1] == -1 and inp.rank is not None:
@@ -742,6 +886,15 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     ctx.unsupported(node, "view/reshape whose effect on channels is unknown without shapes",
                     "pass example_inputs so shapes can be propagated")
     return None
+
+
+def _view_size_path(node: torch.fx.Node, j: int) -> Tuple[Union[int, str], ...]:
+    """Where size ``j`` of a view/reshape sits in the node's arguments (see :class:`ArgPatch`)."""
+    if node.op == "call_function":
+        return ((1,) if len(node.args) > 1 else ("shape",)) + (j,)
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        return (1, j)
+    return (1 + j,)
 
 
 def _channel_size_source(ctx: RuleContext, arg: torch.fx.Node) -> Optional[Tuple[torch.fx.Node, int]]:
@@ -762,17 +915,24 @@ def _channel_size_source(ctx: RuleContext, arg: torch.fx.Node) -> Optional[Tuple
     return (source, dim) if isinstance(source, torch.fx.Node) else None
 
 
-def _size_follows_channels(ctx: RuleContext, node: torch.fx.Node, arg: Any, inp: Layout, tail: int) -> bool:
+def _size_follows_channels(ctx: RuleContext, node: torch.fx.Node, arg: Any, inp: Layout, tail: int,
+                           path: Optional[Tuple[Union[int, str], ...]] = None) -> bool:
     """Whether size argument ``arg``, giving the extent of the dim that holds ``inp``'s channels
     (``tail`` features each), still gives it after pruning; if not, refuse the node.
 
     ``-1`` (inferred) does. So does the channel count read from a tensor whose channels are
     tied to ``inp``'s (``b, c, h, w = x.size(); y.view(b, c, 1, 1)``): the two are made one
     group, so they keep the same count. A literal (``y.view(n, 8, -1)``, ``x.view(-1, 512)``)
-    would still say the old count, and a computed size could say anything.
+    would still say the old count: given ``path`` (where it sits in the node's arguments) it is
+    rewritten from the kept count (a :class:`ChannelCount`); a computed size could say anything.
     """
     if arg == -1 and not isinstance(arg, bool):
         return True
+    if isinstance(arg, int) and not isinstance(arg, bool) and path is not None and inp.block is not None:
+        count = ChannelCount.of([inp], inp.block * tail)
+        if count.evaluate({g: s for g, s in zip(inp.groups, inp.sizes)}) == arg:
+            ctx.rewrite_args(node, ArgPatch(path, count))
+            return True
     if isinstance(arg, torch.fx.Node) and tail == 1:
         found = _channel_size_source(ctx, arg)
         if found is not None:
@@ -929,38 +1089,117 @@ def _getitem(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
 
 
 def _index(ctx: RuleContext, node: torch.fx.Node, inp: Layout, index: Any) -> Optional[Layout]:
-    """Basic indexing (ints, slices, None, Ellipsis) of dims other than the channel dim."""
-    items = list(index) if isinstance(index, tuple) else [index]
+    """Basic indexing (ints, slices, None, Ellipsis); a slice of the channel dim is a piece."""
+    given = list(index) if isinstance(index, tuple) else [index]
     if inp.rank is None:
         ctx.unsupported(node, "indexing a tensor of unknown rank", "pass example_inputs so shapes can be propagated")
         return None
-    consuming = [it for it in items if it is not None and it is not Ellipsis]
-    if items.count(Ellipsis) > 1 or len(consuming) > inp.rank:
+    # (position in the index as written, item): positions say where a rewrite patches.
+    items: List[Tuple[Optional[int], Any]] = list(enumerate(given))
+    consuming = [it for it in given if it is not None and it is not Ellipsis]
+    if given.count(Ellipsis) > 1 or len(consuming) > inp.rank:
         ctx.unsupported(node, "an index this rule does not understand")
         return None
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        items[at : at + 1] = [slice(None)] * (inp.rank - len(consuming))
-    items += [slice(None)] * (inp.rank - len([it for it in items if it is not None]))
+    if Ellipsis in given:
+        at = given.index(Ellipsis)
+        items[at : at + 1] = [(None, slice(None))] * (inp.rank - len(consuming))
+    items += [(None, slice(None))] * (inp.rank - len([it for _, it in items if it is not None]))
     channel = inp.rank + inp.dim
     in_dim = out_dim = 0
     new_channel: Optional[int] = None
-    for item in items:
+    piece = inp
+    for pos, item in items:
         if item is None:
             out_dim += 1  # a new axis of size 1
             continue
-        if in_dim == channel:
-            if not _full_slice(item):
-                ctx.unsupported(node, "indexing or slicing the channel dim")
-                return None
-            new_channel = out_dim
         if isinstance(item, bool) or not isinstance(item, (int, slice)):
             ctx.unsupported(node, "advanced (tensor) indexing of a channel-carrying tensor")
             return None
+        if in_dim == channel:
+            if not isinstance(item, slice):
+                ctx.unsupported(node, "indexing the channel dim with an int drops it")
+                return None
+            if not _full_slice(item):
+                path: Tuple[Union[int, str], ...] = (1,) if not isinstance(index, tuple) else (1, pos)  # type: ignore[assignment]
+                found = _channel_slice(ctx, node, inp, item, path if pos is not None else None)
+                if found is None:
+                    return None
+                piece = found
+            new_channel = out_dim
         in_dim += 1
         out_dim += isinstance(item, slice)
     assert new_channel is not None
-    return replace(inp, dim=new_channel - out_dim, rank=out_dim)
+    return replace(piece, dim=new_channel - out_dim, rank=out_dim)
+
+
+def _channel_slice(ctx: RuleContext, node: torch.fx.Node, inp: Layout, item: slice,
+                   path: Optional[Tuple[Union[int, str], ...]]) -> Optional[Layout]:
+    """``x[:, a:b]``: the channels ``[a, b)`` as a piece of their own; the bounds follow pruning."""
+    bounds = (item.start, item.stop, item.step)
+    if any(b is not None and (isinstance(b, bool) or not isinstance(b, int)) for b in bounds) or path is None:
+        ctx.unsupported(node, "a slice of the channel dim whose bounds are not constants")
+        return None
+    if inp.block != 1:
+        ctx.unsupported(node, "a slice of a flattened channel dim")
+        return None
+    total = inp.channels
+    start, stop, step = item.indices(total)
+    if step != 1:
+        ctx.unsupported(node, "a strided slice of the channel dim")
+        return None
+    if stop <= start:
+        ctx.unsupported(node, "a slice of the channel dim with no channels")
+        return None
+    if start == 0 and stop == total:
+        return inp
+    before, middle, _ = _pieces_around(ctx, node, inp, start, stop)
+    # A bound at the edge of the channels stays as written (None, 0, or past the end).
+    lo = item.start if item.start is None or item.start == 0 or item.start <= -total else ChannelCount.of(before)
+    hi = item.stop if item.stop is None or item.stop >= total else ChannelCount.of(before + [middle])
+    ctx.rewrite_args(node, ArgPatch(path, Bounds(lo, hi, item.step)))
+    return middle
+
+
+def _pieces_around(ctx: RuleContext, node: torch.fx.Node, inp: Layout, start: int,
+                   stop: int) -> Tuple[List[Layout], Layout, List[Layout]]:
+    """Cut ``inp`` into (channels before ``start``, ``[start, stop)``, channels after ``stop``)."""
+    sizes = [s for s in (start, stop - start, inp.channels - stop) if s > 0]
+    pieces = ctx.split(node, inp, sizes)
+    k = 1 if start > 0 else 0
+    return pieces[:k], pieces[k], pieces[k + 1 :]
+
+
+@register_rule(torch.narrow, "narrow")
+def _narrow(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``x.narrow(dim, start, length)``: along the channel dim, a slice (see :func:`_channel_slice`)."""
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    norm = _normalize_dims(_arg(node, 1, "dim", None), inp.rank)
+    if norm is None:
+        ctx.unsupported(node, "narrow along a dim that cannot be resolved without the rank")
+        return None
+    if norm[0] != inp.dim:
+        return inp
+    start, length = _arg(node, 2, "start", None), _arg(node, 3, "length", None)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, length)):
+        ctx.unsupported(node, "narrow of the channel dim by bounds that are not constants")
+        return None
+    if inp.block != 1:
+        ctx.unsupported(node, "narrow of a flattened channel dim")
+        return None
+    total = inp.channels
+    lo = start + total if start < 0 else start
+    if length <= 0 or lo < 0 or lo + length > total:
+        ctx.unsupported(node, "narrow of the channel dim with no channels or out of range")
+        return None
+    if lo == 0 and length == total:
+        return inp
+    before, middle, _ = _pieces_around(ctx, node, inp, lo, lo + length)
+    if lo != 0:
+        ctx.rewrite_args(node, ArgPatch((2,) if len(node.args) > 2 else ("start",), ChannelCount.of(before)))
+    ctx.rewrite_args(node, ArgPatch((3,) if len(node.args) > 3 else ("length",), ChannelCount.of([middle])))
+    return middle
 
 
 @register_rule(torch.unsqueeze, "unsqueeze")
@@ -1054,10 +1293,65 @@ def _split(ctx: RuleContext, node: torch.fx.Node) -> Union[TupleLayout, None]:
         ctx.unsupported(node, "split along a dim that cannot be resolved without the rank")
         return None
     if norm[0] == inp.dim:
-        # Each piece would own part of a group: groups are not split (fail closed).
-        ctx.unsupported(node, "split of the channel dim into pieces")
-        return None
+        return _channel_split(ctx, node, inp)
     return TupleLayout((), inp)  # every piece keeps the whole channel dim
+
+
+# The name of the piece argument (args[1]) of each split form, when given by keyword.
+_PIECE_KWARGS = ("chunks", "split_size_or_sections", "split_size", "indices_or_sections", "sections", "indices")
+
+
+def _channel_split(ctx: RuleContext, node: torch.fx.Node, inp: Layout) -> Optional[TupleLayout]:
+    """``chunk`` / ``split`` / ``tensor_split`` of the channel dim: each piece gets its own groups.
+
+    The input's groups are cut at the piece boundaries (:meth:`RuleContext.split`), so every
+    piece keeps its own count, and the piece argument is rewritten from the kept counts
+    (:class:`Pieces`): split sizes, ``chunk`` turned into ``split`` when its pieces become
+    unequal, ``tensor_split``'s cut indices. Each piece keeps at least one channel because each
+    is made of whole groups; a piece of zero channels is not followed.
+    """
+    form = _label(node)
+    if len(node.args) > 1:
+        path: Tuple[Union[int, str], ...] = (1,)
+        how = node.args[1]
+    else:
+        name = next((k for k in _PIECE_KWARGS if k in node.kwargs), None)
+        if name is None:
+            ctx.unsupported(node, f"{form} of the channel dim without a piece argument")
+            return None
+        path, how = (name,), node.kwargs[name]
+    if inp.block != 1:
+        ctx.unsupported(node, f"{form} of a flattened channel dim")
+        return None
+    total = inp.channels
+    sizes: Optional[List[int]] = None
+    if isinstance(how, int) and not isinstance(how, bool):
+        sizes = {"chunk": _chunk_sizes, "split": _split_sizes, "tensor_split": _tensor_split_sizes}[form](total, how)
+    elif isinstance(how, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in how):
+        if form == "split":
+            sizes = list(how)
+        elif form == "tensor_split":
+            cuts = [min(max(c if c >= 0 else c + total, 0), total) for c in how]
+            if cuts == sorted(cuts):
+                sizes = [hi - lo for lo, hi in zip([0] + cuts, cuts + [total])]
+    if sizes is None or sum(sizes) != total:
+        ctx.unsupported(node, f"{form} of the channel dim by {how!r}, which does not give constant piece sizes")
+        return None
+    if any(size <= 0 for size in sizes):
+        # A zero-width piece has no channel to keep at least one of: not followed.
+        ctx.unsupported(node, f"{form} of the channel dim into a piece of zero channels")
+        return None
+    pieces = ctx.split(node, inp, sizes)
+    value = Pieces(tuple(ChannelCount.of([lay]) for lay in pieces), form, how)
+    target = None
+    if form == "chunk":
+        # chunk(x, n, dim) and split(x, sizes, dim) take their arguments in the same places.
+        target = torch.split if node.op == "call_function" else "split"
+        if path != (1,):
+            ctx.refuse(node, [inp], "chunk(chunks=...) by keyword cannot become a split with unequal pieces",
+                       "pass the number of chunks positionally")
+    ctx.rewrite_args(node, ArgPatch(path, value), target)
+    return TupleLayout(tuple(pieces))
 
 
 @register_rule(torch.unbind, "unbind")
@@ -1066,9 +1360,14 @@ def _unbind(ctx: RuleContext, node: torch.fx.Node) -> Union[TupleLayout, None]:
     if inp is None:
         return None
     norm = _normalize_dims(_arg(node, 1, "dim", 0), inp.rank)
-    if norm is None or norm[0] == inp.dim:
-        ctx.unsupported(node, "unbind of the channel dim or of an unresolved dim")
+    if norm is None:
+        ctx.unsupported(node, "unbind of a dim that cannot be resolved without the rank")
         return None
+    if norm[0] == inp.dim:
+        # Each channel becomes a tensor of its own, without a channel dim: removing one would
+        # remove an output of the unbind. Known, and frozen by design.
+        ctx.freeze(node, [inp], f"{_label(node)} of the channel dim makes each channel a tensor of its own")
+        return TupleLayout(())
     dim = inp.dim + (norm[0] > inp.dim)
     return TupleLayout((), replace(inp, dim=dim, rank=None if inp.rank is None else inp.rank - 1))
 

@@ -35,7 +35,7 @@ import fnmatch
 import math
 import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import networkx as nx
@@ -627,7 +627,12 @@ class _Engine:
         for node in self.gm.graph.nodes:
             lay = self.layouts.get(node.name)
             if lay is not None:
-                node.meta["fxprune_groups"] = tuple(idx for idx, _ in expand(lay.groups))
+                # Both in final groups, segment by segment: a group a split cut is its atoms here
+                # too, and a zero-width one is left out of both, so groups and sizes line up.
+                segments = expand(lay.groups)
+                node.meta["fxprune_groups"] = tuple(idx for idx, _ in segments)
+                node.meta["fxprune_layout"] = replace(lay, groups=node.meta["fxprune_groups"],
+                                                      sizes=tuple(size for _, size in segments))
             node.meta.pop(ARG_REWRITE, None)  # a stale one from an earlier analysis of this graph
             if node.name in self.arg_patches:
                 rewrite = ArgRewrite(tuple(self.arg_patches[node.name]), self.arg_targets.get(node.name))
@@ -813,7 +818,9 @@ def check_balanced(group: Group, keep: Sequence[int]) -> Optional[str]:
 def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: bool = False) -> Analysis:
     """Find the channel-coupled groups of ``gm``.
 
-    Writes ``node.meta['fxprune_layout']`` on ``gm``'s nodes: pass a graph you own (the public
+    Writes ``node.meta['fxprune_layout']`` (in final group indices, segment by segment as
+    ``node.meta['fxprune_groups']``) and, for nodes whose arguments count channels,
+    ``node.meta[ARG_REWRITE]`` on ``gm``'s nodes: pass a graph you own (the public
     :func:`fxprune.find_groups` does that for you).
 
     >>> import torchvision, fxprune

@@ -20,6 +20,11 @@ After the walk, three more facts are checked:
   role by role (as for a module called twice); any other sharing, or a parameter the graph
   also reads directly (``get_attr``), freezes the groups of every module involved.
 
+A split, chunk or slice of the channel dim cuts its input's groups into *parts*
+(:meth:`_Engine.split`); at the end the cuts of tied groups are reconciled into *atoms*
+(:meth:`_Engine._atoms`), and every group a split cut becomes, wherever it appears (slots,
+parameter operands, node metadata, argument rewrites), the concatenation of its atoms' groups.
+
 Groups may also be *blocked*: a grouped convolution needs every conv group to keep the same
 number of channels, so its input and output groups carry ``blocks`` (G equal blocks, the same
 count kept in each). :func:`fit_count` and :func:`select_channels` are what a planner uses to

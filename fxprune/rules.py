@@ -19,9 +19,21 @@ dim, attention that mixes the embedding, a grouped conv with one channel per con
 *frozen by design*: no warning, and the group lists the reason.
 
 A third kind sits between them: an op the table knows whose rewrite it cannot express yet (a
-literal channel count in a ``view``, a channel-sized parameter expression as an operand). The
+literal channel count in ``expand``, a channel-sized parameter expression as an operand). The
 rule *refuses* the node (:meth:`RuleContext.refuse`), so plan and apply always agree: its groups
 are frozen, with a warning (strict mode: an error) unless they are frozen by design anyway.
+
+*Argument rewrites*: a node whose arguments count channels (split sizes, ``chunk``, slice and
+``narrow`` bounds, a view's literal channel count) is rewritten, not refused. Its rule records
+an :class:`ArgPatch` (:meth:`RuleContext.rewrite_args`): where the argument sits and what it is
+in kept channels (:class:`ChannelCount`, :class:`Pieces`, :class:`Bounds`); the analysis
+resolves the groups and leaves an :class:`ArgRewrite` in ``node.meta[ARG_REWRITE]``, and the
+rewrite patches the NEW graph from the kept counts (:func:`fxprune.rewrite.apply_arg_rewrites`).
+
+*Splits*: a split, chunk or slice of the channel dim cuts the input's groups at the piece
+boundaries (:meth:`RuleContext.split`, the reverse of a ``cat``'s concatenated layout): each
+piece carries its own groups, the producer's channels are their concatenation, and every
+piece keeps at least one channel.
 """
 
 from __future__ import annotations

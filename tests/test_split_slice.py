@@ -390,6 +390,39 @@ def test_c2f_with_every_kind_of_planning(how: Dict[str, Any]) -> None:
     prove(model, plan)
 
 
+class ConcatSplit(nn.Module):
+    """Torch-Pruning's concat-split pattern: split a conv's output, a block called on two pieces,
+    concatenate, split the concatenation again across its members' boundaries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16))
+        self.block2_1 = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.block2_2 = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6))
+        self.head = nn.ModuleList([nn.Conv2d(5, 3, 1), nn.Conv2d(9, 3, 1)])
+
+    def forward(self, x: torch.Tensor) -> Any:
+        x = self.block1(x)
+        c1, c2 = self.block2_1[0].in_channels, self.block2_2[0].in_channels
+        x1, x2, x3 = torch.split(x, [c1, c1, c2], dim=1)
+        y = torch.cat([self.block2_1(x1), self.block2_1(x2), self.block2_2(x3)], dim=1)  # 4 + 4 + 6
+        a, b = torch.split(y, [5, 9], dim=1)  # cuts the second member
+        return self.head[0](a).mean((2, 3)), self.head[1](b).mean((2, 3))
+
+
+def test_concat_split_pattern_is_pruned() -> None:
+    model = init(ConcatSplit())
+    groups = keys(model)
+    assert groups["block1.3"].prunable and groups["block1.3@8"].prunable
+    # The block called twice appears twice in the cat; the cut at 5 = 4 + 1 cuts both copies.
+    assert groups["block2_1.0"].size == 1 and groups["block2_1.0@1"].size == 3 and groups["block2_1.0@1"].prunable
+    pruned = prove(model, 0.5)
+    assert pruned.get_submodule("block1.3").out_channels == 8
+    first, second = [list(n.args[1]) for n in nodes(pruned, torch.split)]
+    assert first == [2, 2, 4]
+    assert second == [pruned.get_submodule("head.0").in_channels, pruned.get_submodule("head.1").in_channels]
+
+
 # =========================================================================== slices
 
 

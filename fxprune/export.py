@@ -203,7 +203,11 @@ _FUNCTIONS.update(_SPLIT_FUNCTIONS)
 
 
 def _lift_slice(node: torch.fx.Node) -> Tuple[Any, Tuple[Any, ...]]:
-    """``aten.slice.Tensor(x, dim, start, end, step)`` as ``x[..., start:end:step, ...]`` (getitem)."""
+    """``aten.slice.Tensor(x, dim, start, end, step)`` as ``x[..., start:end:step, ...]`` (getitem).
+
+    Bounds stay as exported (``x[:, k:]`` ends at ``2**63 - 1``); the slice rule treats a bound
+    past the channels as the end. Bounds that are graph nodes are remapped by the caller.
+    """
     bound = _bind(node)
     dim, step = int(bound["dim"]), bound["step"]
     cut = slice(bound["start"], bound["end"], None if step in (None, 1) else step)
@@ -427,7 +431,7 @@ class _Lifter:
                 continue
             elif node.op == "call_function" and node.target is aten.slice.Tensor:
                 x, index = _lift_slice(node)
-                new = graph.create_node("call_function", operator.getitem, (env[x], index), {}, node.name)
+                new = graph.create_node("call_function", operator.getitem, remap((x, index)), {}, node.name)
             elif node.op == "call_function" and node.target in _FUNCTIONS:
                 kind, target = _FUNCTIONS[node.target]
                 args, kwargs = remap(node.args), remap(node.kwargs)

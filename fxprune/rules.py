@@ -183,13 +183,14 @@ class Pieces:
             implied = {"chunk": _chunk_sizes, "split": _split_sizes, "tensor_split": _tensor_split_sizes}[self.form]
             if implied(total, self.original) == sizes:
                 return self.original
+        out = sizes
         if self.form == "tensor_split":
-            cuts, at = [], 0
+            out, at = [], 0
             for size in sizes[:-1]:
                 at += size
-                cuts.append(at)
-            return cuts
-        return sizes
+                out.append(at)
+        # A tuple stays a tuple: an argument that did not change is then left as written.
+        return tuple(out) if isinstance(self.original, tuple) else out
 
 
 @dataclass(frozen=True)

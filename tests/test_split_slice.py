@@ -634,6 +634,34 @@ def test_exported_split_and_slice_ops_lift_onto_the_rules(form: str) -> None:
     prove(lifted, 0.5)
 
 
+@pytest.mark.parametrize("block", ["C2f", "C3k2", "ELAN1", "ADown"])
+def test_ultralytics_split_blocks_exported_are_pruned_and_proven(block: str) -> None:
+    modules = pytest.importorskip("ultralytics.nn.modules")
+    make = {"C2f": lambda: modules.C2f(8, 16, n=1, shortcut=True), "C3k2": lambda: modules.C3k2(8, 16, n=1, shortcut=True),
+            "ELAN1": lambda: modules.ELAN1(8, 16, 16, 8), "ADown": lambda: modules.ADown(8, 16)}[block]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = make()
+            self.head = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(self.stem(x))).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = init(Net())
+    x = torch.randn(1, 3, 16, 16)
+    lifted = from_exported(torch.export.export(model, (x,), strict=False))
+    frozen = [g for g in fxprune.find_groups(lifted, example_inputs=(x,)) if g.frozen and g.key != "head"]
+    assert not frozen, [str(g) for g in frozen]  # only the output's channels stay
+    plan = fxprune.plan(lifted, 0.5, example_inputs=(x,))
+    pruned = fxprune.apply(lifted, plan, example_inputs=(x,))
+    assert_equivalent(lifted, pruned, plan, (x,), example_inputs=(x,))
+    assert params(pruned) < 0.5 * params(model)
+
+
 SPLIT_OPS = {"aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.slice.Tensor",
              "aten.narrow.default", "aten.tensor_split.indices", "aten.tensor_split.sections", "aten.unbind.int"}
 

@@ -149,6 +149,15 @@ def _batchnorm(bn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     return new
 
 
+@register_builder(nn.PReLU)
+def _prelu(prelu: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
+    assert isinstance(prelu, nn.PReLU)
+    keep = idx.get("channelwise")
+    new = _copy_with(prelu, {"weight": _sliced(prelu.weight, 0, keep)})
+    new.num_parameters = new.weight.numel()
+    return new
+
+
 def slot_indices(slot: Slot, kept: Dict[int, List[int]], as_tensor: Optional[Dict[int, torch.Tensor]] = None) -> Indices:
     """Kept positions of a module dimension, or None if none of its groups changed.
 
@@ -185,6 +194,8 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
         return {"out": out, "in": inp, "channelwise": rows}
     if isinstance(module, nn.Linear):
         return {"out": module.weight.shape[0], "in": module.weight.shape[1]}
+    if isinstance(module, nn.PReLU):
+        return {"channelwise": module.weight.shape[0]}
     if isinstance(module, nn.modules.batchnorm._NormBase):
         n = module.running_mean.shape[0] if module.running_mean is not None else module.num_features
         return {"channelwise": module.weight.shape[0] if module.weight is not None else n}

@@ -49,6 +49,9 @@ __all__ = [
     "output_rank",
     "ELEMENTWISE_MODULES",
     "channel_operand",
+    "pointwise_op_names",
+    "elementwise_keys",
+    "NON_ELEMENTWISE_ACTIVATIONS",
 ]
 
 
@@ -859,7 +862,8 @@ def _softmax(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     inp = _first_layout(ctx, node)
     if inp is None:
         return None
-    dim = ctx.module(node).dim if node.op == "call_module" else _arg(node, 1, "dim", None)  # type: ignore[union-attr]
+    # Softmax2d has no dim: it normalises over dim -3, the channels of a [(N,) C, H, W] map.
+    dim = getattr(ctx.module(node), "dim", -3) if node.op == "call_module" else _arg(node, 1, "dim", None)
     norm = _normalize_dims(dim, inp.rank)
     if norm is None or inp.dim in norm:
         # Softmax over channels couples every channel through its denominator.
@@ -1521,6 +1525,90 @@ def _prelu(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     else:
         _layer_tensor(ctx, node, weight, 0, inp, "operand", "operand")
     return inp
+
+
+# =========================================================================== element-wise completeness
+#
+# Which ops are element-wise is PyTorch's own knowledge: ATen tags every op that computes each
+# output element from the same-index elements of its (broadcast) inputs ``torch.Tag.pointwise``.
+# Every op whose overloads all carry that tag (and return one tensor) is element-wise in its
+# ``torch``/``torch.special``/``torch.nn.functional`` and ``Tensor`` method forms too: channel
+# ``c`` maps to channel ``c`` (a tensor among the other arguments is a broadcast operand). A name
+# the table already has (``add``, ``where``, ...) keeps its own rule.
+
+
+def pointwise_op_names() -> List[str]:
+    """The ATen op names whose every (functional) overload is tagged ``torch.Tag.pointwise``.
+
+    >>> names = pointwise_op_names()
+    >>> {"abs", "erf", "pow", "clamp", "sigmoid"} <= set(names), "max" in names, "softmax" in names
+    (True, False, False)
+    """
+    names = []
+    for name in dir(torch.ops.aten):
+        if name.startswith("_"):
+            continue
+        packet = getattr(torch.ops.aten, name, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        overloads = [getattr(packet, o) for o in packet.overloads()]
+        # Out= and in-place forms aside, and the scalar-math forms (``acos.int``) that take no tensor.
+        functional = [op for op in overloads if not op._schema.is_mutable
+                      and any(isinstance(a.type, torch.TensorType) for a in op._schema.arguments)]
+        # max(x) reduces, max(x, y) is element-wise: a name counts only if every form is.
+        if functional and all(torch.Tag.pointwise in op.tags and len(op._schema.returns) == 1
+                                 and isinstance(op._schema.returns[0].type, torch.TensorType) for op in functional):
+            names.append(name)
+    return sorted(names)
+
+
+# Activations of torch.nn.modules.activation that are not element-wise, and why (each has its
+# own rule, or none: an op with no rule is frozen with a warning).
+NON_ELEMENTWISE_ACTIVATIONS: Dict[str, str] = {
+    "Softmax": "normalises over a dim (rule: softmax)",
+    "Softmin": "normalises over a dim (rule: softmax)",
+    "LogSoftmax": "normalises over a dim (rule: softmax)",
+    "Softmax2d": "normalises over the channel dim (rule: softmax)",
+    "MultiheadAttention": "mixes the embedding (rule: multi-head attention)",
+    "GLU": "halves a dim and gates one half with the other (no rule: frozen)",
+    "PReLU": "one slope per channel (rule: prelu)",
+}
+
+# Functional forms of activations with no ATen pointwise op of their own name.
+_FUNCTIONAL_ACTIVATIONS: Tuple[Any, ...] = (
+    F.softsign, F.tanhshrink, F.rrelu, F.rrelu_, F.threshold, F.threshold_, F.elu_, F.celu_, F.selu_,
+    F.leaky_relu_, F.hardshrink, F.softshrink, F.logsigmoid, F.relu6, F.hardtanh, F.hardtanh_, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.gelu, F.elu, F.celu, F.selu, F.softplus, F.leaky_relu, F.sigmoid, F.tanh,
+)
+
+
+def elementwise_keys() -> List[RuleKey]:
+    """Every function, method name and module type the element-wise rule is registered for."""
+    return [k for k, r in list(_FUNCTION_RULES.items()) + list(_METHOD_RULES.items()) + list(_MODULE_RULES.items())
+            if r is _elementwise]
+
+
+def _register_pointwise() -> None:
+    keys: List[RuleKey] = []
+    for name in pointwise_op_names():
+        candidates = [getattr(torch, name, None), getattr(F, name, None)]
+        if name.startswith("special_"):
+            candidates.append(getattr(torch.special, name[len("special_"):], None))
+        keys += [fn for fn in candidates if callable(fn) and not isinstance(fn, type) and fn not in _FUNCTION_RULES]
+        for method in (name, name + "_"):
+            if hasattr(torch.Tensor, method) and method not in _METHOD_RULES:
+                keys.append(method)
+    keys += [fn for fn in _FUNCTIONAL_ACTIVATIONS if fn not in _FUNCTION_RULES]
+    import torch.nn.modules.activation as activation
+    for cls_name in activation.__all__:
+        cls = getattr(activation, cls_name)
+        if cls_name not in NON_ELEMENTWISE_ACTIVATIONS and cls not in _MODULE_RULES:
+            keys.append(cls)
+    register_rule(*keys)(_elementwise)
+
+
+_register_pointwise()
+register_rule(nn.Softmin, F.softmin, nn.Softmax2d)(_softmax)
 
 
 # --------------------------------------------------------------------------- ranks of untracked tensors

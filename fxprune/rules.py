@@ -1294,6 +1294,13 @@ def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, dep
         elif any(isinstance(a, torch.fx.Node) for a in list(arg.args[1:]) + list(arg.kwargs.values())):
             return None
         inputs = inputs[:1]
+    elif arg.target is operator.getitem:
+        # ``self.bias[None, :, None, None]``: new axes and full slices only, a pure reshape.
+        index = arg.args[1]
+        items = index if isinstance(index, tuple) else (index,)
+        if not all(it is None or it is Ellipsis or _full_slice(it) for it in items):
+            return None
+        inputs = inputs[:1]
     elif not _is_pointwise(arg):
         return None
     leaves: List[Tuple[torch.fx.Node, int]] = []

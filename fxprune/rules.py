@@ -1388,32 +1388,117 @@ def _functional_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     return out
 
 
-def _standardised_weight(ctx: RuleContext, weight: Any) -> Optional[Tuple[torch.fx.Node, List[torch.fx.Node], torch.fx.Node]]:
-    """``(parameter, via, reshape)`` if ``weight`` is timm's weight standardisation of a parameter:
-    ``F.batch_norm(w.reshape(1, O, -1), None, None, training=True, ...).reshape_as(w)``.
+_ROW_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "std", "var", "norm"})
 
-    Each filter (output row) is normalised over its own inputs and taps: the rows stay
-    independent, so ``out`` channels can be removed (the ``O`` of the reshape follows), but an
-    input channel cannot (it changes its filter's mean and variance).
+
+@dataclass(frozen=True)
+class _Filters:
+    """A weight computed filter by filter from one parameter (see :func:`_filter_expression`)."""
+
+    param: torch.fx.Node
+    via: Tuple[torch.fx.Node, ...]
+    patches: Tuple[Tuple[str, Union[int, str]], ...]
+    mixes_inputs: bool  # a reduction or reshape over the other dims: input channels cannot be removed
+
+
+def _filter_expression(ctx: RuleContext, arg: Any, rows: int, depth: int = 0) -> Optional[Tuple[_Filters, int]]:
+    """``(filters, row dim)`` if ``arg`` is computed from one parameter row by row (output channel
+    by output channel), else None.
+
+    Accepted, from the parameter up: casts; element-wise ops with scalars or other such
+    expressions of the same parameter; reductions over dims other than the row dim with
+    ``keepdim=True`` (``w - w.mean((1, 2, 3), keepdim=True)``); reshapes that keep the rows
+    as one dim (``w.reshape(1, O, -1)``, ``.reshape_as(w)``: a literal ``O`` is patched);
+    ``F.batch_norm`` with batch statistics and no affine or running tensors over the rows
+    (timm's ``StdConv2d`` weight standardisation). Each output row then depends on its own
+    parameter row only, so slicing the parameter's rows slices the result's.
     """
-    if not (isinstance(weight, torch.fx.Node) and weight.op == "call_method" and weight.target in ("reshape_as", "view_as")):
+    if not isinstance(arg, torch.fx.Node) or depth > 32:
         return None
-    norm, like = weight.args[0], weight.args[1] if len(weight.args) > 1 else None
-    if not (isinstance(norm, torch.fx.Node) and norm.op == "call_function" and norm.target is F.batch_norm):
+    shape = ctx.shape(arg)
+    if shape is None:
         return None
-    if any(_arg(norm, i, n) is not None for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))) \
-            or _arg(norm, 5, "training", False) is not True:
+    if arg.op == "get_attr":
+        return (_Filters(arg, (), (), False), 0) if len(shape) >= 1 and shape[0] == rows else None
+    if arg.op not in ("call_function", "call_method"):
         return None
-    flat = norm.args[0] if norm.args else None
-    if not (isinstance(flat, torch.fx.Node) and flat.op == "call_method" and flat.target in ("reshape", "view")):
-        return None
-    param = flat.args[0]
-    sizes = list(flat.args[1] if len(flat.args) == 2 and isinstance(flat.args[1], (list, tuple)) else flat.args[1:])
-    shape = ctx.shape(param)
-    if not (isinstance(param, torch.fx.Node) and param.op == "get_attr" and like is param and shape is not None
-            and len(sizes) == 3 and sizes[0] == 1 and sizes[1] == shape[0] and sizes[2] == -1):
-        return None
-    return param, [flat, norm, weight], flat
+    target = arg.target
+
+    def below(n: Any) -> Optional[Tuple[_Filters, int]]:
+        return _filter_expression(ctx, n, rows, depth + 1)
+
+    def grow(found: _Filters, row: int, *, mixes: bool = False) -> Tuple[_Filters, int]:
+        return _Filters(found.param, found.via + (arg,), found.patches, found.mixes_inputs or mixes), row
+
+    if _is_cast(arg):
+        inner = below(arg.args[0])
+        return None if inner is None else grow(*inner)
+    if target in ("reshape_as", "view_as", "reshape", "view"):
+        inner = below(arg.args[0])
+        if inner is None:
+            return None
+        found, row = inner
+        in_shape = ctx.shape(arg.args[0])
+        if in_shape is None or math.prod(in_shape[:row]) != 1:
+            return None
+        # The rows must stay one dim with nothing but size-1 dims before it.
+        out_row = next((j for j, size in enumerate(shape) if size != 1), None)
+        if out_row is None or shape[out_row] != rows:
+            return None
+        patches: List[Tuple[str, Union[int, str]]] = []
+        if target in ("reshape", "view"):
+            listed = len(arg.args) == 2 and isinstance(arg.args[1], (list, tuple))
+            sizes = list(arg.args[1] if listed else arg.args[1:])
+            if len(sizes) != len(shape) or any(isinstance(v, torch.fx.Node) for v in sizes) \
+                    or any(v not in (1, -1) for j, v in enumerate(sizes) if j != out_row):
+                return None  # another literal would not follow the pruned rows
+            if sizes[out_row] == rows:
+                patches.append((arg.name, out_row))
+            elif sizes[out_row] != -1:
+                return None
+        else:
+            other = arg.args[1] if len(arg.args) > 1 else None
+            if not (isinstance(other, torch.fx.Node) and other.op == "get_attr" and other is found.param):
+                return None  # reshape_as the parameter itself: it is sliced alike
+        return _Filters(found.param, found.via + (arg,), found.patches + tuple(patches), True), out_row
+    if target is F.batch_norm:
+        if any(_arg(arg, i, n) is not None for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))) \
+                or _arg(arg, 5, "training", False) is not True:
+            return None
+        inner = below(arg.args[0])
+        if inner is None or inner[1] != 1:
+            return None  # batch statistics per dim 1: that must be the rows
+        return grow(*inner, mixes=True)
+    name = str(target) if arg.op == "call_method" else getattr(target, "__name__", "")
+    if name in _ROW_REDUCTIONS and (arg.op == "call_method" or getattr(torch, name, None) is target):
+        inner = below(arg.args[0])
+        if inner is None:
+            return None
+        dims = _arg(arg, 1, "dim", None) if name != "norm" else arg.kwargs.get("dim", arg.args[2] if len(arg.args) > 2 else None)
+        norm = _normalize_dims(dims, len(ctx.shape(arg.args[0]) or ()))
+        keepdim = arg.kwargs.get("keepdim", False)
+        if norm is None or keepdim is not True or (inner[1] - len(ctx.shape(arg.args[0]) or ())) in norm:
+            return None
+        return grow(*inner, mixes=True)
+    if _is_pointwise(arg):
+        found_any: Optional[Tuple[_Filters, int]] = None
+        via: Tuple[torch.fx.Node, ...] = ()
+        patches_all: Tuple[Tuple[str, Union[int, str]], ...] = ()
+        mixes = False
+        for n in arg.all_input_nodes:
+            inner = below(n)
+            if inner is None or (found_any is not None and (inner[0].param is not found_any[0].param or inner[1] != found_any[1])):
+                return None
+            if ctx.shape(n) is None or len(ctx.shape(n)) != len(shape):  # type: ignore[arg-type]
+                return None
+            found_any = inner
+            via += inner[0].via
+            patches_all += inner[0].patches
+            mixes = mixes or inner[0].mixes_inputs
+        if found_any is None:
+            return None
+        return _Filters(found_any[0].param, tuple(dict.fromkeys(via + (arg,))), tuple(dict.fromkeys(patches_all)), mixes), found_any[1]
+    return None
 
 
 _FUNCTIONAL_CONVS: Dict[Any, int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -1438,7 +1523,8 @@ def _functional_conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     if inp is not None and (inp.dim != dim or inp.block != 1 or inp.channels != in_channels):
         ctx.unsupported(node, "convolution input whose channel dim does not match the layer")
         return None
-    std = _standardised_weight(ctx, weight) if _cast_source(weight) is None else None
+    computed = _filter_expression(ctx, weight, out_channels) if _cast_source(weight) is None else None
+    std = computed[0] if computed is not None and computed[1] == 0 else None
     if groups == in_channels == out_channels and groups > 1 and inp is not None and std is None:
         # Depthwise: a per-channel op; ``groups`` must follow the kept count.
         if _layer_tensor(ctx, node, weight, 0, inp, "channelwise", "weight", patches=[(node.name, "groups@6")]) \
@@ -1455,10 +1541,15 @@ def _functional_conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
             else:
                 ctx.freeze(node, [inp], f"{what} reads a concatenation of {len(inp.groups)} groups")
     if std is not None:
-        param, via, flat = std
-        ctx.tensor_member(node, param, 0, out, role="out", kind="weight", via=via, patches=[(flat.name, 1)])
-        if inp is not None:
-            ctx.freeze(node, [inp], f"weight standardisation at {node.name} normalises each filter over its input channels")
+        # A weight computed filter by filter (weight standardisation, centring): rows are sliced.
+        ctx.tensor_member(node, std.param, 0, out, role="out", kind="weight", via=std.via, patches=std.patches)
+        if inp is None:
+            pass
+        elif std.mixes_inputs or groups > 1:
+            ctx.freeze(node, [inp], f"the weight of {node.name} is computed from each filter as a whole "
+                                    "(e.g. weight standardisation): its input channels cannot be removed")
+        else:
+            ctx.tensor_member(node, std.param, 1, inp, role="in", kind="weight", via=std.via)
     else:
         ok = _layer_tensor(ctx, node, weight, 0, out, "out", "weight")
         if ok and inp is not None:

@@ -152,9 +152,36 @@ def test_the_masked_reference_masks_functional_norm_tensors() -> None:
     ref = masked_reference(model, plan, example_inputs=(X,))
     removed = sorted(set(range(8)) - set(plan.keep("a")))
     bn = ref.get_submodule("bn")
-    assert removed and all(float(bn.weight[i]) == 0 and float(bn.bias[i]) == 0 for i in removed)
+    assert removed and all(float(bn.weight[i].detach()) == 0 and float(bn.bias[i].detach()) == 0 for i in removed)
     assert all(float(bn.running_mean[i]) == 0 and float(bn.running_var[i]) == 1 for i in removed)
     assert float(model.bn.running_var[removed[0]]) != 1  # on a copy
+
+
+def test_cli_prints_each_warning_reason_once_with_a_count(capsys: pytest.CaptureFixture) -> None:
+    from fxprune.cli import _print_warnings
+
+    same = [f"channels left unpruned: no channel rule for call_function torch.cumsum: node %c{i} : ... at m.py:{i}" for i in range(34)]
+    _print_warnings(same + same + ["ignore pattern 'x' matches no module"])  # plan and apply: each twice
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert err[0].startswith("warning: channels left unpruned: no channel rule for call_function torch.cumsum: node %c0 ")
+    assert err[0].endswith("(34 warnings in all for different nodes)") and err[1] == "warning: ignore pattern 'x' matches no module"
+
+
+def test_a_run_shows_each_warning_reason_once_on_the_console_and_every_one_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    from fxprune.workflow.report import FILE_ONLY, WarningLog, collect_warnings
+
+    log = WarningLog()
+    with caplog.at_level(logging.WARNING, logger="fxprune.workflow"):
+        with collect_warnings(log):
+            for i in range(5):
+                warnings.warn(fxprune.FxPruneWarning(f"channels left unpruned: no rule for F.foo: node %n{i} : x"))
+    console = [r.getMessage() for r in caplog.records if not getattr(r, FILE_ONLY, False)]
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(console) == 2 and "%n0" in console[0] and "5 warnings in all" in console[1]
+    assert all(any(f"%n{i}" in m for m in logged) for i in range(5))  # run.log has every node
+    assert len(log) == 5 and log.reasons() == [("FxPruneWarning", "channels left unpruned: no rule for F.foo", 5)]
 
 
 def test_criteria_see_functional_norm_weights() -> None:
@@ -253,6 +280,62 @@ def test_a_weight_standardised_conv_prunes_its_filters_but_not_its_inputs() -> N
     k = len(plan.keep("b"))
     assert pruned.get_submodule("b").weight.shape[0] == k < 6
     bad = _broken(pruned, "b.weight", _roll)
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, bad, plan, [X], example_inputs=(X,))
+
+
+@pytest.mark.parametrize("case", ["SubclassStem", "FunctionalFirst", "LinearSubclassMLP"])
+def test_layers_called_functionally_that_froze_everything_before_are_pruned_and_proven(case: str) -> None:
+    # Before: "nothing could be pruned: layers called functionally are not pruned" (tests/test_api_checks.py).
+    from tests import test_api_checks as before
+
+    cls = getattr(before, case)
+    x = torch.randn(2, 6) if case == "LinearSubclassMLP" else X
+    model = randomize_norms(cls().eval())
+    plan = _no_warnings(lambda: fxprune.plan(model, 0.5, example_inputs=(x,)))
+    assert plan.pruned_groups
+    assert_equivalent(model, fxprune.apply(model, plan, example_inputs=(x,)), plan, [x], example_inputs=(x,))
+
+
+class ScaledWeights(nn.Module):
+    """A weight computed element-wise (``w * 0.5``): rows and columns are still sliced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(6, 8, 3, 3))
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(F.relu(self.a(x)), self.w * 0.5, padding=1)
+        return self.head(F.relu(y)).mean((2, 3))
+
+
+def test_an_element_wise_weight_expression_slices_rows_and_columns() -> None:
+    model, pruned, plan = _prove(ScaledWeights())
+    assert pruned.w.shape == (len(plan.keep("w")), len(plan.keep("a")), 3, 3) == (3, 4, 3, 3)
+    bad = _broken(pruned, "w", lambda t: t.roll(1, 1))
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, bad, plan, [X], example_inputs=(X,))
+
+
+class CentredConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(6, 8, 3, 3))
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w - self.w.mean((1, 2, 3), keepdim=True)
+        return self.head(F.relu(F.conv2d(F.relu(self.a(x)), w, padding=1))).mean((2, 3))
+
+
+def test_a_weight_centred_per_filter_prunes_filters_and_keeps_inputs() -> None:
+    model, pruned, plan = _prove(CentredConv())
+    assert pruned.w.shape == (len(plan.keep("w")), 8, 3, 3) and len(plan.keep("w")) < 6
+    assert len(plan.keep("a")) == 8  # centring runs over the inputs: frozen by design
+    bad = _broken(pruned, "w", _roll)
     with pytest.raises(AssertionError):
         assert_equivalent(model, bad, plan, [X], example_inputs=(X,))
 

@@ -744,7 +744,10 @@ def warn_unmatched_ignore(analysis: Analysis, patterns: Sequence[str], stackleve
     (``"layer4"`` rather than ``"layer4.*"``), would otherwise leave everything prunable without a word.
     """
     names = [name for name, _ in analysis.gm.named_modules() if name]
-    layers = sorted({m.module for g in analysis.groups for m in g.members})
+    layers = sorted({m.module for g in analysis.groups for m in g.members}
+                    # a functional layer is named by the module owning its tensors (ignore= matches that too)
+                    | {t.target.rpartition(".")[0] or t.target for g in analysis.groups for t in g.tensors}
+                    | {t.target for g in analysis.groups for t in g.tensors})
     for pattern in patterns:
         if any(fnmatch.fnmatchcase(n, pattern) for n in layers):
             continue

@@ -12,9 +12,14 @@ After the walk, three more facts are checked:
   sites, and a role that one call site leaves untracked (the module reads the model input
   there) keeps its channels whole at every call site: unprunable at any call site means
   unprunable.
-- *Parameter operands*: a parameter or buffer an element-wise op reads directly (``get_attr``)
+- *Parameter operands and functional layers*: a parameter or buffer an element-wise op reads
+  directly (``get_attr``, possibly through ops that only change its dtype or add size-1 dims)
   with exactly the channels of its other operand is sliced with them (:class:`TensorSlot`),
-  provided every op that reads it expects it sliced; otherwise its channels stay whole.
+  provided every op that reads it expects it sliced; otherwise its channels stay whole. The
+  tensors of a functional layer (``F.batch_norm``, ``F.conv2d``, ``F.linear``... on ``get_attr``
+  tensors, as timm's ``BatchNormAct2d`` calls it) are tensor slots with the roles of the module
+  form (``out``/``in``/``channelwise``): they are group members (:class:`TensorMember`), scored,
+  masked in the proof and sliced like the module's tensors.
 - *Tied tensors* (on the module tree): two modules sharing one parameter (or buffer) must keep
   the same channels. Same-type modules sharing it under the same name have their slots unified
   role by role (as for a module called twice); any other sharing, or a parameter the graph
@@ -54,7 +59,7 @@ from .rules import ARG_REWRITE, ArgPatch, ArgRewrite, Layout, TupleLayout, looku
 from .trace import node_shape
 
 __all__ = [
-    "Member", "Group", "Slot", "TensorSlot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",
+    "Member", "TensorMember", "Group", "Slot", "TensorSlot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",
     "tensor_users", "unique_keys",
 ]
 
@@ -78,6 +83,29 @@ class Member:
 
 
 @dataclass(frozen=True)
+class TensorMember:
+    """One dimension of a parameter/buffer read directly (``get_attr``) that a group's channels index.
+
+    The tensor-slot counterpart of :class:`Member`, for functional layers and parameter
+    operands. ``target``: the tensor's attribute path; ``role``: ``out``/``in``/``channelwise``
+    as for a module (a functional layer's tensor) or ``operand`` (a per-channel operand of an
+    element-wise op); ``kind``: which tensor of the layer it is (``weight``, ``bias``,
+    ``running_mean``, ``running_var``; ``operand`` for an operand); ``dim``: the tensor dim that
+    holds the positions; ``conv_groups``: a grouped functional conv's ``groups`` (its ``in``
+    positions are then spread over the conv groups, as in a grouped ``nn.Conv2d``). Channel ``c``
+    owns positions ``[(offset + c) * block, (offset + c + 1) * block)``.
+    """
+
+    target: str
+    role: str
+    kind: str
+    dim: int
+    offset: int
+    block: int = 1
+    conv_groups: int = 1
+
+
+@dataclass(frozen=True)
 class Group:
     """A set of channels that must be removed together, with every parameter they index.
 
@@ -92,6 +120,7 @@ class Group:
     frozen: bool
     reasons: Tuple[str, ...] = ()
     blocks: int = 1  # equal blocks that must each keep the same count (grouped convs)
+    tensors: Tuple[TensorMember, ...] = ()  # directly read tensors: functional layers, operands
 
     @property
     def prunable(self) -> bool:
@@ -109,6 +138,7 @@ class Group:
         parts = []
         for role in ROLES:
             names = self.modules(role)
+            names += [f"{t.target}" for t in self.tensors if t.role == role]
             if names:
                 parts.append(f"{role}={','.join(names)}")
         blocks = f" in {self.blocks} blocks" if self.blocks > 1 else ""
@@ -127,20 +157,30 @@ class Slot:
 
 @dataclass(frozen=True)
 class TensorSlot:
-    """A parameter or buffer the graph reads directly (``get_attr``) as a per-channel operand.
+    """One dimension of a parameter or buffer the graph reads directly (``get_attr``).
 
     ``target``: its attribute path; ``dim``: the tensor dimension that holds the channels;
-    ``segments``: group indices and sizes along it, in order. The rewrite slices it along
-    ``dim``; it is no module member, so scores and the cost model leave it out (a removed
-    channel's entry only ever meets a removed channel, so the masked reference need not zero it).
+    ``segments``: group indices and sizes along it, in order. ``role``/``kind``/``block``/
+    ``conv_groups``: as in :class:`TensorMember`. The rewrite slices it along ``dim``. A
+    functional layer's tensors (roles ``out``/``in``/``channelwise``) are scored and masked like
+    the module form's; a per-channel ``operand`` of an element-wise op is neither (a removed
+    channel's entry only ever meets a removed channel, so the masked reference need not zero it,
+    and zeroing a divisor would make it NaN). ``patches``: ``(node name, size position)`` of
+    ``view``/``reshape`` calls on the way from the tensor to its reader whose literal channel
+    count the rewrite turns into ``-1`` (``self.bias.view(1, C, 1, 1)``).
     """
 
     target: str
     dim: int
     segments: Tuple[Tuple[int, int], ...]
+    role: str = "operand"
+    kind: str = "operand"
+    block: int = 1
+    conv_groups: int = 1
+    patches: Tuple[Tuple[str, int], ...] = ()
 
     def as_slot(self) -> Slot:
-        return Slot(self.target, "channelwise", self.segments, 1)
+        return Slot(self.target, "channelwise", self.segments, self.block)
 
 
 @dataclass
@@ -151,7 +191,9 @@ class Analysis:
     groups: List[Group]
     slots: Dict[Tuple[str, str], Slot]
     warnings: List[str] = field(default_factory=list)
-    tensors: Dict[str, TensorSlot] = field(default_factory=dict)
+    # Directly read tensors by attribute path: one slot per dim the channels index (a functional
+    # conv's weight has its ``out`` rows on dim 0 and its ``in`` columns on dim 1).
+    tensors: Dict[str, Tuple[TensorSlot, ...]] = field(default_factory=dict)
 
     def group(self, key: str) -> Group:
         for g in self.groups:
@@ -185,10 +227,13 @@ class _Engine:
         # Which roles each call site of a module declared: a role one call site leaves
         # untracked (the model input, say) pins that role's channels at every call site.
         self.site_roles: Dict[str, Dict[str, set]] = {}
-        # get_attr tensors read as per-channel operands: target -> (dim in the tensor, layout),
-        # and the nodes that read them so (every other reader must leave them whole).
-        self.tensor_layouts: Dict[str, Tuple[int, Layout]] = {}
-        self.tensor_sites: Dict[str, set] = {}
+        # get_attr tensors read as per-channel operands or functional-layer tensors:
+        # target -> {dim in the tensor: use}, the nodes that read them so (every other reader
+        # must leave them whole) with the dims each declared, and the nodes between the get_attr
+        # and its readers (dtype casts, size-1 views) that carry the tensor.
+        self.tensor_layouts: Dict[str, Dict[int, _TensorUse]] = {}
+        self.tensor_sites: Dict[str, Dict[str, set]] = {}
+        self.tensor_via: Dict[str, set] = {}
         self.ranks: Dict[str, Optional[int]] = {}  # rank of tensors without a layout, where an op fixes it
         self.static: Dict[str, Any] = {}  # meta-device values of parameter-only expressions
         self.refusals: List[Tuple[torch.fx.Node, List[Layout], str, Optional[str]]] = []
@@ -256,18 +301,24 @@ class _Engine:
             return lay.rank
         return self.ranks.get(arg.name) if isinstance(arg, torch.fx.Node) else None
 
-    def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout) -> None:
+    def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout,
+                      role: str = "operand", kind: str = "operand", conv_groups: int = 1,
+                      via: Sequence[torch.fx.Node] = (), patches: Sequence[Tuple[str, int]] = ()) -> None:
         target = str(operand.target)
-        self.tensor_sites.setdefault(target, set()).add(node.name)
-        if target in self.tensor_layouts:
+        self.tensor_sites.setdefault(target, {}).setdefault(node.name, set()).add(dim)
+        self.tensor_via.setdefault(target, set()).update(n.name for n in via)
+        uses = self.tensor_layouts.setdefault(target, {})
+        use = _TensorUse(layout, role, kind, int(layout.block or 1), conv_groups, tuple(patches))
+        if dim in uses:
             # One tensor read at several ops: every read must keep the same channels.
-            old_dim, old = self.tensor_layouts[target]
-            if old_dim != dim:
-                self._freeze_at(node.name, [old, layout], f"parameter {target} is read with its channels on different dims")
+            old = uses[dim]
+            if (old.role, old.kind, old.conv_groups) != (role, kind, conv_groups):
+                self._freeze_at(node.name, [old.layout, layout], f"parameter {target} is read as {old.role} and as {role}")
                 return
-            self.unify(node, [old, layout])
+            self.unify(node, [old.layout, layout])
+            uses[dim] = replace(old, patches=tuple(dict.fromkeys(old.patches + use.patches)))
             return
-        self.tensor_layouts[target] = (dim, layout)
+        uses[dim] = use
 
     def _attr(self, node: torch.fx.Node) -> Any:
         try:
@@ -440,6 +491,12 @@ class _Engine:
             if any(fnmatch.fnmatchcase(module, pat) for pat in ignore):
                 for gid in self.slot_layouts[key].groups:
                     self.frozen.setdefault(gid, []).append(f"ignored module {module}")
+        for target, uses in self.tensor_layouts.items():
+            # A functional layer is ignored by the name of the module owning its tensors.
+            if any(fnmatch.fnmatchcase(_owner(target), pat) or fnmatch.fnmatchcase(target, pat) for pat in ignore):
+                for use in uses.values():
+                    for gid in use.layout.groups:
+                        self.frozen.setdefault(gid, []).append(f"ignored tensor {target}")
         self._settle_refusals()
         return self._result()
 
@@ -502,16 +559,30 @@ class _Engine:
 
     # --- parameters read directly as operands
     def _check_tensor_readers(self) -> None:
-        """A tensor sliced for one op must be read only by ops that expect it sliced."""
+        """A tensor sliced for one op must be read only by ops that expect it sliced, each on the same dims."""
         readers: Dict[str, List[str]] = {}
         for node in self.gm.graph.nodes:
             if node.op == "get_attr" and str(node.target) in self.tensor_layouts:
-                readers.setdefault(str(node.target), []).extend(u.name for u in node.users)
+                target = str(node.target)
+                via = self.tensor_via.get(target, set())
+                todo, seen = list(node.users), set()
+                while todo:  # through the casts and views that carry it to its readers
+                    user = todo.pop()
+                    if user.name in seen:
+                        continue
+                    seen.add(user.name)
+                    if user.name in via:
+                        todo.extend(user.users)
+                    else:
+                        readers.setdefault(target, []).append(user.name)
         for target, names in readers.items():
-            others = sorted(set(names) - self.tensor_sites.get(target, set()))
+            sites = self.tensor_sites.get(target, {})
+            layouts = [use.layout for use in self.tensor_layouts[target].values()]
+            others = sorted(set(names) - sites.keys())
             if others:
-                _, lay = self.tensor_layouts[target]
-                self._freeze_at(others[0], [lay], f"parameter {target} is also read whole by {', '.join(others[:3])}")
+                self._freeze_at(others[0], layouts, f"parameter {target} is also read whole by {', '.join(others[:3])}")
+            elif len({frozenset(d) for d in sites.values()}) > 1:
+                self._freeze_at(sorted(sites)[0], layouts, f"parameter {target} is read with its channels on different dims")
 
     # --- tied tensors
     def _tie_shared_tensors(self) -> None:
@@ -525,7 +596,8 @@ class _Engine:
                 continue
             for t in sorted(targets & self.tensor_layouts.keys()):
                 # Slicing one owner's copy of a shared tensor would leave the other's whole.
-                self._freeze_at(t, [self.tensor_layouts[t][1]], f"parameter {t} is shared with {', '.join(sorted(targets - {t}))}")
+                self._freeze_at(t, [use.layout for use in self.tensor_layouts[t].values()],
+                                f"parameter {t} is shared with {', '.join(sorted(targets - {t}))}")
             if not targets & slotted.keys():
                 continue
             names = sorted(targets)
@@ -626,9 +698,19 @@ class _Engine:
             for idx, size in segments:
                 members[idx].append(Member(key[0], key[1], offset, int(lay.block or 1)))
                 offset += size
-        tensors: Dict[str, TensorSlot] = {}
-        for target, (dim, lay) in self.tensor_layouts.items():
-            tensors[target] = TensorSlot(target, dim, expand(lay.groups))
+        tensors: Dict[str, Tuple[TensorSlot, ...]] = {}
+        tensor_members: Dict[int, List[TensorMember]] = {i: [] for i in range(len(roots))}
+        for target, uses in self.tensor_layouts.items():
+            found = []
+            for dim, use in sorted(uses.items()):
+                lay = use.layout
+                segments = expand(lay.groups)
+                found.append(TensorSlot(target, dim, segments, use.role, use.kind, use.block, use.conv_groups, use.patches))
+                offset = 0
+                for idx, size in segments:
+                    tensor_members[idx].append(TensorMember(target, use.role, use.kind, dim, offset, use.block, use.conv_groups))
+                    offset += size
+            tensors[target] = tuple(found)
         for node in self.gm.graph.nodes:
             lay = self.layouts.get(node.name)
             if lay is not None:
@@ -646,11 +728,17 @@ class _Engine:
         for idx in range(len(roots)):
             mems = members[idx]
             producers = [m for m in mems if m.role == "out"]
+            tensor_producers = [t for t in tensor_members[idx] if t.role == "out" and t.kind == "weight"]
             if producers:
                 # A piece of a split producer is named by where it starts in the producer's rows.
                 first = producers[0]
                 name = first.module if first.offset == 0 else f"{first.module}@{first.offset}"
                 candidates.append((name, f"{first.module}@{idx}"))
+            elif tensor_producers:
+                # A functional layer's output rows: named after the module owning its weight.
+                owner = _owner(tensor_producers[0].target)
+                name = owner if tensor_producers[0].offset == 0 else f"{owner}@{tensor_producers[0].offset}"
+                candidates.append((name, f"{owner}@{idx}"))
             elif mems:
                 first = mems[0]
                 candidates.append((f"{first.module}:{first.role}", f"{first.module}:{first.role}@{first.offset}"))
@@ -660,7 +748,8 @@ class _Engine:
         groups = []
         for idx in range(len(roots)):
             why = tuple(dict.fromkeys(reasons.get(idx, [])))  # dedupe, keep order
-            groups.append(Group(idx, keys[idx], sizes[idx], tuple(members[idx]), bool(why), why, blocks.get(idx, 1)))
+            groups.append(Group(idx, keys[idx], sizes[idx], tuple(members[idx]), bool(why), why, blocks.get(idx, 1),
+                                tuple(tensor_members[idx])))
         return Analysis(self.gm, groups, slots, list(self.messages), tensors)
 
     def _resolve_blocks(self, final: Dict[int, Tuple[Tuple[int, int], ...]], sizes: Dict[int, int],
@@ -690,6 +779,24 @@ class _Engine:
                 reasons.setdefault(idx, []).append(f"one channel per conv group ({what})")
             out[idx] = total
         return out
+
+
+@dataclass(frozen=True)
+class _TensorUse:
+    """How one op reads one dim of a ``get_attr`` tensor (see :class:`TensorSlot`)."""
+
+    layout: Layout
+    role: str
+    kind: str
+    block: int
+    conv_groups: int
+    patches: Tuple[Tuple[str, int], ...]
+
+
+def _owner(target: str) -> str:
+    """``"blocks.0.conv"`` for ``"blocks.0.conv.weight"``: the module a functional layer's weight belongs to."""
+    owner, _, name = target.rpartition(".")
+    return owner if owner and name == "weight" else target
 
 
 def _is_torch_op(target: Any) -> bool:

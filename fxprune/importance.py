@@ -27,6 +27,7 @@ import contextvars
 import copy
 import inspect
 import math
+import operator
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -37,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FxPruneError
-from .groups import Analysis, Group, Member
+from .groups import Analysis, Group, Member, TensorMember
 from .trace import MutableArgsInterpreter
 from .rules import role_tensors
 
@@ -50,6 +51,7 @@ __all__ = [
     "register_weights",
     "member_rows",
     "member_norms",
+    "tensor_rows",
     "group_rows",
     "score",
     "score_groups",
@@ -289,11 +291,36 @@ def member_norms(gm: torch.fx.GraphModule, group: Group, member: Member, p: floa
     return per_pos[start : start + group.size * member.block].reshape(group.size, -1).sum(1).float()
 
 
+def tensor_rows(gm: torch.fx.GraphModule, group: Group, member: TensorMember) -> Optional[torch.Tensor]:
+    """A functional layer's weight for this group as ``[group.size, k]``, like :func:`member_rows`.
+
+    Only weights are scored, as for the module forms (a conv's or Linear's ``weight``, a
+    norm's scale): biases, running statistics and per-channel operands are not.
+    """
+    if member.kind != "weight" or member.role == "operand":
+        return None
+    w = operator.attrgetter(member.target)(gm)
+    if not isinstance(w, torch.Tensor) or w.dim() <= member.dim:
+        return None
+    w = w.detach()
+    if member.role == "in" and member.conv_groups > 1:
+        rows = _grouped_inputs(w, member.conv_groups)
+    else:
+        rows = w.movedim(member.dim, 0)
+        rows = rows.reshape(rows.shape[0], math.prod(rows.shape[1:]))
+    start = member.offset * member.block
+    return rows[start : start + group.size * member.block].reshape(group.size, -1).float()
+
+
 def group_rows(gm: torch.fx.GraphModule, group: Group) -> List[torch.Tensor]:
     """Every member's rows (members without weights, like pooling, are skipped)."""
     out = []
     for m in group.members:
         rows = member_rows(gm, group, m)
+        if rows is not None:
+            out.append(rows)
+    for t in group.tensors:
+        rows = tensor_rows(gm, group, t)
         if rows is not None:
             out.append(rows)
     return out
@@ -308,6 +335,10 @@ def _norm_sum(gm: torch.fx.GraphModule, group: Group, p: float) -> torch.Tensor:
         norms = member_norms(gm, group, m, p)
         if norms is not None:
             total += norms
+    for t in group.tensors:  # functional layers' weights count as their module forms' do
+        rows = tensor_rows(gm, group, t)
+        if rows is not None:
+            total += rows.abs().pow(p).sum(1)
     return total
 
 
@@ -359,12 +390,14 @@ def fpgm(group: Group, gm: torch.fx.GraphModule) -> torch.Tensor:
     per-channel members instead. No normalisation. A filter with NaN/inf weights scores NaN
     (ranked lowest) and is left out of the median.
     """
-    members = [m for m in group.members if m.role == "out"]
+    members: List[Union[Member, TensorMember]] = [m for m in group.members if m.role == "out"]
+    members += [t for t in group.tensors if t.role == "out"]
     if not members:
-        members = [m for m in group.members if m.role == "channelwise"] or list(group.members)
+        members = [m for m in group.members if m.role == "channelwise"] + [t for t in group.tensors if t.role == "channelwise"]
+        members = members or list(group.members)
     total = torch.zeros(group.size)
     for m in members:
-        rows = member_rows(gm, group, m)
+        rows = member_rows(gm, group, m) if isinstance(m, Member) else tensor_rows(gm, group, m)
         if rows is None:
             continue
         bad = ~torch.isfinite(rows).all(1)  # NaN/inf filters: NaN score, ranked lowest
@@ -390,6 +423,12 @@ def bn(group: Group, gm: torch.fx.GraphModule) -> torch.Tensor:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
             found = True
             total += module.weight.detach().float().abs()[m.offset : m.offset + group.size]
+    for t in group.tensors:
+        # A functional norm's scale (timm's BatchNormAct2d calls F.batch_norm): 1-D, channelwise.
+        w = operator.attrgetter(t.target)(gm) if t.kind == "weight" and t.role == "channelwise" else None
+        if isinstance(w, torch.Tensor) and w.dim() == 1:
+            found = True
+            total += w.detach().float().abs()[t.offset : t.offset + group.size]
     return total if found else l1(group, gm)
 
 

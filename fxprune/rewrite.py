@@ -25,7 +25,7 @@ from .plan import PruningPlan, resolve
 from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
 from .trace import propagate_shapes
 
-__all__ = ["rewrite", "register_builder", "slot_indices", "apply_arg_rewrites"]
+__all__ = ["rewrite", "register_builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size"]
 
 Indices = Optional[torch.Tensor]  # None: that dimension is unchanged
 Builder = Callable[[nn.Module, Dict[str, Indices]], nn.Module]
@@ -110,11 +110,19 @@ def _grouped_weight(conv: nn.modules.conv._ConvNd, out_idx: Indices, in_idx: Ind
     is column ``i % (Cin/G)`` of the rows of group ``i // (Cin/G)``; one gather picks, for each
     kept row, the kept columns of its own group.
     """
-    groups = conv.groups
-    w = conv.weight.detach()
-    cin_g, cout_g = conv.in_channels // groups, conv.out_channels // groups
-    rows = torch.arange(conv.out_channels) if out_idx is None else out_idx.to(torch.long)
-    cols_in = torch.arange(conv.in_channels) if in_idx is None else in_idx.to(torch.long)
+    return grouped_weight(conv.weight, conv.groups, out_idx, in_idx)
+
+
+def grouped_weight(weight: torch.Tensor, groups: int, out_idx: Indices, in_idx: Indices) -> torch.Tensor:
+    """A grouped conv weight ``[Cout, Cin/G, ...]`` keeping ``out_idx`` rows and ``in_idx`` (global) inputs.
+
+    Shared by ``nn.Conv*d`` modules and functional convs (``F.conv2d(x, self.weight, groups=G)``).
+    """
+    w = weight.detach()
+    out_channels, in_channels = w.shape[0], w.shape[1] * groups
+    cin_g, cout_g = in_channels // groups, out_channels // groups
+    rows = torch.arange(out_channels) if out_idx is None else out_idx.to(torch.long)
+    cols_in = torch.arange(in_channels) if in_idx is None else in_idx.to(torch.long)
     for what, kept, per in (("output", rows, cout_g), ("input", cols_in, cin_g)):
         counts = torch.bincount(kept // per, minlength=groups)
         if len(kept) % groups or not bool((counts == len(kept) // groups).all()):
@@ -139,6 +147,15 @@ def _batchnorm(bn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     names = ("weight", "bias", "running_mean", "running_var")
     new = _copy_with(bn, {n: _sliced(getattr(bn, n), 0, keep) for n in names})
     new.num_features = bn.num_features if keep is None else len(keep)
+    return new
+
+
+@register_builder(nn.PReLU)
+def _prelu(prelu: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
+    assert isinstance(prelu, nn.PReLU)
+    keep = idx.get("channelwise")
+    new = _copy_with(prelu, {"weight": _sliced(prelu.weight, 0, keep)})
+    new.num_parameters = new.weight.numel()
     return new
 
 
@@ -178,6 +195,8 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
         return {"out": out, "in": inp, "channelwise": rows}
     if isinstance(module, nn.Linear):
         return {"out": module.weight.shape[0], "in": module.weight.shape[1]}
+    if isinstance(module, nn.PReLU):
+        return {"channelwise": module.weight.shape[0]}
     if isinstance(module, nn.modules.batchnorm._NormBase):
         n = module.running_mean.shape[0] if module.running_mean is not None else module.num_features
         return {"channelwise": module.weight.shape[0] if module.weight is not None else n}
@@ -240,6 +259,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         node.meta.pop("val", None)
         if "fxprune_groups" in node.meta:
             node.meta["fxprune_channels"] = sum(len(kept[g]) for g in node.meta["fxprune_groups"])
+    _patch_parameter_views(graph, analysis, kept)
     new = torch.fx.GraphModule(root, graph, src.__class__.__name__)  # compiles the code once
     new.graph.lint()  # now owned by ``new``, so lint also checks every target exists
     _retie(src, new)
@@ -252,11 +272,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
             # (below) still checks what it built.
             if role in sizes and sizes[role] != _expected(slot, kept):
                 raise InternalError(f"{target} has {sizes.get(role)} {role} positions, plan needs {_expected(slot, kept)}")
-    for target, tslot in analysis.tensors.items():
-        want = _expected(tslot.as_slot(), kept)
-        got = operator.attrgetter(target)(new).shape[tslot.dim]
-        if got != want:
-            raise InternalError(f"parameter {target} has {got} channels after the rewrite, plan needs {want}")
+    _check_tensor_sizes(analysis, new, kept)
     if example_inputs is not None:
         try:
             propagate_shapes(new, example_inputs)  # a mismatch fails here, loudly
@@ -326,14 +342,95 @@ def _put(args: Tuple[Any, ...], kwargs: Dict[str, Any], path: Tuple[Any, ...], n
     return tuple(_replaced(tuple(args), head, rest, new)), kwargs
 
 
-def _sliced_tensor(original: Any, tslot: TensorSlot, kept: Dict[int, List[int]],
+# --------------------------------------------------------------------------- directly read tensors
+#
+# Parameters and buffers the graph reads with get_attr (a functional layer's weight, running
+# statistics and bias, a per-channel operand) are sliced here, one TensorSlot per dim their
+# channels index; the NEW GraphModule gets the sliced copies, the source keeps its own.
+
+
+def _sliced_tensor(original: Any, slots: Sequence[TensorSlot], kept: Dict[int, List[int]],
                    as_tensor: Dict[int, torch.Tensor]) -> Any:
-    """A copy of a directly read parameter/buffer keeping the planned channels along its dim."""
-    idx = slot_indices(tslot.as_slot(), kept, as_tensor)
-    if idx is None or not isinstance(original, torch.Tensor):
+    """A copy of a directly read parameter/buffer keeping the planned channels along each slot's dim."""
+    if not isinstance(original, torch.Tensor):
         return copy.deepcopy(original)
-    new = _sliced(original, tslot.dim, idx)
-    return nn.Parameter(new, requires_grad=original.requires_grad) if isinstance(original, nn.Parameter) else new
+    t: torch.Tensor = original.detach()
+    changed = False
+    rest = list(slots)
+    grouped_in = [s for s in slots if s.role == "in" and s.conv_groups > 1]
+    if grouped_in:
+        # A grouped functional conv: rows and inputs are picked together, per conv group.
+        in_slot = grouped_in[0]
+        out_slot = next((s for s in slots if s.role == "out" and s.dim == 0), None)
+        rows = None if out_slot is None else slot_indices(out_slot.as_slot(), kept, as_tensor)
+        cols = slot_indices(in_slot.as_slot(), kept, as_tensor)
+        if cols is not None:
+            t, changed = grouped_weight(t, in_slot.conv_groups, rows, cols), True
+            rest = [s for s in slots if s is not in_slot and s is not out_slot]
+    for slot in rest:
+        idx = slot_indices(slot.as_slot(), kept, as_tensor)
+        if idx is not None:
+            t, changed = t.index_select(slot.dim, idx.to(t.device)), True
+    if not changed:
+        return copy.deepcopy(original)
+    return nn.Parameter(t, requires_grad=original.requires_grad) if isinstance(original, nn.Parameter) else t
+
+
+def tensor_slot_size(slot: TensorSlot, kept: Dict[int, List[int]]) -> int:
+    """How long ``slot``'s dim must be after the rewrite (a grouped conv's ``in`` dim holds Cin/G)."""
+    want = _expected(slot.as_slot(), kept)
+    return want // slot.conv_groups if slot.role == "in" else want
+
+
+def _check_tensor_sizes(analysis: Analysis, new: torch.fx.GraphModule, kept: Dict[int, List[int]]) -> None:
+    """Read every sliced tensor back: each slot's dim must have the planned size."""
+    for target, slots in analysis.tensors.items():
+        tensor = operator.attrgetter(target)(new)
+        for slot in slots:
+            want, got = tensor_slot_size(slot, kept), tensor.shape[slot.dim]
+            if got != want:
+                raise InternalError(f"parameter {target} has {got} positions on dim {slot.dim} after the rewrite, plan needs {want}")
+
+
+def _patch_parameter_views(graph: torch.fx.Graph, analysis: Analysis, kept: Dict[int, List[int]]) -> None:
+    """Give the arguments that state a sliced tensor's channel count the kept count.
+
+    A ``view``/``reshape`` of a parameter (``self.bias.view(1, C, 1, 1)``, the ``O`` of a weight
+    standardisation's ``w.reshape(1, O, -1)``: patch key = position in its sizes) and the
+    ``groups`` of a depthwise functional conv (key ``"groups@6"``: keyword, position).
+    """
+    patches: Dict[str, Tuple[Any, int]] = {}
+    for slots in analysis.tensors.values():
+        for slot in slots:
+            for name, key in slot.patches:
+                patches[name] = (key, tensor_slot_size(slot, kept))
+    if not patches:
+        return
+    for node in graph.nodes:
+        if node.name not in patches:
+            continue
+        key, value = patches[node.name]
+        if isinstance(key, str):
+            kw, _, at = key.partition("@")
+            if kw in node.kwargs or len(node.args) <= int(at):
+                node.kwargs = {**node.kwargs, kw: value}
+            else:
+                node.args = tuple(value if i == int(at) else a for i, a in enumerate(node.args))
+            continue
+        listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+        if node.op == "call_function":
+            sizes = list(node.args[1] if len(node.args) > 1 else node.kwargs["shape"])
+        else:
+            sizes = list(node.args[1] if listed else node.args[1:])
+        if not (0 <= key < len(sizes)) or not isinstance(sizes[key], int):
+            raise InternalError(f"cannot patch the channel size of {node.format_node()}")
+        sizes[key] = value
+        if node.op == "call_function" and len(node.args) <= 1:
+            node.kwargs = {**node.kwargs, "shape": tuple(sizes)}
+        elif node.op == "call_function" or listed:
+            node.args = (node.args[0], tuple(sizes), *node.args[2:])
+        else:
+            node.args = (node.args[0], *sizes)
 
 
 def _check_channels(gm: torch.fx.GraphModule) -> None:

@@ -67,6 +67,10 @@ __all__ = [
     "role_tensors",
     "output_rank",
     "ELEMENTWISE_MODULES",
+    "channel_operand",
+    "pointwise_op_names",
+    "elementwise_keys",
+    "NON_ELEMENTWISE_ACTIVATIONS",
 ]
 
 
@@ -265,7 +269,9 @@ class RuleContext(Protocol):
 
     def rank(self, arg: Any) -> Optional[int]: ...
 
-    def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout) -> None: ...
+    def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout,
+                      role: str = "operand", kind: str = "operand", conv_groups: int = 1,
+                      via: Sequence[torch.fx.Node] = (), patches: Sequence[Tuple[str, int]] = ()) -> None: ...
 
     def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
 
@@ -512,6 +518,8 @@ def _broadcast(ctx: RuleContext, node: torch.fx.Node, operands: Sequence[Any]) -
         if op.op == "get_attr" and result.block == 1 and shape[pos] == result.channels:
             ctx.tensor_member(node, op, pos, result)
             continue
+        if result.block == 1 and shape[pos] == result.channels and channel_operand(ctx, node, op, result):
+            continue  # a per-channel expression of parameters (a cast or size-1 view of one, ...)
         if _parameters_only(op):
             ctx.refuse(node, [result], f"operand {op.name} of shape {tuple(shape)} is a parameter expression with "
                                        f"{shape[pos]} channels of its own, which this rule cannot slice",
@@ -1027,7 +1035,8 @@ def _softmax(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     inp = _first_layout(ctx, node)
     if inp is None:
         return None
-    dim = ctx.module(node).dim if node.op == "call_module" else _arg(node, 1, "dim", None)  # type: ignore[union-attr]
+    # Softmax2d has no dim: it normalises over dim -3, the channels of a [(N,) C, H, W] map.
+    dim = getattr(ctx.module(node), "dim", -3) if node.op == "call_module" else _arg(node, 1, "dim", None)
     norm = _normalize_dims(dim, inp.rank)
     if norm is None or inp.dim in norm:
         # Softmax over channels couples every channel through its denominator.
@@ -1500,6 +1509,516 @@ def _sdpa(ctx: RuleContext, node: torch.fx.Node) -> None:
     # q @ k^T sums over the head dim, so q and k channels are coupled pairwise; not modelled.
     _freeze_all_inputs(ctx, node, "scaled_dot_product_attention couples query and key channels")
     return None
+
+
+# =========================================================================== functional layers
+#
+# Layers called as functions on tensors the graph reads directly (``get_attr``): timm's
+# BatchNormAct2d calls ``F.batch_norm(x, self.running_mean, ..., self.weight, self.bias)``,
+# FrozenBatchNorm computes ``x * (w * (rv + eps).rsqrt()) + (b - rm * scale)``, weight-
+# standardised convs call ``F.conv2d`` on a normalised weight. Their tensors are declared as
+# tensor slots (:meth:`RuleContext.tensor_member`) with the roles of the module forms, so they
+# are group members: scored, sliced in the rewrite, masked in the proof. A tensor whose value is
+# computed in a way these rules cannot follow channel by channel is refused (fail closed).
+
+# Ops on a parameter that change only its dtype, device or memory layout: its channels stay put.
+_CAST_METHODS = frozenset({"to", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"})
+_CAST_FUNCTIONS: Tuple[Any, ...] = (torch.clone, torch.detach)
+
+
+def _is_cast(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target) in _CAST_METHODS
+    return node.op == "call_function" and node.target in _CAST_FUNCTIONS
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a tensor argument comes from: its ``get_attr`` leaves, each with the dim that holds
+    the channels, the nodes between them and the reader, and ``view`` sizes to patch."""
+
+    leaves: Tuple[Tuple[torch.fx.Node, int], ...]
+    via: Tuple[torch.fx.Node, ...]
+    patches: Tuple[Tuple[str, Union[int, str]], ...] = ()
+
+
+def _cast_source(arg: Any) -> Optional[_Source]:
+    """The ``get_attr`` node ``arg`` is, possibly through casts (``self.weight.to(x.dtype)``)."""
+    via: List[torch.fx.Node] = []
+    node = arg
+    while isinstance(node, torch.fx.Node) and _is_cast(node) and node.args:
+        via.append(node)
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    return _Source(((node, 0),), tuple(via))
+
+
+def _vector_pos(shape: Optional[Sequence[int]], channels: int) -> Optional[int]:
+    """The dim (from the end) of the only non-1 dim of ``shape`` if it holds ``channels``; 0 if every
+    dim is 1 (a scalar-like value); None otherwise."""
+    if shape is None:
+        return None
+    wide = [i for i, s in enumerate(shape) if s != 1]
+    if not wide:
+        return 0
+    if len(wide) == 1 and shape[wide[0]] == channels:
+        return wide[0] - len(shape)
+    return None
+
+
+_VECTOR_RESHAPES: Tuple[Any, ...] = ("view", "reshape", torch.reshape, "unsqueeze", torch.unsqueeze,
+                                     "squeeze", torch.squeeze, "flatten", torch.flatten)
+
+
+def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, depth: int = 0) -> Optional[_Source]:
+    """``arg`` as a per-channel expression of parameters, or None.
+
+    Accepted: a parameter or buffer whose only non-1 dim holds the ``channels`` (``[C]``,
+    ``[1, C, 1, 1]``, ``[C, 1, 1]``), cast, reshaped to another such shape (a literal ``C`` in a
+    ``view`` is patched by the rewrite), and combined element-wise with others like it or with
+    scalars (FrozenBatchNorm's ``w * (rv + eps).rsqrt()``). Every such expression maps channel
+    ``c`` to channel ``c``, so slicing each leaf slices the result.
+    """
+    if depth > 32 or _vector_pos(ctx.shape(arg), channels) is None:
+        return None
+    if arg.op == "get_attr":
+        shape = ctx.shape(arg)
+        pos = _vector_pos(shape, channels)
+        if not pos:  # a scalar-like leaf needs no slicing: it is a constant of the expression
+            return _Source((), ())
+        return _Source(((arg, len(shape) + pos),), ())  # type: ignore[arg-type]
+    if arg.op not in ("call_function", "call_method"):
+        return None
+    inputs = [n for n in arg.all_input_nodes]
+    patches: List[Tuple[str, Union[int, str]]] = []
+    if _is_cast(arg):
+        inputs = inputs[:1]
+    elif arg.target in _VECTOR_RESHAPES:
+        if arg.target in ("view", "reshape", torch.reshape):
+            listed = len(arg.args) == 2 and isinstance(arg.args[1], (list, tuple))
+            sizes = list(arg.args[1] if listed else arg.args[1:]) if arg.op == "call_method" else list(_arg(arg, 1, "shape", ()))
+            if not all(isinstance(s, int) and s in (1, -1, channels) for s in sizes) or sizes.count(channels) > 1 \
+                    or (channels in sizes and -1 in sizes):
+                return None
+            if channels in sizes:
+                patches.append((arg.name, sizes.index(channels)))
+        elif any(isinstance(a, torch.fx.Node) for a in list(arg.args[1:]) + list(arg.kwargs.values())):
+            return None
+        inputs = inputs[:1]
+    elif arg.target is operator.getitem:
+        # ``self.bias[None, :, None, None]``: new axes and full slices only, a pure reshape.
+        index = arg.args[1]
+        items = index if isinstance(index, tuple) else (index,)
+        if not all(it is None or it is Ellipsis or _full_slice(it) for it in items):
+            return None
+        inputs = inputs[:1]
+    elif not _is_pointwise(arg):
+        return None
+    leaves: List[Tuple[torch.fx.Node, int]] = []
+    via: List[torch.fx.Node] = [arg]
+    for n in inputs:
+        found = _channel_expression(ctx, n, channels, depth + 1)
+        if found is None:
+            return None
+        leaves.extend(found.leaves)
+        via.extend(found.via)
+        patches.extend(found.patches)
+    return _Source(tuple(leaves), tuple(via), tuple(patches))
+
+
+def _is_pointwise(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an element-wise op of broadcast operands (the rule table says so)."""
+    rule = lookup_rule(node, None)
+    return rule is _elementwise or rule is _binary
+
+
+def channel_operand(ctx: RuleContext, node: torch.fx.Node, operand: torch.fx.Node, layout: Layout) -> bool:
+    """Declare ``operand`` of ``node`` a per-channel parameter expression sliced with ``layout``'s channels.
+
+    True if it is one (:func:`_channel_expression`): each parameter it reads becomes a tensor
+    slot (``operand`` role) sliced with the channels; False if not (the caller refuses the node).
+    """
+    found = _channel_expression(ctx, operand, layout.channels)
+    if found is None or layout.block != 1:
+        return False
+    for leaf, dim in found.leaves:
+        ctx.tensor_member(node, leaf, dim, layout, via=found.via, patches=found.patches)
+    return True
+
+
+def _layer_tensor(ctx: RuleContext, node: torch.fx.Node, arg: Any, dim: int, layout: Layout, role: str, kind: str,
+                  conv_groups: int = 1, size: Optional[int] = None, patches: Sequence[Tuple[str, Union[int, str]]] = ()) -> bool:
+    """Declare a functional layer's tensor ``arg`` (channels on ``dim``), or refuse/freeze the node.
+
+    ``arg`` must be a parameter or buffer (possibly cast). Anything else cannot be sliced: a
+    parameter expression is refused (a warning unless the group is frozen anyway), a tensor
+    computed from the input freezes the channels (frozen by design).
+    """
+    source = _cast_source(arg)
+    shape = ctx.shape(arg)
+    want = layout.channels * int(layout.block or 1) if size is None else size
+    if source is not None and shape is not None and len(shape) > dim and shape[dim] == want:
+        ctx.tensor_member(node, source.leaves[0][0], dim, layout, role=role, kind=kind, conv_groups=conv_groups,
+                          via=source.via, patches=patches)
+        return True
+    what = f"{kind} {getattr(arg, 'name', arg)} of {_label(node)} at {node.name}"
+    if isinstance(arg, torch.fx.Node) and _parameters_only(arg):
+        ctx.refuse(node, [layout], f"the {what} is computed from parameters in a way whose channels cannot be followed",
+                   "compute it from the parameter with element-wise ops only, or register a rule for the layer")
+    else:
+        ctx.freeze(node, [layout], f"the {what} is not a parameter")
+    return False
+
+
+@register_rule(F.batch_norm, F.instance_norm)
+def _functional_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``F.batch_norm``/``F.instance_norm`` on parameters and buffers: a per-channel op like the module.
+
+    Statistics run per channel (over the batch, or per sample over the spatial dims), so
+    every channel is independent; ``running_mean``, ``running_var``, ``weight`` and ``bias``
+    are indexed by the channel dim 1.
+    """
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None  # e.g. the weight standardisation of a StdConv2d (see _standardised_weight)
+    shape = ctx.shape(node)
+    rank = len(shape) if shape is not None else inp.rank
+    name = _label(node)
+    if rank is None or inp.dim != 1 - rank or inp.block != 1:
+        ctx.unsupported(node, f"{name} over a dim not known to be the channel dim")
+        return None
+    out = replace(inp, rank=rank)
+    for i, arg_name in enumerate(("running_mean", "running_var", "weight", "bias")):
+        arg = _arg(node, i + 1, arg_name)
+        if arg is None:
+            continue
+        # InstanceNorm's scale is not scored (as for nn.InstanceNorm*d): kind "scale".
+        kind = "scale" if (node.target is F.instance_norm and arg_name == "weight") else arg_name
+        if not _layer_tensor(ctx, node, arg, 0, inp, "channelwise", kind):
+            return out
+    return out
+
+
+_ROW_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "std", "var", "norm"})
+
+
+@dataclass(frozen=True)
+class _Filters:
+    """A weight computed filter by filter from one parameter (see :func:`_filter_expression`)."""
+
+    param: torch.fx.Node
+    via: Tuple[torch.fx.Node, ...]
+    patches: Tuple[Tuple[str, Union[int, str]], ...]
+    mixes_inputs: bool  # a reduction or reshape over the other dims: input channels cannot be removed
+
+
+def _filter_expression(ctx: RuleContext, arg: Any, rows: int, depth: int = 0) -> Optional[Tuple[_Filters, int]]:
+    """``(filters, row dim)`` if ``arg`` is computed from one parameter row by row (output channel
+    by output channel), else None.
+
+    Accepted, from the parameter up: casts; element-wise ops with scalars or other such
+    expressions of the same parameter; reductions over dims other than the row dim with
+    ``keepdim=True`` (``w - w.mean((1, 2, 3), keepdim=True)``); reshapes that keep the rows
+    as one dim (``w.reshape(1, O, -1)``, ``.reshape_as(w)``: a literal ``O`` is patched);
+    ``F.batch_norm`` with batch statistics and no affine or running tensors over the rows
+    (timm's ``StdConv2d`` weight standardisation). Each output row then depends on its own
+    parameter row only, so slicing the parameter's rows slices the result's.
+    """
+    if not isinstance(arg, torch.fx.Node) or depth > 32:
+        return None
+    shape = ctx.shape(arg)
+    if shape is None:
+        return None
+    if arg.op == "get_attr":
+        return (_Filters(arg, (), (), False), 0) if len(shape) >= 1 and shape[0] == rows else None
+    if arg.op not in ("call_function", "call_method"):
+        return None
+    target = arg.target
+
+    def below(n: Any) -> Optional[Tuple[_Filters, int]]:
+        return _filter_expression(ctx, n, rows, depth + 1)
+
+    def grow(found: _Filters, row: int, *, mixes: bool = False) -> Tuple[_Filters, int]:
+        return _Filters(found.param, found.via + (arg,), found.patches, found.mixes_inputs or mixes), row
+
+    if _is_cast(arg):
+        inner = below(arg.args[0])
+        return None if inner is None else grow(*inner)
+    if target in ("reshape_as", "view_as", "reshape", "view"):
+        inner = below(arg.args[0])
+        if inner is None:
+            return None
+        found, row = inner
+        in_shape = ctx.shape(arg.args[0])
+        if in_shape is None or math.prod(in_shape[:row]) != 1:
+            return None
+        # The rows must stay one dim with nothing but size-1 dims before it.
+        out_row = next((j for j, size in enumerate(shape) if size != 1), None)
+        if out_row is None or shape[out_row] != rows:
+            return None
+        patches: List[Tuple[str, Union[int, str]]] = []
+        if target in ("reshape", "view"):
+            listed = len(arg.args) == 2 and isinstance(arg.args[1], (list, tuple))
+            sizes = list(arg.args[1] if listed else arg.args[1:])
+            if len(sizes) != len(shape) or any(isinstance(v, torch.fx.Node) for v in sizes) \
+                    or any(v not in (1, -1) for j, v in enumerate(sizes) if j != out_row):
+                return None  # another literal would not follow the pruned rows
+            if sizes[out_row] == rows:
+                patches.append((arg.name, out_row))
+            elif sizes[out_row] != -1:
+                return None
+        else:
+            other = arg.args[1] if len(arg.args) > 1 else None
+            if not (isinstance(other, torch.fx.Node) and other.op == "get_attr" and other is found.param):
+                return None  # reshape_as the parameter itself: it is sliced alike
+        return _Filters(found.param, found.via + (arg,), found.patches + tuple(patches), True), out_row
+    if target is F.batch_norm:
+        if any(_arg(arg, i, n) is not None for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))) \
+                or _arg(arg, 5, "training", False) is not True:
+            return None
+        inner = below(arg.args[0])
+        if inner is None or inner[1] != 1:
+            return None  # batch statistics per dim 1: that must be the rows
+        return grow(*inner, mixes=True)
+    name = str(target) if arg.op == "call_method" else getattr(target, "__name__", "")
+    if name in _ROW_REDUCTIONS and (arg.op == "call_method" or getattr(torch, name, None) is target):
+        inner = below(arg.args[0])
+        if inner is None:
+            return None
+        dims = _arg(arg, 1, "dim", None) if name != "norm" else arg.kwargs.get("dim", arg.args[2] if len(arg.args) > 2 else None)
+        norm = _normalize_dims(dims, len(ctx.shape(arg.args[0]) or ()))
+        keepdim = arg.kwargs.get("keepdim", False)
+        if norm is None or keepdim is not True or (inner[1] - len(ctx.shape(arg.args[0]) or ())) in norm:
+            return None
+        return grow(*inner, mixes=True)
+    if _is_pointwise(arg):
+        found_any: Optional[Tuple[_Filters, int]] = None
+        via: Tuple[torch.fx.Node, ...] = ()
+        patches_all: Tuple[Tuple[str, Union[int, str]], ...] = ()
+        mixes = False
+        for n in arg.all_input_nodes:
+            inner = below(n)
+            if inner is None or (found_any is not None and (inner[0].param is not found_any[0].param or inner[1] != found_any[1])):
+                return None
+            if ctx.shape(n) is None or len(ctx.shape(n)) != len(shape):  # type: ignore[arg-type]
+                return None
+            found_any = inner
+            via += inner[0].via
+            patches_all += inner[0].patches
+            mixes = mixes or inner[0].mixes_inputs
+        if found_any is None:
+            return None
+        return _Filters(found_any[0].param, tuple(dict.fromkeys(via + (arg,))), tuple(dict.fromkeys(patches_all)), mixes), found_any[1]
+    return None
+
+
+_FUNCTIONAL_CONVS: Dict[Any, int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+@register_rule(*_FUNCTIONAL_CONVS)
+def _functional_conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``F.conv*d(x, weight, bias, stride, padding, dilation, groups)``: the rules of ``nn.Conv*d``
+    with the weight and bias as tensor slots (a depthwise conv's ``groups`` follows the channels)."""
+    spatial = _FUNCTIONAL_CONVS[node.target]
+    weight, bias, groups = _arg(node, 1, "weight"), _arg(node, 2, "bias"), _arg(node, 6, "groups", 1)
+    inp = _first_layout(ctx, node)
+    wshape = ctx.shape(weight)
+    if wshape is None or len(wshape) != spatial + 2 or isinstance(groups, bool) or not isinstance(groups, int):
+        if inp is not None:
+            ctx.unsupported(node, f"{_label(node)} whose weight shape or groups is unknown",
+                            "pass example_inputs so shapes can be propagated")
+        return None
+    out_channels, in_channels = int(wshape[0]), int(wshape[1]) * groups
+    rank = _conv_rank(ctx, node, spatial, inp)
+    dim = -(spatial + 1)
+    if inp is not None and (inp.dim != dim or inp.block != 1 or inp.channels != in_channels):
+        ctx.unsupported(node, "convolution input whose channel dim does not match the layer")
+        return None
+    computed = _filter_expression(ctx, weight, out_channels) if _cast_source(weight) is None else None
+    std = computed[0] if computed is not None and computed[1] == 0 else None
+    if groups == in_channels == out_channels and groups > 1 and inp is not None and std is None:
+        # Depthwise: a per-channel op; ``groups`` must follow the kept count.
+        if _layer_tensor(ctx, node, weight, 0, inp, "channelwise", "weight", patches=[(node.name, "groups@6")]) \
+                and bias is not None:
+            _layer_tensor(ctx, node, bias, 0, inp, "channelwise", "bias")
+        return replace(inp, rank=rank)
+    out = ctx.produce(node, out_channels, dim, rank)
+    if groups > 1:
+        what = f"grouped convolution {node.name} (groups={groups})"
+        ctx.require_blocks(node, out, groups, what)
+        if inp is not None:
+            if len(inp.groups) == 1:
+                ctx.require_blocks(node, inp, groups, what)
+            else:
+                ctx.freeze(node, [inp], f"{what} reads a concatenation of {len(inp.groups)} groups")
+    if std is not None:
+        # A weight computed filter by filter (weight standardisation, centring): rows are sliced.
+        ctx.tensor_member(node, std.param, 0, out, role="out", kind="weight", via=std.via, patches=std.patches)
+        if inp is None:
+            pass
+        elif std.mixes_inputs or groups > 1:
+            ctx.freeze(node, [inp], f"the weight of {node.name} is computed from each filter as a whole "
+                                    "(e.g. weight standardisation): its input channels cannot be removed")
+        else:
+            ctx.tensor_member(node, std.param, 1, inp, role="in", kind="weight", via=std.via)
+    else:
+        ok = _layer_tensor(ctx, node, weight, 0, out, "out", "weight")
+        if ok and inp is not None:
+            _layer_tensor(ctx, node, weight, 1, inp, "in", "weight", conv_groups=groups, size=in_channels // groups)
+        elif inp is not None:
+            ctx.freeze(node, [inp], f"the weight of {node.name} cannot be sliced")
+    if bias is not None:
+        _layer_tensor(ctx, node, bias, 0, out, "out", "bias")
+    return out
+
+
+@register_rule(F.linear)
+def _functional_linear(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``F.linear(x, weight, bias)``: the rules of ``nn.Linear`` with the weight and bias as tensor slots."""
+    weight, bias = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    inp = _first_layout(ctx, node)
+    wshape = ctx.shape(weight)
+    if wshape is None or len(wshape) != 2:
+        if inp is not None:
+            ctx.unsupported(node, "linear whose weight shape is unknown", "pass example_inputs so shapes can be propagated")
+        return None
+    out_features, in_features = int(wshape[0]), int(wshape[1])
+    shape = ctx.shape(node)
+    rank = len(shape) if shape is not None else (inp.rank if inp is not None else ctx.rank(node.args[0]) if node.args else None)
+    in_layout: Optional[Layout] = None
+    if inp is not None:
+        block = inp.block
+        if inp.dim != -1 or (block is None and in_features % max(inp.channels, 1)):
+            ctx.unsupported(node, "linear over a dimension that is not the channel dim")
+            return None
+        block = in_features // inp.channels if block is None else block
+        if inp.channels * block != in_features:
+            ctx.unsupported(node, "linear whose in_features do not match its input channels")
+            return None
+        in_layout = replace(inp, block=block)
+    out = ctx.produce(node, out_features, -1, rank)
+    ok = _layer_tensor(ctx, node, weight, 0, out, "out", "weight")
+    if in_layout is not None:
+        if ok:
+            _layer_tensor(ctx, node, weight, 1, in_layout, "in", "weight", size=in_features)
+        else:
+            ctx.freeze(node, [in_layout], f"the weight of {node.name} cannot be sliced")
+    if bias is not None:
+        _layer_tensor(ctx, node, bias, 0, out, "out", "bias")
+    return out
+
+
+@register_rule(nn.PReLU, F.prelu)
+def _prelu(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """PReLU: one slope per channel of dim 1 (``num_parameters=C``) is sliced with the channels;
+    a single shared slope (``num_parameters=1``) is an element-wise op."""
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    if node.op == "call_module":
+        count = ctx.module(node).weight.numel()  # type: ignore[union-attr]
+        weight = None
+    else:
+        weight = _arg(node, 1, "weight")
+        shape = ctx.shape(weight)
+        count = None if shape is None else math.prod(shape)
+    if count == 1:
+        return inp
+    rank = inp.rank
+    channel_dim = None if rank is None else (1 if rank >= 2 else 0) - rank
+    if count is None or channel_dim is None or inp.dim != channel_dim or inp.block != 1 or count != inp.channels:
+        ctx.unsupported(node, "PReLU whose slopes are not indexed by the channel dim")
+        return None
+    if weight is None:
+        ctx.member(node, "channelwise", inp)
+    else:
+        _layer_tensor(ctx, node, weight, 0, inp, "operand", "operand")
+    return inp
+
+
+# =========================================================================== element-wise completeness
+#
+# Which ops are element-wise is PyTorch's own knowledge: ATen tags every op that computes each
+# output element from the same-index elements of its (broadcast) inputs ``torch.Tag.pointwise``.
+# Every op whose overloads all carry that tag (and return one tensor) is element-wise in its
+# ``torch``/``torch.special``/``torch.nn.functional`` and ``Tensor`` method forms too: channel
+# ``c`` maps to channel ``c`` (a tensor among the other arguments is a broadcast operand). A name
+# the table already has (``add``, ``where``, ...) keeps its own rule.
+
+
+def pointwise_op_names() -> List[str]:
+    """The ATen op names whose every (functional) overload is tagged ``torch.Tag.pointwise``.
+
+    >>> names = pointwise_op_names()
+    >>> {"abs", "erf", "pow", "clamp", "sigmoid"} <= set(names), "max" in names, "softmax" in names
+    (True, False, False)
+    """
+    names = []
+    for name in dir(torch.ops.aten):
+        if name.startswith("_"):
+            continue
+        packet = getattr(torch.ops.aten, name, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        overloads = [getattr(packet, o) for o in packet.overloads()]
+        # Out= and in-place forms aside, and the scalar-math forms (``acos.int``) that take no tensor.
+        functional = [op for op in overloads if not op._schema.is_mutable
+                      and any(isinstance(a.type, torch.TensorType) for a in op._schema.arguments)]
+        # max(x) reduces, max(x, y) is element-wise: a name counts only if every form is.
+        if functional and all(torch.Tag.pointwise in op.tags and len(op._schema.returns) == 1
+                                 and isinstance(op._schema.returns[0].type, torch.TensorType) for op in functional):
+            names.append(name)
+    return sorted(names)
+
+
+# Activations of torch.nn.modules.activation that are not element-wise, and why (each has its
+# own rule, or none: an op with no rule is frozen with a warning).
+NON_ELEMENTWISE_ACTIVATIONS: Dict[str, str] = {
+    "Softmax": "normalises over a dim (rule: softmax)",
+    "Softmin": "normalises over a dim (rule: softmax)",
+    "LogSoftmax": "normalises over a dim (rule: softmax)",
+    "Softmax2d": "normalises over the channel dim (rule: softmax)",
+    "MultiheadAttention": "mixes the embedding (rule: multi-head attention)",
+    "GLU": "halves a dim and gates one half with the other (no rule: frozen)",
+    "PReLU": "one slope per channel (rule: prelu)",
+}
+
+# Functional forms of activations with no ATen pointwise op of their own name.
+_FUNCTIONAL_ACTIVATIONS: Tuple[Any, ...] = (
+    F.softsign, F.tanhshrink, F.rrelu, F.rrelu_, F.threshold, F.threshold_, F.elu_, F.celu_, F.selu_,
+    F.leaky_relu_, F.hardshrink, F.softshrink, F.logsigmoid, F.relu6, F.hardtanh, F.hardtanh_, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.gelu, F.elu, F.celu, F.selu, F.softplus, F.leaky_relu, F.sigmoid, F.tanh,
+)
+
+
+def elementwise_keys() -> List[RuleKey]:
+    """Every function, method name and module type the element-wise rule is registered for."""
+    return [k for k, r in list(_FUNCTION_RULES.items()) + list(_METHOD_RULES.items()) + list(_MODULE_RULES.items())
+            if r is _elementwise]
+
+
+def _register_pointwise() -> None:
+    keys: List[RuleKey] = []
+    for name in pointwise_op_names():
+        candidates = [getattr(torch, name, None), getattr(F, name, None)]
+        if name.startswith("special_"):
+            candidates.append(getattr(torch.special, name[len("special_"):], None))
+        keys += [fn for fn in candidates if callable(fn) and not isinstance(fn, type) and fn not in _FUNCTION_RULES]
+        for method in (name, name + "_"):
+            if hasattr(torch.Tensor, method) and method not in _METHOD_RULES:
+                keys.append(method)
+    keys += [fn for fn in _FUNCTIONAL_ACTIVATIONS if fn not in _FUNCTION_RULES]
+    import torch.nn.modules.activation as activation
+    for cls_name in activation.__all__:
+        cls = getattr(activation, cls_name)
+        if cls_name not in NON_ELEMENTWISE_ACTIVATIONS and cls not in _MODULE_RULES:
+            keys.append(cls)
+    register_rule(*keys)(_elementwise)
+
+
+_register_pointwise()
+register_rule(nn.Softmin, F.softmin, nn.Softmax2d)(_softmax)
 
 
 # --------------------------------------------------------------------------- ranks of untracked tensors

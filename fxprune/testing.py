@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -25,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from .api import ModelLike, analyze_model
 from .errors import FxPruneWarning, PlanMismatchError
+from .groups import TensorSlot
 from .plan import PruningPlan, resolve
 from .rewrite import slot_indices
 from .rules import role_tensors
@@ -118,6 +120,7 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
             f"example_inputs=(x,)))") from exc
     if whole_groups:
         sizes = {g: size for slot in analysis.slots.values() for g, size in slot.segments}
+        sizes.update({g: size for slots in analysis.tensors.values() for slot in slots for g, size in slot.segments})
         kept = {g: ([] if len(rows) < sizes.get(g, len(rows)) else rows) for g, rows in kept.items()}
     removes = False
     with torch.no_grad():
@@ -130,6 +133,42 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
             removed[keep] = False
             removes = removes or bool(removed.any())
             _MASKS.get(type(module), _default_mask)(module, slot.role, removed)
+        removes = _mask_tensors(gm, analysis.tensors, kept) or removes
+    return removes
+
+
+def _mask_tensors(gm: torch.fx.GraphModule, tensors: Dict[str, Tuple[TensorSlot, ...]], kept: Dict[int, List[int]]) -> bool:
+    """Zero the removed positions of every functional layer's tensors, as for the module form.
+
+    Rows (``out``) and columns (``in``) are zeroed, a grouped conv's columns within their conv
+    group; running variances are set to 1 (see :func:`_mask_norm`). Per-channel ``operand``
+    tensors are left alone: a removed channel's entry only ever meets a removed channel, and a
+    zeroed divisor would turn it into NaN.
+    """
+    removes = False
+    for target, slots in tensors.items():
+        for slot in slots:
+            if slot.role == "operand":
+                continue
+            keep = slot_indices(slot.as_slot(), kept)
+            if keep is None:
+                continue
+            removed = torch.ones(sum(size for _, size in slot.segments) * slot.block, dtype=torch.bool)
+            removed[keep] = False
+            removes = removes or bool(removed.any())
+            t = operator.attrgetter(target)(gm)
+            if slot.role == "in" and slot.conv_groups > 1:
+                # Input channel i is column i % (Cin/G) of the rows of conv group i // (Cin/G).
+                cin_g, cout_g = t.shape[1], t.shape[0] // slot.conv_groups
+                for i in torch.nonzero(removed).flatten().tolist():
+                    g = i // cin_g
+                    t[g * cout_g : (g + 1) * cout_g, i % cin_g] = 0
+            elif slot.kind == "running_var":
+                index: list = [slice(None)] * t.dim()
+                index[slot.dim] = removed.to(t.device)
+                t[tuple(index)] = 1
+            else:
+                _zero_along(t, slot.dim, removed)
     return removes
 
 

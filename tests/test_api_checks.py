@@ -296,11 +296,9 @@ def test_one_layer_model_says_nothing_can_be_pruned() -> None:
         fxprune.prune(OneLayer(), 0.3)
 
 
+# Functional conv/batch_norm/linear calls on the model's own parameters (SubclassStem,
+# FunctionalFirst, LinearSubclassMLP) are pruned now: tests/test_functional_layers.py.
 FUNCTIONAL_CASES = [
-    (SubclassStem, torch.randn(1, 3, 8, 8), r"torch\.conv2d at .*test_api_checks\.py:\d+ in forward: return torch\.conv2d"),
-    (SubclassStem, torch.randn(1, 3, 8, 8), r"torch\.nn\.functional\.batch_norm at .*test_api_checks\.py:\d+"),
-    (FunctionalFirst, torch.randn(1, 3, 8, 8), r"conv2d at .*test_api_checks\.py:\d+ in forward: return self\.head\(F\.conv2d"),
-    (LinearSubclassMLP, torch.randn(2, 6), r"torch\._C\._nn\.linear at .*test_api_checks\.py:\d+"),
     (HandWrittenLinear, torch.randn(2, 6), r"torch\.matmul at .*test_api_checks\.py:\d+ in forward"),
 ]
 
@@ -317,7 +315,7 @@ def test_layers_called_functionally_are_named_when_nothing_is_pruned(model_cls: 
             assert torch.equal(pruned(x), model(x))
 
 
-@pytest.mark.parametrize("model_cls, x, where", [FUNCTIONAL_CASES[i] for i in (0, 2, 3, 4)])
+@pytest.mark.parametrize("model_cls, x, where", FUNCTIONAL_CASES)
 def test_layers_called_functionally_raise_in_strict_mode(model_cls: Any, x: torch.Tensor, where: str) -> None:
     # Before: strict=True returned the unpruned model without a word.
     with pytest.raises(fxprune.UnsupportedNodeError, match="nothing could be pruned and .* a layer called functionally"):

@@ -117,7 +117,10 @@ def test_a_per_channel_parameter_operand_is_sliced_with_its_channels(form: str, 
 
 
 class ParameterExpressionOperand(nn.Module):
-    """The operand is computed from a parameter (a view of a C-vector): not sliceable today."""
+    """The operand is computed from a parameter across its channels (a cumulative sum): not sliceable.
+
+    (A mere view of a C-vector, ``self.bias.view(1, -1, 1, 1)``, is sliced: tests/test_elementwise.py.)
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,7 +129,7 @@ class ParameterExpressionOperand(nn.Module):
         self.b = nn.Conv2d(8, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.clamp(self.a(x), min=self.bias.view(1, -1, 1, 1))).mean((2, 3))
+        return self.b(torch.clamp(self.a(x), min=self.bias.cumsum(0).view(1, -1, 1, 1))).mean((2, 3))
 
 
 @pytest.mark.parametrize("shapes", [True, False])

@@ -70,6 +70,7 @@ __all__ = [
     "command_line",
     "WarningLog",
     "collect_warnings",
+    "warning_reason",
     "layer_macs",
     "layer_table",
     "stage_table",
@@ -814,12 +815,25 @@ class WarningLog:
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str], int] = {}
+        self._reasons: dict[tuple[str, str], int] = {}
 
     def add(self, category: str, message: str) -> bool:
         """Count one warning; True the first time this message is seen."""
         key = (category, message)
         self._counts[key] = self._counts.get(key, 0) + 1
-        return self._counts[key] == 1
+        if self._counts[key] > 1:
+            return False
+        reason = (category, warning_reason(message))
+        self._reasons[reason] = self._reasons.get(reason, 0) + 1
+        return True
+
+    def reason_count(self, category: str, message: str) -> int:
+        """How many distinct messages so far gave the reason of ``message`` (one per node)."""
+        return self._reasons.get((category, warning_reason(message)), 0)
+
+    def reasons(self) -> list[tuple[str, str, int]]:
+        """``[(category, reason, distinct messages)]`` in the order first raised (see :func:`warning_reason`)."""
+        return [(c, r, n) for (c, r), n in self._reasons.items()]
 
     @property
     def total(self) -> int:
@@ -833,31 +847,57 @@ class WarningLog:
         return len(self._counts)
 
 
+def warning_reason(message: str) -> str:
+    """The reason a warning gives, without the node it names: what repeats across nodes.
+
+    A frozen node's warning reads ``channels left unpruned: <reason>: node %x ... at file:line``;
+    one op without a rule used 34 times in a model gives 34 messages and one reason.
+
+    >>> warning_reason("channels left unpruned: no channel rule for torch.cumsum: node %c : ... at m.py:3")
+    'channels left unpruned: no channel rule for torch.cumsum'
+    >>> warning_reason("ignore pattern 'x' matches no module")
+    "ignore pattern 'x' matches no module"
+    """
+    head, sep, _ = message.partition(": node ")
+    return head if sep else message
+
+
 @contextlib.contextmanager
 def collect_warnings(log: WarningLog) -> Iterator[WarningLog]:
     """Within the block, every :class:`fxprune.FxPruneWarning` is counted in ``log``.
 
-    The first of each distinct message is logged as a WARNING (so it reaches run.log, and
-    stderr once, even with ``--quiet``); repeats are only counted, for the report. Other
-    warnings pass through to whatever displayed them before (torch's own, pytest's recorder).
+    Each distinct message is logged as a WARNING to run.log. The console (stderr, even with
+    ``--quiet``) shows each distinct *reason* once (:func:`warning_reason`): the first message
+    that gives it, and at the end of the block, for a reason given more than once, how many
+    times in all; repeats are only counted, for the report. Other warnings pass through to
+    whatever displayed them before (torch's own, pytest's recorder).
     """
     from fxprune.errors import FxPruneWarning
 
-    with warnings.catch_warnings():  # restores the filters and showwarning on exit
-        # "always": repeats from one line count too (the default shows one per location).
-        warnings.simplefilter("always", FxPruneWarning)
-        previous = warnings.showwarning
+    before = {(c, r): n for c, r, n in log.reasons()}
+    try:
+        with warnings.catch_warnings():  # restores the filters and showwarning on exit
+            # "always": repeats from one line count too (the default shows one per location).
+            warnings.simplefilter("always", FxPruneWarning)
+            previous = warnings.showwarning
 
-        def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
-                 line: Optional[str] = None) -> None:
-            if isinstance(category, type) and issubclass(category, FxPruneWarning):
-                if log.add(category.__name__, str(message)):
-                    logger.warning("%s: %s", category.__name__, message)
-                return
-            previous(message, category, filename, lineno, file, line)
+            def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                     line: Optional[str] = None) -> None:
+                if isinstance(category, type) and issubclass(category, FxPruneWarning):
+                    name, text = category.__name__, str(message)
+                    if log.add(name, text):
+                        # The first message of a reason on the console too; the others in run.log only.
+                        file_only = log.reason_count(name, text) > 1
+                        logger.warning("%s: %s", name, text, extra={FILE_ONLY: file_only})
+                    return
+                previous(message, category, filename, lineno, file, line)
 
-        warnings.showwarning = show
-        yield log
+            warnings.showwarning = show
+            yield log
+    finally:
+        for category, reason, count in log.reasons():
+            if count > max(1, before.get((category, reason), 1)):
+                logger.warning("%s: %d warnings in all for different nodes (each in run.log): %s", category, count, reason)
 
 
 def _warning_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -61,7 +61,7 @@ class FrozenNet(nn.Module):
 
 
 class FunctionalNet(nn.Module):
-    """Layers called as functions on the module's own weights: fxprune sees no layer to prune."""
+    """Layers called as functions on weights computed across channels: fxprune can prune none."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
@@ -69,7 +69,7 @@ class FunctionalNet(nn.Module):
         self.head = nn.Parameter(torch.randn(num_classes, 8 * 14 * 14) * 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(F.conv2d(x, self.weight, stride=2, padding=1))
+        x = torch.relu(F.conv2d(x, self.weight + self.weight.flip(0), stride=2, padding=1))
         return F.linear(x.flatten(1), self.head)
 
 

@@ -115,7 +115,9 @@ def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union
     """Trace if needed and analyse a private copy of the graph (modules are shared, read-only)."""
     inputs = as_inputs(example_inputs)
     patterns = check_ignore(ignore)  # bad arguments fail before any tracing
-    gm = as_graph_module(model)
+    # An nn.Module torch.fx cannot trace is exported instead, given inputs (with a warning);
+    # the route depends on the model alone, so plan() and apply() analyse the same graph.
+    gm = as_graph_module(model, inputs)
     if gm is model:
         # The caller's graph: metadata goes on the nodes of our own copy. Submodules are
         # shared and only read. A graph we traced ourselves is private already.

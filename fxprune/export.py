@@ -353,8 +353,9 @@ _DROPPED = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_fo
 
 
 def _first_only(node: torch.fx.Node) -> bool:
-    """True if every user of the tuple ``node`` returns reads its element 0 and nothing else."""
-    return all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+    """True if the tuple ``node`` returns is read at element 0 only (export keeps unused reads of the rest)."""
+    return all(u.op == "call_function" and u.target is operator.getitem and (u.args[1] == 0 or not u.users)
+               for u in node.users)
 
 
 class _Lifter:
@@ -540,6 +541,8 @@ class _Lifter:
                     env[node] = new
                     continue
             elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in bn_tuple:
+                if node.args[1] != 0 and not node.users:
+                    continue  # an unused read of the indices or statistics: nothing to lift
                 if node.args[1] != 0:
                     raise ExportedGraphError(f"node {node.name} reads batch statistics output {node.args[1]} "
                                              "of an eval-mode BatchNorm; only its result can be lifted")

@@ -73,7 +73,7 @@ def test_keep_class_returns_the_hf_class_and_save_pretrained_writes_the_pruned_w
     plan = fxprune.PruningPlan.from_json(kept.meta["fxprune_plan"].to_json())
     rebuilt = _quiet(fxprune.apply, cls(model.config).eval(), plan, example_inputs=(X,), keep_class=True)
     assert isinstance(rebuilt, cls)
-    rebuilt.load_state_dict(saved, strict=False)
+    rebuilt.load_state_dict(saved)  # every key and shape
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(X).logits, kept(X).logits)
 

@@ -82,3 +82,17 @@ def test_yolov8n_prunes_keeps_its_class_and_predicts_inside_yolo() -> None:
                                  "yolo11n-seg.yaml", "yolov10n.yaml", "yolo26n.yaml"])
 def test_yolo_families_and_tasks(cfg: str) -> None:
     _check(cfg)
+
+
+@pytest.mark.slow
+def test_the_example_script_runs_offline(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "prune_yolo.py"
+    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "proven equivalent" in done.stdout and (tmp_path / "yolov8n-pruned.torchscript").exists()

@@ -207,6 +207,11 @@ _FUNCTIONS: Dict[Any, Tuple[str, Any]] = {
     aten.adaptive_avg_pool3d.default: ("call_function", F.adaptive_avg_pool3d),
     aten._adaptive_avg_pool2d.default: ("call_function", F.adaptive_avg_pool2d),
     aten.maximum.default: ("call_function", torch.maximum),
+    # Tensor.new_*(size, ...): the same arguments (dtype, device... by keyword in both).
+    aten.new_full.default: ("call_method", "new_full"),
+    aten.new_zeros.default: ("call_method", "new_zeros"),
+    aten.new_ones.default: ("call_method", "new_ones"),
+    aten.new_empty.default: ("call_method", "new_empty"),
     aten.minimum.default: ("call_function", torch.minimum),
 }
 

@@ -63,13 +63,17 @@ def test_yolov8n_prunes_keeps_its_class_and_predicts_inside_yolo() -> None:
     from ultralytics.nn.tasks import DetectionModel
 
     model, x = _build("yolov8n.yaml")
+    # Detect.export: the head returns its boxes only, not also the P3-P5 maps it reads, so the
+    # neck's widths are no model output and are pruned too (examples/prune_yolo.py does the same).
+    model.model[-1].export = True
     kept = _prune(model, x)
     assert type(kept) is DetectionModel
-    assert _params(kept) < 0.5 * _params(model)  # 3.16 M -> 1.35 M today (split pruning will go deeper)
+    assert _params(kept) <= 0.4 * _params(model)  # 3.16 M -> 1.14 M (issue 11's target: at most 40 %)
     assert kept.model[0].conv.out_channels == model.model[0].conv.out_channels // 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_equivalent(model, kept, kept.meta["fxprune_plan"], [x], example_inputs=(x,))
+    model.model[-1].export = kept.model[-1].export = False  # Ultralytics' usual (boxes, maps) output
     yolo = YOLO("yolov8n.yaml", task="detect")
     yolo.model = kept
     result = yolo.predict(np.zeros((64, 80, 3), dtype=np.uint8), imgsz=64, verbose=False)

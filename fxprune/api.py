@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from .allocation import (CostModel, Policy, check_prunable, requests_pruning, unpruned_message,
                          warn_unmatched_ignore)
@@ -23,6 +24,7 @@ from .groups import Analysis, Group, analyze, select_channels
 from .importance import Criterion, ScoringOptions, check_importance
 from .plan import GroupPlan, PruningPlan, make_plan
 from .rewrite import rewrite
+from .export import is_lifted
 from .trace import as_graph_module, propagate_shapes, trace
 
 __all__ = ["prune", "plan", "apply", "find_groups", "analyze_model", "GroupList", "keep_class"]
@@ -115,7 +117,9 @@ def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union
     """Trace if needed and analyse a private copy of the graph (modules are shared, read-only)."""
     inputs = as_inputs(example_inputs)
     patterns = check_ignore(ignore)  # bad arguments fail before any tracing
-    gm = as_graph_module(model)
+    # An nn.Module torch.fx cannot trace is exported instead, given inputs (with a warning);
+    # the route depends on the model alone, so plan() and apply() analyse the same graph.
+    gm = as_graph_module(model, inputs)
     if gm is model:
         # The caller's graph: metadata goes on the nodes of our own copy. Submodules are
         # shared and only read. A graph we traced ourselves is private already.
@@ -214,7 +218,159 @@ def _mismatch(copy_: nn.Module, pruned: torch.fx.GraphModule) -> Optional[str]:
     return None
 
 
-def keep_class(model: Any, pruned: torch.fx.GraphModule) -> nn.Module:
+# Width attributes a layer keeps besides its tensors: a lifted layer that is not of the user's
+# exact type (a subclass such as Hugging Face's ConvNextLayerNorm) gets its tensors and these.
+_WIDTHS = ("in_channels", "out_channels", "in_features", "out_features", "num_features", "normalized_shape",
+           "num_channels", "groups", "embed_dim")
+_PROOF_INPUTS = 3  # random inputs the numerical proof runs on; the copy must agree on each
+
+
+def _split_width(module: nn.Module) -> None:
+    """Ultralytics C2f/C3k2-style blocks split ``cv1``'s output in two halves of ``self.c``.
+
+    ``forward_split`` reads ``self.c``; it must follow ``cv1``'s (pruned) width where the two
+    halves are equal. Where they are not, nothing is changed and the proof decides.
+    """
+    conv = getattr(getattr(module, "cv1", None), "conv", None)
+    width = getattr(conv, "out_channels", None)
+    if isinstance(getattr(module, "c", None), int) and isinstance(width, int) and width % 2 == 0:
+        module.c = width // 2
+
+
+def _update_widths(root: nn.Module) -> None:
+    """Python ints a class's forward reads about widths pruning changed (see :func:`_split_width`)."""
+    for module in root.modules():
+        if type(module).__module__.startswith("ultralytics.") and hasattr(module, "cv1") and hasattr(module, "c"):
+            _split_width(module)
+
+
+def _transplant(old: nn.Module, new: nn.Module) -> None:
+    """Give ``old`` the tensors and width attributes of ``new`` (a layer of another type)."""
+    for name, param in new.named_parameters(recurse=False):
+        setattr(old, name, param)
+    for name, buf in new.named_buffers(recurse=False):
+        setattr(old, name, buf)
+    for attr in _WIDTHS:
+        if hasattr(old, attr) and hasattr(new, attr):
+            setattr(old, attr, getattr(new, attr))
+
+
+def _random_inputs(example_inputs: Tuple[Any, ...], seed: int) -> Tuple[Any, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(x.shape, generator=g, dtype=torch.float64) if isinstance(x, torch.Tensor)
+                 and x.is_floating_point() else x for x in example_inputs)
+
+
+def _numerical_mismatch(copy_: nn.Module, pruned: torch.fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Optional[str]:
+    """Why ``copy_`` does not compute ``pruned`` (None: it does), run on random float64 inputs in eval mode.
+
+    The proof for a graph lifted from torch.export, whose class torch.fx cannot re-trace: both
+    run on float64 deep copies (so neither the copy nor the pruned model caches anything from
+    the proof, e.g. Ultralytics' anchors) on several random inputs shaped like
+    ``example_inputs``; every output tensor must agree, and the outputs must have the same structure.
+    """
+    from .testing import cast_model  # the proof's own float64 cast (graph constants too); lazy: testing imports api
+
+    try:
+        mine, want = copy.deepcopy((copy_, pruned))
+        cast_model(mine, torch.float64).eval()
+        cast_model(want, torch.float64).eval()
+    except Exception as exc:  # user code (__deepcopy__, .to): any failure means no proof
+        return f"copying it for the float64 proof failed: {type(exc).__name__}: {exc}"
+    for seed in range(_PROOF_INPUTS):
+        inputs = _random_inputs(example_inputs, seed)
+        try:
+            with torch.no_grad():
+                got, ref = mine(*inputs), want(*inputs)
+        except Exception as exc:
+            return f"running it on a random float64 input failed: {type(exc).__name__}: {exc}"
+        got_leaves, got_spec = pytree.tree_flatten(got)
+        ref_leaves, ref_spec = pytree.tree_flatten(ref)
+        if len(got_leaves) != len(ref_leaves):
+            return f"it returns {len(got_leaves)} values where the pruned graph returns {len(ref_leaves)} ({got_spec} vs {ref_spec})"
+        for i, (a, b) in enumerate(zip(got_leaves, ref_leaves)):
+            if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+                return f"output {i} is a {type(a).__name__} where the pruned graph returns a {type(b).__name__}"
+            if not isinstance(a, torch.Tensor):
+                continue
+            if a.shape != b.shape:
+                return f"output {i} has shape {tuple(a.shape)} where the pruned graph's has {tuple(b.shape)}"
+            if a.is_floating_point() or b.is_floating_point():
+                scale = float(b.abs().max()) if b.numel() else 1.0
+                if not torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-9 * max(1.0, scale)):
+                    diff = float((a.double() - b.double()).abs().max())
+                    return f"output {i} differs from the pruned graph's by up to {diff:.3g} on a random float64 input"
+            elif not torch.equal(a, b):
+                return f"output {i} differs from the pruned graph's on a random float64 input"
+    return None
+
+
+def _lifted_copy(model: nn.Module, pruned: torch.fx.GraphModule,
+                 example_inputs: Optional[Tuple[Any, ...]]) -> Tuple[Optional[nn.Module], str]:
+    """keep_class for a graph lifted from torch.export: place by name, then prove numerically.
+
+    torch.fx cannot trace the class again, so the structural proof does not apply. The pruned
+    layers are put into a deep copy of ``model`` under their qualified names (the lifter names
+    each layer after the module that owns its weights): the very module where the type matches,
+    its tensors and widths where the user's layer is a subclass; tensors the graph reads go in
+    by name; graph-only constants export made up stay in the graph. Width ints the class's
+    forward reads are updated (:func:`_update_widths`). The copy is then run against ``pruned``.
+    """
+    if example_inputs is None:
+        return None, ("the pruned graph came from torch.export, so the copy can only be proven by running it, "
+                      "and that needs example_inputs")
+    modules: Dict[str, nn.Module] = {}
+    tensors: Dict[str, Any] = {}
+    for node in pruned.graph.nodes:
+        target = str(node.target)
+        if node.op == "call_module":
+            modules[target] = pruned.get_submodule(target)
+        elif node.op == "get_attr":
+            tensors[target] = operator.attrgetter(target)(pruned)
+    memo: Dict[int, Any] = {}
+    for target, new in modules.items():
+        try:
+            old = model.get_submodule(target)
+        except AttributeError:
+            return None, f"the pruned graph calls a layer {target} that {type(model).__name__} does not have"
+        if type(old) is type(new):
+            memo[id(old)] = new
+    for target, new in tensors.items():
+        try:
+            old = operator.attrgetter(target)(model)
+        except AttributeError:
+            continue  # a constant export lifted into the graph (anchors, arange results): the graph's own
+        if isinstance(old, torch.Tensor):
+            memo[id(old)] = new
+    try:
+        kept = copy.deepcopy(model, memo)
+        for target, new in modules.items():
+            old = kept.get_submodule(target)
+            if type(old) is type(new):
+                _place(kept, target, new)
+            else:
+                _transplant(old, new)
+        for target, new in tensors.items():
+            try:
+                old = operator.attrgetter(target)(kept)
+            except AttributeError:
+                continue
+            if isinstance(old, torch.Tensor):
+                _place(kept, target, new)
+        _update_widths(kept)
+    except Exception as exc:  # user code (__deepcopy__, __setattr__): any failure means no copy
+        return None, f"copying {type(model).__name__} failed: {type(exc).__name__}: {exc}"
+    why = _numerical_mismatch(kept, pruned, example_inputs)
+    if why is not None:
+        return None, why
+    modes = dict(model.named_modules(remove_duplicate=False))
+    for name, module in kept.named_modules(remove_duplicate=False):
+        if name in modes:
+            module.training = modes[name].training
+    return kept, ""
+
+
+def keep_class(model: Any, pruned: torch.fx.GraphModule, example_inputs: Any = None) -> nn.Module:
     """``pruned`` as a copy of ``model``'s own class where that is provably the same function.
 
     ``model`` is what was pruned, ``pruned`` the GraphModule fxprune built from it. For a plain
@@ -226,6 +382,12 @@ def keep_class(model: Any, pruned: torch.fx.GraphModule) -> nn.Module:
     ``pruned`` comes back. A GraphModule ``model`` has no other class to keep: ``pruned`` is
     returned as is. Modes: the proof is in eval mode, the mode fxprune traces in; every module
     of the copy keeps the user's training flag.
+
+    A model torch.fx cannot trace was pruned through torch.export (Ultralytics YOLO): its
+    class cannot be re-traced, so the copy gets the pruned layers by qualified name and is
+    proven by running it instead: on several random float64 inputs shaped like
+    ``example_inputs`` (which that route always has), in eval mode, every output must equal the
+    pruned GraphModule's; otherwise the GraphModule comes back with a warning saying why.
 
     Plain Python numbers the class keeps about widths (timm's ``num_features``) are not
     rewritten: a method that builds a new layer from one (``reset_classifier``) builds it for
@@ -247,7 +409,14 @@ def keep_class(model: Any, pruned: torch.fx.GraphModule) -> nn.Module:
     if isinstance(model, torch.fx.GraphModule):
         return pruned
     if isinstance(model, nn.Module):
-        kept, why = _class_copy(model, pruned)
+        if is_lifted(pruned):
+            kept, why = _lifted_copy(model, pruned, as_inputs(example_inputs))
+            if kept is not None and getattr(kept, "meta", None) is None:
+                object.__setattr__(kept, "meta", {})
+            if kept is not None and isinstance(getattr(kept, "meta", None), dict):
+                kept.meta.update(pruned.meta)
+        else:
+            kept, why = _class_copy(model, pruned)
         if kept is not None:
             return kept
     else:
@@ -457,7 +626,7 @@ def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = 
         analysis = analyze_model(model, example_inputs=example_inputs, strict=strict)
         pruned = rewrite(analysis, pruning_plan, as_inputs(example_inputs))
     pruned.meta["fxprune_plan"] = pruning_plan
-    return _keep_class_fn(model, pruned) if keep_class else pruned
+    return _keep_class_fn(model, pruned, example_inputs) if keep_class else pruned
 
 
 def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "l1", example_inputs: Any = None,
@@ -502,7 +671,7 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
     if pruned is None:
         raise InternalError("prune() planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result
-    return _keep_class_fn(model, pruned) if keep_class else pruned
+    return _keep_class_fn(model, pruned, example_inputs) if keep_class else pruned
 
 
 prune.__doc__ = (prune.__doc__ or "") + _OPTIONS_DOC

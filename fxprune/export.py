@@ -49,6 +49,8 @@ __all__ = [
     "DeploymentError",
     "is_aten_graph",
     "from_exported",
+    "is_lifted",
+    "LIFTED",
     "graph_breaks",
     "export_program",
     "to_onnx",
@@ -164,8 +166,6 @@ _FUNCTIONS: Dict[Any, Tuple[str, Any]] = {
     aten.sqrt.default: ("call_function", torch.sqrt),
     aten.rsqrt.default: ("call_function", torch.rsqrt),
     aten.dropout.default: ("call_function", F.dropout),
-    aten.add.Tensor: ("call_function", torch.add),
-    aten.sub.Tensor: ("call_function", torch.sub),
     aten.mul.Tensor: ("call_function", torch.mul),
     aten.div.Tensor: ("call_function", torch.div),
     aten.add_.Tensor: ("call_method", "add_"),
@@ -186,6 +186,33 @@ _FUNCTIONS: Dict[Any, Tuple[str, Any]] = {
     aten.softmax.int: ("call_function", torch.softmax),
     aten.contiguous.default: ("call_method", "contiguous"),
     aten.clone.default: ("call_method", "clone"),
+    # Layout and shape ops whose torch function takes the same arguments in the same order.
+    aten.permute.default: ("call_function", torch.permute),
+    aten.transpose.int: ("call_function", torch.transpose),
+    aten.unsqueeze.default: ("call_function", torch.unsqueeze),
+    aten.squeeze.default: ("call_function", torch.squeeze),
+    aten.squeeze.dim: ("call_function", torch.squeeze),
+    aten.pad.default: ("call_function", F.pad),
+    aten.type_as.default: ("call_method", "type_as"),
+    aten.relu6.default: ("call_function", F.relu6),
+    aten.hardsigmoid.default: ("call_function", F.hardsigmoid),
+    aten.mul.Scalar: ("call_function", torch.mul),
+    aten.div.Scalar: ("call_function", torch.div),
+    aten.mul_.Scalar: ("call_method", "mul_"),
+    aten.div_.Scalar: ("call_method", "div_"),
+    aten.amin.default: ("call_function", torch.amin),
+    aten.max_pool1d.default: ("call_function", F.max_pool1d),
+    aten.avg_pool1d.default: ("call_function", F.avg_pool1d),
+    aten.avg_pool3d.default: ("call_function", F.avg_pool3d),
+    aten.adaptive_avg_pool3d.default: ("call_function", F.adaptive_avg_pool3d),
+    aten._adaptive_avg_pool2d.default: ("call_function", F.adaptive_avg_pool2d),
+    aten.maximum.default: ("call_function", torch.maximum),
+    # Tensor.new_*(size, ...): the same arguments (dtype, device... by keyword in both).
+    aten.new_full.default: ("call_method", "new_full"),
+    aten.new_zeros.default: ("call_method", "new_zeros"),
+    aten.new_ones.default: ("call_method", "new_ones"),
+    aten.new_empty.default: ("call_method", "new_empty"),
+    aten.minimum.default: ("call_function", torch.minimum),
 }
 
 # Channel splits and slices: the split rules follow each piece of the channel dim and rewrite
@@ -215,6 +242,125 @@ def _lift_slice(node: torch.fx.Node) -> Tuple[Any, Tuple[Any, ...]]:
     return bound["self"], index
 
 
+
+# What an ATen call becomes when its torch spelling takes other arguments: ``(bound ATen
+# arguments by schema name) -> (kind, target, args, kwargs)``, or None where the two would not
+# compute the same thing (the op is then kept as it is, and freezes what it touches).
+Spelling = Tuple[str, Any, Tuple[Any, ...], Dict[str, Any]]
+
+
+def _with_alpha(target: Any) -> Callable[[Dict[str, Any]], Optional[Spelling]]:
+    """``aten.add(self, other, alpha)``: torch.add takes ``alpha`` by keyword only."""
+    def spell(a: Dict[str, Any]) -> Optional[Spelling]:
+        kwargs = {} if a.get("alpha", 1) == 1 else {"alpha": a["alpha"]}
+        return "call_function", target, (a["self"], a["other"]), kwargs
+    return spell
+
+
+def _rsub(a: Dict[str, Any]) -> Optional[Spelling]:
+    # rsub(self, other) = other - self; a scalar minus a tensor is operator.sub's spelling.
+    return ("call_function", operator.sub, (a["other"], a["self"]), {}) if a.get("alpha", 1) == 1 else None
+
+
+def _interpolate(mode: str, corners: bool) -> Callable[[Dict[str, Any]], Optional[Spelling]]:
+    """``aten.upsample_*.vec``: F.interpolate passes size and scale factors to that very op."""
+    def spell(a: Dict[str, Any]) -> Optional[Spelling]:
+        kwargs: Dict[str, Any] = {"size": a["output_size"], "scale_factor": a["scale_factors"], "mode": mode}
+        if corners:
+            kwargs["align_corners"] = a["align_corners"]
+        return "call_function", F.interpolate, (a["input"],), kwargs
+    return spell
+
+
+def _upsample_sized(mode: str, corners: bool) -> Callable[[Dict[str, Any]], Optional[Spelling]]:
+    """``aten.upsample_*.default`` with sizes only; given scales change the source index maths."""
+    def spell(a: Dict[str, Any]) -> Optional[Spelling]:
+        if any(a.get(k) is not None for k in ("scales_d", "scales_h", "scales_w")):
+            return None
+        kwargs: Dict[str, Any] = {"size": a["output_size"], "mode": mode}
+        if corners:
+            kwargs["align_corners"] = a["align_corners"]
+        return "call_function", F.interpolate, (a["self"],), kwargs
+    return spell
+
+
+_SPELLED: Dict[Any, Callable[[Dict[str, Any]], Optional[Spelling]]] = {
+    aten.add.Scalar: _with_alpha(torch.add),
+    aten.sub.Scalar: _with_alpha(torch.sub),
+    aten.add.Tensor: _with_alpha(torch.add),
+    aten.sub.Tensor: _with_alpha(torch.sub),
+    aten.rsub.Scalar: _rsub,
+    aten.constant_pad_nd.default: lambda a: ("call_function", F.pad, (a["self"], a["pad"]),
+                                             {"mode": "constant", "value": a["value"]}),
+    aten.squeeze.dims: lambda a: ("call_function", torch.squeeze, (a["self"], tuple(a["dim"])), {}),
+    aten.expand.default: lambda a: None if a.get("implicit") else ("call_method", "expand", (a["self"], a["size"]), {}),
+    aten.mean.default: lambda a: ("call_function", torch.mean, (a["self"],),
+                                  {} if a.get("dtype") is None else {"dtype": a["dtype"]}),
+    aten.sum.default: lambda a: ("call_function", torch.sum, (a["self"],),
+                                 {} if a.get("dtype") is None else {"dtype": a["dtype"]}),
+    aten.clamp_min.default: lambda a: ("call_function", torch.clamp, (a["self"],), {"min": a["min"]}),
+    aten.clamp_max.default: lambda a: ("call_function", torch.clamp, (a["self"],), {"max": a["max"]}),
+    aten.pow.Tensor_Scalar: lambda a: ("call_function", torch.pow, (a["self"], a["exponent"]), {}),
+    aten.layer_norm.default: lambda a: ("call_function", F.layer_norm,
+                                        (a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"]), {}),
+    aten.group_norm.default: lambda a: ("call_function", F.group_norm,
+                                        (a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"]), {}),
+    aten.upsample_nearest2d.vec: _interpolate("nearest", False),
+    aten.upsample_nearest1d.vec: _interpolate("nearest", False),
+    aten.upsample_nearest3d.vec: _interpolate("nearest", False),
+    aten.upsample_bilinear2d.vec: _interpolate("bilinear", True),
+    aten.upsample_linear1d.vec: _interpolate("linear", True),
+    aten.upsample_trilinear3d.vec: _interpolate("trilinear", True),
+    aten.upsample_bicubic2d.vec: _interpolate("bicubic", True),
+    aten.upsample_nearest2d.default: _upsample_sized("nearest", False),
+    aten.upsample_bilinear2d.default: _upsample_sized("bilinear", True),
+}
+
+# Ops returning a tuple whose users read only element 0 (the other elements are statistics
+# or indices for autograd): ``(bound arguments) -> the spelling of element 0``.
+_FIRST_OF_TUPLE: Dict[Any, Callable[[Dict[str, Any]], Optional[Spelling]]] = {
+    aten.native_layer_norm.default: lambda a: ("call_function", F.layer_norm,
+                                               (a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"]), {}),
+    aten.native_group_norm.default: lambda a: ("call_function", F.group_norm,
+                                               (a["input"], a["group"], a["weight"], a["bias"], a["eps"]), {}),
+    aten.max_pool2d_with_indices.default: lambda a: (
+        "call_function", torch.max_pool2d,
+        (a["self"], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]), {}),
+    aten.max_pool3d_with_indices.default: lambda a: (
+        "call_function", F.max_pool3d,
+        (a["self"], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]), {}),
+    aten.adaptive_max_pool2d.default: lambda a: ("call_function", F.adaptive_max_pool2d, (a["self"], a["output_size"]), {}),
+    aten.adaptive_max_pool1d.default: lambda a: ("call_function", F.adaptive_max_pool1d, (a["self"], a["output_size"]), {}),
+}
+
+
+def _unary_spellings() -> Dict[Any, Tuple[str, Any]]:
+    """``aten.<f>.default(Tensor self) -> Tensor`` -> ``torch.<f>`` (in place: the method ``<f>_``).
+
+    Read from the ATen schemas: a one-tensor op whose torch function of the same name exists is,
+    by how torch dispatches, that very op called with no other argument, so the spelling cannot
+    change the result; the rule table then decides what it does to channels (an op without a
+    rule still freezes, with a warning).
+    """
+    out: Dict[Any, Tuple[str, Any]] = {}
+    for name in dir(aten):
+        packet = getattr(aten, name, None)
+        overload = getattr(packet, "default", None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
+        if overload is None:
+            continue
+        schema = overload._schema
+        args, rets = schema.arguments, schema.returns
+        if len(args) != 1 or str(args[0].type) != "Tensor" or len(rets) != 1 or str(rets[0].type) != "Tensor":
+            continue
+        if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name):
+            out[overload] = ("call_method", name)
+        elif not name.startswith("_") and callable(getattr(torch, name, None)):
+            out[overload] = ("call_function", getattr(torch, name))
+    return out
+
+
+_FUNCTIONS = {**_unary_spellings(), **_FUNCTIONS}
+
 # In-place activations ATen spells with a trailing underscore but Python spells with
 # ``inplace=True`` (the rule table knows the functional form).
 _INPLACE_KW: Dict[Any, Callable[..., Any]] = {
@@ -236,6 +382,12 @@ _TRANSPOSED_CONVS = {
 _BATCHNORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 # Runtime checks torch.export inserts; they guard the original input spec and have no users.
 _DROPPED = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "_assert_async"}
+
+
+def _first_only(node: torch.fx.Node) -> bool:
+    """True if the tuple ``node`` returns is read at element 0 only (export keeps unused reads of the rest)."""
+    return all(u.op == "call_function" and u.target is operator.getitem and (u.args[1] == 0 or not u.users)
+               for u in node.users)
 
 
 class _Lifter:
@@ -421,6 +573,8 @@ class _Lifter:
                     env[node] = new
                     continue
             elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in bn_tuple:
+                if node.args[1] != 0 and not node.users:
+                    continue  # an unused read of the indices or statistics: nothing to lift
                 if node.args[1] != 0:
                     raise ExportedGraphError(f"node {node.name} reads batch statistics output {node.args[1]} "
                                              "of an eval-mode BatchNorm; only its result can be lifted")
@@ -432,6 +586,18 @@ class _Lifter:
             elif node.op == "call_function" and node.target is aten.slice.Tensor:
                 x, index = _lift_slice(node)
                 new = graph.create_node("call_function", operator.getitem, remap((x, index)), {}, node.name)
+            elif node.op == "call_function" and node.target in _FIRST_OF_TUPLE and _first_only(node) and \
+                    (spelled := _FIRST_OF_TUPLE[node.target](_bind(node))) is not None:
+                kind, target, args, kwargs = spelled
+                new = graph.create_node(kind, target, remap(args), remap(kwargs), node.name)
+                new.meta.update(meta)
+                bn_tuple[node] = new  # its users read [0]: the getitem branch maps them to this node
+                env[node] = new
+                continue
+            elif node.op == "call_function" and node.target in _SPELLED and \
+                    (spelled := _SPELLED[node.target](_bind(node))) is not None:
+                kind, target, args, kwargs = spelled
+                new = graph.create_node(kind, target, remap(args), remap(kwargs), node.name)
             elif node.op == "call_function" and node.target in _FUNCTIONS:
                 kind, target = _FUNCTIONS[node.target]
                 args, kwargs = remap(node.args), remap(node.kwargs)
@@ -451,7 +617,7 @@ class _Lifter:
             structure = pytree.tree_unflatten(mapped, out_spec)
         else:
             structure = mapped[0] if len(mapped) == 1 else tuple(mapped)
-        graph.output(structure)
+        graph.output(structure).meta[LIFTED] = True
 
         root: Dict[str, Any] = dict(self.modules)
         for node in graph.nodes:
@@ -466,6 +632,19 @@ class _Lifter:
         new_gm.graph.lint()
         return new_gm
 
+
+
+# ``node.meta`` key on the output node of a graph :func:`from_exported` built. Node metadata
+# travels with the graph through analysis and rewrite, so a pruned model still says that its
+# graph came from torch.export (keep_class cannot re-trace its class, and proves it otherwise).
+LIFTED = "fxprune_lifted_from_export"
+
+
+def is_lifted(gm: Any) -> bool:
+    """True for a GraphModule lifted from a ``torch.export`` graph, or pruned from one."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        return False
+    return any(bool(n.meta.get(LIFTED)) for n in gm.graph.find_nodes(op="output"))
 
 
 def _class_name(gm: torch.fx.GraphModule) -> str:

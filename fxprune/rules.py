@@ -446,6 +446,14 @@ def _shape_query(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     return None
 
 
+# ``x.new_full(size, v)`` and its siblings read only ``x``'s dtype and device: the result's size
+# and values come from the other arguments, so no channel of ``x`` flows into it (YOLO's anchors).
+@register_rule("new_full", "new_zeros", "new_ones", "new_empty")
+@no_channels
+def _new_tensor(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    return None
+
+
 # --------------------------------------------------------------------------- binary
 
 

@@ -186,7 +186,7 @@ def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Option
     >>> int((ref.get_submodule("layer1.0.conv1").weight.abs().sum((1, 2, 3)) == 0).sum())
     32
     """
-    gm = copy.deepcopy(as_graph_module(model))
+    gm = copy.deepcopy(as_graph_module(model, example_inputs))  # an untraceable model: exported from them
     _mask(gm, plan, example_inputs)
     return gm
 
@@ -370,7 +370,8 @@ def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, in
     (then one or two more forward passes).
     """
     inputs = list(inputs)
-    source = as_graph_module(model)  # traced once; every model run below is a deep copy of it
+    # Traced once (an untraceable model: exported from example_inputs); every run below is a deep copy of it.
+    source = as_graph_module(model, example_inputs)
     ref, removes = _masked_copy(source, plan, example_inputs)
     run_dtype: Optional[torch.dtype] = dtype
     try:

@@ -5,6 +5,11 @@ line of every node (so errors can point at it), leaving no ``torch.fx.Proxy`` be
 model's attributes (:func:`stale_proxies`); ``propagate_shapes`` stores ShapeProp's
 ``tensor_meta`` on every node of a graph the caller owns, printing nothing, and falls back to
 no shapes (with a warning) when only node-by-node execution of user code fails.
+
+A model torch.fx cannot trace (Ultralytics' ``DetectionModel`` iterates a Proxy) is, given
+example inputs, exported with ``torch.export`` instead and lifted back to layers
+(:func:`as_graph_module`, :func:`export_graph`): the route is decided by the model alone, so
+``plan`` and a later ``apply`` on the same model take the same one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata  # ShapeProp's o
 
 from .errors import FxPruneError, FxPruneWarning, describe_node
 
-__all__ = ["trace", "as_graph_module", "copy_graph_module", "propagate_shapes", "node_shape", "stale_proxies",
+__all__ = ["trace", "as_graph_module", "export_graph", "UntraceableError", "copy_graph_module", "propagate_shapes", "node_shape", "stale_proxies",
            "check_graph", "MutableArgsInterpreter", "ShapeRecorder", "ShapePropagationError", "mutable_copy"]
 
 
@@ -280,7 +285,7 @@ def _trace_once(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]])
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError... all mean "untraceable"
-        raise FxPruneError(
+        raise UntraceableError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
             "Hint: data-dependent control flow cannot be traced; mark the offending submodule as a "
             "leaf (a torch.fx.Tracer subclass with is_leaf_module), pass concrete_args for "
@@ -298,11 +303,24 @@ def _trace_once(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]])
     return tracer, graph
 
 
-def as_graph_module(model: torch.nn.Module) -> torch.fx.GraphModule:
+class UntraceableError(FxPruneError):
+    """torch.fx could not trace a model (data-dependent control flow, iterating a Proxy, ...)."""
+
+
+_EXPORT_HINT = ("Hint: pass example_inputs=(x,) (one forward call's positional arguments): fxprune then exports "
+                "the model with torch.export (strict=False, eval mode) instead and prunes that graph")
+
+
+def as_graph_module(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]] = None) -> torch.fx.GraphModule:
     """Return ``model`` itself if it is a GraphModule, else its trace.
 
     A ``torch.export`` program (or its ``.module()``) speaks ATen ops with weights as graph
     attributes; it is lifted back to ordinary layers first so the rule table applies.
+
+    An ``nn.Module`` torch.fx cannot trace is exported instead when ``example_inputs`` are
+    given (:func:`export_graph`), with an :class:`FxPruneWarning` saying so and why fx failed;
+    without them the :class:`UntraceableError` says to pass them. The route depends on the
+    model only, never on earlier calls, so a plan and its ``apply`` see the same graph.
     """
     from .export import from_exported, is_aten_graph  # lazy: export imports only errors
 
@@ -311,7 +329,80 @@ def as_graph_module(model: torch.nn.Module) -> torch.fx.GraphModule:
     if isinstance(model, torch.fx.GraphModule):
         check_graph(model.graph, type(model).__name__)  # a graph someone else traced
         return model
-    return trace(model)
+    try:
+        return trace(model)
+    except UntraceableError as exc:
+        if not isinstance(model, torch.nn.Module):
+            raise
+        if example_inputs is None:
+            raise UntraceableError(f"{exc}. {_EXPORT_HINT}") from exc.__cause__
+        failure = exc
+    warnings.warn(FxPruneWarning(
+        f"{failure.args[0].split('. Hint:')[0]}; exported it with torch.export (strict=False, eval mode) instead, "
+        "and analyses that graph (its layers keep the model's module names). Hint: this is expected for models "
+        "such as Ultralytics YOLO; keep_class=True puts the pruned layers back into the model's own class"),
+        stacklevel=4)
+    return export_graph(model, example_inputs)
+
+
+class _ModuleState:
+    """Every module's attribute dicts as they were, to put back after ``torch.export``.
+
+    Non-strict export runs ``forward`` on fake tensors, and a forward that caches tensors in
+    attributes (Ultralytics' ``Detect.anchors``/``strides``) leaves FakeTensors there: the
+    user's model would then return fake results. Pruning never modifies its input.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                      for m in model.modules()]
+
+    def restore(self) -> None:
+        for module, attrs, params, buffers, modules in self.saved:
+            for store, old in ((module._parameters, params), (module._buffers, buffers), (module._modules, modules)):
+                if store != old or any(store[k] is not v for k, v in old.items()):
+                    store.clear()
+                    store.update(old)
+            now = vars(module)
+            for key in [k for k in now if k not in attrs]:
+                del now[key]
+            for key, value in attrs.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+
+
+_MISSING = object()
+
+
+def export_graph(model: torch.nn.Module, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
+    """``torch.export.export(model, example_inputs, strict=False)`` in eval mode, lifted to layers.
+
+    The model is left as it was found (training flags, and attributes its forward rebinds while
+    exporting). The lifted graph shares the model's parameters
+    (:func:`fxprune.export.is_lifted` is True for it and for graphs pruned from it). Export failures are an :class:`FxPruneError` naming both routes.
+    """
+    from .export import from_exported  # lazy: export imports only errors
+
+    args = tuple(example_inputs)
+    state = _ModuleState(model)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            # Export's notes on attributes assigned during export: _ModuleState undoes those.
+            warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+            program = torch.export.export(model, args, strict=False)
+    except Exception as exc:  # export raises UserError, Unsupported, GuardOnDataDependent...: all mean "failed"
+        raise UntraceableError(
+            f"neither torch.fx nor torch.export could capture {type(model).__name__}: torch.export "
+            f"(strict=False) failed with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Hint: check that the model runs on example_inputs and that torch.export.export(model.eval(), "
+            "example_inputs, strict=False) works; or trace it yourself and pass the GraphModule") from exc
+    finally:
+        state.restore()
+        for m, mode in modes:
+            m.training = mode
+    return from_exported(program)
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

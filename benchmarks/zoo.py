@@ -196,15 +196,17 @@ def yolo_entries() -> List[Entry]:
                 continue
             if "scales:" in path.read_text() and not re.search(r"^\s+n:\s*\[", path.read_text(), re.MULTILINE):
                 continue  # no n scale in this yaml
-            if "scales:" in path.read_text():
-                m = re.match(r"(yolov?\d+)(.*)", stem)
-                if m is None:
-                    continue
-                scaled = f"{m.group(1)}n{m.group(2)}" if not re.match(r"yolov?\d+[nslmxb]$", m.group(1)) else stem
+            m = re.match(r"(yolov?\d+)([nslmxb]?)(.*)$", stem)
+            if m is None:
+                continue
+            if m.group(2):  # the yaml is one scale already (v10 ships yolov10n.yaml ... yolov10x.yaml)
+                scaled = stem if m.group(2) == "n" else ""
+            elif "scales:" in path.read_text():
+                scaled = f"{m.group(1)}n{m.group(3)}"  # yolov8-seg.yaml at scale n: yolov8n-seg
             else:
-                scaled = stem
-            if fam == "v10" and not re.match(r"yolov10n$", scaled):
-                continue  # v10 ships one yaml per scale: yolov10n.yaml is the n one
+                scaled = stem  # a fixed-size yaml (yolo11-cls-resnet18)
+            if not scaled:
+                continue
             task = yolo_task(stem)
             label = {"v8": "YOLOv8", "v10": "YOLOv10", "11": "YOLO11", "26": "YOLO26"}[fam]
             out.append(Entry(f"yolo:{scaled}", "yolo", f"{label} {task}"))
@@ -238,7 +240,19 @@ def _build_yolo(spec: str) -> Tuple[Any, Any, str]:
     from ultralytics.nn import tasks
     cls = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "classify": tasks.ClassificationModel,
            "pose": tasks.PoseModel}[yolo_task(spec)]
-    model = cls(f"{spec}.yaml", verbose=False)
+    import torchvision
+    get_model = torchvision.models.get_model
+
+    def random_weights(name: str, **kwargs: Any) -> Any:
+        return get_model(name, **{**kwargs, "weights": None})
+
+    # A yaml with a TorchVision backbone (yolo11-cls-resnet18) asks for ImageNet weights:
+    # nothing is downloaded here, it gets random ones like every other model of the zoo.
+    torchvision.models.get_model = random_weights
+    try:
+        model = cls(f"{spec}.yaml", verbose=False)
+    finally:
+        torchvision.models.get_model = get_model
     side = 224 if yolo_task(spec) == "classify" and "resnet" in spec else SIDE
     return model, _image(side), f"{side}px"
 
@@ -625,10 +639,11 @@ def _fork(name: str, ratio: float, tp_too: bool, err: Path) -> Tuple[int, int]:
 
 
 def _finish(run: _Running, timeout: float, timed_out: bool) -> Dict[str, Any]:
-    try:
-        os.killpg(run.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    for kill in (os.killpg, os.kill):  # the group, and the child itself if it had no group yet
+        try:
+            kill(run.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     try:
         _, status = os.waitpid(run.pid, 0)
         code = os.waitstatus_to_exitcode(status)

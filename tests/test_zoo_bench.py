@@ -84,6 +84,11 @@ def test_render_on_a_fake_json() -> None:
     assert "timed out after 150 s" in rows["smp:Unet/resnet34"]
     assert "smp:DPT/resnet34" not in rows and "- `smp:DPT/resnet34`: ValueError" in md  # refused builds listed apart
     assert "Not run:" in md  # the rest of the zoo
+    # A resumed table names every run that made it.
+    runs = {"runs": [{"command": "nice -n 15 python benchmarks/zoo.py", "date": "d1", "models": 149, "load_start": "3",
+                      "load_end": "4"}, {"command": "python benchmarks/zoo.py --only yolov10n", "date": "d2", "models": 1}]}
+    assert ("`nice -n 15 python benchmarks/zoo.py` on d1 (149 models, load average 3 at the start, 4 at the end), then "
+            "`python benchmarks/zoo.py --only yolov10n` on d2 (1 models") in zoo.render(FAKE, entries, runs)
     # Every row has the header's number of cells.
     width = header.count(" | ")
     assert all(line.replace("\\|", "").count(" | ") == width for line in rows.values())
@@ -129,6 +134,7 @@ def test_select_by_family_and_pattern() -> None:
 def test_reason_kinds() -> None:
     assert zoo.reason_kind("no channel rule for call_function torch.conv3d at conv3d_2") == "no rule for torch.conv3d"
     assert zoo.reason_kind("reaches the model output at output") == "model output"
+    assert zoo.reason_kind("no channel rule for call_function torch.ops.aten.chunk.default at chunk") == "no rule for aten.chunk"
     # Unknown wordings still count together: numbers and node names out.
     assert (zoo.reason_kind("view gives the channel dim the literal size 64, which would break at view_3")
             == zoo.reason_kind("view gives the channel dim the literal size 80, which would break at view_9"))

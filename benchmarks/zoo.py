@@ -149,6 +149,9 @@ TIMM_MODELS: Dict[str, str] = {
     "edgenext": "edgenext_xx_small",
 }
 
+# The smallest input these accept (their stems reduce 64 px below a 3x3 kernel).
+TIMM_MIN_SIDE: Dict[str, int] = {"inception_v3": 75, "inception_v4": 75, "inception_resnet_v2": 75}
+
 SMP_ARCHS: Tuple[str, ...] = ("Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet", "DeepLabV3",
                               "DeepLabV3Plus", "PAN", "UPerNet", "Segformer", "DPT")
 SMP_ENCODERS: Tuple[str, ...] = ("resnet34", "efficientnet-b0", "mobilenet_v2")
@@ -267,6 +270,7 @@ def _build_timm(spec: str) -> Tuple[Any, Any, str]:
         side = int(cfg["input_size"][-1])  # position embeddings or attention biases of one size
     elif cfg.get("min_input_size"):
         side = max(side, int(cfg["min_input_size"][-1]))
+    side = max(side, TIMM_MIN_SIDE.get(spec, 0))
     return model, _image(side), f"{side}px"
 
 
@@ -274,7 +278,8 @@ def _build_smp(spec: str) -> Tuple[Any, Any, str]:
     import segmentation_models_pytorch as smp
     arch, encoder = spec.split("/")
     model = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=2)
-    return model, _image(SIDE), f"{SIDE}px"
+    side = 128 if arch == "PAN" else SIDE  # PAN's pyramid pools its 1/32 map three more times
+    return model, _image(side), f"{side}px"
 
 
 def _build_torchvision(kind: str, spec: str) -> Tuple[Any, Any, str]:
@@ -283,9 +288,8 @@ def _build_torchvision(kind: str, spec: str) -> Tuple[Any, Any, str]:
         return torchvision.models.get_model(spec, weights=None, weights_backbone=None), _image(SIDE), f"{SIDE}px"
     if kind == "tv-video":
         if spec.startswith("mvit"):
-            # MViT's position embeddings are sized by the input; it is built for a small clip.
-            model = torchvision.models.get_model(spec, weights=None, spatial_size=(SIDE, SIDE), temporal_size=4)
-            return model, _image(SIDE, frames=4), f"4x{SIDE}px"
+            # MViT's builders fix its position embeddings to 16 frames of 224 px: the clip it needs.
+            return torchvision.models.get_model(spec, weights=None), _image(224, frames=16), "16x224px (fixed by the builder)"
         if spec == "s3d":
             return torchvision.models.get_model(spec, weights=None), _image(224, frames=16), "16x224px (its pooling needs it)"
         return torchvision.models.get_model(spec, weights=None), _image(SIDE, frames=4), f"4x{SIDE}px"

@@ -148,8 +148,9 @@ class LatencyOptions:
     ``grid``: the fractions of each layer dimension measured up front. ``max_tries``: built
     models verified before giving up. ``store``: where cost tables are cached (default: a fresh
     :class:`MemoryStore`). ``prober``: replaces the kernel timer (tests inject a synthetic cost
-    table). ``timer``: the clock of the whole-model measurements (tests). ``progress``: called
-    with what is happening.
+    table). ``timer``: the clock of the whole-model measurements; ``measure``: replaces them
+    altogether (``{name: model} -> LatencyResult``, the first the reference; tests use a
+    synthetic one). ``progress``: called with what is happening.
     """
 
     rounds: int = 10
@@ -166,6 +167,7 @@ class LatencyOptions:
     store: Optional["CostStore"] = None
     prober: Optional["Prober"] = None
     timer: Optional[Callable[[], float]] = None
+    measure: Optional[Callable[[Dict[str, nn.Module]], LatencyResult]] = None
     progress: Optional[Callable[[str], None]] = None
 
     def validated(self) -> "LatencyOptions":
@@ -509,6 +511,7 @@ class LatencyModel:
             self.grids.append((grids[0], grids[1]))
         self.scale = 1.0  # on the layers' sum
         self.rest_ms = 0.0  # carried by the output activations
+        self.fixed_ms = 0.0  # carried by nothing pruning changes
         self.base_ms: Optional[float] = None
         self._full_positions = sum(l.out_positions * l.out_full for l in self.layers) or 1
         self._cache: Dict[Tuple[int, int, int], float] = {}
@@ -574,23 +577,51 @@ class LatencyModel:
             total += self.layers[i].out_positions * self.layers[i].channels(counts)[1]
         return total
 
-    def calibrate(self, base_ms: float) -> None:
-        """Make the prediction of the unpruned model equal its measured latency ``base_ms``."""
+    def calibrate(self, base_ms: float, variable_share: float = 0.5) -> None:
+        """Make the prediction of the unpruned model equal its measured latency ``base_ms``.
+
+        What the layers alone leave unexplained is split into a fixed part (per-op overhead,
+        frozen layers) and a part that scales with the layers' output activations (the norms,
+        activations and additions after them); ``variable_share`` is the first guess of the
+        split, which :meth:`correct` refits from a measured pruned model.
+        """
         full = self.layers_ms({})
         self.base_ms = float(base_ms)
         if full <= 0:
-            self.scale, self.rest_ms = 1.0, float(base_ms)
+            self.scale, rest = 1.0, float(base_ms)
         elif full <= base_ms:
-            self.scale, self.rest_ms = 1.0, float(base_ms) - full
+            self.scale, rest = 1.0, float(base_ms) - full
         else:
             # Layers alone measured slower than the model (cache effects, isolated launches): scale them down.
-            self.scale, self.rest_ms = float(base_ms) / full, 0.0
+            self.scale, rest = float(base_ms) / full, 0.0
+        self.rest_ms = rest * variable_share
+        self.fixed_ms = rest - self.rest_ms
+
+    def correct(self, counts: Mapping[int, int], measured_ms: float) -> None:
+        """Refit the fixed/variable split so that ``counts`` predicts ``measured_ms`` (the unpruned model still
+        predicts its own measured latency); both parts stay non-negative."""
+        if self.base_ms is None:
+            raise InternalError("LatencyModel.correct() before calibrate()")
+        share = self.positions(counts) / self._full_positions
+        layers_full, layers_now = self.scale * self.layers_ms({}), self.scale * self.layers_ms(counts)
+        rest = max(0.0, self.base_ms - layers_full)
+        if share >= 1.0 - 1e-9:
+            return
+        # base = Lf + F + V ; measured = Lc + F + V * share  ->  V = (base - measured - (Lf - Lc)) / (1 - share)
+        variable = (self.base_ms - measured_ms - (layers_full - layers_now)) / (1.0 - share)
+        variable = min(max(0.0, variable), rest)
+        self.rest_ms, self.fixed_ms = variable, rest - variable
+        if measured_ms > self.predict(counts) * (1 + 1e-9):
+            # Even all-fixed leaves the measurement unexplained: the layers cost more together than apart.
+            extra = (measured_ms - self.fixed_ms - self.rest_ms * share) / max(layers_now / self.scale, 1e-12)
+            self.scale = max(self.scale, extra)
 
     def term(self, counts: Mapping[int, int], which: Optional[Iterable[int]] = None) -> float:
-        """The prediction's share from ``which`` layers (all by default)."""
+        """The prediction's share from ``which`` layers (all by default, the fixed part included)."""
         which = None if which is None else list(which)
         return (self.scale * self.layers_ms(counts, which)
-                + self.rest_ms * self.positions(counts, which) / self._full_positions)
+                + self.rest_ms * self.positions(counts, which) / self._full_positions
+                + (self.fixed_ms if which is None else 0.0))
 
     def predict(self, counts: Mapping[int, int]) -> float:
         """Predicted milliseconds per call with each group keeping ``counts[index]`` (others whole)."""
@@ -690,6 +721,16 @@ def search_counts(model: LatencyModel, groups: Sequence[Group], scores: Mapping[
         if not options:
             break
         rate, gi, nxt, _ = min(options, key=lambda m: (m[0], m[1], -m[2]))
+        # A long look-ahead move can overshoot the goal: stop at the first count on the way that meets it.
+        n = counts[gi]
+        while True:
+            step_to = _next_counts(by_index[gi], n, steps[gi], floors[gi], policy)
+            if step_to is None or step_to <= nxt:
+                break
+            if model.predict({**counts, gi: step_to}) <= goal_ms:
+                nxt = step_to
+                break
+            n = step_to
         counts[gi] = nxt
         moves += 1
         for other in neighbours[gi] | {gi}:
@@ -790,6 +831,8 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
     started = time.perf_counter()
 
     def timed(models: Dict[str, nn.Module]) -> LatencyResult:
+        if options.measure is not None:
+            return options.measure(models)
         return measure_latency(models, example_inputs=tuple(example_inputs), device=device, mode=mode, threads=threads,
                                rounds=options.rounds, warmup=options.warmup, min_sample_s=options.min_sample_s,
                                batch_size=batch_size, dtype=options.dtype, channels_last=options.channels_last,
@@ -840,6 +883,7 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         pruned_ms, original_ms, fraction = _measured_fraction(pair)
         achieved = fraction if target.fraction is not None else pruned_ms
         wanted = target.fraction if target.fraction is not None else target.ms
+        assert wanted is not None
         entry = {"try": attempt + 1, "predicted_ms": found.predicted_ms,
                  "predicted_fraction": found.predicted_ms / base_ms, "goal_ms": predict_goal,
                  "measured_ms": pruned_ms, "original_ms": original_ms, "measured_fraction": fraction,
@@ -852,9 +896,12 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
                     "measurement": pair}
         if entry["met"]:
             break
-        # Missed: tighten the prediction's goal by the measured shortfall (a little more, for noise).
-        shortfall = wanted / achieved if achieved > 0 else 0.5
-        predict_goal = min(predict_goal, found.predicted_ms) * min(0.98, shortfall * 0.98)
+        # Missed: refit the whole-model correction on this measurement (on the original's scale of
+        # this run), then aim a little lower than the refit says, for noise; never looser than before.
+        model.correct(found.counts, fraction * base_ms)
+        refit = model.predict(found.counts)
+        unexplained = min(1.0, refit / (fraction * base_ms)) if fraction * base_ms > 0 else 0.5
+        predict_goal = min(predict_goal * 0.98, goal * 0.98 ** (attempt + 1) * unexplained)
     record["table"]["probes_measured"] = table.measured
     record["search_s"] = time.perf_counter() - started
     if best is None or not best["met"]:

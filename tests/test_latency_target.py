@@ -173,8 +173,15 @@ def test_second_prune_reuses_the_stored_table() -> None:
 def test_unreachable_target_names_the_best_predicted() -> None:
     # A fixed overhead of 100 ms: no pruning gets near a tenth of the original.
     opts = options(measure=synthetic_measure(fixed_ms=100.0))
-    with pytest.raises(FxPruneError, match=r"target_latency=0.1 cannot be met.*predicted at best [0-9.]+ ms"):
+    with pytest.raises(FxPruneError, match=r"target_latency=0.1 was not met .* after 1 verified try: the best "
+                                           r"reached measured [0-9.]+ ms.*predicted at best [0-9.]+ ms"):
         fxprune.prune(Net().eval(), target_latency=0.1, example_inputs=(X,), latency_options=opts)
+
+
+def test_nothing_prunable_cannot_meet_a_latency_target() -> None:
+    with pytest.raises(FxPruneError, match=r"cannot be met.*predicted at best"):
+        fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options(),
+                      ignore=["stem", "a", "g"])
 
 
 def test_target_missed_when_measured_names_the_best_reached_and_never_returns_a_slower_model() -> None:
@@ -253,3 +260,90 @@ def test_cost_table_keys_entries_by_shape(tmp_path) -> None:
     assert table.ensure(probes, prober) == 2
     again = CostTable(key, JsonFileStore(tmp_path))
     assert again.loaded == 2 and again.ensure(probes, prober) == 0
+
+
+# --------------------------------------------------------------------------- command line and report
+
+
+def test_cli_options_parse_into_the_config_and_are_result_options() -> None:
+    from fxprune.latency import MODES
+    from fxprune.workflow import cli_args
+    from fxprune.workflow.run import RESULT_OPTIONS, RunConfig
+
+    assert cli_args.LATENCY_MODES == MODES
+    args = cli_args.build_parser().parse_args(["run", "--target-latency", "0.4", "--latency-batch", "4",
+                                               "--latency-mode", "compiled"])
+    config = cli_args.config_from_args(args)
+    assert (config.target_latency, config.latency_device, config.latency_batch, config.latency_mode) == \
+        (0.4, "cpu", 4, "compiled")
+    assert config.effective_ratio is None and config.requested == "target latency 0.4"
+    config.validate()
+    for name in ("target_latency", "latency_device", "latency_batch", "latency_mode"):
+        assert name in RESULT_OPTIONS  # a checkpoint made for another latency target is never resumed
+    assert RunConfig().target_latency is None and RunConfig().requested == "ratio 0.5"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"target_latency": 0.5, "ratio": 0.3}, "contradict"),
+    ({"target_latency": 0.5, "target_macs": 0.3}, "contradict"),
+    ({"target_latency": 1.0}, r"in \(0, 1\)"),
+    ({"target_latency": float("nan")}, r"in \(0, 1\)"),
+    ({"target_latency": 0.5, "latency_device": "tpu"}, "--latency-device must be one of"),
+    ({"target_latency": 0.5, "latency_mode": "jit"}, "--latency-mode must be one of"),
+    ({"target_latency": 0.5, "latency_batch": 0}, "--latency-batch must be an integer"),
+])
+def test_cli_validation_refuses_bad_latency_options_before_any_work(changes: Dict[str, Any], message: str) -> None:
+    from fxprune.workflow.errors import ConfigError
+    from fxprune.workflow.run import RunConfig
+
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**changes).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_refuses_cuda_latency_without_cuda(tmp_path, capsys) -> None:
+    from fxprune.workflow import cli_args
+
+    out = tmp_path / "run"
+    code = cli_args.main(["run", "--target-latency", "0.5", "--latency-device", "cuda", "--out", str(out)])
+    assert code == 2 and "no CUDA device" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+
+
+def test_sweep_refuses_a_latency_target(tmp_path) -> None:
+    from fxprune.workflow.errors import ConfigError
+    from fxprune.workflow.run import RunConfig, sweep
+
+    with pytest.raises(ConfigError, match="--target-latency contradicts"):
+        sweep(RunConfig(target_latency=0.5, out=str(tmp_path / "s")), [0.3])
+
+
+def test_report_shows_predicted_and_measured_latency_and_the_realised_fraction() -> None:
+    from fxprune.workflow.report import latency_target_lines, latency_target_summary
+
+    pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
+    summary = latency_target_summary(pruned)
+    assert summary is not None and summary["tries"] and summary["fraction"] <= 0.5
+    report = {"pruned": {"latency_target": summary}, "reduction": {"macs_x": 2.0 * summary["speedup"]}}
+    text = "\n".join(latency_target_lines(report))
+    assert "## Latency target" in text and "| try | predicted (ms)" in text
+    assert "realised fraction (speed-up / MACs reduction) 0.50" in text
+    assert latency_target_lines({"pruned": {}}) == []
+    assert latency_target_summary(nn.Linear(2, 2)) is None
+
+
+@pytest.mark.slow
+def test_run_prune_model_measures_for_real_and_caches_the_table(tmp_path, monkeypatch) -> None:
+    # Real timing of a tiny model: the outcome depends on the machine, so either the target is met
+    # (and recorded) or the error names the best reached; the cost table lands in FXPRUNE_CACHE.
+    from fxprune.workflow.run import RunConfig, prune_model
+
+    monkeypatch.setenv("FXPRUNE_CACHE", str(tmp_path))
+    config = RunConfig(target_latency=0.7, latency_runs=3)
+    try:
+        pruned = prune_model(Net().eval(), config, X)
+    except FxPruneError as exc:
+        assert "best reached" in str(exc) or "cannot be met" in str(exc)
+    else:
+        assert pruned.meta["fxprune_plan"].policy["latency"]["fraction"] <= 0.7
+    assert list((tmp_path / "latency").glob("latency-*.json"))

@@ -598,23 +598,37 @@ class LatencyModel:
         self.fixed_ms = rest - self.rest_ms
 
     def correct(self, counts: Mapping[int, int], measured_ms: float) -> None:
-        """Refit the fixed/variable split so that ``counts`` predicts ``measured_ms`` (the unpruned model still
-        predicts its own measured latency); both parts stay non-negative."""
+        """Refit the correction so that ``counts`` predicts ``measured_ms`` and the unpruned model its own latency.
+
+        The model is ``s * layers + fixed + variable * activations``. First the split of the
+        unexplained time is refitted (``s`` kept); when pruning saved less than the layers alone
+        predict, nothing is variable and ``s`` shrinks; when it saved more than the layers and
+        all the unexplained time could, nothing is fixed and ``s`` grows. Every part stays
+        non-negative.
+        """
         if self.base_ms is None:
             raise InternalError("LatencyModel.correct() before calibrate()")
+        base, m = self.base_ms, float(measured_ms)
         share = self.positions(counts) / self._full_positions
-        layers_full, layers_now = self.scale * self.layers_ms({}), self.scale * self.layers_ms(counts)
-        rest = max(0.0, self.base_ms - layers_full)
-        if share >= 1.0 - 1e-9:
+        lf, lc = self.layers_ms({}), self.layers_ms(counts)  # unscaled
+        if share >= 1.0 - 1e-9 or lf - lc <= 1e-12:
             return
-        # base = Lf + F + V ; measured = Lc + F + V * share  ->  V = (base - measured - (Lf - Lc)) / (1 - share)
-        variable = (self.base_ms - measured_ms - (layers_full - layers_now)) / (1.0 - share)
-        variable = min(max(0.0, variable), rest)
-        self.rest_ms, self.fixed_ms = variable, rest - variable
-        if measured_ms > self.predict(counts) * (1 + 1e-9):
-            # Even all-fixed leaves the measurement unexplained: the layers cost more together than apart.
-            extra = (measured_ms - self.fixed_ms - self.rest_ms * share) / max(layers_now / self.scale, 1e-12)
-            self.scale = max(self.scale, extra)
+        rest = max(0.0, base - self.scale * lf)
+        # base = s Lf + F + V ; m = s Lc + F + V share
+        variable = (base - m - self.scale * (lf - lc)) / (1.0 - share)
+        if 0.0 <= variable <= rest:
+            self.rest_ms, self.fixed_ms = variable, rest - variable
+        elif variable < 0.0:
+            s = max(0.0, (base - m) / (lf - lc))
+            self.scale, self.rest_ms, self.fixed_ms = s, 0.0, max(0.0, base - s * lf)
+        else:
+            denominator = lc - lf * share
+            s = (m - base * share) / denominator if abs(denominator) > 1e-12 else -1.0
+            if s > 0 and base - s * lf >= 0:
+                self.scale, self.rest_ms, self.fixed_ms = s, base - s * lf, 0.0
+            else:
+                # Faster than any non-negative fit explains: all of the model in its layers comes closest.
+                self.scale, self.rest_ms, self.fixed_ms = base / lf, 0.0, 0.0
 
     def term(self, counts: Mapping[int, int], which: Optional[Iterable[int]] = None) -> float:
         """The prediction's share from ``which`` layers (all by default, the fixed part included)."""
@@ -871,7 +885,7 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
             floor_note = (f"pruning every prunable group to its floor (max_group_ratio={policy.max_group_ratio}, "
                           f"min_channels={policy.min_channels}) is predicted at best {found.predicted_ms:.3f} ms "
                           f"({found.predicted_ms / base_ms:.3f} of the original) against {goal:.3f} ms")
-            if not prunable or found.moves == 0:
+            if best is None and (not prunable or found.moves == 0):
                 raise FxPruneError(
                     f"{target.describe()} cannot be met on {record['device_name']} ({mode}, batch {batch_size}, "
                     f"{threads} thread(s)): the original measures {base_ms:.3f} ms, and {floor_note}. Layers fxprune "

@@ -58,6 +58,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--mode", default="eager", choices=("eager", "compiled"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                   help="deployment precision (e.g. float16 on a GPU; default: the model's own)")
+    p.add_argument("--channels-last", action="store_true", help="deployment layout channels_last (GPUs)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=10, help="rounds of the final interleaved measurement")
     p.add_argument("--search-rounds", type=int, default=7, help="rounds of each verification inside the search")
@@ -100,8 +103,9 @@ def bench_model(arch: str, batch: int, targets: Sequence[float], ladder: Sequenc
     model = torchvision.models.get_model(arch, weights=None).eval()
     x = torch.randn(1, 3, args.size, args.size)
     base_macs = count_macs(model, (x,))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     options = LatencyOptions(rounds=args.search_rounds, probe_rounds=args.probe_rounds, threads=args.threads,
-                             store=store)
+                             store=store, dtype=dtype, channels_last=args.channels_last)
     models: Dict[str, torch.nn.Module] = {"original": model}
     rows: Dict[str, Dict[str, Any]] = {}
     for t in targets:
@@ -125,7 +129,7 @@ def bench_model(arch: str, batch: int, targets: Sequence[float], ladder: Sequenc
             models[f"uniform {r:g}"] = pruned
             uniform.append({"ratio": r, "macs": count_macs(pruned, (x,)) / base_macs})
     measured = measure_latency(models, example_inputs=(x,), device=args.device, mode=args.mode, threads=args.threads,
-                               rounds=args.rounds, batch_size=batch)
+                               rounds=args.rounds, batch_size=batch, dtype=dtype, channels_last=args.channels_last)
     for rung in uniform:
         rung["fraction"] = 1.0 / measured.speedups[f"uniform {rung['ratio']:g}"].median
     for name, row in rows.items():
@@ -151,7 +155,7 @@ def _f(value: Any, digits: int = 3) -> str:
 def render(results: List[Dict[str, Any]], info: Dict[str, Any]) -> str:
     lines = ["# Latency-target pruning vs uniform ratio pruning", "",
              f"- Date: {info['date']}; machine: {info['device_name']} ({info['cpus']} cores), {info['device']}, "
-             f"{info['mode']}, {info['threads']} thread(s), torch {info['torch']}, {info['size']}x{info['size']}",
+             f"{info['mode']}, {info['threads']} thread(s), dtype {info['dtype']}, torch {info['torch']}, {info['size']}x{info['size']}",
              f"- Load average (1, 5, 15 min) before: {info['load_before']}, after: {info['load_after']}"
              + (" -- **the machine was shared with other jobs: treat every digit as rough**" if info["shared"] else ""),
              f"- Command: `{info['command']}`" + (" (the SHORT version: resnet18, batch 1, target 0.5 only)" if info["short"] else ""),
@@ -186,6 +190,9 @@ def render(results: List[Dict[str, Any]], info: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_latency_target: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     load_before = _load()
     store = MemoryStore()  # one table for the whole run: resnet blocks of one shape are measured once
@@ -200,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load_after = _load()
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": args.device,
             "device_name": device_description(args.device), "cpus": os.cpu_count(), "mode": args.mode,
-            "threads": args.threads, "torch": torch.__version__, "size": args.size, "python": platform.python_version(),
+            "threads": args.threads, "dtype": args.dtype or "model's own", "torch": torch.__version__, "size": args.size, "python": platform.python_version(),
             "load_before": load_before, "load_after": load_after, "short": args.short,
             "shared": bool(load_before and load_before[0] > 0.5 * (os.cpu_count() or 1)),
             "command": " ".join(["python", "benchmarks/bench_latency_target.py", *(argv if argv is not None else sys.argv[1:])])}

@@ -736,22 +736,26 @@ def search_counts(model: LatencyModel, groups: Sequence[Group], scores: Mapping[
             break
         rate, gi, nxt, _ = min(options, key=lambda m: (m[0], m[1], -m[2]))
         # A long look-ahead move can overshoot the goal: stop at the first count on the way that meets it.
+        layers = model.by_group.get(gi, [])
+        now = model.term(counts, layers)
         n = counts[gi]
         while True:
             step_to = _next_counts(by_index[gi], n, steps[gi], floors[gi], policy)
             if step_to is None or step_to <= nxt:
                 break
-            if model.predict({**counts, gi: step_to}) <= goal_ms:
+            if predicted - (now - model.term({**counts, gi: step_to}, layers)) <= goal_ms:
                 nxt = step_to
                 break
             n = step_to
+        # Only the layers the group touches change: the prediction is updated by their difference.
+        predicted -= now - model.term({**counts, gi: nxt}, layers)
         counts[gi] = nxt
         moves += 1
         for other in neighbours[gi] | {gi}:
             moves_cache[other] = best_move(other)
-        predicted = model.predict(counts)
-    return SearchResult(counts=counts, predicted_ms=predicted, goal_ms=goal_ms, reached=predicted <= goal_ms,
-                        moves=moves)
+    predicted = model.predict(counts)  # once in full: no drift from the running sum
+    return SearchResult(counts=counts, predicted_ms=predicted, goal_ms=goal_ms,
+                        reached=predicted <= goal_ms * (1 + 1e-9), moves=moves)
 
 
 def _candidates(group: Group, n: int, floor: int, policy: Policy) -> Dict[int, int]:

@@ -364,3 +364,24 @@ def test_correction_explains_a_measured_model_and_keeps_the_original(measured_sh
     else:  # faster than any non-negative fit explains: as close as one gets
         assert measured_share * base <= after < before
     assert min(model.scale, model.rest_ms, model.fixed_ms) >= 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_latency_target_same_code_path_fp16_channels_last(tmp_path) -> None:
+    # The real kernel prober and measurement on the GPU: the outcome is the machine's, so only the
+    # structure is checked (a met target records the card; a missed one names the best reached).
+    store = JsonFileStore(tmp_path)
+    opts = LatencyOptions(rounds=5, probe_rounds=3, dtype=torch.float16, channels_last=True, store=store)
+    model = Net().eval()
+    try:
+        pruned = fxprune.prune(model, target_latency=0.8, example_inputs=(X,), device="cuda", batch_size=64,
+                               latency_options=opts)
+    except FxPruneError as exc:
+        assert "best reached" in str(exc) or "cannot be met" in str(exc)
+    else:
+        record = pruned.meta["fxprune_plan"].policy["latency"]
+        assert record["device_name"] == torch.cuda.get_device_name(0) and record["fraction"] <= 0.8
+        assert record["dtype"] == "float16" and record["channels_last"]
+    assert list(tmp_path.glob("latency-*.json"))
+    assert next(model.parameters()).device.type == "cpu"

@@ -417,10 +417,24 @@ class KernelProber:
         out: List[float] = []
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
+        # Chunks are timed one after another, and a shared machine's load drifts in between: every
+        # chunk also times one reference probe (the largest), and its values are scaled by how much
+        # slower or faster the reference ran there than in the first chunk.
+        reference = max(probes, key=lambda p: (p.c_in * p.c_out * math.prod(p.layer.input_shape[2:] or (1,)),
+                                               p.entry)) if probes else None
+        ref_first: Optional[float] = None
         try:
             with torch.inference_mode():
                 for start in range(0, len(probes), self.chunk):
-                    out.extend(self._chunk(probes[start:start + self.chunk], Timer))
+                    part = list(probes[start:start + self.chunk])
+                    times = self._chunk(part + ([reference] if reference is not None and len(probes) > self.chunk else []),
+                                        Timer)
+                    if len(times) > len(part):
+                        ref_now = times.pop()
+                        ref_first = ref_now if ref_first is None else ref_first
+                        factor = ref_first / ref_now if ref_now > 0 else 1.0
+                        times = [t * factor for t in times]
+                    out.extend(times)
         finally:
             torch.set_num_threads(before)
         return out
@@ -920,15 +934,22 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
                     "measurement": pair}
         if entry["met"]:
             break
-        # Missed: refit the whole-model correction on this measurement (on the original's scale of
-        # this run), then aim a little lower than the refit says, for noise; never looser than before.
+        # Missed. First choice: refit the whole-model correction on this measurement (on the
+        # original's scale of this run) and search afresh from the goal (it may prune less than
+        # this try as well as more). A refit is one noisy point: where it says the goal is out of
+        # reach, it is dropped and the goal in prediction space is lowered by the measured
+        # shortfall instead (back off), which needs no model of where the time went.
+        saved = (model.scale, model.rest_ms, model.fixed_ms)
         model.correct(found.counts, fraction * base_ms)
         refit = model.predict(found.counts)
-        # The refit model explains this try, so the next search starts afresh from the goal (it may
-        # prune less than this try as well as more); where the refit still falls short of the
-        # measurement, the goal is lowered by what it leaves unexplained.
         unexplained = min(1.0, refit / (fraction * base_ms)) if fraction * base_ms > 0 else 0.5
-        predict_goal = goal * 0.98 ** (attempt + 1) * unexplained
+        refit_goal = goal * 0.98 ** (attempt + 1) * unexplained
+        if search_counts(model, prunable, scores, policy, refit_goal).reached:
+            predict_goal = refit_goal
+        else:
+            model.scale, model.rest_ms, model.fixed_ms = saved
+            predict_goal = min(predict_goal, found.predicted_ms) * min(0.98, wanted / achieved if achieved > 0 else 0.5)
+            entry["backed_off"] = True
     record["table"]["probes_measured"] = table.measured
     record["search_s"] = time.perf_counter() - started
     if best is None or not best["met"]:

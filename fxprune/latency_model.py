@@ -34,8 +34,10 @@ latency target is met by *measuring* on the device the model will run on:
    and the multiple it is of is recorded (``round_to`` chosen per group by measurement, not a
    fixed constant).
 6. **Verification** (:func:`prune_to_latency`): the built model is timed against the original
-   interleaved (:func:`fxprune.measure_latency`); if it misses the target, the prediction's goal
-   is tightened by the measured shortfall and the search runs again, a few times at most. A
+   interleaved (:func:`fxprune.measure_latency`); if it misses the target, the whole-model
+   correction is refitted on that measurement (:meth:`LatencyModel.correct`) and the search runs
+   again from the goal, or, where that one-point refit says the goal is out of reach, the goal
+   is lowered by the measured shortfall (backing off), a few tries at most. A
    target that cannot be met raises :class:`fxprune.FxPruneError` naming the best reached;
    a model slower than the original is never returned.
 
@@ -85,6 +87,7 @@ __all__ = [
     "prune_to_latency",
     "plan_for_latency",
     "table_key",
+    "key_digest",
     "ROUND_CANDIDATES",
     "GRID_FRACTIONS",
     "LATENCY_METHOD",
@@ -541,14 +544,12 @@ class LatencyModel:
 
     def measure_grid(self) -> int:
         """Measure (or find in the table) every grid probe; returns how many were new."""
-        return self.table.ensure(self.grid_probes(), self.prober)
+        return self.ensure(self.grid_probes())
 
     def ensure(self, probes: Iterable[Probe]) -> int:
         """Measure exact probes; predictions then use them instead of interpolating."""
-        count = self.table.ensure(probes, self.prober)
-        if count:
-            self._cache.clear()
-        return count
+        self._cache.clear()  # the table may be another object than the one cached from
+        return self.table.ensure(probes, self.prober)
 
     def layer_ms(self, i: int, c_in: int, c_out: int) -> float:
         key = (i, c_in, c_out)
@@ -779,6 +780,10 @@ def _candidates(group: Group, n: int, floor: int, policy: Policy) -> Dict[int, i
     for r in ROUND_CANDIDATES:
         step = base * r // math.gcd(base, r)
         for c in ((n // step) * step, -(-n // step) * step):
+            # Upwards only nearby (an eighth, or under 4 channels): on small, overhead-bound kernels a
+            # much larger count can time "no slower" by noise alone, and would undo the search.
+            if c > n and c - n >= 4 and c > math.ceil(n * 1.125):
+                continue
             if floor <= c <= group.size and c > 0 and group_count(group, c, policy.round_to, policy.min_channels) == c:
                 out[c] = max(out.get(c, 1), r)
     out.setdefault(n, 1)
@@ -870,9 +875,6 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
                                batch_size=batch_size, dtype=options.dtype, channels_last=options.channels_last,
                                progress=options.progress, timer=options.timer)
 
-    base = timed({"original": original})
-    base_ms = base.models["original"].median_ms
-    goal = target.goal_ms(base_ms)
     prunable = [g for g in analysis.groups if g.prunable]
     floors, steps = _floors_and_steps(prunable, policy)
     table = CostTable(table_key(device, options.dtype, threads, options.channels_last), options.store)
@@ -883,6 +885,11 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
                          grid=options.grid)
     from_store = table.loaded
     model.measure_grid()
+    # The whole model right after its layers: on a shared machine the load drifts, and the
+    # correction compares the two.
+    base = timed({"original": original})
+    base_ms = base.models["original"].median_ms
+    goal = target.goal_ms(base_ms)
     model.calibrate(base_ms)
 
     record: Dict[str, Any] = {

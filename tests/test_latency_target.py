@@ -396,3 +396,18 @@ def test_kernel_prober_times_every_probe_across_chunks() -> None:
     times = KernelProber(torch.device("cpu"), rounds=2, warmup=1, min_sample_s=0.0, chunk=2)(probes)
     # Two chunks plus a reference probe in each: one finite, positive time per probe, in order.
     assert len(times) == len(probes) and all(math.isfinite(t) and t > 0 for t in times)
+
+
+def test_refinement_never_inflates_a_count_far_upwards() -> None:
+    from fxprune.latency_model import SearchResult
+
+    policy = Policy(ratio=0.0).validated()
+    analysis, model, scores = built_model(policy)
+    # Every count equally fast: "no slower" holds everywhere, yet a 6-channel group must not become 32.
+    flat = CostTable(model.table.key, MemoryStore())
+    model.table, model.prober = flat, lambda probes: [1.0 for _ in probes]
+    model.measure_grid()
+    g = next(g for g in analysis.groups if g.prunable and g.blocks == 1 and g.size >= 32)
+    result = SearchResult(counts={g.index: 6}, predicted_ms=0.0, goal_ms=0.0, reached=True, moves=1)
+    refined = refine_counts(model, analysis.groups, policy, result)
+    assert 6 <= refined.counts[g.index] <= 8

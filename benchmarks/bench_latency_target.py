@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -190,6 +191,7 @@ def render(results: List[Dict[str, Any]], info: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the search's tries, as they happen
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_latency_target: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2

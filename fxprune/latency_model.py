@@ -557,18 +557,17 @@ class LatencyModel:
         if hit is not None:
             return hit
         layer = self.layers[i]
-        exact = self.table.get(Probe(layer, c_in, c_out))
-        if exact is not None:
-            value = exact
+        # From the grid alone, even where an exact probe exists: the grid was measured in one run
+        # next to the whole model the correction is calibrated on, while exact probes come from
+        # later runs at another load (they only rank counts against each other, in refine_counts).
+        gin, gout = self.grids[i]
+        a0, a1, wa = _bracket(gin, c_in)
+        if layer.depthwise:
+            value = (1 - wa) * self._entry(layer, a0, a0) + wa * self._entry(layer, a1, a1)
         else:
-            gin, gout = self.grids[i]
-            a0, a1, wa = _bracket(gin, c_in)
-            if layer.depthwise:
-                value = (1 - wa) * self._entry(layer, a0, a0) + wa * self._entry(layer, a1, a1)
-            else:
-                b0, b1, wb = _bracket(gout, c_out)
-                value = ((1 - wa) * (1 - wb) * self._entry(layer, a0, b0) + wa * (1 - wb) * self._entry(layer, a1, b0)
-                         + (1 - wa) * wb * self._entry(layer, a0, b1) + wa * wb * self._entry(layer, a1, b1))
+            b0, b1, wb = _bracket(gout, c_out)
+            value = ((1 - wa) * (1 - wb) * self._entry(layer, a0, b0) + wa * (1 - wb) * self._entry(layer, a1, b0)
+                     + (1 - wa) * wb * self._entry(layer, a0, b1) + wa * wb * self._entry(layer, a1, b1))
         self._cache[key] = value
         return value
 
@@ -578,6 +577,17 @@ class LatencyModel:
             raise InternalError(f"the cost table has no grid entry for {layer.name} ({c_in}->{c_out}): "
                                 "measure_grid() first")
         return value
+
+    def measured_ms(self, counts: Mapping[int, int], which: Iterable[int]) -> Optional[float]:
+        """The exact probes' milliseconds of ``which`` layers under ``counts`` (None if one is missing)."""
+        total = 0.0
+        for i in which:
+            c_in, c_out = self.layers[i].channels(counts)
+            value = self.table.get(Probe(self.layers[i], c_in, c_out))
+            if value is None:
+                return None
+            total += value
+        return total
 
     def layers_ms(self, counts: Mapping[int, int], which: Optional[Iterable[int]] = None) -> float:
         total = 0.0
@@ -817,11 +827,13 @@ def refine_counts(model: LatencyModel, groups: Sequence[Group], policy: Policy, 
         layers = model.by_group.get(g.index, [])
         searched = counts[g.index]
         trial = dict(counts)
-        at_searched = model.term(trial, layers)
+        # Candidates are compared on their exact probes, measured together in one run.
+        at_searched = model.measured_ms(trial, layers)
         best_c, best_r = searched, plans[g.index].get(searched, 1)
         for c in sorted(plans[g.index], reverse=True):
             trial[g.index] = c
-            if model.term(trial, layers) <= at_searched * (1 + 1e-9):
+            here = model.measured_ms(trial, layers)
+            if at_searched is not None and here is not None and here <= at_searched * (1 + 1e-9):
                 best_c, best_r = c, plans[g.index][c]
                 break
         counts[g.index] = best_c

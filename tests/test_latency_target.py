@@ -155,6 +155,7 @@ def test_prune_meets_a_target_and_records_the_measurement() -> None:
     for key in ("device_name", "threads", "torch", "mode", "batch_size", "method", "predicted_ms", "tries"):
         assert key in record
     assert pruned(X).shape == (1, 10)
+    assert fxprune.PruningPlan.from_json(plan.to_json()).policy["latency"]["tries"] == record["tries"]  # plain data
     # Deterministic: the same table and measurement give the same plan.
     again = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
     assert again.meta["fxprune_plan"].counts() == plan.counts()

@@ -709,8 +709,10 @@ def search_counts(model: LatencyModel, groups: Sequence[Group], scores: Mapping[
 
     Deterministic: the same table, scores and policy give the same counts (ties go to the
     lower group index, then the shorter move). Each group's candidate moves are 1 to
-    ``lookahead`` steps down; a move that saves no time is never taken, so a non-monotone cost
-    (a smaller count measuring slower) is stepped over rather than followed.
+    ``lookahead`` steps down, then 2, 4, 8, ... times ``lookahead`` steps, down to its floor; a move
+    that saves no time is never taken, so a non-monotone cost (a stretch of smaller counts
+    measuring slower) is jumped over rather than followed, and a long move stops at the first
+    count that meets the goal.
     """
     prunable = [g for g in groups if g.prunable]
     floors, steps = _floors_and_steps(prunable, policy)
@@ -738,10 +740,17 @@ def search_counts(model: LatencyModel, groups: Sequence[Group], scores: Mapping[
         now = model.term(counts, layers)
         n, best = counts[gi], None
         trial = dict(counts)
-        for _ in range(lookahead):
+        k = 0
+        while True:
             nxt = _next_counts(g, n, steps[gi], floors[gi], policy)
             if nxt is None:
                 break
+            k += 1
+            n = nxt
+            # 1..lookahead steps, then 2x, 4x, ... further: a measured cost that rises over a stretch
+            # of counts (noise, or a slower kernel) is jumped over, however wide that stretch is.
+            if k > lookahead and k & (k - 1):
+                continue
             trial[gi] = nxt
             saved = now - model.term(trial, layers)
             if saved > _EPS_MS:
@@ -749,7 +758,6 @@ def search_counts(model: LatencyModel, groups: Sequence[Group], scores: Mapping[
                 rate = lost / saved
                 if best is None or rate < best[0] - 1e-15:
                     best = (rate, gi, nxt, saved)
-            n = nxt
         return best
 
     moves_cache: Dict[int, Optional[Tuple[float, int, int, float]]] = {g.index: best_move(g.index) for g in prunable}

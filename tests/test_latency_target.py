@@ -412,3 +412,27 @@ def test_refinement_never_inflates_a_count_far_upwards() -> None:
     result = SearchResult(counts={g.index: 6}, predicted_ms=0.0, goal_ms=0.0, reached=True, moves=1)
     refined = refine_counts(model, analysis.groups, policy, result)
     assert 6 <= refined.counts[g.index] <= 8
+
+
+def test_search_jumps_a_wide_stretch_of_rising_cost() -> None:
+    # Costs that rise over a stretch of counts below the full size (a noisy grid cell, or a slow
+    # kernel) and fall below it: the search still reaches the goal, and deterministically.
+    class Bumpy:
+        def __call__(self, probes: Sequence[Probe]) -> List[float]:
+            out = []
+            for p in probes:
+                full = p.layer.out_full
+                bump = 0.5 if p.layer.out_slot[0] and full // 4 < p.c_out < full else 0.0
+                out.append(synthetic_ms(p) * (p.c_out / full) + bump)
+            return out
+
+    policy = Policy(ratio=0.0).validated()
+    analysis = analyze_model(Net().eval(), example_inputs=(X,))
+    table = CostTable(table_key(torch.device("cpu"), None, 1, False), MemoryStore())
+    model = LatencyModel(layer_shapes(analysis, 1), analysis.groups, table, Bumpy(), grid=(1.0, 0.97, 0.25, 0.1))
+    model.measure_grid()
+    model.calibrate(model.layers_ms({}) + 0.1)
+    scores = fxprune.importance.score_groups(analysis, "l1")
+    found = search_counts(model, analysis.groups, scores, policy, 0.5 * model.predict({}), lookahead=1)
+    assert found.reached and any(found.counts[g.index] < g.size for g in analysis.groups if g.prunable)
+    assert search_counts(model, analysis.groups, scores, policy, 0.5 * model.predict({}), lookahead=1).counts == found.counts

@@ -160,6 +160,8 @@ def render(results: List[Dict[str, Any]], info: Dict[str, Any]) -> str:
              f"- Load average (1, 5, 15 min) before: {info['load_before']}, after: {info['load_after']}"
              + (" -- **the machine was shared with other jobs: treat every digit as rough**" if info["shared"] else ""),
              f"- Command: `{info['command']}`" + (" (the SHORT version: resnet18, batch 1, target 0.5 only)" if info["short"] else ""),
+             "- Full run (resnet18/50, batch 1 and 32, targets 0.5 and 0.3, mobilenet_v3_small and efficientnet_b0), "
+             "for a quiet machine: `python benchmarks/bench_latency_target.py`; on a GPU: `bash benchmarks/gpu_check.sh`.",
              "- Every model of a (model, batch) row was measured in ONE interleaved run (original, latency-pruned, "
              "uniform ladder); fractions are measured latency / the original's in that run (median of per-round ratios).",
              "- `MACs vs uniform`: MACs kept by the latency-pruned model / MACs uniform ratio pruning keeps at the same "

@@ -22,6 +22,7 @@ from .cost import count_macs, count_params
 from .errors import FxPruneError, FxPruneWarning, InternalError, describe_node
 from .groups import Analysis, Group, analyze, select_channels
 from .importance import Criterion, ScoringOptions, check_importance
+from .latency_model import LatencyOptions, LatencyTarget, plan_for_latency
 from .plan import GroupPlan, PruningPlan, make_plan
 from .rewrite import rewrite
 from .export import is_lifted
@@ -636,7 +637,9 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
           global_ranking: bool = False, max_group_ratio: float = 0.9, default_ratio: float = 0.0,
           round_to: int = 1, min_channels: int = 1,
           target_macs: Optional[float] = None, target_params: Optional[float] = None,
-          keep_class: bool = False) -> nn.Module:
+          keep_class: bool = False, target_latency: Optional[float] = None,
+          target_latency_ms: Optional[float] = None, device: Any = "cpu", batch_size: Optional[int] = 1,
+          latency_mode: str = "eager", latency_options: Any = None) -> nn.Module:
     """Remove ``ratio`` of the channels of every prunable group; return a NEW, smaller GraphModule.
 
     ``model`` is a GraphModule or an ``nn.Module`` (traced for you); it is never modified. A
@@ -661,6 +664,19 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
     >>> half.meta["fxprune_plan"].policy["achieved_macs"] <= 0.5
     True
     """
+    if target_latency is not None or target_latency_ms is not None:
+        # A measured-latency target: the search and its verification live in fxprune.latency_model.
+        if ratio is not None or target_macs is not None or target_params is not None or global_ranking:
+            raise FxPruneError("a latency target chooses the channel counts itself: give target_latency= or "
+                               "target_latency_ms= without ratio=, target_macs=, target_params= or global_ranking=")
+        pruned = _latency_prune(model, importance=importance, example_inputs=example_inputs, ignore=ignore,
+                                strict=strict, scoring=ScoringOptions(calibration=calibration,
+                                calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed),
+                                policy=Policy(ratio=0.0, max_group_ratio=max_group_ratio, round_to=round_to,
+                                              min_channels=min_channels).validated(),
+                                target=(target_latency, target_latency_ms), device=device, batch_size=batch_size,
+                                mode=latency_mode, options=latency_options)
+        return _keep_class_fn(model, pruned) if keep_class else pruned
     policy = make_policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
                          round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
     with few_threads():
@@ -674,4 +690,32 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
     return _keep_class_fn(model, pruned, example_inputs) if keep_class else pruned
 
 
-prune.__doc__ = (prune.__doc__ or "") + _OPTIONS_DOC
+prune.__doc__ = (prune.__doc__ or "") + _OPTIONS_DOC + """
+    - ``target_latency`` / ``target_latency_ms``: prune until the model *measured* on ``device``
+      (``"cpu"``/``"cuda"``), at ``batch_size``, in ``latency_mode`` (``"eager"``/``"compiled"``)
+      takes at most that fraction of the original's latency (or that many milliseconds); needs
+      ``example_inputs``. ``latency_options``: a :class:`fxprune.latency_model.LatencyOptions`
+      (rounds, dtype, cost-table store, ...). The plan's ``policy["latency"]`` records the
+      measured before/after, device, threads, torch version and method; a target that cannot be
+      met raises :class:`fxprune.FxPruneError` naming the best reached. See :mod:`fxprune.latency_model`.
+"""
+
+
+def _latency_prune(model: ModelLike, *, importance: Importance, example_inputs: Any, ignore: Any, strict: bool,
+                   scoring: ScoringOptions, policy: Policy, target: Tuple[Optional[float], Optional[float]],
+                   device: Any, batch_size: Optional[int], mode: str, options: Any) -> torch.fx.GraphModule:
+    goal = LatencyTarget(fraction=target[0], ms=target[1]).validated()
+    inputs = as_inputs(example_inputs)
+    if inputs is None:
+        raise FxPruneError(f"{goal.describe()} needs example_inputs=(x,): the inputs latency is measured on "
+                           "(their first sample repeated to batch_size)")
+    if options is not None and not isinstance(options, LatencyOptions):
+        raise FxPruneError(f"latency_options must be a fxprune.latency_model.LatencyOptions, got {type(options).__name__}")
+    check_importance(importance)
+    with few_threads():
+        analysis = analyze_model(model, example_inputs=inputs, ignore=check_ignore(ignore), strict=strict)
+    result, pruned = plan_for_latency(analysis, model, importance=importance, scoring=scoring, policy=policy,
+                                      target=goal, example_inputs=inputs, device=device, batch_size=batch_size,
+                                      mode=mode, options=options)
+    pruned.meta["fxprune_plan"] = result
+    return pruned

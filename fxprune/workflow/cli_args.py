@@ -35,6 +35,9 @@ __all__ = [
     "IMPORTANCE_CHOICES",
     "RATIO_HELP",
     "TARGET_MACS_HELP",
+    "TARGET_LATENCY_HELP",
+    "LATENCY_DEVICES",
+    "LATENCY_MODES",
     "IGNORE_HELP",
     "add_run_arguments",
     "add_sweep_arguments",
@@ -64,7 +67,16 @@ RUN_DEFAULTS: Mapping[str, Any] = {
     "baseline_epochs": 3, "baseline_lr": 0.1, "batch_size": 256, "optimizer": "sgd",
     "weight_decay": 5e-4, "label_smoothing": 0.1, "seed": 0, "device": "auto", "amp": "auto",
     "latency_runs": 20, "out": "fxprune-out",
+    "latency_device": "cpu", "latency_batch": 1, "latency_mode": "eager",
 }
+
+#: Where --target-latency measures: the choices of --latency-device and --latency-mode.
+LATENCY_DEVICES = ("cpu", "cuda")
+LATENCY_MODES = ("eager", "compiled")  # fxprune.latency.MODES (tests/test_latency_target.py keeps them equal)
+TARGET_LATENCY_HELP = ("prune until the model measured on --latency-device (at --latency-batch, --latency-mode) "
+                       "takes at most this fraction of the unpruned model's latency, in (0, 1), e.g. 0.5; layer "
+                       "costs are measured and cached in $FXPRUNE_CACHE/latency or ~/.cache/fxprune/latency "
+                       "(give --ratio, --target-macs or --target-latency, one of them)")
 
 #: The built-in importance criteria, listed in --help without importing torch (kept equal to
 #: :func:`fxprune.available_criteria` by tests/test_packaging.py). The options are still
@@ -272,6 +284,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
     prune = parser.add_argument_group("pruning")
     prune.add_argument("--target-macs", type=finite_float, default=None, help=TARGET_MACS_HELP)
+    prune.add_argument("--target-latency", type=finite_float, default=None, help=TARGET_LATENCY_HELP)
+    prune.add_argument("--latency-device", choices=LATENCY_DEVICES, default=defaults.latency_device,
+                       help="where --target-latency measures (default: %(default)s)")
+    prune.add_argument("--latency-batch", type=positive_int, default=defaults.latency_batch,
+                       help="batch size --target-latency measures at (default: %(default)s)")
+    prune.add_argument("--latency-mode", choices=LATENCY_MODES, default=defaults.latency_mode,
+                       help="eager, or torch.compile'd models, for --target-latency (default: %(default)s)")
     prune.add_argument("--round-to", type=positive_int, default=None,
                        help="pruned layers keep a multiple of this many channels (e.g. 8 for tensor cores)")
     prune.add_argument("--ignore", type=str_list, default=[], metavar="NAMES", help=IGNORE_HELP)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from fxprune.cost import module_flops
-from fxprune.latency import cpu_name
+from fxprune.latency import cpu_name, format_speedup, realised_fraction
 from fxprune.workflow.extras import require
 
 __all__ = [
@@ -57,6 +57,8 @@ __all__ = [
     "latency_rows",
     "latency_warnings",
     "latency_section",
+    "latency_target_summary",
+    "latency_target_lines",
     "sweep_latency_warnings",
     "save_pruned",
     "load_pruned",
@@ -185,6 +187,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     data_name = (report.get("data") or {}).get("name", config.get("data", "-"))
     if config.get("ratio") is not None:
         requested = f"ratio {config['ratio']}"
+    elif config.get("target_latency"):
+        requested = (f"target latency {config['target_latency']} (on {config.get('latency_device', 'cpu')}, "
+                     f"batch {config.get('latency_batch', 1)}, {config.get('latency_mode', 'eager')})")
     elif config.get("target_macs"):
         requested = f"target MACs {config['target_macs']}"
     else:
@@ -232,6 +237,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "The accuracy change against the baseline mixes pruning with the pruned model's fine-tuning; "
                       "the cost of pruning at equal training is stated above."]
     lines += latency_section(report)
+    lines += latency_target_lines(report)
     lines += _pruning_lines(report.get("pruning"))
     lines += _warning_lines(report.get("warnings") or [])
     per_b, per_p = base.get("per_class", {}) or {}, pruned.get("per_class", {}) or {}
@@ -252,6 +258,51 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if plots:
         lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+_TARGET_KEYS = ("target", "device", "device_name", "threads", "torch", "mode", "batch_size", "dtype", "before_ms",
+                "after_ms", "original_ms", "fraction", "speedup", "predicted_ms", "predicted_fraction", "busy",
+                "warnings", "round_to", "method", "measurement", "table", "search_s", "tries")
+
+
+def latency_target_summary(pruned: nn.Module) -> Optional[dict[str, Any]]:
+    """What a latency-target prune measured (from ``pruned.meta["fxprune_plan"].policy["latency"]``), or None."""
+    meta = getattr(pruned, "meta", None)
+    plan = meta.get("fxprune_plan") if isinstance(meta, Mapping) else None
+    record = getattr(plan, "policy", {}).get("latency") if plan is not None else None
+    if not isinstance(record, Mapping):
+        return None
+    return {key: record.get(key) for key in _TARGET_KEYS}
+
+
+def latency_target_lines(report: Mapping[str, Any]) -> list[str]:
+    """report.md's "Latency target" section: predicted vs measured per verified try, and the realised fraction."""
+    target = (report.get("pruned") or {}).get("latency_target")
+    if not isinstance(target, Mapping):
+        return []
+    macs_x = (report.get("reduction") or {}).get("macs_x")
+    realised = realised_fraction(target.get("speedup"), macs_x)
+    lines = ["", "## Latency target", "",
+             f"{target.get('target')} on {target.get('device_name')} ({target.get('device')}, {target.get('mode')}, "
+             f"batch {target.get('batch_size')}, {target.get('threads')} thread(s), torch {target.get('torch')}): "
+             f"the original measured {_fmt(target.get('before_ms'), 3)} ms, the pruned model "
+             f"{_fmt(target.get('after_ms'), 3)} ms against {_fmt(target.get('original_ms'), 3)} ms in the same "
+             f"interleaved run ({_fmt(target.get('fraction'), 3)} of the original, "
+             f"{format_speedup(target.get('speedup'))}); realised fraction (speed-up / MACs reduction) "
+             f"{_fmt(realised, 2)}." + (" The machine looked busy: treat the digits as rough." if target.get("busy") else ""),
+             "", "| try | predicted (ms) | predicted fraction | measured (ms) | measured fraction | met |",
+             "|---:|---:|---:|---:|---:|---|"]
+    for entry in target.get("tries") or []:
+        lines.append(f"| {entry.get('try')} | {_fmt(entry.get('predicted_ms'), 3)} | "
+                     f"{_fmt(entry.get('predicted_fraction'), 3)} | {_fmt(entry.get('measured_ms'), 3)} | "
+                     f"{_fmt(entry.get('measured_fraction'), 3)} | {'yes' if entry.get('met') else 'no'} |")
+    round_to = target.get("round_to") or {}
+    if round_to:
+        lines += ["", "Channel multiples chosen by measurement (group: multiple): "
+                  + ", ".join(f"`{k}`: {v}" for k, v in round_to.items())]
+    if target.get("method"):
+        lines += ["", f"Method: {target['method']}."]
+    return lines
 
 
 def _latency_settings(report: Mapping[str, Any]) -> Mapping[str, Any]:

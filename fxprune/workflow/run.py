@@ -43,20 +43,23 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from fxprune.latency_model import LatencyOptions
 from fxprune.modelspec import ModelSpec
+from fxprune.workflow.cli_args import LATENCY_DEVICES, LATENCY_MODES
 from fxprune.workflow.data import DataBundle, example_batch, load_data, make_loader
 from fxprune.workflow.distributed import (DistContext, barrier, init_distributed, resolve_device,
                                           shutdown_distributed)
 from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.evaluate import compare_latency, evaluate_accuracy, model_cost
 from fxprune.workflow.extras import check_run_extras
+from fxprune.workflow.latency_store import JsonFileStore, default_cache_dir
 from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate_batchnorm, resume_fingerprint,
                                        save_checkpoint, train)
 from fxprune.workflow import progress
 from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
                                      load_weights, model_spec)
 from fxprune.workflow.report import (FILE_ONLY, WarningLog, close_logging, collect_warnings, command_line,
-                                     group_summary, layer_table, log_run_error, machine_info, plot_channels,
+                                     group_summary, latency_target_summary, layer_table, log_run_error, machine_info, plot_channels,
                                      plot_sweep, render_sweep_markdown, save_pruned, setup_logging, software_info,
                                      stage_table, utc_now, write_json, write_report)
 
@@ -81,6 +84,7 @@ DEFAULT_RATIO = 0.5
 #: equal-training control to the report, whose own cache and checkpoint are keyed by everything
 #: that determines it (``_control_meta``), and leaves the pruned model as it is.
 RESULT_OPTIONS = ("model", "adapt", "weights", "data", "limit", "image_size", "seed", "ratio", "target_macs",
+                  "target_latency", "latency_device", "latency_batch", "latency_mode",
                   "importance", "ignore", "round_to", "epochs", "lr", "baseline_epochs", "baseline_lr",
                   "batch_size", "augment", "optimizer", "weight_decay", "label_smoothing", "distill",
                   "amp", "recalibration_batches", "calibration_batches")
@@ -104,6 +108,10 @@ class RunConfig:
     data: str = "fashion-mnist"
     ratio: Optional[float] = None  # None: DEFAULT_RATIO, unless target_macs is set
     target_macs: Optional[float] = None  # fraction of the baseline's MACs; exclusive with ratio
+    target_latency: Optional[float] = None  # fraction of the baseline's measured latency; exclusive with both
+    latency_device: str = "cpu"  # where target_latency measures
+    latency_batch: int = 1  # the batch it measures at
+    latency_mode: str = "eager"  # eager or compiled
     importance: str = "l1"
     round_to: Optional[int] = None  # passed to fxprune.prune only when set
     ignore: tuple[str, ...] = ()
@@ -140,7 +148,16 @@ class RunConfig:
         """The ratio pruned at: ``ratio``, else :data:`DEFAULT_RATIO` (None when ``target_macs`` rules)."""
         if self.ratio is not None:
             return self.ratio
-        return None if self.target_macs is not None else DEFAULT_RATIO
+        return None if self.target_macs is not None or self.target_latency is not None else DEFAULT_RATIO
+
+    @property
+    def requested(self) -> str:
+        """What was asked for, in words: ``ratio 0.5``, ``target MACs 0.3`` or ``target latency 0.5``."""
+        if self.target_latency is not None:
+            return f"target latency {self.target_latency:g}"
+        if self.target_macs is not None and self.ratio is None:
+            return f"target MACs {self.target_macs:g}"
+        return f"ratio {self.effective_ratio:g}"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for options that cannot work (pure: reads no file).
@@ -176,6 +193,7 @@ class RunConfig:
                                                           and 0.0 < self.target_macs <= 1.0):
                 raise ConfigError(f"--target-macs is a fraction of the baseline's MACs in (0, 1], "
                                   f"got {self.target_macs}")
+        self._validate_latency()
         # How large a round_to can be depends on the model: checked once it is built
         # (check_model_fits), still before any training.
         integer("--round-to", self.round_to, low=1, optional=True)
@@ -209,6 +227,27 @@ class RunConfig:
             raise ConfigError(f"adapt (--no-adapt) must be true or false, got {self.adapt!r}")
         if not isinstance(self.ignore, (tuple, list)) or not all(isinstance(n, str) and n for n in self.ignore):
             raise ConfigError(f"--ignore takes module names, got {self.ignore!r}")
+
+    def _validate_latency(self) -> None:
+        if self.target_latency is not None:
+            others = [f"{flag} {value}" for flag, value in (("--ratio", self.ratio), ("--target-macs", self.target_macs))
+                      if value is not None]
+            if others:
+                raise ConfigError(f"--target-latency {self.target_latency} and {' and '.join(others)} contradict each "
+                                  "other: give one (the latency search chooses the channel counts)")
+            value = self.target_latency
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0.0 < value < 1.0:
+                raise ConfigError(f"--target-latency is a fraction of the baseline's measured latency in (0, 1), "
+                                  f"got {value!r}")
+        if self.latency_device not in LATENCY_DEVICES:
+            raise ConfigError(f"--latency-device must be one of {', '.join(LATENCY_DEVICES)}; got {self.latency_device!r}")
+        if self.latency_mode not in LATENCY_MODES:
+            raise ConfigError(f"--latency-mode must be one of {', '.join(LATENCY_MODES)}; got {self.latency_mode!r}")
+        if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
+            raise ConfigError(f"--latency-batch must be an integer >= 1, got {self.latency_batch!r}")
+        if self.target_latency is not None and self.latency_device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--latency-device cuda: torch sees no CUDA device here; measure on --latency-device cpu")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for the log and report.json), with the ratio actually used."""
@@ -813,8 +852,7 @@ def measure_latency_pair(session: _Session, baseline: nn.Module, pruned: nn.Modu
         progress.current().note(_latency_note(devices, config.compile))
         macs_x = (baseline_entry["macs"] / pruned_entry["macs"]
                   if baseline_entry.get("macs") and pruned_entry.get("macs") else None)
-        what = (f"ratio {config.effective_ratio:g}" if config.effective_ratio is not None
-                else f"target MACs {config.target_macs:g}")
+        what = config.requested
         measured = compare_latency(baseline, pruned, example_batch(session.data.test, 1), devices=devices,
                                    compile=config.compile, rounds=config.latency_runs, macs_reduction=macs_x,
                                    quiet=config.quiet, label=f"{config.importance}, {what}")
@@ -879,6 +917,12 @@ def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
         kwargs["ignore"] = tuple(config.ignore)
     if config.round_to is not None:
         kwargs["round_to"] = config.round_to
+    if config.target_latency is not None:
+        # Layer costs are cached across runs, keyed by device, dtype, threads and torch version.
+        options = LatencyOptions(rounds=config.latency_runs, store=JsonFileStore(default_cache_dir()))
+        return fxprune.prune(model, target_latency=config.target_latency, device=config.latency_device,
+                             batch_size=config.latency_batch, latency_mode=config.latency_mode,
+                             latency_options=options, **kwargs)
     if config.target_macs is not None:
         return fxprune.prune(model, target_macs=config.target_macs, **kwargs)
     return fxprune.prune(model, config.effective_ratio if ratio is None else ratio, **kwargs)
@@ -891,7 +935,7 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
     config, data, ctx = session.config, session.data, session.ctx
     point = progress.point_label(importance, ratio)
     progress.current().begin("prune", point, detail=f"{importance}, "
-                             + (f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}")
+                             + (f"ratio {ratio:g}" if ratio is not None else config.requested)
                              + (f", scoring on {config.calibration_batches} calibration batches"
                                 if importance in progress.DATA_DRIVEN_CRITERIA else ""))
     started = time.perf_counter()
@@ -906,7 +950,7 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
     session.timings["prune"] = time.perf_counter() - started
     details = pruning_details(baseline, pruned, config, example) if ctx.is_main else None
     achieved = achieved_pruning(baseline, pruned)
-    what = f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}"
+    what = f"ratio {ratio:g}" if ratio is not None else config.requested
     if achieved["nothing_pruned"]:
         logger.warning("WARNING: nothing was pruned (%s, %s): every group kept all its channels "
                        "(check --round-to, --ignore and the warnings above); the 'pruned' model is the "
@@ -926,8 +970,8 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
                                     batch_size=max(256, config.batch_size), device=session.device,
                                     ctx=ctx, num_workers=data.num_workers, quiet=config.quiet,
                                     desc="evaluate pruned (before fine-tuning)")
-    logger.info("pruned (ratio %g, %s), BN recalibrated, before fine-tuning: top-1 %.2f%%",
-                ratio, importance, after_recal.top1)
+    logger.info("pruned (%s, %s), BN recalibrated, before fine-tuning: top-1 %.2f%%",
+                what, importance, after_recal.top1)
 
     history: list[dict[str, float]] = []
     if config.epochs > 0:
@@ -943,6 +987,9 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
     progress.current().begin("measure", point)
     entry = measure_model(session, pruned, "pruned")
     entry["achieved"] = achieved
+    target = latency_target_summary(pruned)
+    if target is not None:
+        entry["latency_target"] = target
     entry["top1_before_finetune"] = after_recal.top1
     entry["top5_before_finetune"] = after_recal.top5
     entry["finetune_history"] = history
@@ -1018,7 +1065,7 @@ def _write_outputs(session: _Session, out: Path, report: dict[str, Any], baselin
     report["model_build"] = {"model": config.model, "spec": None if spec is None else spec.to_dict(),
                              "small_image_stem": bool(spec is not None and spec.adapt.get("small_image_stem"))}
     example = example_batch(data.test, 1)
-    what = f"ratio {ratio:g}" if ratio is not None else f"target MACs {config.target_macs:g}"
+    what = f"ratio {ratio:g}" if ratio is not None else config.requested
     plots = [plot_channels(baseline, pruned, out / "channels.png",
                            title=f"Channels per layer: {config.model}, {importance}, {what}")]
     report["plots"] = [str(p.name) for p in plots]
@@ -1110,6 +1157,9 @@ def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str]
     if config.target_macs is not None:
         raise ConfigError("sweep prunes at each of --ratios; --target-macs contradicts them (run "
                           "'fxprune run --target-macs' instead)")
+    if config.target_latency is not None:
+        raise ConfigError("sweep prunes at each of --ratios; --target-latency contradicts them (run "
+                          "'fxprune run --target-latency' instead)")
     preflight(config, importances=importances, ratios=ratios)
     started = time.perf_counter()
     with _process_settings(config):

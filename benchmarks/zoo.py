@@ -258,7 +258,15 @@ def _build_yolo(spec: str) -> Tuple[Any, Any, str]:
     finally:
         torchvision.models.get_model = get_model
     side = 224 if yolo_task(spec) == "classify" and "resnet" in spec else SIDE
-    return model, _image(side), f"{side}px"
+    note = f"{side}px"
+    head = model.model[-1]
+    if yolo_task(spec) != "classify" and hasattr(head, "export"):
+        # The deployment output (what YOLO.export writes): in eval mode the head otherwise also
+        # returns the neck's feature maps, and fxprune never changes an output's width, so the
+        # whole neck would stay whole. examples/prune_yolo.py prunes the same way.
+        head.export = True
+        note += ", head export=True"
+    return model, _image(side), note
 
 
 def _build_timm(spec: str) -> Tuple[Any, Any, str]:

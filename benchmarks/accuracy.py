@@ -98,8 +98,8 @@ def plan_jobs(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str]
 def settings_of(args: argparse.Namespace) -> Dict[str, Any]:
     """What determines every arm's result: a JSON made under other settings is never extended."""
     return {"model": "resnet18", "data": "fashion-mnist", "epochs": args.epochs,
-            "baseline_epochs": args.baseline_epochs, "limit": args.limit, "eval_limit": args.eval_limit,
-            "subset_seed": 0}
+            "baseline_epochs": args.baseline_epochs, "batch_size": args.batch_size, "limit": args.limit,
+            "eval_limit": args.eval_limit, "subset_seed": 0}
 
 
 def check_settings(doc: Mapping[str, Any], settings: Mapping[str, Any], path: Path) -> None:
@@ -248,7 +248,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
            else f"all {data.get('train_samples_full', '?')} training images")
         + f"; {data.get('test_samples', '?')} held-out images for top-1",
         f"- Recipe: baseline {settings.get('baseline_epochs')} epochs (SGD lr 0.1, warm-up, cosine, label "
-        f"smoothing 0.1, batch 256), fine-tune k = {settings.get('epochs')} epochs (lr 0.1, no warm-up); "
+        f"smoothing 0.1, batch {settings.get('batch_size', 256)}), fine-tune k = {settings.get('epochs')} epochs (lr 0.1, no warm-up); "
         f"D trains {(settings.get('baseline_epochs') or 0) + (settings.get('epochs') or 0)} epochs with the "
         f"baseline recipe; F distils with the workflow's defaults (alpha 0.5, T 4)",
         f"- Wall time: {_duration(wall)} in all ({len(sessions)} session(s))",
@@ -352,6 +352,7 @@ class Bench:
         self.test_set = limit_dataset(full.test, args.eval_limit, seed=0) if args.eval_limit else full.test
         self.example = example_batch(self.train_set, 1)
         self.base_config = RunConfig(epochs=args.epochs, baseline_epochs=args.baseline_epochs, quiet=True,
+                                     batch_size=args.batch_size,
                                      compile=False, control=False)
         self.baselines: Dict[int, Any] = {}
         self.results: Dict[str, Any] = {}  # the JSON's results, for arms that reuse another's
@@ -544,6 +545,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--baseline-epochs", type=int, default=2, help="baseline epochs (the job's default is 3)")
     p.add_argument("--limit", type=int, default=12000,
                    help="training images: a fixed subset, the same for every arm and seed (0: all 60 000)")
+    p.add_argument("--batch-size", type=int, default=256, help="training batch size (the job's default 256)")
     p.add_argument("--eval-limit", type=int, default=None, help="held-out images (default: all 10 000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     p.add_argument("--latency-rounds", type=int, default=10)

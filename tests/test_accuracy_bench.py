@@ -25,7 +25,7 @@ def _load() -> Any:
 
 bench = _load()
 
-SETTINGS = {"model": "resnet18", "data": "fashion-mnist", "epochs": 3, "baseline_epochs": 2, "limit": 30000,
+SETTINGS = {"model": "resnet18", "data": "fashion-mnist", "epochs": 3, "baseline_epochs": 2, "batch_size": 256, "limit": 30000,
             "eval_limit": None, "subset_seed": 0}
 # Per seed: top-1 of each arm at ratio 0.5 (and a few at 0.8).
 TOP1 = {0: {"baseline": 89.0, "E": 90.0, "A": 89.9, "B": 89.9, "C": 90.1, "D": 89.0, "F": 90.2},
@@ -116,7 +116,7 @@ def test_results_of_other_settings_are_never_mixed(tmp_path: Path) -> None:
     bench.check_settings({}, dict(SETTINGS), tmp_path / "a.json")
     with pytest.raises(SystemExit, match="other settings"):
         bench.check_settings({"settings": SETTINGS}, dict(SETTINGS, epochs=5), tmp_path / "a.json")
-    args = argparse.Namespace(epochs=3, baseline_epochs=2, limit=30000, eval_limit=None)
+    args = argparse.Namespace(epochs=3, baseline_epochs=2, batch_size=256, limit=30000, eval_limit=None)
     assert bench.settings_of(args) == SETTINGS
 
 

@@ -232,7 +232,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     ratios = meta.get("ratios", [])
     lines += [
         f"- Machine: {machine.get('cpu', '?')}, {machine.get('cpu_count', '?')} cores, "
-        f"{meta.get('threads', '?')} torch threads for training; {machine.get('platform', '')}",
+        f"{meta.get('threads', '?')} torch thread(s) for training; {machine.get('platform', '')}",
         f"- Software: torch {machine.get('torch', '?')}, torchvision {machine.get('torchvision', '?')}, "
         f"Torch-Pruning {meta.get('torch_pruning', '?')}, fxprune {meta.get('fxprune', '?')}",
         f"- Date (UTC): {sessions[0].get('started', '?') if sessions else '?'} to "

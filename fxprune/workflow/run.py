@@ -65,7 +65,7 @@ from fxprune.workflow.report import (FILE_ONLY, WarningLog, close_logging, colle
 
 __all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "check_importance",
            "check_weights", "check_model_fits", "achieved_pruning", "weights_identity", "measure_latency_pair",
-           "sweep_baseline_latency", "get_baseline", "get_control", "pruning_details",
+           "sweep_baseline_latency", "get_baseline", "get_control", "pruning_details", "train_config",
            "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE", "CONTROL_FILE"]
 
 logger = logging.getLogger("fxprune.workflow")
@@ -499,7 +499,11 @@ def _setup(config: RunConfig, command: str = "run") -> _Session:
     return session
 
 
-def _train_config(config: RunConfig, *, baseline: bool) -> TrainConfig:
+def train_config(config: RunConfig, *, baseline: bool) -> TrainConfig:
+    """The :class:`TrainConfig` the job trains with: the baseline's recipe, or the fine-tuning one.
+
+    Public so that a benchmark trains its arms with exactly the job's recipes.
+    """
     return TrainConfig(
         epochs=config.baseline_epochs if baseline else config.epochs,
         lr=config.baseline_lr if baseline else config.lr,
@@ -519,6 +523,9 @@ def _train_config(config: RunConfig, *, baseline: bool) -> TrainConfig:
         num_workers=config.workers if config.workers is not None else 0,
         desc="baseline" if baseline else "fine-tune",
     )
+
+
+_train_config = train_config  # the module's own callers
 
 
 def _baseline_meta(config: RunConfig, data: DataBundle, ctx: DistContext) -> dict[str, Any]:

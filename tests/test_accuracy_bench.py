@@ -1,0 +1,146 @@
+"""benchmarks/accuracy.py's bookkeeping and renderer, on fake results (no training)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load() -> Any:
+    spec = importlib.util.spec_from_file_location("fxprune_accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+SETTINGS = {"model": "resnet18", "data": "fashion-mnist", "epochs": 3, "baseline_epochs": 2, "batch_size": 256, "limit": 30000,
+            "eval_limit": None, "subset_seed": 0}
+# Per seed: top-1 of each arm at ratio 0.5 (and a few at 0.8).
+TOP1 = {0: {"baseline": 89.0, "E": 90.0, "A": 89.9, "B": 89.9, "C": 90.1, "D": 89.0, "F": 90.2},
+        1: {"baseline": 88.8, "E": 90.2, "A": 89.5, "B": 89.6, "C": 89.7, "D": 89.3, "F": 89.9}}
+
+
+def _entry(seed: int, arm: str, ratio: Optional[float], top1: float) -> Dict[str, Any]:
+    macs = 32.5e6 if ratio is None else 8.16e6
+    return {"seed": seed, "arm": arm, "ratio": ratio, "top1": top1, "top5": 99.0, "macs": macs,
+            "params": 11.2e6 if ratio is None else 2.8e6, "train_s": 100.0 + seed, "latency_ms": 3.0,
+            "speedup": 1.0 if ratio is None else 2.5, "latency_busy": arm == "D" and seed == 1,
+            "top1_before_finetune": None if ratio is None else 80.0}
+
+
+def fake_doc() -> Dict[str, Any]:
+    results = {}
+    for seed, arms in TOP1.items():
+        for arm, top1 in arms.items():
+            ratio = None if arm in ("baseline", "E") else 0.5
+            results[bench.job_key(seed, arm, ratio)] = _entry(seed, arm, ratio, top1)
+        results[bench.job_key(seed, "A", 0.8)] = _entry(seed, "A", 0.8, 85.0 + seed)
+    results[bench.job_key(0, "B", 0.8)] = dict(_entry(0, "B", 0.8, 84.0),
+                                              note="B at ratio 0.8: pruning_ratio=0.7900 was used instead")
+    return {"settings": SETTINGS, "results": results,
+            "meta": {"machine": {"cpu": "Test CPU", "cpu_count": 2, "torch": "2.x", "platform": "Linux"},
+                     "threads": 2, "seeds": [0, 1], "ratios": [0.5, 0.8], "torch_pruning": "1.6.0",
+                     "data": {"source": "/data/fmnist", "train_samples_full": 60000, "test_samples": 10000},
+                     "sizing": "Sized to fit."},
+            "sessions": [{"started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:30:00+00:00",
+                          "command": "python benchmarks/accuracy.py", "wall_s": 1800.0, "load_start": 1.5,
+                          "load_end": 2.5}],
+            "conclusion": "Pruning holds up."}
+
+
+def test_job_keys_and_order() -> None:
+    jobs = bench.plan_jobs([0, 1], [0.5, 0.8], list(bench.ARMS))
+    keys = [bench.job_key(*job) for job in jobs]
+    assert len(keys) == len(set(keys)) == 2 * (2 + 2 * 5)
+    # The first ratio for every seed before the second ratio: a cut-short run holds the main comparison.
+    assert keys.index("seed1/F/r0.5") < keys.index("seed0/A/r0.8")
+    # A seed's baseline (and control) come before its pruned arms.
+    for seed in (0, 1):
+        assert keys.index(f"seed{seed}/baseline") < keys.index(f"seed{seed}/E") < keys.index(f"seed{seed}/A/r0.5")
+    assert bench.plan_jobs([0], [0.5], ["A"]) == [(0, "baseline", None), (0, "A", 0.5)]
+    with pytest.raises(ValueError, match="unknown arm"):
+        bench.plan_jobs([0], [0.5], ["Z"])
+
+
+def test_summary_and_targets_pair_by_seed() -> None:
+    doc = fake_doc()
+    summary = bench.summarize(doc["results"])
+    assert summary["A/r0.5"]["top1"]["values"] == [89.9, 89.5]
+    assert summary["A/r0.5"]["top1"]["mean"] == pytest.approx(89.7)
+    assert summary["E"]["ratio"] is None and summary["D/r0.5"]["busy"] is True
+    rows = {row["other"] if row["goal"].startswith("A >=") else row["arm"]: row for row in bench.goals(doc["results"])}
+    # A - E per seed: -0.1 and -0.7, mean -0.4 < -0.3: not met.
+    assert rows["E"]["diff"]["values"] == pytest.approx([-0.1, -0.7])
+    assert rows["E"]["met"] is False and rows["E"]["met_every_seed"] is False
+    # A - D: +0.9 and +0.2, mean +0.55 >= 0.5 but not on every seed.
+    assert rows["D"]["met"] is True and rows["D"]["met_every_seed"] is False
+    # A - B: 0.0 and -0.1.
+    assert rows["B"]["diff"]["mean"] == pytest.approx(-0.05) and rows["B"]["met"] is False
+    # F - A: +0.3 and +0.4.
+    assert rows["F"]["diff"]["values"] == pytest.approx([0.3, 0.4]) and rows["F"]["met"] is True
+
+
+def test_render_markdown_from_fake_json() -> None:
+    doc = json.loads(json.dumps(fake_doc()))  # what the renderer reads back from the file
+    text = bench.render_markdown(doc)
+    assert "### Ratio 0.5" in text and "### Ratio 0.8" in text
+    assert "| A | fxprune default" in text and "89.70 ± 0.20" in text
+    assert "(busy)" in text  # D's seed-1 latency was flagged
+    assert "pruning_ratio=0.7900 was used instead" in text
+    assert "Test CPU" in text and "python benchmarks/accuracy.py" in text and "30.0 min" in text
+    assert "a fixed subset of 30000 of the 60000 training images" in text
+    assert "-0.40 pt (per seed -0.10, -0.70)" in text
+    assert "Sized to fit." in text and "Pruning holds up." in text
+    # Incomplete runs render too (an arm missing for a seed, no conclusion yet).
+    del doc["results"]["seed1/D/r0.5"]
+    del doc["conclusion"]
+    partial = bench.render_markdown(doc)
+    assert "Not written yet" in partial and "| D |" in partial
+    assert bench.render_markdown({}).startswith("# Accuracy")
+
+
+def test_results_of_other_settings_are_never_mixed(tmp_path: Path) -> None:
+    bench.check_settings({"settings": SETTINGS}, dict(SETTINGS), tmp_path / "a.json")
+    bench.check_settings({}, dict(SETTINGS), tmp_path / "a.json")
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.check_settings({"settings": SETTINGS}, dict(SETTINGS, epochs=5), tmp_path / "a.json")
+    args = argparse.Namespace(epochs=3, baseline_epochs=2, batch_size=256, limit=30000, eval_limit=None)
+    assert bench.settings_of(args) == SETTINGS
+
+
+def test_render_only_writes_the_table_atomically(tmp_path: Path) -> None:
+    out, table = tmp_path / "acc.json", tmp_path / "ACC.md"
+    out.write_text(json.dumps(fake_doc()), encoding="utf-8")
+    assert bench.main(["--render-only", "--out", str(out), "--table", str(table)]) == 0
+    assert table.read_text(encoding="utf-8").startswith("# Accuracy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ACC.md", "acc.json"]  # no temporary left
+
+
+def test_reinitialise_gives_fresh_weights_of_the_pruned_shapes() -> None:
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    model[1].running_mean.fill_(3.0)
+    bench.reinitialise(model, 0)
+    assert not torch.all(model[0].weight == 0.5) and not torch.all(model[3].weight == 0.5)
+    assert torch.all(model[1].weight == 1) and torch.all(model[1].bias == 0)
+    assert torch.all(model[1].running_mean == 0)
+    other = bench.reinitialise(nn.Sequential(nn.Conv2d(1, 4, 3)), 0)
+    assert torch.equal(other[0].weight, model[0].weight)  # seeded
+    assert bench.same_weights(model, model) and not bench.same_weights(model, other)

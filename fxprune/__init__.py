@@ -12,8 +12,7 @@ no torch, so the ``fxprune`` command starts in a fraction of a second.
 from typing import TYPE_CHECKING
 
 from .lazy import install
-
-__version__ = "0.1.0"
+from .version import __version__
 
 # Submodule -> the names it exports, in import order (the order the eager imports had).
 _EXPORTS = {

@@ -48,12 +48,9 @@ class GroupList(List[Group]):
 
 @contextlib.contextmanager
 def few_threads() -> Iterator[None]:
-    """Run the pass on one intra-op thread.
-
-    The pass is hundreds of small, memory-bound kernels (norms, index_select). Measured on a
-    2-core machine, fanning each out to a thread pool made the whole pass 2-5x slower; the
-    user's thread setting is restored afterwards.
-    """
+    """Run the pass on one intra-op thread; the user's thread setting is restored afterwards."""
+    # Why: the pass is hundreds of small, memory-bound kernels (norms, index_select); on a
+    # 2-core machine, fanning each out to a thread pool made the whole pass several times slower.
     before = torch.get_num_threads()
     if before > 1:
         torch.set_num_threads(1)

@@ -99,6 +99,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from .version import __version__
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .modelspec import ModelSpec, ModelSpecError
 from .plan import PLAN_VERSION, GroupPlan, PruningPlan
@@ -400,7 +401,7 @@ def _validate_meta(meta: Any, path: Path) -> Dict[str, Any]:
     _want_int(path, "format_version", version, 1)
     if version > FORMAT_VERSION:
         raise ArtifactError(f"{path.parent} uses artifact format version {version!r}; this fxprune "
-                            f"({_fxprune_version()}) reads up to {FORMAT_VERSION}. Hint: upgrade fxprune")
+                            f"({__version__}) reads up to {FORMAT_VERSION}. Hint: upgrade fxprune")
     for key in ("created", "fxprune_version", "torch_version", "python_version"):
         if key in meta:
             _want_str(path, key, meta[key])
@@ -986,7 +987,7 @@ def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, Non
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "fxprune_version": _fxprune_version(),
+        "fxprune_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "source": source,
@@ -1037,12 +1038,6 @@ def save(pruned: nn.Module, path: PathLike, *, plan: Union[PruningPlan, str, Non
     finally:
         _ACTIVE.discard(str(tmp))
     return Path(path)
-
-
-def _fxprune_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 # =========================================================================== load

@@ -18,6 +18,8 @@ import traceback
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
+from .version import __version__
+
 __all__ = ["main", "build_parser", "compare_models"]
 
 PRUNE_EXAMPLES = """\
@@ -210,8 +212,6 @@ def _cmd_groups(args: argparse.Namespace) -> int:
 def _version() -> str:
     """``fxprune X (torch Y, torchvision Z, Python W)``, read from metadata: no torch import."""
     from importlib import metadata
-
-    from . import __version__
 
     def installed(name: str) -> str:
         try:

@@ -213,12 +213,13 @@ class _NormCache:
     """Per-position p-norms**p of each layer's weight, both roles from one read of it.
 
     A plain conv or Linear appears in two groups (its outputs in one, its inputs in
-    another). Scoring each role with its own strided reduction read every weight twice and
-    reduced the input role across dims 0, 2, 3, which is slow; measured on resnet152 (60 M
-    weights, one thread) that was 0.17-0.20 s. Here ``|w|**p`` goes once into a reused
-    scratch buffer (no fresh pages per layer), rows are summed for the outputs and one
-    matrix-vector product sums columns for the inputs: 0.03 s.
+    another). ``|w|**p`` goes once into a reused scratch buffer (no fresh pages per layer),
+    rows are summed for the outputs and one matrix-vector product sums columns for the inputs.
     """
+
+    # Why: scoring each role with its own strided reduction read every weight twice and reduced
+    # the input role across dims 0, 2, 3; on resnet152 (60 M weights, one thread) this class is
+    # several times faster (benchmarks/bench_pass_time.py measures the pass).
 
     def __init__(self) -> None:
         # Keyed by module identity; the module is kept alive with its entry so ids cannot be reused.

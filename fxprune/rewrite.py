@@ -52,11 +52,9 @@ def _sliced(t: Optional[torch.Tensor], dim: int, idx: Indices) -> Optional[torch
 
 
 def _sliced2(t: torch.Tensor, rows: Indices, cols: Indices) -> torch.Tensor:
-    """Keep ``rows`` on dim 0 and ``cols`` on dim 1.
-
-    Two ``index_select`` calls, not one advanced-indexing gather: measured on resnet152's
-    convs (one thread) the gather took 70 ms and the pair 31-41 ms, the extra copy included.
-    """
+    """Keep ``rows`` on dim 0 and ``cols`` on dim 1 (two ``index_select`` calls)."""
+    # Why not one advanced-indexing gather: on resnet152's convs (one thread) the gather took
+    # about twice as long as the pair, the extra copy included.
     t = t.detach()
     if rows is None or cols is None:
         return _sliced(t, 0, rows) if cols is None else _sliced(t, 1, cols)

@@ -86,10 +86,13 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out.startswith(f"fxprune {fxprune.__version__} (torch ")
     assert "torchvision " in out and "Python " in out
-    # One source of truth: pyproject reads the version from fxprune.__version__.
+    # One source of truth: pyproject reads the version from fxprune/version.py, which the
+    # package re-exports (modules that record the version import it from there, not the package).
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fxprune.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fxprune.version.__version__"}
+    from fxprune.version import __version__
+    assert fxprune.__version__ == __version__
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ DEFAULT_RATIO = 0.5
 #: that building the parser imports no torch. tests/test_packaging.py checks every entry
 #: against ``RunConfig()``; a new option whose default is missing here fails at parser build.
 RUN_DEFAULTS: Mapping[str, Any] = {
+    "control": True,
     "model": "resnet18", "data": "fashion-mnist", "importance": "l1", "epochs": 5, "lr": 0.1,
     "baseline_epochs": 3, "baseline_lr": 0.1, "batch_size": 256, "optimizer": "sgd",
     "weight_decay": 5e-4, "label_smoothing": 0.1, "seed": 0, "device": "auto", "amp": "auto",
@@ -316,6 +317,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                       help="random horizontal flips while training (worth it for longer schedules)")
     tune.add_argument("--distill", action="store_true",
                       help="fine-tune with knowledge distillation from the unpruned model")
+    tune.add_argument("--control", dest="control", action="store_true", default=defaults.control,
+                      help="train the equal-training control (default: %(default)s; see --no-control)")
     tune.add_argument("--no-control", dest="control", action="store_false",
                       help="skip the equal-training control: the unpruned baseline fine-tuned with the pruned "
                            "model's recipe (same --epochs, --lr schedule, --seed, --augment, --distill), whose "

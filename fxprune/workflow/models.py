@@ -283,9 +283,9 @@ def adapt_stem(model: nn.Module) -> nn.Module:
     The 7x7 stride-2 ``conv1`` becomes a 3x3 stride-2 convolution (a 7x7 kernel spans a
     quarter of a 28x28 image); the stride-2 max-pool stays. On 28x28 inputs the residual
     stages then run at 7, 4, 2 and 1 pixels: 32.5 MMACs per image, which is what lets the
-    default pipeline train a real baseline in minutes on a 2-core CPU. Measured on the 2-core
-    EPYC this project targets, a stride-1 stem (stages at 14 pixels, 122 MMACs) trained about
-    2.6x slower per epoch, for accuracy the 88% target does not need. Models without a ResNet
+    default pipeline train a real baseline in minutes on a 2-core CPU (a stride-1 stem would
+    put the stages at 14 pixels, 122 MMACs: several times the training time, for accuracy the
+    default job does not need). Models without a ResNet
     stem (``conv1``, ``maxpool``, ``layer1``) are left unchanged. The swap itself is
     :func:`fxprune.modelspec.adapt_small_image_stem`, so an artifact's spec rebuilds it.
     """

@@ -51,7 +51,7 @@ def main() -> None:
 
     # In eval mode the Detect head returns its P3-P5 input maps beside the boxes, and fxprune
     # never changes a model output's width. Its export flag makes it return the boxes only, so
-    # the neck is pruned too (3.16 M -> 1.14 M instead of 1.35 M for yolov8n); --keep-neck skips that.
+    # the last neck layers are pruned too (yolov8n at 64 px: 3.16 M -> 0.83 M instead of 1.02 M); --keep-neck skips that.
     head = model.model[-1]
     head.export = not args.keep_neck
     with warnings.catch_warnings():

@@ -1269,7 +1269,10 @@ def _replay(original: nn.Module, plan: PruningPlan, meta: Mapping[str, Any], fol
             # hold the warnings back until the replay has succeeded.
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FxPruneWarning)
-                rebuilt = apply(original, plan, example_inputs=attempt)
+                # A freshly built model is in train mode; fxprune traces in eval mode whatever
+                # the mode, and would warn about that to a user who never chose it. The mode
+                # the artifact was saved in is restored after the weights are loaded.
+                rebuilt = apply(original.eval(), plan, example_inputs=attempt)
             for w in caught:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             return rebuilt

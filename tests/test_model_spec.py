@@ -142,6 +142,24 @@ def test_load_without_model_rebuilds_a_timm_model(tmp_path: Path) -> None:
     assert torch.equal(loaded(xs), pruned(xs))
 
 
+def test_loading_a_model_whose_graph_depends_on_its_mode_says_nothing(tmp_path: Path) -> None:
+    # timm's BatchNormAct2d reads self.training in Python; the freshly built architecture the
+    # plan is replayed on is in train mode, which the user never chose: no warning about it.
+    pytest.importorskip("timm")
+    spec = ModelSpec("timm:mobilenetv3_small_050", {"num_classes": 10, "in_chans": 1})
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    x = torch.randn(1, 1, 32, 32)
+    pruned, plan = _prune(model, x)
+    path = _save(tmp_path, {"pruned": pruned, "plan": plan, "x": x}, spec=spec, source="timm:mobilenetv3_small_050")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = fxprune.load(path)
+    assert [str(w.message) for w in caught if issubclass(w.category, fxprune.FxPruneWarning)] == []
+    xs = torch.randn(2, 1, 32, 32)
+    assert torch.equal(loaded.eval()(xs), pruned.eval()(xs))
+
+
 # ------------------------------------------------------------------------------------------ malicious specs
 
 

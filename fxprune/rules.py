@@ -541,7 +541,8 @@ def _broadcast(ctx: RuleContext, node: torch.fx.Node, operands: Sequence[Any]) -
 
 @register_rule(
     operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+    operator.truediv, operator.itruediv, operator.pow, operator.ipow, operator.floordiv, operator.ifloordiv,
+    operator.mod, operator.imod, torch.add, torch.sub, torch.mul, torch.div,
     torch.maximum, torch.minimum, torch.fmax, torch.fmin,
     operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne,
     torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne,

@@ -108,6 +108,17 @@ def test_named_unary_ops_are_proven(name: str) -> None:
     assert pruned.get_submodule("a").out_channels == 4
 
 
+@pytest.mark.parametrize("name", ["square", "cube_of_relu", "scalar_base", "floordiv", "mod"])
+def test_python_operators_are_element_wise(name: str) -> None:
+    # x ** 2 spelled with Python operators (timm's StarReLU: s * relu(x) ** 2 + b) is
+    # _operator.pow in the graph, not torch.pow.
+    fn = {"square": lambda u: u ** 2, "cube_of_relu": lambda u: 0.8 * F.relu(u - 0.6) ** 3 + 0.1,
+          "scalar_base": lambda u: 2.0 ** u, "floordiv": lambda u: (u * 8) // 1.5,
+          "mod": lambda u: (u * 8) % 1.5}[name]
+    _, pruned, _ = _prove(_Between(fn))
+    assert pruned.get_submodule("a").out_channels == 4
+
+
 @pytest.mark.slow
 def test_every_runnable_unary_pointwise_op_is_proven() -> None:
     proven = []

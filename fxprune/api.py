@@ -26,7 +26,7 @@ from .latency_model import LatencyOptions, LatencyTarget, plan_for_latency
 from .plan import GroupPlan, PruningPlan, make_plan
 from .rewrite import rewrite
 from .export import is_lifted
-from .trace import as_graph_module, propagate_shapes, trace
+from .trace import as_graph_module, cast_model, propagate_shapes, trace
 
 __all__ = ["prune", "plan", "apply", "find_groups", "analyze_model", "GroupList", "keep_class"]
 
@@ -267,8 +267,6 @@ def _numerical_mismatch(copy_: nn.Module, pruned: torch.fx.GraphModule, example_
     the proof, e.g. Ultralytics' anchors) on several random inputs shaped like
     ``example_inputs``; every output tensor must agree, and the outputs must have the same structure.
     """
-    from .testing import cast_model  # the proof's own float64 cast (graph constants too); lazy: testing imports api
-
     try:
         mine, want = copy.deepcopy((copy_, pruned))
         cast_model(mine, torch.float64).eval()

@@ -30,7 +30,7 @@ from .groups import TensorSlot
 from .plan import PruningPlan, resolve
 from .rewrite import slot_indices
 from .rules import role_tensors
-from .trace import as_graph_module
+from .trace import as_graph_module, cast_model, cast_value
 
 __all__ = ["masked_reference", "assert_equivalent", "register_mask", "randomize_norms", "randomize_constants",
            "constant_tensors", "cast_model", "VacuousProofError", "Mask"]
@@ -193,76 +193,6 @@ def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Option
 
 # ------------------------------------------------------------------------------- dtype casts
 
-# nn.Module's own bookkeeping: parameters and buffers (Module.to casts them) and submodules.
-_MODULE_SLOTS = frozenset({"_parameters", "_buffers", "_modules"})
-
-
-def _cast_value(value: Any, dtype: torch.dtype) -> Any:
-    """``value`` with every floating tensor in it (in tuples, lists, dicts) cast to ``dtype``."""
-    if isinstance(value, torch.dtype):
-        # A graph's own dtype requests (x.to(torch.float32), arange(..., dtype=torch.float32)).
-        return dtype if value.is_floating_point and dtype.is_floating_point else value
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and value.dtype != dtype and not isinstance(value, nn.Parameter):
-            return value.to(dtype)
-        return value
-    if isinstance(value, list):
-        cast = [_cast_value(v, dtype) for v in value]
-        return value if all(a is b for a, b in zip(cast, value)) else cast
-    if type(value) is tuple:
-        cast_t = tuple(_cast_value(v, dtype) for v in value)
-        return value if all(a is b for a, b in zip(cast_t, value)) else cast_t
-    if isinstance(value, dict):
-        cast_d = {k: _cast_value(v, dtype) for k, v in value.items()}
-        return value if all(cast_d[k] is v for k, v in value.items()) else cast_d
-    return value
-
-
-_DTYPE_METHODS = {"half": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32, "double": torch.float64}
-
-
-def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model.to(dtype)``, plus every floating tensor constant and dtype request it holds, in place.
-
-    ``Module.to`` casts parameters and buffers only; a graph can also keep tensor constants as
-    plain attributes read by ``get_attr`` (export's lifted constants), modules cache tensors in
-    dict attributes, a hand-built graph can hold tensors as node arguments, and a graph can ask
-    for float32 itself (RAFT's ``coords.float()``, export's ``dtype=torch.float32``
-    arguments). Left alone, any of them makes a float64 run fail ("expected scalar type
-    Double but found Float"); so floating tensor attributes, floating tensors and floating
-    ``torch.dtype`` values in node arguments, and ``x.float()``-style calls all follow ``dtype``.
-    Code inside leaf modules is not rewritten.
-    """
-    model.to(dtype)
-    for module in model.modules():
-        for attr, value in list(vars(module).items()):
-            if attr in _MODULE_SLOTS:
-                continue
-            cast = _cast_value(value, dtype)
-            if cast is value:
-                continue
-            if isinstance(value, dict):
-                value.update(cast)  # in place: other code may hold the same dict (a cache)
-            elif isinstance(value, list):
-                value[:] = cast
-            else:
-                setattr(module, attr, cast)
-        if isinstance(module, torch.fx.GraphModule):
-            changed = False
-            for node in module.graph.nodes:
-                if node.op == "call_method" and node.target in _DTYPE_METHODS and dtype.is_floating_point \
-                        and _DTYPE_METHODS[str(node.target)] != dtype and node.args:
-                    node.target, node.args = "to", (node.args[0], dtype)  # x.float() -> x.to(dtype)
-                    changed = True
-                args, kwargs = _cast_value(node.args, dtype), _cast_value(node.kwargs, dtype)
-                if args is not node.args or kwargs is not node.kwargs:
-                    node.args, node.kwargs = tuple(args), dict(kwargs)
-                    changed = True
-            if changed:
-                module.recompile()
-    return model
-
-
 # ------------------------------------------------------------------------------ the proof
 
 
@@ -336,7 +266,7 @@ def _run(models: Sequence[nn.Module], inputs: Sequence[Any], dtype: Optional[tor
     if dtype is not None:
         # In place: Module.to releases each float32 tensor as it converts it.
         models = [cast_model(m, dtype) for m in models]
-        inputs = [_cast_value(x, dtype) for x in inputs]
+        inputs = [cast_value(x, dtype) for x in inputs]
     # set_default_dtype takes float32/float64 only.
     with torch.no_grad(), _default_dtype(dtype if dtype in (torch.float32, torch.float64) else None):
         return [m(*inputs) for m in models]

@@ -24,12 +24,14 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
+import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata  # ShapeProp's own tensor_meta format
 
 from .errors import FxPruneError, FxPruneWarning, describe_node
 
 __all__ = ["trace", "as_graph_module", "export_graph", "UntraceableError", "copy_graph_module", "propagate_shapes", "node_shape", "stale_proxies",
-           "check_graph", "MutableArgsInterpreter", "ShapeRecorder", "ShapePropagationError", "mutable_copy"]
+           "check_graph", "MutableArgsInterpreter", "ShapeRecorder", "ShapePropagationError", "mutable_copy",
+           "cast_model", "cast_value"]
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -551,3 +553,78 @@ def node_shape(node: torch.fx.Node) -> Optional[torch.Size]:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return shape if isinstance(shape, torch.Size) else None
+
+
+# ------------------------------------------------------------------------------ casting a model whole
+#
+# The float64 proof (fxprune.testing) and keep_class's numerical proof of lifted graphs (api)
+# both cast a model with every constant it holds; it lives here, below both.
+
+# nn.Module's own bookkeeping: parameters and buffers (Module.to casts them) and submodules.
+_CAST_BY_MODULE_TO = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def cast_value(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor in it (in tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(value, torch.dtype):
+        # A graph's own dtype requests (x.to(torch.float32), arange(..., dtype=torch.float32)).
+        return dtype if value.is_floating_point and dtype.is_floating_point else value
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.dtype != dtype and not isinstance(value, nn.Parameter):
+            return value.to(dtype)
+        return value
+    if isinstance(value, list):
+        cast = [cast_value(v, dtype) for v in value]
+        return value if all(a is b for a, b in zip(cast, value)) else cast
+    if type(value) is tuple:
+        cast_t = tuple(cast_value(v, dtype) for v in value)
+        return value if all(a is b for a, b in zip(cast_t, value)) else cast_t
+    if isinstance(value, dict):
+        cast_d = {k: cast_value(v, dtype) for k, v in value.items()}
+        return value if all(cast_d[k] is v for k, v in value.items()) else cast_d
+    return value
+
+
+_DTYPE_METHODS = {"half": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32, "double": torch.float64}
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``, plus every floating tensor constant and dtype request it holds, in place.
+
+    ``Module.to`` casts parameters and buffers only; a graph can also keep tensor constants as
+    plain attributes read by ``get_attr`` (export's lifted constants), modules cache tensors in
+    dict attributes, a hand-built graph can hold tensors as node arguments, and a graph can ask
+    for float32 itself (RAFT's ``coords.float()``, export's ``dtype=torch.float32``
+    arguments). Left alone, any of them makes a float64 run fail ("expected scalar type
+    Double but found Float"); so floating tensor attributes, floating tensors and floating
+    ``torch.dtype`` values in node arguments, and ``x.float()``-style calls all follow ``dtype``.
+    Code inside leaf modules is not rewritten.
+    """
+    model.to(dtype)
+    for module in model.modules():
+        for attr, value in list(vars(module).items()):
+            if attr in _CAST_BY_MODULE_TO:
+                continue
+            cast = cast_value(value, dtype)
+            if cast is value:
+                continue
+            if isinstance(value, dict):
+                value.update(cast)  # in place: other code may hold the same dict (a cache)
+            elif isinstance(value, list):
+                value[:] = cast
+            else:
+                setattr(module, attr, cast)
+        if isinstance(module, torch.fx.GraphModule):
+            changed = False
+            for node in module.graph.nodes:
+                if node.op == "call_method" and node.target in _DTYPE_METHODS and dtype.is_floating_point \
+                        and _DTYPE_METHODS[str(node.target)] != dtype and node.args:
+                    node.target, node.args = "to", (node.args[0], dtype)  # x.float() -> x.to(dtype)
+                    changed = True
+                args, kwargs = cast_value(node.args, dtype), cast_value(node.kwargs, dtype)
+                if args is not node.args or kwargs is not node.kwargs:
+                    node.args, node.kwargs = tuple(args), dict(kwargs)
+                    changed = True
+            if changed:
+                module.recompile()
+    return model

@@ -436,3 +436,100 @@ def test_search_jumps_a_wide_stretch_of_rising_cost() -> None:
     found = search_counts(model, analysis.groups, scores, policy, 0.5 * model.predict({}), lookahead=1)
     assert found.reached and any(found.counts[g.index] < g.size for g in analysis.groups if g.prunable)
     assert search_counts(model, analysis.groups, scores, policy, 0.5 * model.predict({}), lookahead=1).counts == found.counts
+
+
+# --------------------------------------------------------------------------- overshoot: giving capacity back
+
+
+class Chain(nn.Module):
+    """Three convolutions whose groups prune one channel at a time (fine steps, unlike Net's blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 64, 3, padding=1)
+        self.b = nn.Conv2d(64, 64, 3, padding=1)
+        self.c = nn.Conv2d(64, 64, 3, padding=1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.b(x))
+        x = torch.relu(self.c(x))
+        return self.head(x.mean((2, 3)))
+
+
+def result_of(ms: Dict[str, float]) -> LatencyResult:
+    """A LatencyResult with these medians (the first name the reference)."""
+    names = list(ms)
+    stats = {n: ModelLatency(n, v, 0.0, v, v, 5, 1, [v] * 5) for n, v in ms.items()}
+    ratio = {n: ms[names[0]] / ms[n] for n in names[1:]}
+    speedups = {n: Speedup(n, names[0], r, r, r, r, 5) for n, r in ratio.items()}
+    return LatencyResult(stats, speedups, names[0], "eager", "cpu", "synthetic", 1, torch.__version__, "float32",
+                         False, [list(X.shape)], 5, 1, "synthetic", False, 0.1)
+
+
+def convex_measure(power: float = 2.0, fixed_ms: float = 0.1):
+    """Pruned models run faster than their MACs say (ms ~ MACs**power): the search's first model overshoots."""
+    base = count_macs(Chain().eval(), (X,))
+
+    def measure(models: Dict[str, nn.Module]) -> LatencyResult:
+        return result_of({n: fixed_ms + count_macs(m, (X,)) / 1e6 * (count_macs(m, (X,)) / base) ** (power - 1)
+                          for n, m in models.items()})
+
+    return measure
+
+
+def test_overshoot_gives_capacity_back_and_keeps_the_met_model_with_most_macs() -> None:
+    no_give_back = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                                 latency_options=options(measure=convex_measure(), give_back=0))
+    first = no_give_back.meta["fxprune_plan"].policy["latency"]
+    assert first["fraction"] < 0.3 and len(first["tries"]) == 1  # the overshoot: 0.25 measured for 0.5 asked
+
+    pruned = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                           latency_options=options(measure=convex_measure()))
+    record = pruned.meta["fxprune_plan"].policy["latency"]
+    tries = record["tries"]
+    assert [t["phase"] for t in tries][0] == "search" and {t["phase"] for t in tries[1:]} == {"give back"}
+    assert 1 < len(tries) <= 1 + LatencyOptions().give_back and record["give_back_tries"] == len(tries) - 1
+    assert any(not t["met"] for t in tries[1:])  # the bracketing overshot once upwards ...
+    chosen = tries[record["chosen_try"] - 1]
+    assert chosen["met"] and chosen["phase"] == "give back"  # ... and the model returned is a met one
+    assert record["fraction"] <= 0.5 and record["fraction"] > first["fraction"]
+    assert record["macs_fraction"] == max(t["macs_fraction"] for t in tries if t["met"]) > first["macs_fraction"]
+    assert count_macs(pruned, (X,)) / count_macs(Chain().eval(), (X,)) == pytest.approx(record["macs_fraction"])
+    again = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                          latency_options=options(measure=convex_measure()))
+    assert again.meta["fxprune_plan"].counts() == pruned.meta["fxprune_plan"].counts()  # deterministic
+
+
+def test_no_give_back_when_the_target_is_nearly_used() -> None:
+    # ms proportional to MACs: the first model measures just under the target, nothing to give back.
+    pruned = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                           latency_options=options(measure=convex_measure(power=1.0, fixed_ms=0.0)))
+    record = pruned.meta["fxprune_plan"].policy["latency"]
+    assert record["give_back_tries"] == 0 and len(record["tries"]) == 1 and record["fraction"] > 0.45
+
+
+def test_ms_target_returns_the_met_try_even_when_a_missed_one_had_a_smaller_fraction() -> None:
+    # The original measures 20 ms in the first pair and 10 ms in the second (load): try 1 is the
+    # smaller fraction (0.3) but misses 5 ms; try 2 (0.45 of the original) is 4.5 ms and meets it.
+    script = iter([{"original": 10.0}, {"original": 20.0, "pruned": 6.0}, {"original": 10.0, "pruned": 4.5}])
+
+    def measure(models: Dict[str, nn.Module]) -> LatencyResult:
+        ms = next(script)
+        assert list(ms) == list(models)
+        return result_of(ms)
+
+    pruned = fxprune.prune(Chain().eval(), target_latency_ms=5.0, example_inputs=(X,),
+                           latency_options=options(measure=measure, give_back=0))
+    record = pruned.meta["fxprune_plan"].policy["latency"]
+    assert [t["met"] for t in record["tries"]] == [False, True]
+    assert record["chosen_try"] == 2 and record["after_ms"] == 4.5 and record["fraction"] == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("changes, message", [({"give_back": -1}, "give_back must be an integer >= 0"),
+                                              ({"overshoot": 0.0}, r"overshoot must be a fraction in \(0, 1\)"),
+                                              ({"overshoot": True}, "overshoot must be")])
+def test_give_back_options_are_validated(changes: Dict[str, Any], message: str) -> None:
+    with pytest.raises(FxPruneError, match=message):
+        options(**changes).validated()

@@ -327,8 +327,10 @@ def test_report_shows_predicted_and_measured_latency_and_the_realised_fraction()
     assert summary is not None and summary["tries"] and summary["fraction"] <= 0.5
     report = {"pruned": {"latency_target": summary}, "reduction": {"macs_x": 2.0 * summary["speedup"]}}
     text = "\n".join(latency_target_lines(report))
-    assert "## Latency target" in text and "| try | predicted (ms)" in text
+    assert "## Latency target" in text and "| try | phase | predicted (ms)" in text
     assert "realised fraction (speed-up / MACs reduction) 0.50" in text
+    assert "| predicted by the search |" in text and "| measured in the search (try 1) |" in text
+    assert "| re-measured for this report | - | - | - | - | not measured at the target's setting |" in text
     assert latency_target_lines({"pruned": {}}) == []
     assert latency_target_summary(nn.Linear(2, 2)) is None
 
@@ -533,3 +535,86 @@ def test_ms_target_returns_the_met_try_even_when_a_missed_one_had_a_smaller_frac
 def test_give_back_options_are_validated(changes: Dict[str, Any], message: str) -> None:
     with pytest.raises(FxPruneError, match=message):
         options(**changes).validated()
+
+
+def _target_report(speedup: float, pruned_ms: float) -> Dict[str, Any]:
+    """report.json as a run writes it after a latency-target prune re-measured at ``cpu/eager/b1``."""
+    from fxprune.workflow.report import latency_target_summary
+
+    pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
+    summary = latency_target_summary(pruned)
+    assert summary is not None
+    summary["report_key"] = "cpu/eager/b1"
+    key = "cpu/eager/b1"
+    return {"baseline": {"latency_ms": {key: pruned_ms * speedup}}, "reduction": {"macs_x": 3.0},
+            "pruned": {"latency_target": summary, "latency_ms": {key: pruned_ms}},
+            "latency": {"settings": {key: {"speedup": speedup}}}}
+
+
+def test_report_re_measures_the_target_per_stage_and_says_when_it_held() -> None:
+    from fxprune.workflow.report import latency_target_lines, latency_target_recheck, latency_target_warnings
+
+    report = _target_report(speedup=2.5, pruned_ms=4.0)
+    assert latency_target_recheck(report) == {"key": "cpu/eager/b1", "fraction": 0.4, "ms": 4.0, "held": True}
+    text = "\n".join(latency_target_lines(report))
+    # stage rows: prediction, the search's measurement, the report's re-measurement (realised 2.5 / 3 = 0.83)
+    assert "| re-measured for this report (`cpu/eager/b1`, after fine-tuning) | 4.000 | 0.400 | 0.333 | 0.83 | yes |" in text
+    assert latency_target_warnings(report) == []
+
+
+def test_report_warns_loudly_when_the_target_did_not_hold_at_the_re_measurement() -> None:
+    from fxprune.workflow.report import latency_target_lines, latency_target_warnings
+
+    report = _target_report(speedup=1.6, pruned_ms=4.0)  # 0.625 of the baseline: over 0.5
+    warning = "\n".join(latency_target_warnings(report))
+    assert "WARNING: the latency target (target_latency=0.5) did NOT hold" in warning and "0.625" in warning
+    assert "| 4.000 | 0.625 | 0.333 | 0.53 | NO |" in "\n".join(latency_target_lines(report))
+    slower = _target_report(speedup=0.8, pruned_ms=4.0)
+    assert "did NOT hold" in "\n".join(latency_target_warnings(slower))
+
+
+def test_report_rechecks_a_millisecond_target_by_the_pruned_median() -> None:
+    from fxprune.workflow.report import latency_target_recheck
+
+    report = _target_report(speedup=2.0, pruned_ms=4.0)
+    target = report["pruned"]["latency_target"]
+    target.update(target_fraction=None, target_ms=3.5, target="target_latency_ms=3.5")
+    assert latency_target_recheck(report)["held"] is False
+    target["target_ms"] = 4.5
+    assert latency_target_recheck(report)["held"] is True
+
+
+def test_run_re_measures_at_the_latency_batch_and_keys_it(monkeypatch) -> None:
+    # measure_latency_pair times the target's batch too (here 8, besides 1 and 32), and the
+    # summary's report_key names that setting.
+    import importlib
+
+    from fxprune.workflow.evaluate import latency_target_key
+
+    run_module = importlib.import_module("fxprune.workflow.run")  # the package's ``run`` is the function
+
+    seen: Dict[str, Any] = {}
+
+    def fake_compare(baseline, pruned, sample, **kwargs):
+        seen.update(kwargs)
+        return {"baseline": {}, "pruned": {}, "latency": {"settings": {}}}
+
+    class Ctx:
+        is_main = True
+
+    class Session:
+        config = run_module.RunConfig(target_latency=0.5, latency_batch=8)
+        ctx = Ctx()
+        timings: Dict[str, float] = {}
+
+        class data:
+            test = None
+
+    monkeypatch.setattr(run_module, "compare_latency", fake_compare)
+    monkeypatch.setattr(run_module, "example_batch", lambda data, n: X)
+    monkeypatch.setattr(run_module, "barrier", lambda ctx: None)
+    run_module.measure_latency_pair(Session(), nn.Identity(), nn.Identity(), {"macs": 2}, {"macs": 1})
+    assert seen["batch_sizes"] == [1, 8, 32]
+    pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), batch_size=8,
+                           latency_options=options())
+    assert latency_target_key(pruned.meta["fxprune_plan"].policy["latency"]) == "cpu/eager/b8"

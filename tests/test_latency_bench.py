@@ -138,6 +138,8 @@ def test_fmnist_arm_targets_uniforms_measured_latency_with_the_same_recipe(tmp_p
     for name in ("seed", "epochs", "baseline_epochs", "limit", "model", "data", "lr", "control"):
         assert getattr(uniform, name) == getattr(latency, name), name  # two runs, one recipe
     assert (uniform.seed, uniform.epochs, uniform.control) == (3, 2, False)
+    uniform.validate()
+    latency.validate()  # both are configs the CLI would accept
     assert result["target"] == 0.4 and result["uniform"]["macs"] == pytest.approx(0.1)
     assert result["latency"]["macs"] == pytest.approx(0.16) and result["top1_gain"] == pytest.approx(0.7)
     assert result["remeasured"] == {"uniform": 0.4, "latency": 0.39}
@@ -217,3 +219,35 @@ def test_gpu_check_passes_valid_options_and_fits_in_8_minutes() -> None:
     main_job = shlex.split(next(cmd for name, _, cmd in steps if name == "main_job").replace('"$OUT', '"/tmp/out'))
     parsed = cli_args.build_parser().parse_args(main_job[main_job.index("fxprune") + 1:])
     assert parsed.target_latency == 0.5 and parsed.latency_device == "cuda"
+
+
+def test_remeasure_loads_both_saved_models_beside_the_unpruned_architecture(tmp_path: Path, monkeypatch) -> None:
+    # What bench_fmnist re-measures: the two runs' saved pruned models and the architecture rebuilt
+    # from pruned_model.json; the timing itself is a fake (nothing is timed).
+    import fxprune
+    from fxprune.workflow.models import build_model
+    from fxprune.workflow.report import save_pruned
+
+    build = {"name": "resnet18", "num_classes": 10, "in_channels": 1, "image_size": 28, "adapt": True}
+    x = torch.randn(1, 1, 28, 28)
+    for name, ratio in (("uniform", 0.7), ("latency", 0.4)):
+        torch.manual_seed(0)
+        save_pruned(fxprune.prune(build_model(**build).eval(), ratio, example_inputs=(x,)), tmp_path / name,
+                    example_inputs=x, build=build)
+    seen: Dict[str, Any] = {}
+
+    def fake_measure(models: Dict[str, nn.Module], **kwargs: Any) -> Any:
+        seen.update(kwargs, names=list(models), shapes=[m(x).shape for m in models.values()],
+                    params=[sum(p.numel() for p in m.parameters()) for m in models.values()])
+        speedups = {n: argparse.Namespace(median=s) for n, s in (("uniform", 2.5), ("latency", 2.0))}
+        return argparse.Namespace(speedups=speedups)
+
+    monkeypatch.setattr(bench, "measure_latency", fake_measure)
+    args = bench.parse_args(["--fmnist-batch", "32"])
+    fractions = bench.remeasure_saved(args)(tmp_path / "uniform", tmp_path / "latency")
+    assert fractions == {"uniform": 0.4, "latency": 0.5}
+    assert seen["names"] == ["original", "uniform", "latency"] and seen["batch_size"] == 32
+    assert seen["threads"] == 1 and seen["device"] == "cpu" and seen["mode"] == "eager"
+    assert all(shape == (1, 10) for shape in seen["shapes"])
+    assert seen["params"][0] > seen["params"][2] > seen["params"][1]  # unpruned > ratio 0.4 > ratio 0.7
+    assert seen["example_inputs"][0].shape == (1, 1, 28, 28)

@@ -1,8 +1,8 @@
-"""Latency-target pruning vs uniform ratio pruning at the same measured latency (issue 13's acceptance).
+"""Latency-target pruning vs uniform ratio pruning at the same measured latency: the acceptance run.
 
-One command runs every acceptance measurement of issue 13 and writes ``benchmarks/LATENCY.md``
-(``--md``) and ``benchmarks/latency_target.json`` (``--json``) with the machine, date and load
-average before and after:
+One command runs every acceptance measurement of latency-target pruning and writes
+``benchmarks/LATENCY.md`` (``--md``) and ``benchmarks/latency_target.json`` (``--json``) with
+the machine, date and load average before and after:
 
 1. **resnet18 and resnet50** at 224x224 (random weights, L1 importance, CPU eager by default,
    1 thread), batch 1 and 32: ``fxprune.prune(target_latency=t)`` for t = 0.5 and 0.3, and a

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One short GPU check for issue 13 (about 8 minutes in all): the CUDA-marked tests, the latency-target
-# benchmark on cuda (float16, channels_last: how a GPU deployment runs), and a shortened main job with a
-# latency target measured on the GPU. Writes OUT/GPU_CHECK.md (card, date, commit, each step's status
+# One short GPU check of latency-aware pruning (8 minutes at most): the CUDA-marked tests, the
+# latency-target benchmark on cuda (float16, channels_last: how a GPU deployment runs), and a
+# shortened main job with a latency target measured on the GPU. Writes OUT/GPU_CHECK.md (card, date, commit, each step's status
 # and time) and each step's log next to it.
 #
 #   bash benchmarks/gpu_check.sh [OUT]        # OUT defaults to benchmarks/gpu_check
@@ -25,7 +25,7 @@ if [ -z "$card" ]; then
     exit 2
 fi
 {
-    echo "# GPU check (issue 13: latency-aware pruning)"
+    echo "# GPU check (latency-aware pruning)"
     echo
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- Card: $card"

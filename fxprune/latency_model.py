@@ -994,7 +994,8 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
             record["unreachable_predicted"] = floor_note
         found = refine_counts(model, prunable, policy, found)
         entry = verify(found, predict_goal, "search")
-        assert entry is not None
+        if entry is None:
+            raise InternalError("a search try was not measured")
         if entry["met"]:
             break
         # Missed. First choice: refit the whole-model correction on this measurement (on the

@@ -37,7 +37,10 @@ latency target is met by *measuring* on the device the model will run on:
    interleaved (:func:`fxprune.measure_latency`); if it misses the target, the whole-model
    correction is refitted on that measurement (:meth:`LatencyModel.correct`) and the search runs
    again from the goal, or, where that one-point refit says the goal is out of reach, the goal
-   is lowered by the measured shortfall (backing off), a few tries at most. A
+   is lowered by the measured shortfall (backing off), a few tries at most. A met model that
+   leaves much of the target unused (measured 0.28 for 0.5) **gives capacity back**: a
+   bracketing search between the tried models (predicted vs measured) aims just under the
+   target; of the tries that meet the target, the one keeping the most MACs is returned. A
    target that cannot be met raises :class:`fxprune.FxPruneError` naming the best reached;
    a model slower than the original is never returned.
 
@@ -61,6 +64,7 @@ import torch.fx
 from torch import nn
 
 from .allocation import Policy, count_step, group_count, keep_count, normalise
+from .cost import count_macs
 from .errors import FxPruneError, InternalError
 from .groups import Analysis, Group, Slot
 from .importance import ScoringOptions, score_groups
@@ -149,7 +153,9 @@ class LatencyOptions:
     each layer probe. ``threads``: torch intra-op threads while timing (default 1 on CPU, the
     current count on CUDA). ``dtype``/``channels_last``: the deployment's precision and layout.
     ``grid``: the fractions of each layer dimension measured up front. ``max_tries``: built
-    models verified before giving up. ``store``: where cost tables are cached (default: a fresh
+    models verified before giving up. ``give_back``: further tries that give capacity back when
+    the met model leaves more than ``overshoot`` of the target's latency unused (0.1: measured
+    under 0.45 for a target of 0.5); 0 turns it off. ``store``: where cost tables are cached (default: a fresh
     :class:`MemoryStore`). ``prober``: replaces the kernel timer (tests inject a synthetic cost
     table). ``timer``: the clock of the whole-model measurements; ``measure``: replaces them
     altogether (``{name: model} -> LatencyResult``, the first the reference; tests use a
@@ -167,6 +173,8 @@ class LatencyOptions:
     channels_last: bool = False
     grid: Sequence[float] = GRID_FRACTIONS
     max_tries: int = 4
+    give_back: int = 3
+    overshoot: float = 0.1
     store: Optional["CostStore"] = None
     prober: Optional["Prober"] = None
     timer: Optional[Callable[[], float]] = None
@@ -178,6 +186,11 @@ class LatencyOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise FxPruneError(f"latency option {name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.give_back, bool) or not isinstance(self.give_back, int) or self.give_back < 0:
+            raise FxPruneError(f"latency option give_back must be an integer >= 0, got {self.give_back!r}")
+        if isinstance(self.overshoot, bool) or not isinstance(self.overshoot, (int, float)) \
+                or not 0.0 < float(self.overshoot) < 1.0:
+            raise FxPruneError(f"latency option overshoot must be a fraction in (0, 1), got {self.overshoot!r}")
         if not self.grid or any(not (isinstance(f, (int, float)) and 0 < f <= 1) for f in self.grid):
             raise FxPruneError(f"latency option grid must be fractions in (0, 1], got {list(self.grid)!r}")
         return self
@@ -922,8 +935,45 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         "tries": [],
     }
     tries: List[Dict[str, Any]] = record["tries"]
-    predict_goal = goal
+    tried: List[Dict[int, int]] = []  # each try's counts, beside ``tries`` (which go into the plan as plain data)
+    inputs = tuple(example_inputs)
+    base_macs = count_macs(original, inputs)
+    wanted = target.fraction if target.fraction is not None else target.ms
+    assert wanted is not None
     best: Optional[Dict[str, Any]] = None
+
+    def verify(found: SearchResult, predict_goal: float, phase: str, more_macs_than: Optional[float] = None
+               ) -> Optional[Dict[str, Any]]:
+        """Build ``found``, measure it interleaved with the original and record the try (its entry).
+
+        With ``more_macs_than``, a model keeping no more MACs than that is not measured (None):
+        giving capacity back only pays for a measurement when there is capacity to gain.
+        """
+        nonlocal best
+        pruned = build(found.counts)
+        macs = count_macs(pruned, inputs) / base_macs if base_macs else 1.0
+        if more_macs_than is not None and macs <= more_macs_than:
+            return None
+        tried.append(dict(found.counts))
+        pair = timed({"original": original, "pruned": pruned})
+        pruned_ms, original_ms, fraction = _measured_fraction(pair)
+        achieved = fraction if target.fraction is not None else pruned_ms
+        entry = {"try": len(tries) + 1, "phase": phase, "predicted_ms": found.predicted_ms,
+                 "predicted_fraction": found.predicted_ms / base_ms, "goal_ms": predict_goal,
+                 "measured_ms": pruned_ms, "original_ms": original_ms, "measured_fraction": fraction,
+                 "macs_fraction": macs, "busy": pair.busy, "met": bool(achieved <= wanted and fraction < 1.0)}
+        tries.append(entry)
+        say(f"latency: try {entry['try']} ({phase}): predicted {found.predicted_ms:.3f} ms, measured {pruned_ms:.3f} "
+            f"ms ({fraction:.3f} of the original {original_ms:.3f} ms; {target.describe()}; MACs kept {macs:.3f})")
+        # The best: of the tries that met the target, the one keeping the most MACs (capacity);
+        # while none has, the fastest (what the error names). A met try always beats a missed one.
+        if best is None or (entry["met"] and (not best["met"] or macs > best["macs_fraction"])) \
+                or (not entry["met"] and not best["met"] and fraction < best["measured_fraction"]):
+            best = {**entry, "achieved": achieved, "counts": dict(found.counts), "round_to": dict(found.round_to),
+                    "model": pruned, "measurement": pair}
+        return entry
+
+    predict_goal = goal
     for attempt in range(options.max_tries):
         found = search_counts(model, prunable, scores, policy, predict_goal)
         if not found.reached:
@@ -943,22 +993,9 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
             # so the most-pruned model is built and measured before giving up.
             record["unreachable_predicted"] = floor_note
         found = refine_counts(model, prunable, policy, found)
-        pruned = build(found.counts)
-        pair = timed({"original": original, "pruned": pruned})
-        pruned_ms, original_ms, fraction = _measured_fraction(pair)
-        achieved = fraction if target.fraction is not None else pruned_ms
-        wanted = target.fraction if target.fraction is not None else target.ms
-        assert wanted is not None
-        entry = {"try": attempt + 1, "predicted_ms": found.predicted_ms,
-                 "predicted_fraction": found.predicted_ms / base_ms, "goal_ms": predict_goal,
-                 "measured_ms": pruned_ms, "original_ms": original_ms, "measured_fraction": fraction,
-                 "busy": pair.busy, "met": bool(achieved <= wanted and fraction < 1.0)}
-        tries.append(entry)
-        say(f"latency: try {attempt + 1}: predicted {found.predicted_ms:.3f} ms, measured {pruned_ms:.3f} ms "
-            f"({fraction:.3f} of the original {original_ms:.3f} ms; {target.describe()})")
-        if best is None or fraction < best["measured_fraction"]:
-            best = {**entry, "counts": dict(found.counts), "round_to": dict(found.round_to), "model": pruned,
-                    "measurement": pair}
+        entry = verify(found, predict_goal, "search")
+        if entry is None:
+            raise InternalError("a search try was not measured")
         if entry["met"]:
             break
         # Missed. First choice: refit the whole-model correction on this measurement (on the
@@ -966,6 +1003,8 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         # this try as well as more). A refit is one noisy point: where it says the goal is out of
         # reach, it is dropped and the goal in prediction space is lowered by the measured
         # shortfall instead (back off), which needs no model of where the time went.
+        fraction = entry["measured_fraction"]
+        achieved = fraction if target.fraction is not None else entry["measured_ms"]
         saved = (model.scale, model.rest_ms, model.fixed_ms)
         model.correct(found.counts, fraction * base_ms)
         refit = model.predict(found.counts)
@@ -977,6 +1016,40 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
             model.scale, model.rest_ms, model.fixed_ms = saved
             predict_goal = min(predict_goal, found.predicted_ms) * min(0.98, wanted / achieved if achieved > 0 else 0.5)
             entry["backed_off"] = True
+    # Overshoot: a met target with much of its latency unused (0.28 measured for 0.5 asked) prunes
+    # capacity for nothing. Give it back by a bracketing search in prediction space, which needs
+    # no model of *why* the prediction was off (the one-point refit above cannot express a model
+    # that speeds up faster than its layers predict): each tried model is a point (its prediction
+    # under the final correction, its measured share of the target); the next try aims at a
+    # little under the target, interpolated between the nearest met point below and the
+    # nearest missed one above (or scaled from the met one while none is above). A try counts
+    # only if it meets the target with more MACs than the best so far.
+    gave_back = 0
+    aim_share = 1.0 - options.overshoot / 2
+    for _ in range(options.give_back):
+        if best is None or not best["met"] or 1.0 - best["achieved"] / wanted <= options.overshoot:
+            break
+        points = []
+        for counts, entry in zip(tried, tries):
+            achieved = entry["measured_fraction"] if target.fraction is not None else entry["measured_ms"]
+            points.append((model.predict(counts), achieved / wanted, entry["met"]))
+        low = max((p for p in points if p[2]), key=lambda p: p[0])
+        above = [p for p in points if not p[2] and p[0] > low[0]]
+        if above:
+            high = min(above, key=lambda p: p[0])
+            w = (aim_share - low[1]) / (high[1] - low[1]) if high[1] > low[1] else 0.5
+            aim = low[0] + min(max(w, 0.0), 1.0) * (high[0] - low[0])
+        else:
+            aim = low[0] * aim_share / low[1] if low[1] > 0 else base_ms
+        aim = min(aim, model.predict({}) * (1.0 - 1e-6))
+        if aim <= low[0] * (1 + 1e-9):
+            break
+        found = search_counts(model, prunable, scores, policy, aim)
+        found = refine_counts(model, prunable, policy, found)
+        if found.counts in tried or verify(found, aim, "give back", more_macs_than=best["macs_fraction"]) is None:
+            break  # nothing new to measure, or no capacity to gain
+        gave_back += 1
+    record["give_back_tries"] = gave_back
     record["table"]["probes_measured"] = table.measured
     record["search_s"] = time.perf_counter() - started
     if best is None or not best["met"]:
@@ -993,6 +1066,7 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
     record.update(after_ms=best["measured_ms"], original_ms=best["original_ms"], fraction=best["measured_fraction"],
                   speedup=pair.speedups["pruned"].median, predicted_ms=best["predicted_ms"],
                   predicted_fraction=best["predicted_fraction"], busy=pair.busy, warnings=list(pair.warnings),
+                  macs_fraction=best["macs_fraction"], chosen_try=best["try"],
                   round_to={g.key: best["round_to"][g.index] for g in prunable if g.index in best["round_to"]})
     return best["model"], best["counts"], record
 

@@ -327,8 +327,10 @@ def test_report_shows_predicted_and_measured_latency_and_the_realised_fraction()
     assert summary is not None and summary["tries"] and summary["fraction"] <= 0.5
     report = {"pruned": {"latency_target": summary}, "reduction": {"macs_x": 2.0 * summary["speedup"]}}
     text = "\n".join(latency_target_lines(report))
-    assert "## Latency target" in text and "| try | predicted (ms)" in text
+    assert "## Latency target" in text and "| try | phase | predicted (ms)" in text
     assert "realised fraction (speed-up / MACs reduction) 0.50" in text
+    assert "| predicted by the search |" in text and "| measured in the search (try 1) |" in text
+    assert "| re-measured for this report | - | - | - | - | not measured at the target's setting |" in text
     assert latency_target_lines({"pruned": {}}) == []
     assert latency_target_summary(nn.Linear(2, 2)) is None
 
@@ -436,3 +438,198 @@ def test_search_jumps_a_wide_stretch_of_rising_cost() -> None:
     found = search_counts(model, analysis.groups, scores, policy, 0.5 * model.predict({}), lookahead=1)
     assert found.reached and any(found.counts[g.index] < g.size for g in analysis.groups if g.prunable)
     assert search_counts(model, analysis.groups, scores, policy, 0.5 * model.predict({}), lookahead=1).counts == found.counts
+
+
+# --------------------------------------------------------------------------- overshoot: giving capacity back
+
+
+class Chain(nn.Module):
+    """Three convolutions whose groups prune one channel at a time (fine steps, unlike Net's blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 64, 3, padding=1)
+        self.b = nn.Conv2d(64, 64, 3, padding=1)
+        self.c = nn.Conv2d(64, 64, 3, padding=1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.b(x))
+        x = torch.relu(self.c(x))
+        return self.head(x.mean((2, 3)))
+
+
+def result_of(ms: Dict[str, float]) -> LatencyResult:
+    """A LatencyResult with these medians (the first name the reference)."""
+    names = list(ms)
+    stats = {n: ModelLatency(n, v, 0.0, v, v, 5, 1, [v] * 5) for n, v in ms.items()}
+    ratio = {n: ms[names[0]] / ms[n] for n in names[1:]}
+    speedups = {n: Speedup(n, names[0], r, r, r, r, 5) for n, r in ratio.items()}
+    return LatencyResult(stats, speedups, names[0], "eager", "cpu", "synthetic", 1, torch.__version__, "float32",
+                         False, [list(X.shape)], 5, 1, "synthetic", False, 0.1)
+
+
+def convex_measure(power: float = 2.0, fixed_ms: float = 0.1):
+    """Pruned models run faster than their MACs say (ms ~ MACs**power): the search's first model overshoots."""
+    base = count_macs(Chain().eval(), (X,))
+
+    def measure(models: Dict[str, nn.Module]) -> LatencyResult:
+        return result_of({n: fixed_ms + count_macs(m, (X,)) / 1e6 * (count_macs(m, (X,)) / base) ** (power - 1)
+                          for n, m in models.items()})
+
+    return measure
+
+
+def test_overshoot_gives_capacity_back_and_keeps_the_met_model_with_most_macs() -> None:
+    no_give_back = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                                 latency_options=options(measure=convex_measure(), give_back=0))
+    first = no_give_back.meta["fxprune_plan"].policy["latency"]
+    assert first["fraction"] < 0.3 and len(first["tries"]) == 1  # the overshoot: 0.25 measured for 0.5 asked
+
+    pruned = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                           latency_options=options(measure=convex_measure()))
+    record = pruned.meta["fxprune_plan"].policy["latency"]
+    tries = record["tries"]
+    assert [t["phase"] for t in tries][0] == "search" and {t["phase"] for t in tries[1:]} == {"give back"}
+    assert 1 < len(tries) <= 1 + LatencyOptions().give_back and record["give_back_tries"] == len(tries) - 1
+    assert any(not t["met"] for t in tries[1:])  # the bracketing overshot once upwards ...
+    chosen = tries[record["chosen_try"] - 1]
+    assert chosen["met"] and chosen["phase"] == "give back"  # ... and the model returned is a met one
+    assert record["fraction"] <= 0.5 and record["fraction"] > first["fraction"]
+    assert record["macs_fraction"] == max(t["macs_fraction"] for t in tries if t["met"]) > first["macs_fraction"]
+    assert count_macs(pruned, (X,)) / count_macs(Chain().eval(), (X,)) == pytest.approx(record["macs_fraction"])
+    again = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                          latency_options=options(measure=convex_measure()))
+    assert again.meta["fxprune_plan"].counts() == pruned.meta["fxprune_plan"].counts()  # deterministic
+
+
+def test_no_give_back_when_the_target_is_nearly_used() -> None:
+    # ms proportional to MACs: the first model measures just under the target, nothing to give back.
+    pruned = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                           latency_options=options(measure=convex_measure(power=1.0, fixed_ms=0.0)))
+    record = pruned.meta["fxprune_plan"].policy["latency"]
+    assert record["give_back_tries"] == 0 and len(record["tries"]) == 1 and record["fraction"] > 0.45
+
+
+def test_ms_target_returns_the_met_try_even_when_a_missed_one_had_a_smaller_fraction() -> None:
+    # The original measures 20 ms in the first pair and 10 ms in the second (load): try 1 is the
+    # smaller fraction (0.3) but misses 5 ms; try 2 (0.45 of the original) is 4.5 ms and meets it.
+    script = iter([{"original": 10.0}, {"original": 20.0, "pruned": 6.0}, {"original": 10.0, "pruned": 4.5}])
+
+    def measure(models: Dict[str, nn.Module]) -> LatencyResult:
+        ms = next(script)
+        assert list(ms) == list(models)
+        return result_of(ms)
+
+    pruned = fxprune.prune(Chain().eval(), target_latency_ms=5.0, example_inputs=(X,),
+                           latency_options=options(measure=measure, give_back=0))
+    record = pruned.meta["fxprune_plan"].policy["latency"]
+    assert [t["met"] for t in record["tries"]] == [False, True]
+    assert record["chosen_try"] == 2 and record["after_ms"] == 4.5 and record["fraction"] == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("changes, message", [({"give_back": -1}, "give_back must be an integer >= 0"),
+                                              ({"overshoot": 0.0}, r"overshoot must be a fraction in \(0, 1\)"),
+                                              ({"overshoot": True}, "overshoot must be")])
+def test_give_back_options_are_validated(changes: Dict[str, Any], message: str) -> None:
+    with pytest.raises(FxPruneError, match=message):
+        options(**changes).validated()
+
+
+def _target_report(speedup: float, pruned_ms: float) -> Dict[str, Any]:
+    """report.json as a run writes it after a latency-target prune re-measured at ``cpu/eager/b1``."""
+    from fxprune.workflow.report import latency_target_summary
+
+    pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
+    summary = latency_target_summary(pruned)
+    assert summary is not None
+    summary["report_key"] = "cpu/eager/b1"
+    key = "cpu/eager/b1"
+    return {"baseline": {"latency_ms": {key: pruned_ms * speedup}}, "reduction": {"macs_x": 3.0},
+            "pruned": {"latency_target": summary, "latency_ms": {key: pruned_ms}},
+            "latency": {"settings": {key: {"speedup": speedup}}}}
+
+
+def test_report_re_measures_the_target_per_stage_and_says_when_it_held() -> None:
+    from fxprune.workflow.report import latency_target_lines, latency_target_recheck, latency_target_warnings
+
+    report = _target_report(speedup=2.5, pruned_ms=4.0)
+    assert latency_target_recheck(report) == {"key": "cpu/eager/b1", "fraction": 0.4, "ms": 4.0, "held": True}
+    text = "\n".join(latency_target_lines(report))
+    # stage rows: prediction, the search's measurement, the report's re-measurement (realised 2.5 / 3 = 0.83)
+    assert "| re-measured for this report (`cpu/eager/b1`, after fine-tuning) | 4.000 | 0.400 | 0.333 | 0.83 | yes |" in text
+    assert latency_target_warnings(report) == []
+
+
+def test_report_warns_loudly_when_the_target_did_not_hold_at_the_re_measurement() -> None:
+    from fxprune.workflow.report import latency_target_lines, latency_target_warnings
+
+    report = _target_report(speedup=1.6, pruned_ms=4.0)  # 0.625 of the baseline: over 0.5
+    warning = "\n".join(latency_target_warnings(report))
+    assert "WARNING: the latency target (target_latency=0.5) did NOT hold" in warning and "0.625" in warning
+    assert "| 4.000 | 0.625 | 0.333 | 0.53 | NO |" in "\n".join(latency_target_lines(report))
+    slower = _target_report(speedup=0.8, pruned_ms=4.0)
+    assert "did NOT hold" in "\n".join(latency_target_warnings(slower))
+
+
+def test_report_rechecks_a_millisecond_target_by_the_pruned_median() -> None:
+    from fxprune.workflow.report import latency_target_recheck
+
+    report = _target_report(speedup=2.0, pruned_ms=4.0)
+    target = report["pruned"]["latency_target"]
+    target.update(target_fraction=None, target_ms=3.5, target="target_latency_ms=3.5")
+    assert latency_target_recheck(report)["held"] is False
+    target["target_ms"] = 4.5
+    assert latency_target_recheck(report)["held"] is True
+
+
+def test_run_re_measures_at_the_latency_batch_and_keys_it(monkeypatch) -> None:
+    # measure_latency_pair times the target's batch too (here 8, besides 1 and 32), and the
+    # summary's report_key names that setting.
+    import importlib
+
+    from fxprune.workflow.evaluate import latency_target_key
+
+    run_module = importlib.import_module("fxprune.workflow.run")  # the package's ``run`` is the function
+
+    seen: Dict[str, Any] = {}
+
+    def fake_compare(baseline, pruned, sample, **kwargs):
+        seen.update(kwargs)
+        return {"baseline": {}, "pruned": {}, "latency": {"settings": {}}}
+
+    class Ctx:
+        is_main = True
+
+    class Session:
+        config = run_module.RunConfig(target_latency=0.5, latency_batch=8)
+        ctx = Ctx()
+        timings: Dict[str, float] = {}
+
+        class data:
+            test = None
+
+    monkeypatch.setattr(run_module, "compare_latency", fake_compare)
+    monkeypatch.setattr(run_module, "example_batch", lambda data, n: X)
+    monkeypatch.setattr(run_module, "barrier", lambda ctx: None)
+    run_module.measure_latency_pair(Session(), nn.Identity(), nn.Identity(), {"macs": 2}, {"macs": 1})
+    assert seen["batch_sizes"] == [1, 8, 32]
+    pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), batch_size=8,
+                           latency_options=options())
+    assert latency_target_key(pruned.meta["fxprune_plan"].policy["latency"]) == "cpu/eager/b8"
+
+
+@pytest.mark.parametrize("power", [0.8, 0.6])
+def test_a_missed_first_try_is_followed_by_a_refit_that_meets_the_target(power: float) -> None:
+    # Pruned models run slower than their layers predict (ms ~ MACs**power, power < 1): the first
+    # model misses, the correction refitted on it makes the next one meet the target; at 0.6 that
+    # one overshoots, and capacity is given back.
+    pruned = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                           latency_options=options(measure=convex_measure(power)))
+    record = pruned.meta["fxprune_plan"].policy["latency"]
+    tries = record["tries"]
+    assert not tries[0]["met"] and tries[0]["measured_fraction"] > 0.5 and tries[1]["met"]
+    assert tries[1]["macs_fraction"] < tries[0]["macs_fraction"]  # the refit pruned more
+    assert record["fraction"] <= 0.5 and tries[record["chosen_try"] - 1]["met"]
+    assert (record["give_back_tries"] > 0) == (power == 0.6)

@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ __all__ = [
     "model_cost",
     "measure_latency",
     "compare_latency",
+    "latency_target_key",
     "latency_row",
     "latency_key",
     "latency_settings",
@@ -165,6 +166,20 @@ class LatencySetting:
     def key(self) -> str:
         return latency_key(self.device, self.mode, self.batch_size, dtype=self.dtype,
                            channels_last=self.channels_last)
+
+
+def latency_target_key(record: Mapping[str, Any]) -> str:
+    """The report's latency key of the setting a latency target was measured at (``plan.policy["latency"]``).
+
+    >>> latency_target_key({"device": "cuda", "mode": "eager", "batch_size": 32, "dtype": "float16",
+    ...                     "channels_last": True})
+    'cuda/eager-fp16-cl/b32'
+    >>> latency_target_key({"device": "cpu", "mode": "compiled", "batch_size": 1, "dtype": "model's own"})
+    'cpu/compile/b1'
+    """
+    dtype = getattr(torch, str(record.get("dtype"))) if record.get("dtype") in ("float16", "bfloat16") else None
+    return latency_key(torch.device(str(record.get("device") or "cpu")), str(record.get("mode") or "eager"),
+                       int(record.get("batch_size") or 1), dtype=dtype, channels_last=bool(record.get("channels_last")))
 
 
 def latency_settings(devices: Sequence[Union[str, torch.device]] = ("cpu",), batch_sizes: Sequence[int] = (1, 32),

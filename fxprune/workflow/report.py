@@ -59,6 +59,8 @@ __all__ = [
     "latency_section",
     "latency_target_summary",
     "latency_target_lines",
+    "latency_target_recheck",
+    "latency_target_warnings",
     "sweep_latency_warnings",
     "save_pruned",
     "load_pruned",
@@ -209,6 +211,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         *_achieved_lines(pruned.get("achieved")),
         f"- Machine: {machine.get('cpu', '-')} ({machine.get('cpu_count', '-')} cores){gpu}",
         *latency_warnings(report),
+        *latency_target_warnings(report),
         *(_accuracy_lines(report) if "top1" in base and "top1" in pruned else []),
         "",
         "## Baseline and pruned model",
@@ -260,9 +263,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_TARGET_KEYS = ("target", "device", "device_name", "threads", "torch", "mode", "batch_size", "dtype", "before_ms",
+_TARGET_KEYS = ("target", "target_fraction", "target_ms", "device", "device_name", "threads", "torch", "mode",
+                "batch_size", "dtype", "channels_last", "before_ms",
                 "after_ms", "original_ms", "fraction", "speedup", "predicted_ms", "predicted_fraction", "busy",
-                "warnings", "round_to", "method", "measurement", "table", "search_s", "tries")
+                "warnings", "round_to", "method", "measurement", "table", "search_s", "tries", "macs_fraction",
+                "chosen_try", "give_back_tries")
 
 
 def latency_target_summary(pruned: nn.Module) -> Optional[dict[str, Any]]:
@@ -275,12 +280,63 @@ def latency_target_summary(pruned: nn.Module) -> Optional[dict[str, Any]]:
     return {key: record.get(key) for key in _TARGET_KEYS}
 
 
+def latency_target_recheck(report: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The latency target re-measured for the report: ``{"key", "fraction", "ms", "held"}``, or None.
+
+    The search verified its model against the original; the report times the fine-tuned pruned
+    model against the baseline again (same architecture, another run, maybe another load) at
+    the target's setting (``latency_target["report_key"]``, e.g. ``cpu/eager/b1``). ``held``:
+    the target holds there too (a fraction target by the interleaved speed-up, a millisecond
+    target by the pruned median).
+    """
+    target = (report.get("pruned") or {}).get("latency_target")
+    if not isinstance(target, Mapping) or not target.get("report_key"):
+        return None
+    key = str(target["report_key"])
+    if not isinstance(report.get("baseline"), Mapping) and key not in _latency_settings(report):
+        return None
+    speedup = _speedup_of(report, key)
+    ms = (report["pruned"].get("latency_ms") or {}).get(key)
+    if speedup is None or speedup <= 0:
+        return None
+    fraction = 1.0 / speedup
+    if isinstance(target.get("target_ms"), (int, float)):
+        held = isinstance(ms, (int, float)) and ms <= target["target_ms"] and fraction < 1.0
+    elif isinstance(target.get("target_fraction"), (int, float)):
+        held = fraction <= target["target_fraction"]
+    else:
+        return None
+    return {"key": key, "fraction": fraction, "ms": ms, "held": bool(held)}
+
+
+def latency_target_warnings(report: Mapping[str, Any]) -> list[str]:
+    """A loud line for the top of report.md when the latency target did not hold at the report's re-measurement."""
+    check = latency_target_recheck(report)
+    if check is None or check["held"]:
+        return []
+    target = report["pruned"]["latency_target"]
+    return ["", f"> **WARNING: the latency target ({target.get('target')}) did NOT hold when re-measured for this "
+                f"report: {check['fraction']:.3f} of the baseline at `{check['key']}`** (the search measured "
+                f"{_fmt(target.get('fraction'), 3)}). Noise or another load between the two runs; re-measure on a "
+                "quiet machine before relying on it."]
+
+
 def latency_target_lines(report: Mapping[str, Any]) -> list[str]:
-    """report.md's "Latency target" section: predicted vs measured per verified try, and the realised fraction."""
+    """report.md's "Latency target" section: predicted vs measured per stage and per verified try, realised fractions.
+
+    Stages: the search's prediction for the model it returned, its verification (measured
+    interleaved with the original inside the search), and the report's own re-measurement of
+    the fine-tuned model against the baseline at the target's setting. The realised fraction
+    is speed-up / MACs reduction.
+    """
     target = (report.get("pruned") or {}).get("latency_target")
     if not isinstance(target, Mapping):
         return []
     macs_x = (report.get("reduction") or {}).get("macs_x")
+    if not isinstance(macs_x, (int, float)) and isinstance(target.get("macs_fraction"), (int, float)) \
+            and target["macs_fraction"] > 0:
+        macs_x = 1.0 / target["macs_fraction"]
+    macs_kept = 1.0 / macs_x if isinstance(macs_x, (int, float)) and macs_x > 0 else None
     realised = realised_fraction(target.get("speedup"), macs_x)
     lines = ["", "## Latency target", "",
              f"{target.get('target')} on {target.get('device_name')} ({target.get('device')}, {target.get('mode')}, "
@@ -290,12 +346,43 @@ def latency_target_lines(report: Mapping[str, Any]) -> list[str]:
              f"interleaved run ({_fmt(target.get('fraction'), 3)} of the original, "
              f"{format_speedup(target.get('speedup'))}); realised fraction (speed-up / MACs reduction) "
              f"{_fmt(realised, 2)}." + (" The machine looked busy: treat the digits as rough." if target.get("busy") else ""),
-             "", "| try | predicted (ms) | predicted fraction | measured (ms) | measured fraction | met |",
-             "|---:|---:|---:|---:|---:|---|"]
+             "", "| stage | latency (ms) | fraction of the original | MACs kept | realised fraction | target held |",
+             "|---|---:|---:|---:|---:|---|"]
+
+    def fraction_held(fraction: Any, ms: Any) -> str:
+        if isinstance(target.get("target_ms"), (int, float)):
+            return "yes" if isinstance(ms, (int, float)) and ms <= target["target_ms"] else "NO"
+        wanted = target.get("target_fraction")
+        if not isinstance(wanted, (int, float)) or not isinstance(fraction, (int, float)):
+            return "-"
+        return "yes" if fraction <= wanted else "NO"
+
+    def realised_at(fraction: Any) -> Optional[float]:
+        return realised_fraction(1.0 / fraction, macs_x) if isinstance(fraction, (int, float)) and fraction > 0 else None
+
+    predicted = target.get("predicted_fraction")
+    lines.append(f"| predicted by the search | {_fmt(target.get('predicted_ms'), 3)} | {_fmt(predicted, 3)} | "
+                 f"{_fmt(macs_kept, 3)} | {_fmt(realised_at(predicted), 2)} | "
+                 f"{fraction_held(predicted, target.get('predicted_ms'))} |")
+    lines.append(f"| measured in the search (try {target.get('chosen_try') or '-'}) | {_fmt(target.get('after_ms'), 3)} | "
+                 f"{_fmt(target.get('fraction'), 3)} | {_fmt(macs_kept, 3)} | {_fmt(realised, 2)} | "
+                 f"{fraction_held(target.get('fraction'), target.get('after_ms'))} |")
+    check = latency_target_recheck(report)
+    if check is not None:
+        lines.append(f"| re-measured for this report (`{check['key']}`, after fine-tuning) | {_fmt(check['ms'], 3)} | "
+                     f"{_fmt(check['fraction'], 3)} | {_fmt(macs_kept, 3)} | {_fmt(realised_at(check['fraction']), 2)} | "
+                     f"{'yes' if check['held'] else 'NO'} |")
+    else:
+        lines.append("| re-measured for this report | - | - | - | - | not measured at the target's setting |")
+    lines += ["", "Verified tries (each built and measured interleaved with the original; *give back*: a met model "
+              "left much of the target unused, so capacity was given back):", "",
+              "| try | phase | predicted (ms) | predicted fraction | measured (ms) | measured fraction | MACs kept | met |",
+              "|---:|---|---:|---:|---:|---:|---:|---|"]
     for entry in target.get("tries") or []:
-        lines.append(f"| {entry.get('try')} | {_fmt(entry.get('predicted_ms'), 3)} | "
+        lines.append(f"| {entry.get('try')} | {entry.get('phase', 'search')} | {_fmt(entry.get('predicted_ms'), 3)} | "
                      f"{_fmt(entry.get('predicted_fraction'), 3)} | {_fmt(entry.get('measured_ms'), 3)} | "
-                     f"{_fmt(entry.get('measured_fraction'), 3)} | {'yes' if entry.get('met') else 'no'} |")
+                     f"{_fmt(entry.get('measured_fraction'), 3)} | {_fmt(entry.get('macs_fraction'), 3)} | "
+                     f"{'yes' if entry.get('met') else 'no'} |")
     round_to = target.get("round_to") or {}
     if round_to:
         lines += ["", "Channel multiples chosen by measurement (group: multiple): "

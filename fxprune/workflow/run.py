@@ -50,7 +50,7 @@ from fxprune.workflow.data import DataBundle, example_batch, load_data, make_loa
 from fxprune.workflow.distributed import (DistContext, barrier, init_distributed, resolve_device,
                                           shutdown_distributed)
 from fxprune.workflow.errors import CheckpointError, ConfigError
-from fxprune.workflow.evaluate import compare_latency, evaluate_accuracy, model_cost
+from fxprune.workflow.evaluate import compare_latency, evaluate_accuracy, latency_target_key, model_cost
 from fxprune.workflow.extras import check_run_extras
 from fxprune.workflow.latency_store import JsonFileStore, default_cache_dir
 from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate_batchnorm, resume_fingerprint,
@@ -59,9 +59,10 @@ from fxprune.workflow import progress
 from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
                                      load_weights, model_spec)
 from fxprune.workflow.report import (FILE_ONLY, WarningLog, close_logging, collect_warnings, command_line,
-                                     group_summary, latency_target_summary, layer_table, log_run_error, machine_info, plot_channels,
-                                     plot_sweep, render_sweep_markdown, save_pruned, setup_logging, software_info,
-                                     stage_table, utc_now, write_json, write_report)
+                                     group_summary, latency_target_summary, latency_target_warnings, layer_table,
+                                     log_run_error, machine_info, plot_channels, plot_sweep, render_sweep_markdown,
+                                     save_pruned, setup_logging, software_info, stage_table, utc_now, write_json,
+                                     write_report)
 
 __all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "check_importance",
            "check_weights", "check_model_fits", "achieved_pruning", "weights_identity", "measure_latency_pair",
@@ -860,8 +861,10 @@ def measure_latency_pair(session: _Session, baseline: nn.Module, pruned: nn.Modu
         macs_x = (baseline_entry["macs"] / pruned_entry["macs"]
                   if baseline_entry.get("macs") and pruned_entry.get("macs") else None)
         what = config.requested
+        # The latency target's batch is timed too: the report re-checks the target there.
+        batches = sorted({1, 32} | ({config.latency_batch} if config.target_latency is not None else set()))
         measured = compare_latency(baseline, pruned, example_batch(session.data.test, 1), devices=devices,
-                                   compile=config.compile, rounds=config.latency_runs, macs_reduction=macs_x,
+                                   batch_sizes=batches, compile=config.compile, rounds=config.latency_runs, macs_reduction=macs_x,
                                    quiet=config.quiet, label=f"{config.importance}, {what}")
         baseline_entry.update(measured["baseline"])
         pruned_entry.update(measured["pruned"])
@@ -996,6 +999,8 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
     entry["achieved"] = achieved
     target = latency_target_summary(pruned)
     if target is not None:
+        # Where the report re-measures the target (measure_latency_pair times that setting too).
+        target["report_key"] = latency_target_key(target)
         entry["latency_target"] = target
     entry["top1_before_finetune"] = after_recal.top1
     entry["top5_before_finetune"] = after_recal.top5
@@ -1113,6 +1118,9 @@ def run(config: RunConfig, *, on_epoch_end: Optional[Callable[[int, dict[str, fl
         session.timings["total"] = time.perf_counter() - started
         report = _report(session, baseline_entry, pruned_entry, config, info, control)
         report["latency"] = latency
+        for line in latency_target_warnings(report):
+            if line:
+                logger.warning("%s", line.lstrip("> ").replace("**", ""))  # as loud in the log as in report.md
         report["fingerprint"] = _run_fingerprint(session, ratio, config.importance)
         if session.ctx.is_main:
             _write_outputs(session, session.out, report, baseline, pruned, config, ratio,

@@ -592,7 +592,7 @@ def unrecognised_layers(analysis: Analysis) -> List[torch.fx.Node]:
     found = []
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method"):
-            if lookup_rule(node, None) is not None:
+            if lookup_rule(node, None, analysis.rules) is not None:
                 continue
             try:
                 layer = node.op == "call_function" and node.target in FUNCTIONAL_LAYERS
@@ -604,7 +604,7 @@ def unrecognised_layers(analysis: Analysis) -> List[torch.fx.Node]:
                 found.append(node)
         elif node.op == "call_module":
             module = modules.get(str(node.target))
-            if module is not None and lookup_rule(node, module) is None and any(True for _ in module.parameters()):
+            if module is not None and lookup_rule(node, module, analysis.rules) is None and any(True for _ in module.parameters()):
                 found.append(node)
     return found
 

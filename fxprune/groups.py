@@ -55,7 +55,7 @@ import torch.nn as nn
 
 from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe_node, target_name, InternalError
 from .graph import to_networkx, walk
-from .rules import ARG_REWRITE, ArgPatch, ArgRewrite, Layout, TupleLayout, lookup_rule, output_rank
+from .rules import ARG_REWRITE, DEFAULT_RULES, ArgPatch, ArgRewrite, Layout, RuleTable, TupleLayout, output_rank
 from .trace import node_shape
 
 __all__ = [
@@ -194,6 +194,8 @@ class Analysis:
     # Directly read tensors by attribute path: one slot per dim the channels index (a functional
     # conv's weight has its ``out`` rows on dim 0 and its ``in`` columns on dim 1).
     tensors: Dict[str, Tuple[TensorSlot, ...]] = field(default_factory=dict)
+    # The rule table the groups were found with (what later stages ask "is there a rule?").
+    rules: RuleTable = DEFAULT_RULES
 
     def group(self, key: str) -> Group:
         for g in self.groups:
@@ -208,9 +210,10 @@ class Analysis:
 class _Engine:
     """Implements :class:`fxprune.rules.RuleContext` over one graph."""
 
-    def __init__(self, gm: torch.fx.GraphModule, strict: bool) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, strict: bool, rules: RuleTable = DEFAULT_RULES) -> None:
         self.gm = gm
         self.strict = strict
+        self.rules = rules
         self.modules: Dict[str, nn.Module] = dict(gm.named_modules())
         self.union = nx.utils.UnionFind()
         self.sizes: List[int] = []
@@ -513,7 +516,7 @@ class _Engine:
             if whole:
                 self.freeze(node, whole, "a tuple of channel-carrying tensors consumed whole")
         module = self.modules.get(str(node.target)) if node.op == "call_module" else None
-        rule = lookup_rule(node, module)
+        rule = self.rules.lookup(node, module)
         if rule is None:
             if self._input_layouts(node):
                 what = f"module {node.target} ({type(module).__name__})" if module is not None else f"{node.op} {target_name(node)}"
@@ -750,7 +753,7 @@ class _Engine:
             why = tuple(dict.fromkeys(reasons.get(idx, [])))  # dedupe, keep order
             groups.append(Group(idx, keys[idx], sizes[idx], tuple(members[idx]), bool(why), why, blocks.get(idx, 1),
                                 tuple(tensor_members[idx])))
-        return Analysis(self.gm, groups, slots, list(self.messages), tensors)
+        return Analysis(self.gm, groups, slots, list(self.messages), tensors, self.rules)
 
     def _resolve_blocks(self, final: Dict[int, Tuple[Tuple[int, int], ...]], sizes: Dict[int, int],
                         reasons: Dict[int, List[str]]) -> Dict[int, int]:
@@ -927,7 +930,8 @@ def check_balanced(group: Group, keep: Sequence[int]) -> Optional[str]:
             f"{group.block_size} channels must keep the same number, the plan keeps {counts}")
 
 
-def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: bool = False) -> Analysis:
+def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: bool = False,
+            rules: Optional[RuleTable] = None) -> Analysis:
     """Find the channel-coupled groups of ``gm``.
 
     Writes ``node.meta['fxprune_layout']`` (in final group indices, segment by segment as
@@ -940,5 +944,19 @@ def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: boo
     >>> a = analyze(gm)
     >>> len(a.groups), sum(g.prunable for g in a.groups)
     (13, 12)
+
+    ``rules``: the :class:`fxprune.rules.RuleTable` to look each op up in (default
+    :data:`fxprune.rules.DEFAULT_RULES`); ``DEFAULT_RULES.extended({...})`` teaches it an op
+    for this analysis only. A table that is not a RuleTable is bad input:
+
+    >>> analyze(gm, rules={})
+    Traceback (most recent call last):
+    ...
+    fxprune.errors.FxPruneError: rules= must be a fxprune.rules.RuleTable (e.g. fxprune.rules.DEFAULT_RULES.extended({...})), got dict
     """
-    return _Engine(gm, strict).run(tuple(ignore))
+    if rules is None:
+        rules = DEFAULT_RULES
+    elif not isinstance(rules, RuleTable):
+        raise FxPruneError("rules= must be a fxprune.rules.RuleTable (e.g. fxprune.rules.DEFAULT_RULES.extended({...})), "
+                           f"got {type(rules).__name__}")
+    return _Engine(gm, strict, rules).run(tuple(ignore))

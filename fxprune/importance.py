@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
+from .registry import Registry
 from .trace import MutableArgsInterpreter
 from .rules import role_tensors
 
@@ -49,6 +50,8 @@ __all__ = [
     "register_criterion",
     "register_model_criterion",
     "register_weights",
+    "DEFAULT_WEIGHTS",
+    "WeightView",
     "member_rows",
     "member_norms",
     "tensor_rows",
@@ -80,25 +83,38 @@ class ScoringOptions:
     calibration_batches: Optional[int] = None
     loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None
     seed: int = 0
+    # The weight-view table to score with (None: DEFAULT_WEIGHTS), e.g. DEFAULT_WEIGHTS.extended({MyLayer: view}).
+    weights: Optional[Registry[type, WeightView]] = None
 
 
 ModelCriterion = Callable[[Analysis, Sequence[Group], ScoringOptions], Dict[int, torch.Tensor]]
 
-_WEIGHT_VIEWS: Dict[type, WeightView] = {}
+DEFAULT_WEIGHTS: Registry[type, WeightView] = Registry("weight views")
+"""Module type (exact) -> weight view, the table :func:`register_weights` writes to."""
+_WEIGHT_VIEWS: Dict[type, WeightView] = DEFAULT_WEIGHTS.own  # the default table's own entries
+# The table of the scoring pass under way (score_groups sets it from ScoringOptions.weights).
+_VIEWS: contextvars.ContextVar[Optional[Registry[type, WeightView]]] = contextvars.ContextVar("fxprune_weight_views",
+                                                                                              default=None)
+
+
+def _view(module: nn.Module) -> Optional[WeightView]:
+    return (_VIEWS.get() or DEFAULT_WEIGHTS).get(type(module))
 CRITERIA: Dict[str, Criterion] = {}
 MODEL_CRITERIA: Dict[str, ModelCriterion] = {}
 _NEEDS_DATA: Dict[str, bool] = {}
 
 
 def register_weights(*types: type) -> Callable[[WeightView], WeightView]:
-    """Register how a module type exposes the weights a role indexes, positions first."""
+    """Register, in :data:`DEFAULT_WEIGHTS`, how a module type exposes the weights a role indexes, positions first.
 
-    def decorate(fn: WeightView) -> WeightView:
-        for t in types:
-            _WEIGHT_VIEWS[t] = fn
-        return fn
+    For one scoring pass only, extend the table instead and pass it as
+    ``ScoringOptions(weights=...)`` to :func:`score_groups`:
 
-    return decorate
+    >>> table = DEFAULT_WEIGHTS.extended({nn.LayerNorm: lambda m, role: m.weight.detach().unsqueeze(1)})
+    >>> nn.LayerNorm in table, nn.LayerNorm in DEFAULT_WEIGHTS
+    (True, False)
+    """
+    return DEFAULT_WEIGHTS.register(*types)
 
 
 def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
@@ -198,7 +214,7 @@ def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
 def member_rows(gm: torch.fx.GraphModule, group: Group, member: Member) -> Optional[torch.Tensor]:
     """The member's weights for this group as ``[group.size, k]`` (one row per channel)."""
     module = gm.get_submodule(member.module)
-    view = _WEIGHT_VIEWS.get(type(module))
+    view = _view(module)
     if view is None:
         return None
     w = view(module, member.role)
@@ -269,7 +285,7 @@ def member_norms(gm: torch.fx.GraphModule, group: Group, member: Member, p: floa
     conv/Linear's two roles share one pass over its weight (see :class:`_NormCache`).
     """
     module = gm.get_submodule(member.module)
-    view = _WEIGHT_VIEWS.get(type(module))
+    view = _view(module)
     if view is None:
         return None
     w = view(module, "out")  # positions on dim 0 for out/channelwise, dim 1 for "in"
@@ -731,8 +747,15 @@ def score(group: Group, gm: torch.fx.GraphModule, importance: Union[str, Criteri
 
 def score_groups(analysis: Analysis, importance: Union[str, Callable[..., Any]], groups: Optional[Sequence[Group]] = None,
                  options: Optional[ScoringOptions] = None) -> Dict[int, torch.Tensor]:
-    """Scores of every given group (default: the prunable ones), by group index."""
+    """Scores of every given group (default: the prunable ones), by group index.
+
+    Weight criteria read each layer's weights through ``options.weights`` (default
+    :data:`DEFAULT_WEIGHTS`).
+    """
     options = options or ScoringOptions()
+    if options.weights is not None and not isinstance(options.weights, Registry):
+        raise FxPruneError("ScoringOptions.weights must be a table like fxprune.importance.DEFAULT_WEIGHTS "
+                           f"(e.g. DEFAULT_WEIGHTS.extended({{MyLayer: view}})), got {type(options.weights).__name__}")
     if groups is None:
         groups = [g for g in analysis.groups if g.prunable]
     if isinstance(importance, str) and importance in MODEL_CRITERIA:
@@ -754,7 +777,9 @@ def score_groups(analysis: Analysis, importance: Union[str, Callable[..., Any]],
         return out
     check_importance(importance)
     token = _CACHE.set(_NormCache())
+    views = _VIEWS.set(options.weights)
     try:
         return {g.index: score(g, analysis.gm, importance) for g in groups}
     finally:
+        _VIEWS.reset(views)
         _CACHE.reset(token)

@@ -22,25 +22,41 @@ import torch.nn as nn
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
 from .plan import PruningPlan, resolve
+from .registry import Registry
 from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
 from .trace import propagate_shapes
 
-__all__ = ["rewrite", "register_builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size"]
+__all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size"]
 
 Indices = Optional[torch.Tensor]  # None: that dimension is unchanged
 Builder = Callable[[nn.Module, Dict[str, Indices]], nn.Module]
-_BUILDERS: Dict[type, Builder] = {}
+DEFAULT_BUILDERS: Registry[type, Builder] = Registry("builders")
+"""Module type (exact) -> builder, the table :func:`register_builder` writes to.
+
+``DEFAULT_BUILDERS.extended({MyLayer: build})`` is a NEW table for one
+``rewrite(..., builders=)`` / ``fxprune.prune(..., builders=)`` call, the default untouched.
+"""
+_BUILDERS: Dict[type, Builder] = DEFAULT_BUILDERS.own  # the default table's own entries
 
 
 def register_builder(*types: type) -> Callable[[Builder], Builder]:
-    """Register how to build a smaller copy of a module type from kept indices per role."""
+    """Register, in :data:`DEFAULT_BUILDERS`, how to build a smaller copy of a module type from kept indices per role.
 
-    def decorate(fn: Builder) -> Builder:
-        for t in types:
-            _BUILDERS[t] = fn
-        return fn
-
-    return decorate
+    >>> import torch.nn as nn
+    >>> class Scale(nn.Module):
+    ...     def __init__(self, c):
+    ...         super().__init__()
+    ...         self.weight = nn.Parameter(torch.ones(c))
+    >>> table = DEFAULT_BUILDERS.extended()
+    >>> @table.register(Scale)
+    ... def _(m, idx):
+    ...     new = Scale(len(idx["channelwise"]))
+    ...     new.weight.data = m.weight.data[idx["channelwise"]]
+    ...     return new
+    >>> Scale in table, Scale in DEFAULT_BUILDERS
+    (True, False)
+    """
+    return DEFAULT_BUILDERS.register(*types)
 
 
 def _sliced(t: Optional[torch.Tensor], dim: int, idx: Indices) -> Optional[torch.Tensor]:
@@ -201,8 +217,11 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
     return {}
 
 
-def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None) -> torch.fx.GraphModule:
+def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None, *,
+            builders: Optional[Registry[type, Builder]] = None) -> torch.fx.GraphModule:
     """Build the pruned GraphModule that ``plan`` describes for the analysed model.
+
+    ``builders``: the table of layer builders (default :data:`DEFAULT_BUILDERS`).
 
     >>> import torchvision, fxprune
     >>> from fxprune.groups import analyze
@@ -212,6 +231,11 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
     >>> pruned.get_submodule("layer1.0.conv1").out_channels
     32
     """
+    if builders is None:
+        builders = DEFAULT_BUILDERS
+    elif not isinstance(builders, Registry):
+        raise FxPruneError("builders= must be a table like fxprune.rewrite.DEFAULT_BUILDERS (e.g. "
+                           f"DEFAULT_BUILDERS.extended({{MyLayer: build}})), got {type(builders).__name__}")
     src = analysis.gm
     kept = resolve(analysis, plan)
     for group in analysis.groups:
@@ -237,7 +261,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         slots = by_module.get(target, {})
         idx = {role: slot_indices(slot, kept, as_tensor) for role, slot in slots.items()}
         if any(i is not None for i in idx.values()):
-            builder = _BUILDERS.get(type(original))
+            builder = builders.get(type(original))
             if builder is None:
                 # Every built-in layer type has a builder, so this is a user rule for a custom
                 # layer registered without one: the user's to fix, not a bug of ours.

@@ -49,6 +49,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import Registry
+
 __all__ = [
     "Layout",
     "TupleLayout",
@@ -63,6 +65,8 @@ __all__ = [
     "Rule",
     "register_rule",
     "lookup_rule",
+    "RuleTable",
+    "DEFAULT_RULES",
     "no_channels",
     "role_tensors",
     "output_rank",
@@ -261,6 +265,8 @@ class ArgRewrite:
 class RuleContext(Protocol):
     """What a rule may ask of the analysis (implemented in :mod:`fxprune.groups`)."""
 
+    rules: "RuleTable"  # the table this analysis looks rules up in
+
     def layout(self, arg: Any) -> Optional[Layout]: ...
 
     def module(self, node: torch.fx.Node) -> nn.Module: ...
@@ -303,38 +309,105 @@ RuleResult = Union[Layout, TupleLayout, None]
 Rule = Callable[[RuleContext, torch.fx.Node], RuleResult]
 RuleKey = Union[type, Callable[..., Any], str]
 
-# Three tables, because fx names the op differently per node kind: call_module by module type
-# (exact type: a subclass may override forward), call_function by the function object,
-# call_method by the method name.
-_MODULE_RULES: Dict[type, Rule] = {}
-_FUNCTION_RULES: Dict[Any, Rule] = {}
-_METHOD_RULES: Dict[str, Rule] = {}
+class RuleTable:
+    """The rule table as an object: module types, functions and method names -> :data:`Rule`.
+
+    Three registries, because fx names the op differently per node kind: ``call_module`` by
+    module type (exact type: a subclass may override forward), ``call_function`` by the
+    function object, ``call_method`` by the method name. :data:`DEFAULT_RULES` is the table
+    fxprune ships (and :func:`register_rule` writes to); :meth:`extended` layers extra or
+    overriding rules over a table without touching it, for one ``analyze``/``prune`` call:
+
+    >>> def double(x):
+    ...     return 2 * x
+    >>> table = DEFAULT_RULES.extended({double: lambda ctx, node: ctx.layout(node.args[0])})
+    >>> double in table, double in DEFAULT_RULES
+    (True, False)
+    >>> torch.relu in table  # everything else falls back to the default table
+    True
+    """
+
+    def __init__(self, parent: Optional["RuleTable"] = None) -> None:
+        self.parent = parent
+        self.modules: Registry[type, Rule] = Registry("module rules", parent=parent.modules if parent else None)
+        self.functions: Registry[Any, Rule] = Registry("function rules", parent=parent.functions if parent else None)
+        self.methods: Registry[str, Rule] = Registry("method rules", parent=parent.methods if parent else None)
+
+    def _registry(self, key: RuleKey) -> Registry[Any, Rule]:
+        if isinstance(key, str):
+            return self.methods
+        if isinstance(key, type) and issubclass(key, nn.Module):
+            return self.modules
+        if callable(key):
+            return self.functions
+        raise TypeError(f"cannot register a rule for {key!r}")
+
+    def register(self, *keys: RuleKey) -> Callable[[Rule], Rule]:
+        """Decorator: register the rule for module types, functions and/or method names (strings)."""
+        registries = [self._registry(key) for key in keys]  # a bad key fails before any write
+
+        def decorate(rule: Rule) -> Rule:
+            for key, registry in zip(keys, registries):
+                registry.own[key] = rule
+            return rule
+
+        return decorate
+
+    def extended(self, rules: Union[Mapping[RuleKey, Rule], Iterable[Tuple[RuleKey, Rule]], None] = None) -> "RuleTable":
+        """A NEW table with ``rules`` (key -> rule) added or overriding; this one is unchanged."""
+        child = RuleTable(parent=self)
+        for key, rule in (rules.items() if isinstance(rules, Mapping) else (rules or ())):
+            child.register(key)(rule)
+        return child
+
+    def __contains__(self, key: Any) -> bool:
+        try:
+            return key in self._registry(key)
+        except TypeError:
+            return False
+
+    def items(self) -> List[Tuple[RuleKey, Rule]]:
+        """Every key and its rule: functions, then method names, then module types."""
+        return list(self.functions.items()) + list(self.methods.items()) + list(self.modules.items())
+
+    def lookup(self, node: torch.fx.Node, module: Optional[nn.Module]) -> Optional[Rule]:
+        """The rule for ``node`` (``module``: the module a ``call_module`` node calls) or None."""
+        if node.op == "call_module":
+            return self.modules.get(type(module))
+        if node.op == "call_function":
+            return self.functions.get(node.target)  # an unhashable target has no rule
+        if node.op == "call_method":
+            return self.methods.get(str(node.target))
+        return None
+
+    def __repr__(self) -> str:
+        return (f"<RuleTable: {len(self.modules)} module, {len(self.functions)} function, {len(self.methods)} method "
+                f"rules{', extended' if self.parent is not None else ''}>")
+
+
+DEFAULT_RULES = RuleTable()
+"""The table fxprune ships with; :func:`register_rule` adds to it."""
+
+# The default table's own entries, under the names older code reads.
+_MODULE_RULES: Dict[type, Rule] = DEFAULT_RULES.modules.own
+_FUNCTION_RULES: Dict[Any, Rule] = DEFAULT_RULES.functions.own
+_METHOD_RULES: Dict[str, Rule] = DEFAULT_RULES.methods.own
 
 
 def register_rule(*keys: RuleKey) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for module types, functions and/or method names (strings).
+    """Register ``rule`` for module types, functions and/or method names (strings), in :data:`DEFAULT_RULES`.
 
     A rule receives the analysis context and the fx node and returns the output's layout.
+    A registration here is global (every later analysis sees it); to teach fxprune an op for
+    one call only, pass ``rules=DEFAULT_RULES.extended({key: rule})`` to
+    :func:`fxprune.prune` / :func:`fxprune.plan` / :func:`fxprune.find_groups`.
     Example: teach fxprune that a custom leaf module is element-wise (channels pass through)::
 
         @fxprune.register_rule(MyScaledReLU)
         def _(ctx, node):
             return ctx.layout(node.args[0])
     """
-
-    def decorate(rule: Rule) -> Rule:
-        for key in keys:
-            if isinstance(key, str):
-                _METHOD_RULES[key] = rule
-            elif isinstance(key, type) and issubclass(key, nn.Module):
-                _MODULE_RULES[key] = rule
-            elif callable(key):
-                _FUNCTION_RULES[key] = rule
-            else:
-                raise TypeError(f"cannot register a rule for {key!r}")
-        return rule
-
-    return decorate
+    return DEFAULT_RULES.register(*keys)
 
 
 def no_channels(rule: Rule) -> Rule:
@@ -347,18 +420,9 @@ def no_channels(rule: Rule) -> Rule:
     return rule
 
 
-def lookup_rule(node: torch.fx.Node, module: Optional[nn.Module]) -> Optional[Rule]:
-    """The rule for ``node`` or None (unknown op)."""
-    if node.op == "call_module":
-        return _MODULE_RULES.get(type(module))
-    if node.op == "call_function":
-        try:
-            return _FUNCTION_RULES.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    if node.op == "call_method":
-        return _METHOD_RULES.get(str(node.target))
-    return None
+def lookup_rule(node: torch.fx.Node, module: Optional[nn.Module], rules: Optional[RuleTable] = None) -> Optional[Rule]:
+    """The rule for ``node`` in ``rules`` (default :data:`DEFAULT_RULES`) or None (unknown op)."""
+    return (rules if rules is not None else DEFAULT_RULES).lookup(node, module)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1622,7 +1686,7 @@ def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, dep
         if not all(it is None or it is Ellipsis or _full_slice(it) for it in items):
             return None
         inputs = inputs[:1]
-    elif not _is_pointwise(arg):
+    elif not _is_pointwise(ctx, arg):
         return None
     leaves: List[Tuple[torch.fx.Node, int]] = []
     via: List[torch.fx.Node] = [arg]
@@ -1636,9 +1700,9 @@ def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, dep
     return _Source(tuple(leaves), tuple(via), tuple(patches))
 
 
-def _is_pointwise(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is an element-wise op of broadcast operands (the rule table says so)."""
-    rule = lookup_rule(node, None)
+def _is_pointwise(ctx: RuleContext, node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an element-wise op of broadcast operands (the analysis' rule table says so)."""
+    rule = lookup_rule(node, None, getattr(ctx, "rules", None))
     return rule is _elementwise or rule is _binary
 
 
@@ -1801,7 +1865,7 @@ def _filter_expression(ctx: RuleContext, arg: Any, rows: int, depth: int = 0) ->
         if norm is None or keepdim is not True or (inner[1] - len(ctx.shape(arg.args[0]) or ())) in norm:
             return None
         return grow(*inner, mixes=True)
-    if _is_pointwise(arg):
+    if _is_pointwise(ctx, arg):
         found_any: Optional[Tuple[_Filters, int]] = None
         via: Tuple[torch.fx.Node, ...] = ()
         patches_all: Tuple[Tuple[str, Union[int, str]], ...] = ()

@@ -60,7 +60,7 @@ from .trace import node_shape
 
 __all__ = [
     "Member", "TensorMember", "Group", "Slot", "TensorSlot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",
-    "tensor_users", "unique_keys",
+    "tensor_users", "unique_keys", "tensor_owner",
 ]
 
 ROLES = ("out", "in", "channelwise")
@@ -800,6 +800,18 @@ def _owner(target: str) -> str:
     """``"blocks.0.conv"`` for ``"blocks.0.conv.weight"``: the module a functional layer's weight belongs to."""
     owner, _, name = target.rpartition(".")
     return owner if owner and name == "weight" else target
+
+
+def tensor_owner(target: str) -> str:
+    """The module a ``get_attr`` tensor is an attribute of (its own path for a root attribute).
+
+    What names a functional layer for ratio patterns, as the module name names a module form:
+
+    >>> tensor_owner("blocks.0.bn.running_var"), tensor_owner("gamma")
+    ('blocks.0.bn', 'gamma')
+    """
+    owner = target.rpartition(".")[0]
+    return owner or target
 
 
 def _is_torch_op(target: Any) -> bool:

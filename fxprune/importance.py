@@ -537,6 +537,29 @@ def _is_relu_like(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
     return False
 
 
+def _reads_tensor(node: torch.fx.Node, targets: Iterable[str], depth: int = 0) -> bool:
+    """Whether ``node`` reads one of the ``get_attr`` ``targets``, directly or through a parameter
+    expression (casts, a weight standardisation: nodes that carry no channels of their own)."""
+    targets = set(targets)
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            if str(arg.target) in targets:
+                return True
+        elif depth < 16 and arg.op in ("call_function", "call_method") and "fxprune_layout" not in arg.meta \
+                and _reads_tensor(arg, targets, depth + 1):
+            return True
+    return False
+
+
+def _is_producer(node: torch.fx.Node, group: Group, modules: Iterable[str], tensors: Iterable[str]) -> bool:
+    """Whether ``node`` outputs ``group``'s channels as their producer: a module in ``modules``,
+    or a functional layer (``F.conv2d``, ``F.linear`` on a ``get_attr`` weight) whose ``out``
+    tensor is one of ``tensors``."""
+    if node.op == "call_module":
+        return str(node.target) in modules
+    return node.op in ("call_function", "call_method") and _reads_tensor(node, tensors)
+
+
 class _Recorder(MutableArgsInterpreter):
     """Runs the graph and counts, per watched node, the zero entries of each channel."""
 
@@ -570,7 +593,8 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
     fraction of its entries (over batch and spatial positions) that are exactly zero.
     Reduction: the mean APoZ over the group's watched tensors (a residual group passes
     several ReLUs). A group whose channels pass no ReLU-like op is scored on its producers'
-    outputs, counting the entries a ReLU would zero (``<= 0``). The score is a fraction in
+    outputs (modules, or functional layers such as ``F.conv2d`` on a parameter), counting the
+    entries a ReLU would zero (``<= 0``). The score is a fraction in
     [0, 1], already comparable across groups; a channel that is always zero scores 0.
     """
     gm = analysis.gm
@@ -579,6 +603,8 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
     relu_nodes: Dict[int, List[Tuple[str, int]]] = {g: [] for g in wanted}
     producer_nodes: Dict[int, List[Tuple[str, int]]] = {g: [] for g in wanted}
     producers = {g.index: set(g.modules("out")) for g in groups}
+    producer_tensors = {g.index: {t.target for t in g.tensors if t.role == "out"} for g in groups}
+    by_index = {g.index: g for g in groups}
     watch: Dict[str, Tuple[int, int, bool]] = {}
     for node in gm.graph.nodes:
         groups_here = node.meta.get("fxprune_groups")
@@ -593,7 +619,7 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
             if relu:
                 relu_nodes[gi].append((node.name, offset))
                 watch[node.name] = (dim, total, False)
-            elif node.op == "call_module" and str(node.target) in producers[gi]:
+            elif _is_producer(node, by_index[gi], producers[gi], producer_tensors[gi]):
                 producer_nodes[gi].append((node.name, offset))
     nodes = {n.name: n for n in gm.graph.nodes}
     for gi in wanted:
@@ -651,6 +677,27 @@ def _member_products(module: nn.Module, group: Group, member: Member) -> Optiona
     return total
 
 
+def _tensor_products(gm: torch.fx.GraphModule, group: Group, member: TensorMember) -> Optional[torch.Tensor]:
+    """``sum of weight * grad`` per channel over a functional layer's tensor (signed), or None.
+
+    The tensor-member counterpart of :func:`_member_products`: a functional layer's weight,
+    bias and scale count as the module form's do; buffers (running statistics) have no
+    gradient, and per-channel operands are not layer tensors (nor scored by the weight criteria).
+    """
+    if member.role == "operand":
+        return None
+    p = operator.attrgetter(member.target)(gm)
+    if not isinstance(p, torch.Tensor) or p.grad is None or p.dim() <= member.dim:
+        return None
+    prod = p.detach() * p.grad.detach()
+    if member.role == "in" and member.conv_groups > 1:
+        prod = _grouped_inputs(prod, member.conv_groups)  # input channels spread over the conv groups
+    else:
+        prod = prod.movedim(member.dim, 0)
+    start = member.offset * member.block
+    return prod[start : start + group.size * member.block].reshape(group.size, -1).sum(1).double()
+
+
 @register_model_criterion("taylor", needs_data=True)
 def taylor(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -> Dict[int, torch.Tensor]:
     """First-order Taylor expansion of the loss (Molchanov et al., 2019), per group.
@@ -660,7 +707,8 @@ def taylor(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions)
     user's model gets no ``.grad`` and no BatchNorm update). A channel's estimate of the loss
     change when it is removed is ``|sum over every weight and bias of the group that the
     channel indexes of w * dL/dw|`` (producer rows and biases, BatchNorm scales and shifts,
-    consumer columns, all signed before the absolute value). Reduction: the mean of that value
+    consumer columns, all signed before the absolute value; a functional layer's parameters,
+    ``F.conv2d(x, self.weight)`` or timm's ``F.batch_norm``, count like the module form's). Reduction: the mean of that value
     over batches. No normalisation; a channel with zero ``w * grad`` everywhere scores 0.
     """
     loss_fn = options.loss_fn or F.cross_entropy
@@ -687,6 +735,10 @@ def taylor(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions)
                 acc = torch.zeros(g.size, dtype=torch.float64)
                 for m in g.members:
                     prod = _member_products(modules[m.module], g, m)
+                    if prod is not None:
+                        acc += prod.cpu()
+                for t in g.tensors:
+                    prod = _tensor_products(work, g, t)
                     if prod is not None:
                         acc += prod.cpu()
                 sums[g.index] += acc.abs()

@@ -670,6 +670,46 @@ def _cat(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     return Layout(tuple(groups), tuple(sizes), ref.dim, ref.rank, 1)
 
 
+@register_rule(torch.stack)
+def _stack(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``torch.stack(tensors, dim)`` (and ``aten.stack``): same-shaped operands along a NEW dim.
+
+    Every operand's channels sit at the same positions of every slice of the new dim, so the
+    operands share channels (one group, as for a ``cat`` along another dim) and the output's
+    channel dim is the input's, shifted by one where the new dim goes before it.
+    """
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = _arg(node, 1, "dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+        ctx.unsupported(node, "stack of a non-list argument or along a dim unknown before run time")
+        return None
+    layouts = [ctx.layout(t) for t in tensors]
+    known = [lay for lay in layouts if lay is not None]
+    if not known:
+        return None
+    if len(known) != len(layouts):
+        # An untracked operand keeps its channels: the tracked ones must keep theirs too.
+        ctx.freeze(node, known, "stack with an operand of unknown channel structure")
+        return None
+    shared = ctx.unify(node, known)
+    if shared is None:
+        return None
+    rank = shared.rank if shared.rank is not None else ctx.rank(tensors[0])
+    out_rank = None if rank is None else rank + 1
+    if dim >= 0:
+        if out_rank is None:
+            ctx.unsupported(node, "stack along a non-negative dim of a tensor whose rank is unknown (pass example_inputs)")
+            return None
+        dim -= out_rank
+    if not (out_rank is None or -out_rank <= dim < 0):
+        ctx.unsupported(node, f"stack along dim {dim} out of range")
+        return None
+    # Counted from the end: dims after the new one keep their place, dims before it move one
+    # further from the end.
+    moved = shared.dim if shared.dim > dim else shared.dim - 1
+    return replace(shared, dim=moved, rank=out_rank)
+
+
 # --------------------------------------------------------------------------- convolution
 
 
@@ -1744,9 +1784,22 @@ def _layer_tensor(ctx: RuleContext, node: torch.fx.Node, arg: Any, dim: int, lay
     return False
 
 
-@register_rule(F.batch_norm, F.instance_norm)
+# Positional order of the per-channel tensors after the input. ``torch.batch_norm`` and
+# ``torch.instance_norm`` are the ATen ops, which take (input, weight, bias, running_mean,
+# running_var, training/use_input_stats, momentum, eps, cudnn_enabled); the ``F`` forms put the
+# running statistics first. The keyword names are the same in both.
+_NORM_TENSORS = ("running_mean", "running_var", "weight", "bias")
+_ATEN_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+_FUNCTIONAL_NORMS: Dict[Any, Tuple[str, ...]] = {
+    F.batch_norm: _NORM_TENSORS, F.instance_norm: _NORM_TENSORS,
+    torch.batch_norm: _ATEN_NORM_TENSORS, torch.instance_norm: _ATEN_NORM_TENSORS,
+}
+
+
+@register_rule(*_FUNCTIONAL_NORMS)
 def _functional_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
-    """``F.batch_norm``/``F.instance_norm`` on parameters and buffers: a per-channel op like the module.
+    """``F.batch_norm``/``F.instance_norm`` (and ``torch.batch_norm``/``torch.instance_norm``, in
+    ATen argument order) on parameters and buffers: a per-channel op like the module.
 
     Statistics run per channel (over the batch, or per sample over the spatial dims), so
     every channel is independent; ``running_mean``, ``running_var``, ``weight`` and ``bias``
@@ -1762,12 +1815,13 @@ def _functional_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         ctx.unsupported(node, f"{name} over a dim not known to be the channel dim")
         return None
     out = replace(inp, rank=rank)
-    for i, arg_name in enumerate(("running_mean", "running_var", "weight", "bias")):
+    instance = node.target in (F.instance_norm, torch.instance_norm)
+    for i, arg_name in enumerate(_FUNCTIONAL_NORMS[node.target]):
         arg = _arg(node, i + 1, arg_name)
         if arg is None:
             continue
         # InstanceNorm's scale is not scored (as for nn.InstanceNorm*d): kind "scale".
-        kind = "scale" if (node.target is F.instance_norm and arg_name == "weight") else arg_name
+        kind = "scale" if (instance and arg_name == "weight") else arg_name
         if not _layer_tensor(ctx, node, arg, 0, inp, "channelwise", kind):
             return out
     return out

@@ -165,9 +165,9 @@ class TensorSlot:
     functional layer's tensors (roles ``out``/``in``/``channelwise``) are scored and masked like
     the module form's; a per-channel ``operand`` of an element-wise op is neither (a removed
     channel's entry only ever meets a removed channel, so the masked reference need not zero it,
-    and zeroing a divisor would make it NaN). ``patches``: ``(node name, size position)`` of
-    ``view``/``reshape`` calls on the way from the tensor to its reader whose literal channel
-    count the rewrite turns into ``-1`` (``self.bias.view(1, C, 1, 1)``).
+    and zeroing a divisor would make it NaN). A literal channel count on the way from the tensor
+    to its reader (``self.bias.view(1, C, 1, 1)``, a depthwise conv's ``groups=``) is an argument
+    rewrite of that node (``node.meta[ARG_REWRITE]``), like any other.
     """
 
     target: str
@@ -177,7 +177,6 @@ class TensorSlot:
     kind: str = "operand"
     block: int = 1
     conv_groups: int = 1
-    patches: Tuple[Tuple[str, int], ...] = ()
 
     def as_slot(self) -> Slot:
         return Slot(self.target, "channelwise", self.segments, self.block)
@@ -306,12 +305,12 @@ class _Engine:
 
     def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout,
                       role: str = "operand", kind: str = "operand", conv_groups: int = 1,
-                      via: Sequence[torch.fx.Node] = (), patches: Sequence[Tuple[str, int]] = ()) -> None:
+                      via: Sequence[torch.fx.Node] = ()) -> None:
         target = str(operand.target)
         self.tensor_sites.setdefault(target, {}).setdefault(node.name, set()).add(dim)
         self.tensor_via.setdefault(target, set()).update(n.name for n in via)
         uses = self.tensor_layouts.setdefault(target, {})
-        use = _TensorUse(layout, role, kind, int(layout.block or 1), conv_groups, tuple(patches))
+        use = _TensorUse(layout, role, kind, int(layout.block or 1), conv_groups)
         if dim in uses:
             # One tensor read at several ops: every read must keep the same channels.
             old = uses[dim]
@@ -319,7 +318,6 @@ class _Engine:
                 self._freeze_at(node.name, [old.layout, layout], f"parameter {target} is read as {old.role} and as {role}")
                 return
             self.unify(node, [old.layout, layout])
-            uses[dim] = replace(old, patches=tuple(dict.fromkeys(old.patches + use.patches)))
             return
         uses[dim] = use
 
@@ -708,7 +706,7 @@ class _Engine:
             for dim, use in sorted(uses.items()):
                 lay = use.layout
                 segments = expand(lay.groups)
-                found.append(TensorSlot(target, dim, segments, use.role, use.kind, use.block, use.conv_groups, use.patches))
+                found.append(TensorSlot(target, dim, segments, use.role, use.kind, use.block, use.conv_groups))
                 offset = 0
                 for idx, size in segments:
                     tensor_members[idx].append(TensorMember(target, use.role, use.kind, dim, offset, use.block, use.conv_groups))
@@ -793,7 +791,6 @@ class _TensorUse:
     kind: str
     block: int
     conv_groups: int
-    patches: Tuple[Tuple[str, int], ...]
 
 
 def _owner(target: str) -> str:

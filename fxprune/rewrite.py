@@ -281,7 +281,6 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         node.meta.pop("val", None)
         if "fxprune_groups" in node.meta:
             node.meta["fxprune_channels"] = sum(len(kept[g]) for g in node.meta["fxprune_groups"])
-    _patch_parameter_views(graph, analysis, kept)
     new = torch.fx.GraphModule(root, graph, src.__class__.__name__)  # compiles the code once
     new.graph.lint()  # now owned by ``new``, so lint also checks every target exists
     _retie(src, new)
@@ -313,7 +312,8 @@ def apply_arg_rewrites(graph: torch.fx.Graph, kept: Dict[int, List[int]]) -> Non
 
     The analysis left an :class:`fxprune.rules.ArgRewrite` in ``node.meta[ARG_REWRITE]`` of
     each node whose arguments count channels (split sizes, slice bounds, a view's literal
-    channel count); each patch is evaluated on the kept counts and written where its path
+    channel count, a sliced parameter's ``view(1, C, 1, 1)``, a depthwise functional conv's
+    ``groups``); each patch is evaluated on the kept counts and written where its path
     says. A node whose arguments do not change is left exactly as it was (target included).
     The record is then dropped: its group indices mean nothing to a later analysis.
     """
@@ -412,47 +412,6 @@ def _check_tensor_sizes(analysis: Analysis, new: torch.fx.GraphModule, kept: Dic
             want, got = tensor_slot_size(slot, kept), tensor.shape[slot.dim]
             if got != want:
                 raise InternalError(f"parameter {target} has {got} positions on dim {slot.dim} after the rewrite, plan needs {want}")
-
-
-def _patch_parameter_views(graph: torch.fx.Graph, analysis: Analysis, kept: Dict[int, List[int]]) -> None:
-    """Give the arguments that state a sliced tensor's channel count the kept count.
-
-    A ``view``/``reshape`` of a parameter (``self.bias.view(1, C, 1, 1)``, the ``O`` of a weight
-    standardisation's ``w.reshape(1, O, -1)``: patch key = position in its sizes) and the
-    ``groups`` of a depthwise functional conv (key ``"groups@6"``: keyword, position).
-    """
-    patches: Dict[str, Tuple[Any, int]] = {}
-    for slots in analysis.tensors.values():
-        for slot in slots:
-            for name, key in slot.patches:
-                patches[name] = (key, tensor_slot_size(slot, kept))
-    if not patches:
-        return
-    for node in graph.nodes:
-        if node.name not in patches:
-            continue
-        key, value = patches[node.name]
-        if isinstance(key, str):
-            kw, _, at = key.partition("@")
-            if kw in node.kwargs or len(node.args) <= int(at):
-                node.kwargs = {**node.kwargs, kw: value}
-            else:
-                node.args = tuple(value if i == int(at) else a for i, a in enumerate(node.args))
-            continue
-        listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-        if node.op == "call_function":
-            sizes = list(node.args[1] if len(node.args) > 1 else node.kwargs["shape"])
-        else:
-            sizes = list(node.args[1] if listed else node.args[1:])
-        if not (0 <= key < len(sizes)) or not isinstance(sizes[key], int):
-            raise InternalError(f"cannot patch the channel size of {node.format_node()}")
-        sizes[key] = value
-        if node.op == "call_function" and len(node.args) <= 1:
-            node.kwargs = {**node.kwargs, "shape": tuple(sizes)}
-        elif node.op == "call_function" or listed:
-            node.args = (node.args[0], tuple(sizes), *node.args[2:])
-        else:
-            node.args = (node.args[0], *sizes)
 
 
 def _check_channels(gm: torch.fx.GraphModule) -> None:

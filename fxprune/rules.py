@@ -24,7 +24,8 @@ rule *refuses* the node (:meth:`RuleContext.refuse`), so plan and apply always a
 are frozen, with a warning (strict mode: an error) unless they are frozen by design anyway.
 
 *Argument rewrites*: a node whose arguments count channels (split sizes, ``chunk``, slice and
-``narrow`` bounds, a view's literal channel count) is rewritten, not refused. Its rule records
+``narrow`` bounds, a view's literal channel count, the ``view(1, C, 1, 1)`` of a sliced
+parameter, a depthwise functional conv's ``groups``) is rewritten, not refused. Its rule records
 an :class:`ArgPatch` (:meth:`RuleContext.rewrite_args`): where the argument sits and what it is
 in kept channels (:class:`ChannelCount`, :class:`Pieces`, :class:`Bounds`); the analysis
 resolves the groups and leaves an :class:`ArgRewrite` in ``node.meta[ARG_REWRITE]``, and the
@@ -277,7 +278,7 @@ class RuleContext(Protocol):
 
     def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout,
                       role: str = "operand", kind: str = "operand", conv_groups: int = 1,
-                      via: Sequence[torch.fx.Node] = (), patches: Sequence[Tuple[str, int]] = ()) -> None: ...
+                      via: Sequence[torch.fx.Node] = ()) -> None: ...
 
     def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
 
@@ -1652,7 +1653,7 @@ class _Source:
 
     leaves: Tuple[Tuple[torch.fx.Node, int], ...]
     via: Tuple[torch.fx.Node, ...]
-    patches: Tuple[Tuple[str, Union[int, str]], ...] = ()
+    patches: Tuple[Tuple[torch.fx.Node, int], ...] = ()  # (view node, position of the literal count in its sizes)
 
 
 def _cast_source(arg: Any) -> Optional[_Source]:
@@ -1704,7 +1705,7 @@ def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, dep
     if arg.op not in ("call_function", "call_method"):
         return None
     inputs = [n for n in arg.all_input_nodes]
-    patches: List[Tuple[str, Union[int, str]]] = []
+    patches: List[Tuple[torch.fx.Node, int]] = []
     if _is_cast(arg):
         inputs = inputs[:1]
     elif arg.target in _VECTOR_RESHAPES:
@@ -1715,7 +1716,7 @@ def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, dep
                     or (channels in sizes and -1 in sizes):
                 return None
             if channels in sizes:
-                patches.append((arg.name, sizes.index(channels)))
+                patches.append((arg, sizes.index(channels)))
         elif any(isinstance(a, torch.fx.Node) for a in list(arg.args[1:]) + list(arg.kwargs.values())):
             return None
         inputs = inputs[:1]
@@ -1746,6 +1747,15 @@ def _is_pointwise(ctx: RuleContext, node: torch.fx.Node) -> bool:
     return rule is _elementwise or rule is _binary
 
 
+def _rewrite_views(ctx: RuleContext, patches: Iterable[Tuple[torch.fx.Node, int]], layout: Layout) -> None:
+    """Declare the literal channel count of each ``view``/``reshape`` on the way from a sliced
+    tensor to its reader (``self.bias.view(1, C, 1, 1)``, a standardised weight's
+    ``w.reshape(1, O, -1)``) an argument rewrite: it becomes the kept count of ``layout``."""
+    count = ChannelCount.of([layout], int(layout.block or 1))
+    for view, pos in patches:
+        ctx.rewrite_args(view, ArgPatch(_view_size_path(view, pos), count))
+
+
 def channel_operand(ctx: RuleContext, node: torch.fx.Node, operand: torch.fx.Node, layout: Layout) -> bool:
     """Declare ``operand`` of ``node`` a per-channel parameter expression sliced with ``layout``'s channels.
 
@@ -1756,12 +1766,13 @@ def channel_operand(ctx: RuleContext, node: torch.fx.Node, operand: torch.fx.Nod
     if found is None or layout.block != 1:
         return False
     for leaf, dim in found.leaves:
-        ctx.tensor_member(node, leaf, dim, layout, via=found.via, patches=found.patches)
+        ctx.tensor_member(node, leaf, dim, layout, via=found.via)
+    _rewrite_views(ctx, found.patches, layout)
     return True
 
 
 def _layer_tensor(ctx: RuleContext, node: torch.fx.Node, arg: Any, dim: int, layout: Layout, role: str, kind: str,
-                  conv_groups: int = 1, size: Optional[int] = None, patches: Sequence[Tuple[str, Union[int, str]]] = ()) -> bool:
+                  conv_groups: int = 1, size: Optional[int] = None) -> bool:
     """Declare a functional layer's tensor ``arg`` (channels on ``dim``), or refuse/freeze the node.
 
     ``arg`` must be a parameter or buffer (possibly cast). Anything else cannot be sliced: a
@@ -1773,7 +1784,7 @@ def _layer_tensor(ctx: RuleContext, node: torch.fx.Node, arg: Any, dim: int, lay
     want = layout.channels * int(layout.block or 1) if size is None else size
     if source is not None and shape is not None and len(shape) > dim and shape[dim] == want:
         ctx.tensor_member(node, source.leaves[0][0], dim, layout, role=role, kind=kind, conv_groups=conv_groups,
-                          via=source.via, patches=patches)
+                          via=source.via)
         return True
     what = f"{kind} {getattr(arg, 'name', arg)} of {_label(node)} at {node.name}"
     if isinstance(arg, torch.fx.Node) and _parameters_only(arg):
@@ -1836,7 +1847,7 @@ class _Filters:
 
     param: torch.fx.Node
     via: Tuple[torch.fx.Node, ...]
-    patches: Tuple[Tuple[str, Union[int, str]], ...]
+    patches: Tuple[Tuple[torch.fx.Node, int], ...]  # (view node, position of the literal row count)
     mixes_inputs: bool  # a reduction or reshape over the other dims: input channels cannot be removed
 
 
@@ -1884,7 +1895,7 @@ def _filter_expression(ctx: RuleContext, arg: Any, rows: int, depth: int = 0) ->
         out_row = next((j for j, size in enumerate(shape) if size != 1), None)
         if out_row is None or shape[out_row] != rows:
             return None
-        patches: List[Tuple[str, Union[int, str]]] = []
+        patches: List[Tuple[torch.fx.Node, int]] = []
         if target in ("reshape", "view"):
             listed = len(arg.args) == 2 and isinstance(arg.args[1], (list, tuple))
             sizes = list(arg.args[1] if listed else arg.args[1:])
@@ -1892,7 +1903,7 @@ def _filter_expression(ctx: RuleContext, arg: Any, rows: int, depth: int = 0) ->
                     or any(v not in (1, -1) for j, v in enumerate(sizes) if j != out_row):
                 return None  # another literal would not follow the pruned rows
             if sizes[out_row] == rows:
-                patches.append((arg.name, out_row))
+                patches.append((arg, out_row))
             elif sizes[out_row] != -1:
                 return None
         else:
@@ -1922,7 +1933,7 @@ def _filter_expression(ctx: RuleContext, arg: Any, rows: int, depth: int = 0) ->
     if _is_pointwise(ctx, arg):
         found_any: Optional[Tuple[_Filters, int]] = None
         via: Tuple[torch.fx.Node, ...] = ()
-        patches_all: Tuple[Tuple[str, Union[int, str]], ...] = ()
+        patches_all: Tuple[Tuple[torch.fx.Node, int], ...] = ()
         mixes = False
         for n in arg.all_input_nodes:
             inner = below(n)
@@ -1966,9 +1977,10 @@ def _functional_conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     std = computed[0] if computed is not None and computed[1] == 0 else None
     if groups == in_channels == out_channels and groups > 1 and inp is not None and std is None:
         # Depthwise: a per-channel op; ``groups`` must follow the kept count.
-        if _layer_tensor(ctx, node, weight, 0, inp, "channelwise", "weight", patches=[(node.name, "groups@6")]) \
-                and bias is not None:
-            _layer_tensor(ctx, node, bias, 0, inp, "channelwise", "bias")
+        if _layer_tensor(ctx, node, weight, 0, inp, "channelwise", "weight"):
+            ctx.rewrite_args(node, ArgPatch(("groups",) if "groups" in node.kwargs else (6,), ChannelCount.of([inp])))
+            if bias is not None:
+                _layer_tensor(ctx, node, bias, 0, inp, "channelwise", "bias")
         return replace(inp, rank=rank)
     out = ctx.produce(node, out_channels, dim, rank)
     if groups > 1:
@@ -1981,7 +1993,8 @@ def _functional_conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
                 ctx.freeze(node, [inp], f"{what} reads a concatenation of {len(inp.groups)} groups")
     if std is not None:
         # A weight computed filter by filter (weight standardisation, centring): rows are sliced.
-        ctx.tensor_member(node, std.param, 0, out, role="out", kind="weight", via=std.via, patches=std.patches)
+        ctx.tensor_member(node, std.param, 0, out, role="out", kind="weight", via=std.via)
+        _rewrite_views(ctx, std.patches, out)
         if inp is None:
             pass
         elif std.mixes_inputs or groups > 1:

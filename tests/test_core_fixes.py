@@ -206,3 +206,40 @@ def test_ratio_patterns_match_a_functional_layer_by_its_owning_module() -> None:
     # A pattern naming the functional layer's owner alone (its batch norm) prunes the group too.
     plan = fxprune.plan(functional, {"bn": 0.5}, example_inputs=(x,))
     assert (len(plan.keep("a") or []), len(plan.keep("b") or [])) == (4, 6)
+
+
+# =========================================================================== one argument-rewrite path
+
+
+class DepthwiseViewNet(nn.Module):
+    """A depthwise functional conv (its ``groups=`` counts channels) and a viewed bias (``view(1, 8, 1, 1)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Parameter(torch.randn(8, 1, 3, 3) * 0.3)
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(self.a(x), self.dw, None, 1, 1, 1, 8)
+        return self.b(torch.relu(y + self.bias.view(1, 8, 1, 1)))
+
+
+def test_parameter_views_and_depthwise_groups_are_argument_rewrites() -> None:
+    from fxprune.rules import ARG_REWRITE, ArgRewrite, ChannelCount
+
+    torch.manual_seed(5)
+    model = DepthwiseViewNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    analysis = fxprune.analyze_model(model, example_inputs=(x,))
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    conv, view = nodes["conv2d"], nodes["view"]
+    for node, path in ((conv, (6,)), (view, (2,))):
+        rewrite = node.meta[ARG_REWRITE]
+        assert isinstance(rewrite, ArgRewrite) and [p.path for p in rewrite.patches] == [path]
+        assert isinstance(rewrite.patches[0].value, ChannelCount)
+    pruned = _prove(model, 0.5, x)
+    new = {n.name: n for n in pruned.graph.nodes}
+    assert new["conv2d"].args[6] == 4 and new["view"].args[1:] == (1, 4, 1, 1)
+    assert ARG_REWRITE not in new["view"].meta  # the record is consumed by the rewrite

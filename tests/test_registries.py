@@ -215,3 +215,20 @@ def test_registry_layers_over_its_parent() -> None:
     assert "two" not in base and [] not in base  # an unhashable key names nothing
     with pytest.raises(KeyError):
         base["two"]
+
+
+def test_iterative_pruning_uses_the_extended_tables_at_every_step() -> None:
+    from fxprune.iterative import prune_iteratively
+
+    torch.manual_seed(6)
+    gm = _leaf_graph()
+    x = torch.randn(2, 3, 8, 8)
+    rules = DEFAULT_RULES.extended({Gain: _gain_rule})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        pruned = prune_iteratively(gm, 0.5, steps=2, rules=rules,
+                                   builders=DEFAULT_BUILDERS.extended({Gain: _gain_builder}))
+    plan = pruned.meta["fxprune_plan"]
+    assert pruned.get_submodule("a.0").out_channels == 4 and pruned.get_submodule("leaf").gain.shape == (4,)
+    assert_equivalent(gm, pruned, plan, (x,), rules=rules, masks=DEFAULT_MASKS.extended({Gain: _gain_mask}))
+    assert Gain not in DEFAULT_RULES and Gain not in DEFAULT_BUILDERS

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import FxPruneError, FxPruneWarning, InternalError, UnsupportedNodeError, describe_node, target_name
-from .groups import Analysis, Group
+from .groups import Analysis, Group, tensor_owner
 from .trace import MutableArgsInterpreter
 from .rules import lookup_rule, role_tensors
 
@@ -144,9 +144,17 @@ def group_count(group: Group, n: int, round_to: int = 1, min_channels: int = 1) 
 
 
 def _pruning_modules(group: Group) -> List[str]:
-    """The modules that output the group's channels (what ratio patterns are matched against)."""
-    names = [m.module for m in group.members if m.role in ("out", "channelwise")]
-    return names or [m.module for m in group.members]
+    """The modules that output the group's channels (what ratio patterns are matched against).
+
+    A functional layer (``F.conv2d(x, self.weight)``, timm's ``F.batch_norm``) is named by the
+    module that owns its tensor, as the module form is by its own name.
+    """
+    def names(roles: Tuple[str, ...]) -> List[str]:
+        found = [m.module for m in group.members if m.role in roles]
+        found += [tensor_owner(t.target) for t in group.tensors if t.role in roles]
+        return list(dict.fromkeys(found))
+
+    return names(("out", "channelwise")) or names(("out", "in", "channelwise"))
 
 
 def pattern_ratio(group: Group, patterns: Mapping[str, float], default: float) -> float:
@@ -536,6 +544,7 @@ def _unreachable(analysis: Analysis, policy: Policy, limits: Mapping[str, float]
 
 def _warn_unmatched(analysis: Analysis, patterns: Mapping[str, float]) -> None:
     names = {m.module for g in analysis.groups for m in g.members}
+    names |= {tensor_owner(t.target) for g in analysis.groups for t in g.tensors if t.role != "operand"}
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             warnings.warn(FxPruneWarning(f"ratio pattern {pattern!r} matches no module of the model"), stacklevel=5)
@@ -592,7 +601,7 @@ def unrecognised_layers(analysis: Analysis) -> List[torch.fx.Node]:
     found = []
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method"):
-            if lookup_rule(node, None) is not None:
+            if lookup_rule(node, None, analysis.rules) is not None:
                 continue
             try:
                 layer = node.op == "call_function" and node.target in FUNCTIONAL_LAYERS
@@ -604,7 +613,7 @@ def unrecognised_layers(analysis: Analysis) -> List[torch.fx.Node]:
                 found.append(node)
         elif node.op == "call_module":
             module = modules.get(str(node.target))
-            if module is not None and lookup_rule(node, module) is None and any(True for _ in module.parameters()):
+            if module is not None and lookup_rule(node, module, analysis.rules) is None and any(True for _ in module.parameters()):
                 found.append(node)
     return found
 

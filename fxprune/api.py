@@ -24,7 +24,9 @@ from .groups import Analysis, Group, analyze, select_channels
 from .importance import Criterion, ScoringOptions, check_importance
 from .latency_model import LatencyOptions, LatencyTarget, plan_for_latency
 from .plan import GroupPlan, PruningPlan, make_plan
-from .rewrite import rewrite
+from .registry import Registry
+from .rewrite import Builder, rewrite
+from .rules import RuleTable
 from .export import is_lifted
 from .trace import as_graph_module, cast_model, propagate_shapes, trace
 
@@ -111,7 +113,7 @@ def _check_arity(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
 
 
 def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union[str, Iterable[str]] = (),
-                  strict: bool = False) -> Analysis:
+                  strict: bool = False, rules: Optional[RuleTable] = None) -> Analysis:
     """Trace if needed and analyse a private copy of the graph (modules are shared, read-only)."""
     inputs = as_inputs(example_inputs)
     patterns = check_ignore(ignore)  # bad arguments fail before any tracing
@@ -128,13 +130,13 @@ def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union
     if inputs is not None:
         _check_arity(work, inputs)
         propagate_shapes(work, inputs)
-    analysis = analyze(work, ignore=patterns, strict=strict)
+    analysis = analyze(work, ignore=patterns, strict=strict, rules=rules)
     warn_unmatched_ignore(analysis, patterns, stacklevel=3)
     return analysis
 
 
 def find_groups(model: ModelLike, *, example_inputs: Any = None, ignore: Union[str, Iterable[str]] = (),
-                strict: bool = False) -> GroupList:
+                strict: bool = False, rules: Optional[RuleTable] = None) -> GroupList:
     """The channel-coupled groups of ``model``, printable for humans.
 
     >>> import torch, torchvision, fxprune
@@ -143,8 +145,10 @@ def find_groups(model: ModelLike, *, example_inputs: Any = None, ignore: Union[s
     (13, 12)
     >>> groups[0].modules("out")
     ['conv1', 'layer1.0.conv2', 'layer1.1.conv2']
+
+    ``rules``: the rule table to analyse with (see :func:`prune`).
     """
-    return GroupList(analyze_model(model, example_inputs=example_inputs, ignore=ignore, strict=strict).groups)
+    return GroupList(analyze_model(model, example_inputs=example_inputs, ignore=ignore, strict=strict, rules=rules).groups)
 
 
 # ------------------------------------------------------------------ keep_class: the user's own class back
@@ -502,14 +506,15 @@ def make_policy(ratio: RatioArg, *, global_ranking: bool, max_group_ratio: float
     return policy.validated()  # ValueError naming a bad ratio, as before
 
 
-def _exact_measure(analysis: Analysis, inputs: Optional[Tuple[Any, ...]]) -> Callable[[Mapping[int, int]], Dict[str, int]]:
+def _exact_measure(analysis: Analysis, inputs: Optional[Tuple[Any, ...]],
+                   builders: Optional[Registry[type, Builder]] = None) -> Callable[[Mapping[int, int]], Dict[str, int]]:
     """Cost of the model rebuilt with the given keep counts (which channels does not matter)."""
 
     def measure(counts: Mapping[int, int]) -> Dict[str, int]:
         # Which channels does not change the cost; select_channels keeps grouped-conv blocks balanced.
         groups = [GroupPlan(g.key, g.size, select_channels(g, torch.zeros(g.size), counts.get(g.index, g.size)), [])
                   for g in analysis.groups]
-        built = rewrite(analysis, PruningPlan(groups))
+        built = rewrite(analysis, PruningPlan(groups), builders=builders)
         out = {"params": count_params(built)}
         if inputs is not None:
             out["macs"] = count_macs(built, inputs)
@@ -522,11 +527,13 @@ def decide(model: ModelLike, *, importance: Importance, example_inputs: Any, ign
            strict: bool, calibration: Optional[Iterable[Any]], calibration_batches: Optional[int],
            loss_fn: Optional[Callable[..., Any]], seed: int, policy: Policy, build: bool,
            keep_counts: Optional[Mapping[str, int]] = None,
-           explain: bool = True) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
+           explain: bool = True, rules: Optional[RuleTable] = None,
+           builders: Optional[Registry[type, Builder]] = None) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
     """Analyse, plan and (with ``build`` or a target to verify) rewrite: the body of plan()/prune().
 
     ``explain``: warn when nothing can be or was pruned (``strict``: raise on a layer fxprune
     cannot see); iterative pruning turns it off and explains once for all its steps.
+    ``rules`` / ``builders``: the rule and builder tables (defaults: the shipped ones).
     """
     inputs = as_inputs(example_inputs)
     if policy.target_macs is not None and inputs is None:
@@ -534,26 +541,26 @@ def decide(model: ModelLike, *, importance: Importance, example_inputs: Any, ign
                            "(a batch the model's forward accepts, e.g. torch.randn(1, 3, 224, 224))")
     check_importance(importance)
     options = ScoringOptions(calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed)
-    analysis = analyze_model(model, example_inputs=inputs, ignore=ignore, strict=strict)
+    analysis = analyze_model(model, example_inputs=inputs, ignore=ignore, strict=strict, rules=rules)
     # Never silent: a model returned unchanged says why (iterative pruning explains once, itself).
     can_prune = check_prunable(analysis, strict=strict, stacklevel=3) if explain else True
     if not policy.has_target:
         result = make_plan(analysis, importance=importance, policy=policy, options=options, keep_counts=keep_counts)
         if explain and can_prune and keep_counts is None and requests_pruning(policy) and not result.pruned_groups:
             warnings.warn(FxPruneWarning(unpruned_message(analysis, policy)), stacklevel=3)
-        return result, (rewrite(analysis, result, inputs) if build else None)
+        return result, (rewrite(analysis, result, inputs, builders=builders) if build else None)
 
     cost = CostModel(analysis, inputs)
     base = {"macs": cost.base_macs, "params": cost.base_params}
     scores: Dict[int, torch.Tensor] = {}
     result = make_plan(analysis, importance=importance, policy=policy, options=options, cost=cost, scores=scores)
-    pruned = rewrite(analysis, result, inputs)
+    pruned = rewrite(analysis, result, inputs, builders=builders)
     achieved = _achieved(pruned, inputs, base)
     if not _meets(policy, achieved, base):
         # The prediction was off for some op: search again, measuring rebuilt models.
         result = make_plan(analysis, importance=importance, policy=policy, options=options, scores=scores,
-                           measure=_exact_measure(analysis, inputs), base=base)
-        pruned = rewrite(analysis, result, inputs)
+                           measure=_exact_measure(analysis, inputs, builders), base=base)
+        pruned = rewrite(analysis, result, inputs, builders=builders)
         achieved = _achieved(pruned, inputs, base)
         result.policy["measured_search"] = True
     result.policy.update(achieved)
@@ -585,7 +592,8 @@ def plan(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "
          loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0,
          global_ranking: bool = False, max_group_ratio: float = 0.9, default_ratio: float = 0.0,
          round_to: int = 1, min_channels: int = 1,
-         target_macs: Optional[float] = None, target_params: Optional[float] = None) -> PruningPlan:
+         target_macs: Optional[float] = None, target_params: Optional[float] = None,
+         rules: Optional[RuleTable] = None) -> PruningPlan:
     """Decide which channels to keep, without returning a model (a target is still verified).
 
     >>> import torchvision, fxprune
@@ -598,7 +606,7 @@ def plan(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "
     with few_threads():
         result, _ = decide(model, importance=importance, example_inputs=example_inputs, ignore=check_ignore(ignore),
                            strict=strict, calibration=calibration, calibration_batches=calibration_batches,
-                           loss_fn=loss_fn, seed=seed, policy=policy, build=False)
+                           loss_fn=loss_fn, seed=seed, policy=policy, build=False, rules=rules)
     return result
 
 
@@ -606,11 +614,13 @@ plan.__doc__ = (plan.__doc__ or "") + _OPTIONS_DOC
 
 
 def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = None,
-          strict: bool = False, keep_class: bool = False) -> nn.Module:
+          strict: bool = False, keep_class: bool = False, rules: Optional[RuleTable] = None,
+          builders: Optional[Registry[type, Builder]] = None) -> nn.Module:
     """Build the pruned GraphModule a plan describes (raises PlanMismatchError if it does not fit).
 
     A plan loaded with :meth:`PruningPlan.from_json` rebuilds the same architecture on a
-    fresh copy of the model it was made for. ``keep_class=True``: see :func:`prune`.
+    fresh copy of the model it was made for. ``keep_class=True``, ``rules``, ``builders``: see
+    :func:`prune` (pass the tables the plan was made with).
 
     >>> import torchvision, fxprune
     >>> m = torchvision.models.resnet18()
@@ -619,8 +629,8 @@ def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = 
     44
     """
     with few_threads():
-        analysis = analyze_model(model, example_inputs=example_inputs, strict=strict)
-        pruned = rewrite(analysis, pruning_plan, as_inputs(example_inputs))
+        analysis = analyze_model(model, example_inputs=example_inputs, strict=strict, rules=rules)
+        pruned = rewrite(analysis, pruning_plan, as_inputs(example_inputs), builders=builders)
     pruned.meta["fxprune_plan"] = pruning_plan
     return _keep_class_fn(model, pruned, example_inputs) if keep_class else pruned
 
@@ -634,7 +644,8 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
           target_macs: Optional[float] = None, target_params: Optional[float] = None,
           keep_class: bool = False, target_latency: Optional[float] = None,
           target_latency_ms: Optional[float] = None, device: Any = "cpu", batch_size: Optional[int] = 1,
-          latency_mode: str = "eager", latency_options: Any = None) -> nn.Module:
+          latency_mode: str = "eager", latency_options: Any = None, rules: Optional[RuleTable] = None,
+          builders: Optional[Registry[type, Builder]] = None) -> nn.Module:
     """Remove ``ratio`` of the channels of every prunable group; return a NEW, smaller GraphModule.
 
     ``model`` is a GraphModule or an ``nn.Module`` (traced for you); it is never modified. A
@@ -670,7 +681,7 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
                                 policy=Policy(ratio=0.0, max_group_ratio=max_group_ratio, round_to=round_to,
                                               min_channels=min_channels).validated(),
                                 target=(target_latency, target_latency_ms), device=device, batch_size=batch_size,
-                                mode=latency_mode, options=latency_options)
+                                mode=latency_mode, options=latency_options, rules=rules, builders=builders)
         return _keep_class_fn(model, pruned) if keep_class else pruned
     policy = make_policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
                          round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
@@ -678,7 +689,7 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
         result, pruned = decide(model, importance=importance, example_inputs=example_inputs,
                                 ignore=check_ignore(ignore), strict=strict, calibration=calibration,
                                 calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed,
-                                policy=policy, build=True)
+                                policy=policy, build=True, rules=rules, builders=builders)
     if pruned is None:
         raise InternalError("prune() planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result
@@ -693,12 +704,19 @@ prune.__doc__ = (prune.__doc__ or "") + _OPTIONS_DOC + """
       (rounds, dtype, cost-table store, ...). The plan's ``policy["latency"]`` records the
       measured before/after, device, threads, torch version and method; a target that cannot be
       met raises :class:`fxprune.FxPruneError` naming the best reached. See :mod:`fxprune.latency_model`.
+    - ``rules`` / ``builders``: the channel-rule table (:class:`fxprune.rules.RuleTable`) and the
+      layer-builder table (:data:`fxprune.rewrite.DEFAULT_BUILDERS`) to use instead of the shipped
+      defaults, e.g. ``rules=fxprune.rules.DEFAULT_RULES.extended({my_op: my_rule})``: teaches
+      fxprune an op for this call only (``register_rule``/``register_builder`` teach it for
+      every call). Prove the result with the same tables
+      (``fxprune.testing.assert_equivalent(..., rules=...)``). ``plan`` takes ``rules`` too.
 """
 
 
 def _latency_prune(model: ModelLike, *, importance: Importance, example_inputs: Any, ignore: Any, strict: bool,
                    scoring: ScoringOptions, policy: Policy, target: Tuple[Optional[float], Optional[float]],
-                   device: Any, batch_size: Optional[int], mode: str, options: Any) -> torch.fx.GraphModule:
+                   device: Any, batch_size: Optional[int], mode: str, options: Any, rules: Optional[RuleTable] = None,
+                   builders: Optional[Registry[type, Builder]] = None) -> torch.fx.GraphModule:
     goal = LatencyTarget(fraction=target[0], ms=target[1]).validated()
     inputs = as_inputs(example_inputs)
     if inputs is None:
@@ -708,9 +726,9 @@ def _latency_prune(model: ModelLike, *, importance: Importance, example_inputs: 
         raise FxPruneError(f"latency_options must be a fxprune.latency_model.LatencyOptions, got {type(options).__name__}")
     check_importance(importance)
     with few_threads():
-        analysis = analyze_model(model, example_inputs=inputs, ignore=check_ignore(ignore), strict=strict)
+        analysis = analyze_model(model, example_inputs=inputs, ignore=check_ignore(ignore), strict=strict, rules=rules)
     result, pruned = plan_for_latency(analysis, model, importance=importance, scoring=scoring, policy=policy,
                                       target=goal, example_inputs=inputs, device=device, batch_size=batch_size,
-                                      mode=mode, options=options)
+                                      mode=mode, options=options, builders=builders)
     pruned.meta["fxprune_plan"] = result
     return pruned

@@ -183,6 +183,7 @@ _FUNCTIONS: Dict[Any, Tuple[str, Any]] = {
     aten.view.default: ("call_method", "view"),
     aten.reshape.default: ("call_function", torch.reshape),
     aten.cat.default: ("call_function", torch.cat),
+    aten.stack.default: ("call_function", torch.stack),
     aten.softmax.int: ("call_function", torch.softmax),
     aten.contiguous.default: ("call_method", "contiguous"),
     aten.clone.default: ("call_method", "clone"),

@@ -55,12 +55,12 @@ import torch.nn as nn
 
 from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe_node, target_name, InternalError
 from .graph import to_networkx, walk
-from .rules import ARG_REWRITE, ArgPatch, ArgRewrite, Layout, TupleLayout, lookup_rule, output_rank
+from .rules import ARG_REWRITE, DEFAULT_RULES, ArgPatch, ArgRewrite, Layout, RuleTable, TupleLayout, output_rank
 from .trace import node_shape
 
 __all__ = [
     "Member", "TensorMember", "Group", "Slot", "TensorSlot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",
-    "tensor_users", "unique_keys",
+    "tensor_users", "unique_keys", "tensor_owner",
 ]
 
 ROLES = ("out", "in", "channelwise")
@@ -165,9 +165,9 @@ class TensorSlot:
     functional layer's tensors (roles ``out``/``in``/``channelwise``) are scored and masked like
     the module form's; a per-channel ``operand`` of an element-wise op is neither (a removed
     channel's entry only ever meets a removed channel, so the masked reference need not zero it,
-    and zeroing a divisor would make it NaN). ``patches``: ``(node name, size position)`` of
-    ``view``/``reshape`` calls on the way from the tensor to its reader whose literal channel
-    count the rewrite turns into ``-1`` (``self.bias.view(1, C, 1, 1)``).
+    and zeroing a divisor would make it NaN). A literal channel count on the way from the tensor
+    to its reader (``self.bias.view(1, C, 1, 1)``, a depthwise conv's ``groups=``) is an argument
+    rewrite of that node (``node.meta[ARG_REWRITE]``), like any other.
     """
 
     target: str
@@ -177,7 +177,6 @@ class TensorSlot:
     kind: str = "operand"
     block: int = 1
     conv_groups: int = 1
-    patches: Tuple[Tuple[str, int], ...] = ()
 
     def as_slot(self) -> Slot:
         return Slot(self.target, "channelwise", self.segments, self.block)
@@ -194,6 +193,8 @@ class Analysis:
     # Directly read tensors by attribute path: one slot per dim the channels index (a functional
     # conv's weight has its ``out`` rows on dim 0 and its ``in`` columns on dim 1).
     tensors: Dict[str, Tuple[TensorSlot, ...]] = field(default_factory=dict)
+    # The rule table the groups were found with (what later stages ask "is there a rule?").
+    rules: RuleTable = DEFAULT_RULES
 
     def group(self, key: str) -> Group:
         for g in self.groups:
@@ -208,9 +209,10 @@ class Analysis:
 class _Engine:
     """Implements :class:`fxprune.rules.RuleContext` over one graph."""
 
-    def __init__(self, gm: torch.fx.GraphModule, strict: bool) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, strict: bool, rules: RuleTable = DEFAULT_RULES) -> None:
         self.gm = gm
         self.strict = strict
+        self.rules = rules
         self.modules: Dict[str, nn.Module] = dict(gm.named_modules())
         self.union = nx.utils.UnionFind()
         self.sizes: List[int] = []
@@ -303,12 +305,12 @@ class _Engine:
 
     def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout,
                       role: str = "operand", kind: str = "operand", conv_groups: int = 1,
-                      via: Sequence[torch.fx.Node] = (), patches: Sequence[Tuple[str, int]] = ()) -> None:
+                      via: Sequence[torch.fx.Node] = ()) -> None:
         target = str(operand.target)
         self.tensor_sites.setdefault(target, {}).setdefault(node.name, set()).add(dim)
         self.tensor_via.setdefault(target, set()).update(n.name for n in via)
         uses = self.tensor_layouts.setdefault(target, {})
-        use = _TensorUse(layout, role, kind, int(layout.block or 1), conv_groups, tuple(patches))
+        use = _TensorUse(layout, role, kind, int(layout.block or 1), conv_groups)
         if dim in uses:
             # One tensor read at several ops: every read must keep the same channels.
             old = uses[dim]
@@ -316,7 +318,6 @@ class _Engine:
                 self._freeze_at(node.name, [old.layout, layout], f"parameter {target} is read as {old.role} and as {role}")
                 return
             self.unify(node, [old.layout, layout])
-            uses[dim] = replace(old, patches=tuple(dict.fromkeys(old.patches + use.patches)))
             return
         uses[dim] = use
 
@@ -513,7 +514,7 @@ class _Engine:
             if whole:
                 self.freeze(node, whole, "a tuple of channel-carrying tensors consumed whole")
         module = self.modules.get(str(node.target)) if node.op == "call_module" else None
-        rule = lookup_rule(node, module)
+        rule = self.rules.lookup(node, module)
         if rule is None:
             if self._input_layouts(node):
                 what = f"module {node.target} ({type(module).__name__})" if module is not None else f"{node.op} {target_name(node)}"
@@ -705,7 +706,7 @@ class _Engine:
             for dim, use in sorted(uses.items()):
                 lay = use.layout
                 segments = expand(lay.groups)
-                found.append(TensorSlot(target, dim, segments, use.role, use.kind, use.block, use.conv_groups, use.patches))
+                found.append(TensorSlot(target, dim, segments, use.role, use.kind, use.block, use.conv_groups))
                 offset = 0
                 for idx, size in segments:
                     tensor_members[idx].append(TensorMember(target, use.role, use.kind, dim, offset, use.block, use.conv_groups))
@@ -750,7 +751,7 @@ class _Engine:
             why = tuple(dict.fromkeys(reasons.get(idx, [])))  # dedupe, keep order
             groups.append(Group(idx, keys[idx], sizes[idx], tuple(members[idx]), bool(why), why, blocks.get(idx, 1),
                                 tuple(tensor_members[idx])))
-        return Analysis(self.gm, groups, slots, list(self.messages), tensors)
+        return Analysis(self.gm, groups, slots, list(self.messages), tensors, self.rules)
 
     def _resolve_blocks(self, final: Dict[int, Tuple[Tuple[int, int], ...]], sizes: Dict[int, int],
                         reasons: Dict[int, List[str]]) -> Dict[int, int]:
@@ -790,13 +791,24 @@ class _TensorUse:
     kind: str
     block: int
     conv_groups: int
-    patches: Tuple[Tuple[str, int], ...]
 
 
 def _owner(target: str) -> str:
     """``"blocks.0.conv"`` for ``"blocks.0.conv.weight"``: the module a functional layer's weight belongs to."""
     owner, _, name = target.rpartition(".")
     return owner if owner and name == "weight" else target
+
+
+def tensor_owner(target: str) -> str:
+    """The module a ``get_attr`` tensor is an attribute of (its own path for a root attribute).
+
+    What names a functional layer for ratio patterns, as the module name names a module form:
+
+    >>> tensor_owner("blocks.0.bn.running_var"), tensor_owner("gamma")
+    ('blocks.0.bn', 'gamma')
+    """
+    owner = target.rpartition(".")[0]
+    return owner or target
 
 
 def _is_torch_op(target: Any) -> bool:
@@ -927,7 +939,8 @@ def check_balanced(group: Group, keep: Sequence[int]) -> Optional[str]:
             f"{group.block_size} channels must keep the same number, the plan keeps {counts}")
 
 
-def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: bool = False) -> Analysis:
+def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: bool = False,
+            rules: Optional[RuleTable] = None) -> Analysis:
     """Find the channel-coupled groups of ``gm``.
 
     Writes ``node.meta['fxprune_layout']`` (in final group indices, segment by segment as
@@ -940,5 +953,19 @@ def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: boo
     >>> a = analyze(gm)
     >>> len(a.groups), sum(g.prunable for g in a.groups)
     (13, 12)
+
+    ``rules``: the :class:`fxprune.rules.RuleTable` to look each op up in (default
+    :data:`fxprune.rules.DEFAULT_RULES`); ``DEFAULT_RULES.extended({...})`` teaches it an op
+    for this analysis only. A table that is not a RuleTable is bad input:
+
+    >>> analyze(gm, rules={})
+    Traceback (most recent call last):
+    ...
+    fxprune.errors.FxPruneError: rules= must be a fxprune.rules.RuleTable (e.g. fxprune.rules.DEFAULT_RULES.extended({...})), got dict
     """
-    return _Engine(gm, strict).run(tuple(ignore))
+    if rules is None:
+        rules = DEFAULT_RULES
+    elif not isinstance(rules, RuleTable):
+        raise FxPruneError("rules= must be a fxprune.rules.RuleTable (e.g. fxprune.rules.DEFAULT_RULES.extended({...})), "
+                           f"got {type(rules).__name__}")
+    return _Engine(gm, strict, rules).run(tuple(ignore))

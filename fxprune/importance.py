@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
+from .registry import Registry
 from .trace import MutableArgsInterpreter
 from .rules import role_tensors
 
@@ -49,6 +50,8 @@ __all__ = [
     "register_criterion",
     "register_model_criterion",
     "register_weights",
+    "DEFAULT_WEIGHTS",
+    "WeightView",
     "member_rows",
     "member_norms",
     "tensor_rows",
@@ -80,25 +83,38 @@ class ScoringOptions:
     calibration_batches: Optional[int] = None
     loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None
     seed: int = 0
+    # The weight-view table to score with (None: DEFAULT_WEIGHTS), e.g. DEFAULT_WEIGHTS.extended({MyLayer: view}).
+    weights: Optional[Registry[type, WeightView]] = None
 
 
 ModelCriterion = Callable[[Analysis, Sequence[Group], ScoringOptions], Dict[int, torch.Tensor]]
 
-_WEIGHT_VIEWS: Dict[type, WeightView] = {}
+DEFAULT_WEIGHTS: Registry[type, WeightView] = Registry("weight views")
+"""Module type (exact) -> weight view, the table :func:`register_weights` writes to."""
+_WEIGHT_VIEWS: Dict[type, WeightView] = DEFAULT_WEIGHTS.own  # the default table's own entries
+# The table of the scoring pass under way (score_groups sets it from ScoringOptions.weights).
+_VIEWS: contextvars.ContextVar[Optional[Registry[type, WeightView]]] = contextvars.ContextVar("fxprune_weight_views",
+                                                                                              default=None)
+
+
+def _view(module: nn.Module) -> Optional[WeightView]:
+    return (_VIEWS.get() or DEFAULT_WEIGHTS).get(type(module))
 CRITERIA: Dict[str, Criterion] = {}
 MODEL_CRITERIA: Dict[str, ModelCriterion] = {}
 _NEEDS_DATA: Dict[str, bool] = {}
 
 
 def register_weights(*types: type) -> Callable[[WeightView], WeightView]:
-    """Register how a module type exposes the weights a role indexes, positions first."""
+    """Register, in :data:`DEFAULT_WEIGHTS`, how a module type exposes the weights a role indexes, positions first.
 
-    def decorate(fn: WeightView) -> WeightView:
-        for t in types:
-            _WEIGHT_VIEWS[t] = fn
-        return fn
+    For one scoring pass only, extend the table instead and pass it as
+    ``ScoringOptions(weights=...)`` to :func:`score_groups`:
 
-    return decorate
+    >>> table = DEFAULT_WEIGHTS.extended({nn.LayerNorm: lambda m, role: m.weight.detach().unsqueeze(1)})
+    >>> nn.LayerNorm in table, nn.LayerNorm in DEFAULT_WEIGHTS
+    (True, False)
+    """
+    return DEFAULT_WEIGHTS.register(*types)
 
 
 def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
@@ -198,7 +214,7 @@ def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
 def member_rows(gm: torch.fx.GraphModule, group: Group, member: Member) -> Optional[torch.Tensor]:
     """The member's weights for this group as ``[group.size, k]`` (one row per channel)."""
     module = gm.get_submodule(member.module)
-    view = _WEIGHT_VIEWS.get(type(module))
+    view = _view(module)
     if view is None:
         return None
     w = view(module, member.role)
@@ -269,7 +285,7 @@ def member_norms(gm: torch.fx.GraphModule, group: Group, member: Member, p: floa
     conv/Linear's two roles share one pass over its weight (see :class:`_NormCache`).
     """
     module = gm.get_submodule(member.module)
-    view = _WEIGHT_VIEWS.get(type(module))
+    view = _view(module)
     if view is None:
         return None
     w = view(module, "out")  # positions on dim 0 for out/channelwise, dim 1 for "in"
@@ -521,6 +537,29 @@ def _is_relu_like(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
     return False
 
 
+def _reads_tensor(node: torch.fx.Node, targets: Iterable[str], depth: int = 0) -> bool:
+    """Whether ``node`` reads one of the ``get_attr`` ``targets``, directly or through a parameter
+    expression (casts, a weight standardisation: nodes that carry no channels of their own)."""
+    targets = set(targets)
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            if str(arg.target) in targets:
+                return True
+        elif depth < 16 and arg.op in ("call_function", "call_method") and "fxprune_layout" not in arg.meta \
+                and _reads_tensor(arg, targets, depth + 1):
+            return True
+    return False
+
+
+def _is_producer(node: torch.fx.Node, group: Group, modules: Iterable[str], tensors: Iterable[str]) -> bool:
+    """Whether ``node`` outputs ``group``'s channels as their producer: a module in ``modules``,
+    or a functional layer (``F.conv2d``, ``F.linear`` on a ``get_attr`` weight) whose ``out``
+    tensor is one of ``tensors``."""
+    if node.op == "call_module":
+        return str(node.target) in modules
+    return node.op in ("call_function", "call_method") and _reads_tensor(node, tensors)
+
+
 class _Recorder(MutableArgsInterpreter):
     """Runs the graph and counts, per watched node, the zero entries of each channel."""
 
@@ -554,7 +593,8 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
     fraction of its entries (over batch and spatial positions) that are exactly zero.
     Reduction: the mean APoZ over the group's watched tensors (a residual group passes
     several ReLUs). A group whose channels pass no ReLU-like op is scored on its producers'
-    outputs, counting the entries a ReLU would zero (``<= 0``). The score is a fraction in
+    outputs (modules, or functional layers such as ``F.conv2d`` on a parameter), counting the
+    entries a ReLU would zero (``<= 0``). The score is a fraction in
     [0, 1], already comparable across groups; a channel that is always zero scores 0.
     """
     gm = analysis.gm
@@ -563,6 +603,8 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
     relu_nodes: Dict[int, List[Tuple[str, int]]] = {g: [] for g in wanted}
     producer_nodes: Dict[int, List[Tuple[str, int]]] = {g: [] for g in wanted}
     producers = {g.index: set(g.modules("out")) for g in groups}
+    producer_tensors = {g.index: {t.target for t in g.tensors if t.role == "out"} for g in groups}
+    by_index = {g.index: g for g in groups}
     watch: Dict[str, Tuple[int, int, bool]] = {}
     for node in gm.graph.nodes:
         groups_here = node.meta.get("fxprune_groups")
@@ -577,7 +619,7 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
             if relu:
                 relu_nodes[gi].append((node.name, offset))
                 watch[node.name] = (dim, total, False)
-            elif node.op == "call_module" and str(node.target) in producers[gi]:
+            elif _is_producer(node, by_index[gi], producers[gi], producer_tensors[gi]):
                 producer_nodes[gi].append((node.name, offset))
     nodes = {n.name: n for n in gm.graph.nodes}
     for gi in wanted:
@@ -635,6 +677,27 @@ def _member_products(module: nn.Module, group: Group, member: Member) -> Optiona
     return total
 
 
+def _tensor_products(gm: torch.fx.GraphModule, group: Group, member: TensorMember) -> Optional[torch.Tensor]:
+    """``sum of weight * grad`` per channel over a functional layer's tensor (signed), or None.
+
+    The tensor-member counterpart of :func:`_member_products`: a functional layer's weight,
+    bias and scale count as the module form's do; buffers (running statistics) have no
+    gradient, and per-channel operands are not layer tensors (nor scored by the weight criteria).
+    """
+    if member.role == "operand":
+        return None
+    p = operator.attrgetter(member.target)(gm)
+    if not isinstance(p, torch.Tensor) or p.grad is None or p.dim() <= member.dim:
+        return None
+    prod = p.detach() * p.grad.detach()
+    if member.role == "in" and member.conv_groups > 1:
+        prod = _grouped_inputs(prod, member.conv_groups)  # input channels spread over the conv groups
+    else:
+        prod = prod.movedim(member.dim, 0)
+    start = member.offset * member.block
+    return prod[start : start + group.size * member.block].reshape(group.size, -1).sum(1).double()
+
+
 @register_model_criterion("taylor", needs_data=True)
 def taylor(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -> Dict[int, torch.Tensor]:
     """First-order Taylor expansion of the loss (Molchanov et al., 2019), per group.
@@ -644,7 +707,8 @@ def taylor(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions)
     user's model gets no ``.grad`` and no BatchNorm update). A channel's estimate of the loss
     change when it is removed is ``|sum over every weight and bias of the group that the
     channel indexes of w * dL/dw|`` (producer rows and biases, BatchNorm scales and shifts,
-    consumer columns, all signed before the absolute value). Reduction: the mean of that value
+    consumer columns, all signed before the absolute value; a functional layer's parameters,
+    ``F.conv2d(x, self.weight)`` or timm's ``F.batch_norm``, count like the module form's). Reduction: the mean of that value
     over batches. No normalisation; a channel with zero ``w * grad`` everywhere scores 0.
     """
     loss_fn = options.loss_fn or F.cross_entropy
@@ -671,6 +735,10 @@ def taylor(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions)
                 acc = torch.zeros(g.size, dtype=torch.float64)
                 for m in g.members:
                     prod = _member_products(modules[m.module], g, m)
+                    if prod is not None:
+                        acc += prod.cpu()
+                for t in g.tensors:
+                    prod = _tensor_products(work, g, t)
                     if prod is not None:
                         acc += prod.cpu()
                 sums[g.index] += acc.abs()
@@ -731,8 +799,15 @@ def score(group: Group, gm: torch.fx.GraphModule, importance: Union[str, Criteri
 
 def score_groups(analysis: Analysis, importance: Union[str, Callable[..., Any]], groups: Optional[Sequence[Group]] = None,
                  options: Optional[ScoringOptions] = None) -> Dict[int, torch.Tensor]:
-    """Scores of every given group (default: the prunable ones), by group index."""
+    """Scores of every given group (default: the prunable ones), by group index.
+
+    Weight criteria read each layer's weights through ``options.weights`` (default
+    :data:`DEFAULT_WEIGHTS`).
+    """
     options = options or ScoringOptions()
+    if options.weights is not None and not isinstance(options.weights, Registry):
+        raise FxPruneError("ScoringOptions.weights must be a table like fxprune.importance.DEFAULT_WEIGHTS "
+                           f"(e.g. DEFAULT_WEIGHTS.extended({{MyLayer: view}})), got {type(options.weights).__name__}")
     if groups is None:
         groups = [g for g in analysis.groups if g.prunable]
     if isinstance(importance, str) and importance in MODEL_CRITERIA:
@@ -754,7 +829,9 @@ def score_groups(analysis: Analysis, importance: Union[str, Callable[..., Any]],
         return out
     check_importance(importance)
     token = _CACHE.set(_NormCache())
+    views = _VIEWS.set(options.weights)
     try:
         return {g.index: score(g, analysis.gm, importance) for g in groups}
     finally:
+        _VIEWS.reset(views)
         _CACHE.reset(token)

@@ -34,6 +34,9 @@ from .cost import count_macs, count_params
 from .importance import check_importance
 from .errors import FxPruneError, FxPruneWarning, InternalError
 from .plan import GroupPlan, PruningPlan, model_identity
+from .registry import Registry
+from .rewrite import Builder
+from .rules import RuleTable
 from .trace import as_graph_module
 
 __all__ = ["prune_iteratively"]
@@ -71,14 +74,16 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
                       default_ratio: float = 0.0, round_to: int = 1, min_channels: int = 1,
                       ignore: Union[str, Iterable[str]] = (), strict: bool = False,
                       calibration: Optional[Iterable[Any]] = None, calibration_batches: Optional[int] = None,
-                      loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0) -> nn.Module:
+                      loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0,
+                      rules: Optional[RuleTable] = None, builders: Optional[Registry[type, Builder]] = None) -> nn.Module:
     """Prune ``model`` in ``steps`` steps, calling ``finetune(pruned, step)`` after each.
 
     ``finetune`` receives the GraphModule just pruned and the step number (1..steps, the last
     one included) and returns the model to continue with, or None to continue with the one it
     was given (trained in place). Without ``finetune`` the steps just follow each other.
-    Options are those of :func:`fxprune.prune`; ``calibration`` is iterated once per step, so
-    pass something re-iterable (a DataLoader or a list), not a one-shot generator.
+    Options are those of :func:`fxprune.prune` (``rules``/``builders``: the tables every step
+    analyses and rebuilds with); ``calibration`` is iterated once per step, so pass something
+    re-iterable (a DataLoader or a list), not a one-shot generator.
 
     Returns the last model. When it is a GraphModule, ``meta["fxprune_plan"]`` is the single
     plan that takes the original model to the final architecture (replay it with
@@ -98,11 +103,11 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
     check_importance(importance)
     common: Dict[str, Any] = dict(importance=importance, example_inputs=inputs, ignore=ignore_t, strict=strict,
                                   calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn,
-                                  seed=seed, round_to=round_to, min_channels=min_channels)
+                                  seed=seed, round_to=round_to, min_channels=min_channels, rules=rules, builders=builders)
 
     original = as_graph_module(model)
     with few_threads():
-        analysis0 = analyze_model(original, example_inputs=inputs, ignore=ignore_t, strict=strict)
+        analysis0 = analyze_model(original, example_inputs=inputs, ignore=ignore_t, strict=strict, rules=rules)
         base_macs = count_macs(original, inputs) if policy.target_macs is not None else None
     base_params = count_params(original)
     # Explained once for the whole run, here and after the last step (the steps are quiet).
@@ -133,7 +138,7 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
                 if not isinstance(policy.ratio, float):
                     raise InternalError(f"global ranking with ratio {policy.ratio!r} passed validation")
                 with few_threads():
-                    now = sum(g.size for g in analyze_model(current, ignore=ignore_t).groups if g.prunable)
+                    now = sum(g.size for g in analyze_model(current, ignore=ignore_t, rules=rules).groups if g.prunable)
                 want = int(total0 * (1.0 - policy.ratio * frac))
                 step_ratio = min(max(0.0, 1.0 - want / max(1, now)), 0.999999)
                 pruned = _step(current, make_policy(step_ratio, global_ranking=True, max_group_ratio=max_group_ratio,
@@ -184,7 +189,8 @@ def _step(model: nn.Module, policy: Policy, common: Mapping[str, Any],
         result, pruned = decide(model, importance=common["importance"], example_inputs=common["example_inputs"],
                                 ignore=common["ignore"], strict=common["strict"], calibration=common["calibration"],
                                 calibration_batches=common["calibration_batches"], loss_fn=common["loss_fn"],
-                                seed=common["seed"], policy=policy, build=True, keep_counts=keep, explain=False)
+                                seed=common["seed"], policy=policy, build=True, keep_counts=keep, explain=False,
+                                rules=common["rules"], builders=common["builders"])
     if pruned is None:
         raise InternalError("an iterative step planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result

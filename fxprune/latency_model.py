@@ -1073,13 +1073,13 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
 
 def plan_for_latency(analysis: Analysis, original: nn.Module, *, importance: Any, scoring: ScoringOptions,
                      policy: Policy, target: LatencyTarget, example_inputs: Sequence[Any], device: Any = "cpu",
-                     batch_size: Optional[int] = 1, mode: str = "eager", options: Optional[LatencyOptions] = None
-                     ) -> Tuple[PruningPlan, torch.fx.GraphModule]:
+                     batch_size: Optional[int] = 1, mode: str = "eager", options: Optional[LatencyOptions] = None,
+                     builders: Any = None) -> Tuple[PruningPlan, torch.fx.GraphModule]:
     """The plan and pruned model for a latency target (what ``fxprune.prune(target_latency=...)`` runs).
 
     Scores the prunable groups once with ``importance``, runs :func:`prune_to_latency` with a
     builder that plans those keep counts and rewrites, and records the measurement in the
-    plan's ``policy["latency"]``.
+    plan's ``policy["latency"]``. ``builders``: the layer-builder table (see :func:`fxprune.rewrite.rewrite`).
     """
     target = target.validated()
     inputs = tuple(example_inputs)
@@ -1097,7 +1097,7 @@ def plan_for_latency(analysis: Analysis, original: nn.Module, *, importance: Any
         return plans[key]
 
     def build(counts: Mapping[int, int]) -> nn.Module:
-        return rewrite(analysis, plan_of(counts), inputs)
+        return rewrite(analysis, plan_of(counts), inputs, builders=builders)
 
     pruned, counts, record = prune_to_latency(analysis, original, scores=scores, policy=policy, target=target,
                                               build=build, example_inputs=inputs, device=device,

@@ -22,25 +22,41 @@ import torch.nn as nn
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
 from .plan import PruningPlan, resolve
+from .registry import Registry
 from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
 from .trace import propagate_shapes
 
-__all__ = ["rewrite", "register_builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size"]
+__all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size"]
 
 Indices = Optional[torch.Tensor]  # None: that dimension is unchanged
 Builder = Callable[[nn.Module, Dict[str, Indices]], nn.Module]
-_BUILDERS: Dict[type, Builder] = {}
+DEFAULT_BUILDERS: Registry[type, Builder] = Registry("builders")
+"""Module type (exact) -> builder, the table :func:`register_builder` writes to.
+
+``DEFAULT_BUILDERS.extended({MyLayer: build})`` is a NEW table for one
+``rewrite(..., builders=)`` / ``fxprune.prune(..., builders=)`` call, the default untouched.
+"""
+_BUILDERS: Dict[type, Builder] = DEFAULT_BUILDERS.own  # the default table's own entries
 
 
 def register_builder(*types: type) -> Callable[[Builder], Builder]:
-    """Register how to build a smaller copy of a module type from kept indices per role."""
+    """Register, in :data:`DEFAULT_BUILDERS`, how to build a smaller copy of a module type from kept indices per role.
 
-    def decorate(fn: Builder) -> Builder:
-        for t in types:
-            _BUILDERS[t] = fn
-        return fn
-
-    return decorate
+    >>> import torch.nn as nn
+    >>> class Scale(nn.Module):
+    ...     def __init__(self, c):
+    ...         super().__init__()
+    ...         self.weight = nn.Parameter(torch.ones(c))
+    >>> table = DEFAULT_BUILDERS.extended()
+    >>> @table.register(Scale)
+    ... def _(m, idx):
+    ...     new = Scale(len(idx["channelwise"]))
+    ...     new.weight.data = m.weight.data[idx["channelwise"]]
+    ...     return new
+    >>> Scale in table, Scale in DEFAULT_BUILDERS
+    (True, False)
+    """
+    return DEFAULT_BUILDERS.register(*types)
 
 
 def _sliced(t: Optional[torch.Tensor], dim: int, idx: Indices) -> Optional[torch.Tensor]:
@@ -201,8 +217,11 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
     return {}
 
 
-def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None) -> torch.fx.GraphModule:
+def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None, *,
+            builders: Optional[Registry[type, Builder]] = None) -> torch.fx.GraphModule:
     """Build the pruned GraphModule that ``plan`` describes for the analysed model.
+
+    ``builders``: the table of layer builders (default :data:`DEFAULT_BUILDERS`).
 
     >>> import torchvision, fxprune
     >>> from fxprune.groups import analyze
@@ -212,6 +231,11 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
     >>> pruned.get_submodule("layer1.0.conv1").out_channels
     32
     """
+    if builders is None:
+        builders = DEFAULT_BUILDERS
+    elif not isinstance(builders, Registry):
+        raise FxPruneError("builders= must be a table like fxprune.rewrite.DEFAULT_BUILDERS (e.g. "
+                           f"DEFAULT_BUILDERS.extended({{MyLayer: build}})), got {type(builders).__name__}")
     src = analysis.gm
     kept = resolve(analysis, plan)
     for group in analysis.groups:
@@ -237,7 +261,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         slots = by_module.get(target, {})
         idx = {role: slot_indices(slot, kept, as_tensor) for role, slot in slots.items()}
         if any(i is not None for i in idx.values()):
-            builder = _BUILDERS.get(type(original))
+            builder = builders.get(type(original))
             if builder is None:
                 # Every built-in layer type has a builder, so this is a user rule for a custom
                 # layer registered without one: the user's to fix, not a bug of ours.
@@ -257,7 +281,6 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         node.meta.pop("val", None)
         if "fxprune_groups" in node.meta:
             node.meta["fxprune_channels"] = sum(len(kept[g]) for g in node.meta["fxprune_groups"])
-    _patch_parameter_views(graph, analysis, kept)
     new = torch.fx.GraphModule(root, graph, src.__class__.__name__)  # compiles the code once
     new.graph.lint()  # now owned by ``new``, so lint also checks every target exists
     _retie(src, new)
@@ -289,7 +312,8 @@ def apply_arg_rewrites(graph: torch.fx.Graph, kept: Dict[int, List[int]]) -> Non
 
     The analysis left an :class:`fxprune.rules.ArgRewrite` in ``node.meta[ARG_REWRITE]`` of
     each node whose arguments count channels (split sizes, slice bounds, a view's literal
-    channel count); each patch is evaluated on the kept counts and written where its path
+    channel count, a sliced parameter's ``view(1, C, 1, 1)``, a depthwise functional conv's
+    ``groups``); each patch is evaluated on the kept counts and written where its path
     says. A node whose arguments do not change is left exactly as it was (target included).
     The record is then dropped: its group indices mean nothing to a later analysis.
     """
@@ -388,47 +412,6 @@ def _check_tensor_sizes(analysis: Analysis, new: torch.fx.GraphModule, kept: Dic
             want, got = tensor_slot_size(slot, kept), tensor.shape[slot.dim]
             if got != want:
                 raise InternalError(f"parameter {target} has {got} positions on dim {slot.dim} after the rewrite, plan needs {want}")
-
-
-def _patch_parameter_views(graph: torch.fx.Graph, analysis: Analysis, kept: Dict[int, List[int]]) -> None:
-    """Give the arguments that state a sliced tensor's channel count the kept count.
-
-    A ``view``/``reshape`` of a parameter (``self.bias.view(1, C, 1, 1)``, the ``O`` of a weight
-    standardisation's ``w.reshape(1, O, -1)``: patch key = position in its sizes) and the
-    ``groups`` of a depthwise functional conv (key ``"groups@6"``: keyword, position).
-    """
-    patches: Dict[str, Tuple[Any, int]] = {}
-    for slots in analysis.tensors.values():
-        for slot in slots:
-            for name, key in slot.patches:
-                patches[name] = (key, tensor_slot_size(slot, kept))
-    if not patches:
-        return
-    for node in graph.nodes:
-        if node.name not in patches:
-            continue
-        key, value = patches[node.name]
-        if isinstance(key, str):
-            kw, _, at = key.partition("@")
-            if kw in node.kwargs or len(node.args) <= int(at):
-                node.kwargs = {**node.kwargs, kw: value}
-            else:
-                node.args = tuple(value if i == int(at) else a for i, a in enumerate(node.args))
-            continue
-        listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-        if node.op == "call_function":
-            sizes = list(node.args[1] if len(node.args) > 1 else node.kwargs["shape"])
-        else:
-            sizes = list(node.args[1] if listed else node.args[1:])
-        if not (0 <= key < len(sizes)) or not isinstance(sizes[key], int):
-            raise InternalError(f"cannot patch the channel size of {node.format_node()}")
-        sizes[key] = value
-        if node.op == "call_function" and len(node.args) <= 1:
-            node.kwargs = {**node.kwargs, "shape": tuple(sizes)}
-        elif node.op == "call_function" or listed:
-            node.args = (node.args[0], tuple(sizes), *node.args[2:])
-        else:
-            node.args = (node.args[0], *sizes)
 
 
 def _check_channels(gm: torch.fx.GraphModule) -> None:

@@ -24,7 +24,8 @@ rule *refuses* the node (:meth:`RuleContext.refuse`), so plan and apply always a
 are frozen, with a warning (strict mode: an error) unless they are frozen by design anyway.
 
 *Argument rewrites*: a node whose arguments count channels (split sizes, ``chunk``, slice and
-``narrow`` bounds, a view's literal channel count) is rewritten, not refused. Its rule records
+``narrow`` bounds, a view's literal channel count, the ``view(1, C, 1, 1)`` of a sliced
+parameter, a depthwise functional conv's ``groups``) is rewritten, not refused. Its rule records
 an :class:`ArgPatch` (:meth:`RuleContext.rewrite_args`): where the argument sits and what it is
 in kept channels (:class:`ChannelCount`, :class:`Pieces`, :class:`Bounds`); the analysis
 resolves the groups and leaves an :class:`ArgRewrite` in ``node.meta[ARG_REWRITE]``, and the
@@ -49,6 +50,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import Registry
+
 __all__ = [
     "Layout",
     "TupleLayout",
@@ -63,6 +66,8 @@ __all__ = [
     "Rule",
     "register_rule",
     "lookup_rule",
+    "RuleTable",
+    "DEFAULT_RULES",
     "no_channels",
     "role_tensors",
     "output_rank",
@@ -261,6 +266,8 @@ class ArgRewrite:
 class RuleContext(Protocol):
     """What a rule may ask of the analysis (implemented in :mod:`fxprune.groups`)."""
 
+    rules: "RuleTable"  # the table this analysis looks rules up in
+
     def layout(self, arg: Any) -> Optional[Layout]: ...
 
     def module(self, node: torch.fx.Node) -> nn.Module: ...
@@ -271,7 +278,7 @@ class RuleContext(Protocol):
 
     def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout,
                       role: str = "operand", kind: str = "operand", conv_groups: int = 1,
-                      via: Sequence[torch.fx.Node] = (), patches: Sequence[Tuple[str, int]] = ()) -> None: ...
+                      via: Sequence[torch.fx.Node] = ()) -> None: ...
 
     def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
 
@@ -303,38 +310,105 @@ RuleResult = Union[Layout, TupleLayout, None]
 Rule = Callable[[RuleContext, torch.fx.Node], RuleResult]
 RuleKey = Union[type, Callable[..., Any], str]
 
-# Three tables, because fx names the op differently per node kind: call_module by module type
-# (exact type: a subclass may override forward), call_function by the function object,
-# call_method by the method name.
-_MODULE_RULES: Dict[type, Rule] = {}
-_FUNCTION_RULES: Dict[Any, Rule] = {}
-_METHOD_RULES: Dict[str, Rule] = {}
+class RuleTable:
+    """The rule table as an object: module types, functions and method names -> :data:`Rule`.
+
+    Three registries, because fx names the op differently per node kind: ``call_module`` by
+    module type (exact type: a subclass may override forward), ``call_function`` by the
+    function object, ``call_method`` by the method name. :data:`DEFAULT_RULES` is the table
+    fxprune ships (and :func:`register_rule` writes to); :meth:`extended` layers extra or
+    overriding rules over a table without touching it, for one ``analyze``/``prune`` call:
+
+    >>> def double(x):
+    ...     return 2 * x
+    >>> table = DEFAULT_RULES.extended({double: lambda ctx, node: ctx.layout(node.args[0])})
+    >>> double in table, double in DEFAULT_RULES
+    (True, False)
+    >>> torch.relu in table  # everything else falls back to the default table
+    True
+    """
+
+    def __init__(self, parent: Optional["RuleTable"] = None) -> None:
+        self.parent = parent
+        self.modules: Registry[type, Rule] = Registry("module rules", parent=parent.modules if parent else None)
+        self.functions: Registry[Any, Rule] = Registry("function rules", parent=parent.functions if parent else None)
+        self.methods: Registry[str, Rule] = Registry("method rules", parent=parent.methods if parent else None)
+
+    def _registry(self, key: RuleKey) -> Registry[Any, Rule]:
+        if isinstance(key, str):
+            return self.methods
+        if isinstance(key, type) and issubclass(key, nn.Module):
+            return self.modules
+        if callable(key):
+            return self.functions
+        raise TypeError(f"cannot register a rule for {key!r}")
+
+    def register(self, *keys: RuleKey) -> Callable[[Rule], Rule]:
+        """Decorator: register the rule for module types, functions and/or method names (strings)."""
+        registries = [self._registry(key) for key in keys]  # a bad key fails before any write
+
+        def decorate(rule: Rule) -> Rule:
+            for key, registry in zip(keys, registries):
+                registry.own[key] = rule
+            return rule
+
+        return decorate
+
+    def extended(self, rules: Union[Mapping[RuleKey, Rule], Iterable[Tuple[RuleKey, Rule]], None] = None) -> "RuleTable":
+        """A NEW table with ``rules`` (key -> rule) added or overriding; this one is unchanged."""
+        child = RuleTable(parent=self)
+        for key, rule in (rules.items() if isinstance(rules, Mapping) else (rules or ())):
+            child.register(key)(rule)
+        return child
+
+    def __contains__(self, key: Any) -> bool:
+        try:
+            return key in self._registry(key)
+        except TypeError:
+            return False
+
+    def items(self) -> List[Tuple[RuleKey, Rule]]:
+        """Every key and its rule: functions, then method names, then module types."""
+        return list(self.functions.items()) + list(self.methods.items()) + list(self.modules.items())
+
+    def lookup(self, node: torch.fx.Node, module: Optional[nn.Module]) -> Optional[Rule]:
+        """The rule for ``node`` (``module``: the module a ``call_module`` node calls) or None."""
+        if node.op == "call_module":
+            return self.modules.get(type(module))
+        if node.op == "call_function":
+            return self.functions.get(node.target)  # an unhashable target has no rule
+        if node.op == "call_method":
+            return self.methods.get(str(node.target))
+        return None
+
+    def __repr__(self) -> str:
+        return (f"<RuleTable: {len(self.modules)} module, {len(self.functions)} function, {len(self.methods)} method "
+                f"rules{', extended' if self.parent is not None else ''}>")
+
+
+DEFAULT_RULES = RuleTable()
+"""The table fxprune ships with; :func:`register_rule` adds to it."""
+
+# The default table's own entries, under the names older code reads.
+_MODULE_RULES: Dict[type, Rule] = DEFAULT_RULES.modules.own
+_FUNCTION_RULES: Dict[Any, Rule] = DEFAULT_RULES.functions.own
+_METHOD_RULES: Dict[str, Rule] = DEFAULT_RULES.methods.own
 
 
 def register_rule(*keys: RuleKey) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for module types, functions and/or method names (strings).
+    """Register ``rule`` for module types, functions and/or method names (strings), in :data:`DEFAULT_RULES`.
 
     A rule receives the analysis context and the fx node and returns the output's layout.
+    A registration here is global (every later analysis sees it); to teach fxprune an op for
+    one call only, pass ``rules=DEFAULT_RULES.extended({key: rule})`` to
+    :func:`fxprune.prune` / :func:`fxprune.plan` / :func:`fxprune.find_groups`.
     Example: teach fxprune that a custom leaf module is element-wise (channels pass through)::
 
         @fxprune.register_rule(MyScaledReLU)
         def _(ctx, node):
             return ctx.layout(node.args[0])
     """
-
-    def decorate(rule: Rule) -> Rule:
-        for key in keys:
-            if isinstance(key, str):
-                _METHOD_RULES[key] = rule
-            elif isinstance(key, type) and issubclass(key, nn.Module):
-                _MODULE_RULES[key] = rule
-            elif callable(key):
-                _FUNCTION_RULES[key] = rule
-            else:
-                raise TypeError(f"cannot register a rule for {key!r}")
-        return rule
-
-    return decorate
+    return DEFAULT_RULES.register(*keys)
 
 
 def no_channels(rule: Rule) -> Rule:
@@ -347,18 +421,9 @@ def no_channels(rule: Rule) -> Rule:
     return rule
 
 
-def lookup_rule(node: torch.fx.Node, module: Optional[nn.Module]) -> Optional[Rule]:
-    """The rule for ``node`` or None (unknown op)."""
-    if node.op == "call_module":
-        return _MODULE_RULES.get(type(module))
-    if node.op == "call_function":
-        try:
-            return _FUNCTION_RULES.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    if node.op == "call_method":
-        return _METHOD_RULES.get(str(node.target))
-    return None
+def lookup_rule(node: torch.fx.Node, module: Optional[nn.Module], rules: Optional[RuleTable] = None) -> Optional[Rule]:
+    """The rule for ``node`` in ``rules`` (default :data:`DEFAULT_RULES`) or None (unknown op)."""
+    return (rules if rules is not None else DEFAULT_RULES).lookup(node, module)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -604,6 +669,46 @@ def _cat(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         groups.extend(lay.groups)
         sizes.extend(lay.sizes)
     return Layout(tuple(groups), tuple(sizes), ref.dim, ref.rank, 1)
+
+
+@register_rule(torch.stack)
+def _stack(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``torch.stack(tensors, dim)`` (and ``aten.stack``): same-shaped operands along a NEW dim.
+
+    Every operand's channels sit at the same positions of every slice of the new dim, so the
+    operands share channels (one group, as for a ``cat`` along another dim) and the output's
+    channel dim is the input's, shifted by one where the new dim goes before it.
+    """
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = _arg(node, 1, "dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+        ctx.unsupported(node, "stack of a non-list argument or along a dim unknown before run time")
+        return None
+    layouts = [ctx.layout(t) for t in tensors]
+    known = [lay for lay in layouts if lay is not None]
+    if not known:
+        return None
+    if len(known) != len(layouts):
+        # An untracked operand keeps its channels: the tracked ones must keep theirs too.
+        ctx.freeze(node, known, "stack with an operand of unknown channel structure")
+        return None
+    shared = ctx.unify(node, known)
+    if shared is None:
+        return None
+    rank = shared.rank if shared.rank is not None else ctx.rank(tensors[0])
+    out_rank = None if rank is None else rank + 1
+    if dim >= 0:
+        if out_rank is None:
+            ctx.unsupported(node, "stack along a non-negative dim of a tensor whose rank is unknown (pass example_inputs)")
+            return None
+        dim -= out_rank
+    if not (out_rank is None or -out_rank <= dim < 0):
+        ctx.unsupported(node, f"stack along dim {dim} out of range")
+        return None
+    # Counted from the end: dims after the new one keep their place, dims before it move one
+    # further from the end.
+    moved = shared.dim if shared.dim > dim else shared.dim - 1
+    return replace(shared, dim=moved, rank=out_rank)
 
 
 # --------------------------------------------------------------------------- convolution
@@ -1548,7 +1653,7 @@ class _Source:
 
     leaves: Tuple[Tuple[torch.fx.Node, int], ...]
     via: Tuple[torch.fx.Node, ...]
-    patches: Tuple[Tuple[str, Union[int, str]], ...] = ()
+    patches: Tuple[Tuple[torch.fx.Node, int], ...] = ()  # (view node, position of the literal count in its sizes)
 
 
 def _cast_source(arg: Any) -> Optional[_Source]:
@@ -1600,7 +1705,7 @@ def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, dep
     if arg.op not in ("call_function", "call_method"):
         return None
     inputs = [n for n in arg.all_input_nodes]
-    patches: List[Tuple[str, Union[int, str]]] = []
+    patches: List[Tuple[torch.fx.Node, int]] = []
     if _is_cast(arg):
         inputs = inputs[:1]
     elif arg.target in _VECTOR_RESHAPES:
@@ -1611,7 +1716,7 @@ def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, dep
                     or (channels in sizes and -1 in sizes):
                 return None
             if channels in sizes:
-                patches.append((arg.name, sizes.index(channels)))
+                patches.append((arg, sizes.index(channels)))
         elif any(isinstance(a, torch.fx.Node) for a in list(arg.args[1:]) + list(arg.kwargs.values())):
             return None
         inputs = inputs[:1]
@@ -1622,7 +1727,7 @@ def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, dep
         if not all(it is None or it is Ellipsis or _full_slice(it) for it in items):
             return None
         inputs = inputs[:1]
-    elif not _is_pointwise(arg):
+    elif not _is_pointwise(ctx, arg):
         return None
     leaves: List[Tuple[torch.fx.Node, int]] = []
     via: List[torch.fx.Node] = [arg]
@@ -1636,10 +1741,19 @@ def _channel_expression(ctx: RuleContext, arg: torch.fx.Node, channels: int, dep
     return _Source(tuple(leaves), tuple(via), tuple(patches))
 
 
-def _is_pointwise(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is an element-wise op of broadcast operands (the rule table says so)."""
-    rule = lookup_rule(node, None)
+def _is_pointwise(ctx: RuleContext, node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an element-wise op of broadcast operands (the analysis' rule table says so)."""
+    rule = lookup_rule(node, None, getattr(ctx, "rules", None))
     return rule is _elementwise or rule is _binary
+
+
+def _rewrite_views(ctx: RuleContext, patches: Iterable[Tuple[torch.fx.Node, int]], layout: Layout) -> None:
+    """Declare the literal channel count of each ``view``/``reshape`` on the way from a sliced
+    tensor to its reader (``self.bias.view(1, C, 1, 1)``, a standardised weight's
+    ``w.reshape(1, O, -1)``) an argument rewrite: it becomes the kept count of ``layout``."""
+    count = ChannelCount.of([layout], int(layout.block or 1))
+    for view, pos in patches:
+        ctx.rewrite_args(view, ArgPatch(_view_size_path(view, pos), count))
 
 
 def channel_operand(ctx: RuleContext, node: torch.fx.Node, operand: torch.fx.Node, layout: Layout) -> bool:
@@ -1652,12 +1766,13 @@ def channel_operand(ctx: RuleContext, node: torch.fx.Node, operand: torch.fx.Nod
     if found is None or layout.block != 1:
         return False
     for leaf, dim in found.leaves:
-        ctx.tensor_member(node, leaf, dim, layout, via=found.via, patches=found.patches)
+        ctx.tensor_member(node, leaf, dim, layout, via=found.via)
+    _rewrite_views(ctx, found.patches, layout)
     return True
 
 
 def _layer_tensor(ctx: RuleContext, node: torch.fx.Node, arg: Any, dim: int, layout: Layout, role: str, kind: str,
-                  conv_groups: int = 1, size: Optional[int] = None, patches: Sequence[Tuple[str, Union[int, str]]] = ()) -> bool:
+                  conv_groups: int = 1, size: Optional[int] = None) -> bool:
     """Declare a functional layer's tensor ``arg`` (channels on ``dim``), or refuse/freeze the node.
 
     ``arg`` must be a parameter or buffer (possibly cast). Anything else cannot be sliced: a
@@ -1669,7 +1784,7 @@ def _layer_tensor(ctx: RuleContext, node: torch.fx.Node, arg: Any, dim: int, lay
     want = layout.channels * int(layout.block or 1) if size is None else size
     if source is not None and shape is not None and len(shape) > dim and shape[dim] == want:
         ctx.tensor_member(node, source.leaves[0][0], dim, layout, role=role, kind=kind, conv_groups=conv_groups,
-                          via=source.via, patches=patches)
+                          via=source.via)
         return True
     what = f"{kind} {getattr(arg, 'name', arg)} of {_label(node)} at {node.name}"
     if isinstance(arg, torch.fx.Node) and _parameters_only(arg):
@@ -1680,9 +1795,22 @@ def _layer_tensor(ctx: RuleContext, node: torch.fx.Node, arg: Any, dim: int, lay
     return False
 
 
-@register_rule(F.batch_norm, F.instance_norm)
+# Positional order of the per-channel tensors after the input. ``torch.batch_norm`` and
+# ``torch.instance_norm`` are the ATen ops, which take (input, weight, bias, running_mean,
+# running_var, training/use_input_stats, momentum, eps, cudnn_enabled); the ``F`` forms put the
+# running statistics first. The keyword names are the same in both.
+_NORM_TENSORS = ("running_mean", "running_var", "weight", "bias")
+_ATEN_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+_FUNCTIONAL_NORMS: Dict[Any, Tuple[str, ...]] = {
+    F.batch_norm: _NORM_TENSORS, F.instance_norm: _NORM_TENSORS,
+    torch.batch_norm: _ATEN_NORM_TENSORS, torch.instance_norm: _ATEN_NORM_TENSORS,
+}
+
+
+@register_rule(*_FUNCTIONAL_NORMS)
 def _functional_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
-    """``F.batch_norm``/``F.instance_norm`` on parameters and buffers: a per-channel op like the module.
+    """``F.batch_norm``/``F.instance_norm`` (and ``torch.batch_norm``/``torch.instance_norm``, in
+    ATen argument order) on parameters and buffers: a per-channel op like the module.
 
     Statistics run per channel (over the batch, or per sample over the spatial dims), so
     every channel is independent; ``running_mean``, ``running_var``, ``weight`` and ``bias``
@@ -1698,12 +1826,13 @@ def _functional_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         ctx.unsupported(node, f"{name} over a dim not known to be the channel dim")
         return None
     out = replace(inp, rank=rank)
-    for i, arg_name in enumerate(("running_mean", "running_var", "weight", "bias")):
+    instance = node.target in (F.instance_norm, torch.instance_norm)
+    for i, arg_name in enumerate(_FUNCTIONAL_NORMS[node.target]):
         arg = _arg(node, i + 1, arg_name)
         if arg is None:
             continue
         # InstanceNorm's scale is not scored (as for nn.InstanceNorm*d): kind "scale".
-        kind = "scale" if (node.target is F.instance_norm and arg_name == "weight") else arg_name
+        kind = "scale" if (instance and arg_name == "weight") else arg_name
         if not _layer_tensor(ctx, node, arg, 0, inp, "channelwise", kind):
             return out
     return out
@@ -1718,7 +1847,7 @@ class _Filters:
 
     param: torch.fx.Node
     via: Tuple[torch.fx.Node, ...]
-    patches: Tuple[Tuple[str, Union[int, str]], ...]
+    patches: Tuple[Tuple[torch.fx.Node, int], ...]  # (view node, position of the literal row count)
     mixes_inputs: bool  # a reduction or reshape over the other dims: input channels cannot be removed
 
 
@@ -1766,7 +1895,7 @@ def _filter_expression(ctx: RuleContext, arg: Any, rows: int, depth: int = 0) ->
         out_row = next((j for j, size in enumerate(shape) if size != 1), None)
         if out_row is None or shape[out_row] != rows:
             return None
-        patches: List[Tuple[str, Union[int, str]]] = []
+        patches: List[Tuple[torch.fx.Node, int]] = []
         if target in ("reshape", "view"):
             listed = len(arg.args) == 2 and isinstance(arg.args[1], (list, tuple))
             sizes = list(arg.args[1] if listed else arg.args[1:])
@@ -1774,7 +1903,7 @@ def _filter_expression(ctx: RuleContext, arg: Any, rows: int, depth: int = 0) ->
                     or any(v not in (1, -1) for j, v in enumerate(sizes) if j != out_row):
                 return None  # another literal would not follow the pruned rows
             if sizes[out_row] == rows:
-                patches.append((arg.name, out_row))
+                patches.append((arg, out_row))
             elif sizes[out_row] != -1:
                 return None
         else:
@@ -1801,10 +1930,10 @@ def _filter_expression(ctx: RuleContext, arg: Any, rows: int, depth: int = 0) ->
         if norm is None or keepdim is not True or (inner[1] - len(ctx.shape(arg.args[0]) or ())) in norm:
             return None
         return grow(*inner, mixes=True)
-    if _is_pointwise(arg):
+    if _is_pointwise(ctx, arg):
         found_any: Optional[Tuple[_Filters, int]] = None
         via: Tuple[torch.fx.Node, ...] = ()
-        patches_all: Tuple[Tuple[str, Union[int, str]], ...] = ()
+        patches_all: Tuple[Tuple[torch.fx.Node, int], ...] = ()
         mixes = False
         for n in arg.all_input_nodes:
             inner = below(n)
@@ -1848,9 +1977,10 @@ def _functional_conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     std = computed[0] if computed is not None and computed[1] == 0 else None
     if groups == in_channels == out_channels and groups > 1 and inp is not None and std is None:
         # Depthwise: a per-channel op; ``groups`` must follow the kept count.
-        if _layer_tensor(ctx, node, weight, 0, inp, "channelwise", "weight", patches=[(node.name, "groups@6")]) \
-                and bias is not None:
-            _layer_tensor(ctx, node, bias, 0, inp, "channelwise", "bias")
+        if _layer_tensor(ctx, node, weight, 0, inp, "channelwise", "weight"):
+            ctx.rewrite_args(node, ArgPatch(("groups",) if "groups" in node.kwargs else (6,), ChannelCount.of([inp])))
+            if bias is not None:
+                _layer_tensor(ctx, node, bias, 0, inp, "channelwise", "bias")
         return replace(inp, rank=rank)
     out = ctx.produce(node, out_channels, dim, rank)
     if groups > 1:
@@ -1863,7 +1993,8 @@ def _functional_conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
                 ctx.freeze(node, [inp], f"{what} reads a concatenation of {len(inp.groups)} groups")
     if std is not None:
         # A weight computed filter by filter (weight standardisation, centring): rows are sliced.
-        ctx.tensor_member(node, std.param, 0, out, role="out", kind="weight", via=std.via, patches=std.patches)
+        ctx.tensor_member(node, std.param, 0, out, role="out", kind="weight", via=std.via)
+        _rewrite_views(ctx, std.patches, out)
         if inp is None:
             pass
         elif std.mixes_inputs or groups > 1:

@@ -25,33 +25,35 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .api import ModelLike, analyze_model
-from .errors import FxPruneWarning, PlanMismatchError
+from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import TensorSlot
 from .plan import PruningPlan, resolve
+from .registry import Registry
 from .rewrite import slot_indices
-from .rules import role_tensors
+from .rules import RuleTable, role_tensors
 from .trace import as_graph_module, cast_model, cast_value
 
-__all__ = ["masked_reference", "assert_equivalent", "register_mask", "randomize_norms", "randomize_constants",
+__all__ = ["masked_reference", "assert_equivalent", "register_mask", "DEFAULT_MASKS", "randomize_norms", "randomize_constants",
            "constant_tensors", "cast_model", "VacuousProofError", "Mask"]
 
 Mask = Callable[[nn.Module, str, torch.Tensor], None]
-_MASKS: Dict[type, Mask] = {}
+DEFAULT_MASKS: Registry[type, Mask] = Registry("masks")
+"""Module type (exact) -> mask, the table :func:`register_mask` writes to; a NEW table for one
+proof is ``DEFAULT_MASKS.extended({MyLayer: fn})`` (``masked_reference(..., masks=)``)."""
+_MASKS: Dict[type, Mask] = DEFAULT_MASKS.own  # the default table's own entries
 
 
 def register_mask(*types: type) -> Callable[[Mask], Mask]:
-    """Register how to zero positions of a module type: ``fn(module, role, removed)``.
+    """Register, in :data:`DEFAULT_MASKS`, how to zero positions of a module type: ``fn(module, role, removed)``.
 
     ``removed`` is a bool tensor over the role's positions (True: zero it); ``fn`` zeroes every
     tensor of ``module`` those positions index, in place, under ``torch.no_grad``.
+
+    >>> table = DEFAULT_MASKS.extended({nn.Identity: lambda module, role, removed: None})
+    >>> nn.Identity in table, nn.Identity in DEFAULT_MASKS, nn.Conv2d in table
+    (True, False, True)
     """
-
-    def decorate(fn: Mask) -> Mask:
-        for t in types:
-            _MASKS[t] = fn
-        return fn
-
-    return decorate
+    return DEFAULT_MASKS.register(*types)
 
 
 def _zero_along(t: Optional[torch.Tensor], dim: int, removed: torch.Tensor) -> None:
@@ -101,13 +103,18 @@ def _mask_norm(norm: nn.Module, role: str, removed: torch.Tensor) -> None:
 
 
 def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],
-          whole_groups: bool = False) -> bool:
+          whole_groups: bool = False, rules: Optional[RuleTable] = None, masks: Optional[Registry[type, Mask]] = None) -> bool:
     """Zero the channels ``plan`` removes in ``gm``, in place; True if the plan removes any.
 
     ``whole_groups``: zero every channel of each group the plan prunes, kept ones too (what a
     rewrite that kept the wrong channels can at worst compute: the vacuity check's yardstick).
     """
-    analysis = analyze_model(gm, example_inputs=example_inputs)
+    analysis = analyze_model(gm, example_inputs=example_inputs, rules=rules)
+    if masks is None:
+        masks = DEFAULT_MASKS
+    elif not isinstance(masks, Registry):
+        raise FxPruneError("masks= must be a table like fxprune.testing.DEFAULT_MASKS (e.g. "
+                           f"DEFAULT_MASKS.extended({{MyLayer: fn}})), got {type(masks).__name__}")
     try:
         kept = resolve(analysis, plan)
     except PlanMismatchError as exc:
@@ -132,7 +139,7 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
             removed = torch.ones(sum(size for _, size in slot.segments) * slot.block, dtype=torch.bool)
             removed[keep] = False
             removes = removes or bool(removed.any())
-            _MASKS.get(type(module), _default_mask)(module, slot.role, removed)
+            masks.get(type(module), _default_mask)(module, slot.role, removed)
         removes = _mask_tensors(gm, analysis.tensors, kept) or removes
     return removes
 
@@ -172,8 +179,12 @@ def _mask_tensors(gm: torch.fx.GraphModule, tensors: Dict[str, Tuple[TensorSlot,
     return removes
 
 
-def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None) -> torch.fx.GraphModule:
+def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None, *,
+                     rules: Optional[RuleTable] = None, masks: Optional[Registry[type, Mask]] = None) -> torch.fx.GraphModule:
     """A deep copy of ``model`` (traced) with the channels ``plan`` removes set to zero.
+
+    ``rules``: the rule table the plan was made with (default :data:`fxprune.rules.DEFAULT_RULES`);
+    ``masks``: the mask table (default :data:`DEFAULT_MASKS`).
 
     BatchNorm running statistics of removed channels are reset to mean 0, variance 1, so a
     NaN or Inf statistic cannot leak into the output through ``0 * NaN``.
@@ -187,7 +198,7 @@ def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Option
     32
     """
     gm = copy.deepcopy(as_graph_module(model, example_inputs))  # an untraceable model: exported from them
-    _mask(gm, plan, example_inputs)
+    _mask(gm, plan, example_inputs, rules=rules, masks=masks)
     return gm
 
 
@@ -243,9 +254,10 @@ def _vacuity_reason(base: nn.Module) -> str:
 
 
 def _masked_copy(source: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],
-                 whole_groups: bool = False) -> Tuple[torch.fx.GraphModule, bool]:
+                 whole_groups: bool = False, tables: Tuple[Optional[RuleTable], Optional[Registry[type, Mask]]] = (None, None),
+                 ) -> Tuple[torch.fx.GraphModule, bool]:
     gm = copy.deepcopy(source)
-    removes = _mask(gm, plan, example_inputs, whole_groups)
+    removes = _mask(gm, plan, example_inputs, whole_groups, rules=tables[0], masks=tables[1])
     return gm.eval(), removes
 
 
@@ -275,7 +287,8 @@ def _run(models: Sequence[nn.Module], inputs: Sequence[Any], dtype: Optional[tor
 def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, inputs: Sequence[Any],
                       rtol: Optional[float] = None, atol: Optional[float] = None,
                       dtype: Optional[torch.dtype] = torch.float64,
-                      example_inputs: Optional[Sequence[Any]] = None, allow_vacuous: bool = False) -> None:
+                      example_inputs: Optional[Sequence[Any]] = None, allow_vacuous: bool = False, *,
+                      rules: Optional[RuleTable] = None, masks: Optional[Registry[type, Mask]] = None) -> None:
     """Assert ``pruned`` computes what the masked reference of ``model`` computes (eval mode).
 
     Both models run on copies cast to ``dtype`` (float64 by default): removing channels changes
@@ -298,11 +311,15 @@ def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, in
     :func:`randomize_norms` calls it), or pass ``allow_vacuous=True`` where that is expected.
     The check costs nothing unless the candidate's output is bit-identical to the reference's
     (then one or two more forward passes).
+
+    ``rules`` / ``masks``: the rule table the plan was made with and the mask table, as for
+    :func:`masked_reference`.
     """
     inputs = list(inputs)
+    tables = (rules, masks)
     # Traced once (an untraceable model: exported from example_inputs); every run below is a deep copy of it.
     source = as_graph_module(model, example_inputs)
-    ref, removes = _masked_copy(source, plan, example_inputs)
+    ref, removes = _masked_copy(source, plan, example_inputs, tables=tables)
     run_dtype: Optional[torch.dtype] = dtype
     try:
         (expected,) = _run([ref], inputs, dtype)
@@ -314,7 +331,7 @@ def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, in
             f"the proof could not run in {dtype} ({type(exc).__name__}: {exc}); comparing in the models' own dtype "
             f"with float32 tolerances instead (rtol={rtol}, atol={atol})", FxPruneWarning, stacklevel=2)
         run_dtype = None
-        ref, removes = _masked_copy(source, plan, example_inputs)  # the cast copy is spoilt
+        ref, removes = _masked_copy(source, plan, example_inputs, tables=tables)  # the cast copy is spoilt
         (expected,) = _run([ref], inputs, None)
     (actual,) = _run([copy.deepcopy(pruned).eval()], inputs, run_dtype)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
@@ -328,7 +345,7 @@ def assert_equivalent(model: ModelLike, pruned: nn.Module, plan: PruningPlan, in
         return
     # The removed channels change nothing. That is fine if the kept ones matter (the removed
     # ones were zero already): zero the pruned groups entirely and see whether anything moves.
-    blank, _ = _masked_copy(source, plan, example_inputs, whole_groups=True)
+    blank, _ = _masked_copy(source, plan, example_inputs, whole_groups=True, tables=tables)
     (blanked,) = _run([blank], inputs, run_dtype)
     if _identical(blanked, expected):
         raise VacuousProofError(

@@ -305,6 +305,8 @@ _SPELLED: Dict[Any, Callable[[Dict[str, Any]], Optional[Spelling]]] = {
                                         (a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"]), {}),
     aten.group_norm.default: lambda a: ("call_function", F.group_norm,
                                         (a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"]), {}),
+    aten.rms_norm.default: lambda a: ("call_function", F.rms_norm,
+                                      (a["input"], a["normalized_shape"], a["weight"], a["eps"]), {}),
     aten.upsample_nearest2d.vec: _interpolate("nearest", False),
     aten.upsample_nearest1d.vec: _interpolate("nearest", False),
     aten.upsample_nearest3d.vec: _interpolate("nearest", False),

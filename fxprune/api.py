@@ -239,8 +239,24 @@ def _split_width(module: nn.Module) -> None:
         module.c = width // 2
 
 
+_NORM_TYPES: Tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _norm_widths(root: nn.Module) -> None:
+    """A LayerNorm/RMSNorm subclass traced through (torchvision's LayerNorm2d, Hugging Face's
+    ConvNextLayerNorm) got its pruned weight by name; its forward passes ``self.normalized_shape``,
+    which must say the weight's new width. Only the one-dim case is ever pruned; the proof decides."""
+    for module in root.modules():
+        if not isinstance(module, _NORM_TYPES):
+            continue
+        weight, shape = getattr(module, "weight", None), tuple(getattr(module, "normalized_shape", ()))
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and len(shape) == 1 and shape[0] != weight.shape[0]:
+            module.normalized_shape = (int(weight.shape[0]),)
+
+
 def _update_widths(root: nn.Module) -> None:
     """Python ints a class's forward reads about widths pruning changed (see :func:`_split_width`)."""
+    _norm_widths(root)
     for module in root.modules():
         if type(module).__module__.startswith("ultralytics.") and hasattr(module, "cv1") and hasattr(module, "c"):
             _split_width(module)
@@ -444,6 +460,7 @@ def _class_copy(model: nn.Module, pruned: torch.fx.GraphModule) -> Tuple[Optiona
         kept = copy.deepcopy(model, memo)
         for target, (_, new) in pairs.items():
             _place(kept, target, new)  # a class with its own __deepcopy__ ignores the memo
+        _norm_widths(kept)  # re-traced below: the proof checks the widths it set
     except Exception as exc:  # user code (__deepcopy__, __setattr__): any failure means no copy
         return None, f"copying {type(model).__name__} failed: {type(exc).__name__}: {exc}"
     why = _mismatch(kept, pruned)

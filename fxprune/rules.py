@@ -588,6 +588,8 @@ def _cat(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     if cat_dim[0] != ref.dim:
         # Concatenating along another dim: all operands share channels.
         if len(known) != len(layouts):
+            if all(lay is not None or _expanded_parameter(ctx, node, t, ref) for t, lay in zip(tensors, layouts)):
+                return ctx.unify(node, known)
             ctx.freeze(node, known, "cat with an operand of unknown channel structure")
             return ref
         return ctx.unify(node, known)
@@ -606,6 +608,29 @@ def _cat(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         groups.extend(lay.groups)
         sizes.extend(lay.sizes)
     return Layout(tuple(groups), tuple(sizes), ref.dim, ref.rank, 1)
+
+
+def _expanded_parameter(ctx: RuleContext, node: torch.fx.Node, arg: Any, ref: Layout) -> bool:
+    """Declare ``arg`` a parameter whose channels are ``ref``'s, expanded over the other dims, if it is one.
+
+    ViT's class token: ``cat([self.cls_token.expand(B, -1, -1), x], dim=1)`` concatenates along
+    the tokens a ``[1, 1, C]`` parameter whose channel dim the expand leaves as it is (``-1``).
+    It becomes a tensor slot sliced with the channels (an ``operand``: a removed channel's entry
+    only ever meets removed channels). Anything else: False (the caller freezes).
+    """
+    if not isinstance(arg, torch.fx.Node) or arg.op != "call_method" or arg.target != "expand" or not arg.args:
+        return False
+    param = arg.args[0]
+    sizes = list(arg.args[1] if len(arg.args) == 2 and isinstance(arg.args[1], (list, tuple)) else arg.args[1:])
+    shape = ctx.shape(param) if isinstance(param, torch.fx.Node) else None
+    if not isinstance(param, torch.fx.Node) or param.op != "get_attr" or shape is None or ref.rank is None \
+            or len(shape) != ref.rank or len(sizes) != ref.rank or ref.block != 1:
+        return False
+    c = ref.rank + ref.dim
+    if shape[c] != ref.channels or sizes[c] != -1 or len(param.users) != 1:
+        return False
+    ctx.tensor_member(node, param, c, ref, via=[arg])
+    return True
 
 
 # --------------------------------------------------------------------------- convolution
@@ -1514,6 +1539,10 @@ def _layer_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     if inp.dim < -k:
         return inp  # normalises dims after the channel dim: each channel on its own
     what = _what(ctx, node)
+    weight = _arg(node, 2, "weight") if node.op != "call_module" else None
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and str(weight.target).endswith(".weight"):
+        # A norm module traced through (timm's LayerNorm, LayerNorm2d): named by its module.
+        what = f"{_label(node)} of {str(weight.target)[:-len('.weight')]}"
     if k != 1 or inp.dim != -1 or inp.block != 1:
         ctx.freeze(node, [inp], f"{what} normalises over the channel dim together with other dims")
         return inp

@@ -82,7 +82,7 @@ def test_layernorm_coupled_stream_is_pruned_renormalising_and_proven() -> None:
         pruned, plan = prove(model, 0.5, X, strict=True)
     g = group_of(model, "embed")
     assert g.prunable and g.renormalising and not g.exact
-    assert g.norms == ("LayerNorm norm", "layer_norm at layer_norm", "RMSNorm rms")
+    assert g.norms == ("LayerNorm norm", "layer_norm at layer_norm", "RMSNorm rms")  # scale: not a module weight
     assert {"norm", "rms"} <= set(g.modules("channelwise")) and [t.target for t in g.tensors] == ["scale"]
     assert "renormalising: LayerNorm norm, layer_norm at layer_norm, RMSNorm rms" in str(g)
     hidden = group_of(model, "mlp.0")
@@ -261,6 +261,34 @@ def test_channels_last_convnext_block_and_layernorm2d() -> None:
     assert pruned.get_submodule("down").out_channels == 8  # exact group, pruned as before
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """timm's / torchvision's LayerNorm2d: traced through, it passes ``self.normalized_shape``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class WithLayerNorm2d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(3, 8, 1), LayerNorm2d(8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.norm(self.a(x)))
+
+
+def test_keep_class_updates_the_width_a_traced_through_norm_reads() -> None:
+    torch.manual_seed(6)
+    model = randomize_constants(WithLayerNorm2d()).eval()
+    x = torch.randn(2, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)  # the copy is proven, no fallback
+        kept = fxprune.prune(model, 0.5, keep_class=True)
+    assert type(kept) is WithLayerNorm2d and kept.norm.normalized_shape == (4,) and model.norm.normalized_shape == (8,)
+    assert_equivalent(model, kept, kept.meta["fxprune_plan"], (x,))
+
+
 def test_rms_norm_functional() -> None:
     class M(nn.Module):
         def __init__(self) -> None:
@@ -337,6 +365,35 @@ def test_exported_layer_norm_prunes_like_the_traced_one() -> None:
     assert_equivalent(program, from_export, plan, [X], example_inputs=(X,))
 
 
+class TokenStream(nn.Module):
+    """ViT's stem: patch embedding, a class token expanded and concatenated along the tokens,
+    a position embedding, then pre-norm MLP blocks and the class token's head."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, c, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, c))
+        self.norm1, self.fc1, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.norm, self.head = nn.LayerNorm(c), nn.Linear(c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = x + self.fc2(F.gelu(self.fc1(self.norm1(x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_class_token_and_position_embedding_follow_the_embedding_width() -> None:
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        pruned, plan = prove(TokenStream(), 0.5, x, strict=True)
+    assert plan.groups[0].renormalising and plan.groups[0].pruned
+    assert pruned.get_parameter("cls_token").shape == (1, 1, 4) and pruned.get_parameter("pos_embed").shape == (1, 5, 4)
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -378,3 +435,19 @@ def test_hugging_face_convnext_from_a_small_config() -> None:
     pruned, plan = prove(model, 0.5, x)
     assert len(plan.renormalising_groups) == 4
     assert params(pruned) < 0.35 * params(model)
+
+
+@pytest.mark.slow
+def test_timm_vit_tiny_prunes_its_embedding_width() -> None:
+    """The embedding (residual) width under every LayerNorm, class token and position embedding
+    included; the heads stay whole (attention is not modelled here)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    model = randomize_norms(model).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned, plan = prove(model, 0.5, x)
+    (stream,) = plan.renormalising_groups
+    assert stream.size == 192 and len(stream.keep) == 96
+    assert pruned.get_parameter("cls_token").shape == (1, 1, 96)
+    assert params(pruned) < 0.35 * params(model)  # 5.38 M -> 1.81 M

@@ -394,6 +394,20 @@ def test_class_token_and_position_embedding_follow_the_embedding_width() -> None
     assert pruned.get_parameter("cls_token").shape == (1, 1, 4) and pruned.get_parameter("pos_embed").shape == (1, 5, 4)
 
 
+def test_exported_token_stream_class_token_and_select() -> None:
+    """On an exported graph: aten.expand of the class token, aten.select of its output row."""
+    torch.manual_seed(8)
+    model = TokenStream().eval()
+    x = torch.randn(2, 3, 4, 4)
+    program = torch.export.export(model, (x,), strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        pruned = fxprune.prune(program, 0.5, example_inputs=(x,))
+    plan = pruned.meta["fxprune_plan"]
+    assert plan.groups[0].renormalising and plan.groups[0].pruned
+    assert_equivalent(program, pruned, plan, [x], example_inputs=(x,))
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -451,3 +465,17 @@ def test_timm_vit_tiny_prunes_its_embedding_width() -> None:
     assert stream.size == 192 and len(stream.keep) == 96
     assert pruned.get_parameter("cls_token").shape == (1, 1, 96)
     assert params(pruned) < 0.35 * params(model)  # 5.38 M -> 1.81 M
+
+
+@pytest.mark.slow
+def test_hugging_face_vit_from_a_small_config() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=128, num_labels=10)
+    model = randomize_norms(transformers.ViTForImageClassification(config)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned, plan = prove(model, 0.5, x)
+    (stream,) = plan.renormalising_groups
+    assert stream.size == 64 and len(stream.keep) == 32
+    assert params(pruned) < 0.45 * params(model)  # 81 k -> 33 k, heads whole

@@ -113,7 +113,8 @@ def _check_arity(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
 
 
 def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union[str, Iterable[str]] = (),
-                  strict: bool = False, rules: Optional[RuleTable] = None) -> Analysis:
+                  strict: bool = False, rules: Optional[RuleTable] = None,
+                  allow_renormalising: bool = True) -> Analysis:
     """Trace if needed and analyse a private copy of the graph (modules are shared, read-only)."""
     inputs = as_inputs(example_inputs)
     patterns = check_ignore(ignore)  # bad arguments fail before any tracing
@@ -130,14 +131,18 @@ def analyze_model(model: ModelLike, *, example_inputs: Any = None, ignore: Union
     if inputs is not None:
         _check_arity(work, inputs)
         propagate_shapes(work, inputs)
-    analysis = analyze(work, ignore=patterns, strict=strict, rules=rules)
+    analysis = analyze(work, ignore=patterns, strict=strict, rules=rules, allow_renormalising=allow_renormalising)
     warn_unmatched_ignore(analysis, patterns, stacklevel=3)
     return analysis
 
 
 def find_groups(model: ModelLike, *, example_inputs: Any = None, ignore: Union[str, Iterable[str]] = (),
-                strict: bool = False, rules: Optional[RuleTable] = None) -> GroupList:
+                strict: bool = False, rules: Optional[RuleTable] = None,
+                allow_renormalising: bool = True) -> GroupList:
     """The channel-coupled groups of ``model``, printable for humans.
+
+    A group a LayerNorm/RMSNorm normalises over says so (``renormalising``, the norms named):
+    see :attr:`fxprune.Group.renormalising`; ``allow_renormalising=False`` keeps those whole.
 
     >>> import torch, torchvision, fxprune
     >>> groups = fxprune.find_groups(torch.fx.symbolic_trace(torchvision.models.resnet18()))
@@ -148,7 +153,8 @@ def find_groups(model: ModelLike, *, example_inputs: Any = None, ignore: Union[s
 
     ``rules``: the rule table to analyse with (see :func:`prune`).
     """
-    return GroupList(analyze_model(model, example_inputs=example_inputs, ignore=ignore, strict=strict, rules=rules).groups)
+    return GroupList(analyze_model(model, example_inputs=example_inputs, ignore=ignore, strict=strict, rules=rules,
+                                   allow_renormalising=allow_renormalising).groups)
 
 
 # ------------------------------------------------------------------ keep_class: the user's own class back
@@ -239,8 +245,24 @@ def _split_width(module: nn.Module) -> None:
         module.c = width // 2
 
 
+_NORM_TYPES: Tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _norm_widths(root: nn.Module) -> None:
+    """A LayerNorm/RMSNorm subclass traced through (torchvision's LayerNorm2d, Hugging Face's
+    ConvNextLayerNorm) got its pruned weight by name; its forward passes ``self.normalized_shape``,
+    which must say the weight's new width. Only the one-dim case is ever pruned; the proof decides."""
+    for module in root.modules():
+        if not isinstance(module, _NORM_TYPES):
+            continue
+        weight, shape = getattr(module, "weight", None), tuple(getattr(module, "normalized_shape", ()))
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and len(shape) == 1 and shape[0] != weight.shape[0]:
+            module.normalized_shape = (int(weight.shape[0]),)
+
+
 def _update_widths(root: nn.Module) -> None:
     """Python ints a class's forward reads about widths pruning changed (see :func:`_split_width`)."""
+    _norm_widths(root)
     for module in root.modules():
         if type(module).__module__.startswith("ultralytics.") and hasattr(module, "cv1") and hasattr(module, "c"):
             _split_width(module)
@@ -444,6 +466,7 @@ def _class_copy(model: nn.Module, pruned: torch.fx.GraphModule) -> Tuple[Optiona
         kept = copy.deepcopy(model, memo)
         for target, (_, new) in pairs.items():
             _place(kept, target, new)  # a class with its own __deepcopy__ ignores the memo
+        _norm_widths(kept)  # re-traced below: the proof checks the widths it set
     except Exception as exc:  # user code (__deepcopy__, __setattr__): any failure means no copy
         return None, f"copying {type(model).__name__} failed: {type(exc).__name__}: {exc}"
     why = _mismatch(kept, pruned)
@@ -491,6 +514,11 @@ _OPTIONS_DOC = """
       names no module warns); ``strict``: raise :class:`fxprune.UnsupportedNodeError` on ops
       without a rule instead of freezing, and on a layer fxprune cannot see (a functional
       ``torch.conv2d``, an unknown leaf with weights) when nothing else could be pruned.
+    - ``allow_renormalising``: ``True`` (default) lets the width a LayerNorm/RMSNorm normalises
+      over be pruned: the smaller norm renormalises over the kept channels, so those groups are
+      proven against the masked-norm reference (:attr:`fxprune.Group.renormalising`). ``False``
+      (with ``strict=True``: the strictest mode) refuses them: such norms keep their width and
+      every rewrite is exact (equal to the plain masked reference).
 
     Never silent: when nothing can be pruned (every group frozen, or no layer fxprune knows), or
     ``round_to``/``min_channels``/ratio patterns leave every group whole, an
@@ -528,7 +556,8 @@ def decide(model: ModelLike, *, importance: Importance, example_inputs: Any, ign
            loss_fn: Optional[Callable[..., Any]], seed: int, policy: Policy, build: bool,
            keep_counts: Optional[Mapping[str, int]] = None,
            explain: bool = True, rules: Optional[RuleTable] = None,
-           builders: Optional[Registry[type, Builder]] = None) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
+           builders: Optional[Registry[type, Builder]] = None,
+           allow_renormalising: bool = True) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
     """Analyse, plan and (with ``build`` or a target to verify) rewrite: the body of plan()/prune().
 
     ``explain``: warn when nothing can be or was pruned (``strict``: raise on a layer fxprune
@@ -541,7 +570,8 @@ def decide(model: ModelLike, *, importance: Importance, example_inputs: Any, ign
                            "(a batch the model's forward accepts, e.g. torch.randn(1, 3, 224, 224))")
     check_importance(importance)
     options = ScoringOptions(calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed)
-    analysis = analyze_model(model, example_inputs=inputs, ignore=ignore, strict=strict, rules=rules)
+    analysis = analyze_model(model, example_inputs=inputs, ignore=ignore, strict=strict, rules=rules,
+                             allow_renormalising=allow_renormalising)
     # Never silent: a model returned unchanged says why (iterative pruning explains once, itself).
     can_prune = check_prunable(analysis, strict=strict, stacklevel=3) if explain else True
     if not policy.has_target:
@@ -587,7 +617,7 @@ def _meets(policy: Policy, achieved: Mapping[str, Any], base: Mapping[str, Optio
 
 
 def plan(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "l1", example_inputs: Any = None,
-         ignore: Union[str, Iterable[str]] = (), strict: bool = False,
+         ignore: Union[str, Iterable[str]] = (), strict: bool = False, allow_renormalising: bool = True,
          calibration: Optional[Iterable[Any]] = None, calibration_batches: Optional[int] = None,
          loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0,
          global_ranking: bool = False, max_group_ratio: float = 0.9, default_ratio: float = 0.0,
@@ -606,7 +636,8 @@ def plan(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "
     with few_threads():
         result, _ = decide(model, importance=importance, example_inputs=example_inputs, ignore=check_ignore(ignore),
                            strict=strict, calibration=calibration, calibration_batches=calibration_batches,
-                           loss_fn=loss_fn, seed=seed, policy=policy, build=False, rules=rules)
+                           loss_fn=loss_fn, seed=seed, policy=policy, build=False, rules=rules,
+                           allow_renormalising=allow_renormalising)
     return result
 
 
@@ -615,8 +646,11 @@ plan.__doc__ = (plan.__doc__ or "") + _OPTIONS_DOC
 
 def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = None,
           strict: bool = False, keep_class: bool = False, rules: Optional[RuleTable] = None,
-          builders: Optional[Registry[type, Builder]] = None) -> nn.Module:
+          builders: Optional[Registry[type, Builder]] = None, allow_renormalising: bool = True) -> nn.Module:
     """Build the pruned GraphModule a plan describes (raises PlanMismatchError if it does not fit).
+
+    ``allow_renormalising=False`` refuses a plan that prunes a renormalising group
+    (:class:`fxprune.PlanMismatchError`): such norms keep their width, as in :func:`plan`.
 
     A plan loaded with :meth:`PruningPlan.from_json` rebuilds the same architecture on a
     fresh copy of the model it was made for. ``keep_class=True``, ``rules``, ``builders``: see
@@ -629,14 +663,15 @@ def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = 
     44
     """
     with few_threads():
-        analysis = analyze_model(model, example_inputs=example_inputs, strict=strict, rules=rules)
+        analysis = analyze_model(model, example_inputs=example_inputs, strict=strict, rules=rules,
+                                 allow_renormalising=allow_renormalising)
         pruned = rewrite(analysis, pruning_plan, as_inputs(example_inputs), builders=builders)
     pruned.meta["fxprune_plan"] = pruning_plan
     return _keep_class_fn(model, pruned, example_inputs) if keep_class else pruned
 
 
 def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "l1", example_inputs: Any = None,
-          ignore: Union[str, Iterable[str]] = (), strict: bool = False,
+          ignore: Union[str, Iterable[str]] = (), strict: bool = False, allow_renormalising: bool = True,
           calibration: Optional[Iterable[Any]] = None, calibration_batches: Optional[int] = None,
           loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0,
           global_ranking: bool = False, max_group_ratio: float = 0.9, default_ratio: float = 0.0,
@@ -676,7 +711,7 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
             raise FxPruneError("a latency target chooses the channel counts itself: give target_latency= or "
                                "target_latency_ms= without ratio=, target_macs=, target_params= or global_ranking=")
         pruned = _latency_prune(model, importance=importance, example_inputs=example_inputs, ignore=ignore,
-                                strict=strict, scoring=ScoringOptions(calibration=calibration,
+                                strict=strict, allow_renormalising=allow_renormalising, scoring=ScoringOptions(calibration=calibration,
                                 calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed),
                                 policy=Policy(ratio=0.0, max_group_ratio=max_group_ratio, round_to=round_to,
                                               min_channels=min_channels).validated(),
@@ -689,7 +724,8 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
         result, pruned = decide(model, importance=importance, example_inputs=example_inputs,
                                 ignore=check_ignore(ignore), strict=strict, calibration=calibration,
                                 calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed,
-                                policy=policy, build=True, rules=rules, builders=builders)
+                                policy=policy, build=True, rules=rules, builders=builders,
+                                allow_renormalising=allow_renormalising)
     if pruned is None:
         raise InternalError("prune() planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result
@@ -714,7 +750,8 @@ prune.__doc__ = (prune.__doc__ or "") + _OPTIONS_DOC + """
 
 
 def _latency_prune(model: ModelLike, *, importance: Importance, example_inputs: Any, ignore: Any, strict: bool,
-                   scoring: ScoringOptions, policy: Policy, target: Tuple[Optional[float], Optional[float]],
+                   allow_renormalising: bool, scoring: ScoringOptions, policy: Policy,
+                   target: Tuple[Optional[float], Optional[float]],
                    device: Any, batch_size: Optional[int], mode: str, options: Any, rules: Optional[RuleTable] = None,
                    builders: Optional[Registry[type, Builder]] = None) -> torch.fx.GraphModule:
     goal = LatencyTarget(fraction=target[0], ms=target[1]).validated()
@@ -726,7 +763,8 @@ def _latency_prune(model: ModelLike, *, importance: Importance, example_inputs: 
         raise FxPruneError(f"latency_options must be a fxprune.latency_model.LatencyOptions, got {type(options).__name__}")
     check_importance(importance)
     with few_threads():
-        analysis = analyze_model(model, example_inputs=inputs, ignore=check_ignore(ignore), strict=strict, rules=rules)
+        analysis = analyze_model(model, example_inputs=inputs, ignore=check_ignore(ignore), strict=strict, rules=rules,
+                                 allow_renormalising=allow_renormalising)
     result, pruned = plan_for_latency(analysis, model, importance=importance, scoring=scoring, policy=policy,
                                       target=goal, example_inputs=inputs, device=device, batch_size=batch_size,
                                       mode=mode, options=options, builders=builders)

@@ -457,7 +457,10 @@ def _validate_plan(data: Any, path: Path) -> Tuple[PruningPlan, Any]:
         modules = _want_list(path, f"{where}.modules", g.get("modules", []))
         for j, name in enumerate(modules):
             _want_str(path, f"{where}.modules[{j}]", name)
-        groups.append(GroupPlan(str(key), size, list(keep), list(modules)))
+        renorm = g.get("renormalising", False)
+        if not isinstance(renorm, bool):
+            raise _bad(path, f"{where}.renormalising", "true or false", renorm)
+        groups.append(GroupPlan(str(key), size, list(keep), list(modules), renorm))
     criterion = _want_str(path, "criterion", data.get("criterion", ""))
     policy = _want_obj(path, "policy", data.get("policy") or {})
     _check_depth(path, "policy", policy)

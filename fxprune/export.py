@@ -244,6 +244,17 @@ def _lift_slice(node: torch.fx.Node) -> Tuple[Any, Tuple[Any, ...]]:
 
 
 
+def _lift_select(node: torch.fx.Node) -> Tuple[Any, Tuple[Any, ...]]:
+    """``aten.select.int(x, dim, index)`` as ``x[..., index, ...]`` (getitem; the dim goes).
+
+    Hugging Face's ViT reads its class token as ``sequence_output[:, 0, :]``, exported as a select.
+    """
+    bound = _bind(node)
+    dim, at = int(bound["dim"]), bound["index"]
+    index = (slice(None),) * dim + (at,) if dim >= 0 else (Ellipsis, at) + (slice(None),) * (-dim - 1)
+    return bound["self"], index
+
+
 # What an ATen call becomes when its torch spelling takes other arguments: ``(bound ATen
 # arguments by schema name) -> (kind, target, args, kwargs)``, or None where the two would not
 # compute the same thing (the op is then kept as it is, and freezes what it touches).
@@ -306,6 +317,8 @@ _SPELLED: Dict[Any, Callable[[Dict[str, Any]], Optional[Spelling]]] = {
                                         (a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"]), {}),
     aten.group_norm.default: lambda a: ("call_function", F.group_norm,
                                         (a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"]), {}),
+    aten.rms_norm.default: lambda a: ("call_function", F.rms_norm,
+                                      (a["input"], a["normalized_shape"], a["weight"], a["eps"]), {}),
     aten.upsample_nearest2d.vec: _interpolate("nearest", False),
     aten.upsample_nearest1d.vec: _interpolate("nearest", False),
     aten.upsample_nearest3d.vec: _interpolate("nearest", False),
@@ -586,6 +599,9 @@ class _Lifter:
                 continue
             elif node.op == "call_function" and node.target is aten.slice.Tensor:
                 x, index = _lift_slice(node)
+                new = graph.create_node("call_function", operator.getitem, remap((x, index)), {}, node.name)
+            elif node.op == "call_function" and node.target is aten.select.int:
+                x, index = _lift_select(node)
                 new = graph.create_node("call_function", operator.getitem, remap((x, index)), {}, node.name)
             elif node.op == "call_function" and node.target in _FIRST_OF_TUPLE and _first_only(node) and \
                     (spelled := _FIRST_OF_TUPLE[node.target](_bind(node))) is not None:

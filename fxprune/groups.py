@@ -60,8 +60,12 @@ from .trace import node_shape
 
 __all__ = [
     "Member", "TensorMember", "Group", "Slot", "TensorSlot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",
-    "tensor_users", "unique_keys", "tensor_owner",
+    "tensor_users", "unique_keys", "tensor_owner", "RENORMALISING",
 ]
+
+# node.meta key of a norm whose statistics run over a renormalising group's channels (see
+# :attr:`Group.renormalising`): the ``(group index, size)`` segments of its normalised dim.
+RENORMALISING = "fxprune_renormalising"
 
 ROLES = ("out", "in", "channelwise")
 _NO_VALUE = object()  # a node whose value cannot be computed without inputs
@@ -111,6 +115,12 @@ class Group:
 
     ``blocks``: the channels form this many equal consecutive blocks that must each keep the
     same number of channels (a group read or written by a grouped convolution); 1 otherwise.
+
+    ``renormalising``: the proof contract of its rewrite. ``False`` (*exact*): the pruned model
+    equals the masked reference (removed channels zeroed). ``True``: a LayerNorm/RMSNorm
+    normalises over its channels (``norms`` names them), so removing channels changes the
+    statistics of the kept ones; the pruned model equals the masked reference in which each
+    such norm computes its statistics over the kept channels only.
     """
 
     index: int
@@ -121,10 +131,17 @@ class Group:
     reasons: Tuple[str, ...] = ()
     blocks: int = 1  # equal blocks that must each keep the same count (grouped convs)
     tensors: Tuple[TensorMember, ...] = ()  # directly read tensors: functional layers, operands
+    renormalising: bool = False  # the proof contract: exact (False) or renormalising (True)
+    norms: Tuple[str, ...] = ()  # the norms that renormalise it
 
     @property
     def prunable(self) -> bool:
         return not self.frozen and self.size > 1
+
+    @property
+    def exact(self) -> bool:
+        """Whether its rewrite equals the masked reference (see ``renormalising``)."""
+        return not self.renormalising
 
     @property
     def block_size(self) -> int:
@@ -142,6 +159,8 @@ class Group:
             if names:
                 parts.append(f"{role}={','.join(names)}")
         blocks = f" in {self.blocks} blocks" if self.blocks > 1 else ""
+        if self.renormalising and self.prunable:
+            state += f", renormalising: {', '.join(self.norms)}"
         return f"group {self.key} [{self.size} ch{blocks}, {state}] " + " ".join(parts)
 
 
@@ -209,10 +228,15 @@ class Analysis:
 class _Engine:
     """Implements :class:`fxprune.rules.RuleContext` over one graph."""
 
-    def __init__(self, gm: torch.fx.GraphModule, strict: bool, rules: RuleTable = DEFAULT_RULES) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, strict: bool, rules: RuleTable = DEFAULT_RULES,
+                 allow_renormalising: bool = True) -> None:
         self.gm = gm
         self.strict = strict
         self.rules = rules
+        self.allow_renormalising = allow_renormalising
+        # Norms over the channel dim (raw group -> what renormalises it; node name -> its layout).
+        self.renorm: Dict[int, List[str]] = {}
+        self.renorm_nodes: Dict[str, Layout] = {}
         self.modules: Dict[str, nn.Module] = dict(gm.named_modules())
         self.union = nx.utils.UnionFind()
         self.sizes: List[int] = []
@@ -402,6 +426,17 @@ class _Engine:
         self.arg_patches.setdefault(node.name, []).append(patch)
         if target is not None:
             self.arg_targets[node.name] = target
+
+    def renormalise(self, node: torch.fx.Node, layout: Layout, what: str) -> None:
+        if not self.allow_renormalising:
+            # The caller asked for exact rewrites only: the norm keeps its width, as it did
+            # before renormalising rewrites existed (frozen by design, no warning).
+            self.freeze(node, [layout], f"{what} normalises over the channel dim (renormalising; "
+                                        "allow_renormalising=False)")
+            return
+        self.renorm_nodes[node.name] = layout
+        for gid in layout.groups:
+            self.renorm.setdefault(gid, []).append(what)
 
     def unify(self, node: torch.fx.Node, layouts: Sequence[Layout]) -> Optional[Layout]:
         return self._unify(node.name, layouts)
@@ -722,6 +757,9 @@ class _Engine:
                 node.meta["fxprune_layout"] = replace(lay, groups=node.meta["fxprune_groups"],
                                                       sizes=tuple(size for _, size in segments))
             node.meta.pop(ARG_REWRITE, None)  # a stale one from an earlier analysis of this graph
+            node.meta.pop(RENORMALISING, None)
+            if node.name in self.renorm_nodes:
+                node.meta[RENORMALISING] = expand(self.renorm_nodes[node.name].groups)
             if node.name in self.arg_patches:
                 rewrite = ArgRewrite(tuple(self.arg_patches[node.name]), self.arg_targets.get(node.name))
                 node.meta[ARG_REWRITE] = rewrite.map_groups(lambda gs: tuple(idx for idx, _ in expand(gs)))
@@ -746,11 +784,16 @@ class _Engine:
             else:
                 candidates.append((f"tensor{idx}", f"tensor{idx}"))
         keys = unique_keys(candidates)
+        norms: Dict[int, List[str]] = {}
+        for gid, what in self.renorm.items():
+            for idx, _ in final[gid]:
+                norms.setdefault(idx, []).extend(what)
         groups = []
         for idx in range(len(roots)):
             why = tuple(dict.fromkeys(reasons.get(idx, [])))  # dedupe, keep order
+            renorm = tuple(dict.fromkeys(norms.get(idx, [])))
             groups.append(Group(idx, keys[idx], sizes[idx], tuple(members[idx]), bool(why), why, blocks.get(idx, 1),
-                                tuple(tensor_members[idx])))
+                                tuple(tensor_members[idx]), bool(renorm), renorm))
         return Analysis(self.gm, groups, slots, list(self.messages), tensors, self.rules)
 
     def _resolve_blocks(self, final: Dict[int, Tuple[Tuple[int, int], ...]], sizes: Dict[int, int],
@@ -940,13 +983,15 @@ def check_balanced(group: Group, keep: Sequence[int]) -> Optional[str]:
 
 
 def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: bool = False,
-            rules: Optional[RuleTable] = None) -> Analysis:
+            rules: Optional[RuleTable] = None, allow_renormalising: bool = True) -> Analysis:
     """Find the channel-coupled groups of ``gm``.
 
     Writes ``node.meta['fxprune_layout']`` (in final group indices, segment by segment as
     ``node.meta['fxprune_groups']``) and, for nodes whose arguments count channels,
-    ``node.meta[ARG_REWRITE]`` on ``gm``'s nodes: pass a graph you own (the public
-    :func:`fxprune.find_groups` does that for you).
+    ``node.meta[ARG_REWRITE]`` on ``gm``'s nodes, and on each norm that renormalises a group
+    ``node.meta[RENORMALISING]``: pass a graph you own (the public :func:`fxprune.find_groups`
+    does that for you). ``allow_renormalising=False`` keeps every LayerNorm/RMSNorm over the
+    channel dim whole (frozen by design), so only exact groups are prunable.
 
     >>> import torchvision, fxprune
     >>> gm = fxprune.trace(torchvision.models.resnet18())
@@ -968,4 +1013,4 @@ def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: boo
     elif not isinstance(rules, RuleTable):
         raise FxPruneError("rules= must be a fxprune.rules.RuleTable (e.g. fxprune.rules.DEFAULT_RULES.extended({...})), "
                            f"got {type(rules).__name__}")
-    return _Engine(gm, strict, rules).run(tuple(ignore))
+    return _Engine(gm, strict, rules, allow_renormalising).run(tuple(ignore))

@@ -205,7 +205,10 @@ def _transposed_layer(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     return w.transpose(0, 1)
 
 
-@register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# LayerNorm/RMSNorm scales too (a renormalising group's norms): scored as the functional form's
+# weight tensor is (F.layer_norm in torchvision's LayerNorm2d), so both forms score alike.
+@register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
+                  *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     w = getattr(module, "weight", None)
     return None if w is None else w.detach().unsqueeze(1)

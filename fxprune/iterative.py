@@ -172,7 +172,7 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
     if isinstance(current, torch.fx.GraphModule):
         current.meta["fxprune_steps"] = plans
         if composite is not None:
-            groups = [GroupPlan(g.key, g.size, sorted(composite[g.key]), sorted({m.module for m in g.members}))
+            groups = [GroupPlan(g.key, g.size, sorted(composite[g.key]), sorted({m.module for m in g.members}), g.renormalising)
                       for g in analysis0.groups]
             record = dict(plans[-1].policy)
             record.update(policy.to_dict())

@@ -36,12 +36,18 @@ _READABLE_VERSIONS = (1, 2)
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """The fate of one group: its key, size, member modules and the kept channel indices."""
+    """The fate of one group: its key, size, member modules and the kept channel indices.
+
+    ``renormalising``: the group's proof contract (:attr:`fxprune.Group.renormalising`): its
+    rewrite changes the statistics of a LayerNorm/RMSNorm, so it is proven against the
+    masked-norm reference, not the plain masked one. Written to JSON only when true.
+    """
 
     key: str
     size: int
     keep: List[int]
     modules: List[str] = field(default_factory=list)
+    renormalising: bool = False
 
     @property
     def pruned(self) -> bool:
@@ -77,13 +83,27 @@ class PruningPlan:
     def pruned_groups(self) -> List[GroupPlan]:
         return [g for g in self.groups if g.pruned]
 
+    @property
+    def renormalising_groups(self) -> List[GroupPlan]:
+        """The pruned groups whose rewrite renormalises (see :attr:`GroupPlan.renormalising`)."""
+        return [g for g in self.pruned_groups if g.renormalising]
+
     def summary(self) -> str:
-        """One line per pruned group: ``key: kept/size``."""
+        """One line per pruned group: ``key: kept/size`` (``renormalising`` where it is)."""
         head = f"plan ({self.criterion}) for {self.model.get('class', '?')}: {len(self.pruned_groups)} of {len(self.groups)} groups pruned"
-        return "\n".join([head] + [f"  {g.key}: {len(g.keep)}/{g.size}" for g in self.pruned_groups])
+        return "\n".join([head] + [f"  {g.key}: {len(g.keep)}/{g.size}{' (renormalising)' if g.renormalising else ''}"
+                                    for g in self.pruned_groups])
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The plan as plain data (what :meth:`to_json` writes)."""
+        data = asdict(self)
+        for g in data["groups"]:
+            if not g["renormalising"]:
+                del g["renormalising"]  # exact groups: the record plans always had
+        return data
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: Union[str, bytes]) -> "PruningPlan":
@@ -94,7 +114,8 @@ class PruningPlan:
             if data.get("version") not in _READABLE_VERSIONS:
                 raise PlanMismatchError(
                     f"plan version {data.get('version')!r} is not one this fxprune reads {_READABLE_VERSIONS}")
-            groups = [GroupPlan(str(g["key"]), int(g["size"]), [int(i) for i in g["keep"]], [str(m) for m in g.get("modules", [])])
+            groups = [GroupPlan(str(g["key"]), int(g["size"]), [int(i) for i in g["keep"]], [str(m) for m in g.get("modules", [])],
+                                bool(g.get("renormalising", False)))
                       for g in data["groups"]]
             model = {str(k): str(v) for k, v in dict(data.get("model") or {}).items()}
             return cls(groups, str(data.get("criterion", "")), dict(data.get("policy") or {}), PLAN_VERSION, model)
@@ -163,7 +184,7 @@ def make_plan(analysis: Analysis, ratio: Any = None, importance: Union[str, Crit
     for group in analysis.groups:
         n = counts.get(group.index, group.size) if group.prunable else group.size
         keep = list(range(group.size)) if n >= group.size else select_channels(group, scores[group.index], n)
-        out.append(GroupPlan(group.key, group.size, keep, _members(group)))
+        out.append(GroupPlan(group.key, group.size, keep, _members(group), group.renormalising))
     record = policy.to_dict()
     record.update(info)
     if criterion_name(importance) == "random":

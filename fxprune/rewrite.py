@@ -164,6 +164,20 @@ def _batchnorm(bn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     return new
 
 
+_LAYER_NORM_TYPES: Tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+@register_builder(*_LAYER_NORM_TYPES)
+def _layer_norm(norm: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
+    # Only a one-dim normalized_shape over the channels is ever pruned (fxprune.rules): the new
+    # norm normalises over the kept channels, a renormalising rewrite (see Group.renormalising).
+    keep = idx.get("channelwise")
+    new = _copy_with(norm, {n: _sliced(getattr(norm, n), 0, keep) for n in ("weight", "bias") if hasattr(norm, n)})
+    if keep is not None:
+        new.normalized_shape = (len(keep),)
+    return new
+
+
 @register_builder(nn.PReLU)
 def _prelu(prelu: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     assert isinstance(prelu, nn.PReLU)
@@ -211,6 +225,8 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
         return {"out": module.weight.shape[0], "in": module.weight.shape[1]}
     if isinstance(module, nn.PReLU):
         return {"channelwise": module.weight.shape[0]}
+    if isinstance(module, _LAYER_NORM_TYPES):
+        return {"channelwise": int(module.normalized_shape[0])}
     if isinstance(module, nn.modules.batchnorm._NormBase):
         n = module.running_mean.shape[0] if module.running_mean is not None else module.num_features
         return {"channelwise": module.weight.shape[0] if module.weight is not None else n}

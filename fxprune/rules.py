@@ -305,6 +305,8 @@ class RuleContext(Protocol):
 
     def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None: ...
 
+    def renormalise(self, node: torch.fx.Node, layout: Layout, what: str) -> None: ...
+
 
 RuleResult = Union[Layout, TupleLayout, None]
 Rule = Callable[[RuleContext, torch.fx.Node], RuleResult]
@@ -651,6 +653,8 @@ def _cat(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     if cat_dim[0] != ref.dim:
         # Concatenating along another dim: all operands share channels.
         if len(known) != len(layouts):
+            if all(lay is not None or _expanded_parameter(ctx, node, t, ref) for t, lay in zip(tensors, layouts)):
+                return ctx.unify(node, known)
             ctx.freeze(node, known, "cat with an operand of unknown channel structure")
             return ref
         return ctx.unify(node, known)
@@ -709,6 +713,27 @@ def _stack(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     # further from the end.
     moved = shared.dim if shared.dim > dim else shared.dim - 1
     return replace(shared, dim=moved, rank=out_rank)
+def _expanded_parameter(ctx: RuleContext, node: torch.fx.Node, arg: Any, ref: Layout) -> bool:
+    """Declare ``arg`` a parameter whose channels are ``ref``'s, expanded over the other dims, if it is one.
+
+    ViT's class token: ``cat([self.cls_token.expand(B, -1, -1), x], dim=1)`` concatenates along
+    the tokens a ``[1, 1, C]`` parameter whose channel dim the expand leaves as it is (``-1``).
+    It becomes a tensor slot sliced with the channels (an ``operand``: a removed channel's entry
+    only ever meets removed channels). Anything else: False (the caller freezes).
+    """
+    if not isinstance(arg, torch.fx.Node) or arg.op != "call_method" or arg.target != "expand" or not arg.args:
+        return False
+    param = arg.args[0]
+    sizes = list(arg.args[1] if len(arg.args) == 2 and isinstance(arg.args[1], (list, tuple)) else arg.args[1:])
+    shape = ctx.shape(param) if isinstance(param, torch.fx.Node) else None
+    if not isinstance(param, torch.fx.Node) or param.op != "get_attr" or shape is None or ref.rank is None \
+            or len(shape) != ref.rank or len(sizes) != ref.rank or ref.block != 1:
+        return False
+    c = ref.rank + ref.dim
+    if shape[c] != ref.channels or sizes[c] != -1 or len(param.users) != 1:
+        return False
+    ctx.tensor_member(node, param, c, ref, via=[arg])
+    return True
 
 
 # --------------------------------------------------------------------------- convolution
@@ -989,15 +1014,60 @@ def _flatten(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     return _flatten_layout(ctx, node, inp, start, end)
 
 
+_SIZE_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                              operator.mod, operator.pow, operator.neg, builtins.int})
+
+
+def _channel_size_reads(ctx: RuleContext, arg: Any, depth: int = 0) -> List[Layout]:
+    """The layouts of tracked tensors whose channel count the size value ``arg`` is computed from.
+
+    A direct read (``x.shape[-1]``, ``x.size(1)``, a whole ``x.shape``), or Python arithmetic on
+    one (``C // heads``). After pruning such a value says the kept count: right where it sizes
+    the same channels (:func:`_size_follows_channels` checks that), wrong anywhere else.
+    """
+    if isinstance(arg, (list, tuple)):
+        return [lay for a in arg for lay in _channel_size_reads(ctx, a, depth)]
+    if not isinstance(arg, torch.fx.Node) or depth > 8:
+        return []
+    found = _channel_size_source(ctx, arg)
+    if found is not None:
+        source, dim = found
+        lay = ctx.layout(source)
+        norm = _normalize_dims(dim, ctx.rank(source)) if lay is not None else None
+        # Unknown rank: only dim 0 (the batch, in every model seen) is taken for not a channel dim.
+        return [lay] if lay is not None and (norm[0] == lay.dim if norm is not None else dim != 0) else []
+    whole = (arg.op == "call_method" and arg.target == "size" and len(arg.args) == 1) or \
+        (arg.op == "call_function" and arg.target is builtins.getattr and arg.args[1] == "shape")
+    if whole:
+        lay = ctx.layout(arg.args[0])
+        return [lay] if lay is not None else []
+    if arg.op == "call_function" and (arg.target in _SIZE_ARITHMETIC or arg.target is operator.getitem):
+        return [lay for a in arg.args for lay in _channel_size_reads(ctx, a, depth + 1)]
+    return []
+
+
+def _refuse_size_reads(ctx: RuleContext, node: torch.fx.Node, sizes: Any, skip: Optional[int]) -> None:
+    """Refuse the channels a view's size arguments read, except at position ``skip`` (checked there)."""
+    items = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+    read = [lay for i, a in enumerate(items) if i != skip for lay in _channel_size_reads(ctx, a)]
+    if read:
+        ctx.refuse(node, read, f"{_label(node)} is given a size read from a channel dim, which pruning would change "
+                               "where it does not size those channels",
+                   "write the size as a constant or -1, or read it from the tensor being reshaped")
+
+
 @register_rule(torch.reshape, "view", "reshape")
 def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     inp = _first_layout(ctx, node)
-    if inp is None:
-        return None
     if node.op == "call_function":
         sizes = _arg(node, 1, "shape", None)
     else:
         sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    if inp is None:
+        # An untracked tensor keeps its size; a size argument that reads a pruned channel count
+        # (MaxViT's ``x.reshape(B, G, P, D)`` with D from its input's shape) would not.
+        _refuse_size_reads(ctx, node, sizes, None)
+        return None
     in_shape = ctx.shape(node.args[0])
     out_shape = ctx.shape(node)
     if in_shape is not None and out_shape is not None and inp.rank is not None:
@@ -1014,6 +1084,7 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
             ctx.refuse(node, [inp], "view/reshape whose sizes are not given one per dim")
             return out
         _size_follows_channels(ctx, node, sizes[j], inp, tail, _view_size_path(node, j))
+        _refuse_size_reads(ctx, node, sizes, j)
         return out
     # Without shapes, only the classic head `x.view(x.size(0), -1)` is understood.
     if isinstance(sizes, (list, tuple)) and len(sizes) == 2 and sizes[1] == -1 and inp.rank is not None:
@@ -1544,10 +1615,23 @@ def _normalized_dims(ctx: RuleContext, node: torch.fx.Node) -> Optional[int]:
 
 _LAYER_NORMS: Tuple[Any, ...] = (nn.LayerNorm, F.layer_norm) + (
     (nn.RMSNorm, F.rms_norm) if hasattr(nn, "RMSNorm") and hasattr(F, "rms_norm") else ())
+_RMS_NORM: Any = getattr(F, "rms_norm", None)
 
 
 @register_rule(*_LAYER_NORMS)
 def _layer_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """LayerNorm/RMSNorm: over the channel dim it *renormalises*, elsewhere channels pass through.
+
+    Its mean and variance (RMSNorm: mean square) run over every channel, so a removed channel,
+    even zeroed, still counts in the denominators: no rewrite equals the masked reference. The
+    smaller norm over the kept channels is still a well-defined function, so the last-dim case
+    (``normalized_shape`` of one entry, over the channels) is prunable with its weight and bias
+    as ``channelwise`` members, the ``normalized_shape`` argument of the functional form
+    rewritten, and its groups marked renormalising (:meth:`RuleContext.renormalise`): they are
+    proven against a reference whose norms use the kept channels only
+    (:func:`fxprune.testing.masked_reference`). Any other norm over the channels (several
+    normalised dims, a flattened map) stays whole (frozen by design).
+    """
     inp = _first_layout(ctx, node)
     if inp is None:
         return None
@@ -1555,11 +1639,36 @@ def _layer_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     if k is None:
         ctx.unsupported(node, "LayerNorm with a normalized_shape that is not a constant")
         return None
-    if inp.dim >= -k:
-        # The mean and variance run over every channel: a removed channel, even when zeroed,
-        # still counts in the denominators, and dropping it changes every other channel's
-        # output. No exact rewrite exists, so the group stays whole (by design, no warning).
-        ctx.freeze(node, [inp], f"{_what(ctx, node)} normalises over the channel dim")
+    if inp.dim < -k:
+        return inp  # normalises dims after the channel dim: each channel on its own
+    what = _what(ctx, node)
+    weight = _arg(node, 2, "weight") if node.op != "call_module" else None
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and str(weight.target).endswith(".weight"):
+        # A norm module traced through (timm's LayerNorm, LayerNorm2d): named by its module.
+        what = f"{_label(node)} of {str(weight.target)[:-len('.weight')]}"
+    if k != 1 or inp.dim != -1 or inp.block != 1:
+        ctx.freeze(node, [inp], f"{what} normalises over the channel dim together with other dims")
+        return inp
+    if node.op == "call_module":
+        norm = ctx.module(node)
+        if tuple(getattr(norm, "normalized_shape", ())) != (inp.channels,):
+            ctx.unsupported(node, f"{what} whose normalized_shape does not match its {inp.channels} input channels")
+            return None
+        ctx.member(node, "channelwise", inp)
+    else:
+        shape_at: Tuple[Union[int, str], ...] = (1,) if len(node.args) > 1 else ("normalized_shape",)
+        shape = _arg(node, 1, "normalized_shape")
+        size = shape if isinstance(shape, int) else shape[0]
+        if size != inp.channels:
+            ctx.unsupported(node, f"{what} whose normalized_shape does not match its {inp.channels} input channels")
+            return None
+        names = ("weight", "eps") if node.target is _RMS_NORM else ("weight", "bias", "eps")
+        for i, arg_name in enumerate(names[:-1]):
+            arg = _arg(node, i + 2, arg_name)
+            if arg is not None and not _layer_tensor(ctx, node, arg, 0, inp, "channelwise", arg_name):
+                return inp
+        ctx.rewrite_args(node, ArgPatch(shape_at if isinstance(shape, int) else shape_at + (0,), ChannelCount.of([inp])))
+    ctx.renormalise(node, inp, what)
     return inp
 
 

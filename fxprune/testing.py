@@ -3,7 +3,15 @@
 The masked reference is a deep copy of the original model in which every removed channel is
 zeroed in every parameter that channel indexes (producer rows and biases, per-channel scales
 and shifts, consumer columns). Removing a channel and zeroing its consumer columns compute the
-same function, so a correct rewrite matches the masked model up to float rounding.
+same function, so a correct rewrite of an *exact* group matches the masked model up to float
+rounding.
+
+A *renormalising* group (:attr:`fxprune.Group.renormalising`: a LayerNorm/RMSNorm normalises
+over its channels) has no masking-equivalent rewrite: a removed channel, even zeroed, counts in
+the norm's statistics. Its reference is defined on the original graph, independently of the
+rewrite: in the masked copy each norm whose channels lose some is replaced by
+:func:`masked_norm`, which computes the statistics over the kept positions only and outputs
+zero at the removed ones. The pruned model must match that.
 
 How a role's positions map onto a module's tensors is a table, :func:`register_mask`, per
 module type; a module type without an entry falls back to ``weight``/``bias`` along the dims
@@ -26,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from .api import ModelLike, analyze_model
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
-from .groups import TensorSlot
+from .groups import RENORMALISING, Slot, TensorSlot
 from .plan import PruningPlan, resolve
 from .registry import Registry
 from .rewrite import slot_indices
@@ -34,7 +42,7 @@ from .rules import RuleTable, role_tensors
 from .trace import as_graph_module, cast_model, cast_value
 
 __all__ = ["masked_reference", "assert_equivalent", "register_mask", "DEFAULT_MASKS", "randomize_norms", "randomize_constants",
-           "constant_tensors", "cast_model", "VacuousProofError", "Mask"]
+           "constant_tensors", "cast_model", "VacuousProofError", "Mask", "masked_norm"]
 
 Mask = Callable[[nn.Module, str, torch.Tensor], None]
 DEFAULT_MASKS: Registry[type, Mask] = Registry("masks")
@@ -141,7 +149,94 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
             removes = removes or bool(removed.any())
             masks.get(type(module), _default_mask)(module, slot.role, removed)
         removes = _mask_tensors(gm, analysis.tensors, kept) or removes
+    removes = _mask_norms(gm, analysis.gm, kept) or removes
     return removes
+
+
+def masked_norm(x: torch.Tensor, keep: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None, eps: Optional[float] = 1e-5, rms: bool = False) -> torch.Tensor:
+    """LayerNorm (``rms``: RMSNorm) over the last dim of ``x`` with statistics over the ``keep`` positions only.
+
+    ``keep``: a bool vector over the last dim. The mean and biased variance (RMSNorm: the mean
+    square) are sums over the kept positions divided by their count; a removed position's value
+    never enters them (not even a NaN). The output is zero at removed positions. Written from
+    the definition, on purpose not by slicing: it is the reference a renormalising rewrite is
+    proven against. ``eps=None`` (RMSNorm's default): ``torch.finfo(x.dtype).eps``.
+
+    >>> import torch, torch.nn.functional as F
+    >>> x = torch.randn(2, 5, dtype=torch.float64)
+    >>> keep = torch.tensor([True, False, True, True, False])
+    >>> y = masked_norm(x, keep)
+    >>> torch.allclose(y[:, keep], F.layer_norm(x[:, keep], (3,))), bool((y[:, ~keep] == 0).all())
+    (True, True)
+    """
+    keep = keep.to(x.device)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    kept = torch.where(keep, x, zero)
+    count = keep.sum().clamp_min(1).to(x.dtype)  # no kept position (a blanked group): output zero
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    if rms:
+        y = kept * torch.rsqrt((kept * kept).sum(-1, keepdim=True) / count + eps)
+    else:
+        centred = torch.where(keep, kept - kept.sum(-1, keepdim=True) / count, zero)
+        y = centred * torch.rsqrt((centred * centred).sum(-1, keepdim=True) / count + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return torch.where(keep, y, zero)
+
+
+def _mask_norms(gm: torch.fx.GraphModule, analysed: torch.fx.GraphModule, kept: Dict[int, List[int]]) -> bool:
+    """Replace, in ``gm``, every norm a renormalising group loses channels of by :func:`masked_norm`.
+
+    ``analysed``: the analysed copy of ``gm``'s graph (same node names), whose norms carry the
+    segments of their normalised dim (``node.meta[RENORMALISING]``). True if any was replaced.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    replaced = False
+    for source in analysed.graph.nodes:
+        segments = source.meta.get(RENORMALISING)
+        if segments is None:
+            continue
+        keep = slot_indices(Slot(source.name, "channelwise", segments, 1), kept)
+        if keep is None:
+            continue  # no channel removed: the norm computes what it always did
+        mask = torch.zeros(sum(size for _, size in segments), dtype=torch.bool)
+        mask[keep] = True
+        _masked_norm_node(gm, nodes[source.name], mask)
+        replaced = True
+    if replaced:
+        gm.graph.lint()
+        gm.recompile()
+    return replaced
+
+
+def _masked_norm_node(gm: torch.fx.GraphModule, node: torch.fx.Node, mask: torch.Tensor) -> None:
+    """Put a :func:`masked_norm` call keeping ``mask`` in place of the norm ``node``."""
+    name = f"fxprune_keep_{node.name}"
+    gm.register_buffer(name, mask)
+    graph = gm.graph
+
+    def arg(i: int, key: str, default: Any = None) -> Any:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+    with graph.inserting_before(node):
+        keep = graph.get_attr(name)
+        x = arg(0, "input")
+        if node.op == "call_module":
+            norm = gm.get_submodule(str(node.target))
+            weight, bias = (graph.get_attr(f"{node.target}.{t}") if getattr(norm, t, None) is not None else None
+                            for t in ("weight", "bias"))
+            eps, rms = norm.eps, not isinstance(norm, nn.LayerNorm)
+        elif node.target is torch.nn.functional.layer_norm:
+            weight, bias, eps, rms = arg(2, "weight"), arg(3, "bias"), arg(4, "eps", 1e-5), False
+        else:  # F.rms_norm
+            weight, bias, eps, rms = arg(2, "weight"), None, arg(3, "eps"), True
+        new = graph.call_function(masked_norm, (x, keep, weight, bias, eps, rms))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
 
 
 def _mask_tensors(gm: torch.fx.GraphModule, tensors: Dict[str, Tuple[TensorSlot, ...]], kept: Dict[int, List[int]]) -> bool:
@@ -187,7 +282,10 @@ def masked_reference(model: ModelLike, plan: PruningPlan, example_inputs: Option
     ``masks``: the mask table (default :data:`DEFAULT_MASKS`).
 
     BatchNorm running statistics of removed channels are reset to mean 0, variance 1, so a
-    NaN or Inf statistic cannot leak into the output through ``0 * NaN``.
+    NaN or Inf statistic cannot leak into the output through ``0 * NaN``. Each LayerNorm/RMSNorm
+    over a renormalising group that loses channels becomes a :func:`masked_norm` over the kept
+    ones (statistics over the kept channels, zero at the removed): the reference of the
+    renormalising contract. A plan of exact groups only gets the plain masked copy.
 
     >>> import torch, torchvision, fxprune
     >>> from fxprune.testing import masked_reference

@@ -131,11 +131,14 @@ def _shufflenet(pruned: nn.Module, groups: List[fxprune.Group]) -> None:
 
 
 def _convnext(pruned: nn.Module, groups: List[fxprune.Group]) -> None:
-    # LayerNorm over channels freezes the residual width; the MLP hidden width (Linear -> GELU
-    # -> Linear, channels last after a permute) is pruned.
-    assert "normalises over the channel dim" in frozen_reasons(groups)
+    # The residual width is pruned under its LayerNorms (renormalising groups: proven against
+    # the masked-norm reference), and so is the MLP hidden width (Linear -> GELU -> Linear,
+    # channels last after a permute).
+    stream = next(g for g in groups if g.key == "features.0.0")
+    assert stream.prunable and stream.renormalising and not any(g.frozen for g in groups if g.key != "classifier.2")
     assert pruned.get_submodule("features.1.0.block.3").out_features == 192
-    assert pruned.get_submodule("features.1.0.block.0").out_channels == 96
+    assert pruned.get_submodule("features.1.0.block.0").out_channels == 48
+    assert pruned.get_submodule("features.1.0.block.2").normalized_shape == (48,)
 
 
 def _swin(pruned: nn.Module, groups: List[fxprune.Group]) -> None:

@@ -244,17 +244,24 @@ class ChannelsLastMLP(nn.Module):
 
 
 @pytest.mark.parametrize("shapes", [True, False])
-def test_layernorm_over_channels_freezes_by_design_and_the_mlp_is_pruned(shapes: bool) -> None:
+def test_layernorm_over_channels_renormalises_and_the_mlp_is_pruned(shapes: bool) -> None:
     torch.manual_seed(5)
     model = ChannelsLastMLP().eval()
     x = torch.randn(2, 3, 8, 8)
+    ex = (x,) if shapes else None
     with warnings.catch_warnings():
-        warnings.simplefilter("error", fxprune.FxPruneWarning)  # known rules: frozen, not warned
+        warnings.simplefilter("error", fxprune.FxPruneWarning)  # known rules: no warning either way
         pruned = prove(model, 0.5, x, shapes=shapes, strict=True)
-        stem = group_of(model, "stem", example_inputs=(x,) if shapes else None)
-    assert any("LayerNorm norm normalises over the channel dim" in r for r in stem.reasons)
+        stem = group_of(model, "stem", example_inputs=ex)
+        # Exact rewrites only: the LayerNorm keeps its width, frozen by design as before.
+        exact = prove(model, 0.5, x, shapes=shapes, strict=True, allow_renormalising=False)
+        frozen = group_of(model, "stem", example_inputs=ex, allow_renormalising=False)
+    assert stem.renormalising and stem.prunable and stem.norms == ("LayerNorm norm",)
     assert pruned.get_submodule("fc1").out_features == pruned.get_submodule("fc2").in_features == 32
-    assert pruned.get_submodule("stem").out_channels == 16
+    assert pruned.get_submodule("stem").out_channels == pruned.get_submodule("norm").normalized_shape[0] == 8
+    assert frozen.frozen and not frozen.renormalising
+    assert any("LayerNorm norm normalises over the channel dim" in r for r in frozen.reasons)
+    assert exact.get_submodule("stem").out_channels == 16 and exact.get_submodule("fc1").out_features == 32
 
 
 class SpatialLayerNorm(nn.Module):

@@ -54,6 +54,9 @@ __all__ = [
     "TupleLayout",
     "ARG_REWRITE",
     "ChannelCount",
+    "EqualPerBlock",
+    "WholeUnits",
+    "Constraint",
     "Pieces",
     "Bounds",
     "ArgPatch",
@@ -135,18 +138,54 @@ class ChannelCount:
     """An int argument that counts channels: ``block`` times the kept channels of ``groups``.
 
     A rule builds it from a layout (raw group ids; the analysis resolves them to final groups,
-    a group cut by a split into several). Repeats count twice (``cat([a, a])``).
+    a group cut by a split into several). Repeats count twice (``cat([a, a])``). ``per``: the
+    argument counts units of that many channels instead (GroupNorm's ``num_groups``, a head
+    count); the groups then keep whole units (:class:`WholeUnits`), so the division is exact.
     """
 
     groups: Tuple[int, ...]
     block: int = 1
+    per: int = 1
 
     @classmethod
     def of(cls, layouts: Sequence[Layout], block: int = 1) -> "ChannelCount":
         return cls(tuple(g for lay in layouts for g in lay.groups), block)
 
     def evaluate(self, counts: Mapping[int, int]) -> int:
-        return self.block * sum(counts[g] for g in self.groups)
+        total = self.block * sum(counts[g] for g in self.groups)
+        return total if self.per == 1 else total // self.per
+
+
+# --------------------------------------------------------------------------- group constraints
+#
+# What a rule may demand of a group's channels beyond "any subset" (RuleContext.require). The
+# analysis resolves every demand on a final group into one constraint (fxprune.groups), which
+# the planner and the rewrite apply along one code path.
+
+
+@dataclass(frozen=True)
+class EqualPerBlock:
+    """The channels form ``blocks`` equal consecutive blocks that each keep the same count.
+
+    What a grouped convolution of ``blocks`` conv groups demands of its input and output groups.
+    """
+
+    blocks: int
+
+
+@dataclass(frozen=True)
+class WholeUnits:
+    """The channels come in consecutive units of ``size``, each kept or removed whole.
+
+    What a GroupNorm demands of its input (a unit is one of its groups: each group's statistics
+    are its own, so removing a whole group leaves the others exact) and what attention heads
+    are. The kept count is a multiple of ``size``; at least one unit is kept.
+    """
+
+    size: int
+
+
+Constraint = Union[EqualPerBlock, WholeUnits]
 
 
 def _chunk_sizes(total: int, chunks: int) -> List[int]:
@@ -293,6 +332,8 @@ class RuleContext(Protocol):
     def elements(self, arg: Any) -> Optional[TupleLayout]: ...
 
     def require_blocks(self, node: torch.fx.Node, layout: Layout, blocks: int, reason: str) -> None: ...
+
+    def require(self, node: torch.fx.Node, layout: Layout, constraint: "Constraint", reason: str) -> None: ...
 
     def split(self, node: torch.fx.Node, layout: Layout, sizes: Sequence[int]) -> List[Layout]: ...
 
@@ -1458,10 +1499,58 @@ def _layer_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     return inp
 
 
-@register_rule(nn.GroupNorm, F.group_norm, nn.LocalResponseNorm, F.local_response_norm)
+@register_rule(nn.GroupNorm, F.group_norm)
+def _group_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """GroupNorm: channels in ``num_groups`` consecutive groups, each normalised on its own.
+
+    Removing a whole GroupNorm group leaves every other group's statistics as they were, so
+    it is exact (the masked reference zeroes the group's input and affine tensors: its output
+    is zero, the others' unchanged): the input's channels come in :class:`WholeUnits` of
+    ``C // num_groups``, the affine weight/bias are per-channel members, and the rewrite
+    builds the layer with ``num_groups`` = the kept units (``F.group_norm``: the argument is
+    patched). ``num_groups=1`` normalises over every channel: one unit, frozen by design.
+    """
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    shape = ctx.shape(node)
+    rank = len(shape) if shape is not None else inp.rank
+    if node.op == "call_module":
+        gn = ctx.module(node)
+        num_groups, channels = gn.num_groups, gn.num_channels  # type: ignore[union-attr]
+    else:
+        num_groups = _arg(node, 1, "num_groups", None)
+        channels = inp.channels
+    if rank is None or inp.dim != 1 - rank or inp.block != 1 or channels != inp.channels:
+        ctx.unsupported(node, "GroupNorm over a dim not known to be the channel dim")
+        return None
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+        ctx.unsupported(node, f"GroupNorm with num_groups {num_groups!r} that is not a constant dividing its channels")
+        return None
+    out = replace(inp, rank=rank)
+    unit = channels // num_groups
+    what = _what(ctx, node)
+    if num_groups == 1 and channels > 1:
+        # One group is a LayerNorm over the channels: dropping any channel changes the others.
+        ctx.freeze(node, [inp], f"{what} normalises over every channel (num_groups=1)")
+        return out
+    ctx.require(node, inp, WholeUnits(unit), f"{what}: {num_groups} groups of {unit} channels")
+    if node.op == "call_module":
+        ctx.member(node, "channelwise", inp)
+        return out
+    path: Tuple[Union[int, str], ...] = (1,) if len(node.args) > 1 else ("num_groups",)
+    ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(inp.groups), 1, unit)))
+    for i, arg_name in ((2, "weight"), (3, "bias")):
+        arg = _arg(node, i, arg_name)
+        if arg is not None and not _layer_tensor(ctx, node, arg, 0, inp, "channelwise", arg_name):
+            return out
+    return out
+
+
+@register_rule(nn.LocalResponseNorm, F.local_response_norm)
 def _cross_channel_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
-    # GroupNorm's statistics run over groups of channels, LocalResponseNorm over neighbours:
-    # removing one channel changes the others. Frozen by design.
+    # LocalResponseNorm's statistics run over neighbouring channels: removing one channel
+    # changes the others. Frozen by design.
     inp = _first_layout(ctx, node)
     if inp is None:
         return None

@@ -288,12 +288,14 @@ class Norms(nn.Module):
         return self.c(F.relu(self.inorm(self.b(y)))).mean((2, 3))
 
 
-def test_groupnorm_frozen_instancenorm_pruned() -> None:
+def test_groupnorm_whole_groups_and_instancenorm_pruned() -> None:
     torch.manual_seed(7)
     model = randomize_norms(Norms())
-    assert "GroupNorm gn normalises across channels" in "".join(group_of(model, "a").reasons)
+    a = group_of(model, "a")
+    assert a.prunable and a.unit == 4  # GroupNorm(2, 8): whole groups of 4 channels
     pruned = prove(model, 0.5, torch.randn(2, 3, 8, 8), strict=True)
-    assert pruned.get_submodule("a").out_channels == 8
+    assert pruned.get_submodule("a").out_channels == 4
+    assert pruned.get_submodule("gn").num_groups == 1
     inorm = pruned.get_submodule("inorm")
     assert inorm.num_features == inorm.weight.numel() == inorm.running_var.numel() == 4
 

@@ -340,6 +340,9 @@ class _Engine:
         # Argument rewrites rules declared, by node name (raw group ids until _result).
         self.arg_patches: Dict[str, List[ArgPatch]] = {}
         self.arg_targets: Dict[str, Any] = {}
+        # Regions a rule accounts for as a whole (an attention block's heads): node name -> the
+        # layout it was given (None inside the region); their own rules are not run.
+        self.claimed: Dict[str, Optional[Layout]] = {}
 
     # --- RuleContext
     def layout(self, arg: Any) -> Optional[Layout]:
@@ -516,6 +519,20 @@ class _Engine:
             start += size
         return pieces
 
+    def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout]) -> None:
+        """``node``'s rule accounts for ``region`` (later nodes) as a whole; ``exits`` gives layouts.
+
+        The rule has checked that nothing outside the region reads a region node other than an
+        exit, and declared every member, constraint and argument rewrite the region needs: the
+        walk gives each region node its layout from here (None inside) instead of its own rule.
+        """
+        for n in region:
+            if n.name in self.layouts or n.name in self.claimed:
+                raise InternalError(f"{node.name} claims {n.name}, which the walk has already visited or another rule claimed")
+        for n in region:
+            self.claimed[n.name] = exits.get(n.name)
+        self.claimed.setdefault(node.name, exits.get(node.name))
+
     def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None:
         self.arg_patches.setdefault(node.name, []).append(patch)
         if target is not None:
@@ -625,6 +642,8 @@ class _Engine:
         if node.op == "output":
             self.freeze(node, self._input_layouts(node), "reaches the model output")
             return None
+        if node.name in self.claimed:
+            return self.claimed[node.name]  # inside a region a rule accounted for as a whole
         if node.target is not operator.getitem:
             # Only getitem reads a tuple element by element; anything else that receives a
             # tuple of channel tensors (a list to an unknown op) loses track of them.
@@ -640,6 +659,8 @@ class _Engine:
             return None
         before = self.freezes
         result = rule(self, node)
+        if node.name in self.claimed:
+            return self.claimed[node.name]  # the rule claimed a region starting here
         if isinstance(result, TupleLayout):
             self.tuples[node.name] = result
             return None

@@ -339,6 +339,8 @@ class RuleContext(Protocol):
 
     def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None: ...
 
+    def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout]) -> None: ...
+
 
 RuleResult = Union[Layout, TupleLayout, None]
 Rule = Callable[[RuleContext, torch.fx.Node], RuleResult]
@@ -937,6 +939,8 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     in_shape = ctx.shape(node.args[0])
     out_shape = ctx.shape(node)
     if in_shape is not None and out_shape is not None and inp.rank is not None:
+        if _attention_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
+            return None  # the heads of an attention block: the region is accounted for
         out = _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
         if out is None:
             return None
@@ -1607,6 +1611,263 @@ def _sdpa(ctx: RuleContext, node: torch.fx.Node) -> None:
     # q @ k^T sums over the head dim, so q and k channels are coupled pairwise; not modelled.
     _freeze_all_inputs(ctx, node, "scaled_dot_product_attention couples query and key channels")
     return None
+
+
+# --------------------------------------------------------------------------- attention heads
+#
+# timm's Attention (and code written like it) projects the tokens with one Linear to
+# 3 x heads x head_dim rows, views them as (B, N, 3, H, D), permutes to (3, B, H, N, D), unbinds
+# q, k and v, attends head by head (scaled_dot_product_attention, or q @ k^T, softmax, @ v),
+# and merges the heads back with transpose(1, 2).reshape(B, N, H * D) before the output
+# projection. Each head is computed from its own q, k and v rows and feeds its own D columns of
+# the projection, so removing a whole head (its q, k and v rows and its projection columns) is
+# exactly zeroing it: the masked head's logits are 0, its softmax uniform over zero values.
+# The rule for the first view recognises the whole block and accounts for it as one region:
+# the qkv rows are cut into q, k and v pieces tied into one group of H * D channels in whole
+# units of D (the heads), the head count in the first view and the width in the merging
+# reshape are rewritten from the kept heads, and the merged tensor carries the heads' group.
+# Anything else in the region (a mask with a head dim, an op that is not per head) leaves the
+# pattern unmatched, and the ordinary rules freeze the channels as before.
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _int_arg(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dims_are(node: torch.fx.Node, rank: int, want: Sequence[int]) -> bool:
+    dims = _dims_arg(node, "dims")
+    return isinstance(dims, (list, tuple)) and all(_int_arg(d) for d in dims) and [d % rank for d in dims] == list(want)
+
+
+def _swaps(node: torch.fx.Node, rank: int, a: int, b: int) -> bool:
+    """Whether ``node`` is ``transpose(a, b)`` (either order, negative dims allowed) of a rank-``rank`` tensor."""
+    if node.op == "call_method" and node.target in ("transpose", "swapaxes", "swapdims") or \
+            node.op == "call_function" and node.target in (torch.transpose, torch.swapaxes, torch.swapdims):
+        pair = [v for v in node.args[1:3]]
+        return len(pair) == 2 and all(_int_arg(d) for d in pair) and sorted(d % rank for d in pair) == sorted((a, b))
+    return False
+
+
+_MATMULS: Tuple[Any, ...] = (operator.matmul, torch.matmul, "matmul")
+
+
+def _is_matmul(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in _MATMULS and len(node.args) == 2 and not node.kwargs
+
+
+def _per_head_step(ctx: RuleContext, node: torch.fx.Node, head_dim: int) -> bool:
+    """Whether ``node`` maps a (B, H, N, D) tensor (its first argument) head by head, D unchanged.
+
+    Identity and dropout; a LayerNorm/RMSNorm over the head dim alone (timm's q/k norm: its
+    D-sized parameters are not touched by removing heads); scaling by a Python number.
+    """
+    if node.op == "call_module":
+        mod = ctx.module(node)
+        if isinstance(mod, (nn.Identity, nn.Dropout)):
+            return len(node.args) == 1 and not node.kwargs
+        norms = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+        return isinstance(mod, norms) and tuple(mod.normalized_shape) == (head_dim,) and len(node.args) == 1
+    if node.op == "call_function" and node.target in (F.dropout,):
+        return True
+    if node.op == "call_function" and node.target in _LAYER_NORMS:
+        shape = _arg(node, 1, "normalized_shape", None)
+        return isinstance(shape, (list, tuple)) and tuple(shape) == (head_dim,)
+    if node.target in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"):
+        return len(node.args) == 2 and not node.kwargs and _is_number(node.args[1])
+    return False
+
+
+def _score_step(ctx: RuleContext, node: torch.fx.Node) -> bool:
+    """Whether ``node`` maps attention scores (B, H, N, N) head by head: scaling, softmax over keys, dropout."""
+    if node.op == "call_module":
+        mod = ctx.module(node)
+        if isinstance(mod, (nn.Identity, nn.Dropout)):
+            return True
+        return isinstance(mod, nn.Softmax) and mod.dim is not None and mod.dim % 4 == 3
+    if node.target in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"):
+        return len(node.args) == 2 and _is_number(node.args[1])
+    if node.target in (F.softmax, torch.softmax, "softmax"):
+        dim = _arg(node, 1, "dim", None)
+        return _int_arg(dim) and dim % 4 == 3
+    return node.target is F.dropout
+
+
+def _no_tensor_input(arg: Any) -> bool:
+    """An sdpa argument that cannot carry heads: a constant, or an input whose default is None/a bool."""
+    if not isinstance(arg, torch.fx.Node):
+        return True
+    return arg.op == "placeholder" and len(arg.args) == 1 and (arg.args[0] is None or isinstance(arg.args[0], bool))
+
+
+def _chain(ctx: RuleContext, start: torch.fx.Node, ok: Callable[[torch.fx.Node], bool],
+           region: List[torch.fx.Node]) -> torch.fx.Node:
+    """Follow ``start``'s single users while ``ok`` says they are per-head steps on it (added to ``region``)."""
+    node = start
+    while True:
+        user = _only_user(node)
+        if user is None or not user.args or user.args[0] is not node or not ok(user):
+            return node
+        if any(isinstance(a, torch.fx.Node) and a is not node and a.op != "get_attr" for a in user.all_input_nodes):
+            return node  # a per-head step reads nothing else (a norm's own weights aside)
+        region.append(user)
+        node = user
+
+
+def _timm_function(node: torch.fx.Node, name: str) -> bool:
+    target = node.target
+    return node.op == "call_function" and getattr(target, "__name__", None) == name and \
+        str(getattr(target, "__module__", "")).startswith("timm.")
+
+
+def _timm_no_mask(scores: torch.fx.Node, region: List[torch.fx.Node]) -> Optional[torch.fx.Node]:
+    """Past timm's mask helpers on ``scores``, where they add nothing per head; None if they may.
+
+    timm's non-fused attention calls ``maybe_add_mask(attn, resolve_self_attn_mask(N, attn,
+    attn_mask, is_causal))`` (wrapped functions, opaque to fx). With ``attn_mask`` None (a
+    constant, or an input defaulting to None) the mask is None or causal (N x N): either way
+    the same for every head. ``scores`` itself when the helpers are absent.
+    """
+    users = list(scores.users)
+    if len(users) == 1:
+        return scores
+    if len(users) != 2:
+        return None
+    resolve = next((u for u in users if _timm_function(u, "resolve_self_attn_mask")), None)
+    add = next((u for u in users if _timm_function(u, "maybe_add_mask")), None)
+    if resolve is None or add is None or len(resolve.args) != 4 or resolve.kwargs or resolve.args[1] is not scores:
+        return None
+    mask, causal = resolve.args[2], resolve.args[3]
+    no_mask = mask is None or (isinstance(mask, torch.fx.Node) and _no_tensor_input(mask) and mask.args[0] is None)
+    if not no_mask or not _no_tensor_input(causal):
+        return None
+    if list(resolve.users) != [add] or add.args != (scores, resolve) or add.kwargs:
+        return None
+    region += [resolve, add]
+    return add
+
+
+def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...],
+                     out_shape: Tuple[int, ...], sizes: Any) -> bool:
+    """Recognise a timm-style attention block starting at the view ``node``; True if it was claimed."""
+    if inp.rank != 3 or inp.dim != -1 or inp.block != 1 or len(inp.groups) != 1 or len(out_shape) != 5:
+        return False
+    if tuple(out_shape[:2]) != tuple(in_shape[:2]) or out_shape[2] != 3:
+        return False
+    heads, head_dim = int(out_shape[3]), int(out_shape[4])
+    width = heads * head_dim
+    if 3 * width != in_shape[2] or inp.channels != in_shape[2] or heads < 2:
+        return False
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 5:
+        return False
+    for j in (2, 3, 4):
+        # Each of 3, H, D is -1, its literal, or computed (``C // self.num_heads`` from the
+        # embedding width in older timm): the shapes say what it is now, and it is rewritten
+        # from the kept heads (H) or as the constant it stays (3, D), whatever it was computed from.
+        if not (isinstance(sizes[j], torch.fx.Node) or _int_arg(sizes[j]) and sizes[j] in (-1, out_shape[j])):
+            return False
+    region: List[torch.fx.Node] = []
+    perm = _only_user(node)
+    if perm is None or not (perm.target in ("permute", torch.permute) and _dims_are(perm, 5, (2, 0, 3, 1, 4))):
+        return False
+    region.append(perm)
+    # q, k, v: qkv.unbind(0), or qkv[0], qkv[1], qkv[2]
+    users = list(perm.users)
+    if len(users) == 1 and users[0].target in ("unbind", torch.unbind):
+        unbind = users[0]
+        dim = _arg(unbind, 1, "dim", 0)
+        if not _int_arg(dim) or dim % 5 != 0:
+            return False
+        region.append(unbind)
+        users = list(unbind.users)
+    pieces: Dict[int, torch.fx.Node] = {}
+    for user in users:
+        if user.target is not operator.getitem or not _int_arg(user.args[1]) or user.args[1] % 3 in pieces:
+            return False
+        pieces[user.args[1] % 3] = user
+    if sorted(pieces) != [0, 1, 2]:
+        return False
+    region.extend(pieces[i] for i in range(3))
+    per_head = lambda n: _per_head_step(ctx, n, head_dim)  # noqa: E731
+    q, k, v = (_chain(ctx, pieces[i], per_head, region) for i in range(3))
+    core = _only_user(q)
+    if core is None:
+        return False
+    if core.op == "call_function" and core.target is F.scaled_dot_product_attention:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = {n: _arg(core, i, n) for i, n in enumerate(names)}
+        if (bound["query"], bound["key"], bound["value"]) != (q, k, v) or _only_user(k) is not core or _only_user(v) is not core:
+            return False
+        if bound["enable_gqa"] not in (None, False) or not all(_no_tensor_input(bound[n]) for n in names[3:]):
+            return False
+        if set(core.kwargs) - set(names) or len(core.args) > len(names):
+            return False
+        region.append(core)
+        out = core
+    else:
+        # q @ k.transpose(-2, -1), per-head score steps, @ v
+        kt = _only_user(k)
+        if kt is None or not _swaps(kt, 4, 2, 3) or _only_user(kt) is not core or not _is_matmul(core) \
+                or core.args[0] is not q or core.args[1] is not kt:
+            return False
+        region += [kt, core]
+        scores = _timm_no_mask(core, region)
+        if scores is None:
+            return False
+        scores = _chain(ctx, scores, lambda n: _score_step(ctx, n), region)
+        out = _only_user(scores)
+        if out is None or not _is_matmul(out) or out.args[0] is not scores or out.args[1] is not v or _only_user(v) is not out:
+            return False
+        if not any(r.target in (F.softmax, torch.softmax, "softmax") or (r.op == "call_module" and isinstance(ctx.module(r), nn.Softmax))
+                   for r in region[region.index(core):]):
+            return False  # attention without a softmax is not the pattern (nothing else is known to be per head)
+        region.append(out)
+    # merge: .transpose(1, 2).reshape(B, N, H * D)
+    merge_t = _only_user(out)
+    if merge_t is None or merge_t.args[0] is not out or not (_swaps(merge_t, 4, 1, 2) or
+                                                          (merge_t.target in ("permute", torch.permute) and _dims_are(merge_t, 4, (0, 2, 1, 3)))):
+        return False
+    merged = _only_user(merge_t)
+    if merged is None or merged.target not in ("reshape", "view", torch.reshape) or merged.args[0] is not merge_t:
+        return False
+    merged_shape = ctx.shape(merged)
+    if merged_shape is None or tuple(merged_shape) != (in_shape[0], in_shape[1], width):
+        return False
+    if merged.op == "call_function":
+        msizes = _arg(merged, 1, "shape", None)
+    else:
+        msizes = merged.args[1] if len(merged.args) == 2 and isinstance(merged.args[1], (list, tuple)) else merged.args[1:]
+    if not isinstance(msizes, (list, tuple)) or len(msizes) != 3 or msizes[2] == -1 and any(m == -1 for m in msizes[:2]):
+        return False
+    region += [merge_t, merged]
+    for n in region[:-1]:
+        if any(u not in region for u in n.users):
+            return False  # a region tensor read elsewhere: not a self-contained attention block
+    # The pattern holds: q, k and v rows are one group of heads.
+    thirds = ctx.split(node, inp, [width] * 3)
+    ctx.unify(node, thirds)
+    group = thirds[0]
+    reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
+    ctx.require(node, group, WholeUnits(head_dim), reason)
+    if isinstance(sizes[3], torch.fx.Node) or sizes[3] != -1:
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(tuple(group.groups), 1, head_dim)))
+    for j in (2, 4):
+        if isinstance(sizes[j], torch.fx.Node):
+            ctx.rewrite_args(node, ArgPatch(_view_size_path(node, j), int(out_shape[j])))
+    if msizes[2] != -1:
+        # The heads' width, whether written as a literal or read from the input's shape (older
+        # timm: ``B, N, C = x.shape``, C the embedding width): the kept heads' width either way.
+        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([group])))
+    ctx.claim(node, region, {merged.name: Layout(group.groups, group.sizes, -1, 3, 1)})
+    return True
 
 
 # =========================================================================== functional layers

@@ -432,9 +432,10 @@ class _Engine:
         self.union[gid]  # registers the element
         return gid
 
-    def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout:
-        # A module called twice produces the same rows both times: one group.
-        name = str(node.target) if node.op == "call_module" else node.name
+    def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int], tag: str = "") -> Layout:
+        # A module called twice produces the same rows both times: one group. ``tag`` names a
+        # second set of channels the same layer makes (an attention module's heads).
+        name = (str(node.target) if node.op == "call_module" else node.name) + (f"#{tag}" if tag else "")
         if name not in self.owner:
             self.owner[name] = self._new_group(size)
         return Layout((self.owner[name],), (size,), dim, rank, 1)

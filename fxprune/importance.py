@@ -195,6 +195,23 @@ def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     return None if w is None else w.detach().unsqueeze(1)
 
 
+@register_weights(nn.MultiheadAttention)
+def _multihead_attention(module: nn.Module, role: str) -> Optional[torch.Tensor]:
+    # One row per position of the role (see the rule): input columns, output rows, or head
+    # channels (their q, k and v rows side by side with their out_proj column).
+    w = module.in_proj_weight
+    if w is None:
+        return None
+    w = w.detach()
+    if role == "in":
+        return w.transpose(0, 1)
+    out = module.out_proj.weight.detach()
+    if role == "out":
+        return out
+    embed = out.shape[1]
+    return torch.cat([w[:embed], w[embed : 2 * embed], w[2 * embed :], out.transpose(0, 1)], dim=1)
+
+
 def member_rows(gm: torch.fx.GraphModule, group: Group, member: Member) -> Optional[torch.Tensor]:
     """The member's weights for this group as ``[group.size, k]`` (one row per channel)."""
     module = gm.get_submodule(member.module)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
+from .layers import PrunedMultiheadAttention
 from .plan import PruningPlan, resolve
 from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
 from .trace import propagate_shapes
@@ -163,6 +164,13 @@ def _group_norm(gn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     return new
 
 
+@register_builder(nn.MultiheadAttention)
+def _multihead_attention(mha: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
+    # nn.MultiheadAttention ties its heads' width to embed_dim: fewer heads need our own layer.
+    assert isinstance(mha, nn.MultiheadAttention)
+    return PrunedMultiheadAttention.from_module(mha, idx.get("channelwise"), idx.get("in"), idx.get("out"))
+
+
 @register_builder(nn.PReLU)
 def _prelu(prelu: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     assert isinstance(prelu, nn.PReLU)
@@ -212,6 +220,8 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
         return {"channelwise": module.weight.shape[0]}
     if isinstance(module, nn.GroupNorm):
         return {"channelwise": module.num_channels}
+    if isinstance(module, PrunedMultiheadAttention):
+        return {"channelwise": module.num_heads * module.head_dim, "in": module.in_dim, "out": module.out_dim}
     if isinstance(module, nn.modules.batchnorm._NormBase):
         n = module.running_mean.shape[0] if module.running_mean is not None else module.num_features
         return {"channelwise": module.weight.shape[0] if module.weight is not None else n}

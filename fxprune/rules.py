@@ -312,7 +312,7 @@ class RuleContext(Protocol):
                       role: str = "operand", kind: str = "operand", conv_groups: int = 1,
                       via: Sequence[torch.fx.Node] = (), patches: Sequence[Tuple[str, int]] = ()) -> None: ...
 
-    def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
+    def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int], tag: str = "") -> Layout: ...
 
     def member(self, node: torch.fx.Node, role: str, layout: Layout) -> None: ...
 
@@ -1536,7 +1536,7 @@ def _group_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     what = _what(ctx, node)
     if num_groups == 1 and channels > 1:
         # One group is a LayerNorm over the channels: dropping any channel changes the others.
-        ctx.freeze(node, [inp], f"{what} normalises over every channel (num_groups=1)")
+        ctx.freeze(node, [inp], f"{what} normalises across channels (num_groups=1: one group of every channel)")
         return out
     ctx.require(node, inp, WholeUnits(unit), f"{what}: {num_groups} groups of {unit} channels")
     if node.op == "call_module":
@@ -1597,13 +1597,54 @@ def _freeze_all_inputs(ctx: RuleContext, node: torch.fx.Node, reason: str) -> No
     ctx.freeze(node, layouts, reason)
 
 
+def _mha_unsupported(ctx: RuleContext, node: torch.fx.Node, mha: nn.Module) -> Optional[str]:
+    """Why the heads of this ``nn.MultiheadAttention`` call cannot be pruned, or None."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+    bound = {n: _arg(node, i, n) for i, n in enumerate(names)}
+    if set(node.kwargs) - set(names) or len(node.args) > len(names):
+        return "arguments this rule does not know"
+    if not (isinstance(bound["query"], torch.fx.Node) and bound["query"] is bound["key"] is bound["value"]):
+        return "not self-attention (query, key and value differ)"
+    if not mha._qkv_same_embed_dim or mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+        return "separate q/k/v weights, bias_k/bias_v or add_zero_attn"
+    if any(bound[n] not in (None, False) for n in ("key_padding_mask", "attn_mask", "is_causal")):
+        return "a mask (it may index the heads)"
+    if mha.num_heads < 2:
+        return "a single head"
+    return None
+
+
 @register_rule(nn.MultiheadAttention)
 def _multihead_attention(ctx: RuleContext, node: torch.fx.Node) -> TupleLayout:
-    # Inside nn.MultiheadAttention the q/k/v projections, the heads and the output projection
-    # all have width embed_dim, the width of its input: no channel of the input or of the
-    # heads can be removed without replacing the module. Frozen by design.
-    _freeze_all_inputs(ctx, node, f"nn.MultiheadAttention {node.target}: its heads and input share embed_dim")
-    return TupleLayout((None, None))
+    """``nn.MultiheadAttention`` self-attention: three sets of channels, whole heads among them.
+
+    Its input columns (``in``: ``in_proj_weight`` dim 1) read the input's channels, its output
+    rows (``out``: ``out_proj`` rows) are a new group like a Linear's, and its heads
+    (``channelwise``: ``embed_dim`` head channels, owning rows ``c``, ``E + c``, ``2E + c`` of
+    the packed q/k/v projection and column ``c`` of ``out_proj``) are a group of their own in
+    :class:`WholeUnits` of ``head_dim``. Removing a whole head is exact (its zeroed q and k give
+    uniform weights over a zeroed v). ``nn.MultiheadAttention`` ties the heads' width to
+    ``embed_dim``, so the rewrite builds :class:`fxprune.layers.PrunedMultiheadAttention`.
+    Masks (which may index heads), cross-attention and separate q/k/v weights are frozen.
+    """
+    mha = ctx.module(node)
+    assert isinstance(mha, nn.MultiheadAttention)
+    why = _mha_unsupported(ctx, node, mha)
+    inp = ctx.layout(_arg(node, 0, "query"))
+    if why is None and inp is not None and (inp.dim != -1 or inp.block != 1 or inp.channels != mha.embed_dim):
+        why = "an input whose channels are not its last dim"
+    if why is not None:
+        _freeze_all_inputs(ctx, node, f"nn.MultiheadAttention {node.target}: {why}")
+        return TupleLayout((None, None))
+    rank = ctx.rank(_arg(node, 0, "query"))
+    heads = ctx.produce(node, mha.embed_dim, -1, rank, tag="heads")
+    ctx.member(node, "channelwise", heads)
+    ctx.require(node, heads, WholeUnits(mha.head_dim), f"nn.MultiheadAttention {node.target}: {mha.num_heads} heads of {mha.head_dim}")
+    if inp is not None:
+        ctx.member(node, "in", inp)
+    out = ctx.produce(node, mha.embed_dim, -1, rank)
+    ctx.member(node, "out", out)
+    return TupleLayout((out, None))
 
 
 @register_rule(F.scaled_dot_product_attention)

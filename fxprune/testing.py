@@ -100,6 +100,24 @@ def _mask_norm(norm: nn.Module, role: str, removed: torch.Tensor) -> None:
         var[removed.to(var.device)] = 1
 
 
+@register_mask(nn.MultiheadAttention)
+def _mask_multihead_attention(mha: nn.Module, role: str, removed: torch.Tensor) -> None:
+    # Roles as the rule declares them: "in" the packed projection's columns, "out" out_proj's
+    # rows, "channelwise" the head channels (q, k and v rows of the packed projection and
+    # out_proj's columns).
+    assert isinstance(mha, nn.MultiheadAttention)
+    if role == "in":
+        _zero_along(mha.in_proj_weight, 1, removed)
+    elif role == "out":
+        _zero_along(mha.out_proj.weight, 0, removed)
+        _zero_along(mha.out_proj.bias, 0, removed)
+    else:
+        rows = removed.repeat(3)
+        _zero_along(mha.in_proj_weight, 0, rows)
+        _zero_along(mha.in_proj_bias, 0, rows)
+        _zero_along(mha.out_proj.weight, 1, removed)
+
+
 def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],
           whole_groups: bool = False) -> bool:
     """Zero the channels ``plan`` removes in ``gm``, in place; True if the plan removes any.

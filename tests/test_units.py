@@ -179,7 +179,7 @@ class GNFrozen(nn.Module):
 
 def test_groupnorm_that_cannot_lose_a_whole_group_stays_whole() -> None:
     a, b = _group(GNFrozen(), X, "a"), _group(GNFrozen(), X, "b")
-    assert not a.prunable and "num_groups=1" in "".join(a.reasons)
+    assert not a.prunable and "normalises across channels (num_groups=1" in "".join(a.reasons)
     assert not b.prunable and "do not nest" in "".join(b.reasons)
     _prove(GNFrozen(), X)
 
@@ -326,3 +326,57 @@ def test_timm_vit_tiny_full_depth_small_input_is_proven() -> None:
     x = torch.randn(1, 3, 32, 32)
     _, pruned, _ = _prove(model, x)
     assert all(pruned.get_submodule(f"blocks.{i}.attn.qkv").out_features == 3 * 128 for i in range(12))
+
+
+# ----------------------------------------------------------------------------- nn.MultiheadAttention
+
+
+class MHANet(nn.Module):
+    def __init__(self, batch_first: bool = True, mask: bool = False, cross: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 16)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+        self.register_buffer("mask", torch.zeros(7, 7) if mask else None)
+        self.cross = cross
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.embed(x)
+        a, _ = self.mha(y, y * 2 if self.cross else y, y, need_weights=False, attn_mask=self.mask)
+        return self.head(torch.relu(a))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_prunes_whole_heads_into_its_own_layer(batch_first: bool) -> None:
+    from fxprune.layers import PrunedMultiheadAttention
+    heads = _group(MHANet(batch_first), T, "mha:channelwise")
+    assert heads.prunable and heads.unit == 4 and heads.size == 16
+    model, pruned, plan = _prove(MHANet(batch_first), T)
+    mha = pruned.get_submodule("mha")
+    assert isinstance(mha, PrunedMultiheadAttention) and (mha.num_heads, mha.head_dim) == (2, 4)
+    assert mha.in_proj_weight.shape == (24, len(plan.keep("embed"))) and mha.out_proj.weight.shape == (8, 8)
+    bad = copy.deepcopy(pruned)
+    with torch.no_grad():  # the q rows of the two kept heads swapped
+        bad.mha.in_proj_weight[:8] = bad.mha.in_proj_weight[:8].roll(4, 0).clone()
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, bad, plan, [T], example_inputs=(T,))
+
+
+def test_multihead_attention_with_a_mask_or_cross_attention_stays_whole() -> None:
+    for kw in ({"mask": True}, {"cross": True}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", fxprune.FxPruneWarning)  # known and frozen by design: no warning
+            groups = fxprune.find_groups(MHANet(**kw).eval(), example_inputs=(T,))
+        assert not any(g.key.startswith("mha:") for g in groups)
+        assert not next(g for g in groups if g.key == "embed").prunable
+
+
+def test_torchvision_vision_transformer_prunes_heads_and_is_proven() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from fxprune.testing import randomize_constants
+    model = randomize_constants(torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10))
+    x = torch.randn(1, 3, 32, 32)
+    _, pruned, _ = _prove(model, x)
+    attn = pruned.get_submodule("encoder.layers.encoder_layer_0.self_attention")
+    assert attn.num_heads == 2 and attn.head_dim == 16

@@ -1698,7 +1698,10 @@ def _swaps(node: torch.fx.Node, rank: int, a: int, b: int) -> bool:
     return False
 
 
-_MATMULS: Tuple[Any, ...] = (operator.matmul, torch.matmul, "matmul")
+_MATMULS: Tuple[Any, ...] = (operator.matmul, torch.matmul, "matmul", torch.ops.aten.matmul.default)
+# The exported (ATen) spellings the lift leaves as they are: the block prunes alike on both paths.
+_SDPAS: Tuple[Any, ...] = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+_UNBINDS: Tuple[Any, ...] = ("unbind", torch.unbind, torch.ops.aten.unbind.int)
 
 
 def _is_matmul(node: torch.fx.Node) -> bool:
@@ -1822,7 +1825,7 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
     region.append(perm)
     # q, k, v: qkv.unbind(0), or qkv[0], qkv[1], qkv[2]
     users = list(perm.users)
-    if len(users) == 1 and users[0].target in ("unbind", torch.unbind):
+    if len(users) == 1 and users[0].target in _UNBINDS:
         unbind = users[0]
         dim = _arg(unbind, 1, "dim", 0)
         if not _int_arg(dim) or dim % 5 != 0:
@@ -1831,9 +1834,16 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
         users = list(unbind.users)
     pieces: Dict[int, torch.fx.Node] = {}
     for user in users:
-        if user.target is not operator.getitem or not _int_arg(user.args[1]) or user.args[1] % 3 in pieces:
+        if user.target is torch.ops.aten.select.int and len(user.args) == 3 and not user.kwargs \
+                and user.args[0] is perm and _int_arg(user.args[1]) and user.args[1] % 5 == 0:
+            index = user.args[2]  # qkv[i] on an exported graph
+        elif user.target is operator.getitem:
+            index = user.args[1]
+        else:
             return False
-        pieces[user.args[1] % 3] = user
+        if not _int_arg(index) or index % 3 in pieces:
+            return False
+        pieces[index % 3] = user
     if sorted(pieces) != [0, 1, 2]:
         return False
     region.extend(pieces[i] for i in range(3))
@@ -1842,7 +1852,7 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
     core = _only_user(q)
     if core is None:
         return False
-    if core.op == "call_function" and core.target is F.scaled_dot_product_attention:
+    if core.op == "call_function" and core.target in _SDPAS:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         bound = {n: _arg(core, i, n) for i, n in enumerate(names)}
         if (bound["query"], bound["key"], bound["value"]) != (q, k, v) or _only_user(k) is not core or _only_user(v) is not core:

@@ -270,6 +270,17 @@ def test_attention_proof_fails_when_heads_are_mixed_up() -> None:
         assert_equivalent(model, pruned, _with_keep(plan, "attn.qkv", other), [T], example_inputs=(T,))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_attention_heads_prune_alike_on_the_exported_graph(fused: bool) -> None:
+    model = randomize_norms(Tokens(HandAttention(fused=fused)).eval())
+    program = torch.export.export(model, (T,), strict=False)
+    heads = next(g for g in fxprune.find_groups(program, example_inputs=(T,)) if g.key == "attn.qkv")
+    assert heads.prunable and heads.unit == 6  # qkv[i] is aten.select, attention aten ops
+    pruned = fxprune.prune(program, 0.5, example_inputs=(T,))
+    assert pruned.get_submodule("attn.qkv").out_features == 36
+    assert_equivalent(program, pruned, pruned.meta["fxprune_plan"], [T], example_inputs=(T,))
+
+
 class MaskedAttention(HandAttention):
     """A per-head additive bias on the scores: not a pattern the rule knows, so the heads stay whole."""
 

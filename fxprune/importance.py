@@ -41,6 +41,7 @@ from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
 from .trace import MutableArgsInterpreter
 from .rules import role_tensors
+from .layers import PrunedMultiheadAttention
 
 __all__ = [
     "Criterion",
@@ -195,7 +196,7 @@ def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     return None if w is None else w.detach().unsqueeze(1)
 
 
-@register_weights(nn.MultiheadAttention)
+@register_weights(nn.MultiheadAttention, PrunedMultiheadAttention)
 def _multihead_attention(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     # One row per position of the role (see the rule): input columns, output rows, or head
     # channels (their q, k and v rows side by side with their out_proj column).
@@ -208,8 +209,8 @@ def _multihead_attention(module: nn.Module, role: str) -> Optional[torch.Tensor]
     out = module.out_proj.weight.detach()
     if role == "out":
         return out
-    embed = out.shape[1]
-    return torch.cat([w[:embed], w[embed : 2 * embed], w[2 * embed :], out.transpose(0, 1)], dim=1)
+    width = out.shape[1]  # the heads' width
+    return torch.cat([w[:width], w[width : 2 * width], w[2 * width :], out.transpose(0, 1)], dim=1)
 
 
 def member_rows(gm: torch.fx.GraphModule, group: Group, member: Member) -> Optional[torch.Tensor]:

@@ -47,13 +47,19 @@ class PrunedMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     @classmethod
-    def from_module(cls, mha: nn.MultiheadAttention, heads: Optional[torch.Tensor] = None,
+    def from_module(cls, mha: nn.Module, heads: Optional[torch.Tensor] = None,
                     inputs: Optional[torch.Tensor] = None, outputs: Optional[torch.Tensor] = None) -> "PrunedMultiheadAttention":
-        """A copy of ``mha`` keeping the head channels ``heads`` (whole heads, indices into its
-        ``embed_dim`` head channels), input columns ``inputs`` and output rows ``outputs`` (None: all)."""
-        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
-            raise FxPruneError("only an nn.MultiheadAttention with packed q/k/v weights and no bias_k/zero_attn can be pruned")
-        embed, head_dim = mha.embed_dim, mha.head_dim
+        """A copy of ``mha`` (an ``nn.MultiheadAttention`` or one of these) keeping the head
+        channels ``heads`` (whole heads, indices into its ``num_heads * head_dim`` head
+        channels), input columns ``inputs`` and output rows ``outputs`` (None: all)."""
+        if isinstance(mha, PrunedMultiheadAttention):
+            embed, head_dim = mha.num_heads * mha.head_dim, mha.head_dim
+        elif isinstance(mha, nn.MultiheadAttention):
+            if not mha._qkv_same_embed_dim or mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+                raise FxPruneError("only an nn.MultiheadAttention with packed q/k/v weights and no bias_k/zero_attn can be pruned")
+            embed, head_dim = mha.embed_dim, mha.head_dim
+        else:
+            raise FxPruneError(f"cannot build a PrunedMultiheadAttention from {type(mha).__name__}")
         heads = torch.arange(embed) if heads is None else heads.to(torch.long)
         if len(heads) == 0 or len(heads) % head_dim:
             raise FxPruneError(f"{len(heads)} head channels are not whole heads of {head_dim}")
@@ -67,7 +73,7 @@ class PrunedMultiheadAttention(nn.Module):
             out_w = out_w.index_select(0, outputs.to(torch.long))
             out_b = None if out_b is None else out_b.index_select(0, outputs.to(torch.long))
         new = cls(w.shape[1], len(heads) // head_dim, head_dim, out_w.shape[0], bias=mha.in_proj_bias is not None,
-                  out_bias=out_b is not None, dropout=mha.dropout, batch_first=mha.batch_first)
+                  out_bias=out_b is not None, dropout=float(mha.dropout), batch_first=bool(mha.batch_first))
         new = new.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             new.in_proj_weight.copy_(w)

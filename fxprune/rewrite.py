@@ -164,10 +164,9 @@ def _group_norm(gn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     return new
 
 
-@register_builder(nn.MultiheadAttention)
+@register_builder(nn.MultiheadAttention, PrunedMultiheadAttention)
 def _multihead_attention(mha: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     # nn.MultiheadAttention ties its heads' width to embed_dim: fewer heads need our own layer.
-    assert isinstance(mha, nn.MultiheadAttention)
     return PrunedMultiheadAttention.from_module(mha, idx.get("channelwise"), idx.get("in"), idx.get("out"))
 
 

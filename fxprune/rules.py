@@ -49,6 +49,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import PrunedMultiheadAttention
+
 __all__ = [
     "Layout",
     "TupleLayout",
@@ -1605,16 +1607,24 @@ def _mha_unsupported(ctx: RuleContext, node: torch.fx.Node, mha: nn.Module) -> O
         return "arguments this rule does not know"
     if not (isinstance(bound["query"], torch.fx.Node) and bound["query"] is bound["key"] is bound["value"]):
         return "not self-attention (query, key and value differ)"
-    if not mha._qkv_same_embed_dim or mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+    if isinstance(mha, nn.MultiheadAttention) and (not mha._qkv_same_embed_dim or mha.in_proj_weight is None
+                                                   or mha.bias_k is not None or mha.add_zero_attn):
         return "separate q/k/v weights, bias_k/bias_v or add_zero_attn"
     if any(bound[n] not in (None, False) for n in ("key_padding_mask", "attn_mask", "is_causal")):
         return "a mask (it may index the heads)"
-    if mha.num_heads < 2:
+    if mha.num_heads < 2:  # type: ignore[operator]
         return "a single head"
     return None
 
 
-@register_rule(nn.MultiheadAttention)
+def _mha_widths(mha: nn.Module) -> Tuple[int, int, int, int]:
+    """``(input width, heads' width, head_dim, output width)`` of an attention module."""
+    if isinstance(mha, PrunedMultiheadAttention):
+        return mha.in_dim, mha.num_heads * mha.head_dim, mha.head_dim, mha.out_dim
+    return mha.embed_dim, mha.embed_dim, mha.head_dim, mha.embed_dim  # type: ignore[return-value]
+
+
+@register_rule(nn.MultiheadAttention, PrunedMultiheadAttention)
 def _multihead_attention(ctx: RuleContext, node: torch.fx.Node) -> TupleLayout:
     """``nn.MultiheadAttention`` self-attention: three sets of channels, whole heads among them.
 
@@ -1628,21 +1638,22 @@ def _multihead_attention(ctx: RuleContext, node: torch.fx.Node) -> TupleLayout:
     Masks (which may index heads), cross-attention and separate q/k/v weights are frozen.
     """
     mha = ctx.module(node)
-    assert isinstance(mha, nn.MultiheadAttention)
+    width_in, width, head_dim, width_out = _mha_widths(mha)
+    what = f"{type(mha).__name__} {node.target}"
     why = _mha_unsupported(ctx, node, mha)
     inp = ctx.layout(_arg(node, 0, "query"))
-    if why is None and inp is not None and (inp.dim != -1 or inp.block != 1 or inp.channels != mha.embed_dim):
+    if why is None and inp is not None and (inp.dim != -1 or inp.block != 1 or inp.channels != width_in):
         why = "an input whose channels are not its last dim"
     if why is not None:
-        _freeze_all_inputs(ctx, node, f"nn.MultiheadAttention {node.target}: {why}")
+        _freeze_all_inputs(ctx, node, f"{what}: {why}")
         return TupleLayout((None, None))
     rank = ctx.rank(_arg(node, 0, "query"))
-    heads = ctx.produce(node, mha.embed_dim, -1, rank, tag="heads")
+    heads = ctx.produce(node, width, -1, rank, tag="heads")
     ctx.member(node, "channelwise", heads)
-    ctx.require(node, heads, WholeUnits(mha.head_dim), f"nn.MultiheadAttention {node.target}: {mha.num_heads} heads of {mha.head_dim}")
+    ctx.require(node, heads, WholeUnits(head_dim), f"{what}: {width // head_dim} heads of {head_dim}")
     if inp is not None:
         ctx.member(node, "in", inp)
-    out = ctx.produce(node, mha.embed_dim, -1, rank)
+    out = ctx.produce(node, width_out, -1, rank)
     ctx.member(node, "out", out)
     return TupleLayout((out, None))
 

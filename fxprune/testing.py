@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 from .api import ModelLike, analyze_model
 from .errors import FxPruneWarning, PlanMismatchError
 from .groups import TensorSlot
+from .layers import PrunedMultiheadAttention
 from .plan import PruningPlan, resolve
 from .rewrite import slot_indices
 from .rules import role_tensors
@@ -100,12 +101,11 @@ def _mask_norm(norm: nn.Module, role: str, removed: torch.Tensor) -> None:
         var[removed.to(var.device)] = 1
 
 
-@register_mask(nn.MultiheadAttention)
+@register_mask(nn.MultiheadAttention, PrunedMultiheadAttention)
 def _mask_multihead_attention(mha: nn.Module, role: str, removed: torch.Tensor) -> None:
     # Roles as the rule declares them: "in" the packed projection's columns, "out" out_proj's
     # rows, "channelwise" the head channels (q, k and v rows of the packed projection and
     # out_proj's columns).
-    assert isinstance(mha, nn.MultiheadAttention)
     if role == "in":
         _zero_along(mha.in_proj_weight, 1, removed)
     elif role == "out":

@@ -391,3 +391,15 @@ def test_torchvision_vision_transformer_prunes_heads_and_is_proven() -> None:
     _, pruned, _ = _prove(model, x)
     attn = pruned.get_submodule("encoder.layers.encoder_layer_0.self_attention")
     assert attn.num_heads == 2 and attn.head_dim == 16
+
+
+def test_a_pruned_attention_layer_is_pruned_again_and_saved(tmp_path: Any) -> None:
+    from fxprune.layers import PrunedMultiheadAttention
+    model, pruned, plan = _prove(MHANet(), T)
+    # Iterative pruning: the pruned model is analysed again, its attention layer a leaf with a rule.
+    heads = _group(pruned, T, "mha:channelwise")
+    assert heads.prunable and heads.unit == 4 and heads.size == 8
+    _, again, plan2 = _prove(pruned, T)
+    attn = again.get_submodule("mha")
+    assert isinstance(attn, PrunedMultiheadAttention) and attn.num_heads == 1 and attn.in_dim == 4
+    fxprune.save(pruned, tmp_path / "m", plan=plan, example_inputs=(T,))

@@ -190,7 +190,7 @@ def _transposed_layer(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     return w.transpose(0, 1)
 
 
-@register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+@register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     w = getattr(module, "weight", None)
     return None if w is None else w.detach().unsqueeze(1)

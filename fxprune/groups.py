@@ -343,6 +343,7 @@ class _Engine:
         # Regions a rule accounts for as a whole (an attention block's heads): node name -> the
         # layout it was given (None inside the region); their own rules are not run.
         self.claimed: Dict[str, Optional[Layout]] = {}
+        self.ties: Dict[str, Layout] = {}  # claimed node -> the layout its input must be tied to
 
     # --- RuleContext
     def layout(self, arg: Any) -> Optional[Layout]:
@@ -520,12 +521,15 @@ class _Engine:
             start += size
         return pieces
 
-    def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout]) -> None:
+    def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout],
+              ties: Optional[Dict[str, Layout]] = None) -> None:
         """``node``'s rule accounts for ``region`` (later nodes) as a whole; ``exits`` gives layouts.
 
         The rule has checked that nothing outside the region reads a region node other than an
         exit, and declared every member, constraint and argument rewrite the region needs: the
         walk gives each region node its layout from here (None inside) instead of its own rule.
+        ``ties``: region nodes whose first input (not visited yet: another projection) must have
+        the given channels; the walk ties them when it reaches the node, or freezes both.
         """
         for n in region:
             if n.name in self.layouts or n.name in self.claimed:
@@ -533,6 +537,17 @@ class _Engine:
         for n in region:
             self.claimed[n.name] = exits.get(n.name)
         self.claimed.setdefault(node.name, exits.get(node.name))
+        self.ties.update(ties or {})
+
+    def _tie_claimed(self, node: torch.fx.Node) -> None:
+        tie = self.ties.get(node.name)
+        if tie is None:
+            return
+        lay = self.layout(node.args[0]) if node.args else None
+        if lay is None or lay.dim != tie.dim or lay.block != 1 or lay.channels != tie.channels:
+            self._freeze_at(node.name, [tie, lay], "an attention projection whose channels are not tracked like the others'")
+            return
+        self._unify(node.name, [tie, replace(lay, rank=tie.rank)])
 
     def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None:
         self.arg_patches.setdefault(node.name, []).append(patch)
@@ -644,6 +659,7 @@ class _Engine:
             self.freeze(node, self._input_layouts(node), "reaches the model output")
             return None
         if node.name in self.claimed:
+            self._tie_claimed(node)
             return self.claimed[node.name]  # inside a region a rule accounted for as a whole
         if node.target is not operator.getitem:
             # Only getitem reads a tuple element by element; anything else that receives a

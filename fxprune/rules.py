@@ -341,7 +341,8 @@ class RuleContext(Protocol):
 
     def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None: ...
 
-    def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout]) -> None: ...
+    def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout],
+              ties: Optional[Dict[str, Layout]] = None) -> None: ...
 
 
 RuleResult = Union[Layout, TupleLayout, None]
@@ -941,7 +942,8 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     in_shape = ctx.shape(node.args[0])
     out_shape = ctx.shape(node)
     if in_shape is not None and out_shape is not None and inp.rank is not None:
-        if _attention_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
+        if _attention_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes) or \
+                _separate_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
             return None  # the heads of an attention block: the region is accounted for
         out = _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
         if out is None:
@@ -1929,6 +1931,122 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
         # timm: ``B, N, C = x.shape``, C the embedding width): the kept heads' width either way.
         ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([group])))
     ctx.claim(node, region, {merged.name: Layout(group.groups, group.sizes, -1, 3, 1)})
+    return True
+
+
+def _view_sizes(node: torch.fx.Node) -> Any:
+    if node.op == "call_function":
+        return _arg(node, 1, "shape", None)
+    return node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+
+
+def _is_view(node: Optional[torch.fx.Node]) -> bool:
+    return node is not None and node.target in ("view", "reshape", torch.reshape)
+
+
+def _head_sizes_ok(sizes: Any, shape: Tuple[int, ...], head_at: int) -> bool:
+    """Sizes of a view to ``shape`` whose dim ``head_at`` is the heads and the last dim head_dim."""
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != len(shape):
+        return False
+    for j in (head_at, len(shape) - 1):
+        if not (isinstance(sizes[j], torch.fx.Node) or _int_arg(sizes[j]) and sizes[j] in (-1, shape[j])):
+            return False
+    return True
+
+
+def _patch_heads(ctx: RuleContext, node: torch.fx.Node, sizes: Any, head_at: int, group: Layout, head_dim: int) -> None:
+    """Rewrite a head count (literal or computed) from the kept heads, a computed head_dim as the constant it stays."""
+    if isinstance(sizes[head_at], torch.fx.Node) or sizes[head_at] != -1:
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, head_at), ChannelCount(tuple(group.groups), 1, head_dim)))
+    last = len(sizes) - 1
+    if isinstance(sizes[last], torch.fx.Node):
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, last), head_dim))
+
+
+def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...],
+                    out_shape: Tuple[int, ...], sizes: Any) -> bool:
+    """Hugging Face-style attention: separate q, k and v Linears, each viewed (B, N, H, D) and
+    transposed to (B, H, N, D), ``scaled_dot_product_attention``, heads merged back, ``o_proj``.
+
+    Recognised at q's view (``node``); k's and v's projections come later in the walk, so their
+    views are claimed with a tie: the three projections' rows become one group in whole units
+    of D. A mask must broadcast over the heads (size 1 on the head dim). Otherwise: False.
+    """
+    if inp.rank != 3 or inp.dim != -1 or inp.block != 1 or len(inp.groups) != 1 or len(out_shape) != 4:
+        return False
+    heads, head_dim = int(out_shape[2]), int(out_shape[3])
+    width = heads * head_dim
+    if tuple(out_shape[:2]) != tuple(in_shape[:2]) or width != in_shape[2] or heads < 2 or not _head_sizes_ok(sizes, out_shape, 2):
+        return False
+    tq = _only_user(node)
+    if tq is None or tq.args[0] is not node or not _swaps(tq, 4, 1, 2):
+        return False
+    core = _only_user(tq)
+    if core is None or core.op != "call_function" or core.target not in _SDPAS:
+        return False
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = {n: _arg(core, i, n) for i, n in enumerate(names)}
+    if bound["query"] is not tq or set(core.kwargs) - set(names) or len(core.args) > len(names):
+        return False
+    region: List[torch.fx.Node] = [tq]
+    ties: Dict[str, Layout] = {}
+    others: List[Tuple[torch.fx.Node, Any]] = []
+    for which in ("key", "value"):
+        t = bound[which]
+        if not isinstance(t, torch.fx.Node) or not _swaps(t, 4, 1, 2) or _only_user(t) is not core:
+            return False
+        view = t.args[0]
+        if not isinstance(view, torch.fx.Node) or not _is_view(view) or _only_user(view) is not t:
+            return False
+        vshape = ctx.shape(view)
+        vsizes = _view_sizes(view)
+        if vshape is None or tuple(vshape) != tuple(out_shape) or not _head_sizes_ok(vsizes, tuple(vshape), 2):
+            return False
+        region += [view, t]
+        others.append((view, vsizes))
+    mask = bound["attn_mask"]
+    if isinstance(mask, torch.fx.Node) and not _no_tensor_input(mask):
+        mshape = ctx.shape(mask)
+        if mshape is None or ctx.layout(mask) is not None or (len(mshape) >= 3 and mshape[-3] != 1):
+            return False  # a mask with a head dim would lose its heads' alignment
+    if bound["enable_gqa"] not in (None, False) or not all(_no_tensor_input(bound[n]) for n in names[4:]):
+        return False
+    region.append(core)
+    # Merging: [reshape to (B, H, N, D)], transpose(1, 2), reshape to (B, N, H * D).
+    out = core
+    step = _only_user(out)
+    pre: Optional[torch.fx.Node] = None
+    if _is_view(step) and step.args[0] is out and ctx.shape(step) is not None and \
+            tuple(ctx.shape(step)) == tuple(ctx.shape(core) or ()) and _head_sizes_ok(_view_sizes(step), tuple(ctx.shape(step)), 1):
+        pre = step
+        region.append(step)
+        out = step
+        step = _only_user(out)
+    if step is None or step.args[0] is not out or not _swaps(step, 4, 1, 2):
+        return False
+    merged = _only_user(step)
+    if not _is_view(merged) or merged.args[0] is not step:
+        return False
+    mshape2 = ctx.shape(merged)
+    msizes = _view_sizes(merged)
+    if mshape2 is None or tuple(mshape2) != (in_shape[0], in_shape[1], width) or \
+            not isinstance(msizes, (list, tuple)) or len(msizes) != 3:
+        return False
+    region += [step, merged]
+    for n in region[:-1]:
+        if any(u not in region for u in n.users):
+            return False
+    reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
+    ctx.require(node, inp, WholeUnits(head_dim), reason)
+    _patch_heads(ctx, node, sizes, 2, inp, head_dim)
+    for view, vsizes in others:
+        ties[view.name] = inp
+        _patch_heads(ctx, view, vsizes, 2, inp, head_dim)
+    if pre is not None:
+        _patch_heads(ctx, pre, _view_sizes(pre), 1, inp, head_dim)
+    if msizes[2] != -1:
+        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([inp])))
+    ctx.claim(node, region, {merged.name: Layout(inp.groups, inp.sizes, -1, 3, 1)}, ties)
     return True
 
 

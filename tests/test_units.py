@@ -403,3 +403,57 @@ def test_a_pruned_attention_layer_is_pruned_again_and_saved(tmp_path: Any) -> No
     attn = again.get_submodule("mha")
     assert isinstance(attn, PrunedMultiheadAttention) and attn.num_heads == 1 and attn.in_dim == 4
     fxprune.save(pruned, tmp_path / "m", plan=plan, example_inputs=(T,))
+
+
+# ----------------------------------------------------------------------------- separate q, k, v projections
+
+
+class SeparateQKV(nn.Module):
+    """Hugging Face's layout: q, k and v Linears, each viewed (B, N, H, D) and transposed, sdpa, merged."""
+
+    def __init__(self, dim: int = 24, heads: int = 4, mask_heads: int = 0) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.heads, self.head_dim = heads, dim // heads
+        self.register_buffer("mask", torch.randn(1, mask_heads, 7, 7) if mask_heads else torch.zeros(1, 1, 7, 7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_separate_q_k_v_projections_prune_whole_heads() -> None:
+    model = Tokens(SeparateQKV())
+    heads = _group(model, T, "attn.q")
+    assert heads.prunable and heads.unit == 6 and {m.module for m in heads.members} == {"attn.q", "attn.k", "attn.v", "attn.o"}
+    model, pruned, plan = _prove(model, T)
+    assert [pruned.get_submodule(f"attn.{p}").out_features for p in "qkv"] == [12, 12, 12]
+    bad = copy.deepcopy(pruned)
+    with torch.no_grad():  # k's rows of the two kept heads swapped
+        bad.attn.k.weight.copy_(bad.attn.k.weight.roll(6, 0))
+        bad.attn.k.bias.copy_(bad.attn.k.bias.roll(6, 0))
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, bad, plan, [T], example_inputs=(T,))
+
+
+def test_a_mask_with_a_head_dim_keeps_separate_heads_whole() -> None:
+    with pytest.warns(fxprune.FxPruneWarning):  # the view splitting the channels is then not understood
+        groups = fxprune.find_groups(Tokens(SeparateQKV(mask_heads=4)).eval(), example_inputs=(T,))
+    assert not next(g for g in groups if g.key == "attn.q").prunable
+
+
+def test_hugging_face_vit_prunes_whole_heads_and_is_proven() -> None:
+    transformers = pytest.importorskip("transformers")
+    from fxprune.testing import randomize_constants
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=64,
+                                    num_attention_heads=4, intermediate_size=128, num_labels=3)
+    model = randomize_constants(transformers.ViTForImageClassification(config).eval())
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxprune.FxPruneWarning)  # traced through torch.export, said so
+        pruned = fxprune.prune(model, 0.5, example_inputs=(x,))
+        assert_equivalent(model, pruned, pruned.meta["fxprune_plan"], [x], example_inputs=(x,))
+    assert pruned.get_submodule("vit.layers.0.attention.k_proj").out_features == 32
+    assert pruned.get_submodule("vit.layers.0.attention.o_proj").in_features == 32

@@ -32,6 +32,13 @@ def _tv_vit() -> Tuple[nn.Module, torch.Tensor]:
     return model.eval(), torch.randn(1, 3, 32, 32)
 
 
+def _hf_vit() -> Tuple[nn.Module, torch.Tensor]:
+    import transformers
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=12, hidden_size=192,
+                                    num_attention_heads=3, intermediate_size=768, num_labels=10)
+    return transformers.ViTForImageClassification(config).eval(), torch.randn(1, 3, 32, 32)
+
+
 def _fpn() -> Tuple[nn.Module, torch.Tensor]:
     import segmentation_models_pytorch as smp
     return smp.FPN(encoder_name="resnet34", encoder_weights=None).eval(), torch.randn(1, 3, 64, 64)
@@ -41,6 +48,7 @@ MODELS: Dict[str, Callable[[], Tuple[nn.Module, torch.Tensor]]] = {
     "timm:vit_tiny_patch16_224 (32px, patch 8)": _timm("vit_tiny_patch16_224", img_size=32, patch_size=8),
     "timm:deit_tiny_patch16_224 (32px, patch 8)": _timm("deit_tiny_patch16_224", img_size=32, patch_size=8),
     "torchvision VisionTransformer (vit_tiny widths, 32px, patch 8)": _tv_vit,
+    "hf:ViTForImageClassification (vit_tiny widths, 32px, patch 8)": _hf_vit,
     "smp:FPN/resnet34 (64px)": _fpn,
 }
 
@@ -62,7 +70,7 @@ def fxprune_params(build: Callable[[], Tuple[nn.Module, torch.Tensor]]) -> Tuple
 def tp_params(build: Callable[[], Tuple[nn.Module, torch.Tensor]], heads: bool) -> str:
     import torch_pruning as tp
     model, x = build()
-    ignored = [m for name, m in model.named_modules() if name in ("head", "heads.head", "segmentation_head")]
+    ignored = [m for name, m in model.named_modules() if name in ("head", "heads.head", "segmentation_head", "classifier")]
     kw: Dict[str, Any] = {}
     if heads:
         num_heads = {}

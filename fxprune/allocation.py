@@ -25,7 +25,8 @@ Policies:
 
 After any policy, ``min_channels`` raises small counts and ``round_to`` rounds each pruned
 group's count to the nearest multiple (see :func:`finish_count`). A group feeding a grouped
-convolution also keeps a multiple of its ``blocks`` (the same count in every conv group).
+convolution also keeps a multiple of its ``blocks`` (the same count in every conv group), and a
+group of whole units (GroupNorm groups, attention heads) a multiple of its ``unit``.
 """
 
 from __future__ import annotations
@@ -129,13 +130,15 @@ def finish_count(size: int, n: int, round_to: int = 1, min_channels: int = 1) ->
 
 
 def count_step(group: Group, round_to: int = 1) -> int:
-    """The multiple a group's keep count must be: ``round_to``, and the group's ``blocks``.
+    """The multiple a group's keep count must be: ``round_to``, and the group's constraint step.
 
     A group feeding a grouped convolution of G groups keeps the same number of channels in
-    each of its G blocks, so its count is a multiple of G as well (their least common multiple).
+    each of its G blocks, and a group of whole units (GroupNorm groups, heads) keeps whole
+    units in each: its count is a multiple of ``blocks * unit`` as well (the least common
+    multiple with ``round_to``).
     """
-    blocks = max(1, int(getattr(group, "blocks", 1) or 1))
-    return round_to * blocks // math.gcd(round_to, blocks)
+    step = group.constraint.step if isinstance(group, Group) else max(1, int(getattr(group, "blocks", 1) or 1))
+    return round_to * step // math.gcd(round_to, step)
 
 
 def group_count(group: Group, n: int, round_to: int = 1, min_channels: int = 1) -> int:

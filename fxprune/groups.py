@@ -30,10 +30,14 @@ A split, chunk or slice of the channel dim cuts its input's groups into *parts*
 (:meth:`_Engine._atoms`), and every group a split cut becomes, wherever it appears (slots,
 parameter operands, node metadata, argument rewrites), the concatenation of its atoms' groups.
 
-Groups may also be *blocked*: a grouped convolution needs every conv group to keep the same
-number of channels, so its input and output groups carry ``blocks`` (G equal blocks, the same
-count kept in each). :func:`fit_count` and :func:`select_channels` are what a planner uses to
-honour that; :func:`check_balanced` is what the rewrite checks.
+Groups may also be *constrained*. Rules state a constraint as a small type
+(:meth:`_Engine.require`): :class:`EqualPerBlock` (a grouped convolution needs every conv group
+to keep the same number of channels: G equal blocks, the same count kept in each) and
+:class:`WholeUnits` (GroupNorm groups, attention heads: channels come in consecutive units of
+``size`` that are kept or removed whole). Each final group resolves its demands into one
+:class:`GroupConstraint` (``Group.blocks``, ``Group.unit``); :func:`fit_count`,
+:func:`select_channels` and :func:`check_balanced` are the one code path a planner and the
+rewrite use to honour it.
 
 Every group gets a key, unique within the analysis (:func:`unique_keys`): it is what a plan
 names the group by.
@@ -55,12 +59,14 @@ import torch.nn as nn
 
 from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe_node, target_name, InternalError
 from .graph import to_networkx, walk
-from .rules import ARG_REWRITE, DEFAULT_RULES, ArgPatch, ArgRewrite, Layout, RuleTable, TupleLayout, output_rank
+from .rules import (ARG_REWRITE, DEFAULT_RULES, ArgPatch, ArgRewrite, Constraint, EqualPerBlock, Layout, RuleTable,
+                    TupleLayout, WholeUnits, output_rank)
 from .trace import node_shape
 
 __all__ = [
     "Member", "TensorMember", "Group", "Slot", "TensorSlot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",
     "tensor_users", "unique_keys", "tensor_owner", "RENORMALISING",
+    "EqualPerBlock", "WholeUnits", "Constraint", "GroupConstraint", "resolve_constraints",
 ]
 
 # node.meta key of a norm whose statistics run over a renormalising group's channels (see
@@ -109,6 +115,80 @@ class TensorMember:
     conv_groups: int = 1
 
 
+# EqualPerBlock, WholeUnits and Constraint live in fxprune.rules (rules state them); re-exported here.
+
+
+@dataclass(frozen=True)
+class GroupConstraint:
+    """What a group's demands resolve to: ``blocks`` equal blocks of whole units of ``unit`` channels.
+
+    Units nest in blocks (``unit`` divides ``size // blocks``), so every block keeps the same
+    number of whole units and the kept count is a multiple of :attr:`step`. ``(1, 1)``: none.
+
+    >>> c = GroupConstraint(2, 4)
+    >>> c.step, c.keeps([0, 1, 2, 3, 8, 9, 10, 11], 16), c.keeps([0, 1, 2, 3], 16)
+    (8, True, False)
+    """
+
+    blocks: int = 1
+    unit: int = 1
+
+    @property
+    def step(self) -> int:
+        return self.blocks * self.unit
+
+    def keeps(self, keep: Sequence[int], size: int) -> bool:
+        """Whether ``keep`` (sorted channel indices of ``size``) satisfies the constraint."""
+        return self.problem(keep, size) is None
+
+    def problem(self, keep: Sequence[int], size: int) -> Optional[str]:
+        """What ``keep`` breaks, or None."""
+        if len(keep) == size:
+            return None
+        if self.blocks > 1:
+            counts = [0] * self.blocks
+            for i in keep:
+                counts[i // (size // self.blocks)] += 1
+            if len(set(counts)) != 1:
+                return f"each of its {self.blocks} blocks of {size // self.blocks} channels must keep the same number, the plan keeps {counts}"
+        if self.unit > 1:
+            units: Dict[int, int] = {}
+            for i in keep:
+                units[i // self.unit] = units.get(i // self.unit, 0) + 1
+            broken = sorted(u for u, n in units.items() if n != self.unit)
+            if broken:
+                return (f"its channels come in whole units of {self.unit}: units {broken[:5]} are kept only in part")
+            if not units:
+                return f"its channels come in whole units of {self.unit}: at least one unit must be kept"
+        return None
+
+
+def resolve_constraints(size: int, demands: Sequence[Constraint]) -> Tuple[GroupConstraint, Optional[str]]:
+    """One group's demands as a :class:`GroupConstraint`, and why it must stay whole (None: it may shrink).
+
+    Equal blocks of G1 and of G2 both hold with lcm(G1, G2) equal blocks (the blocks nest);
+    whole units of u1 and of u2 both hold exactly for whole aligned units of lcm(u1, u2). Units
+    must nest in blocks (each block an integer number of units): otherwise the two cut the
+    channels across each other and the group stays whole (fail closed). A group that cannot
+    lose a unit in every block (one unit per block) stays whole too.
+
+    >>> resolve_constraints(64, [EqualPerBlock(2), WholeUnits(8), WholeUnits(4)])
+    (GroupConstraint(blocks=2, unit=8), None)
+    >>> resolve_constraints(12, [EqualPerBlock(4), WholeUnits(2)])[1]
+    'units of 2 channels do not nest in 4 equal blocks of 3'
+    """
+    blocks = math.lcm(1, *(d.blocks for d in demands if isinstance(d, EqualPerBlock)))
+    unit = math.lcm(1, *(d.size for d in demands if isinstance(d, WholeUnits)))
+    out = GroupConstraint(blocks, unit)
+    if size % blocks:
+        return out, f"{size} channels do not split into {blocks} equal blocks"
+    if size % unit:
+        return out, f"{size} channels do not split into whole units of {unit}"
+    if (size // blocks) % unit:
+        return out, f"units of {unit} channels do not nest in {blocks} equal blocks of {size // blocks}"
+    return out, None
+
+
 @dataclass(frozen=True)
 class Group:
     """A set of channels that must be removed together, with every parameter they index.
@@ -121,6 +201,8 @@ class Group:
     normalises over its channels (``norms`` names them), so removing channels changes the
     statistics of the kept ones; the pruned model equals the masked reference in which each
     such norm computes its statistics over the kept channels only.
+    ``unit``: the channels come in consecutive units of this many, kept or removed whole
+    (GroupNorm groups, attention heads); 1 otherwise. Both together: :attr:`constraint`.
     """
 
     index: int
@@ -133,6 +215,7 @@ class Group:
     tensors: Tuple[TensorMember, ...] = ()  # directly read tensors: functional layers, operands
     renormalising: bool = False  # the proof contract: exact (False) or renormalising (True)
     norms: Tuple[str, ...] = ()  # the norms that renormalise it
+    unit: int = 1  # consecutive channels kept or removed whole (GroupNorm groups, heads)
 
     @property
     def prunable(self) -> bool:
@@ -146,6 +229,21 @@ class Group:
     @property
     def block_size(self) -> int:
         return self.size // self.blocks
+
+    @property
+    def constraint(self) -> GroupConstraint:
+        """The group's constraint as one object (what every planner path applies)."""
+        return GroupConstraint(self.blocks, self.unit)
+
+    @property
+    def constraints(self) -> Tuple[Constraint, ...]:
+        """The constraint as its typed parts: ``EqualPerBlock``, ``WholeUnits`` (none: ``()``)."""
+        parts: List[Constraint] = []
+        if self.blocks > 1:
+            parts.append(EqualPerBlock(self.blocks))
+        if self.unit > 1:
+            parts.append(WholeUnits(self.unit))
+        return tuple(parts)
 
     def modules(self, role: Optional[str] = None) -> List[str]:
         return [m.module for m in self.members if role is None or m.role == role]
@@ -161,6 +259,7 @@ class Group:
         blocks = f" in {self.blocks} blocks" if self.blocks > 1 else ""
         if self.renormalising and self.prunable:
             state += f", renormalising: {', '.join(self.norms)}"
+        blocks += f" in units of {self.unit}" if self.unit > 1 else ""
         return f"group {self.key} [{self.size} ch{blocks}, {state}] " + " ".join(parts)
 
 
@@ -241,7 +340,7 @@ class _Engine:
         self.union = nx.utils.UnionFind()
         self.sizes: List[int] = []
         self.frozen: Dict[int, List[str]] = {}
-        self.blocks: Dict[int, List[Tuple[int, str]]] = {}  # raw group -> (blocks, why)
+        self.blocks: Dict[int, List[Tuple[Constraint, str]]] = {}  # raw group -> (constraint, why)
         self.owner: Dict[str, int] = {}  # module name -> the group its output rows form
         self.slot_layouts: Dict[Tuple[str, str], Layout] = {}
         self.slot_order: List[Tuple[str, str]] = []
@@ -269,6 +368,10 @@ class _Engine:
         # Argument rewrites rules declared, by node name (raw group ids until _result).
         self.arg_patches: Dict[str, List[ArgPatch]] = {}
         self.arg_targets: Dict[str, Any] = {}
+        # Regions a rule accounts for as a whole (an attention block's heads): node name -> the
+        # layout it was given (None inside the region); their own rules are not run.
+        self.claimed: Dict[str, Optional[Layout]] = {}
+        self.ties: Dict[str, Layout] = {}  # claimed node -> the layout its input must be tied to
 
     # --- RuleContext
     def layout(self, arg: Any) -> Optional[Layout]:
@@ -357,9 +460,10 @@ class _Engine:
         self.union[gid]  # registers the element
         return gid
 
-    def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout:
-        # A module called twice produces the same rows both times: one group.
-        name = str(node.target) if node.op == "call_module" else node.name
+    def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int], tag: str = "") -> Layout:
+        # A module called twice produces the same rows both times: one group. ``tag`` names a
+        # second set of channels the same layer makes (an attention module's heads).
+        name = (str(node.target) if node.op == "call_module" else node.name) + (f"#{tag}" if tag else "")
         if name not in self.owner:
             self.owner[name] = self._new_group(size)
         return Layout((self.owner[name],), (size,), dim, rank, 1)
@@ -380,10 +484,32 @@ class _Engine:
         self.slot_order.append(key)
 
     def require_blocks(self, node: torch.fx.Node, layout: Layout, blocks: int, reason: str) -> None:
-        if len(layout.groups) != 1:
-            raise InternalError(f"blocks required of a {len(layout.groups)}-group layout at {node.name}")
-        if blocks > 1:
-            self.blocks.setdefault(layout.groups[0], []).append((blocks, reason))
+        self.require(node, layout, EqualPerBlock(blocks), reason)
+
+    def require(self, node: torch.fx.Node, layout: Layout, constraint: Constraint, reason: str) -> None:
+        """Demand ``constraint`` of ``layout``'s channels (resolved per final group at the end).
+
+        Equal blocks are demanded of a single group (blocks spanning groups would tie their
+        counts: the caller freezes that). Whole units may span a concatenation if every group
+        starts and ends on a unit boundary (each group then keeps whole units of its own);
+        otherwise a unit would straddle two groups and the channels stay whole.
+        """
+        if isinstance(constraint, EqualPerBlock):
+            if len(layout.groups) != 1:
+                raise InternalError(f"blocks required of a {len(layout.groups)}-group layout at {node.name}")
+            if constraint.blocks > 1:
+                self.blocks.setdefault(layout.groups[0], []).append((constraint, reason))
+            return
+        if not isinstance(constraint, WholeUnits) or constraint.size < 1:
+            raise InternalError(f"unknown group constraint {constraint!r} at {node.name}")
+        if constraint.size == 1:
+            return
+        if layout.block != 1 or any(size % constraint.size for size in layout.sizes):
+            self.freeze(node, [layout], f"{reason}: its units of {constraint.size} channels straddle channel groups")
+            return
+        for gid, size in zip(layout.groups, layout.sizes):
+            if size:
+                self.blocks.setdefault(gid, []).append((constraint, reason))
 
     def split(self, node: torch.fx.Node, layout: Layout, sizes: Sequence[int]) -> List[Layout]:
         """The layouts of consecutive pieces of ``layout``'s channels, ``sizes`` channels each.
@@ -421,6 +547,34 @@ class _Engine:
             pieces.append(Layout(tuple(g for g, _ in inside), tuple(s for _, s in inside), layout.dim, layout.rank, 1))
             start += size
         return pieces
+
+    def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout],
+              ties: Optional[Dict[str, Layout]] = None) -> None:
+        """``node``'s rule accounts for ``region`` (later nodes) as a whole; ``exits`` gives layouts.
+
+        The rule has checked that nothing outside the region reads a region node other than an
+        exit, and declared every member, constraint and argument rewrite the region needs: the
+        walk gives each region node its layout from here (None inside) instead of its own rule.
+        ``ties``: region nodes whose first input (not visited yet: another projection) must have
+        the given channels; the walk ties them when it reaches the node, or freezes both.
+        """
+        for n in region:
+            if n.name in self.layouts or n.name in self.claimed:
+                raise InternalError(f"{node.name} claims {n.name}, which the walk has already visited or another rule claimed")
+        for n in region:
+            self.claimed[n.name] = exits.get(n.name)
+        self.claimed.setdefault(node.name, exits.get(node.name))
+        self.ties.update(ties or {})
+
+    def _tie_claimed(self, node: torch.fx.Node) -> None:
+        tie = self.ties.get(node.name)
+        if tie is None:
+            return
+        lay = self.layout(node.args[0]) if node.args else None
+        if lay is None or lay.dim != tie.dim or lay.block != 1 or lay.channels != tie.channels:
+            self._freeze_at(node.name, [tie, lay], "an attention projection whose channels are not tracked like the others'")
+            return
+        self._unify(node.name, [tie, replace(lay, rank=tie.rank)])
 
     def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None:
         self.arg_patches.setdefault(node.name, []).append(patch)
@@ -542,6 +696,9 @@ class _Engine:
         if node.op == "output":
             self.freeze(node, self._input_layouts(node), "reaches the model output")
             return None
+        if node.name in self.claimed:
+            self._tie_claimed(node)
+            return self.claimed[node.name]  # inside a region a rule accounted for as a whole
         if node.target is not operator.getitem:
             # Only getitem reads a tuple element by element; anything else that receives a
             # tuple of channel tensors (a list to an unknown op) loses track of them.
@@ -557,6 +714,8 @@ class _Engine:
             return None
         before = self.freezes
         result = rule(self, node)
+        if node.name in self.claimed:
+            return self.claimed[node.name]  # the rule claimed a region starting here
         if isinstance(result, TupleLayout):
             self.tuples[node.name] = result
             return None
@@ -723,7 +882,7 @@ class _Engine:
             for idx, _ in final[gid]:
                 reasons.setdefault(idx, []).extend(why)
         sizes = {idx: s for gid in range(len(self.sizes)) for idx, s in final[gid]}
-        blocks = self._resolve_blocks(final, sizes, reasons)
+        constraints = self._resolve_blocks(final, sizes, reasons)
         members: Dict[int, List[Member]] = {i: [] for i in range(len(roots))}
         slots: Dict[Tuple[str, str], Slot] = {}
         for key in self.slot_order:
@@ -792,19 +951,20 @@ class _Engine:
         for idx in range(len(roots)):
             why = tuple(dict.fromkeys(reasons.get(idx, [])))  # dedupe, keep order
             renorm = tuple(dict.fromkeys(norms.get(idx, [])))
-            groups.append(Group(idx, keys[idx], sizes[idx], tuple(members[idx]), bool(why), why, blocks.get(idx, 1),
-                                tuple(tensor_members[idx]), bool(renorm), renorm))
+            found = constraints.get(idx, GroupConstraint())
+            groups.append(Group(idx, keys[idx], sizes[idx], tuple(members[idx]), bool(why), why, found.blocks,
+                                tuple(tensor_members[idx]), renormalising=bool(renorm), norms=renorm, unit=found.unit))
         return Analysis(self.gm, groups, slots, list(self.messages), tensors, self.rules)
 
     def _resolve_blocks(self, final: Dict[int, Tuple[Tuple[int, int], ...]], sizes: Dict[int, int],
-                        reasons: Dict[int, List[str]]) -> Dict[int, int]:
-        """Blocks per final group: the lcm of every grouped conv's demand on its members.
+                        reasons: Dict[int, List[str]]) -> Dict[int, GroupConstraint]:
+        """The constraint of each final group: every rule's demands on its members, resolved.
 
-        Equal counts in each of lcm(G1, G2) blocks imply equal counts in each of G1 and of G2
-        blocks (the blocks nest), and the lcm divides the size since each G does. A group a
-        split cut into pieces has blocks across pieces: not modelled, so it stays whole.
+        See :func:`resolve_constraints` (blocks by lcm, units by lcm, units nested in blocks). A
+        group a split cut into pieces has blocks or units across pieces: not modelled, so it
+        stays whole.
         """
-        demands: Dict[int, List[Tuple[int, str]]] = {}
+        demands: Dict[int, List[Tuple[Constraint, str]]] = {}
         for gid, reqs in self.blocks.items():
             if len(final[gid]) > 1:
                 for idx, _ in final[gid]:
@@ -812,16 +972,19 @@ class _Engine:
                 continue
             for idx, _ in final[gid]:
                 demands.setdefault(idx, []).extend(reqs)
-        out: Dict[int, int] = {}
+        out: Dict[int, GroupConstraint] = {}
         for idx, reqs in demands.items():
-            total = math.lcm(*(b for b, _ in reqs))
             size = sizes[idx]
             what = "; ".join(dict.fromkeys(why for _, why in reqs))
-            if size % total:
-                reasons.setdefault(idx, []).append(f"{size} channels do not split into {total} equal blocks ({what})")
-            elif total == size and size > 1:
-                reasons.setdefault(idx, []).append(f"one channel per conv group ({what})")
-            out[idx] = total
+            found, problem = resolve_constraints(size, [c for c, _ in reqs])
+            if problem is not None:
+                reasons.setdefault(idx, []).append(f"{problem} ({what})")
+            elif found.step == size and size > 1:
+                if found.unit == 1:
+                    reasons.setdefault(idx, []).append(f"one channel per conv group ({what})")
+                else:
+                    reasons.setdefault(idx, []).append(f"one unit of {found.unit} channels per block ({what})")
+            out[idx] = found
         return out
 
 
@@ -933,53 +1096,71 @@ def _top(scores: torch.Tensor, n: int) -> List[int]:
 def fit_count(group: Group, n: int) -> int:
     """The keep count nearest to ``n`` that ``group`` can realise.
 
-    For a plain group that is ``n`` itself (clamped to ``[1, size]``). A blocked group keeps
-    the same number in each of its ``blocks``: the nearest multiple of ``blocks`` (halves round
-    up), at least one per block.
+    For a plain group that is ``n`` itself (clamped to ``[1, size]``). A constrained group
+    keeps a multiple of its :attr:`GroupConstraint.step` (the same number of whole units in
+    each of its ``blocks``): the nearest one (halves round up), at least one step.
 
     >>> g = Group(0, "conv", 128, (), False, (), blocks=32)
     >>> fit_count(g, 64), fit_count(g, 89), fit_count(g, 3), fit_count(g, 200)
     (64, 96, 32, 128)
+    >>> fit_count(Group(0, "gn", 64, (), False, unit=8), 29)
+    32
     """
     n = max(1, min(group.size, int(n)))
-    if group.blocks <= 1 or n >= group.size:
+    step = group.constraint.step
+    if step <= 1 or n >= group.size:
         return n
-    per = max(1, int(math.floor(n / group.blocks + 0.5)))
-    return min(group.size, per * group.blocks)
+    per = max(1, int(math.floor(n / step + 0.5)))
+    return min(group.size, per * step)
 
 
 def select_channels(group: Group, scores: torch.Tensor, n: int) -> List[int]:
-    """The ``n`` best channels of ``group`` (sorted indices), honouring its blocks.
+    """The ``n`` best channels of ``group`` (sorted indices), honouring its constraint.
 
     A plain group keeps its ``n`` highest scores (ties: lower index first; NaN lowest). A
-    blocked group keeps the ``n / blocks`` highest of every block; ``n`` must come from
-    :func:`fit_count`.
+    blocked group keeps the ``n / blocks`` highest of every block; a group of whole units
+    scores each unit by the sum of its channels' scores and keeps the best units (of every
+    block). ``n`` must come from :func:`fit_count`.
+
+    >>> g = Group(0, "heads", 6, (), False, unit=2)
+    >>> select_channels(g, torch.tensor([5., 0., 1., 1., 0., 3.]), 4)
+    [0, 1, 4, 5]
     """
     if n >= group.size:
         return list(range(group.size))
-    if group.blocks <= 1:
+    constraint = group.constraint
+    if constraint.step <= 1:
         return _top(scores, n)
-    if n % group.blocks:
-        raise FxPruneError(f"group {group.key} keeps the same count in each of its {group.blocks} blocks: "
-                           f"{n} is not a multiple (use fit_count)")
+    if n % constraint.step:
+        what = (f"each of its {group.blocks} blocks" if group.blocks > 1 else "") + \
+            (" and " if group.blocks > 1 and group.unit > 1 else "") + (f"whole units of {group.unit}" if group.unit > 1 else "")
+        raise FxPruneError(f"group {group.key} keeps the same count in {what}: "
+                           f"{n} is not a multiple of {constraint.step} (use fit_count)")
     width, per = group.block_size, n // group.blocks
+    unit = constraint.unit
     keep: List[int] = []
     for b in range(group.blocks):
-        keep.extend(b * width + i for i in _top(scores[b * width : (b + 1) * width], per))
+        block = scores[b * width : (b + 1) * width]
+        if unit == 1:
+            keep.extend(b * width + i for i in _top(block, per))
+            continue
+        # A unit's score is the sum of its channels' (NaN stays NaN: the unit ranks lowest).
+        units = _top(block.reshape(-1, unit).sum(dim=1), per // unit)
+        keep.extend(b * width + u * unit + i for u in units for i in range(unit))
     return keep
 
 
 def check_balanced(group: Group, keep: Sequence[int]) -> Optional[str]:
-    """Why ``keep`` breaks ``group``'s blocks, or None if every block keeps the same count."""
-    if group.blocks <= 1 or len(keep) == group.size:
+    """Why ``keep`` breaks ``group``'s constraint, or None if it honours it."""
+    constraint = group.constraint
+    if constraint.step <= 1 or len(keep) == group.size:
         return None
-    counts = [0] * group.blocks
-    for i in keep:
-        counts[i // group.block_size] += 1
-    if len(set(counts)) == 1:
+    problem = constraint.problem(keep, group.size)
+    if problem is None:
         return None
-    return (f"group {group.key} feeds a grouped convolution: each of its {group.blocks} blocks of "
-            f"{group.block_size} channels must keep the same number, the plan keeps {counts}")
+    if group.unit == 1:
+        return f"group {group.key} feeds a grouped convolution: {problem}"
+    return f"group {group.key}: {problem}"
 
 
 def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: bool = False,

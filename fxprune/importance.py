@@ -42,6 +42,7 @@ from .groups import Analysis, Group, Member, TensorMember
 from .registry import Registry
 from .trace import MutableArgsInterpreter
 from .rules import role_tensors
+from .layers import PrunedMultiheadAttention
 
 __all__ = [
     "Criterion",
@@ -207,11 +208,28 @@ def _transposed_layer(module: nn.Module, role: str) -> Optional[torch.Tensor]:
 
 # LayerNorm/RMSNorm scales too (a renormalising group's norms): scored as the functional form's
 # weight tensor is (F.layer_norm in torchvision's LayerNorm2d), so both forms score alike.
-@register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
+@register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
                   *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     w = getattr(module, "weight", None)
     return None if w is None else w.detach().unsqueeze(1)
+
+
+@register_weights(nn.MultiheadAttention, PrunedMultiheadAttention)
+def _multihead_attention(module: nn.Module, role: str) -> Optional[torch.Tensor]:
+    # One row per position of the role (see the rule): input columns, output rows, or head
+    # channels (their q, k and v rows side by side with their out_proj column).
+    w = module.in_proj_weight
+    if w is None:
+        return None
+    w = w.detach()
+    if role == "in":
+        return w.transpose(0, 1)
+    out = module.out_proj.weight.detach()
+    if role == "out":
+        return out
+    width = out.shape[1]  # the heads' width
+    return torch.cat([w[:width], w[width : 2 * width], w[2 * width :], out.transpose(0, 1)], dim=1)
 
 
 def member_rows(gm: torch.fx.GraphModule, group: Group, member: Member) -> Optional[torch.Tensor]:

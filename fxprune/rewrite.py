@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
+from .layers import PrunedMultiheadAttention
 from .plan import PruningPlan, resolve
 from .registry import Registry
 from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
@@ -178,6 +179,27 @@ def _layer_norm(norm: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     return new
 
 
+@register_builder(nn.GroupNorm)
+def _group_norm(gn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
+    # The analysis kept whole GroupNorm groups (units of C // num_groups channels): the new
+    # layer has one group per kept unit, each with its own channels in the same order.
+    assert isinstance(gn, nn.GroupNorm)
+    keep = idx.get("channelwise")
+    new = _copy_with(gn, {"weight": _sliced(gn.weight, 0, keep), "bias": _sliced(gn.bias, 0, keep)})
+    if keep is not None:
+        unit = gn.num_channels // gn.num_groups
+        if len(keep) % unit or len(keep) == 0:
+            raise InternalError(f"GroupNorm keeps {len(keep)} channels, not whole groups of {unit}")
+        new.num_channels, new.num_groups = len(keep), len(keep) // unit
+    return new
+
+
+@register_builder(nn.MultiheadAttention, PrunedMultiheadAttention)
+def _multihead_attention(mha: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
+    # nn.MultiheadAttention ties its heads' width to embed_dim: fewer heads need our own layer.
+    return PrunedMultiheadAttention.from_module(mha, idx.get("channelwise"), idx.get("in"), idx.get("out"))
+
+
 @register_builder(nn.PReLU)
 def _prelu(prelu: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     assert isinstance(prelu, nn.PReLU)
@@ -227,6 +249,10 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
         return {"channelwise": module.weight.shape[0]}
     if isinstance(module, _LAYER_NORM_TYPES):
         return {"channelwise": int(module.normalized_shape[0])}
+    if isinstance(module, nn.GroupNorm):
+        return {"channelwise": module.num_channels}
+    if isinstance(module, PrunedMultiheadAttention):
+        return {"channelwise": module.num_heads * module.head_dim, "in": module.in_dim, "out": module.out_dim}
     if isinstance(module, nn.modules.batchnorm._NormBase):
         n = module.running_mean.shape[0] if module.running_mean is not None else module.num_features
         return {"channelwise": module.weight.shape[0] if module.weight is not None else n}

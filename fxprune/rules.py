@@ -51,12 +51,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import Registry
+from .layers import PrunedMultiheadAttention
 
 __all__ = [
     "Layout",
     "TupleLayout",
     "ARG_REWRITE",
     "ChannelCount",
+    "EqualPerBlock",
+    "WholeUnits",
+    "Constraint",
     "Pieces",
     "Bounds",
     "ArgPatch",
@@ -140,18 +144,54 @@ class ChannelCount:
     """An int argument that counts channels: ``block`` times the kept channels of ``groups``.
 
     A rule builds it from a layout (raw group ids; the analysis resolves them to final groups,
-    a group cut by a split into several). Repeats count twice (``cat([a, a])``).
+    a group cut by a split into several). Repeats count twice (``cat([a, a])``). ``per``: the
+    argument counts units of that many channels instead (GroupNorm's ``num_groups``, a head
+    count); the groups then keep whole units (:class:`WholeUnits`), so the division is exact.
     """
 
     groups: Tuple[int, ...]
     block: int = 1
+    per: int = 1
 
     @classmethod
     def of(cls, layouts: Sequence[Layout], block: int = 1) -> "ChannelCount":
         return cls(tuple(g for lay in layouts for g in lay.groups), block)
 
     def evaluate(self, counts: Mapping[int, int]) -> int:
-        return self.block * sum(counts[g] for g in self.groups)
+        total = self.block * sum(counts[g] for g in self.groups)
+        return total if self.per == 1 else total // self.per
+
+
+# --------------------------------------------------------------------------- group constraints
+#
+# What a rule may demand of a group's channels beyond "any subset" (RuleContext.require). The
+# analysis resolves every demand on a final group into one constraint (fxprune.groups), which
+# the planner and the rewrite apply along one code path.
+
+
+@dataclass(frozen=True)
+class EqualPerBlock:
+    """The channels form ``blocks`` equal consecutive blocks that each keep the same count.
+
+    What a grouped convolution of ``blocks`` conv groups demands of its input and output groups.
+    """
+
+    blocks: int
+
+
+@dataclass(frozen=True)
+class WholeUnits:
+    """The channels come in consecutive units of ``size``, each kept or removed whole.
+
+    What a GroupNorm demands of its input (a unit is one of its groups: each group's statistics
+    are its own, so removing a whole group leaves the others exact) and what attention heads
+    are. The kept count is a multiple of ``size``; at least one unit is kept.
+    """
+
+    size: int
+
+
+Constraint = Union[EqualPerBlock, WholeUnits]
 
 
 def _chunk_sizes(total: int, chunks: int) -> List[int]:
@@ -280,7 +320,7 @@ class RuleContext(Protocol):
                       role: str = "operand", kind: str = "operand", conv_groups: int = 1,
                       via: Sequence[torch.fx.Node] = ()) -> None: ...
 
-    def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int]) -> Layout: ...
+    def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int], tag: str = "") -> Layout: ...
 
     def member(self, node: torch.fx.Node, role: str, layout: Layout) -> None: ...
 
@@ -301,11 +341,15 @@ class RuleContext(Protocol):
 
     def require_blocks(self, node: torch.fx.Node, layout: Layout, blocks: int, reason: str) -> None: ...
 
+    def require(self, node: torch.fx.Node, layout: Layout, constraint: "Constraint", reason: str) -> None: ...
+
     def split(self, node: torch.fx.Node, layout: Layout, sizes: Sequence[int]) -> List[Layout]: ...
 
     def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None: ...
 
     def renormalise(self, node: torch.fx.Node, layout: Layout, what: str) -> None: ...
+    def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout],
+              ties: Optional[Dict[str, Layout]] = None) -> None: ...
 
 
 RuleResult = Union[Layout, TupleLayout, None]
@@ -1071,6 +1115,9 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     in_shape = ctx.shape(node.args[0])
     out_shape = ctx.shape(node)
     if in_shape is not None and out_shape is not None and inp.rank is not None:
+        if _attention_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes) or \
+                _separate_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
+            return None  # the heads of an attention block: the region is accounted for
         out = _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
         if out is None:
             return None
@@ -1672,10 +1719,58 @@ def _layer_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     return inp
 
 
-@register_rule(nn.GroupNorm, F.group_norm, nn.LocalResponseNorm, F.local_response_norm)
+@register_rule(nn.GroupNorm, F.group_norm)
+def _group_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """GroupNorm: channels in ``num_groups`` consecutive groups, each normalised on its own.
+
+    Removing a whole GroupNorm group leaves every other group's statistics as they were, so
+    it is exact (the masked reference zeroes the group's input and affine tensors: its output
+    is zero, the others' unchanged): the input's channels come in :class:`WholeUnits` of
+    ``C // num_groups``, the affine weight/bias are per-channel members, and the rewrite
+    builds the layer with ``num_groups`` = the kept units (``F.group_norm``: the argument is
+    patched). ``num_groups=1`` normalises over every channel: one unit, frozen by design.
+    """
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    shape = ctx.shape(node)
+    rank = len(shape) if shape is not None else inp.rank
+    if node.op == "call_module":
+        gn = ctx.module(node)
+        num_groups, channels = gn.num_groups, gn.num_channels  # type: ignore[union-attr]
+    else:
+        num_groups = _arg(node, 1, "num_groups", None)
+        channels = inp.channels
+    if rank is None or inp.dim != 1 - rank or inp.block != 1 or channels != inp.channels:
+        ctx.unsupported(node, "GroupNorm over a dim not known to be the channel dim")
+        return None
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+        ctx.unsupported(node, f"GroupNorm with num_groups {num_groups!r} that is not a constant dividing its channels")
+        return None
+    out = replace(inp, rank=rank)
+    unit = channels // num_groups
+    what = _what(ctx, node)
+    if num_groups == 1 and channels > 1:
+        # One group is a LayerNorm over the channels: dropping any channel changes the others.
+        ctx.freeze(node, [inp], f"{what} normalises across channels (num_groups=1: one group of every channel)")
+        return out
+    ctx.require(node, inp, WholeUnits(unit), f"{what}: {num_groups} groups of {unit} channels")
+    if node.op == "call_module":
+        ctx.member(node, "channelwise", inp)
+        return out
+    path: Tuple[Union[int, str], ...] = (1,) if len(node.args) > 1 else ("num_groups",)
+    ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(inp.groups), 1, unit)))
+    for i, arg_name in ((2, "weight"), (3, "bias")):
+        arg = _arg(node, i, arg_name)
+        if arg is not None and not _layer_tensor(ctx, node, arg, 0, inp, "channelwise", arg_name):
+            return out
+    return out
+
+
+@register_rule(nn.LocalResponseNorm, F.local_response_norm)
 def _cross_channel_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
-    # GroupNorm's statistics run over groups of channels, LocalResponseNorm over neighbours:
-    # removing one channel changes the others. Frozen by design.
+    # LocalResponseNorm's statistics run over neighbouring channels: removing one channel
+    # changes the others. Frozen by design.
     inp = _first_layout(ctx, node)
     if inp is None:
         return None
@@ -1718,13 +1813,63 @@ def _freeze_all_inputs(ctx: RuleContext, node: torch.fx.Node, reason: str) -> No
     ctx.freeze(node, layouts, reason)
 
 
-@register_rule(nn.MultiheadAttention)
+def _mha_unsupported(ctx: RuleContext, node: torch.fx.Node, mha: nn.Module) -> Optional[str]:
+    """Why the heads of this ``nn.MultiheadAttention`` call cannot be pruned, or None."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+    bound = {n: _arg(node, i, n) for i, n in enumerate(names)}
+    if set(node.kwargs) - set(names) or len(node.args) > len(names):
+        return "arguments this rule does not know"
+    if not (isinstance(bound["query"], torch.fx.Node) and bound["query"] is bound["key"] is bound["value"]):
+        return "not self-attention (query, key and value differ)"
+    if isinstance(mha, nn.MultiheadAttention) and (not mha._qkv_same_embed_dim or mha.in_proj_weight is None
+                                                   or mha.bias_k is not None or mha.add_zero_attn):
+        return "separate q/k/v weights, bias_k/bias_v or add_zero_attn"
+    if any(bound[n] not in (None, False) for n in ("key_padding_mask", "attn_mask", "is_causal")):
+        return "a mask (it may index the heads)"
+    if mha.num_heads < 2:  # type: ignore[operator]
+        return "a single head"
+    return None
+
+
+def _mha_widths(mha: nn.Module) -> Tuple[int, int, int, int]:
+    """``(input width, heads' width, head_dim, output width)`` of an attention module."""
+    if isinstance(mha, PrunedMultiheadAttention):
+        return mha.in_dim, mha.num_heads * mha.head_dim, mha.head_dim, mha.out_dim
+    return mha.embed_dim, mha.embed_dim, mha.head_dim, mha.embed_dim  # type: ignore[return-value]
+
+
+@register_rule(nn.MultiheadAttention, PrunedMultiheadAttention)
 def _multihead_attention(ctx: RuleContext, node: torch.fx.Node) -> TupleLayout:
-    # Inside nn.MultiheadAttention the q/k/v projections, the heads and the output projection
-    # all have width embed_dim, the width of its input: no channel of the input or of the
-    # heads can be removed without replacing the module. Frozen by design.
-    _freeze_all_inputs(ctx, node, f"nn.MultiheadAttention {node.target}: its heads and input share embed_dim")
-    return TupleLayout((None, None))
+    """``nn.MultiheadAttention`` self-attention: three sets of channels, whole heads among them.
+
+    Its input columns (``in``: ``in_proj_weight`` dim 1) read the input's channels, its output
+    rows (``out``: ``out_proj`` rows) are a new group like a Linear's, and its heads
+    (``channelwise``: ``embed_dim`` head channels, owning rows ``c``, ``E + c``, ``2E + c`` of
+    the packed q/k/v projection and column ``c`` of ``out_proj``) are a group of their own in
+    :class:`WholeUnits` of ``head_dim``. Removing a whole head is exact (its zeroed q and k give
+    uniform weights over a zeroed v). ``nn.MultiheadAttention`` ties the heads' width to
+    ``embed_dim``, so the rewrite builds :class:`fxprune.layers.PrunedMultiheadAttention`.
+    Masks (which may index heads), cross-attention and separate q/k/v weights are frozen.
+    """
+    mha = ctx.module(node)
+    width_in, width, head_dim, width_out = _mha_widths(mha)
+    what = f"{type(mha).__name__} {node.target}"
+    why = _mha_unsupported(ctx, node, mha)
+    inp = ctx.layout(_arg(node, 0, "query"))
+    if why is None and inp is not None and (inp.dim != -1 or inp.block != 1 or inp.channels != width_in):
+        why = "an input whose channels are not its last dim"
+    if why is not None:
+        _freeze_all_inputs(ctx, node, f"{what}: {why}")
+        return TupleLayout((None, None))
+    rank = ctx.rank(_arg(node, 0, "query"))
+    heads = ctx.produce(node, width, -1, rank, tag="heads")
+    ctx.member(node, "channelwise", heads)
+    ctx.require(node, heads, WholeUnits(head_dim), f"{what}: {width // head_dim} heads of {head_dim}")
+    if inp is not None:
+        ctx.member(node, "in", inp)
+    out = ctx.produce(node, width_out, -1, rank)
+    ctx.member(node, "out", out)
+    return TupleLayout((out, None))
 
 
 @register_rule(F.scaled_dot_product_attention)
@@ -1732,6 +1877,389 @@ def _sdpa(ctx: RuleContext, node: torch.fx.Node) -> None:
     # q @ k^T sums over the head dim, so q and k channels are coupled pairwise; not modelled.
     _freeze_all_inputs(ctx, node, "scaled_dot_product_attention couples query and key channels")
     return None
+
+
+# --------------------------------------------------------------------------- attention heads
+#
+# timm's Attention (and code written like it) projects the tokens with one Linear to
+# 3 x heads x head_dim rows, views them as (B, N, 3, H, D), permutes to (3, B, H, N, D), unbinds
+# q, k and v, attends head by head (scaled_dot_product_attention, or q @ k^T, softmax, @ v),
+# and merges the heads back with transpose(1, 2).reshape(B, N, H * D) before the output
+# projection. Each head is computed from its own q, k and v rows and feeds its own D columns of
+# the projection, so removing a whole head (its q, k and v rows and its projection columns) is
+# exactly zeroing it: the masked head's logits are 0, its softmax uniform over zero values.
+# The rule for the first view recognises the whole block and accounts for it as one region:
+# the qkv rows are cut into q, k and v pieces tied into one group of H * D channels in whole
+# units of D (the heads), the head count in the first view and the width in the merging
+# reshape are rewritten from the kept heads, and the merged tensor carries the heads' group.
+# Anything else in the region (a mask with a head dim, an op that is not per head) leaves the
+# pattern unmatched, and the ordinary rules freeze the channels as before.
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _int_arg(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dims_are(node: torch.fx.Node, rank: int, want: Sequence[int]) -> bool:
+    dims = _dims_arg(node, "dims")
+    return isinstance(dims, (list, tuple)) and all(_int_arg(d) for d in dims) and [d % rank for d in dims] == list(want)
+
+
+def _swaps(node: torch.fx.Node, rank: int, a: int, b: int) -> bool:
+    """Whether ``node`` is ``transpose(a, b)`` (either order, negative dims allowed) of a rank-``rank`` tensor."""
+    if node.op == "call_method" and node.target in ("transpose", "swapaxes", "swapdims") or \
+            node.op == "call_function" and node.target in (torch.transpose, torch.swapaxes, torch.swapdims):
+        pair = [v for v in node.args[1:3]]
+        return len(pair) == 2 and all(_int_arg(d) for d in pair) and sorted(d % rank for d in pair) == sorted((a, b))
+    return False
+
+
+_MATMULS: Tuple[Any, ...] = (operator.matmul, torch.matmul, "matmul", torch.ops.aten.matmul.default)
+# The exported (ATen) spellings the lift leaves as they are: the block prunes alike on both paths.
+_SDPAS: Tuple[Any, ...] = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+_UNBINDS: Tuple[Any, ...] = ("unbind", torch.unbind, torch.ops.aten.unbind.int)
+
+
+def _is_matmul(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in _MATMULS and len(node.args) == 2 and not node.kwargs
+
+
+def _per_head_step(ctx: RuleContext, node: torch.fx.Node, head_dim: int) -> bool:
+    """Whether ``node`` maps a (B, H, N, D) tensor (its first argument) head by head, D unchanged.
+
+    Identity and dropout; a LayerNorm/RMSNorm over the head dim alone (timm's q/k norm: its
+    D-sized parameters are not touched by removing heads); scaling by a Python number.
+    """
+    if node.op == "call_module":
+        mod = ctx.module(node)
+        if isinstance(mod, (nn.Identity, nn.Dropout)):
+            return len(node.args) == 1 and not node.kwargs
+        norms = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+        return isinstance(mod, norms) and tuple(mod.normalized_shape) == (head_dim,) and len(node.args) == 1
+    if node.op == "call_function" and node.target in (F.dropout,):
+        return True
+    if node.op == "call_function" and node.target in _LAYER_NORMS:
+        shape = _arg(node, 1, "normalized_shape", None)
+        return isinstance(shape, (list, tuple)) and tuple(shape) == (head_dim,)
+    if node.target in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"):
+        return len(node.args) == 2 and not node.kwargs and _is_number(node.args[1])
+    return False
+
+
+def _score_step(ctx: RuleContext, node: torch.fx.Node) -> bool:
+    """Whether ``node`` maps attention scores (B, H, N, N) head by head: scaling, softmax over keys, dropout."""
+    if node.op == "call_module":
+        mod = ctx.module(node)
+        if isinstance(mod, (nn.Identity, nn.Dropout)):
+            return True
+        return isinstance(mod, nn.Softmax) and mod.dim is not None and mod.dim % 4 == 3
+    if node.target in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"):
+        return len(node.args) == 2 and _is_number(node.args[1])
+    if node.target in (F.softmax, torch.softmax, "softmax"):
+        dim = _arg(node, 1, "dim", None)
+        return _int_arg(dim) and dim % 4 == 3
+    return node.target is F.dropout
+
+
+def _no_tensor_input(arg: Any) -> bool:
+    """An sdpa argument that cannot carry heads: a constant, or an input whose default is None/a bool."""
+    if not isinstance(arg, torch.fx.Node):
+        return True
+    return arg.op == "placeholder" and len(arg.args) == 1 and (arg.args[0] is None or isinstance(arg.args[0], bool))
+
+
+def _chain(ctx: RuleContext, start: torch.fx.Node, ok: Callable[[torch.fx.Node], bool],
+           region: List[torch.fx.Node]) -> torch.fx.Node:
+    """Follow ``start``'s single users while ``ok`` says they are per-head steps on it (added to ``region``)."""
+    node = start
+    while True:
+        user = _only_user(node)
+        if user is None or not user.args or user.args[0] is not node or not ok(user):
+            return node
+        if any(isinstance(a, torch.fx.Node) and a is not node and a.op != "get_attr" for a in user.all_input_nodes):
+            return node  # a per-head step reads nothing else (a norm's own weights aside)
+        region.append(user)
+        node = user
+
+
+def _timm_function(node: torch.fx.Node, name: str) -> bool:
+    target = node.target
+    return node.op == "call_function" and getattr(target, "__name__", None) == name and \
+        str(getattr(target, "__module__", "")).startswith("timm.")
+
+
+def _timm_no_mask(scores: torch.fx.Node, region: List[torch.fx.Node]) -> Optional[torch.fx.Node]:
+    """Past timm's mask helpers on ``scores``, where they add nothing per head; None if they may.
+
+    timm's non-fused attention calls ``maybe_add_mask(attn, resolve_self_attn_mask(N, attn,
+    attn_mask, is_causal))`` (wrapped functions, opaque to fx). With ``attn_mask`` None (a
+    constant, or an input defaulting to None) the mask is None or causal (N x N): either way
+    the same for every head. ``scores`` itself when the helpers are absent.
+    """
+    users = list(scores.users)
+    if len(users) == 1:
+        return scores
+    if len(users) != 2:
+        return None
+    resolve = next((u for u in users if _timm_function(u, "resolve_self_attn_mask")), None)
+    add = next((u for u in users if _timm_function(u, "maybe_add_mask")), None)
+    if resolve is None or add is None or len(resolve.args) != 4 or resolve.kwargs or resolve.args[1] is not scores:
+        return None
+    mask, causal = resolve.args[2], resolve.args[3]
+    no_mask = mask is None or (isinstance(mask, torch.fx.Node) and _no_tensor_input(mask) and mask.args[0] is None)
+    if not no_mask or not _no_tensor_input(causal):
+        return None
+    if list(resolve.users) != [add] or add.args != (scores, resolve) or add.kwargs:
+        return None
+    region += [resolve, add]
+    return add
+
+
+def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...],
+                     out_shape: Tuple[int, ...], sizes: Any) -> bool:
+    """Recognise a timm-style attention block starting at the view ``node``; True if it was claimed."""
+    if inp.rank != 3 or inp.dim != -1 or inp.block != 1 or len(inp.groups) != 1 or len(out_shape) != 5:
+        return False
+    if tuple(out_shape[:2]) != tuple(in_shape[:2]) or out_shape[2] != 3:
+        return False
+    heads, head_dim = int(out_shape[3]), int(out_shape[4])
+    width = heads * head_dim
+    if 3 * width != in_shape[2] or inp.channels != in_shape[2] or heads < 2:
+        return False
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 5:
+        return False
+    for j in (2, 3, 4):
+        # Each of 3, H, D is -1, its literal, or computed (``C // self.num_heads`` from the
+        # embedding width in older timm): the shapes say what it is now, and it is rewritten
+        # from the kept heads (H) or as the constant it stays (3, D), whatever it was computed from.
+        if not (isinstance(sizes[j], torch.fx.Node) or _int_arg(sizes[j]) and sizes[j] in (-1, out_shape[j])):
+            return False
+    region: List[torch.fx.Node] = []
+    perm = _only_user(node)
+    if perm is None or not (perm.target in ("permute", torch.permute) and _dims_are(perm, 5, (2, 0, 3, 1, 4))):
+        return False
+    region.append(perm)
+    # q, k, v: qkv.unbind(0), or qkv[0], qkv[1], qkv[2]
+    users = list(perm.users)
+    if len(users) == 1 and users[0].target in _UNBINDS:
+        unbind = users[0]
+        dim = _arg(unbind, 1, "dim", 0)
+        if not _int_arg(dim) or dim % 5 != 0:
+            return False
+        region.append(unbind)
+        users = list(unbind.users)
+    pieces: Dict[int, torch.fx.Node] = {}
+    for user in users:
+        if user.target is torch.ops.aten.select.int and len(user.args) == 3 and not user.kwargs \
+                and user.args[0] is perm and _int_arg(user.args[1]) and user.args[1] % 5 == 0:
+            index = user.args[2]  # qkv[i] on an exported graph
+        elif user.target is operator.getitem:
+            index = user.args[1]
+        else:
+            return False
+        if not _int_arg(index) or index % 3 in pieces:
+            return False
+        pieces[index % 3] = user
+    if sorted(pieces) != [0, 1, 2]:
+        return False
+    region.extend(pieces[i] for i in range(3))
+    per_head = lambda n: _per_head_step(ctx, n, head_dim)  # noqa: E731
+    q, k, v = (_chain(ctx, pieces[i], per_head, region) for i in range(3))
+    core = _only_user(q)
+    if core is None:
+        return False
+    if core.op == "call_function" and core.target in _SDPAS:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = {n: _arg(core, i, n) for i, n in enumerate(names)}
+        if (bound["query"], bound["key"], bound["value"]) != (q, k, v) or _only_user(k) is not core or _only_user(v) is not core:
+            return False
+        if bound["enable_gqa"] not in (None, False) or not all(_no_tensor_input(bound[n]) for n in names[3:]):
+            return False
+        if set(core.kwargs) - set(names) or len(core.args) > len(names):
+            return False
+        region.append(core)
+        out = core
+    else:
+        # q @ k.transpose(-2, -1), per-head score steps, @ v
+        kt = _only_user(k)
+        if kt is None or not _swaps(kt, 4, 2, 3) or _only_user(kt) is not core or not _is_matmul(core) \
+                or core.args[0] is not q or core.args[1] is not kt:
+            return False
+        region += [kt, core]
+        scores = _timm_no_mask(core, region)
+        if scores is None:
+            return False
+        scores = _chain(ctx, scores, lambda n: _score_step(ctx, n), region)
+        out = _only_user(scores)
+        if out is None or not _is_matmul(out) or out.args[0] is not scores or out.args[1] is not v or _only_user(v) is not out:
+            return False
+        if not any(r.target in (F.softmax, torch.softmax, "softmax") or (r.op == "call_module" and isinstance(ctx.module(r), nn.Softmax))
+                   for r in region[region.index(core):]):
+            return False  # attention without a softmax is not the pattern (nothing else is known to be per head)
+        region.append(out)
+    # merge: .transpose(1, 2).reshape(B, N, H * D)
+    merge_t = _only_user(out)
+    if merge_t is None or merge_t.args[0] is not out or not (_swaps(merge_t, 4, 1, 2) or
+                                                          (merge_t.target in ("permute", torch.permute) and _dims_are(merge_t, 4, (0, 2, 1, 3)))):
+        return False
+    merged = _only_user(merge_t)
+    if merged is None or merged.target not in ("reshape", "view", torch.reshape) or merged.args[0] is not merge_t:
+        return False
+    merged_shape = ctx.shape(merged)
+    if merged_shape is None or tuple(merged_shape) != (in_shape[0], in_shape[1], width):
+        return False
+    if merged.op == "call_function":
+        msizes = _arg(merged, 1, "shape", None)
+    else:
+        msizes = merged.args[1] if len(merged.args) == 2 and isinstance(merged.args[1], (list, tuple)) else merged.args[1:]
+    if not isinstance(msizes, (list, tuple)) or len(msizes) != 3 or msizes[2] == -1 and any(m == -1 for m in msizes[:2]):
+        return False
+    region += [merge_t, merged]
+    for n in region[:-1]:
+        if any(u not in region for u in n.users):
+            return False  # a region tensor read elsewhere: not a self-contained attention block
+    # The pattern holds: q, k and v rows are one group of heads.
+    thirds = ctx.split(node, inp, [width] * 3)
+    ctx.unify(node, thirds)
+    group = thirds[0]
+    reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
+    ctx.require(node, group, WholeUnits(head_dim), reason)
+    if isinstance(sizes[3], torch.fx.Node) or sizes[3] != -1:
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(tuple(group.groups), 1, head_dim)))
+    for j in (2, 4):
+        if isinstance(sizes[j], torch.fx.Node):
+            ctx.rewrite_args(node, ArgPatch(_view_size_path(node, j), int(out_shape[j])))
+    if msizes[2] != -1:
+        # The heads' width, whether written as a literal or read from the input's shape (older
+        # timm: ``B, N, C = x.shape``, C the embedding width): the kept heads' width either way.
+        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([group])))
+    ctx.claim(node, region, {merged.name: Layout(group.groups, group.sizes, -1, 3, 1)})
+    return True
+
+
+def _view_sizes(node: torch.fx.Node) -> Any:
+    if node.op == "call_function":
+        return _arg(node, 1, "shape", None)
+    return node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+
+
+def _is_view(node: Optional[torch.fx.Node]) -> bool:
+    return node is not None and node.target in ("view", "reshape", torch.reshape)
+
+
+def _head_sizes_ok(sizes: Any, shape: Tuple[int, ...], head_at: int) -> bool:
+    """Sizes of a view to ``shape`` whose dim ``head_at`` is the heads and the last dim head_dim."""
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != len(shape):
+        return False
+    for j in (head_at, len(shape) - 1):
+        if not (isinstance(sizes[j], torch.fx.Node) or _int_arg(sizes[j]) and sizes[j] in (-1, shape[j])):
+            return False
+    return True
+
+
+def _patch_heads(ctx: RuleContext, node: torch.fx.Node, sizes: Any, head_at: int, group: Layout, head_dim: int) -> None:
+    """Rewrite a head count (literal or computed) from the kept heads, a computed head_dim as the constant it stays."""
+    if isinstance(sizes[head_at], torch.fx.Node) or sizes[head_at] != -1:
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, head_at), ChannelCount(tuple(group.groups), 1, head_dim)))
+    last = len(sizes) - 1
+    if isinstance(sizes[last], torch.fx.Node):
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, last), head_dim))
+
+
+def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...],
+                    out_shape: Tuple[int, ...], sizes: Any) -> bool:
+    """Hugging Face-style attention: separate q, k and v Linears, each viewed (B, N, H, D) and
+    transposed to (B, H, N, D), ``scaled_dot_product_attention``, heads merged back, ``o_proj``.
+
+    Recognised at q's view (``node``); k's and v's projections come later in the walk, so their
+    views are claimed with a tie: the three projections' rows become one group in whole units
+    of D. A mask must broadcast over the heads (size 1 on the head dim). Otherwise: False.
+    """
+    if inp.rank != 3 or inp.dim != -1 or inp.block != 1 or len(inp.groups) != 1 or len(out_shape) != 4:
+        return False
+    heads, head_dim = int(out_shape[2]), int(out_shape[3])
+    width = heads * head_dim
+    if tuple(out_shape[:2]) != tuple(in_shape[:2]) or width != in_shape[2] or heads < 2 or not _head_sizes_ok(sizes, out_shape, 2):
+        return False
+    tq = _only_user(node)
+    if tq is None or tq.args[0] is not node or not _swaps(tq, 4, 1, 2):
+        return False
+    core = _only_user(tq)
+    if core is None or core.op != "call_function" or core.target not in _SDPAS:
+        return False
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = {n: _arg(core, i, n) for i, n in enumerate(names)}
+    if bound["query"] is not tq or set(core.kwargs) - set(names) or len(core.args) > len(names):
+        return False
+    region: List[torch.fx.Node] = [tq]
+    ties: Dict[str, Layout] = {}
+    others: List[Tuple[torch.fx.Node, Any]] = []
+    for which in ("key", "value"):
+        t = bound[which]
+        if not isinstance(t, torch.fx.Node) or not _swaps(t, 4, 1, 2) or _only_user(t) is not core:
+            return False
+        view = t.args[0]
+        if not isinstance(view, torch.fx.Node) or not _is_view(view) or _only_user(view) is not t:
+            return False
+        vshape = ctx.shape(view)
+        vsizes = _view_sizes(view)
+        if vshape is None or tuple(vshape) != tuple(out_shape) or not _head_sizes_ok(vsizes, tuple(vshape), 2):
+            return False
+        region += [view, t]
+        others.append((view, vsizes))
+    mask = bound["attn_mask"]
+    if isinstance(mask, torch.fx.Node) and not _no_tensor_input(mask):
+        mshape = ctx.shape(mask)
+        if mshape is None or ctx.layout(mask) is not None or (len(mshape) >= 3 and mshape[-3] != 1):
+            return False  # a mask with a head dim would lose its heads' alignment
+    if bound["enable_gqa"] not in (None, False) or not all(_no_tensor_input(bound[n]) for n in names[4:]):
+        return False
+    region.append(core)
+    # Merging: [reshape to (B, H, N, D)], transpose(1, 2), reshape to (B, N, H * D).
+    out = core
+    step = _only_user(out)
+    pre: Optional[torch.fx.Node] = None
+    if _is_view(step) and step.args[0] is out and ctx.shape(step) is not None and \
+            tuple(ctx.shape(step)) == tuple(ctx.shape(core) or ()) and _head_sizes_ok(_view_sizes(step), tuple(ctx.shape(step)), 1):
+        pre = step
+        region.append(step)
+        out = step
+        step = _only_user(out)
+    if step is None or step.args[0] is not out or not _swaps(step, 4, 1, 2):
+        return False
+    merged = _only_user(step)
+    if not _is_view(merged) or merged.args[0] is not step:
+        return False
+    mshape2 = ctx.shape(merged)
+    msizes = _view_sizes(merged)
+    if mshape2 is None or tuple(mshape2) != (in_shape[0], in_shape[1], width) or \
+            not isinstance(msizes, (list, tuple)) or len(msizes) != 3:
+        return False
+    region += [step, merged]
+    for n in region[:-1]:
+        if any(u not in region for u in n.users):
+            return False
+    reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
+    ctx.require(node, inp, WholeUnits(head_dim), reason)
+    _patch_heads(ctx, node, sizes, 2, inp, head_dim)
+    for view, vsizes in others:
+        ties[view.name] = inp
+        _patch_heads(ctx, view, vsizes, 2, inp, head_dim)
+    if pre is not None:
+        _patch_heads(ctx, pre, _view_sizes(pre), 1, inp, head_dim)
+    if msizes[2] != -1:
+        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([inp])))
+    ctx.claim(node, region, {merged.name: Layout(inp.groups, inp.sizes, -1, 3, 1)}, ties)
+    return True
 
 
 # =========================================================================== functional layers

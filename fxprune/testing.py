@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 from .api import ModelLike, analyze_model
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import RENORMALISING, Slot, TensorSlot
+from .layers import PrunedMultiheadAttention
 from .plan import PruningPlan, resolve
 from .registry import Registry
 from .rewrite import slot_indices
@@ -108,6 +109,23 @@ def _mask_norm(norm: nn.Module, role: str, removed: torch.Tensor) -> None:
     var = getattr(norm, "running_var", None)
     if isinstance(var, torch.Tensor):
         var[removed.to(var.device)] = 1
+
+
+@register_mask(nn.MultiheadAttention, PrunedMultiheadAttention)
+def _mask_multihead_attention(mha: nn.Module, role: str, removed: torch.Tensor) -> None:
+    # Roles as the rule declares them: "in" the packed projection's columns, "out" out_proj's
+    # rows, "channelwise" the head channels (q, k and v rows of the packed projection and
+    # out_proj's columns).
+    if role == "in":
+        _zero_along(mha.in_proj_weight, 1, removed)
+    elif role == "out":
+        _zero_along(mha.out_proj.weight, 0, removed)
+        _zero_along(mha.out_proj.bias, 0, removed)
+    else:
+        rows = removed.repeat(3)
+        _zero_along(mha.in_proj_weight, 0, rows)
+        _zero_along(mha.in_proj_bias, 0, rows)
+        _zero_along(mha.out_proj.weight, 1, removed)
 
 
 def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],

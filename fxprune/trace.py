@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata  # ShapeProp's own tensor_meta format
 
 from .errors import FxPruneError, FxPruneWarning, describe_node
+from .layers import PrunedMultiheadAttention
 
 __all__ = ["trace", "as_graph_module", "export_graph", "UntraceableError", "copy_graph_module", "propagate_shapes", "node_shape", "stale_proxies",
            "check_graph", "MutableArgsInterpreter", "ShapeRecorder", "ShapePropagationError", "mutable_copy",
@@ -71,6 +72,10 @@ class _RecordingTracer(torch.fx.Tracer):
             return super().trace(root, concrete_args)
         finally:
             self._outer = None  # a frame keeps its locals alive
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        # fxprune's own layers are leaves like torch.nn's: the rules know them whole.
+        return isinstance(m, PrunedMultiheadAttention) or super().is_leaf_module(m, module_qualified_name)
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Optional[str] = None,
                     type_expr: Optional[Any] = None) -> torch.fx.Node:

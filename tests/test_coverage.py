@@ -149,7 +149,9 @@ def _swin(pruned: nn.Module, groups: List[fxprune.Group]) -> None:
 def _vit(pruned: nn.Module, groups: List[fxprune.Group]) -> None:
     mlp = "encoder.layers.encoder_layer_0.mlp"
     assert pruned.get_submodule(f"{mlp}.0").out_features == pruned.get_submodule(f"{mlp}.3").in_features == 1536
-    assert "MultiheadAttention" in frozen_reasons(groups)
+    # Whole heads are pruned (12 heads of 64 -> 6) into fxprune's own attention layer.
+    attn = pruned.get_submodule("encoder.layers.encoder_layer_0.self_attention")
+    assert (attn.num_heads, attn.head_dim) == (6, 64)
 
 
 FAMILY_CHECKS = {

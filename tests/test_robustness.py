@@ -295,12 +295,14 @@ class Norms(nn.Module):
         return self.c(F.relu(self.inorm(self.b(y)))).mean((2, 3))
 
 
-def test_groupnorm_frozen_instancenorm_pruned() -> None:
+def test_groupnorm_whole_groups_and_instancenorm_pruned() -> None:
     torch.manual_seed(7)
     model = randomize_norms(Norms())
-    assert "GroupNorm gn normalises across channels" in "".join(group_of(model, "a").reasons)
+    a = group_of(model, "a")
+    assert a.prunable and a.unit == 4  # GroupNorm(2, 8): whole groups of 4 channels
     pruned = prove(model, 0.5, torch.randn(2, 3, 8, 8), strict=True)
-    assert pruned.get_submodule("a").out_channels == 8
+    assert pruned.get_submodule("a").out_channels == 4
+    assert pruned.get_submodule("gn").num_groups == 1
     inorm = pruned.get_submodule("inorm")
     assert inorm.num_features == inorm.weight.numel() == inorm.running_var.numel() == 4
 
@@ -446,7 +448,9 @@ class AttentionBlock(nn.Module):
         return self.head(h[:, 0])
 
 
-def test_multihead_attention_freezes_its_width_and_the_mlp_is_pruned() -> None:
+def test_multihead_attention_prunes_heads_its_width_and_the_mlp() -> None:
+    # No LayerNorm here: the residual width (embed, attention in/out, fc2) is an ordinary
+    # group, and the heads are a group of their own in whole units of head_dim.
     torch.manual_seed(10)
     x = torch.randn(2, 5, 6)
     model = AttentionBlock().eval()
@@ -454,8 +458,9 @@ def test_multihead_attention_freezes_its_width_and_the_mlp_is_pruned() -> None:
         warnings.simplefilter("error", fxprune.FxPruneWarning)
         pruned = prove(model, 0.5, x, strict=True)
     assert pruned.get_submodule("fc1").out_features == 16
-    assert pruned.get_submodule("embed").out_features == 16
-    assert "nn.MultiheadAttention attn" in reasons(model, example_inputs=(x,))
+    assert pruned.get_submodule("embed").out_features == 8
+    attn = pruned.get_submodule("attn")
+    assert (attn.num_heads, attn.head_dim, attn.in_dim, attn.out_dim) == (2, 4, 8, 8)
 
 
 # =========================================================================== unknown and custom modules

@@ -1,0 +1,115 @@
+"""Layers fxprune builds where PyTorch's own cannot hold the pruned widths.
+
+:class:`PrunedMultiheadAttention` replaces an ``nn.MultiheadAttention`` whose heads were pruned:
+PyTorch's module ties the width of its heads (``num_heads * head_dim``) to ``embed_dim``, the
+width of its input and output, so a module with fewer heads (same ``head_dim``) and the same
+embedding cannot be an ``nn.MultiheadAttention``. It computes what ``nn.MultiheadAttention``
+computes (packed q/k/v projection, scaled dot-product attention per head, output projection),
+with the heads' width its own.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import FxPruneError
+
+__all__ = ["PrunedMultiheadAttention"]
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """Multi-head attention with ``num_heads`` heads of ``head_dim`` between ``in_dim`` and ``out_dim`` widths.
+
+    Parameters as in ``nn.MultiheadAttention`` (``in_proj_weight`` ``[3 * num_heads * head_dim,
+    in_dim]`` packing q, k and v; ``in_proj_bias``; ``out_proj``). ``forward`` takes the
+    arguments of ``nn.MultiheadAttention.forward``; masks are not supported (fxprune only
+    replaces modules called without them).
+
+    >>> mha = nn.MultiheadAttention(8, 4, batch_first=True).eval()
+    >>> pruned = PrunedMultiheadAttention.from_module(mha, torch.arange(4)).eval()
+    >>> pruned.num_heads, pruned.head_dim, tuple(pruned(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8))[0].shape)
+    (2, 2, (2, 5, 8))
+    """
+
+    def __init__(self, in_dim: int, num_heads: int, head_dim: int, out_dim: int, *, bias: bool = True,
+                 out_bias: bool = True, dropout: float = 0.0, batch_first: bool = False) -> None:
+        super().__init__()
+        self.in_dim, self.num_heads, self.head_dim, self.out_dim = in_dim, num_heads, head_dim, out_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        width = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, in_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width)) if bias else None
+        self.out_proj = nn.Linear(width, out_dim, bias=out_bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    @classmethod
+    def from_module(cls, mha: nn.Module, heads: Optional[torch.Tensor] = None,
+                    inputs: Optional[torch.Tensor] = None, outputs: Optional[torch.Tensor] = None) -> "PrunedMultiheadAttention":
+        """A copy of ``mha`` (an ``nn.MultiheadAttention`` or one of these) keeping the head
+        channels ``heads`` (whole heads, indices into its ``num_heads * head_dim`` head
+        channels), input columns ``inputs`` and output rows ``outputs`` (None: all)."""
+        if isinstance(mha, PrunedMultiheadAttention):
+            embed, head_dim = mha.num_heads * mha.head_dim, mha.head_dim
+        elif isinstance(mha, nn.MultiheadAttention):
+            if not mha._qkv_same_embed_dim or mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+                raise FxPruneError("only an nn.MultiheadAttention with packed q/k/v weights and no bias_k/zero_attn can be pruned")
+            embed, head_dim = mha.embed_dim, mha.head_dim
+        else:
+            raise FxPruneError(f"cannot build a PrunedMultiheadAttention from {type(mha).__name__}")
+        heads = torch.arange(embed) if heads is None else heads.to(torch.long)
+        if len(heads) == 0 or len(heads) % head_dim:
+            raise FxPruneError(f"{len(heads)} head channels are not whole heads of {head_dim}")
+        rows = torch.cat([heads, heads + embed, heads + 2 * embed])
+        w = mha.in_proj_weight.detach().index_select(0, rows)
+        if inputs is not None:
+            w = w.index_select(1, inputs.to(torch.long))
+        out_w = mha.out_proj.weight.detach().index_select(1, heads)
+        out_b = mha.out_proj.bias.detach() if mha.out_proj.bias is not None else None
+        if outputs is not None:
+            out_w = out_w.index_select(0, outputs.to(torch.long))
+            out_b = None if out_b is None else out_b.index_select(0, outputs.to(torch.long))
+        new = cls(w.shape[1], len(heads) // head_dim, head_dim, out_w.shape[0], bias=mha.in_proj_bias is not None,
+                  out_bias=out_b is not None, dropout=float(mha.dropout), batch_first=bool(mha.batch_first))
+        new = new.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.in_proj_weight.copy_(w)
+            if mha.in_proj_bias is not None:
+                new.in_proj_bias.copy_(mha.in_proj_bias.detach().index_select(0, rows))  # type: ignore[union-attr]
+            new.out_proj.weight.copy_(out_w)
+            if out_b is not None:
+                new.out_proj.bias.copy_(out_b)
+        new.train(mha.training)
+        return new
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise FxPruneError("PrunedMultiheadAttention does not take masks (fxprune prunes only unmasked attention)")
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        length, batch = query.shape[0], query.shape[1]
+        source = key.shape[0]
+        width = self.num_heads * self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.split(width)
+        b_q, b_k, b_v = self.in_proj_bias.split(width) if self.in_proj_bias is not None else (None, None, None)
+        # (L, N, H * D) -> (N * H, L, D): head h owns channels [h * D, (h + 1) * D), as in nn.MultiheadAttention.
+        q = F.linear(query, w_q, b_q).reshape(length, batch * self.num_heads, self.head_dim).transpose(0, 1)
+        k = F.linear(key, w_k, b_k).reshape(source, batch * self.num_heads, self.head_dim).transpose(0, 1)
+        v = F.linear(value, w_v, b_v).reshape(source, batch * self.num_heads, self.head_dim).transpose(0, 1)
+        attn = torch.softmax((q * self.head_dim ** -0.5) @ k.transpose(1, 2), dim=-1)
+        if self.training and self.dropout > 0:
+            attn = F.dropout(attn, p=self.dropout)
+        out = (attn @ v).transpose(0, 1).reshape(length * batch, width)
+        out = self.out_proj(out).reshape(length, batch, self.out_dim)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        weights = attn.reshape(batch, self.num_heads, length, source)
+        return out, weights.mean(dim=1) if average_attn_weights else weights

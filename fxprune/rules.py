@@ -2064,6 +2064,8 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
             index = user.args[2]  # qkv[i] on an exported graph
         elif user.target is operator.getitem:
             index = user.args[1]
+            if isinstance(index, tuple) and len(index) == 1:
+                index = index[0]  # an exported select lifted to getitem: qkv[(i,)] is qkv[i]
         else:
             return False
         if not _int_arg(index) or index % 3 in pieces:

@@ -111,8 +111,8 @@ def register_weights(*types: type) -> Callable[[WeightView], WeightView]:
     For one scoring pass only, extend the table instead and pass it as
     ``ScoringOptions(weights=...)`` to :func:`score_groups`:
 
-    >>> table = DEFAULT_WEIGHTS.extended({nn.LayerNorm: lambda m, role: m.weight.detach().unsqueeze(1)})
-    >>> nn.LayerNorm in table, nn.LayerNorm in DEFAULT_WEIGHTS
+    >>> table = DEFAULT_WEIGHTS.extended({nn.Embedding: lambda m, role: m.weight.detach().t()})
+    >>> nn.Embedding in table, nn.Embedding in DEFAULT_WEIGHTS
     (True, False)
     """
     return DEFAULT_WEIGHTS.register(*types)

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import pytest
 
+from .scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load() -> Any:
-    spec = importlib.util.spec_from_file_location("fxprune_accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_benchmark("accuracy.py")
 
 SETTINGS = {"model": "resnet18", "data": "fashion-mnist", "epochs": 3, "baseline_epochs": 2, "batch_size": 256, "limit": 30000,
             "eval_limit": None, "subset_seed": 0}

@@ -9,8 +9,6 @@ original), then checks what is special about the family.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -22,19 +20,12 @@ import torchvision
 import fxprune
 from fxprune.testing import randomize_norms
 
+from .scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_coverage() -> Any:
-    spec = importlib.util.spec_from_file_location("fxprune_coverage", ROOT / "benchmarks" / "coverage.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-coverage = _load_coverage()
+coverage = load_benchmark("coverage.py")
 
 # One per family, the cheapest variant (ResNet itself is proven in test_core.py).
 DEFAULT = [

@@ -7,7 +7,6 @@ estimate counts the probes of a tiny model, and the tables are rendered from mad
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -16,19 +15,12 @@ import pytest
 import torch
 from torch import nn
 
+from .scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load() -> Any:
-    spec = importlib.util.spec_from_file_location("fxprune_latency_bench", ROOT / "benchmarks" / "bench_latency_target.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_benchmark("bench_latency_target.py")
 
 
 def test_defaults_are_the_acceptance_run() -> None:

@@ -8,7 +8,6 @@ goes through the whole command line (``slow``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,19 +20,12 @@ from typing import Any, Dict
 
 import pytest
 
+from .scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_zoo() -> Any:
-    spec = importlib.util.spec_from_file_location("fxprune_zoo_bench", ROOT / "benchmarks" / "zoo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-zoo = _load_zoo()
+zoo = load_benchmark("zoo.py")
 
 FAKE: Dict[str, Dict[str, Any]] = {
     "timm:resnet10t": {"model": "timm:resnet10t", "input": "64px", "traced": "fx", "pruned": True, "proven": True,

@@ -64,6 +64,9 @@ GOAL_VS_E = -0.3
 GOAL_VS_D = 0.5
 GOAL_VS_B = 0.0
 GOAL_RATIO = 0.5
+#: The default job's schedule (``fxprune run``): a run with other epochs or a subset is labelled short.
+JOB_EPOCHS = 5
+JOB_BASELINE_EPOCHS = 3
 
 Job = Tuple[int, str, Optional[float]]  # (seed, arm, ratio); ratio None for "baseline" and "E"
 
@@ -309,6 +312,15 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         "`evaluate_accuracy`), resnet18 with the small-image stem exactly as `fxprune run` builds it:", ""]
     for arm in ARMS:
         lines.append(f"- **{arm}** {ARM_TITLES[arm]}")
+    if settings and (settings.get("limit") or settings.get("epochs") != JOB_EPOCHS
+                     or settings.get("baseline_epochs") != JOB_BASELINE_EPOCHS):
+        # A shorter schedule or a subset answers a different question than the default job's:
+        # say so before any number is read.
+        lines += ["", f"**A short regime, not the default job's schedule**: {settings.get('baseline_epochs')} + "
+                  f"{settings.get('epochs')} epochs on "
+                  + (f"{settings.get('limit')} training images" if settings.get("limit") else "all training images")
+                  + f" (the job: {JOB_BASELINE_EPOCHS} + {JOB_EPOCHS} epochs on all of them; that run is "
+                  "ACCURACY_FULL.md)."]
     lines += ["", "Top-1 is on the full held-out test split" if not settings.get("eval_limit")
               else f"Top-1 is on {settings.get('eval_limit')} held-out test images (a smoke run)",
               "", "## Setup", ""]
@@ -378,6 +390,9 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     for row in goals(results):
         if row["goal"].endswith("vs A"):
             lines.append(f"| {ARM_TITLES[row['arm']]} ({row['arm']}) | {_fmt_diff(row['diff'])} |")
+    recipes = doc.get("recipes")
+    if recipes:
+        lines += ["", "## Recipes tried on seed 0", "", recipes.strip()]
     conclusion = doc.get("conclusion")
     lines += ["", "## Conclusion", "",
               conclusion.strip() if conclusion else "_Not written yet: the run is incomplete._", ""]
@@ -667,6 +682,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="a markdown paragraph on how the run was sized, stored in the JSON")
     p.add_argument("--conclusion", type=Path, default=None,
                    help="a markdown file with the conclusion, stored in the JSON and rendered")
+    p.add_argument("--recipes", type=Path, default=None,
+                   help="a markdown file on the fine-tuning recipes tried on seed 0 (every variant, losers "
+                        "included), stored in the JSON and rendered before the conclusion")
     p.add_argument("--no-reuse-identical", dest="reuse_identical", action="store_false",
                    help="train B even when Torch-Pruning kept exactly A's channels")
     p.add_argument("--finetune", nargs="+", default=[], metavar="KEY=VALUE",
@@ -703,11 +721,11 @@ def _write(doc: Mapping[str, Any], args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     doc = _read(args.out)
-    for key, path in (("conclusion", args.conclusion), ("sizing", args.sizing)):
+    for key, path in (("conclusion", args.conclusion), ("sizing", args.sizing), ("recipes", args.recipes)):
         if path is not None:
             text = path.read_text(encoding="utf-8")
-            if key == "conclusion":
-                doc["conclusion"] = text
+            if key in ("conclusion", "recipes"):
+                doc[key] = text
             else:
                 doc.setdefault("meta", {})["sizing"] = text
     if args.render_only:

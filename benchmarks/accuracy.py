@@ -27,6 +27,8 @@ Baselines are cached in ``--work`` so a resumed run does not train them again.
     python benchmarks/accuracy.py --limit 512 --eval-limit 512 --epochs 1 --baseline-epochs 1 \\
         --seeds 0 --ratios 0.5 --out /tmp/acc.json --table /tmp/ACC.md   # a smoke run (~2 min)
     python benchmarks/accuracy.py --render-only                     # re-render ACCURACY.md
+    python benchmarks/accuracy.py --seeds 0 --arms A --finetune lr=0.05 warmup_epochs=0.3 \
+        --out /tmp/v1.json --table /tmp/V1.md   # a fine-tuning recipe variant (recorded in the settings)
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ Baselines are cached in ``--work`` so a resumed run does not train them again.
     python benchmarks/accuracy.py --limit 512 --eval-limit 512 --epochs 1 --baseline-epochs 1 \\
         --seeds 0 --ratios 0.5 --out /tmp/acc.json --table /tmp/ACC.md   # a smoke run (~2 min)
     python benchmarks/accuracy.py --render-only                     # re-render ACCURACY.md
+    python benchmarks/accuracy.py --seeds 0 --arms A --finetune lr=0.05 warmup_epochs=0.3 \
+        --out /tmp/v1.json --table /tmp/V1.md   # a fine-tuning recipe variant (recorded in the settings)
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 
-__all__ = ["ARMS", "ARM_TITLES", "RATIO_ARMS", "Job", "plan_jobs", "job_key", "settings_of", "check_settings",
+__all__ = ["ARMS", "ARM_TITLES", "RATIO_ARMS", "Job", "plan_jobs", "job_key", "settings_of", "baseline_settings", "parse_finetune",
+           "finetune_recipe", "check_settings",
            "summarize", "goals", "render_markdown", "reinitialise", "same_weights", "main"]
 
 ARMS = ("A", "B", "C", "D", "E", "F")
@@ -63,6 +66,9 @@ GOAL_VS_E = -0.3
 GOAL_VS_D = 0.5
 GOAL_VS_B = 0.0
 GOAL_RATIO = 0.5
+#: The default job's schedule (``fxprune run``): a run with other epochs or a subset is labelled short.
+JOB_EPOCHS = 5
+JOB_BASELINE_EPOCHS = 3
 
 Job = Tuple[int, str, Optional[float]]  # (seed, arm, ratio); ratio None for "baseline" and "E"
 
@@ -95,11 +101,79 @@ def plan_jobs(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str]
     return jobs
 
 
+#: ``--finetune`` keys that are :class:`~fxprune.workflow.run.RunConfig` fields. Only options that
+#: reach the fine-tuning (and the pruning) are allowed, never ones the baseline or D share
+#: (``augment``, ``baseline_lr``, ...), so a variant changes the recipe under test, not the comparison.
+FINETUNE_RUN_KEYS = ("lr", "distill", "importance", "label_smoothing", "weight_decay", "optimizer",
+                     "recalibration_batches")
+#: ``--finetune`` keys that are :class:`~fxprune.workflow.finetune.TrainConfig` fields of the
+#: fine-tuning recipe (``fxprune run`` has no flag for them: the benchmark replaces them directly).
+FINETUNE_TRAIN_KEYS = ("warmup_epochs", "distill_alpha", "temperature", "momentum", "nesterov")
+#: What the ``finetune`` settings record: the fine-tuning recipe as it resolved, flags or defaults.
+FINETUNE_RECORDED = ("lr", "warmup_epochs", "optimizer", "momentum", "nesterov", "weight_decay",
+                     "label_smoothing", "distill", "distill_alpha", "temperature", "importance",
+                     "recalibration_batches")
+
+
+def parse_finetune(pairs: Sequence[str]) -> Dict[str, Any]:
+    """``["lr=0.02", "distill=1"]`` -> ``{"lr": 0.02, "distill": True}`` (values typed by the key).
+
+    >>> parse_finetune(["lr=0.02", "warmup_epochs=0.5", "distill=1", "importance=l2"])
+    {'lr': 0.02, 'warmup_epochs': 0.5, 'distill': True, 'importance': 'l2'}
+    """
+    known = FINETUNE_RUN_KEYS + FINETUNE_TRAIN_KEYS
+    flags = ("distill", "nesterov")
+    texts = ("importance", "optimizer")
+    integers = ("recalibration_batches",)
+    changes: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--finetune {pair!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
+        if key in flags:
+            if value.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+                raise SystemExit(f"--finetune {pair!r}: a switch is 0 or 1")
+            changes[key] = value.lower() in ("1", "true", "yes", "on")
+        elif key in texts:
+            changes[key] = value
+        elif key in integers:
+            changes[key] = int(value)
+        else:
+            changes[key] = float(value)
+    return changes
+
+
+def finetune_recipe(args: argparse.Namespace) -> Dict[str, Any]:
+    """The fine-tuning recipe the pruned arms and E train with: the job's defaults plus ``--finetune``."""
+    from fxprune.workflow.run import RunConfig, train_config
+
+    changes = parse_finetune(getattr(args, "finetune", None) or [])
+    run_changes = {k: v for k, v in changes.items() if k in FINETUNE_RUN_KEYS}
+    config = RunConfig(epochs=args.epochs, baseline_epochs=args.baseline_epochs, batch_size=args.batch_size,
+                       quiet=True, compile=False, control=False).replace(**run_changes)
+    cfg = train_config(config, baseline=False)
+    resolved = {key: getattr(cfg, key) for key in FINETUNE_RECORDED if hasattr(cfg, key)}
+    resolved.update({key: changes[key] for key in FINETUNE_TRAIN_KEYS if key in changes})
+    resolved.update(distill=config.distill, importance=config.importance,
+                    recalibration_batches=config.recalibration_batches)
+    return resolved
+
+
 def settings_of(args: argparse.Namespace) -> Dict[str, Any]:
-    """What determines every arm's result: a JSON made under other settings is never extended."""
+    """What determines every arm's result: a JSON made under other settings is never extended.
+
+    ``finetune`` is the fine-tuning recipe as it resolved (not the flags), so a variant measured
+    with ``--finetune`` and the same recipe made the default later are the same settings.
+    """
     return {"model": "resnet18", "data": "fashion-mnist", "epochs": args.epochs,
             "baseline_epochs": args.baseline_epochs, "batch_size": args.batch_size, "limit": args.limit,
-            "eval_limit": args.eval_limit, "subset_seed": 0}
+            "eval_limit": args.eval_limit, "subset_seed": 0, "finetune": finetune_recipe(args)}
+
+
+def baseline_settings(settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """What determines a baseline (and D): the settings less the fine-tuning recipe, so every recipe
+    variant starts from the same cached baseline."""
+    return {k: v for k, v in settings.items() if k != "finetune"}
 
 
 def check_settings(doc: Mapping[str, Any], settings: Mapping[str, Any], path: Path) -> None:
@@ -206,6 +280,21 @@ def _duration(seconds: Optional[float]) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
+def _recipe_text(recipe: Optional[Mapping[str, Any]]) -> str:
+    """The fine-tuning recipe in words (``lr 0.1, no warm-up``; older JSONs recorded none)."""
+    if not recipe:
+        return "lr 0.1, no warm-up"
+    warmup = float(recipe.get("warmup_epochs") or 0.0)
+    parts = [f"lr {recipe.get('lr'):g}", f"warm-up {warmup:g} epochs" if warmup else "no warm-up",
+             f"label smoothing {recipe.get('label_smoothing'):g}", f"{recipe.get('importance')} criterion"]
+    if recipe.get("distill"):
+        parts.append(f"distillation from the baseline (alpha {recipe.get('distill_alpha'):g}, "
+                     f"T {recipe.get('temperature'):g})")
+    else:
+        parts.append("no distillation")
+    return ", ".join(parts)
+
+
 def render_markdown(doc: Mapping[str, Any]) -> str:
     """ACCURACY.md from the JSON: setup, one table per ratio, the targets, the conclusion."""
     results: Mapping[str, Mapping[str, Any]] = doc.get("results", {})
@@ -225,6 +314,15 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         "`evaluate_accuracy`), resnet18 with the small-image stem exactly as `fxprune run` builds it:", ""]
     for arm in ARMS:
         lines.append(f"- **{arm}** {ARM_TITLES[arm]}")
+    if settings and (settings.get("limit") or settings.get("epochs") != JOB_EPOCHS
+                     or settings.get("baseline_epochs") != JOB_BASELINE_EPOCHS):
+        # A shorter schedule or a subset answers a different question than the default job's:
+        # say so before any number is read.
+        lines += ["", f"**A short regime, not the default job's schedule**: {settings.get('baseline_epochs')} + "
+                  f"{settings.get('epochs')} epochs on "
+                  + (f"{settings.get('limit')} training images" if settings.get("limit") else "all training images")
+                  + f" (the job: {JOB_BASELINE_EPOCHS} + {JOB_EPOCHS} epochs on all of them; that run is "
+                  "ACCURACY_FULL.md)."]
     lines += ["", "Top-1 is on the full held-out test split" if not settings.get("eval_limit")
               else f"Top-1 is on {settings.get('eval_limit')} held-out test images (a smoke run)",
               "", "## Setup", ""]
@@ -248,9 +346,11 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
            else f"all {data.get('train_samples_full', '?')} training images")
         + f"; {data.get('test_samples', '?')} held-out images for top-1",
         f"- Recipe: baseline {settings.get('baseline_epochs')} epochs (SGD lr 0.1, warm-up, cosine, label "
-        f"smoothing 0.1, batch {settings.get('batch_size', 256)}), fine-tune k = {settings.get('epochs')} epochs (lr 0.1, no warm-up); "
+        f"smoothing 0.1, batch {settings.get('batch_size', 256)}), fine-tune k = {settings.get('epochs')} epochs "
+        f"({_recipe_text(settings.get('finetune'))}) for A, B, C, E and F; "
         f"D trains {(settings.get('baseline_epochs') or 0) + (settings.get('epochs') or 0)} epochs with the "
-        f"baseline recipe; F distils with the workflow's defaults (alpha 0.5, T 4)",
+        f"baseline recipe; F distils from the baseline"
+        + (" (as every arm does under this recipe)" if (settings.get("finetune") or {}).get("distill") else ""),
         f"- Wall time: {_duration(wall)} in all ({len(sessions)} session(s))",
     ]
     if meta.get("sizing"):
@@ -292,6 +392,9 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     for row in goals(results):
         if row["goal"].endswith("vs A"):
             lines.append(f"| {ARM_TITLES[row['arm']]} ({row['arm']}) | {_fmt_diff(row['diff'])} |")
+    recipes = doc.get("recipes")
+    if recipes:
+        lines += ["", "## Recipes tried on seed 0", "", recipes.strip()]
     conclusion = doc.get("conclusion")
     lines += ["", "## Conclusion", "",
               conclusion.strip() if conclusion else "_Not written yet: the run is incomplete._", ""]
@@ -354,13 +457,31 @@ class Bench:
         self.base_config = RunConfig(epochs=args.epochs, baseline_epochs=args.baseline_epochs, quiet=True,
                                      batch_size=args.batch_size,
                                      compile=False, control=False)
+        changes = parse_finetune(args.finetune or [])
+        #: RunConfig changes of the fine-tuning recipe (A, B, C, E, F; the baseline and D keep the job's)
+        self.run_changes = {k: v for k, v in changes.items() if k in FINETUNE_RUN_KEYS}
+        #: TrainConfig fields replaced in the fine-tuning recipe
+        self.train_changes = {k: v for k, v in changes.items() if k in FINETUNE_TRAIN_KEYS}
         self.baselines: Dict[int, Any] = {}
         self.results: Dict[str, Any] = {}  # the JSON's results, for arms that reuse another's
         self.torch = torch
 
     # -- helpers -------------------------------------------------------------------------------
     def config(self, seed: int, ratio: Optional[float] = None, **changes: Any) -> Any:
+        """The job's config for the baseline and D (the job's defaults, whatever ``--finetune`` says)."""
         return self.base_config.replace(seed=seed, ratio=ratio, **changes)
+
+    def finetune_config(self, seed: int, ratio: Optional[float] = None) -> Any:
+        """The job's config with the ``--finetune`` recipe: what A, B, C, E and F prune and train with."""
+        return self.base_config.replace(seed=seed, ratio=ratio, **self.run_changes)
+
+    def finetune_train(self, config: Any) -> Any:
+        """The fine-tuning TrainConfig of ``config`` with the ``--finetune`` TrainConfig fields."""
+        import dataclasses
+
+        from fxprune.workflow.run import train_config
+
+        return dataclasses.replace(train_config(config, baseline=False), **self.train_changes)
 
     def evaluate(self, model: Any) -> Any:
         from fxprune.workflow.evaluate import evaluate_accuracy
@@ -407,7 +528,7 @@ class Bench:
         torch.manual_seed(seed)  # the job's fixed initialisation (run._fresh_model)
         model = build_model(config.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
                             image_size=self.data.image_size, adapt_small_images=config.adapt)
-        meta = {"settings": settings_of(self.args), "seed": seed, "identity": self.data.identity}
+        meta = {"settings": baseline_settings(settings_of(self.args)), "seed": seed, "identity": self.data.identity}
         cache = Path(self.args.work) / f"baseline_seed{seed}.pt"
         info: Dict[str, Any] = {}
         saved = torch.load(cache, weights_only=True) if cache.is_file() else None
@@ -451,12 +572,16 @@ class Bench:
             entry.update(train_s=base_info.get("train_s"), epochs=self.args.baseline_epochs,
                          baseline_source=base_info.get("source"), history=base_info.get("history"))
         elif arm == "E":
+            # The control trains exactly as the pruned model does, distillation included (as the
+            # job's own control: the baseline is the teacher of both).
+            config = self.finetune_config(seed)
             model = copy.deepcopy(baseline)
-            result = self.train(model, train_config(self.config(seed), baseline=False))
+            teacher = copy.deepcopy(baseline).eval() if config.distill else None
+            result = self.train(model, self.finetune_train(config), teacher=teacher)
             entry.update(train_s=result.seconds, epochs=self.args.epochs, history=result.history)
         else:
             assert ratio is not None
-            config = self.config(seed, ratio)
+            config = self.finetune_config(seed, ratio)
             base_macs = self.cost(baseline)["macs"]
             reference = self.fxprune_default(baseline, config)  # A's architecture and MACs
             macs_a = self.cost(reference)["macs"]
@@ -490,15 +615,16 @@ class Bench:
                                    f"A's deterministic run; A's result is reported for B")
                 return reused
             if arm == "D":
-                cfg = train_config(config.replace(baseline_epochs=self.args.baseline_epochs + self.args.epochs),
-                                   baseline=True)
+                # The job's baseline recipe (not the fine-tune variant) for baseline + k epochs.
+                cfg = train_config(self.config(seed, ratio, baseline_epochs=self.args.baseline_epochs
+                                               + self.args.epochs), baseline=True)
                 result = self.train(model, cfg)
                 entry.update(epochs=cfg.epochs)
             else:
                 self.recalibrate(model, config)
                 entry["top1_before_finetune"] = self.evaluate(model).top1
-                teacher = copy.deepcopy(baseline).eval() if arm == "F" else None
-                result = self.train(model, train_config(config, baseline=False), teacher=teacher)
+                teacher = copy.deepcopy(baseline).eval() if arm == "F" or config.distill else None
+                result = self.train(model, self.finetune_train(config), teacher=teacher)
                 entry.update(epochs=self.args.epochs)
             entry.update(train_s=result.seconds, history=result.history)
         accuracy = self.evaluate(model)
@@ -540,7 +666,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.8])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
+                   help="arms to run (none: only the seeds' baselines, e.g. to cache them ahead)")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs k (the job's default is 5)")
     p.add_argument("--baseline-epochs", type=int, default=2, help="baseline epochs (the job's default is 3)")
     p.add_argument("--limit", type=int, default=12000,
@@ -557,8 +684,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="a markdown paragraph on how the run was sized, stored in the JSON")
     p.add_argument("--conclusion", type=Path, default=None,
                    help="a markdown file with the conclusion, stored in the JSON and rendered")
+    p.add_argument("--recipes", type=Path, default=None,
+                   help="a markdown file on the fine-tuning recipes tried on seed 0 (every variant, losers "
+                        "included), stored in the JSON and rendered before the conclusion")
     p.add_argument("--no-reuse-identical", dest="reuse_identical", action="store_false",
                    help="train B even when Torch-Pruning kept exactly A's channels")
+    p.add_argument("--finetune", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="a fine-tuning recipe variant for A, B, C, E and F (the baseline and D keep the job's "
+                        "recipe): RunConfig fields " + ", ".join(FINETUNE_RUN_KEYS) + " or TrainConfig fields "
+                        + ", ".join(FINETUNE_TRAIN_KEYS) + ", e.g. --finetune lr=0.02 warmup_epochs=0.5 "
+                        "distill=1; the resolved recipe is recorded in the JSON's settings, so results of "
+                        "different recipes never mix")
     p.add_argument("--render-only", action="store_true", help="only render --table from --out")
     args = p.parse_args(argv)
     if args.limit == 0:
@@ -587,11 +723,11 @@ def _write(doc: Mapping[str, Any], args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     doc = _read(args.out)
-    for key, path in (("conclusion", args.conclusion), ("sizing", args.sizing)):
+    for key, path in (("conclusion", args.conclusion), ("sizing", args.sizing), ("recipes", args.recipes)):
         if path is not None:
             text = path.read_text(encoding="utf-8")
-            if key == "conclusion":
-                doc["conclusion"] = text
+            if key in ("conclusion", "recipes"):
+                doc[key] = text
             else:
                 doc.setdefault("meta", {})["sizing"] = text
     if args.render_only:

@@ -108,7 +108,30 @@ def test_results_of_other_settings_are_never_mixed(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="other settings"):
         bench.check_settings({"settings": SETTINGS}, dict(SETTINGS, epochs=5), tmp_path / "a.json")
     args = argparse.Namespace(epochs=3, baseline_epochs=2, batch_size=256, limit=30000, eval_limit=None)
-    assert bench.settings_of(args) == SETTINGS
+    settings = bench.settings_of(args)
+    assert bench.baseline_settings(settings) == SETTINGS
+    # The fine-tuning recipe is recorded as it resolved: the job's defaults without --finetune.
+    assert settings["finetune"]["distill"] is False and settings["finetune"]["importance"] == "l1"
+
+
+def test_finetune_variants_are_recorded_and_never_mix_with_the_default(tmp_path: Path) -> None:
+    base = argparse.Namespace(epochs=3, baseline_epochs=2, batch_size=256, limit=30000, eval_limit=None)
+    variant = argparse.Namespace(**vars(base), finetune=["lr=0.02", "warmup_epochs=0.5", "distill=1"])
+    default, changed = bench.settings_of(base), bench.settings_of(variant)
+    assert changed["finetune"]["lr"] == 0.02 and changed["finetune"]["warmup_epochs"] == 0.5
+    assert changed["finetune"]["distill"] is True
+    # Every variant starts from the same cached baseline, but their results never share a JSON.
+    assert bench.baseline_settings(changed) == bench.baseline_settings(default)
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.check_settings({"settings": default}, changed, tmp_path / "a.json")
+    # Flags and a default that resolve to the same recipe are the same settings.
+    same = argparse.Namespace(**vars(base), finetune=[f"lr={default['finetune']['lr']}"])
+    assert bench.settings_of(same) == default
+    for bad in (["augment=1"], ["lr"], ["distill=maybe"]):  # the baseline's options are not variants
+        with pytest.raises(SystemExit, match="--finetune"):
+            bench.parse_finetune(bad)
+    assert "lr 0.02, warm-up 0.5 epochs" in bench.render_markdown({"settings": changed})
+    assert "distillation from the baseline (alpha 0.5, T 4)" in bench.render_markdown({"settings": changed})
 
 
 def test_render_only_writes_the_table_atomically(tmp_path: Path) -> None:
@@ -117,6 +140,14 @@ def test_render_only_writes_the_table_atomically(tmp_path: Path) -> None:
     assert bench.main(["--render-only", "--out", str(out), "--table", str(table)]) == 0
     assert table.read_text(encoding="utf-8").startswith("# Accuracy")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ACC.md", "acc.json"]  # no temporary left
+    # The recipes tried are stored in the JSON and rendered before the conclusion.
+    recipes = tmp_path / "recipes.md"
+    recipes.write_text("| recipe | top-1 |\n|---|---|\n| lr 0.05 | 91.0 |\n", encoding="utf-8")
+    assert bench.main(["--render-only", "--out", str(out), "--table", str(table), "--recipes", str(recipes)]) == 0
+    text = table.read_text(encoding="utf-8")
+    assert "## Recipes tried on seed 0" in text and "| lr 0.05 | 91.0 |" in text
+    assert text.index("Recipes tried") < text.index("## Conclusion")
+    assert "lr 0.05" in json.loads(out.read_text(encoding="utf-8"))["recipes"]
 
 
 def test_reinitialise_gives_fresh_weights_of_the_pruned_shapes() -> None:

@@ -802,9 +802,11 @@ def run_isolated(names: Sequence[str], timeout: float, ratio: float = RATIO, tp_
 
 def _ratio(r: Mapping[str, Any]) -> Optional[float]:
     """fxprune's parameters after over Torch-Pruning's, where both returned a model and TP's runs
-    (also where fxprune found nothing to prune: that is its worst case, not a missing row)."""
+    (also where fxprune found nothing to prune: that is its worst case, not a missing row).
+    TP's model must have run: where its forward raised, ``tp_runs`` was never set, and a broken
+    model's parameter count says nothing."""
     fx, tpa = r.get("params_after"), r.get("tp_params_after")
-    if not fx or not tpa or r.get("tp_runs") is False or r.get("shape_ok") is False:
+    if not fx or not tpa or r.get("tp_runs") is not True or r.get("shape_ok") is False:
         return None
     return fx / tpa
 

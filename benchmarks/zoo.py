@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 __all__ = [
     "Entry", "TIMM_MODELS", "SMP_ARCHS", "SMP_ENCODERS", "TV_SEGMENTATION", "TV_VIDEO", "TV_DETECTION", "HF_MODELS",
+    "TV_CLASSIFIERS", "TIMM_TRANSFORMERS", "TIMM_KWARGS", "HF_CONFIGS",
     "YOLO_FAMILIES", "YOLO_TASKS", "yolo_task", "yolo_entries", "entries", "select", "build", "output_layers",
     "short_kind", "reason_kind",
     "fxprune_record", "tp_record", "run_isolated", "summarize", "render", "main",
@@ -165,7 +166,43 @@ TV_VIDEO: Tuple[str, ...] = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v1_
 TV_DETECTION: Tuple[str, ...] = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
                                  "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
                                  "ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
-HF_MODELS: Tuple[str, ...] = ("ResNet", "RegNet", "MobileNetV1", "MobileNetV2", "EfficientNet", "ConvNext")
+HF_MODELS: Tuple[str, ...] = ("ResNet", "RegNet", "MobileNetV1", "MobileNetV2", "EfficientNet", "ConvNext", "ViT", "Swin")
+
+# Transformer-era widths (LayerNorm-coupled residual widths, attention heads): the acceptance
+# models of the transformer issue that the lists above lack. torchvision classifiers by name, with
+# the builder's keyword arguments that give them a cheap input (``image_size`` resizes ViT's
+# position embedding; the other builders have no fixed size and run at the side given).
+TV_CLASSIFIERS: Dict[str, Tuple[Dict[str, Any], int]] = {
+    "vit_b_16": ({"image_size": 64}, 64),
+    "vit_b_32": ({"image_size": 64}, 64),
+    "swin_t": ({}, 64),
+    "swin_v2_t": ({}, 64),
+    "convnext_tiny": ({}, 64),
+    "maxvit_t": ({}, 224),  # its grid/window partitions of 7 need 224 px
+}
+# timm transformer rows by family (in the table as ``timm <family>``), with ``create_model``
+# keyword arguments where a smaller input than the fixed 224 px works (``img_size``).
+TIMM_TRANSFORMERS: Dict[str, str] = {
+    "vit": "vit_tiny_patch16_224",
+    "deit": "deit_tiny_patch16_224",
+    "swin": "swin_tiny_patch4_window7_224",
+    "convnext (pico)": "convnext_pico",
+    "mobilevit": "mobilevit_xxs",
+    "levit": "levit_128",
+    "poolformer (v1)": "poolformer_s12",
+}
+TIMM_KWARGS: Dict[str, Dict[str, Any]] = {
+    "vit_tiny_patch16_224": {"img_size": 64},
+    "deit_tiny_patch16_224": {"img_size": 64},
+}
+# Hugging Face transformers built from small configs (the default configs are ViT-Base/Swin-Tiny at
+# 224 px); the CNN configs keep their defaults.
+HF_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "ViT": {"image_size": 64, "patch_size": 8, "hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3,
+            "intermediate_size": 768},
+    "Swin": {"image_size": 64, "patch_size": 4, "embed_dim": 48, "depths": [2, 2, 2], "num_heads": [3, 6, 12],
+             "window_size": 4},
+}
 
 
 def _yolo_dir() -> Optional[Path]:
@@ -225,6 +262,8 @@ def entries() -> List[Entry]:
     out += [Entry(f"tv-seg:{m}", "torchvision", "torchvision segmentation") for m in TV_SEGMENTATION]
     out += [Entry(f"tv-video:{m}", "torchvision", "torchvision video") for m in TV_VIDEO]
     out += [Entry(f"tv-det:{m}", "torchvision", "torchvision detection backbone") for m in TV_DETECTION]
+    out += [Entry(f"tv-cls:{m}", "torchvision", "torchvision classifier (transformer-era)") for m in TV_CLASSIFIERS]
+    out += [Entry(f"timm:{model}", "timm", f"timm {fam}") for fam, model in TIMM_TRANSFORMERS.items()]
     out += [Entry(f"hf:{m}", "hf", "Hugging Face") for m in HF_MODELS]
     return out
 
@@ -271,10 +310,13 @@ def _build_yolo(spec: str) -> Tuple[Any, Any, str]:
 
 def _build_timm(spec: str) -> Tuple[Any, Any, str]:
     import timm
-    model = timm.create_model(spec, pretrained=False)
+    kwargs = TIMM_KWARGS.get(spec, {})
+    model = timm.create_model(spec, pretrained=False, **kwargs)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     side = SIDE
-    if cfg.get("fixed_input_size"):
+    if "img_size" in kwargs:
+        side = int(kwargs["img_size"])
+    elif cfg.get("fixed_input_size"):
         side = int(cfg["input_size"][-1])  # position embeddings or attention biases of one size
     elif cfg.get("min_input_size"):
         side = max(side, int(cfg["min_input_size"][-1]))
@@ -292,6 +334,10 @@ def _build_smp(spec: str) -> Tuple[Any, Any, str]:
 
 def _build_torchvision(kind: str, spec: str) -> Tuple[Any, Any, str]:
     import torchvision
+    if kind == "tv-cls":
+        kwargs, side = TV_CLASSIFIERS[spec]
+        note = f"{side}px" + (", " + ", ".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "")
+        return torchvision.models.get_model(spec, weights=None, **kwargs), _image(side), note
     if kind == "tv-seg":
         return torchvision.models.get_model(spec, weights=None, weights_backbone=None), _image(SIDE), f"{SIDE}px"
     if kind == "tv-video":
@@ -308,9 +354,10 @@ def _build_torchvision(kind: str, spec: str) -> Tuple[Any, Any, str]:
 
 def _build_hf(spec: str) -> Tuple[Any, Any, str]:
     import transformers
-    config = getattr(transformers, f"{spec}Config")()
+    small = HF_CONFIGS.get(spec, {})
+    config = getattr(transformers, f"{spec}Config")(**small)
     model = getattr(transformers, f"{spec}ForImageClassification")(config)
-    return model, _image(SIDE), f"{SIDE}px"
+    return model, _image(SIDE), f"{SIDE}px" + (", small config" if small else "")
 
 
 def build(name: str, seed: int = SEED) -> Tuple[Any, Any, str]:
@@ -325,7 +372,7 @@ def build(name: str, seed: int = SEED) -> Tuple[Any, Any, str]:
         model, x, note = _build_timm(spec)
     elif kind == "smp":
         model, x, note = _build_smp(spec)
-    elif kind in ("tv-seg", "tv-video", "tv-det"):
+    elif kind in ("tv-cls", "tv-seg", "tv-video", "tv-det"):
         model, x, note = _build_torchvision(kind, spec)
     elif kind == "hf":
         model, x, note = _build_hf(spec)
@@ -495,6 +542,12 @@ def fxprune_record(name: str, ratio: float = RATIO) -> Dict[str, Any]:
             pruned = fxprune.prune(gm, ratio, example_inputs=(x,))
         plan = pruned.meta["fxprune_plan"]
         rec.update(params_after=count_params(pruned), pruned_groups=len(plan.pruned_groups))
+        # The proof contract of each pruned group: assert_equivalent (below) proves the exact ones
+        # against the masked reference and these against the masked-norm reference, from the plan.
+        renorm = plan.renormalising_groups
+        rec["renormalising"] = len(renorm)
+        if renorm:
+            rec["renormalising_channels"] = sum(g.size - len(g.keep) for g in renorm)
         with torch.no_grad():
             out = pruned.eval()(x)
         rec["shape_ok"] = _shapes(out) == _shapes(reference_out)
@@ -749,9 +802,11 @@ def run_isolated(names: Sequence[str], timeout: float, ratio: float = RATIO, tp_
 
 def _ratio(r: Mapping[str, Any]) -> Optional[float]:
     """fxprune's parameters after over Torch-Pruning's, where both returned a model and TP's runs
-    (also where fxprune found nothing to prune: that is its worst case, not a missing row)."""
+    (also where fxprune found nothing to prune: that is its worst case, not a missing row).
+    TP's model must have run: where its forward raised, ``tp_runs`` was never set, and a broken
+    model's parameter count says nothing."""
     fx, tpa = r.get("params_after"), r.get("tp_params_after")
-    if not fx or not tpa or r.get("tp_runs") is False or r.get("shape_ok") is False:
+    if not fx or not tpa or r.get("tp_runs") is not True or r.get("shape_ok") is False:
         return None
     return fx / tpa
 
@@ -779,6 +834,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         "compared": len(ratios),
         "within_1_1": sum(1 for q in ratios if q <= 1.1),
         "median_ratio": statistics.median(ratios) if ratios else None,
+        "renormalising": sum(1 for r in rows if r.get("pruned") and r.get("proven") and r.get("renormalising")),
         "yolo_pruned": len(yolo),
         "yolo_40": sum(1 for r in yolo if r["params_after"] <= 0.4 * r["params_before"]),
         "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
@@ -791,6 +847,15 @@ def _m(n: Optional[int], digits: int = 2) -> str:
 
 def _yes(ok: Optional[bool]) -> str:
     return {True: "yes", False: "**no**", None: "-"}[ok]
+
+
+def _groups(r: Mapping[str, Any]) -> str:
+    """``12`` (all exact), ``12 (1 renormalising)``, ``-`` (nothing pruned)."""
+    n = r.get("pruned_groups")
+    if n is None:
+        return "-"
+    k = r.get("renormalising")
+    return f"{n}" + (f" (**{k} renormalising**)" if k else "")
 
 
 def _cell(text: str) -> str:
@@ -823,7 +888,9 @@ def render(results: Mapping[str, Mapping[str, Any]], zoo: Sequence[Entry], meta:
         "with `torch.export` (lifted back to layers by `fxprune.export.from_exported`), prunes at ratio "
         f"{meta.get('ratio', RATIO)} (`fxprune.prune(gm, {meta.get('ratio', RATIO)}, example_inputs=(x,))`) and proves "
         "the result equivalent to the masked reference (the original with every removed channel zeroed) in "
-        "float64 with `fxprune.testing.assert_equivalent`. Torch-Pruning runs on a fresh copy of the same model "
+        "float64 with `fxprune.testing.assert_equivalent`, which reads each group's proof contract from the plan: "
+        "groups a LayerNorm/RMSNorm normalises over (*renormalising*) are proven against the masked-norm reference "
+        "instead (each such norm computes its statistics over the kept channels only). Torch-Pruning runs on a fresh copy of the same model "
         "(`MagnitudePruner`, `GroupMagnitudeImportance(p=1)`, `pruning_ratio=0.5`), with the layers that produce "
         "the model's outputs ignored as its own examples do (the classifier, segmentation head, FPN output convs; "
         "for YOLO the whole last head module); it checks nothing, so the table says whether its pruned model "
@@ -839,6 +906,8 @@ def render(results: Mapping[str, Mapping[str, Any]], zoo: Sequence[Entry], meta:
         f"- traced: {s['fx']} with torch.fx, {s['export']} through `torch.export`.",
         f"- **pruned {s['pruned']}**, **proven equivalent in float64 {s['proven']}**, **failed {s['failed']}**: "
         f"{s['errors']} with an error or out of time, {s['unpruned']} proven but with nothing pruned (every group frozen).",
+        f"- {s['renormalising']} of the proven models prune renormalising groups (LayerNorm/RMSNorm widths), proven "
+        "against the masked-norm reference; every other pruned group is exact.",
         f"- Torch-Pruning returned a model for {s['tp_ran']} ({s['tp_runs']} of them still run with the same output shapes).",
         f"- fxprune's parameters after pruning are at most 1.1x Torch-Pruning's on **{s['within_1_1']} of "
         f"{s['compared']}** models where both returned a working model; median fxprune/TP ratio **{median}** "
@@ -860,12 +929,15 @@ def render(results: Mapping[str, Mapping[str, Any]], zoo: Sequence[Entry], meta:
         "",
         "## Models",
         "",
-        "Params and MACs in millions; MACs for the input shown. *Frozen groups*: groups fxprune leaves whole, with "
+        "Params and MACs in millions; MACs for the input shown. *Pruned groups*: how many groups lost channels; "
+        "**renormalising** ones are LayerNorm/RMSNorm widths, proven against the masked-norm reference (the masked "
+        "original with each affected norm computing its statistics over the kept channels), the rest exact (proven "
+        "against the masked reference). *Frozen groups*: groups fxprune leaves whole, with "
         "the most frequent reasons. *fxprune/TP*: fxprune's parameters after over Torch-Pruning's.",
         "",
-        "| model | family | input | traced how | pruned | proven (float64) | params before → after | MACs before → after | "
-        "frozen groups (count: top reasons) | TP params after | fxprune/TP | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | family | input | traced how | pruned | proven (float64) | pruned groups (renormalising) | "
+        "params before → after | MACs before → after | frozen groups (count: top reasons) | TP params after | fxprune/TP | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     refused: List[Dict[str, Any]] = []
     for r in rows:
@@ -889,7 +961,7 @@ def render(results: Mapping[str, Mapping[str, Any]], zoo: Sequence[Entry], meta:
         traced = r.get("traced") or "**no**"
         lines.append(
             f"| {r['model']} | {r['family']} | {r.get('input', '-')} | {traced} | {_yes(r.get('pruned'))} | "
-            f"{_yes(r.get('proven'))} | {_m(r.get('params_before'))} → {_m(r.get('params_after'))} | "
+            f"{_yes(r.get('proven'))} | {_groups(r)} | {_m(r.get('params_before'))} → {_m(r.get('params_after'))} | "
             f"{_m(r.get('macs_before'), 1)} → {_m(r.get('macs_after'), 1)} | {_cell(fz)} | {_cell(tpa)} | "
             f"{'-' if q is None else f'{q:.2f}'} | {r.get('seconds', r.get('wall_seconds', '-'))} |")
     if refused:

@@ -166,6 +166,8 @@ _FUNCTIONS: Dict[Any, Tuple[str, Any]] = {
     aten.sqrt.default: ("call_function", torch.sqrt),
     aten.rsqrt.default: ("call_function", torch.rsqrt),
     aten.dropout.default: ("call_function", F.dropout),
+    # nn.Dropout2d/3d: (input, p, train), F.dropout2d's (input, p, training) order.
+    aten.feature_dropout.default: ("call_function", F.dropout2d),
     aten.mul.Tensor: ("call_function", torch.mul),
     aten.div.Tensor: ("call_function", torch.div),
     aten.add_.Tensor: ("call_method", "add_"),
@@ -383,6 +385,7 @@ _INPLACE_KW: Dict[Any, Callable[..., Any]] = {
     aten.silu_.default: F.silu,
     aten.leaky_relu_.default: F.leaky_relu,
     aten.dropout_.default: F.dropout,
+    aten.feature_dropout_.default: F.dropout2d,
 }
 
 _CONVS = {

@@ -189,3 +189,32 @@ def test_tuple_ops_read_at_element_zero_lift_to_their_tensor_form() -> None:
     assert torch.max_pool2d in targets and F.adaptive_max_pool2d in targets
     assert not any("aten." in str(t) for t in targets), targets
     torch.testing.assert_close(lifted(x), PoolIndices()(x))
+
+
+class ChannelDropout(nn.Module):
+    """nn.Dropout2d, in place and not (smp's FPN head): exported as ``aten.feature_dropout(_)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.drop_ = nn.Dropout2d(0.2, inplace=True)
+        self.drop = nn.Dropout2d(0.2)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.drop(self.drop_(torch.relu(self.a(x)))))
+
+
+def test_exported_channel_dropout_passes_channels_through() -> None:
+    model = ChannelDropout().eval()
+    x = torch.randn(2, 3, 16, 16)
+    program = torch.export.export(model, (x,), strict=False)
+    raw = {str(n.target) for n in program.graph_module.graph.nodes if n.op == "call_function"}
+    lifted = from_exported(program)
+    left = sorted({str(n.target) for n in lifted.graph.nodes if n.op == "call_function" and "aten." in str(n.target)})
+    assert left == [], (raw, left)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxPruneWarning)  # no rule missing: nothing frozen with a warning
+        pruned = fxprune.prune(program, 0.5, example_inputs=(x,))
+    assert pruned.get_submodule("a").out_channels == 4
+    assert_equivalent(program, pruned, pruned.meta["fxprune_plan"], [x], example_inputs=(x,))

@@ -31,7 +31,12 @@ FAKE: Dict[str, Dict[str, Any]] = {
     "timm:resnet10t": {"model": "timm:resnet10t", "input": "64px", "traced": "fx", "pruned": True, "proven": True,
                        "params_before": 5_435_488, "params_after": 1_489_252, "macs_before": 90_042_368,
                        "macs_after": 22_804_480, "groups": 11, "frozen_groups": 1, "frozen": {"model output": 1},
-                       "tp_params_after": 1_489_252, "tp_runs": True, "seconds": 1.5},
+                       "tp_params_after": 1_489_252, "tp_runs": True, "seconds": 1.5, "pruned_groups": 10,
+                       "renormalising": 0},
+    "hf:ConvNext": {"model": "hf:ConvNext", "input": "64px", "traced": "torch.export", "pruned": True, "proven": True,
+                    "params_before": 27_820_000, "params_after": 7_000_000, "tp_params_after": 7_100_000, "tp_runs": True,
+                    "groups": 20, "frozen_groups": 1, "frozen": {"model output": 1}, "pruned_groups": 19,
+                    "renormalising": 4},
     "yolo:yolov8n": {"model": "yolo:yolov8n", "input": "64px", "traced": "torch.export", "pruned": True, "proven": True,
                      "params_before": 3_157_200, "params_after": 1_159_128, "macs_before": 43_719_936,
                      "macs_after": 19_387_392, "groups": 77, "frozen_groups": 39,
@@ -55,21 +60,25 @@ def test_render_on_a_fake_json() -> None:
     md = zoo.render(FAKE, entries, {"command": "python benchmarks/zoo.py --jobs 2", "date": "2026-01-01 00:00 UTC",
                                     "machine": "test box", "load_start": "1.0", "load_end": "2.0", "timeout": 150})
     s = zoo.summarize(list(FAKE.values()))
-    assert (s["models"], s["built"], s["pruned"], s["proven"]) == (6, 5, 3, 3)
+    assert (s["models"], s["built"], s["pruned"], s["proven"]) == (7, 6, 4, 4)
     assert (s["failed"], s["errors"], s["unpruned"]) == (2, 1, 1)
-    # Ratios only where Torch-Pruning returned a model that runs: resnet10t (1.0), MobileNetV2 (3.48).
-    assert s["compared"] == 2 and s["within_1_1"] == 1
-    assert s["median_ratio"] == pytest.approx((1.0 + 2_020_000 / 580_000) / 2)
+    # Ratios only where Torch-Pruning returned a model that runs: resnet10t (1.0), ConvNext (0.99), MobileNetV2 (3.48).
+    assert s["compared"] == 3 and s["within_1_1"] == 2
+    assert s["median_ratio"] == pytest.approx(1.0)
+    assert s["renormalising"] == 1
     assert (s["yolo_pruned"], s["yolo_40"]) == (1, 1)
     assert "`python benchmarks/zoo.py --jobs 2`" in md and "test box" in md and "2026-01-01" in md
-    assert "**pruned 3**, **proven equivalent in float64 3**, **failed 2**" in md
-    assert "at most 1.1x Torch-Pruning's on **1 of 2**" in md
+    assert "**pruned 4**, **proven equivalent in float64 4**, **failed 2**" in md
+    assert "at most 1.1x Torch-Pruning's on **2 of 3**" in md
+    assert "1 of the proven models prune renormalising groups" in md
     header = next(line for line in md.splitlines() if line.startswith("| model |"))
     for column in ("model", "family", "traced how", "pruned", "proven (float64)", "params before → after",
-                   "MACs before → after", "frozen groups", "TP params after", "fxprune/TP"):
+                   "MACs before → after", "frozen groups", "TP params after", "fxprune/TP", "pruned groups (renormalising)"):
         assert column in header
     rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and ":" in line.split(" | ")[0]}
     assert "| 5.44 → 1.49 | 90.0 → 22.8 |" in rows["timm:resnet10t"] and "| 1.00 |" in rows["timm:resnet10t"]
+    assert "| yes | yes | 10 | 5.44" in rows["timm:resnet10t"]  # exact groups only: no mark
+    assert "| yes | yes | 19 (**4 renormalising**) |" in rows["hf:ConvNext"]
     assert "out of bounds \\| for dimension" in rows["yolo:yolov8n"]  # a '|' in an error cannot break the table
     assert "39 of 77: concat with an untracked tensor (19), no rule for aten.pad (12), model output (6)" in rows["yolo:yolov8n"]
     assert "(**does not run**)" in rows["tv-video:r3d_18"] and rows["tv-video:r3d_18"].count("**no**") == 1
@@ -110,9 +119,17 @@ def test_the_model_list_by_name() -> None:
     assert not any(part in e.name for e in yolo for part in ("obb", "world", "yoloe", "rtdetr"))
     assert not any(re.match(r"yolo:yolov10[slmxb]", e.name) for e in yolo)
     assert sum(e.source == "smp" for e in entries) == len(zoo.SMP_ARCHS) * len(zoo.SMP_ENCODERS)
-    assert {f"hf:{m}" for m in ("ResNet", "RegNet", "MobileNetV1", "MobileNetV2", "EfficientNet", "ConvNext")} <= set(names)
+    assert {f"hf:{m}" for m in ("ResNet", "RegNet", "MobileNetV1", "MobileNetV2", "EfficientNet", "ConvNext", "ViT",
+                                 "Swin")} <= set(names)
     assert {e.family for e in entries if e.source == "torchvision"} == {
-        "torchvision segmentation", "torchvision video", "torchvision detection backbone"}
+        "torchvision segmentation", "torchvision video", "torchvision detection backbone",
+        "torchvision classifier (transformer-era)"}
+    # The transformer issue's acceptance models are rows.
+    for name in ("tv-cls:vit_b_16", "tv-cls:vit_b_32", "tv-cls:swin_t", "tv-cls:swin_v2_t", "tv-cls:convnext_tiny",
+                 "tv-cls:maxvit_t", "timm:vit_tiny_patch16_224", "timm:deit_tiny_patch16_224",
+                 "timm:swin_tiny_patch4_window7_224", "timm:convnext_pico", "timm:efficientformer_l1", "timm:fastvit_t8",
+                 "timm:mobilevit_xxs", "timm:levit_128", "timm:poolformer_s12"):
+        assert name in names, name
 
 
 def test_select_by_family_and_pattern() -> None:

@@ -544,10 +544,17 @@ class Bench:
         self.baselines[seed] = (model, info)
         return self.baselines[seed]
 
+    def calibration(self, config: Any) -> Any:
+        """Training batches for the data-driven criteria (taylor, apoz), made as ``fxprune run`` makes them."""
+        from fxprune.workflow.data import make_loader
+
+        return make_loader(self.train_set, config.batch_size, train=True, seed=config.seed, num_workers=0)
+
     def fxprune_default(self, baseline: Any, config: Any) -> Any:
         from fxprune.workflow.run import prune_model
 
-        return prune_model(baseline, config, self.example)
+        # The weight-based criteria ignore the batches; taylor/apoz score on them as the job does.
+        return prune_model(baseline, config, self.example, calibration=self.calibration(config))
 
     def torch_pruning(self, baseline: Any, ratio: float) -> Any:
         import torch_pruning as tp
@@ -595,7 +602,9 @@ class Bench:
                 import fxprune
 
                 model = fxprune.prune(baseline, target_macs=macs_a / base_macs, global_ranking=True,
-                                      importance=config.importance, example_inputs=(self.example,), seed=seed)
+                                      importance=config.importance, example_inputs=(self.example,), seed=seed,
+                                      calibration=self.calibration(config),
+                                      calibration_batches=config.calibration_batches)
             elif arm == "D":
                 model = reinitialise(reference, seed)
             else:

@@ -1016,6 +1016,9 @@ def _reduce(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
 # --------------------------------------------------------------------------- flatten / view
 
 
+_MAX_FLATTEN_COPIES = 16  # channels repeated by a flatten at most this often (patch merging: 4)
+
+
 def _flatten_layout(ctx: RuleContext, node: torch.fx.Node, inp: Layout, start: int, end: int) -> Optional[Layout]:
     rank = inp.rank
     if rank is None:
@@ -1029,6 +1032,15 @@ def _flatten_layout(ctx: RuleContext, node: torch.fx.Node, inp: Layout, start: i
         return replace(inp, dim=c - new_rank, rank=new_rank)
     if c > end:
         return replace(inp, dim=c - (end - start) - new_rank, rank=new_rank)
+    shape = ctx.shape(node.args[0]) if node.args else None
+    if c == end and c != start and inp.block == 1 and shape is not None:
+        # The channel dim is the innermost of the merged ones (Swin's patch merging: (.., 2, 2, C)
+        # flattened to 4C): the merged dim holds the channels once per outer index, in order,
+        # as a concatenation of that many copies would (a few copies only: each is a segment).
+        copies = math.prod(int(s) for s in shape[start:end])
+        if copies <= _MAX_FLATTEN_COPIES:
+            return replace(inp, groups=inp.groups * copies, sizes=inp.sizes * copies, dim=start - new_rank,
+                           rank=new_rank)
     if c != start:
         ctx.unsupported(node, "flatten that interleaves the channel dim with an outer dim")
         return None
@@ -1036,7 +1048,6 @@ def _flatten_layout(ctx: RuleContext, node: torch.fx.Node, inp: Layout, start: i
         return inp
     # The channel becomes the outer index of the merged dim: each owns a contiguous block.
     block: Optional[int] = None
-    shape = ctx.shape(node.args[0]) if node.args else None
     if shape is not None and inp.block is not None:
         block = inp.block * math.prod(int(s) for s in shape[start + 1 : end + 1])
     return replace(inp, dim=start - new_rank, rank=new_rank, block=block)
@@ -1421,6 +1432,23 @@ def _pieces_around(ctx: RuleContext, node: torch.fx.Node, inp: Layout, start: in
     pieces = ctx.split(node, inp, sizes)
     k = 1 if start > 0 else 0
     return pieces[:k], pieces[k], pieces[k + 1 :]
+
+
+@register_rule(torch.roll, "roll")
+def _roll(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``torch.roll`` along dims other than the channels' moves whole channel vectors: channels pass.
+
+    Swin's cyclic window shift (``dims=(1, 2)`` of a channels-last map). Rolling the channel dim
+    itself (or without ``dims``: the flattened tensor) would move channels: unsupported.
+    """
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    dims = _normalize_dims(_arg(node, 2, "dims", None), ctx.rank(node.args[0]))
+    if not dims or inp.dim in dims:
+        ctx.unsupported(node, "roll along the channel dim (or of the flattened tensor)")
+        return None
+    return inp
 
 
 @register_rule(torch.narrow, "narrow")
@@ -3020,8 +3048,15 @@ def _torchvision_rules() -> None:
 
     @register_rule(swin.shifted_window_attention, swin._get_relative_position_bias)
     def _swin_attention(ctx: RuleContext, node: torch.fx.Node) -> None:
-        # Window attention mixes the embedding through qkv and per-head tables: frozen by design.
-        _freeze_all_inputs(ctx, node, f"{node.target.__name__} mixes channels across heads")  # type: ignore[union-attr]
+        # Frozen by design, and not for want of a slice: shifted_window_attention computes
+        # head_dim as C // num_heads from its input's width C and merges the heads back into C
+        # channels, so the heads' width *is* the residual width. Removing heads (num_heads
+        # rewritten, qkv rows, proj columns and the bias's head rows sliced) changes C // num_heads
+        # for the heads kept; pruning C alone changes every head's head_dim. Neither is an
+        # argument rewrite plus tensor slices of this call. (timm's WindowAttention keeps them
+        # apart and prunes whole heads: _attention_heads.)
+        _freeze_all_inputs(ctx, node, f"{node.target.__name__} mixes channels across heads "  # type: ignore[union-attr]
+                                      "(its head_dim is C // num_heads of the input width C)")
         return None
 
 

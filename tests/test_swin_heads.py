@@ -163,15 +163,66 @@ def test_timm_swin_prunes_heads_in_plain_and_shifted_blocks_and_is_proven() -> N
     randomize_constants(model)
     x = torch.randn(1, 3, 56, 56)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxprune.FxPruneWarning)  # stage 0's residual width: torch.roll (frozen)
+        warnings.simplefilter("error", fxprune.FxPruneWarning)  # nothing left unpruned for want of a rule
         groups = fxprune.find_groups(model, example_inputs=(x,))
         heads = {g.key: g for g in groups if g.key.endswith("attn.qkv")}
         assert len(heads) == 4 and all(g.prunable and g.unit == 16 for g in heads.values())
         plan = fxprune.plan(model, 0.5, example_inputs=(x,))
         pruned = fxprune.apply(model, plan, example_inputs=(x,))
     assert_equivalent(model, pruned, plan, (x,), example_inputs=(x,))
+    # Both stages' residual widths (through the cyclic shifts and the patch merging) renormalise.
+    assert [g.key for g in plan.renormalising_groups] == ["patch_embed.proj", "layers.1.downsample.reduction"]
+    assert pruned.get_submodule("layers.1.downsample.norm").normalized_shape == (64,)
     # blocks.1 of stage 0 is shifted (window mask); stage 1 is a single window (no mask).
     assert model.layers[0].blocks[1].attn_mask is not None
     assert pruned.get_parameter("layers.0.blocks.1.attn.relative_position_bias_table").shape == (169, 1)
     assert pruned.get_parameter("layers.1.blocks.0.attn.relative_position_bias_table").shape == (169, 2)
-    assert sum(p.numel() for p in pruned.parameters()) < 0.4 * sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in pruned.parameters()) < 0.3 * sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- Swin's residual width
+
+
+class Shifted(nn.Module):
+    """Channels-last map -> LayerNorm -> cyclic shift (torch.roll) -> MLP -> shift back -> patch merging."""
+
+    def __init__(self, c: int = 8, dims: Tuple[int, ...] = (1, 2)) -> None:
+        super().__init__()
+        self.dims = dims
+        self.embed = nn.Conv2d(3, c, 2, stride=2)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.merge_norm, self.reduction = nn.LayerNorm(4 * c), nn.Linear(4 * c, 2 * c, bias=False)
+        self.head = nn.Linear(2 * c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).permute(0, 2, 3, 1)  # B, H, W, C
+        y = torch.roll(self.norm(x), shifts=(-1, -1), dims=self.dims)
+        x = x + torch.roll(self.fc2(torch.relu(self.fc1(y))), shifts=(1, 1), dims=self.dims)
+        B, H, W, C = x.shape
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # timm's PatchMerging
+        return self.head(self.reduction(self.merge_norm(x)).mean((1, 2)))
+
+
+def test_roll_and_patch_merging_carry_the_residual_width() -> None:
+    torch.manual_seed(1)
+    model = randomize_constants(Shifted()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruned, plan = prove(model, x)
+    embed = next(g for g in fxprune.find_groups(model, example_inputs=(x,)) if g.key == "embed")
+    assert embed.renormalising and embed.prunable and embed.modules("in").count("reduction") == 4
+    assert pruned.get_submodule("merge_norm").normalized_shape == (16,)
+    assert pruned.get_submodule("reduction").in_features == 16
+    # The merged dim holds the kept channels once per 2x2 phase: a norm weight whose copies are
+    # swapped (each phase's kept channels taken from another phase) fails the proof.
+    weight = pruned.get_parameter("merge_norm.weight")
+    with torch.no_grad():
+        weight.copy_(weight.view(4, 4).roll(1, 0).flatten())
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, pruned, plan, (x,), example_inputs=(x,))
+
+
+def test_roll_along_the_channel_dim_is_not_guessed() -> None:
+    model = Shifted(dims=(1, 3)).eval()
+    with pytest.warns(fxprune.FxPruneWarning, match="roll along the channel dim"):
+        embed = next(g for g in fxprune.find_groups(model, example_inputs=(torch.randn(1, 3, 8, 8),)) if g.key == "embed")
+    assert not embed.prunable

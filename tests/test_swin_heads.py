@@ -226,3 +226,17 @@ def test_roll_along_the_channel_dim_is_not_guessed() -> None:
     with pytest.warns(fxprune.FxPruneWarning, match="roll along the channel dim"):
         embed = next(g for g in fxprune.find_groups(model, example_inputs=(torch.randn(1, 3, 8, 8),)) if g.key == "embed")
     assert not embed.prunable
+
+
+@pytest.mark.slow
+def test_timm_swin_tiny_full_size_prunes_widths_and_heads_and_is_proven() -> None:
+    torch.manual_seed(0)
+    model = randomize_constants(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        plan = fxprune.plan(model, 0.5, example_inputs=(x,))
+        pruned = fxprune.apply(model, plan, example_inputs=(x,))
+    assert_equivalent(model, pruned, plan, (x,), example_inputs=(x,))
+    assert len(plan.renormalising_groups) == 4 and len(plan.pruned_groups) == len(plan.groups) - 1
+    assert sum(p.numel() for p in pruned.parameters()) < 0.35 * sum(p.numel() for p in model.parameters())

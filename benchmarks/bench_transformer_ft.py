@@ -1,4 +1,4 @@
-"""Fine-tuning recovers a pruned ViT (issue 12): accuracy before pruning, right after, after fine-tuning.
+"""Fine-tuning recovers a pruned ViT: accuracy before pruning, right after, after fine-tuning.
 
 A tiny timm ViT (``vit_tiny_patch16_224`` widths: embedding 192, 3 heads, MLP 768; depth 4,
 patch 4, 28 px, one input channel) is trained on Fashion-MNIST for ``--epochs`` epochs (AdamW),

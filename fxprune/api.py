@@ -540,8 +540,8 @@ def _exact_measure(analysis: Analysis, inputs: Optional[Tuple[Any, ...]],
 
     def measure(counts: Mapping[int, int]) -> Dict[str, int]:
         # Which channels does not change the cost; select_channels keeps grouped-conv blocks balanced.
-        groups = [GroupPlan(g.key, g.size, select_channels(g, torch.zeros(g.size), counts.get(g.index, g.size)), [])
-                  for g in analysis.groups]
+        groups = [GroupPlan(g.key, g.size, select_channels(g, torch.zeros(g.size), counts.get(g.index, g.size)), [],
+                            g.renormalising) for g in analysis.groups]
         built = rewrite(analysis, PruningPlan(groups), builders=builders)
         out = {"params": count_params(built)}
         if inputs is not None:

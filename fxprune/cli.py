@@ -53,18 +53,20 @@ def _model(name: str, num_classes: int, weights: Optional[str] = None) -> Any:
 
 
 def _amount(args: argparse.Namespace) -> Dict[str, Any]:
-    """``ratio=`` / ``target_macs=`` and ``ignore=`` of ``fxprune prune``, for fxprune.plan."""
+    """``ratio=`` / ``target_macs=``, ``ignore=`` and ``allow_renormalising=`` of ``fxprune prune``, for fxprune.plan."""
     from .workflow.cli_args import DEFAULT_RATIO
 
     ratio = args.ratio if args.ratio is not None or args.target_macs is not None else DEFAULT_RATIO
-    return {"ratio": ratio, "target_macs": args.target_macs, "ignore": tuple(args.ignore)}
+    return {"ratio": ratio, "target_macs": args.target_macs, "ignore": tuple(args.ignore),
+            "allow_renormalising": args.renormalising}
 
 
 def _amount_text(args: argparse.Namespace) -> str:
     amount = _amount(args)
     text = (f"at ratio {amount['ratio']}" if amount["target_macs"] is None
             else f"to at most {amount['target_macs']:g} of its MACs")
-    return text + (f", ignoring {', '.join(amount['ignore'])}" if amount["ignore"] else "")
+    text += f", ignoring {', '.join(amount['ignore'])}" if amount["ignore"] else ""
+    return text + ("" if amount["allow_renormalising"] else ", exact rewrites only (--no-renormalising)")
 
 
 def compare_models(original: Any, pruned: Any, example: Any, *, runs: int = 10) -> Dict[str, Dict[str, Any]]:
@@ -144,7 +146,7 @@ def _check_prune_args(args: argparse.Namespace) -> None:
     from .workflow.run import RunConfig, check_output_folder, check_weights
 
     RunConfig(model=args.model, weights=args.weights, ratio=args.ratio, target_macs=args.target_macs,
-              importance=args.importance, ignore=tuple(args.ignore)).validate()
+              importance=args.importance, ignore=tuple(args.ignore), renormalising=args.renormalising).validate()
     check_model_name(args.model)
     check_weights(args.weights)
     if args.save:
@@ -162,13 +164,18 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", fxprune.FxPruneWarning)
         plan = fxprune.plan(model, **_amount(args), importance=args.importance, example_inputs=(example,))
-        pruned = fxprune.apply(model, plan, example_inputs=(example,))
+        pruned = fxprune.apply(model, plan, example_inputs=(example,), allow_renormalising=args.renormalising)
     print(f"fxprune: {args.model} {_amount_text(args)} ({args.importance})\n")
     print(_table(compare_models(model, pruned, example, runs=args.runs)))
     print("\ngroups:")
     for g in plan.groups:
         state = f"{g.size:>5} -> {len(g.keep):<5}" if g.pruned else f"{g.size:>5} (kept) "
-        print(f"  {state} {g.key}  [{', '.join(g.modules[:4])}{', ...' if len(g.modules) > 4 else ''}]")
+        renorm = "  (renormalising)" if g.pruned and g.renormalising else ""
+        print(f"  {state} {g.key}  [{', '.join(g.modules[:4])}{', ...' if len(g.modules) > 4 else ''}]{renorm}")
+    if plan.renormalising_groups:
+        print(f"\n{len(plan.renormalising_groups)} renormalising group(s): a LayerNorm/RMSNorm normalises over them, "
+              "so the pruned model equals the masked-norm reference (statistics over the kept channels), not the "
+              "plain masked one; --no-renormalising keeps them whole")
     _print_warnings([str(w.message) for w in caught])
     if args.save:
         save = getattr(fxprune, "save", None)
@@ -205,7 +212,7 @@ def _cmd_groups(args: argparse.Namespace) -> int:
     from .workflow.models import check_model_name
 
     check_model_name(args.model)
-    print(fxprune.find_groups(_model(args.model, args.num_classes)))
+    print(fxprune.find_groups(_model(args.model, args.num_classes), allow_renormalising=args.renormalising))
     return 0
 
 
@@ -269,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=cli_args.IMPORTANCE_HELP.replace("read calibration data", "need data: use fxprune run"))
     prune.add_argument("--ignore", type=cli_args.str_list, default=[], metavar="NAMES",
                        help=cli_args.IGNORE_HELP)
+    prune.add_argument("--no-renormalising", "--exact-only", dest="renormalising", action="store_false",
+                       help=cli_args.NO_RENORMALISING_HELP)
     prune.add_argument("--image-size", type=cli_args.positive_int, default=224,
                        help="input height/width (default: %(default)s)")
     prune.add_argument("--num-classes", type=cli_args.positive_int, default=1000,
@@ -286,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torchvision model name or package.module:callable (default: %(default)s)")
     groups.add_argument("--num-classes", type=cli_args.positive_int, default=1000,
                         help="classifier outputs (default: %(default)s)")
+    groups.add_argument("--no-renormalising", "--exact-only", dest="renormalising", action="store_false",
+                        help="show LayerNorm/RMSNorm widths frozen, as --no-renormalising prunes them")
     groups.set_defaults(func=_cmd_groups)
     return parser
 

@@ -286,6 +286,11 @@ class TensorSlot:
     and zeroing a divisor would make it NaN). A literal channel count on the way from the tensor
     to its reader (``self.bias.view(1, C, 1, 1)``, a depthwise conv's ``groups=``) is an argument
     rewrite of that node (``node.meta[ARG_REWRITE]``), like any other.
+
+    ``per``: each position along ``dim`` stands for a whole unit of that many consecutive
+    channels of ``segments`` (an ``operand`` only: a relative position bias table has one
+    column per attention head, the heads' group one channel per head_dim entry); the group keeps
+    whole units (:class:`WholeUnits`), so the rewrite keeps the columns of the kept units.
     """
 
     target: str
@@ -295,6 +300,7 @@ class TensorSlot:
     kind: str = "operand"
     block: int = 1
     conv_groups: int = 1
+    per: int = 1
 
     def as_slot(self) -> Slot:
         return Slot(self.target, "channelwise", self.segments, self.block)
@@ -432,16 +438,18 @@ class _Engine:
 
     def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout,
                       role: str = "operand", kind: str = "operand", conv_groups: int = 1,
-                      via: Sequence[torch.fx.Node] = ()) -> None:
+                      via: Sequence[torch.fx.Node] = (), per: int = 1) -> None:
+        if per != 1 and role != "operand":
+            raise InternalError(f"{node.name}: a tensor read one position per {per} channels must be an operand")
         target = str(operand.target)
         self.tensor_sites.setdefault(target, {}).setdefault(node.name, set()).add(dim)
         self.tensor_via.setdefault(target, set()).update(n.name for n in via)
         uses = self.tensor_layouts.setdefault(target, {})
-        use = _TensorUse(layout, role, kind, int(layout.block or 1), conv_groups)
+        use = _TensorUse(layout, role, kind, int(layout.block or 1), conv_groups, per)
         if dim in uses:
             # One tensor read at several ops: every read must keep the same channels.
             old = uses[dim]
-            if (old.role, old.kind, old.conv_groups) != (role, kind, conv_groups):
+            if (old.role, old.kind, old.conv_groups, old.per) != (role, kind, conv_groups, per):
                 self._freeze_at(node.name, [old.layout, layout], f"parameter {target} is read as {old.role} and as {role}")
                 return
             self.unify(node, [old.layout, layout])
@@ -900,7 +908,7 @@ class _Engine:
             for dim, use in sorted(uses.items()):
                 lay = use.layout
                 segments = expand(lay.groups)
-                found.append(TensorSlot(target, dim, segments, use.role, use.kind, use.block, use.conv_groups))
+                found.append(TensorSlot(target, dim, segments, use.role, use.kind, use.block, use.conv_groups, use.per))
                 offset = 0
                 for idx, size in segments:
                     tensor_members[idx].append(TensorMember(target, use.role, use.kind, dim, offset, use.block, use.conv_groups))
@@ -997,6 +1005,7 @@ class _TensorUse:
     kind: str
     block: int
     conv_groups: int
+    per: int = 1
 
 
 def _owner(target: str) -> str:

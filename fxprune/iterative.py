@@ -75,14 +75,16 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
                       ignore: Union[str, Iterable[str]] = (), strict: bool = False,
                       calibration: Optional[Iterable[Any]] = None, calibration_batches: Optional[int] = None,
                       loss_fn: Optional[Callable[..., Any]] = None, seed: int = 0,
-                      rules: Optional[RuleTable] = None, builders: Optional[Registry[type, Builder]] = None) -> nn.Module:
+                      rules: Optional[RuleTable] = None, builders: Optional[Registry[type, Builder]] = None,
+                      allow_renormalising: bool = True) -> nn.Module:
     """Prune ``model`` in ``steps`` steps, calling ``finetune(pruned, step)`` after each.
 
     ``finetune`` receives the GraphModule just pruned and the step number (1..steps, the last
     one included) and returns the model to continue with, or None to continue with the one it
     was given (trained in place). Without ``finetune`` the steps just follow each other.
     Options are those of :func:`fxprune.prune` (``rules``/``builders``: the tables every step
-    analyses and rebuilds with); ``calibration`` is iterated once per step, so pass something
+    analyses and rebuilds with; ``allow_renormalising=False``: every step keeps LayerNorm/RMSNorm
+    widths whole, so every step's rewrite is exact); ``calibration`` is iterated once per step, so pass something
     re-iterable (a DataLoader or a list), not a one-shot generator.
 
     Returns the last model. When it is a GraphModule, ``meta["fxprune_plan"]`` is the single
@@ -103,11 +105,13 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
     check_importance(importance)
     common: Dict[str, Any] = dict(importance=importance, example_inputs=inputs, ignore=ignore_t, strict=strict,
                                   calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn,
-                                  seed=seed, round_to=round_to, min_channels=min_channels, rules=rules, builders=builders)
+                                  seed=seed, round_to=round_to, min_channels=min_channels, rules=rules, builders=builders,
+                                  allow_renormalising=allow_renormalising)
 
     original = as_graph_module(model)
     with few_threads():
-        analysis0 = analyze_model(original, example_inputs=inputs, ignore=ignore_t, strict=strict, rules=rules)
+        analysis0 = analyze_model(original, example_inputs=inputs, ignore=ignore_t, strict=strict, rules=rules,
+                                  allow_renormalising=allow_renormalising)
         base_macs = count_macs(original, inputs) if policy.target_macs is not None else None
     base_params = count_params(original)
     # Explained once for the whole run, here and after the last step (the steps are quiet).
@@ -138,7 +142,9 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
                 if not isinstance(policy.ratio, float):
                     raise InternalError(f"global ranking with ratio {policy.ratio!r} passed validation")
                 with few_threads():
-                    now = sum(g.size for g in analyze_model(current, ignore=ignore_t, rules=rules).groups if g.prunable)
+                    now = sum(g.size for g in analyze_model(current, ignore=ignore_t, rules=rules,
+                                                           allow_renormalising=allow_renormalising).groups
+                              if g.prunable)
                 want = int(total0 * (1.0 - policy.ratio * frac))
                 step_ratio = min(max(0.0, 1.0 - want / max(1, now)), 0.999999)
                 pruned = _step(current, make_policy(step_ratio, global_ranking=True, max_group_ratio=max_group_ratio,
@@ -190,7 +196,8 @@ def _step(model: nn.Module, policy: Policy, common: Mapping[str, Any],
                                 ignore=common["ignore"], strict=common["strict"], calibration=common["calibration"],
                                 calibration_batches=common["calibration_batches"], loss_fn=common["loss_fn"],
                                 seed=common["seed"], policy=policy, build=True, keep_counts=keep, explain=False,
-                                rules=common["rules"], builders=common["builders"])
+                                rules=common["rules"], builders=common["builders"],
+                                allow_renormalising=common["allow_renormalising"])
     if pruned is None:
         raise InternalError("an iterative step planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result

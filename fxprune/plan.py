@@ -210,7 +210,9 @@ def resolve(analysis: Analysis, plan: PruningPlan) -> Dict[int, List[int]]:
 
     Raises :class:`PlanMismatchError` naming the first mismatch: a group of the model the
     plan lacks, a size or membership that differs, invalid kept indices, pruning a frozen
-    group, groups the model does not have, or a structure fingerprint that differs.
+    group, pruning a group under another proof contract than the analysis gives it (the plan's
+    ``renormalising`` flag differs: plan and apply always agree on which rewrites are exact),
+    groups the model does not have, or a structure fingerprint that differs.
     """
     if not isinstance(plan, PruningPlan):
         raise FxPruneError(f"expected a fxprune.PruningPlan, got {type(plan).__name__}")
@@ -243,6 +245,15 @@ def resolve(analysis: Analysis, plan: PruningPlan) -> Dict[int, List[int]]:
             raise PlanMismatchError(f"group {group.key}: kept indices must be distinct and in [0, {group.size})")
         if group.frozen and len(entry.keep) != group.size:
             raise PlanMismatchError(f"group {group.key} cannot be pruned ({'; '.join(group.reasons)})")
+        if entry.renormalising != group.renormalising and len(entry.keep) != group.size:
+            # The plan was decided under another proof contract than this analysis gives (other
+            # rule tables, an edited plan): the rewrite would not be what the plan promises.
+            # A group the plan keeps whole is the same function under either contract.
+            said, has = (("renormalising", "exact") if entry.renormalising else ("exact", "renormalising"))
+            raise PlanMismatchError(
+                f"group {group.key}: the plan prunes it as {said}, but in this model it is {has} "
+                f"({', '.join(group.norms) or 'no LayerNorm/RMSNorm normalises over it'}){where}. Hint: apply the "
+                "plan with the rules= and allow_renormalising= it was made with")
         kept[group.index] = sorted(entry.keep)
     if by_key:
         raise PlanMismatchError(f"the plan names groups this model does not have: {sorted(by_key)[:5]}{where}")

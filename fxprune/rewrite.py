@@ -27,7 +27,8 @@ from .registry import Registry
 from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
 from .trace import propagate_shapes
 
-__all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size"]
+__all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size",
+           "unit_positions"]
 
 Indices = Optional[torch.Tensor]  # None: that dimension is unchanged
 Builder = Callable[[nn.Module, Dict[str, Indices]], nn.Module]
@@ -433,6 +434,8 @@ def _sliced_tensor(original: Any, slots: Sequence[TensorSlot], kept: Dict[int, L
             rest = [s for s in slots if s is not in_slot and s is not out_slot]
     for slot in rest:
         idx = slot_indices(slot.as_slot(), kept, as_tensor)
+        if idx is not None and slot.per > 1:
+            idx = unit_positions(idx, slot.per, slot.target)
         if idx is not None:
             t, changed = t.index_select(slot.dim, idx.to(t.device)), True
     if not changed:
@@ -440,9 +443,23 @@ def _sliced_tensor(original: Any, slots: Sequence[TensorSlot], kept: Dict[int, L
     return nn.Parameter(t, requires_grad=original.requires_grad) if isinstance(original, nn.Parameter) else t
 
 
+def unit_positions(channels: torch.Tensor, per: int, target: str = "a tensor") -> torch.Tensor:
+    """The positions of whole units of ``per`` channels, from their kept channel indices.
+
+    >>> unit_positions(torch.tensor([4, 5, 6, 7, 12, 13, 14, 15]), 4).tolist()
+    [1, 3]
+    """
+    units = channels.view(-1, per) if channels.numel() % per == 0 else None
+    if units is None or bool((units[:, 0] % per != 0).any()) or \
+            not torch.equal(units, units[:, :1] + torch.arange(per, device=channels.device)):
+        # The group's WholeUnits constraint guarantees whole units: anything else is our bug.
+        raise InternalError(f"{target}: one position per {per} channels, but the kept channels are not whole units")
+    return units[:, 0] // per
+
+
 def tensor_slot_size(slot: TensorSlot, kept: Dict[int, List[int]]) -> int:
     """How long ``slot``'s dim must be after the rewrite (a grouped conv's ``in`` dim holds Cin/G)."""
-    want = _expected(slot.as_slot(), kept)
+    want = _expected(slot.as_slot(), kept) // slot.per
     return want // slot.conv_groups if slot.role == "in" else want
 
 

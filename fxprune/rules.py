@@ -318,7 +318,7 @@ class RuleContext(Protocol):
 
     def tensor_member(self, node: torch.fx.Node, operand: torch.fx.Node, dim: int, layout: Layout,
                       role: str = "operand", kind: str = "operand", conv_groups: int = 1,
-                      via: Sequence[torch.fx.Node] = ()) -> None: ...
+                      via: Sequence[torch.fx.Node] = (), per: int = 1) -> None: ...
 
     def produce(self, node: torch.fx.Node, size: int, dim: int, rank: Optional[int], tag: str = "") -> Layout: ...
 
@@ -1016,6 +1016,9 @@ def _reduce(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
 # --------------------------------------------------------------------------- flatten / view
 
 
+_MAX_FLATTEN_COPIES = 16  # channels repeated by a flatten at most this often (patch merging: 4)
+
+
 def _flatten_layout(ctx: RuleContext, node: torch.fx.Node, inp: Layout, start: int, end: int) -> Optional[Layout]:
     rank = inp.rank
     if rank is None:
@@ -1029,6 +1032,15 @@ def _flatten_layout(ctx: RuleContext, node: torch.fx.Node, inp: Layout, start: i
         return replace(inp, dim=c - new_rank, rank=new_rank)
     if c > end:
         return replace(inp, dim=c - (end - start) - new_rank, rank=new_rank)
+    shape = ctx.shape(node.args[0]) if node.args else None
+    if c == end and c != start and inp.block == 1 and shape is not None:
+        # The channel dim is the innermost of the merged ones (Swin's patch merging: (.., 2, 2, C)
+        # flattened to 4C): the merged dim holds the channels once per outer index, in order,
+        # as a concatenation of that many copies would (a few copies only: each is a segment).
+        copies = math.prod(int(s) for s in shape[start:end])
+        if copies <= _MAX_FLATTEN_COPIES:
+            return replace(inp, groups=inp.groups * copies, sizes=inp.sizes * copies, dim=start - new_rank,
+                           rank=new_rank)
     if c != start:
         ctx.unsupported(node, "flatten that interleaves the channel dim with an outer dim")
         return None
@@ -1036,7 +1048,6 @@ def _flatten_layout(ctx: RuleContext, node: torch.fx.Node, inp: Layout, start: i
         return inp
     # The channel becomes the outer index of the merged dim: each owns a contiguous block.
     block: Optional[int] = None
-    shape = ctx.shape(node.args[0]) if node.args else None
     if shape is not None and inp.block is not None:
         block = inp.block * math.prod(int(s) for s in shape[start + 1 : end + 1])
     return replace(inp, dim=start - new_rank, rank=new_rank, block=block)
@@ -1421,6 +1432,23 @@ def _pieces_around(ctx: RuleContext, node: torch.fx.Node, inp: Layout, start: in
     pieces = ctx.split(node, inp, sizes)
     k = 1 if start > 0 else 0
     return pieces[:k], pieces[k], pieces[k + 1 :]
+
+
+@register_rule(torch.roll, "roll")
+def _roll(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``torch.roll`` along dims other than the channels' moves whole channel vectors: channels pass.
+
+    Swin's cyclic window shift (``dims=(1, 2)`` of a channels-last map). Rolling the channel dim
+    itself (or without ``dims``: the flattened tensor) would move channels: unsupported.
+    """
+    inp = _first_layout(ctx, node)
+    if inp is None:
+        return None
+    dims = _normalize_dims(_arg(node, 2, "dims", None), ctx.rank(node.args[0]))
+    if not dims or inp.dim in dims:
+        ctx.unsupported(node, "roll along the channel dim (or of the flattened tensor)")
+        return None
+    return inp
 
 
 @register_rule(torch.narrow, "narrow")
@@ -2024,6 +2052,126 @@ def _timm_no_mask(scores: torch.fx.Node, region: List[torch.fx.Node]) -> Optiona
     return add
 
 
+# Swin's window attention (timm's WindowAttention, non-fused path) adds two things to the scores
+# between q @ k^T and the softmax, both per head:
+#
+# - a relative position bias: a table parameter [(2W-1)^2, H], one column per head, gathered
+#   by a constant index, viewed (N, N, H), permuted to (H, N, N) (and unsqueezed to (1, H, N, N)).
+#   Removing a head removes its column: the table is an operand read one position per head
+#   (TensorSlot.per = head_dim), and a literal H in the view is rewritten from the kept heads.
+#   The masked reference need not zero the column: the removed head's scores only ever weigh
+#   its zeroed values.
+# - the shifted windows' mask: the scores viewed (B, nW, H, N, N), a constant (1, nW, 1, N, N)
+#   added (the same for every head), viewed back (B * nW, H, N, N); both head counts rewritten.
+
+
+@dataclass(frozen=True)
+class _HeadSite:
+    """Something per head on the scores' way: a view's head count, or a bias table's head column."""
+
+    node: torch.fx.Node
+    index: int  # the view's size index of the heads, or the table's head dim
+    table: Optional[torch.fx.Node] = None  # the table parameter (get_attr) a gather reads
+
+
+def _strip(node: Any, keep: Callable[[torch.fx.Node], bool], chain: List[torch.fx.Node]) -> Any:
+    """Walk back from ``node`` through single-user nodes ``keep`` accepts (added to ``chain``)."""
+    while isinstance(node, torch.fx.Node) and keep(node) and len(node.users) == 1:
+        chain.append(node)
+        node = node.args[0]
+    return node
+
+
+def _relative_bias(ctx: RuleContext, bias: Any, heads: int, n: int, sites: List[_HeadSite],
+                   region: List[torch.fx.Node]) -> bool:
+    """Whether ``bias`` is a relative position bias gathered from a [T, heads] table (then recorded)."""
+    shape = ctx.shape(bias)
+    if shape is None or tuple(shape) not in ((1, heads, n, n), (heads, n, n)) or ctx.layout(bias) is not None:
+        return False
+    chain: List[torch.fx.Node] = []
+    squeezed = lambda x: x.target in ("contiguous",) and len(x.args) == 1 or \
+        x.target in ("unsqueeze", torch.unsqueeze) and len(x.args) == 2 and x.args[1] == 0  # noqa: E731
+    perm = _strip(bias, squeezed, chain)
+    if not isinstance(perm, torch.fx.Node) or len(perm.users) != 1 or \
+            not (perm.target in ("permute", torch.permute) and _dims_are(perm, 3, (2, 0, 1))):
+        return False
+    view = perm.args[0]
+    if not _is_view(view) or len(view.users) != 1 or tuple(ctx.shape(view) or ()) != (n, n, heads):
+        return False
+    vsizes = _view_sizes(view)
+    if not isinstance(vsizes, (list, tuple)) or len(vsizes) != 3 or not (_int_arg(vsizes[2]) and vsizes[2] in (-1, heads)):
+        return False
+    gather = view.args[0]
+    if not isinstance(gather, torch.fx.Node) or gather.target is not operator.getitem or len(gather.users) != 1:
+        return False
+    table, index = gather.args
+    if not isinstance(table, torch.fx.Node) or table.op != "get_attr" or tuple(ctx.shape(table) or ()) [1:] != (heads,) \
+            or len(ctx.shape(table) or ()) != 2:
+        return False
+    # The index: a constant or buffer (maybe viewed flat), never something the input computes.
+    source = _strip(index, lambda x: _is_view(x), [])
+    if not isinstance(source, torch.fx.Node) or source.op != "get_attr" or ctx.layout(index) is not None:
+        return False
+    region += [gather, view, perm] + chain[::-1]
+    sites.append(_HeadSite(gather, 1, table))
+    if vsizes[2] != -1:
+        sites.append(_HeadSite(view, 2))
+    return True
+
+
+def _bias_and_mask(ctx: RuleContext, scores: torch.fx.Node, heads: int, sites: List[_HeadSite],
+                   region: List[torch.fx.Node]) -> torch.fx.Node:
+    """Past Swin's relative position bias and shifted-window mask on ``scores`` (see above)."""
+    shape = ctx.shape(scores)
+    if shape is None or len(shape) != 4 or shape[1] != heads or shape[2] != shape[3]:
+        return scores
+    n = int(shape[2])
+    while True:
+        user = _only_user(scores)
+        if user is None or user.target not in (operator.add, torch.add, "add") or len(user.args) != 2 or user.kwargs:
+            if _is_view(user) and tuple(ctx.shape(user) or ())[2:] == (heads, n, n):
+                masked = _window_mask(ctx, scores, user, heads, n, sites, region)
+                if masked is not None:
+                    scores = masked
+                    continue
+            return scores
+        other = user.args[1] if user.args[0] is scores else user.args[0]
+        if other is scores or not _relative_bias(ctx, other, heads, n, sites, region):
+            return scores
+        region.append(user)
+        scores = user
+
+
+def _window_mask(ctx: RuleContext, scores: torch.fx.Node, view: torch.fx.Node, heads: int, n: int,
+                 sites: List[_HeadSite], region: List[torch.fx.Node]) -> Optional[torch.fx.Node]:
+    """``scores.view(B, nW, H, N, N) + mask.view(1, nW, 1, N, N)`` viewed back to (B*nW, H, N, N); None if not."""
+    sizes = _view_sizes(view)
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 5 or not (isinstance(sizes[2], torch.fx.Node) or sizes[2] == heads):
+        return None
+    add = _only_user(view)
+    if add is None or add.target not in (operator.add, torch.add, "add") or len(add.args) != 2 or add.kwargs \
+            or add.args[0] is not view:
+        return None
+    mask = add.args[1]
+    mshape = ctx.shape(mask)
+    # The mask is a constant or buffer, maybe unsqueezed/viewed to (1, nW, 1, N, N): the same
+    # for every head (size 1 on the head dim), whatever its values.
+    shaping = lambda x: x.target in ("unsqueeze", torch.unsqueeze, "contiguous") or _is_view(x)  # noqa: E731
+    source = _strip(mask, shaping, [])
+    if not isinstance(mask, torch.fx.Node) or not isinstance(source, torch.fx.Node) or source.op != "get_attr" \
+            or mshape is None or len(mshape) != 5 or mshape[2] != 1 or ctx.layout(mask) is not None:
+        return None
+    back = _only_user(add)
+    if not _is_view(back) or back.args[0] is not add or tuple(ctx.shape(back) or ()) != tuple(ctx.shape(scores) or ()):
+        return None
+    bsizes = _view_sizes(back)
+    if not isinstance(bsizes, (list, tuple)) or len(bsizes) != 4 or not (isinstance(bsizes[1], torch.fx.Node) or bsizes[1] == heads):
+        return None
+    region += [view, add, back]
+    sites += [_HeadSite(view, 2), _HeadSite(back, 1)]
+    return back
+
+
 def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...],
                      out_shape: Tuple[int, ...], sizes: Any) -> bool:
     """Recognise a timm-style attention block starting at the view ``node``; True if it was claimed."""
@@ -2074,6 +2222,7 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
     if sorted(pieces) != [0, 1, 2]:
         return False
     region.extend(pieces[i] for i in range(3))
+    sites: List[_HeadSite] = []  # Swin's per-head bias and mask (see _bias_and_mask)
     per_head = lambda n: _per_head_step(ctx, n, head_dim)  # noqa: E731
     q, k, v = (_chain(ctx, pieces[i], per_head, region) for i in range(3))
     core = _only_user(q)
@@ -2100,6 +2249,7 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
         scores = _timm_no_mask(core, region)
         if scores is None:
             return False
+        scores = _bias_and_mask(ctx, scores, heads, sites, region)
         scores = _chain(ctx, scores, lambda n: _score_step(ctx, n), region)
         out = _only_user(scores)
         if out is None or not _is_matmul(out) or out.args[0] is not scores or out.args[1] is not v or _only_user(v) is not out:
@@ -2144,6 +2294,13 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
         # The heads' width, whether written as a literal or read from the input's shape (older
         # timm: ``B, N, C = x.shape``, C the embedding width): the kept heads' width either way.
         ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([group])))
+    for site in sites:
+        if site.table is not None:
+            ctx.tensor_member(site.node, site.table, site.index, Layout(group.groups, group.sizes, -1, 2, 1),
+                              per=head_dim)
+        else:
+            ctx.rewrite_args(site.node, ArgPatch(_view_size_path(site.node, site.index),
+                                                 ChannelCount(tuple(group.groups), 1, head_dim)))
     ctx.claim(node, region, {merged.name: Layout(group.groups, group.sizes, -1, 3, 1)})
     return True
 
@@ -2891,8 +3048,15 @@ def _torchvision_rules() -> None:
 
     @register_rule(swin.shifted_window_attention, swin._get_relative_position_bias)
     def _swin_attention(ctx: RuleContext, node: torch.fx.Node) -> None:
-        # Window attention mixes the embedding through qkv and per-head tables: frozen by design.
-        _freeze_all_inputs(ctx, node, f"{node.target.__name__} mixes channels across heads")  # type: ignore[union-attr]
+        # Frozen by design, and not for want of a slice: shifted_window_attention computes
+        # head_dim as C // num_heads from its input's width C and merges the heads back into C
+        # channels, so the heads' width *is* the residual width. Removing heads (num_heads
+        # rewritten, qkv rows, proj columns and the bias's head rows sliced) changes C // num_heads
+        # for the heads kept; pruning C alone changes every head's head_dim. Neither is an
+        # argument rewrite plus tensor slices of this call. (timm's WindowAttention keeps them
+        # apart and prunes whole heads: _attention_heads.)
+        _freeze_all_inputs(ctx, node, f"{node.target.__name__} mixes channels across heads "  # type: ignore[union-attr]
+                                      "(its head_dim is C // num_heads of the input width C)")
         return None
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "LATENCY_DEVICES",
     "LATENCY_MODES",
     "IGNORE_HELP",
+    "NO_RENORMALISING_HELP",
     "add_run_arguments",
     "add_sweep_arguments",
     "config_from_args",
@@ -67,6 +68,7 @@ RUN_DEFAULTS: Mapping[str, Any] = {
     "model": "resnet18", "data": "fashion-mnist", "importance": "l1", "epochs": 5, "lr": 0.1,
     "baseline_epochs": 3, "baseline_lr": 0.1, "batch_size": 256, "optimizer": "sgd",
     "weight_decay": 5e-4, "label_smoothing": 0.1, "seed": 0, "device": "auto", "amp": "auto",
+    "renormalising": True,
     "latency_runs": 20, "out": "fxprune-out",
     "latency_device": "cpu", "latency_batch": 1, "latency_mode": "eager",
 }
@@ -90,6 +92,10 @@ RATIO_HELP = (f"fraction of channels removed from each prunable group, in [0, 1)
 TARGET_MACS_HELP = ("prune to at most this fraction of the unpruned model's MACs, in (0, 1], e.g. 0.27; "
                     "the ratio is searched for (give --ratio or --target-macs, not both)")
 IGNORE_HELP = "comma-separated module names or glob patterns (layer4.*) to leave unpruned"
+NO_RENORMALISING_HELP = ("keep every LayerNorm/RMSNorm width whole (the residual width of ViTs, ConvNeXts), so "
+                         "that every rewrite is exact: equal to the model with the removed channels zeroed. By "
+                         "default those widths are pruned too and their norms renormalise over the kept "
+                         "channels (fxprune proves them against the masked-norm reference)")
 IMPORTANCE_HELP = (f"channel importance criterion: {', '.join(IMPORTANCE_CHOICES)} "
                    "(apoz and taylor read calibration data) (default: %(default)s)")
 
@@ -295,6 +301,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--round-to", type=positive_int, default=None,
                        help="pruned layers keep a multiple of this many channels (e.g. 8 for tensor cores)")
     prune.add_argument("--ignore", type=str_list, default=[], metavar="NAMES", help=IGNORE_HELP)
+    prune.add_argument("--no-renormalising", "--exact-only", dest="renormalising", action="store_false",
+                       default=defaults.renormalising, help=NO_RENORMALISING_HELP)
 
     tune = parser.add_argument_group("training")
     tune.add_argument("--epochs", type=_non_negative_int, default=defaults.epochs,

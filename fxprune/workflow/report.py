@@ -11,7 +11,8 @@ What else ``report.json`` holds, each also in ``report.md``:
   recipe: ``top1``, ``top5``, ``epochs``, ``source`` trained/cache), or ``{"skipped": why}``;
   ``equal_training``: ``pruning_cost_top1`` (pruned - control), ``training_gain_top1``
   (control - baseline) and ``pruned_vs_baseline_top1`` (the two mixed);
-- ``pruning``: ``groups`` (pruned / frozen / kept whole, the frozen groups' reasons counted),
+- ``pruning``: ``groups`` (pruned / frozen / kept whole, the frozen groups' reasons counted,
+  the pruned ``renormalising_groups`` named with their norms and proof contract),
   ``layers`` (output channels and MACs of every conv/linear layer, before and after) and
   ``stages`` (MACs per top-level child, and its share of the cut);
 - ``warnings``: every :class:`fxprune.FxPruneWarning` of the run, identical ones counted once;
@@ -1075,15 +1076,22 @@ def group_summary(groups: Sequence[Any], plan: Any) -> dict[str, Any]:
     when fxprune may not prune it (its reasons are counted, node names left out), *kept whole*
     when it could be pruned but the options left it so (``--round-to``, a small ratio, a MACs
     target), *single channel* when it has one channel only.
+
+    ``renormalising_groups``: the pruned groups a LayerNorm/RMSNorm normalises over (key, size,
+    kept, the norms): their rewrite is proven against the masked-norm reference, not the plain
+    masked model (:attr:`fxprune.Group.renormalising`).
     """
     planned = {g.key: g for g in getattr(plan, "groups", [])}
     counts = {"pruned": 0, "frozen": 0, "kept_whole": 0, "single_channel": 0}
     reasons: dict[str, dict[str, Any]] = {}
-    frozen_groups, whole_groups = [], []
+    frozen_groups, whole_groups, renormalising = [], [], []
     for group in groups:
         entry = planned.get(group.key)
         if entry is not None and entry.pruned:
             counts["pruned"] += 1
+            if group.renormalising:
+                renormalising.append({"key": group.key, "size": group.size, "kept": len(entry.keep),
+                                      "norms": list(group.norms)})
         elif group.frozen:
             counts["frozen"] += 1
             frozen_groups.append({"key": group.key, "size": group.size, "reasons": list(group.reasons)})
@@ -1100,7 +1108,7 @@ def group_summary(groups: Sequence[Any], plan: Any) -> dict[str, Any]:
             whole_groups.append({"key": group.key, "size": group.size})
     ranked = sorted(reasons.values(), key=lambda r: (-r["groups"], -r["channels"], r["reason"]))
     return {"groups": len(groups), **counts, "frozen_reasons": ranked, "frozen_groups": frozen_groups,
-            "kept_whole_groups": whole_groups}
+            "kept_whole_groups": whole_groups, "renormalising_groups": renormalising}
 
 
 def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
@@ -1160,6 +1168,26 @@ def stage_table(baseline: nn.Module, pruned: nn.Module, example_inputs: Any) -> 
     return rows
 
 
+def _renormalising_lines(groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Which pruned groups renormalise, and which reference their proof contract is."""
+    if not groups:
+        return ["", "- Every pruned group is exact: the pruned model equals the baseline with the removed channels "
+                    "zeroed (the masked reference)"]
+    rows = []
+    for g in groups[:8]:
+        norms = list(g.get("norms") or [])
+        shown = ", ".join(norms[:3]) + (f" and {len(norms) - 3} more" if len(norms) > 3 else "")
+        rows.append(f"`{g['key']}` ({g['size']} -> {g['kept']} ch; {shown or 'a norm'})")
+    more = f" and {len(groups) - 8} more" if len(groups) > 8 else ""
+    return ["", f"- Renormalising groups ({len(groups)}): {'; '.join(rows)}{more}. A LayerNorm/RMSNorm normalises "
+                "over their channels, so the pruned model is not the baseline with those channels zeroed: each such "
+                "norm computes its statistics over the kept channels only. Their proof contract is the masked-norm "
+                "reference (the baseline with the removed channels zeroed and each affected norm replaced by "
+                "`fxprune.testing.masked_norm` over the kept channels, built from the baseline and the plan, not "
+                "from the rewrite); the other pruned groups are exact (the plain masked reference). "
+                "`--no-renormalising` keeps these widths whole"]
+
+
 def _pruning_lines(pruning: Any) -> list[str]:
     """``## What was pruned``: groups and why some were not, MACs per stage, channels per layer."""
     if not isinstance(pruning, Mapping):
@@ -1179,6 +1207,8 @@ def _pruning_lines(pruning: Any) -> list[str]:
                 lines.append(f"| {reason['reason']} | {reason['groups']} | {reason['channels']} | {examples} |")
             if len(reasons) > 5:
                 lines.append(f"| ({len(reasons) - 5} more reasons in report.json) | | | |")
+        if summary.get("pruned"):
+            lines += _renormalising_lines(summary.get("renormalising_groups") or [])
         whole = summary.get("kept_whole_groups") or []
         if whole:
             shown = ", ".join(f"`{g['key']}` ({g['size']} ch)" for g in whole[:8])

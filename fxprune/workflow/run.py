@@ -88,7 +88,7 @@ RESULT_OPTIONS = ("model", "adapt", "weights", "data", "limit", "image_size", "s
                   "target_latency", "latency_device", "latency_batch", "latency_mode",
                   "importance", "ignore", "round_to", "epochs", "lr", "baseline_epochs", "baseline_lr",
                   "batch_size", "augment", "optimizer", "weight_decay", "label_smoothing", "distill",
-                  "amp", "recalibration_batches", "calibration_batches")
+                  "amp", "recalibration_batches", "calibration_batches", "renormalising")
 
 
 @dataclass
@@ -116,6 +116,9 @@ class RunConfig:
     importance: str = "l1"
     round_to: Optional[int] = None  # passed to fxprune.prune only when set
     ignore: tuple[str, ...] = ()
+    # False (--no-renormalising): LayerNorm/RMSNorm widths stay whole, every rewrite is exact
+    # (fxprune.prune's allow_renormalising).
+    renormalising: bool = True
     epochs: int = 5  # fine-tuning epochs
     lr: float = 0.1  # fine-tuning learning rate
     baseline_epochs: int = 3
@@ -219,6 +222,8 @@ class RunConfig:
                                      ("--amp", self.amp, ("auto", "on", "off"))):
             if value not in choices:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+        if not isinstance(self.renormalising, bool):
+            raise ConfigError(f"renormalising (--no-renormalising) is a switch, True or False; got {self.renormalising!r}")
         if not isinstance(self.control, bool):
             raise ConfigError(f"control (--no-control) is a switch, True or False; got {self.control!r}")
         check_importance(self.importance)
@@ -262,6 +267,10 @@ class RunConfig:
         data = {name: getattr(self, name) for name in RESULT_OPTIONS}
         data["ratio"] = self.effective_ratio
         data["ignore"] = list(self.ignore)
+        if data["renormalising"]:
+            # The default, which every run made before the option existed used: their
+            # checkpoints and sweep points keep their fingerprint and still resume.
+            del data["renormalising"]
         return data
 
     def replace(self, **changes: Any) -> "RunConfig":
@@ -803,7 +812,8 @@ def pruning_details(baseline: nn.Module, pruned: nn.Module, config: RunConfig,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            analysis = fxprune.analyze_model(baseline, example_inputs=(example,), ignore=tuple(config.ignore))
+            analysis = fxprune.analyze_model(baseline, example_inputs=(example,), ignore=tuple(config.ignore),
+                                             allow_renormalising=config.renormalising)
         details["groups"] = group_summary(analysis.groups, plan)
     except FxPruneError as exc:  # the report says what it could; pruning itself succeeded
         logger.warning("report: could not list the channel groups (%s)", exc)
@@ -913,13 +923,14 @@ def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
     """``fxprune.prune`` with the run's options.
 
     ``target_macs`` (a fraction of the baseline's MACs) replaces the ratio when set;
-    ``round_to`` is passed when set. ``calibration`` (training batches) feeds the data-driven
+    ``round_to`` is passed when set; ``renormalising`` is ``allow_renormalising``. ``calibration`` (training batches) feeds the data-driven
     criteria (``apoz``, ``taylor``); the weight-based ones ignore it.
     """
     import fxprune
 
     kwargs: dict[str, Any] = {"importance": importance or config.importance,
-                              "example_inputs": (example,), "seed": config.seed}
+                              "example_inputs": (example,), "seed": config.seed,
+                              "allow_renormalising": config.renormalising}
     if calibration is not None:
         kwargs["calibration"] = calibration
         kwargs["calibration_batches"] = config.calibration_batches

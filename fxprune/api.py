@@ -26,7 +26,7 @@ from .latency_model import LatencyOptions, LatencyTarget, plan_for_latency
 from .plan import GroupPlan, PruningPlan, make_plan
 from .registry import Registry
 from .rewrite import Builder, rewrite
-from .rules import RuleTable
+from .rules import LAYER_NORM_MODULES, RuleTable
 from .export import is_lifted
 from .trace import as_graph_module, cast_model, propagate_shapes, trace
 
@@ -245,15 +245,13 @@ def _split_width(module: nn.Module) -> None:
         module.c = width // 2
 
 
-_NORM_TYPES: Tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
 
 def _norm_widths(root: nn.Module) -> None:
     """A LayerNorm/RMSNorm subclass traced through (torchvision's LayerNorm2d, Hugging Face's
     ConvNextLayerNorm) got its pruned weight by name; its forward passes ``self.normalized_shape``,
     which must say the weight's new width. Only the one-dim case is ever pruned; the proof decides."""
     for module in root.modules():
-        if not isinstance(module, _NORM_TYPES):
+        if not isinstance(module, LAYER_NORM_MODULES):
             continue
         weight, shape = getattr(module, "weight", None), tuple(getattr(module, "normalized_shape", ()))
         if isinstance(weight, torch.Tensor) and weight.dim() == 1 and len(shape) == 1 and shape[0] != weight.shape[0]:

@@ -41,7 +41,7 @@ from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
 from .registry import Registry
 from .trace import MutableArgsInterpreter
-from .rules import role_tensors
+from .rules import LAYER_NORM_MODULES, role_tensors
 from .layers import PrunedMultiheadAttention
 
 __all__ = [
@@ -208,8 +208,7 @@ def _transposed_layer(module: nn.Module, role: str) -> Optional[torch.Tensor]:
 
 # LayerNorm/RMSNorm scales too (a renormalising group's norms): scored as the functional form's
 # weight tensor is (F.layer_norm in torchvision's LayerNorm2d), so both forms score alike.
-@register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
-                  *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+@register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, *LAYER_NORM_MODULES)
 def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     w = getattr(module, "weight", None)
     return None if w is None else w.detach().unsqueeze(1)

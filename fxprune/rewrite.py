@@ -24,7 +24,7 @@ from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
 from .layers import PrunedMultiheadAttention
 from .plan import PruningPlan, resolve
 from .registry import Registry
-from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
+from .rules import ARG_REWRITE, LAYER_NORM_MODULES, ArgRewrite, evaluate_arg
 from .trace import propagate_shapes
 
 __all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size",
@@ -166,10 +166,8 @@ def _batchnorm(bn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     return new
 
 
-_LAYER_NORM_TYPES: Tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-
-@register_builder(*_LAYER_NORM_TYPES)
+@register_builder(*LAYER_NORM_MODULES)
 def _layer_norm(norm: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     # Only a one-dim normalized_shape over the channels is ever pruned (fxprune.rules): the new
     # norm normalises over the kept channels, a renormalising rewrite (see Group.renormalising).
@@ -248,7 +246,7 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
         return {"out": module.weight.shape[0], "in": module.weight.shape[1]}
     if isinstance(module, nn.PReLU):
         return {"channelwise": module.weight.shape[0]}
-    if isinstance(module, _LAYER_NORM_TYPES):
+    if isinstance(module, LAYER_NORM_MODULES):
         return {"channelwise": int(module.normalized_shape[0])}
     if isinstance(module, nn.GroupNorm):
         return {"channelwise": module.num_channels}

@@ -80,6 +80,7 @@ __all__ = [
     "pointwise_op_names",
     "elementwise_keys",
     "NON_ELEMENTWISE_ACTIVATIONS",
+    "LAYER_NORM_MODULES",
 ]
 
 
@@ -1688,6 +1689,9 @@ def _normalized_dims(ctx: RuleContext, node: torch.fx.Node) -> Optional[int]:
     return None
 
 
+#: The LayerNorm-like module types of this torch (RMSNorm from 2.4): one tuple that the rules,
+#: builders, weight views and keep_class all read.
+LAYER_NORM_MODULES: Tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _LAYER_NORMS: Tuple[Any, ...] = (nn.LayerNorm, F.layer_norm) + (
     (nn.RMSNorm, F.rms_norm) if hasattr(nn, "RMSNorm") and hasattr(F, "rms_norm") else ())
 _RMS_NORM: Any = getattr(F, "rms_norm", None)
@@ -1971,8 +1975,7 @@ def _per_head_step(ctx: RuleContext, node: torch.fx.Node, head_dim: int) -> bool
         mod = ctx.module(node)
         if isinstance(mod, (nn.Identity, nn.Dropout)):
             return len(node.args) == 1 and not node.kwargs
-        norms = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-        return isinstance(mod, norms) and tuple(mod.normalized_shape) == (head_dim,) and len(node.args) == 1
+        return isinstance(mod, LAYER_NORM_MODULES) and tuple(mod.normalized_shape) == (head_dim,) and len(node.args) == 1
     if node.op == "call_function" and node.target in (F.dropout,):
         return True
     if node.op == "call_function" and node.target in _LAYER_NORMS:
@@ -2431,8 +2434,9 @@ def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape
 # are group members: scored, sliced in the rewrite, masked in the proof. A tensor whose value is
 # computed in a way these rules cannot follow channel by channel is refused (fail closed).
 
-# Ops on a parameter that change only its dtype, device or memory layout: its channels stay put.
-_CAST_METHODS = frozenset({"to", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"})
+# Ops on a parameter that change only its dtype, device or memory layout: its channels stay put
+# (the same methods as the element-wise conversions above).
+_CAST_METHODS = _CONVERSIONS
 _CAST_FUNCTIONS: Tuple[Any, ...] = (torch.clone, torch.detach)
 
 

@@ -12,8 +12,10 @@ the machine, date and load average before and after:
    (re-measured in that run; the target holds when it is at most t), the MACs kept, the MACs
    uniform pruning keeps at the same measured latency (interpolated along the ladder) and their
    ratio (acceptance: >= 1.2).
-2. **mobilenet_v3_small and efficientnet_b0** (depthwise-heavy), batch 1, target 0.5: the
-   realised fraction (speed-up / MACs reduction) and whether the target still holds.
+2. **mobilenet_v3_small and efficientnet_b0** (depthwise-heavy), batch 1, targets 0.5 and 0.75
+   (``--depthwise-targets``; on one CPU thread mobilenet_v3_small's floor is about 0.66, so 0.5
+   documents the clear error that names the best reached): the realised fraction (speed-up /
+   MACs reduction) and whether the target still holds.
 3. **The Fashion-MNIST main job** (``fxprune run``: resnet18, same seed, same fine-tune):
    uniform ratio 0.7 first; its measured latency fraction (the run's interleaved timing at the
    latency setting) becomes the latency target of the second run, which reuses the first run's
@@ -75,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--targets", default="0.5,0.3")
     p.add_argument("--depthwise", default="mobilenet_v3_small,efficientnet_b0",
-                   help="models whose realised fraction is reported at the first target, batch 1 ('' for none)")
+                   help="models whose realised fraction is reported at --depthwise-targets, batch 1 ('' for none)")
+    p.add_argument("--depthwise-targets", default="0.5,0.75",
+                   help="latency targets of the depthwise models (an unreachable one is reported with its error)")
     p.add_argument("--ladder", default=",".join(str(r) for r in LADDER), help="uniform ratios to compare against")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--mode", default="eager", choices=("eager", "compiled"))
@@ -117,10 +121,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.targets, args.depthwise = "resnet18", "1", "0.5", "mobilenet_v3_small"
+        args.depthwise_targets = "0.75"
         args.ladder, args.rounds, args.search_rounds, args.probe_rounds = "0.3,0.5,0.7", 5, 5, 3
         args.fmnist_limit, args.fmnist_epochs, args.fmnist_baseline_epochs = 2048, 1, 1
     try:
         targets, ladder = floats(args.targets), floats(args.ladder)
+        targets += floats(args.depthwise_targets)
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError as exc:
         p.error(f"--targets, --ladder and --batches are comma-separated numbers: {exc}")
@@ -397,7 +403,7 @@ def estimate(args: argparse.Namespace, *, build: Optional[Callable[[str], torch.
     targets, ladder = floats(args.targets), floats(args.ladder)
     plan = [(arch, b, targets, ladder) for arch in names(args.models)
             for b in [int(v) for v in args.batches.split(",") if v.strip()]]
-    plan += [(arch, 1, targets[:1], []) for arch in names(args.depthwise)]
+    plan += [(arch, 1, floats(args.depthwise_targets), []) for arch in names(args.depthwise)]
     for arch, batch, ts, lad in plan:
         x = torch.randn(1, 3, args.size, args.size)
         rows.append({"model": arch, "batch": batch,
@@ -516,6 +522,14 @@ def render_fmnist(fm: Mapping[str, Any]) -> List[str]:
     return lines
 
 
+def _write_partial(args: argparse.Namespace, results: List[Dict[str, Any]]) -> None:
+    """The rows so far, beside --json: a two-hour run that dies late keeps what it measured."""
+    path = Path(args.json).with_suffix(".partial.json")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"partial": True, "results": results}, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.estimate:
@@ -533,9 +547,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
             print(f"[bench] {arch} batch {batch}", flush=True)
             results.append(bench_model(arch, batch, floats(args.targets), floats(args.ladder), args, store))
+            _write_partial(args, results)
     for arch in names(args.depthwise):
         print(f"[bench] {arch} batch 1 (realised fraction)", flush=True)
-        results.append(bench_model(arch, 1, floats(args.targets)[:1], (), args, store, depthwise=True))
+        results.append(bench_model(arch, 1, floats(args.depthwise_targets), (), args, store, depthwise=True))
+        _write_partial(args, results)
     fmnist = None
     if args.fmnist:
         print("[bench] Fashion-MNIST main job: uniform 0.7, then its measured latency as the target", flush=True)

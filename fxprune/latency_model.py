@@ -155,7 +155,10 @@ class LatencyOptions:
     ``grid``: the fractions of each layer dimension measured up front. ``max_tries``: built
     models verified before giving up. ``give_back``: further tries that give capacity back when
     the met model leaves more than ``overshoot`` of the target's latency unused (0.1: measured
-    under 0.45 for a target of 0.5); 0 turns it off. ``store``: where cost tables are cached (default: a fresh
+    under 0.45 for a target of 0.5); 0 turns it off. ``margin``: how far under the target a
+    give-back try must measure to count as met, both its median (by that share of the target)
+    and its upper quartile (at all): the search stops short of the edge, where a re-measurement
+    misses the target about half the time. ``store``: where cost tables are cached (default: a fresh
     :class:`MemoryStore`). ``prober``: replaces the kernel timer (tests inject a synthetic cost
     table). ``timer``: the clock of the whole-model measurements; ``measure``: replaces them
     altogether (``{name: model} -> LatencyResult``, the first the reference; tests use a
@@ -175,6 +178,7 @@ class LatencyOptions:
     max_tries: int = 4
     give_back: int = 3
     overshoot: float = 0.1
+    margin: float = 0.03
     store: Optional["CostStore"] = None
     prober: Optional["Prober"] = None
     timer: Optional[Callable[[], float]] = None
@@ -191,6 +195,9 @@ class LatencyOptions:
         if isinstance(self.overshoot, bool) or not isinstance(self.overshoot, (int, float)) \
                 or not 0.0 < float(self.overshoot) < 1.0:
             raise FxPruneError(f"latency option overshoot must be a fraction in (0, 1), got {self.overshoot!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) \
+                or not 0.0 <= float(self.margin) < float(self.overshoot) / 2:
+            raise FxPruneError(f"latency option margin must be a fraction in [0, overshoot / 2), got {self.margin!r}")
         if not self.grid or any(not (isinstance(f, (int, float)) and 0 < f <= 1) for f in self.grid):
             raise FxPruneError(f"latency option grid must be fractions in (0, 1], got {list(self.grid)!r}")
         return self
@@ -866,6 +873,14 @@ def refine_counts(model: LatencyModel, groups: Sequence[Group], policy: Policy, 
 # --------------------------------------------------------------------------- verification
 
 
+def _pessimistic(result: LatencyResult, fraction_target: bool) -> float:
+    """The upper quartile of what a target compares: pruned/original per round, or the pruned ms."""
+    if fraction_target:
+        speedup = result.speedups.get("pruned")
+        return 1.0 / speedup.q25 if speedup is not None and speedup.q25 > 0 else math.inf
+    return result.models["pruned"].q75_ms
+
+
 def _measured_fraction(result: LatencyResult) -> Tuple[float, float, float]:
     """(pruned ms, original ms, pruned / original) from an interleaved pair measurement."""
     original, pruned = result.models["original"], result.models["pruned"]
@@ -958,10 +973,14 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         pair = timed({"original": original, "pruned": pruned})
         pruned_ms, original_ms, fraction = _measured_fraction(pair)
         achieved = fraction if target.fraction is not None else pruned_ms
+        met = achieved <= wanted and fraction < 1.0
+        if phase == "give back":  # capacity given back must not land on the edge (see LatencyOptions.margin)
+            met = met and achieved <= wanted * (1.0 - options.margin) \
+                and _pessimistic(pair, target.fraction is not None) <= wanted
         entry = {"try": len(tries) + 1, "phase": phase, "predicted_ms": found.predicted_ms,
                  "predicted_fraction": found.predicted_ms / base_ms, "goal_ms": predict_goal,
                  "measured_ms": pruned_ms, "original_ms": original_ms, "measured_fraction": fraction,
-                 "macs_fraction": macs, "busy": pair.busy, "met": bool(achieved <= wanted and fraction < 1.0)}
+                 "macs_fraction": macs, "busy": pair.busy, "met": bool(met)}
         tries.append(entry)
         say(f"latency: try {entry['try']} ({phase}): predicted {found.predicted_ms:.3f} ms, measured {pruned_ms:.3f} "
             f"ms ({fraction:.3f} of the original {original_ms:.3f} ms; {target.describe()}; MACs kept {macs:.3f})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
 import torch
@@ -529,7 +529,47 @@ def test_ms_target_returns_the_met_try_even_when_a_missed_one_had_a_smaller_frac
     assert record["chosen_try"] == 2 and record["after_ms"] == 4.5 and record["fraction"] == pytest.approx(0.45)
 
 
+def scripted_give_back(give_back_fraction: float, q25_speedup: Optional[float] = None):
+    """The search's try measures 0.25 of the original (an overshoot); every give-back try measures
+    ``give_back_fraction`` (median), with its per-round speed-ups' lower quartile ``q25_speedup``."""
+
+    def measure(models: Dict[str, nn.Module]) -> LatencyResult:
+        if "pruned" not in models:
+            return result_of({"original": 10.0})
+        searched = measure.calls == 0
+        measure.calls += 1
+        fraction = 0.25 if searched else give_back_fraction
+        result = result_of({"original": 10.0, "pruned": 10.0 * fraction})
+        if q25_speedup is not None and not searched:
+            s = result.speedups["pruned"]
+            result.speedups["pruned"] = Speedup(s.model, s.reference, s.median, q25_speedup, s.q75, s.ratio_of_medians,
+                                                s.samples)
+        return result
+
+    measure.calls = 0
+    return measure
+
+
+@pytest.mark.parametrize("fraction, q25, met", [
+    (0.49, None, False),   # under the target, but not the margin's 3 % under it: the edge
+    (0.46, 1.9, False),    # 8 % under by the median, but a quarter of the rounds measured above 0.5
+    (0.46, None, True),    # the control: clear of the edge by both, so capacity is given back
+])
+def test_give_back_does_not_stop_on_the_edge_of_the_target(fraction: float, q25: Optional[float], met: bool) -> None:
+    pruned = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                           latency_options=options(measure=scripted_give_back(fraction, q25)))
+    record = pruned.meta["fxprune_plan"].policy["latency"]
+    tries = record["tries"]
+    assert tries[0]["phase"] == "search" and tries[0]["met"] and len(tries) > 1
+    assert all(t["met"] is met for t in tries[1:] if t["phase"] == "give back")
+    chosen = tries[record["chosen_try"] - 1]
+    assert chosen["phase"] == ("give back" if met else "search")
+    assert record["fraction"] == pytest.approx(fraction if met else 0.25)
+
+
 @pytest.mark.parametrize("changes, message", [({"give_back": -1}, "give_back must be an integer >= 0"),
+                                              ({"margin": 0.05}, r"margin must be a fraction in \[0, overshoot / 2\)"),
+                                              ({"margin": -0.01}, "margin must be"),
                                               ({"overshoot": 0.0}, r"overshoot must be a fraction in \(0, 1\)"),
                                               ({"overshoot": True}, "overshoot must be")])
 def test_give_back_options_are_validated(changes: Dict[str, Any], message: str) -> None:

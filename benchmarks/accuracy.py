@@ -101,7 +101,7 @@ def plan_jobs(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str]
     return jobs
 
 
-#: ``--finetune`` keys that are :class:`~fxprune.workflow.run.RunConfig` fields. Only options that
+#: ``--finetune`` keys that are :class:`~fxprune.workflow.job.RunConfig` fields. Only options that
 #: reach the fine-tuning (and the pruning) are allowed, never ones the baseline or D share
 #: (``augment``, ``baseline_lr``, ...), so a variant changes the recipe under test, not the comparison.
 FINETUNE_RUN_KEYS = ("lr", "distill", "importance", "label_smoothing", "weight_decay", "optimizer",
@@ -145,7 +145,7 @@ def parse_finetune(pairs: Sequence[str]) -> Dict[str, Any]:
 
 def finetune_recipe(args: argparse.Namespace) -> Dict[str, Any]:
     """The fine-tuning recipe the pruned arms and E train with: the job's defaults plus ``--finetune``."""
-    from fxprune.workflow.run import RunConfig, train_config
+    from fxprune.workflow.job import RunConfig, train_config
 
     changes = parse_finetune(getattr(args, "finetune", None) or [])
     run_changes = {k: v for k, v in changes.items() if k in FINETUNE_RUN_KEYS}
@@ -446,7 +446,7 @@ class Bench:
         import torch
 
         from fxprune.workflow.data import example_batch, limit_dataset, load_data
-        from fxprune.workflow.run import RunConfig
+        from fxprune.workflow.job import RunConfig
 
         self.args = args
         full = load_data("fashion-mnist")
@@ -479,7 +479,7 @@ class Bench:
         """The fine-tuning TrainConfig of ``config`` with the ``--finetune`` TrainConfig fields."""
         import dataclasses
 
-        from fxprune.workflow.run import train_config
+        from fxprune.workflow.job import train_config
 
         return dataclasses.replace(train_config(config, baseline=False), **self.train_changes)
 
@@ -522,7 +522,7 @@ class Bench:
         torch = self.torch
         from fxprune.workflow.finetune import save_checkpoint
         from fxprune.workflow.models import build_model
-        from fxprune.workflow.run import train_config
+        from fxprune.workflow.job import train_config
 
         config = self.config(seed)
         torch.manual_seed(seed)  # the job's fixed initialisation (run._fresh_model)
@@ -551,7 +551,7 @@ class Bench:
         return make_loader(self.train_set, config.batch_size, train=True, seed=config.seed, num_workers=0)
 
     def fxprune_default(self, baseline: Any, config: Any) -> Any:
-        from fxprune.workflow.run import prune_model
+        from fxprune.workflow.job import prune_model
 
         # The weight-based criteria ignore the batches; taylor/apoz score on them as the job does.
         return prune_model(baseline, config, self.example, calibration=self.calibration(config))
@@ -568,7 +568,7 @@ class Bench:
 
     # -- the arms --------------------------------------------------------------------------
     def run_arm(self, seed: int, arm: str, ratio: Optional[float]) -> Dict[str, Any]:
-        from fxprune.workflow.run import train_config
+        from fxprune.workflow.job import train_config
 
         baseline, base_info = self.baseline(seed)
         entry: Dict[str, Any] = {"seed": seed, "arm": arm, "ratio": ratio}

@@ -245,7 +245,7 @@ def bench_model(arch: str, batch: int, targets: Sequence[float], ladder: Sequenc
 
 def fmnist_configs(args: argparse.Namespace, root: Path, target: Optional[float] = None) -> Any:
     """The RunConfig of the uniform run (``target`` None) or of the latency run: same seed, data, fine-tune."""
-    from fxprune.workflow.run import RunConfig
+    from fxprune.workflow.job import RunConfig
 
     common = dict(model="resnet18", data="fashion-mnist", seed=args.fmnist_seed, limit=args.fmnist_limit,
                   epochs=args.fmnist_epochs, baseline_epochs=args.fmnist_baseline_epochs, control=False,
@@ -279,7 +279,7 @@ def bench_fmnist(args: argparse.Namespace, root: Path, *, runner: Optional[Calla
     from fxprune.workflow.evaluate import latency_key
 
     if runner is None:
-        from fxprune.workflow.run import run as runner  # type: ignore[no-redef]
+        from fxprune.workflow.job import run as runner  # type: ignore[no-redef]
     key = latency_key(torch.device(args.device), args.mode, args.fmnist_batch)
     out: Dict[str, Any] = {"ratio": FMNIST_RATIO, "key": key, "seed": args.fmnist_seed, "limit": args.fmnist_limit,
                            "epochs": args.fmnist_epochs, "baseline_epochs": args.fmnist_baseline_epochs}

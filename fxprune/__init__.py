@@ -21,10 +21,10 @@ _EXPORTS = {
     ".groups": ("Group", "Member"),
     ".importance": ("available_criteria", "register_criterion", "register_model_criterion"),
     ".iterative": ("prune_iteratively",),
-    ".plan": ("GroupPlan", "PruningPlan"),
+    ".planning": ("GroupPlan", "PruningPlan"),
     ".rewrite": ("register_builder",),
     ".rules": ("Layout", "register_rule"),
-    ".trace": ("trace",),
+    ".tracing": ("trace",),
     ".artifact": ("load", "save"),
     ".modelspec": ("ModelSpec",),
     ".latency": ("LatencyResult", "format_speedup", "measure_latency", "realised_fraction"),
@@ -36,10 +36,10 @@ if TYPE_CHECKING:  # the same names, for type checkers (tests/test_packaging.py 
     from .groups import Group, Member
     from .importance import available_criteria, register_criterion, register_model_criterion
     from .iterative import prune_iteratively
-    from .plan import GroupPlan, PruningPlan
+    from .planning import GroupPlan, PruningPlan
     from .rewrite import register_builder
     from .rules import Layout, register_rule
-    from .trace import trace
+    from .tracing import trace
     from .artifact import load, save
     from .modelspec import ModelSpec
     from .latency import LatencyResult, format_speedup, measure_latency, realised_fraction

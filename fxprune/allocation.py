@@ -2,7 +2,7 @@
 
 A :class:`Policy` says how to decide; :func:`allocate` turns it, the groups' scores and
 (for targets) a :class:`CostModel` into a keep count per group. Which channels survive is
-then the top of each group's scores (:func:`fxprune.plan.make_plan`).
+then the top of each group's scores (:func:`fxprune.planning.make_plan`).
 
 Policies:
 
@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import FxPruneError, FxPruneWarning, InternalError, UnsupportedNodeError, describe_node, target_name
 from .groups import Analysis, Group, tensor_owner
-from .trace import MutableArgsInterpreter
+from .tracing import MutableArgsInterpreter
 from .rules import lookup_rule, role_tensors
 
 __all__ = [

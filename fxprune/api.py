@@ -23,12 +23,12 @@ from .errors import FxPruneError, FxPruneWarning, InternalError, describe_node
 from .groups import Analysis, Group, analyze, select_channels
 from .importance import Criterion, ScoringOptions, check_importance
 from .latency_model import LatencyOptions, LatencyTarget, plan_for_latency
-from .plan import GroupPlan, PruningPlan, make_plan
+from .planning import GroupPlan, PruningPlan, make_plan
 from .registry import Registry
 from .rewrite import Builder, rewrite
 from .rules import LAYER_NORM_MODULES, RuleTable
 from .export import is_lifted
-from .trace import as_graph_module, cast_model, propagate_shapes, trace
+from .tracing import as_graph_module, cast_model, propagate_shapes, trace
 
 __all__ = ["prune", "plan", "apply", "find_groups", "analyze_model", "GroupList", "keep_class"]
 

@@ -102,7 +102,7 @@ import torch.nn as nn
 from .version import __version__
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .modelspec import ModelSpec, ModelSpecError
-from .plan import PLAN_VERSION, GroupPlan, PruningPlan
+from .planning import PLAN_VERSION, GroupPlan, PruningPlan
 
 __all__ = ["save", "load", "read_meta", "read_plan", "ArtifactError", "SpecMismatchError", "FORMAT", "FORMAT_VERSION", "PLAN_META_KEY",
            "SOURCE_META_KEY", "SPEC_META_KEY", "ARTIFACT_FILES", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS",

@@ -143,7 +143,7 @@ def _check_prune_args(args: argparse.Namespace) -> None:
     so both commands refuse the same values with the same words.
     """
     from .workflow.models import check_model_name
-    from .workflow.run import RunConfig, check_output_folder, check_weights
+    from .workflow.job import RunConfig, check_output_folder, check_weights
 
     RunConfig(model=args.model, weights=args.weights, ratio=args.ratio, target_macs=args.target_macs,
               importance=args.importance, ignore=tuple(args.ignore), renormalising=args.renormalising).validate()

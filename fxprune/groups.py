@@ -61,7 +61,7 @@ from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe
 from .graph import to_networkx, walk
 from .rules import (ARG_REWRITE, DEFAULT_RULES, ArgPatch, ArgRewrite, Constraint, EqualPerBlock, Layout, RuleTable,
                     TupleLayout, WholeUnits, output_rank)
-from .trace import node_shape
+from .tracing import node_shape
 
 __all__ = [
     "Member", "TensorMember", "Group", "Slot", "TensorSlot", "Analysis", "analyze", "fit_count", "select_channels", "check_balanced",

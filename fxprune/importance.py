@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
 from .registry import Registry
-from .trace import MutableArgsInterpreter
+from .tracing import MutableArgsInterpreter
 from .rules import LAYER_NORM_MODULES, role_tensors
 from .layers import PrunedMultiheadAttention
 

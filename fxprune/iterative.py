@@ -33,11 +33,11 @@ from .api import ModelLike, RatioArg, decide, few_threads, check_ignore, as_inpu
 from .cost import count_macs, count_params
 from .importance import check_importance
 from .errors import FxPruneError, FxPruneWarning, InternalError
-from .plan import GroupPlan, PruningPlan, model_identity
+from .planning import GroupPlan, PruningPlan, model_identity
 from .registry import Registry
 from .rewrite import Builder
 from .rules import RuleTable
-from .trace import as_graph_module
+from .tracing import as_graph_module
 
 __all__ = ["prune_iteratively"]
 

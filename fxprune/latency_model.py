@@ -68,10 +68,10 @@ from .cost import count_macs
 from .errors import FxPruneError, InternalError
 from .groups import Analysis, Group, Slot
 from .importance import ScoringOptions, score_groups
-from .plan import PruningPlan, make_plan
+from .planning import PruningPlan, make_plan
 from .rewrite import rewrite
 from .latency import MODES, LatencyResult, device_description, measure_latency
-from .trace import node_shape
+from .tracing import node_shape
 
 __all__ = [
     "LatencyTarget",

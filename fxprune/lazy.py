@@ -11,10 +11,10 @@ time of the command line; nothing else in the package depends on it.
 
 Two details make it safe:
 
-- An export may share its name with a submodule (``fxprune.plan`` the function and
-  ``fxprune/plan.py``; ``fxprune.workflow.run``). The import system binds every submodule it
-  loads on its package (``setattr(fxprune, "plan", <module>)``); :class:`LazyPackage` ignores
-  that binding for exported names, so ``fxprune.plan`` is always the function, as it was.
+- No export shares its name with a submodule (the modules are ``planning``, ``tracing`` and
+  ``workflow/job``, so ``import fxprune.planning as P`` binds the module and ``fxprune.plan``
+  the function; tests/test_packaging.py keeps it so). Otherwise the import system's binding of
+  a submodule on its package would shadow the export, or the export the submodule.
 - Static type checkers do not see the table: each package also imports its exports under
   ``if TYPE_CHECKING:`` (tests/test_packaging.py checks the two lists agree).
 """
@@ -42,15 +42,6 @@ class LazyPackage(types.ModuleType):
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
         self.load_exports()
         return self.__dict__[name]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        exports = self.__dict__.get("_fxprune_exports", {})
-        if (name in exports and isinstance(value, types.ModuleType)
-                and value.__name__ == f"{self.__name__}.{name}"):
-            # The import system binding a submodule of the same name: the export wins (and is
-            # bound by load_exports); the submodule stays reachable through sys.modules.
-            return
-        super().__setattr__(name, value)
 
     def __dir__(self) -> List[str]:
         return sorted(set(self.__dict__) | set(self.__dict__.get("_fxprune_exports", {})))

@@ -22,10 +22,10 @@ import torch.nn as nn
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
 from .layers import PrunedMultiheadAttention
-from .plan import PruningPlan, resolve
+from .planning import PruningPlan, resolve
 from .registry import Registry
 from .rules import ARG_REWRITE, LAYER_NORM_MODULES, ArgRewrite, evaluate_arg
-from .trace import propagate_shapes
+from .tracing import propagate_shapes
 
 __all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size",
            "unit_positions"]
@@ -266,7 +266,7 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
 
     >>> import torchvision, fxprune
     >>> from fxprune.groups import analyze
-    >>> from fxprune.plan import make_plan
+    >>> from fxprune.planning import make_plan
     >>> a = analyze(fxprune.trace(torchvision.models.resnet18()))
     >>> pruned = rewrite(a, make_plan(a, 0.5))
     >>> pruned.get_submodule("layer1.0.conv1").out_channels

@@ -36,11 +36,11 @@ from .api import ModelLike, analyze_model
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import RENORMALISING, Slot, TensorSlot
 from .layers import PrunedMultiheadAttention
-from .plan import PruningPlan, resolve
+from .planning import PruningPlan, resolve
 from .registry import Registry
 from .rewrite import slot_indices
 from .rules import RuleTable, role_tensors
-from .trace import as_graph_module, cast_model, cast_value
+from .tracing import as_graph_module, cast_model, cast_value
 
 __all__ = ["masked_reference", "assert_equivalent", "register_mask", "DEFAULT_MASKS", "randomize_norms", "randomize_constants",
            "constant_tensors", "cast_model", "VacuousProofError", "Mask", "masked_norm"]

@@ -204,7 +204,7 @@ def test_exported_transposed_convs_lift_with_their_output_padding() -> None:
 
 
 def test_prune_accepts_an_exported_module_directly() -> None:
-    # Needs fxprune.trace.as_graph_module to route ATen graphs through from_exported.
+    # Needs fxprune.tracing.as_graph_module to route ATen graphs through from_exported.
     model = _bn_stats(torchvision.models.resnet18())
     exported = torch.export.export(model, (X,)).module()
     pruned = fxprune.prune(exported, 0.5)

@@ -168,7 +168,7 @@ def test_bad_ratio_raises_value_error(resnet18: nn.Module, bad: object) -> None:
 
 
 def test_keep_count_classic_recipe_and_at_least_one() -> None:
-    from fxprune.plan import keep_count
+    from fxprune.planning import keep_count
 
     assert keep_count(64, 0.3) == int(64 * 0.7) == 44
     assert keep_count(3, 0.9) == 1
@@ -230,7 +230,7 @@ def test_trace_records_the_user_frames_of_each_node_and_nothing_outside_the_forw
     trace = node.stack_trace
     assert trace.strip().endswith("torch.cumsum(y, dim=1)") and "zoo.py" in trace and "in forward" in trace
     assert "test_core.py" not in trace  # the caller of trace() is not part of the model
-    assert "torch/fx" not in trace and "fxprune/trace.py" not in trace  # neither are fx's or ours
+    assert "torch/fx" not in trace and "fxprune/tracing.py" not in trace  # neither are fx's or ours
     # The nested module calls record their own line (the Sequential's, inside torch, is skipped).
     conv = traced.graph.find_nodes(op="call_module", target="a.0")[0]
     assert "self.a(x)" in conv.stack_trace

@@ -537,7 +537,7 @@ def test_bn1d_over_a_sequence_still_prunes(shapes: bool) -> None:
 def test_a_pruned_model_that_cannot_run_is_an_internal_error_not_a_bad_input() -> None:
     """Were the analysis ever wrong again, the message must not blame the example inputs."""
     from fxprune.api import analyze_model
-    from fxprune.plan import make_plan
+    from fxprune.planning import make_plan
     from fxprune.rewrite import rewrite
 
     model = PerChannelOperand("maximum").eval()

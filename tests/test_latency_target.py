@@ -269,7 +269,7 @@ def test_cost_table_keys_entries_by_shape(tmp_path) -> None:
 def test_cli_options_parse_into_the_config_and_are_result_options() -> None:
     from fxprune.latency import MODES
     from fxprune.workflow import cli_args
-    from fxprune.workflow.run import RESULT_OPTIONS, RunConfig
+    from fxprune.workflow.job import RESULT_OPTIONS, RunConfig
 
     assert cli_args.LATENCY_MODES == MODES
     args = cli_args.build_parser().parse_args(["run", "--target-latency", "0.4", "--latency-batch", "4",
@@ -295,7 +295,7 @@ def test_cli_options_parse_into_the_config_and_are_result_options() -> None:
 ])
 def test_cli_validation_refuses_bad_latency_options_before_any_work(changes: Dict[str, Any], message: str) -> None:
     from fxprune.workflow.errors import ConfigError
-    from fxprune.workflow.run import RunConfig
+    from fxprune.workflow.job import RunConfig
 
     with pytest.raises(ConfigError, match=message):
         RunConfig(**changes).validate()
@@ -313,7 +313,7 @@ def test_cli_refuses_cuda_latency_without_cuda(tmp_path, capsys) -> None:
 
 def test_sweep_refuses_a_latency_target(tmp_path) -> None:
     from fxprune.workflow.errors import ConfigError
-    from fxprune.workflow.run import RunConfig, sweep
+    from fxprune.workflow.job import RunConfig, sweep
 
     with pytest.raises(ConfigError, match="--target-latency contradicts"):
         sweep(RunConfig(target_latency=0.5, out=str(tmp_path / "s")), [0.3])
@@ -339,7 +339,7 @@ def test_report_shows_predicted_and_measured_latency_and_the_realised_fraction()
 def test_run_prune_model_measures_for_real_and_caches_the_table(tmp_path, monkeypatch) -> None:
     # Real timing of a tiny model: the outcome depends on the machine, so either the target is met
     # (and recorded) or the error names the best reached; the cost table lands in FXPRUNE_CACHE.
-    from fxprune.workflow.run import RunConfig, prune_model
+    from fxprune.workflow.job import RunConfig, prune_model
 
     monkeypatch.setenv("FXPRUNE_CACHE", str(tmp_path))
     config = RunConfig(target_latency=0.7, latency_runs=3)
@@ -631,7 +631,7 @@ def test_run_re_measures_at_the_latency_batch_and_keys_it(monkeypatch) -> None:
 
     from fxprune.workflow.evaluate import latency_target_key
 
-    run_module = importlib.import_module("fxprune.workflow.run")  # the package's ``run`` is the function
+    run_module = importlib.import_module("fxprune.workflow.job")  # the package's ``run`` is the function
 
     seen: Dict[str, Any] = {}
 

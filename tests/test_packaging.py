@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 import tomllib
@@ -129,8 +130,8 @@ import contextlib, importlib, io, json, pkgutil, types
 result = {}
 
 # Exports named like submodules stay the functions, whichever is imported first.
-import fxprune.testing           # imports fxprune/plan.py and fxprune/trace.py as submodules
-import fxprune.workflow.run      # the submodule named like fxprune.workflow.run()
+import fxprune.testing           # imports fxprune/planning.py and fxprune/tracing.py as submodules
+import fxprune.workflow.job      # the workflow job module (run, sweep)
 import fxprune, fxprune.workflow
 result["modules_not_functions"] = [repr(v) for v in (fxprune.plan, fxprune.trace, fxprune.workflow.run,
                                    fxprune.workflow.sweep) if isinstance(v, types.ModuleType) or not callable(v)]
@@ -211,8 +212,27 @@ def test_lazy_exports_match_the_type_checking_imports_and_all(package: str) -> N
         assert getattr(module, name) is not None
 
 
-def test_exports_named_like_submodules_stay_the_functions(probe: dict[str, Any]) -> None:
+def test_exports_stay_the_functions_after_every_submodule_is_imported(probe: dict[str, Any]) -> None:
     assert probe["modules_not_functions"] == [] and probe["in_dir"]
+
+
+@pytest.mark.parametrize("package", ["fxprune", "fxprune.workflow"])
+def test_no_export_shares_its_name_with_a_submodule(package: str) -> None:
+    # ``import fxprune.plan as P`` used to bind the function plan(), not fxprune/plan.py: an
+    # export named like a submodule shadows it (or is shadowed). The modules were renamed.
+    module = sys.modules[package] if package in sys.modules else __import__(package, fromlist=["_"])
+    submodules = {info.name for info in pkgutil.iter_modules(module.__path__)}
+    exports = {name for names in module._EXPORTS.values() for name in names}
+    assert not exports & submodules
+
+
+def test_importing_a_submodule_as_a_name_binds_the_module() -> None:
+    import fxprune.planning as planning
+    import fxprune.tracing as tracing
+    import fxprune.workflow.job as job
+
+    assert all(isinstance(m, types.ModuleType) for m in (planning, tracing, job))
+    assert planning.PruningPlan is fxprune.PruningPlan and job.run is fxprune.workflow.run
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +277,7 @@ def test_importance_choices_agree_with_the_registry_and_are_in_help(probe: dict[
 
 def test_parser_defaults_are_the_run_config_defaults() -> None:
     from fxprune.workflow import cli_args
-    from fxprune.workflow.run import DEFAULT_RATIO, RunConfig
+    from fxprune.workflow.job import DEFAULT_RATIO, RunConfig
 
     defaults = RunConfig()
     for name, value in cli_args.RUN_DEFAULTS.items():
@@ -332,7 +352,7 @@ def test_prune_with_weights_that_do_not_fit(tmp_path: Path, capsys: pytest.Captu
 
 def test_prune_default_ratio_is_run_default() -> None:
     from fxprune.cli import build_parser
-    from fxprune.workflow.run import DEFAULT_RATIO
+    from fxprune.workflow.job import DEFAULT_RATIO
 
     args = build_parser().parse_args(["prune"])
     assert args.ratio is None and args.target_macs is None
@@ -349,7 +369,7 @@ def test_only_rank_0_prints_the_run_summary(monkeypatch: pytest.MonkeyPatch, cap
 
     from fxprune.workflow import cli_args
 
-    run_module = importlib.import_module("fxprune.workflow.run")
+    run_module = importlib.import_module("fxprune.workflow.job")
     report = {"baseline": {"top1": 90.0}, "pruned": {"top1": 89.0}, "reduction": {"macs_x": 4.0}}
     monkeypatch.setattr(run_module, "run", lambda config: report)
     monkeypatch.setattr(cli_args, "run", run_module.run, raising=False)  # never a real run, whatever binds it
@@ -365,7 +385,7 @@ def test_workers_reach_the_training_loader(tmp_path: Path, monkeypatch: pytest.M
     import numpy as np
 
     from fxprune.workflow import finetune
-    from fxprune.workflow.run import RunConfig, run
+    from fxprune.workflow.job import RunConfig, run
 
     from .workflow.helpers import synthetic_images, write_idx
 

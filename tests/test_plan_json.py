@@ -15,7 +15,7 @@ import torchvision
 import fxprune
 from fxprune import PlanMismatchError, PruningPlan
 from fxprune.api import analyze_model
-from fxprune.plan import GroupPlan, fingerprint
+from fxprune.planning import GroupPlan, fingerprint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,7 @@ import fxprune
 from fxprune import FxPruneError, FxPruneWarning
 from fxprune.testing import (VacuousProofError, assert_equivalent, cast_model, constant_tensors, masked_reference,
                              randomize_constants, randomize_norms)
-from fxprune.trace import stale_proxies
+from fxprune.tracing import stale_proxies
 
 
 # The helpers below have no channel rule on purpose; their freeze warnings are expected.

@@ -21,7 +21,7 @@ from fxprune.errors import FxPruneError, PlanMismatchError
 from fxprune.groups import (EqualPerBlock, Group, GroupConstraint, WholeUnits, check_balanced, fit_count,
                             resolve_constraints, select_channels)
 from fxprune.allocation import count_step, group_count
-from fxprune.plan import GroupPlan
+from fxprune.planning import GroupPlan
 from fxprune.testing import assert_equivalent, randomize_norms
 
 

@@ -19,7 +19,7 @@ _EXPORTS = {
     ".finetune": ("TrainConfig", "recalibrate_batchnorm", "train"),
     ".models": ("build_model", "load_weights"),
     ".report": ("load_pruned", "save_pruned"),
-    ".run": ("RunConfig", "run", "sweep"),
+    ".job": ("RunConfig", "run", "sweep"),
 }
 
 if TYPE_CHECKING:  # the same names, for type checkers (tests/test_packaging.py keeps both in sync)
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the same names, for type checkers (tests/test_packaging.py 
     from fxprune.workflow.finetune import TrainConfig, recalibrate_batchnorm, train
     from fxprune.workflow.models import build_model, load_weights
     from fxprune.workflow.report import load_pruned, save_pruned
-    from fxprune.workflow.run import RunConfig, run, sweep
+    from fxprune.workflow.job import RunConfig, run, sweep
 
 __all__ = [
     "RunConfig", "run", "sweep",

@@ -25,7 +25,7 @@ from fxprune.workflow.errors import ConfigError
 from fxprune.workflow.progress import LOG_LEVELS  # stdlib only: no torch
 
 if TYPE_CHECKING:
-    from fxprune.workflow.run import RunConfig
+    from fxprune.workflow.job import RunConfig
 
 __all__ = [
     "RUN_EXAMPLES",
@@ -56,11 +56,11 @@ __all__ = [
     "closest",
 ]
 
-#: The ratio when neither --ratio nor --target-macs is given (fxprune.workflow.run.DEFAULT_RATIO;
+#: The ratio when neither --ratio nor --target-macs is given (fxprune.workflow.job.DEFAULT_RATIO;
 #: tests/test_packaging.py checks the two agree).
 DEFAULT_RATIO = 0.5
 
-#: The defaults of :class:`fxprune.workflow.run.RunConfig` the options show, as plain data so
+#: The defaults of :class:`fxprune.workflow.job.RunConfig` the options show, as plain data so
 #: that building the parser imports no torch. tests/test_packaging.py checks every entry
 #: against ``RunConfig()``; a new option whose default is missing here fails at parser build.
 RUN_DEFAULTS: Mapping[str, Any] = {
@@ -401,7 +401,7 @@ def console_log_level(args: argparse.Namespace) -> Optional[str]:
 
 def config_from_args(args: argparse.Namespace) -> "RunConfig":
     """The :class:`RunConfig` an argparse namespace of these options describes."""
-    from fxprune.workflow.run import RunConfig  # imports torch: only once a command runs
+    from fxprune.workflow.job import RunConfig  # imports torch: only once a command runs
 
     values: dict[str, Any] = {}
     for name in RunConfig.__dataclass_fields__:
@@ -431,7 +431,7 @@ def main_run(args: argparse.Namespace) -> int:
     Under ``torchrun`` every process runs the job; only rank 0 prints the summary line.
     """
     from fxprune.workflow.distributed import launch_rank
-    from fxprune.workflow.run import run
+    from fxprune.workflow.job import run
 
     try:
         report = run(config_from_args(args))
@@ -450,7 +450,7 @@ def main_run(args: argparse.Namespace) -> int:
 def main_sweep(args: argparse.Namespace) -> int:
     """``fxprune sweep``: returns the exit status (only rank 0 prints the summary under torchrun)."""
     from fxprune.workflow.distributed import launch_rank
-    from fxprune.workflow.run import sweep
+    from fxprune.workflow.job import sweep
 
     try:
         summary = sweep(config_from_args(args), args.ratios, args.importances)

@@ -26,7 +26,7 @@ from fxprune.workflow.cli_args import build_parser, config_from_args
 from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.models import build_model, check_model_name, load_weights, model_spec
 from fxprune.workflow.report import load_pruned
-from fxprune.workflow.run import RESULT_OPTIONS, RunConfig, run
+from fxprune.workflow.job import RESULT_OPTIONS, RunConfig, run
 
 
 def _tiny(out: Path, data: Path, **changes: object) -> RunConfig:

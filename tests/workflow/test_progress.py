@@ -18,7 +18,7 @@ from fxprune.workflow.cli_args import UsageError, build_parser, config_from_args
 from fxprune.workflow.errors import ConfigError
 from fxprune.workflow.progress import (Estimate, EtaEstimator, JobProgress, Stage, bar_safe_output, format_eta,
                                        plan_run, plan_sweep, train_steps)
-from fxprune.workflow.run import RunConfig, run
+from fxprune.workflow.job import RunConfig, run
 
 TINY = "tests.workflow.helpers:TinyNet"
 

@@ -25,7 +25,7 @@ from fxprune.workflow.data import CifarUnpickler, load_data, read_idx
 from fxprune.workflow.errors import CheckpointError, ConfigError, DataError, DataNotFoundError
 from fxprune.workflow.models import build_model
 from fxprune.workflow.report import load_pruned, save_pruned
-from fxprune.workflow.run import RESULT_OPTIONS, RunConfig, check_output_folder, run, sweep
+from fxprune.workflow.job import RESULT_OPTIONS, RunConfig, check_output_folder, run, sweep
 
 from .helpers import TinyNet, synthetic_images, write_idx
 

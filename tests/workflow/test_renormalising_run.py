@@ -17,7 +17,7 @@ from torch import nn
 from fxprune import cli
 from fxprune.workflow.cli_args import build_parser, config_from_args
 from fxprune.workflow.report import group_summary, render_markdown
-from fxprune.workflow.run import RunConfig, run
+from fxprune.workflow.job import RunConfig, run
 
 from .test_reliability import _tiny, _write_fmnist
 

@@ -29,13 +29,13 @@ from fxprune.workflow.cli_args import main as cli_main
 from fxprune.workflow.errors import ConfigError
 from fxprune.workflow.report import (WarningLog, collect_warnings, command_line, git_commit, group_summary,
                                      reason_kind, render_markdown)
-from fxprune.workflow.run import RunConfig, run, sweep
+from fxprune.workflow.job import RunConfig, run, sweep
 
 from .test_reliability import _tiny, _write_fmnist
 
 HERE = "tests.workflow.test_report_content"
 # The module (fxprune.workflow re-exports the function run under the same name).
-run_module = importlib.import_module("fxprune.workflow.run")
+run_module = importlib.import_module("fxprune.workflow.job")
 
 
 class FrozenNet(nn.Module):

@@ -16,7 +16,7 @@ from fxprune.workflow.data import load_data
 from fxprune.workflow.errors import DataNotFoundError
 from fxprune.workflow.evaluate import evaluate_accuracy
 from fxprune.workflow.report import load_pruned
-from fxprune.workflow.run import RunConfig, run, sweep
+from fxprune.workflow.job import RunConfig, run, sweep
 
 from .helpers import needs_fmnist
 

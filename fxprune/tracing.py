@@ -227,7 +227,7 @@ def check_graph(graph: torch.fx.Graph, what: str) -> None:
                     f"the graph of {what} is inconsistent: {describe_node(node)} reads "
                     f"{inp.name}, a node of another graph: a torch.fx Proxy kept from an earlier trace (e.g. a "
                     "tensor cached in a module attribute during forward). Hint: clear such caches "
-                    "(fxprune.trace.stale_proxies(model) names them) or build a fresh instance, and trace again")
+                    "(fxprune.tracing.stale_proxies(model) names them) or build a fresh instance, and trace again")
 
 
 def trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> torch.fx.GraphModule:

@@ -906,7 +906,7 @@ def render(results: Mapping[str, Mapping[str, Any]], zoo: Sequence[Entry], meta:
         f"- traced: {s['fx']} with torch.fx, {s['export']} through `torch.export`.",
         f"- **pruned {s['pruned']}**, **proven equivalent in float64 {s['proven']}**, **failed {s['failed']}**: "
         f"{s['errors']} with an error or out of time, {s['unpruned']} proven but with nothing pruned (every group frozen).",
-        f"- {s['renormalising']} of the proven models prune renormalising groups (LayerNorm/RMSNorm widths), proven "
+        f"- {s['renormalising']} of the proven models prune renormalising groups (LayerNorm/RMSNorm widths, one-group GroupNorms), proven "
         "against the masked-norm reference; every other pruned group is exact.",
         f"- Torch-Pruning returned a model for {s['tp_ran']} ({s['tp_runs']} of them still run with the same output shapes).",
         f"- fxprune's parameters after pruning are at most 1.1x Torch-Pruning's on **{s['within_1_1']} of "
@@ -930,7 +930,7 @@ def render(results: Mapping[str, Mapping[str, Any]], zoo: Sequence[Entry], meta:
         "## Models",
         "",
         "Params and MACs in millions; MACs for the input shown. *Pruned groups*: how many groups lost channels; "
-        "**renormalising** ones are LayerNorm/RMSNorm widths, proven against the masked-norm reference (the masked "
+        "**renormalising** ones are LayerNorm/RMSNorm widths and one-group GroupNorms, proven against the masked-norm reference (the masked "
         "original with each affected norm computing its statistics over the kept channels), the rest exact (proven "
         "against the masked reference). *Frozen groups*: groups fxprune leaves whole, with "
         "the most frequent reasons. *fxprune/TP*: fxprune's parameters after over Torch-Pruning's.",

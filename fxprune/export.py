@@ -191,6 +191,7 @@ _FUNCTIONS: Dict[Any, Tuple[str, Any]] = {
     aten.clone.default: ("call_method", "clone"),
     # Layout and shape ops whose torch function takes the same arguments in the same order.
     aten.permute.default: ("call_function", torch.permute),
+    aten.roll.default: ("call_function", torch.roll),  # Swin's cyclic shift (HF Swin on the exported path)
     aten.transpose.int: ("call_function", torch.transpose),
     aten.unsqueeze.default: ("call_function", torch.unsqueeze),
     aten.squeeze.default: ("call_function", torch.squeeze),

@@ -185,7 +185,12 @@ def _group_norm(gn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     assert isinstance(gn, nn.GroupNorm)
     keep = idx.get("channelwise")
     new = _copy_with(gn, {"weight": _sliced(gn.weight, 0, keep), "bias": _sliced(gn.bias, 0, keep)})
-    if keep is not None:
+    if keep is not None and gn.num_groups == 1:
+        # num_groups=1 (a renormalising group): one group of the kept channels.
+        if len(keep) == 0:
+            raise InternalError("GroupNorm(1) keeps no channel")
+        new.num_channels = len(keep)
+    elif keep is not None:
         unit = gn.num_channels // gn.num_groups
         if len(keep) % unit or len(keep) == 0:
             raise InternalError(f"GroupNorm keeps {len(keep)} channels, not whole groups of {unit}")

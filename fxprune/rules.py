@@ -1153,6 +1153,40 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     return None
 
 
+@register_rule("reshape_as", "view_as")
+def _view_as(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``a.reshape_as(b)`` / ``a.view_as(b)``: a view whose sizes are ``b``'s shape at run time.
+
+    The channels keep their meaning as for a view (the shapes say where they go); after pruning
+    ``b``'s shape must still be the output's, so ``b`` must carry the same channels at the same
+    dim (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``). They are tied into one group, which
+    keeps the same indices in both; anything else would reshape to a stale size.
+    """
+    inp = _first_layout(ctx, node)
+    other = _arg(node, 1, "other", None)
+    olay = ctx.layout(other) if isinstance(other, torch.fx.Node) else None
+    if inp is None:
+        if olay is not None:  # an untracked tensor keeps its size; the shape it is given would not
+            ctx.refuse(node, [olay], f"{_label(node)} of an untracked tensor to the shape of a pruned one",
+                       "reshape to constant sizes, or to the shape of a tensor with the same channels")
+        return None
+    in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
+    if in_shape is None or out_shape is None or inp.rank is None:
+        ctx.unsupported(node, f"{_label(node)} of a channel-carrying tensor without recorded shapes",
+                        "pass example_inputs so shapes can be propagated")
+        return None
+    out = _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
+    if out is None:
+        return None
+    if olay is None or olay.rank != out.rank or olay.dim != out.dim or olay.block != out.block \
+            or olay.channels != out.channels:
+        ctx.refuse(node, [inp] + ([olay] if olay is not None else []),
+                   f"{_label(node)} to the shape of a tensor whose channels are not the input's at the same dim",
+                   "reshape with -1 for the channel dim instead")
+        return out
+    return ctx.unify(node, [out, olay])
+
+
 def _view_size_path(node: torch.fx.Node, j: int) -> Tuple[Union[int, str], ...]:
     """Where size ``j`` of a view/reshape sits in the node's arguments (see :class:`ArgPatch`)."""
     if node.op == "call_function":
@@ -1760,7 +1794,10 @@ def _group_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     is zero, the others' unchanged): the input's channels come in :class:`WholeUnits` of
     ``C // num_groups``, the affine weight/bias are per-channel members, and the rewrite
     builds the layer with ``num_groups`` = the kept units (``F.group_norm``: the argument is
-    patched). ``num_groups=1`` normalises over every channel: one unit, frozen by design.
+    patched). ``num_groups=1`` (PoolFormer's norm) normalises each sample over every channel
+    and position, like a LayerNorm over the channels: its width *renormalises* (the statistics
+    run over the kept channels only; :func:`fxprune.testing.masked_group_norm` is its
+    reference), so its groups are marked so and it stays one group of the kept channels.
     """
     inp = _first_layout(ctx, node)
     if inp is None:
@@ -1782,20 +1819,22 @@ def _group_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     out = replace(inp, rank=rank)
     unit = channels // num_groups
     what = _what(ctx, node)
-    if num_groups == 1 and channels > 1:
-        # One group is a LayerNorm over the channels: dropping any channel changes the others.
-        ctx.freeze(node, [inp], f"{what} normalises across channels (num_groups=1: one group of every channel)")
-        return out
-    ctx.require(node, inp, WholeUnits(unit), f"{what}: {num_groups} groups of {unit} channels")
+    single = num_groups == 1 and channels > 1
+    if not single:
+        ctx.require(node, inp, WholeUnits(unit), f"{what}: {num_groups} groups of {unit} channels")
     if node.op == "call_module":
         ctx.member(node, "channelwise", inp)
-        return out
-    path: Tuple[Union[int, str], ...] = (1,) if len(node.args) > 1 else ("num_groups",)
-    ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(inp.groups), 1, unit)))
-    for i, arg_name in ((2, "weight"), (3, "bias")):
-        arg = _arg(node, i, arg_name)
-        if arg is not None and not _layer_tensor(ctx, node, arg, 0, inp, "channelwise", arg_name):
-            return out
+    else:
+        if not single:  # num_groups=1 stays 1: one group of however many channels are kept
+            path: Tuple[Union[int, str], ...] = (1,) if len(node.args) > 1 else ("num_groups",)
+            ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(inp.groups), 1, unit)))
+        for i, arg_name in ((2, "weight"), (3, "bias")):
+            arg = _arg(node, i, arg_name)
+            if arg is not None and not _layer_tensor(ctx, node, arg, 0, inp, "channelwise", arg_name):
+                return out
+    if single:
+        # One group of every channel: dropping a channel changes the others' statistics.
+        ctx.renormalise(node, inp, f"{what} (num_groups=1)")
     return out
 
 

@@ -6,12 +6,12 @@ and shifts, consumer columns). Removing a channel and zeroing its consumer colum
 same function, so a correct rewrite of an *exact* group matches the masked model up to float
 rounding.
 
-A *renormalising* group (:attr:`fxprune.Group.renormalising`: a LayerNorm/RMSNorm normalises
-over its channels) has no masking-equivalent rewrite: a removed channel, even zeroed, counts in
+A *renormalising* group (:attr:`fxprune.Group.renormalising`: a LayerNorm/RMSNorm, or a
+GroupNorm with one group, normalises over its channels) has no masking-equivalent rewrite: a removed channel, even zeroed, counts in
 the norm's statistics. Its reference is defined on the original graph, independently of the
 rewrite: in the masked copy each norm whose channels lose some is replaced by
-:func:`masked_norm`, which computes the statistics over the kept positions only and outputs
-zero at the removed ones. The pruned model must match that.
+:func:`masked_norm` (:func:`masked_group_norm` for a GroupNorm), which computes the
+statistics over the kept positions only and outputs zero at the removed ones. The pruned model must match that.
 
 How a role's positions map onto a module's tensors is a table, :func:`register_mask`, per
 module type; a module type without an entry falls back to ``weight``/``bias`` along the dims
@@ -43,7 +43,8 @@ from .rules import RuleTable, role_tensors
 from .tracing import as_graph_module, cast_model, cast_value
 
 __all__ = ["masked_reference", "assert_equivalent", "register_mask", "DEFAULT_MASKS", "randomize_norms", "randomize_constants",
-           "constant_tensors", "cast_model", "VacuousProofError", "Mask", "masked_norm"]
+           "constant_tensors", "cast_model", "VacuousProofError", "Mask", "masked_norm",
+           "masked_group_norm"]
 
 Mask = Callable[[nn.Module, str, torch.Tensor], None]
 DEFAULT_MASKS: Registry[type, Mask] = Registry("masks")
@@ -206,6 +207,37 @@ def masked_norm(x: torch.Tensor, keep: torch.Tensor, weight: Optional[torch.Tens
     return torch.where(keep, y, zero)
 
 
+def masked_group_norm(x: torch.Tensor, keep: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                      bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """GroupNorm with one group (``num_groups=1``) over dim 1 of ``x`` with statistics over the ``keep`` channels only.
+
+    ``x``: ``(N, C, *)``; ``keep``: a bool vector over the C channels. Each sample's mean and
+    biased variance are sums over its kept channels and every position, divided by their
+    count; removed channels never enter them, and the output is zero there. Written from the
+    definition (not by slicing), as the reference of a renormalising GroupNorm(1) rewrite.
+
+    >>> import torch, torch.nn.functional as F
+    >>> x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    >>> keep = torch.tensor([True, False, True, True])
+    >>> y = masked_group_norm(x, keep)
+    >>> torch.allclose(y[:, keep], F.group_norm(x[:, keep], 1)), bool((y[:, ~keep] == 0).all())
+    (True, True)
+    """
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    keep = keep.to(x.device).view(shape)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    dims = tuple(range(1, x.dim()))
+    count = (keep.sum() * (x[0, 0].numel() if x.dim() > 1 else 1)).clamp_min(1).to(x.dtype)
+    kept = torch.where(keep, x, zero)
+    centred = torch.where(keep, kept - kept.sum(dims, keepdim=True) / count, zero)
+    y = centred * torch.rsqrt((centred * centred).sum(dims, keepdim=True) / count + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return torch.where(keep, y, zero)
+
+
 def _mask_norms(gm: torch.fx.GraphModule, analysed: torch.fx.GraphModule, kept: Dict[int, List[int]]) -> bool:
     """Replace, in ``gm``, every norm a renormalising group loses channels of by :func:`masked_norm`.
 
@@ -243,7 +275,18 @@ def _masked_norm_node(gm: torch.fx.GraphModule, node: torch.fx.Node, mask: torch
     with graph.inserting_before(node):
         keep = graph.get_attr(name)
         x = arg(0, "input")
-        if node.op == "call_module":
+        group_norm = (node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.GroupNorm)) \
+            or node.target is torch.nn.functional.group_norm
+        if group_norm:  # num_groups=1, the only renormalising GroupNorm
+            if node.op == "call_module":
+                norm = gm.get_submodule(str(node.target))
+                weight, bias = (graph.get_attr(f"{node.target}.{t}") if getattr(norm, t, None) is not None else None
+                                for t in ("weight", "bias"))
+                eps = norm.eps
+            else:
+                weight, bias, eps = arg(2, "weight"), arg(3, "bias"), arg(4, "eps", 1e-5)
+            new = graph.call_function(masked_group_norm, (x, keep, weight, bias, eps))
+        elif node.op == "call_module":
             norm = gm.get_submodule(str(node.target))
             weight, bias = (graph.get_attr(f"{node.target}.{t}") if getattr(norm, t, None) is not None else None
                             for t in ("weight", "bias"))
@@ -252,7 +295,8 @@ def _masked_norm_node(gm: torch.fx.GraphModule, node: torch.fx.Node, mask: torch
             weight, bias, eps, rms = arg(2, "weight"), arg(3, "bias"), arg(4, "eps", 1e-5), False
         else:  # F.rms_norm
             weight, bias, eps, rms = arg(2, "weight"), None, arg(3, "eps"), True
-        new = graph.call_function(masked_norm, (x, keep, weight, bias, eps, rms))
+        if not group_norm:
+            new = graph.call_function(masked_norm, (x, keep, weight, bias, eps, rms))
     node.replace_all_uses_with(new)
     graph.erase_node(node)
 

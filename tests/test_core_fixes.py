@@ -243,3 +243,29 @@ def test_parameter_views_and_depthwise_groups_are_argument_rewrites() -> None:
     new = {n.name: n for n in pruned.graph.nodes}
     assert new["conv2d"].args[6] == 4 and new["view"].args[1:] == (1, 4, 1, 1)
     assert ARG_REWRITE not in new["view"].meta  # the record is consumed by the rewrite
+
+
+# =========================================================================== torch.roll, exported
+
+
+class RollNet(nn.Module):
+    """Swin's cyclic shift on a channels-last map: roll along H and W, channels pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x.permute(0, 2, 3, 1))
+        return self.b(torch.roll(h, shifts=(1, -2), dims=(1, 2)).relu()).mean((1, 2))
+
+
+@pytest.mark.parametrize("route", ["fx", "export"])
+def test_roll_along_spatial_dims_passes_channels_on_both_routes(route: str) -> None:
+    model = RollNet().eval()
+    x = torch.randn(2, 3, 6, 6)
+    subject: nn.Module = model if route == "fx" else from_exported(torch.export.export(model, (x,)))
+    if route == "export":
+        assert any(n.target is torch.roll for n in subject.graph.nodes)  # aten.roll lifted onto the rule
+    assert _group(fxprune.find_groups(subject, example_inputs=(x,)), "a").prunable
+    assert _prove(subject, 0.5, x).get_submodule("a").out_features == 4

@@ -162,7 +162,7 @@ def test_a_plan_keeping_part_of_a_groupnorm_group_is_refused() -> None:
 
 
 class GNFrozen(nn.Module):
-    """num_groups=1 (a LayerNorm over channels), and GroupNorm units that do not nest in a grouped conv's blocks."""
+    """num_groups=1 (renormalising, tests/test_groupnorm_width.py), and GroupNorm units that do not nest in a grouped conv's blocks."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -179,7 +179,7 @@ class GNFrozen(nn.Module):
 
 def test_groupnorm_that_cannot_lose_a_whole_group_stays_whole() -> None:
     a, b = _group(GNFrozen(), X, "a"), _group(GNFrozen(), X, "b")
-    assert not a.prunable and "normalises across channels (num_groups=1" in "".join(a.reasons)
+    assert a.prunable and a.renormalising and any("num_groups=1" in n for n in a.norms)
     assert not b.prunable and "do not nest" in "".join(b.reasons)
     _prove(GNFrozen(), X)
 

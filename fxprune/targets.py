@@ -31,7 +31,7 @@ from .criteria import CRITERION_KEYWORDS, CriterionSpec, criterion_record
 from .errors import FxPruneError
 from .planning import PruningPlan
 
-__all__ = ["TARGET_VERSION", "Target", "Ratio", "MACs", "Params", "Latency", "target_from_dict",
+__all__ = ["TARGET_VERSION", "Target", "Ratio", "Budget", "MACs", "Params", "Latency", "target_from_dict",
            "target_from_keywords", "TARGET_KEYWORDS", "accepts_objects", "record_spec"]
 
 #: The version of :meth:`Target.to_dict`'s format (readers refuse others).
@@ -92,23 +92,24 @@ class Ratio(Target):
 
 
 @dataclass(frozen=True)
-class MACs(Target):
-    """Keep at most ``fraction`` of the model's multiply-accumulates (needs ``example_inputs``).
+class Budget(Target):
+    """A cost budget: keep at most ``fraction`` of a measure (:class:`MACs`, :class:`Params`).
 
     ``global_ranking=True``: reach it by ranking all groups' channels against one another.
     """
 
     fraction: float
     global_ranking: bool = False
-    kind: ClassVar[str] = "macs"
+    keyword: ClassVar[str] = ""  # the fxprune.prune keyword it stands for
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fraction", _fraction(self.fraction, "MACs(fraction)"))
+        name = type(self).__name__
+        object.__setattr__(self, "fraction", _fraction(self.fraction, f"{name}(fraction)"))
         if not isinstance(self.global_ranking, bool):
-            raise FxPruneError(f"MACs(global_ranking=) must be True or False, got {self.global_ranking!r}")
+            raise FxPruneError(f"{name}(global_ranking=) must be True or False, got {self.global_ranking!r}")
 
     def keywords(self) -> Dict[str, Any]:
-        return {"target_macs": self.fraction, "global_ranking": self.global_ranking}
+        return {self.keyword: self.fraction, "global_ranking": self.global_ranking}
 
     def to_dict(self) -> Dict[str, Any]:
         return {"version": TARGET_VERSION, "kind": self.kind, "fraction": self.fraction,
@@ -116,24 +117,19 @@ class MACs(Target):
 
 
 @dataclass(frozen=True)
-class Params(Target):
-    """Keep at most ``fraction`` of the model's parameters (``global_ranking``: as for :class:`MACs`)."""
+class MACs(Budget):
+    """Keep at most ``fraction`` of the model's multiply-accumulates (needs ``example_inputs``)."""
 
-    fraction: float
-    global_ranking: bool = False
+    kind: ClassVar[str] = "macs"
+    keyword: ClassVar[str] = "target_macs"
+
+
+@dataclass(frozen=True)
+class Params(Budget):
+    """Keep at most ``fraction`` of the model's parameters."""
+
     kind: ClassVar[str] = "params"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "fraction", _fraction(self.fraction, "Params(fraction)"))
-        if not isinstance(self.global_ranking, bool):
-            raise FxPruneError(f"Params(global_ranking=) must be True or False, got {self.global_ranking!r}")
-
-    def keywords(self) -> Dict[str, Any]:
-        return {"target_params": self.fraction, "global_ranking": self.global_ranking}
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"version": TARGET_VERSION, "kind": self.kind, "fraction": self.fraction,
-                "global_ranking": self.global_ranking}
+    keyword: ClassVar[str] = "target_params"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from .allocation import (CostModel, Policy, check_prunable, requests_pruning, unpruned_message,
                          warn_unmatched_ignore)
 from .cost import count_macs, count_params
+from .criteria import CriterionSpec
 from .errors import FxPruneError, FxPruneWarning, InternalError, describe_node
 from .groups import Analysis, Group, analyze, select_channels
 from .importance import Criterion, ScoringOptions, check_importance
@@ -28,6 +29,7 @@ from .registry import Registry
 from .rewrite import Builder, rewrite
 from .rules import LAYER_NORM_MODULES, RuleTable
 from .export import is_lifted
+from .targets import Target, accepts_objects
 from .tracing import as_graph_module, cast_model, propagate_shapes, trace
 
 __all__ = ["prune", "plan", "apply", "find_groups", "analyze_model", "GroupList", "keep_class"]
@@ -484,8 +486,8 @@ def _class_copy(model: nn.Module, pruned: torch.fx.GraphModule) -> Tuple[Optiona
 _keep_class_fn = keep_class  # prune()/apply() take a keep_class flag that hides the function's name
 
 
-RatioArg = Union[None, float, Mapping[str, float]]
-Importance = Union[str, Criterion, Callable[..., Any]]
+RatioArg = Union[None, float, Mapping[str, float], Target]
+Importance = Union[str, Criterion, Callable[..., Any], CriterionSpec]
 
 # The keyword arguments plan() and prune() share, documented once here.
 _OPTIONS_DOC = """
@@ -614,6 +616,7 @@ def _meets(policy: Policy, achieved: Mapping[str, Any], base: Mapping[str, Optio
     return bool(ok)
 
 
+@accepts_objects
 def plan(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "l1", example_inputs: Any = None,
          ignore: Union[str, Iterable[str]] = (), strict: bool = False, allow_renormalising: bool = True,
          calibration: Optional[Iterable[Any]] = None, calibration_batches: Optional[int] = None,
@@ -668,6 +671,7 @@ def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = 
     return _keep_class_fn(model, pruned, example_inputs) if keep_class else pruned
 
 
+@accepts_objects
 def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "l1", example_inputs: Any = None,
           ignore: Union[str, Iterable[str]] = (), strict: bool = False, allow_renormalising: bool = True,
           calibration: Optional[Iterable[Any]] = None, calibration_batches: Optional[int] = None,

@@ -37,6 +37,7 @@ from .planning import GroupPlan, PruningPlan, model_identity
 from .registry import Registry
 from .rewrite import Builder
 from .rules import RuleTable
+from .targets import accepts_objects
 from .tracing import as_graph_module
 
 __all__ = ["prune_iteratively"]
@@ -67,6 +68,7 @@ def _compose(composite: Dict[str, List[int]], step: PruningPlan) -> Optional[Dic
     return out
 
 
+@accepts_objects
 def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 3,
                       finetune: Optional[FineTune] = None, target_macs: Optional[float] = None,
                       target_params: Optional[float] = None, example_inputs: Any = None,

@@ -43,10 +43,11 @@ TARGET_KEYWORDS: Dict[str, Any] = {"target_macs": None, "target_params": None, "
                                    "target_latency_ms": None, "global_ranking": False}
 
 
-def _fraction(value: Any, what: str) -> float:
+def _fraction(value: Any, what: str, *, whole: bool = False) -> float:
+    """A fraction in (0, 1); ``whole``: 1 allowed too (a budget of the whole model keeps everything)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0.0 < float(value) < 1.0:
-        raise FxPruneError(f"{what} must be a fraction in (0, 1), got {value!r}")
+            or not (0.0 < float(value) <= 1.0 if whole else 0.0 < float(value) < 1.0):
+        raise FxPruneError(f"{what} must be a fraction in (0, 1{']' if whole else ')'}, got {value!r}")
     return float(value)
 
 
@@ -104,7 +105,7 @@ class Budget(Target):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        object.__setattr__(self, "fraction", _fraction(self.fraction, f"{name}(fraction)"))
+        object.__setattr__(self, "fraction", _fraction(self.fraction, f"{name}(fraction)", whole=True))
         if not isinstance(self.global_ranking, bool):
             raise FxPruneError(f"{name}(global_ranking=) must be True or False, got {self.global_ranking!r}")
 

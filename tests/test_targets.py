@@ -98,7 +98,8 @@ def test_a_latency_object_is_the_latency_keywords() -> None:
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: MACs(1.5), r"MACs\(fraction\) must be a fraction"), (lambda: Params(0), "must be a fraction"),
+    (lambda: MACs(1.5), r"MACs\(fraction\) must be a fraction in \(0, 1\]"), (lambda: Params(0), "must be a fraction"),
+    (lambda: Latency(1.0), r"Latency\(fraction\) must be a fraction in \(0, 1\)"),
     (lambda: Latency(), "one of fraction= .* or ms="), (lambda: Latency(0.5, ms=3.0), "one of"),
     (lambda: Latency(0.5, mode="jit"), "'eager' or 'compiled'"), (lambda: Latency(ms=-1.0), "positive number"),
     (lambda: Ratio(0.5, global_ranking=1), "True or False"), (lambda: Taylor([], batches=0), "positive integer"),
@@ -109,6 +110,11 @@ def test_a_latency_object_is_the_latency_keywords() -> None:
 def test_objects_check_their_parameters(make: Any, match: str) -> None:
     with pytest.raises(fxprune.FxPruneError, match=match):
         make()
+
+
+def test_a_whole_model_budget_is_a_target_like_its_keyword() -> None:
+    model = net()
+    assert counts(model, MACs(1.0), example_inputs=(X,)) == counts(model, target_macs=1.0, example_inputs=(X,))
 
 
 def test_the_recorded_target_survives_the_plan_json_and_iterative_pruning() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import operator
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -223,19 +224,16 @@ def masked_group_norm(x: torch.Tensor, keep: torch.Tensor, weight: Optional[torc
     >>> torch.allclose(y[:, keep], F.group_norm(x[:, keep], 1)), bool((y[:, ~keep] == 0).all())
     (True, True)
     """
+    # One sample's channels and positions flattened into one row: a LayerNorm over that row
+    # with every position of a kept channel kept is the definition, so masked_norm computes it.
+    per = math.prod(x.shape[2:])
+    rows = masked_norm(x.reshape(x.shape[0], -1), keep.to(x.device).repeat_interleave(per), eps=eps).view_as(x)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    keep = keep.to(x.device).view(shape)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    dims = tuple(range(1, x.dim()))
-    count = (keep.sum() * (x[0, 0].numel() if x.dim() > 1 else 1)).clamp_min(1).to(x.dtype)
-    kept = torch.where(keep, x, zero)
-    centred = torch.where(keep, kept - kept.sum(dims, keepdim=True) / count, zero)
-    y = centred * torch.rsqrt((centred * centred).sum(dims, keepdim=True) / count + eps)
     if weight is not None:
-        y = y * weight.view(shape)
+        rows = rows * weight.view(shape)
     if bias is not None:
-        y = y + bias.view(shape)
-    return torch.where(keep, y, zero)
+        rows = rows + bias.view(shape)
+    return torch.where(keep.to(x.device).view(shape), rows, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _mask_norms(gm: torch.fx.GraphModule, analysed: torch.fx.GraphModule, kept: Dict[int, List[int]]) -> bool:
@@ -275,27 +273,21 @@ def _masked_norm_node(gm: torch.fx.GraphModule, node: torch.fx.Node, mask: torch
     with graph.inserting_before(node):
         keep = graph.get_attr(name)
         x = arg(0, "input")
-        group_norm = (node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.GroupNorm)) \
-            or node.target is torch.nn.functional.group_norm
-        if group_norm:  # num_groups=1, the only renormalising GroupNorm
-            if node.op == "call_module":
-                norm = gm.get_submodule(str(node.target))
-                weight, bias = (graph.get_attr(f"{node.target}.{t}") if getattr(norm, t, None) is not None else None
-                                for t in ("weight", "bias"))
-                eps = norm.eps
-            else:
-                weight, bias, eps = arg(2, "weight"), arg(3, "bias"), arg(4, "eps", 1e-5)
-            new = graph.call_function(masked_group_norm, (x, keep, weight, bias, eps))
-        elif node.op == "call_module":
+        if node.op == "call_module":
             norm = gm.get_submodule(str(node.target))
             weight, bias = (graph.get_attr(f"{node.target}.{t}") if getattr(norm, t, None) is not None else None
                             for t in ("weight", "bias"))
-            eps, rms = norm.eps, not isinstance(norm, nn.LayerNorm)
+            eps, kind = norm.eps, type(norm)
+        elif node.target is torch.nn.functional.group_norm:
+            weight, bias, eps, kind = arg(2, "weight"), arg(3, "bias"), arg(4, "eps", 1e-5), nn.GroupNorm
         elif node.target is torch.nn.functional.layer_norm:
-            weight, bias, eps, rms = arg(2, "weight"), arg(3, "bias"), arg(4, "eps", 1e-5), False
+            weight, bias, eps, kind = arg(2, "weight"), arg(3, "bias"), arg(4, "eps", 1e-5), nn.LayerNorm
         else:  # F.rms_norm
-            weight, bias, eps, rms = arg(2, "weight"), None, arg(3, "eps"), True
-        if not group_norm:
+            weight, bias, eps, kind = arg(2, "weight"), None, arg(3, "eps"), None
+        if issubclass(kind or object, nn.GroupNorm):  # num_groups=1, the only renormalising GroupNorm
+            new = graph.call_function(masked_group_norm, (x, keep, weight, bias, eps))
+        else:
+            rms = kind is None or not issubclass(kind, nn.LayerNorm)
             new = graph.call_function(masked_norm, (x, keep, weight, bias, eps, rms))
     node.replace_all_uses_with(new)
     graph.erase_node(node)

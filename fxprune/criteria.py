@@ -98,6 +98,11 @@ class Random(CriterionSpec):
         return {"version": CRITERION_VERSION, "name": self.name, "seed": self.seed}
 
 
+def _given(data: Any) -> Optional[str]:
+    """How a record names calibration data: never the data itself, only whether there was any."""
+    return None if data is None else "given"
+
+
 def _batches(value: Any, what: str) -> Optional[int]:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise FxPruneError(f"{what}(batches=) must be a positive integer or None (all), got {value!r}")
@@ -119,7 +124,8 @@ class APoZ(CriterionSpec):
         return {"importance": self.name, "calibration": self.calibration, "calibration_batches": self.batches}
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"version": CRITERION_VERSION, "name": self.name, "batches": self.batches, "calibration": "given"}
+        return {"version": CRITERION_VERSION, "name": self.name, "batches": self.batches,
+                "calibration": _given(self.calibration)}
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ class Taylor(CriterionSpec):
     def to_dict(self) -> Dict[str, Any]:
         loss = None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__)
         return {"version": CRITERION_VERSION, "name": self.name, "batches": self.batches, "loss_fn": loss,
-                "calibration": "given"}
+                "calibration": _given(self.calibration)}
 
 
 _PLAIN = {cls.name: cls for cls in (L1, L2, FPGM, BN)}
@@ -169,7 +175,10 @@ def criterion_from_dict(data: Mapping[str, Any]) -> CriterionSpec:
 
 
 def criterion_record(importance: Any, keywords: Mapping[str, Any]) -> Dict[str, Any]:
-    """What a plan records of ``importance`` given as a name (with its ``keywords``) or a callable."""
+    """What a plan records of ``importance`` given as an object, a name (with its ``keywords``) or a callable.
+
+    A shipped criterion's name is recorded as the object those keywords make would record itself.
+    """
     if isinstance(importance, CriterionSpec):
         return importance.to_dict()
     if isinstance(importance, str):
@@ -177,14 +186,11 @@ def criterion_record(importance: Any, keywords: Mapping[str, Any]) -> Dict[str, 
             return _PLAIN[importance]().to_dict()
         if importance == Random.name:
             return Random(int(keywords.get("seed", 0) or 0)).to_dict()
-        if importance in (APoZ.name, Taylor.name):
-            record = {"version": CRITERION_VERSION, "name": importance,
-                      "batches": keywords.get("calibration_batches"),
-                      "calibration": "given" if keywords.get("calibration") is not None else None}
-            if importance == Taylor.name:
-                loss = keywords.get("loss_fn")
-                record["loss_fn"] = None if loss is None else getattr(loss, "__qualname__", type(loss).__name__)
-            return record
+        if importance == APoZ.name:
+            return APoZ(keywords.get("calibration"), keywords.get("calibration_batches")).to_dict()
+        if importance == Taylor.name:
+            return Taylor(keywords.get("calibration"), keywords.get("calibration_batches"),
+                          keywords.get("loss_fn")).to_dict()
         return {"version": CRITERION_VERSION, "name": importance, "registered": True}
     name = getattr(importance, "__qualname__", None) or type(importance).__name__
     return {"version": CRITERION_VERSION, "name": name, "callable": True}

@@ -215,6 +215,7 @@ def accepts_objects(fn: F) -> F:
     object *and* one of the keywords it stands for is an error (one target, one criterion).
     """
     signature = inspect.signature(fn)
+    defaults = {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -237,8 +238,7 @@ def accepts_objects(fn: F) -> F:
         result = fn(*bound.args, **bound.kwargs)
         plan = result if isinstance(result, PruningPlan) else getattr(result, "meta", {}).get("fxprune_plan")
         if isinstance(plan, PruningPlan):
-            record_spec(plan.policy, {**{k: p.default for k, p in signature.parameters.items()
-                                         if p.default is not inspect.Parameter.empty}, **arguments})
+            record_spec(plan.policy, {**defaults, **arguments})
         return result
 
     return wrapper  # type: ignore[return-value]
@@ -253,7 +253,7 @@ def _refuse_twice(arguments: Mapping[str, Any], keywords: Mapping[str, Any], wha
             continue
         shown = repr(value) if isinstance(value, (bool, int, float, str)) else f"<{type(value).__name__}>"
         raise FxPruneError(f"{what} and {name}={shown} both given: the object carries its own "
-                               f"parameters; drop {name}= (or spell everything as keywords)")
+                           f"parameters; drop {name}= (or spell everything as keywords)")
 
 
 def record_spec(policy: Dict[str, Any], keywords: Mapping[str, Any]) -> None:

@@ -176,6 +176,21 @@ def baseline_settings(settings: Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in settings.items() if k != "finetune"}
 
 
+def kernel_warning(doc: Mapping[str, Any], machine: Mapping[str, Any], path: Path) -> Optional[str]:
+    """A warning when ``doc`` holds arms measured on a machine with other CPU kernels than ``machine``'s.
+
+    Not a refusal: the arms already there stay valid among themselves. But a baseline trained
+    again here is not the one they started from (another ISA sums in another order), so new arms
+    are paired only with arms trained from the same baseline.
+    """
+    before = (doc.get("meta", {}).get("machine") or {}).get("cpu_kernels")
+    if not doc.get("results") or before == machine.get("cpu_kernels"):
+        return None
+    return (f"warning: {path} holds results from a machine with CPU kernels {before or 'unrecorded'}, this one has "
+            f"{machine.get('cpu_kernels')}: a baseline trained here differs from theirs, so compare new arms only "
+            "with arms trained from the same baseline")
+
+
 def check_settings(doc: Mapping[str, Any], settings: Mapping[str, Any], path: Path) -> None:
     """Refuse to add results made under ``settings`` to a JSON recorded under others."""
     saved = doc.get("settings")
@@ -528,7 +543,12 @@ class Bench:
         torch.manual_seed(seed)  # the job's fixed initialisation (run._fresh_model)
         model = build_model(config.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
                             image_size=self.data.image_size, adapt_small_images=config.adapt)
-        meta = {"settings": baseline_settings(settings_of(self.args)), "seed": seed, "identity": self.data.identity}
+        from fxprune.latency import cpu_kernels
+
+        # The kernel set is part of what a baseline is: the same seed trains to other weights on
+        # another ISA (seed 0: 90.24 % on the first machine, 91.20 % on an AVX2 one).
+        meta = {"settings": baseline_settings(settings_of(self.args)), "seed": seed, "identity": self.data.identity,
+                "cpu_kernels": cpu_kernels()}
         cache = Path(self.args.work) / f"baseline_seed{seed}.pt"
         info: Dict[str, Any] = {}
         saved = torch.load(cache, weights_only=True) if cache.is_file() else None
@@ -757,7 +777,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench = Bench(args)
     doc["settings"] = settings
     meta = doc.setdefault("meta", {})
-    meta.update(machine=machine_info(), threads=torch.get_num_threads(), torch_pruning=torch_pruning.__version__,
+    machine = machine_info()
+    warning = kernel_warning(doc, machine, args.out)
+    if warning is not None:
+        print(warning, flush=True)
+    meta.update(machine=machine, threads=torch.get_num_threads(), torch_pruning=torch_pruning.__version__,
                 fxprune=getattr(fxprune, "__version__", None),
                 seeds=sorted(set(meta.get("seeds", [])) | set(args.seeds)),
                 ratios=sorted(set(meta.get("ratios", [])) | set(args.ratios)),

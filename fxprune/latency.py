@@ -43,7 +43,7 @@ import math
 import platform
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ from .errors import FxPruneError
 __all__ = [
     "measure_latency",
     "cpu_name",
+    "cpu_kernels",
     "LatencyResult",
     "ModelLatency",
     "Speedup",
@@ -114,6 +115,37 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_kernels() -> Dict[str, Any]:
+    """What decides which CPU kernels torch runs: the vector ISA it dispatches to and the CPU's family/model.
+
+    Two machines with the same model name ("AMD EPYC" on a VM) can differ here, and then the same
+    seed trains to different weights (AVX2 and AVX-512 kernels sum in other orders), so a
+    result is reproducible only on a machine with the same entry.
+
+    >>> sorted(cpu_kernels())
+    ['capability', 'family', 'model']
+    """
+    out: Dict[str, Any] = {"capability": None, "family": None, "model": None}
+    try:
+        out["capability"] = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):  # older torch: no dispatch query
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "cpu family" and out["family"] is None:
+                    out["family"] = value.strip()
+                elif key == "model" and out["model"] is None:
+                    out["model"] = value.strip()
+                if out["family"] is not None and out["model"] is not None:
+                    break
+    except OSError:
+        pass
+    return out
 
 
 def device_description(device: Union[str, torch.device]) -> str:

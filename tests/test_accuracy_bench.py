@@ -166,3 +166,19 @@ def test_reinitialise_gives_fresh_weights_of_the_pruned_shapes() -> None:
     other = bench.reinitialise(nn.Sequential(nn.Conv2d(1, 4, 3)), 0)
     assert torch.equal(other[0].weight, model[0].weight)  # seeded
     assert bench.same_weights(model, model) and not bench.same_weights(model, other)
+
+
+def test_extending_a_json_from_a_machine_with_other_cpu_kernels_warns(tmp_path: Path) -> None:
+    from fxprune.workflow.report import machine_info
+
+    machine = machine_info()
+    kernels = machine["cpu_kernels"]
+    assert set(kernels) == {"capability", "family", "model"}  # recorded in every report and benchmark JSON
+    doc = fake_doc()
+    warning = bench.kernel_warning(doc, machine, tmp_path / "a.json")  # fake_doc's machine records none
+    assert warning is not None and "unrecorded" in warning and "same baseline" in warning
+    doc["meta"]["machine"]["cpu_kernels"] = dict(kernels)
+    assert bench.kernel_warning(doc, machine, tmp_path / "a.json") is None
+    doc["meta"]["machine"]["cpu_kernels"] = dict(kernels, capability="AVX512")
+    assert "AVX512" in (bench.kernel_warning(doc, machine, tmp_path / "a.json") or "")
+    assert bench.kernel_warning({"results": {}}, machine, tmp_path / "a.json") is None  # nothing to pair with

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from fxprune.cost import module_flops
-from fxprune.latency import cpu_name, format_speedup, realised_fraction
+from fxprune.latency import cpu_kernels, cpu_name, format_speedup, realised_fraction
 from fxprune.workflow.extras import require
 
 __all__ = [
@@ -100,6 +100,7 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "cpu": cpu_name(),
+        "cpu_kernels": cpu_kernels(),  # the ISA torch dispatches to: results reproduce only on an equal one
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": None,

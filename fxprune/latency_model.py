@@ -87,6 +87,7 @@ __all__ = [
     "SearchResult",
     "layer_shapes",
     "search_counts",
+    "uniform_counts",
     "refine_counts",
     "prune_to_latency",
     "plan_for_latency",
@@ -158,7 +159,10 @@ class LatencyOptions:
     under 0.45 for a target of 0.5); 0 turns it off. ``margin``: how far under the target a
     give-back try must measure to count as met, both its median (by that share of the target)
     and its upper quartile (at all): the search stops short of the edge, where a re-measurement
-    misses the target about half the time. ``store``: where cost tables are cached (default: a fresh
+    misses the target about half the time. ``uniform_tries``: measured tries of the uniform
+    candidate (every group keeping the same share, aimed just under the target), made only when it
+    keeps more MACs than the best met model so far; the more capacity wins, so a latency target
+    never returns less than uniform pruning was measured to keep at the target; 0 turns it off. ``store``: where cost tables are cached (default: a fresh
     :class:`MemoryStore`). ``prober``: replaces the kernel timer (tests inject a synthetic cost
     table). ``timer``: the clock of the whole-model measurements; ``measure``: replaces them
     altogether (``{name: model} -> LatencyResult``, the first the reference; tests use a
@@ -179,6 +183,7 @@ class LatencyOptions:
     give_back: int = 3
     overshoot: float = 0.1
     margin: float = 0.03
+    uniform_tries: int = 2
     store: Optional["CostStore"] = None
     prober: Optional["Prober"] = None
     timer: Optional[Callable[[], float]] = None
@@ -190,8 +195,10 @@ class LatencyOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise FxPruneError(f"latency option {name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.give_back, bool) or not isinstance(self.give_back, int) or self.give_back < 0:
-            raise FxPruneError(f"latency option give_back must be an integer >= 0, got {self.give_back!r}")
+        for name in ("give_back", "uniform_tries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise FxPruneError(f"latency option {name} must be an integer >= 0, got {value!r}")
         if isinstance(self.overshoot, bool) or not isinstance(self.overshoot, (int, float)) \
                 or not 0.0 < float(self.overshoot) < 1.0:
             raise FxPruneError(f"latency option overshoot must be a fraction in (0, 1), got {self.overshoot!r}")
@@ -723,6 +730,47 @@ def _next_counts(group: Group, n: int, step: int, floor: int, policy: Policy) ->
     return nxt if floor <= nxt < n else None
 
 
+def uniform_counts(model: LatencyModel, groups: Sequence[Group], policy: Policy, goal_ms: float,
+                   *, iterations: int = 40) -> SearchResult:
+    """Uniform pruning in the latency model's terms: every group keeps the same share, the largest predicted to meet ``goal_ms``.
+
+    Bisection on the kept share; each group's count is that share of its size rounded down to
+    the multiple it must keep, honouring every planner constraint (its floor included). This is
+    what the greedy search is held against: where per-layer costs mislead it (batch 1 on a CPU,
+    where the work outside the layers is a large part), uniform pruning can keep more capacity
+    at the same measured latency, and then the uniform candidate is returned instead.
+    """
+    prunable = [g for g in groups if g.prunable]
+    floors, steps = _floors_and_steps(prunable, policy)
+
+    def counts_at(share: float) -> Dict[int, int]:
+        out: Dict[int, int] = {}
+        for g in prunable:
+            step = steps[g.index]
+            n = int(math.floor(g.size * share / step + 1e-9)) * step
+            if n < g.size:
+                n = group_count(g, max(n, floors[g.index]), policy.round_to, policy.min_channels)
+                # group_count rounds to the nearest multiple: never above the share asked for (nor the size).
+                while n > floors[g.index] and n > g.size * share + 1e-9 and n - step >= floors[g.index]:
+                    n -= step
+            out[g.index] = max(floors[g.index], min(g.size, n))
+        return out
+
+    low, high = 0.0, 1.0
+    counts = counts_at(low)
+    predicted = model.predict(counts)
+    if predicted > goal_ms * (1 + 1e-9):
+        return SearchResult(counts=counts, predicted_ms=predicted, goal_ms=goal_ms, reached=False, moves=0)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if model.predict(counts_at(mid)) <= goal_ms * (1 + 1e-9):
+            low = mid
+        else:
+            high = mid
+    counts = counts_at(low)
+    return SearchResult(counts=counts, predicted_ms=model.predict(counts), goal_ms=goal_ms, reached=True, moves=0)
+
+
 def search_counts(model: LatencyModel, groups: Sequence[Group], scores: Mapping[int, torch.Tensor], policy: Policy,
                   goal_ms: float, *, lookahead: int = 4) -> SearchResult:
     """Greedy decrements, cheapest importance per millisecond first, until the prediction meets ``goal_ms``.
@@ -974,7 +1022,7 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         pruned_ms, original_ms, fraction = _measured_fraction(pair)
         achieved = fraction if target.fraction is not None else pruned_ms
         met = achieved <= wanted and fraction < 1.0
-        if phase == "give back":  # capacity given back must not land on the edge (see LatencyOptions.margin)
+        if phase in ("give back", "uniform"):  # aimed just under the target: must not land on its edge (margin)
             met = met and achieved <= wanted * (1.0 - options.margin) \
                 and _pessimistic(pair, target.fraction is not None) <= wanted
         entry = {"try": len(tries) + 1, "phase": phase, "predicted_ms": found.predicted_ms,
@@ -1016,6 +1064,10 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         if entry is None:
             raise InternalError("a search try was not measured")
         if entry["met"]:
+            # Refit the correction on the met model too: an overshoot says the unexplained time
+            # shrinks with the model (batch 1 on a CPU: norms and activations scale with the
+            # channels), and the give-back and the uniform candidate below are aimed with this model.
+            model.correct(found.counts, entry["measured_fraction"] * base_ms)
             break
         # Missed. First choice: refit the whole-model correction on this measurement (on the
         # original's scale of this run) and search afresh from the goal (it may prune less than
@@ -1069,6 +1121,25 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
             break  # nothing new to measure, or no capacity to gain
         gave_back += 1
     record["give_back_tries"] = gave_back
+    # The uniform candidate: aimed a little under the target in prediction space, measured only
+    # when it keeps more MACs than the best met model (otherwise there is nothing to gain and no
+    # measurement is spent); a miss backs off once by the measured shortfall.
+    uniform_tried = 0
+    uniform_aim = goal * aim_share
+    for _ in range(options.uniform_tries):
+        found = uniform_counts(model, prunable, policy, uniform_aim)
+        if not found.reached or found.counts in tried:
+            break
+        floor_macs = best["macs_fraction"] if best is not None and best["met"] else None
+        entry = verify(found, uniform_aim, "uniform", more_macs_than=floor_macs)
+        if entry is None:
+            break
+        uniform_tried += 1
+        if entry["met"]:
+            break
+        achieved = entry["measured_fraction"] if target.fraction is not None else entry["measured_ms"]
+        uniform_aim *= min(0.98, wanted * (1.0 - options.margin) / achieved if achieved > 0 else 0.5)
+    record["uniform_tries"] = uniform_tried
     record["table"]["probes_measured"] = table.measured
     record["search_s"] = time.perf_counter() - started
     if best is None or not best["met"]:

@@ -23,7 +23,7 @@ from fxprune.cost import count_macs
 from fxprune.errors import FxPruneError
 from fxprune.latency import LatencyResult, ModelLatency, Speedup
 from fxprune.latency_model import (CostTable, LatencyModel, LatencyOptions, LatencyTarget, MemoryStore, Probe,
-                                   layer_shapes, refine_counts, search_counts, table_key)
+                                   layer_shapes, refine_counts, search_counts, table_key, uniform_counts)
 from fxprune.workflow.latency_store import JsonFileStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,8 +186,9 @@ def test_nothing_prunable_cannot_meet_a_latency_target() -> None:
 
 
 def test_target_missed_when_measured_names_the_best_reached_and_never_returns_a_slower_model() -> None:
-    opts = options(measure=synthetic_measure(slower=True), max_tries=2)
-    with pytest.raises(FxPruneError, match=r"was not met .* after 2 verified tries: the best reached measured "
+    # max_tries searched models, then the uniform candidate's own tries (uniform_tries): none meets it.
+    opts = options(measure=synthetic_measure(slower=True), max_tries=2, uniform_tries=1)
+    with pytest.raises(FxPruneError, match=r"was not met .* after 3 verified tries: the best reached measured "
                                            r"[0-9.]+ ms, 1\.050 of the original"):
         fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=opts)
 
@@ -329,7 +330,9 @@ def test_report_shows_predicted_and_measured_latency_and_the_realised_fraction()
     text = "\n".join(latency_target_lines(report))
     assert "## Latency target" in text and "| try | phase | predicted (ms)" in text
     assert "realised fraction (speed-up / MACs reduction) 0.50" in text
-    assert "| predicted by the search |" in text and "| measured in the search (try 1) |" in text
+    chosen = summary.get("chosen_try")
+    assert "| predicted by the search |" in text and f"| measured in the search (try {chosen}) |" in text
+    assert chosen is not None and summary["tries"][chosen - 1]["met"]
     assert "| re-measured for this report | - | - | - | - | not measured at the target's setting |" in text
     assert latency_target_lines({"pruned": {}}) == []
     assert latency_target_summary(nn.Linear(2, 2)) is None
@@ -571,7 +574,9 @@ def test_give_back_does_not_stop_on_the_edge_of_the_target(fraction: float, q25:
                                               ({"margin": 0.05}, r"margin must be a fraction in \[0, overshoot / 2\)"),
                                               ({"margin": -0.01}, "margin must be"),
                                               ({"overshoot": 0.0}, r"overshoot must be a fraction in \(0, 1\)"),
-                                              ({"overshoot": True}, "overshoot must be")])
+                                              ({"overshoot": True}, "overshoot must be"),
+                                              ({"uniform_tries": -1}, "uniform_tries must be an integer >= 0"),
+                                              ({"uniform_tries": 1.5}, "uniform_tries must be")])
 def test_give_back_options_are_validated(changes: Dict[str, Any], message: str) -> None:
     with pytest.raises(FxPruneError, match=message):
         options(**changes).validated()
@@ -673,3 +678,68 @@ def test_a_missed_first_try_is_followed_by_a_refit_that_meets_the_target(power: 
     assert tries[1]["macs_fraction"] < tries[0]["macs_fraction"]  # the refit pruned more
     assert record["fraction"] <= 0.5 and tries[record["chosen_try"] - 1]["met"]
     assert (record["give_back_tries"] > 0) == (power == 0.6)
+
+
+# --------------------------------------------------------------------------- the uniform candidate
+
+
+def test_uniform_candidate_wins_when_it_keeps_more_macs_at_the_target() -> None:
+    # Latency proportional to MACs: the greedy search (per-layer costs, importance per ms) stops
+    # at 0.38 of the original with 0.375 of the MACs; uniform pruning aimed just under the target
+    # measures 0.46 with 0.457 of the MACs, and the more capacity is returned.
+    without = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,),
+                            latency_options=options(uniform_tries=0))
+    alone = without.meta["fxprune_plan"].policy["latency"]
+    assert [t["phase"] for t in alone["tries"]] == ["search"] and alone["uniform_tries"] == 0
+    pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
+    record = pruned.meta["fxprune_plan"].policy["latency"]
+    chosen = record["tries"][record["chosen_try"] - 1]
+    assert chosen["phase"] == "uniform" and chosen["met"] and record["uniform_tries"] == 1
+    assert record["fraction"] <= 0.5 and record["macs_fraction"] > alone["macs_fraction"]
+    assert count_macs(pruned, (X,)) / count_macs(Net().eval(), (X,)) == pytest.approx(record["macs_fraction"])
+    counts = pruned.meta["fxprune_plan"].counts()
+    again = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
+    assert again.meta["fxprune_plan"].counts() == counts  # deterministic
+
+
+def test_uniform_candidate_costs_no_measurement_when_the_search_keeps_more() -> None:
+    # Pruned models faster than their MACs say: the search and its give-back keep more MACs than
+    # uniform pruning at the same prediction, so the uniform candidate is built but never timed.
+    calls: List[int] = []
+    measure = convex_measure()
+
+    def counted(models: Dict[str, nn.Module]) -> LatencyResult:
+        calls.append(len(models))
+        return measure(models)
+
+    with_uniform = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                                 latency_options=options(measure=counted))
+    timed_with = len(calls)
+    calls.clear()
+    without = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,),
+                            latency_options=options(measure=counted, uniform_tries=0))
+    record = with_uniform.meta["fxprune_plan"].policy["latency"]
+    assert "uniform" not in {t["phase"] for t in record["tries"]} and record["uniform_tries"] == 0
+    assert timed_with == len(calls)
+    assert with_uniform.meta["fxprune_plan"].counts() == without.meta["fxprune_plan"].counts()
+
+
+def test_uniform_counts_keep_one_share_under_the_constraints_and_meet_the_prediction() -> None:
+    policy = Policy(ratio=0.0, round_to=2, min_channels=4, max_group_ratio=0.75).validated()
+    analysis, model, _ = built_model(policy)
+    goal = 0.6 * model.predict({})
+    found = uniform_counts(model, analysis.groups, policy, goal)
+    assert found.reached and found.predicted_ms <= goal * (1 + 1e-9)
+    assert uniform_counts(model, analysis.groups, policy, goal).counts == found.counts
+    shares = []
+    for g in analysis.groups:
+        if not g.prunable:
+            continue
+        n = found.counts[g.index]
+        assert n == g.size or n % count_step(g, policy.round_to) == 0
+        assert n >= max(4, math.ceil(g.size * 0.25) - 1)
+        shares.append(n / g.size)
+    # One share for all, up to each group's rounding step (the largest of them is 8 of 64 here).
+    assert max(shares) - min(shares) <= 0.25
+    # An unreachable goal (under the floors' prediction) is said so, not met by a guess.
+    assert not uniform_counts(model, analysis.groups, policy, 1e-6).reached

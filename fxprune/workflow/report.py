@@ -269,7 +269,7 @@ _TARGET_KEYS = ("target", "target_fraction", "target_ms", "device", "device_name
                 "batch_size", "dtype", "channels_last", "before_ms",
                 "after_ms", "original_ms", "fraction", "speedup", "predicted_ms", "predicted_fraction", "busy",
                 "warnings", "round_to", "method", "measurement", "table", "search_s", "tries", "macs_fraction",
-                "chosen_try", "give_back_tries")
+                "chosen_try", "give_back_tries", "uniform_tries")
 
 
 def latency_target_summary(pruned: nn.Module) -> Optional[dict[str, Any]]:
@@ -377,7 +377,8 @@ def latency_target_lines(report: Mapping[str, Any]) -> list[str]:
     else:
         lines.append("| re-measured for this report | - | - | - | - | not measured at the target's setting |")
     lines += ["", "Verified tries (each built and measured interleaved with the original; *give back*: a met model "
-              "left much of the target unused, so capacity was given back):", "",
+              "left much of the target unused, so capacity was given back; *uniform*: every group keeping the same share, "
+              "tried when it keeps more MACs than the best met model):", "",
               "| try | phase | predicted (ms) | predicted fraction | measured (ms) | measured fraction | MACs kept | met |",
               "|---:|---|---:|---:|---:|---:|---:|---|"]
     for entry in target.get("tries") or []:

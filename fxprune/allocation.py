@@ -59,6 +59,7 @@ __all__ = [
     "finish_count",
     "count_step",
     "group_count",
+    "ratio_keep_counts",
     "pattern_ratio",
     "normalise",
     "GlobalRanking",
@@ -397,7 +398,18 @@ class CostModel:
 Measure = Callable[[Mapping[int, int]], Mapping[str, int]]
 
 
-def _uniform_counts(groups: Sequence[Group], policy: Policy, ratio_of: Callable[[Group], float]) -> Counts:
+def ratio_keep_counts(groups: Sequence[Group], policy: Policy, ratio_of: Callable[[Group], float]) -> Counts:
+    """Keep counts of ratio pruning: each group keeps ``keep_count(size, ratio_of(group))``, finished
+    under ``round_to``, its blocks and ``min_channels`` (what ``prune(ratio=...)`` keeps).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from fxprune.groups import analyze
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3)))
+    >>> groups = [g for g in analyze(gm).groups if g.prunable]
+    >>> list(ratio_keep_counts(groups, Policy(ratio=0.3, round_to=4).validated(), lambda g: 0.3).values())  # 11.2 -> 12
+    [12]
+    """
     return {g.index: group_count(g, keep_count(g.size, ratio_of(g)), policy.round_to, policy.min_channels)
             for g in groups}
 
@@ -470,9 +482,9 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
         if isinstance(policy.ratio, Mapping):
             patterns = policy.ratio
             _warn_unmatched(analysis, patterns)
-            return _uniform_counts(groups, policy, lambda g: pattern_ratio(g, patterns, policy.default_ratio)), info
+            return ratio_keep_counts(groups, policy, lambda g: pattern_ratio(g, patterns, policy.default_ratio)), info
         ratio = float(policy.ratio or 0.0)
-        return _uniform_counts(groups, policy, lambda g: ratio), info
+        return ratio_keep_counts(groups, policy, lambda g: ratio), info
 
     # allocate() is public: a caller leaving out what a target search needs made a usage
     # mistake, not fxprune (the pass itself always passes a cost model).
@@ -513,7 +525,7 @@ def allocate(analysis: Analysis, policy: Policy, scores: Optional[Mapping[int, t
         info.update(kept_channels=lo, prunable_channels=ranking.total, search="global threshold")
     else:
         candidates = _uniform_candidates(groups, policy.max_group_ratio)
-        at = lambda i: _uniform_counts(groups, policy, lambda g: candidates[i])  # noqa: E731
+        at = lambda i: ratio_keep_counts(groups, policy, lambda g: candidates[i])  # noqa: E731
         lo, hi = 0, len(candidates) - 1
         if ok(at(lo)):
             hi = lo

@@ -105,15 +105,28 @@ def realised_fraction(speedup: Optional[float], macs_reduction: Optional[float])
     return float(speedup) / float(macs_reduction)  # type: ignore[arg-type]
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+def _cpuinfo(*keys: str) -> Dict[str, str]:
+    """The first value of each of ``keys`` in ``/proc/cpuinfo`` (the first CPU's); empty where it cannot be read."""
+    found: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in keys and key not in found:
+                    found[key] = value.strip()
+                    if len(found) == len(keys):
+                        break
     except OSError:
         pass
+    return found
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    name = _cpuinfo("model name").get("model name")
+    if name:
+        return name
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
@@ -132,19 +145,8 @@ def cpu_kernels() -> Dict[str, Any]:
         out["capability"] = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):  # older torch: no dispatch query
         pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "cpu family" and out["family"] is None:
-                    out["family"] = value.strip()
-                elif key == "model" and out["model"] is None:
-                    out["model"] = value.strip()
-                if out["family"] is not None and out["model"] is not None:
-                    break
-    except OSError:
-        pass
+    info = _cpuinfo("cpu family", "model")
+    out.update(family=info.get("cpu family"), model=info.get("model"))
     return out
 
 

@@ -63,7 +63,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .allocation import Policy, count_step, group_count, keep_count, normalise
+from .allocation import Policy, count_step, group_count, keep_count, normalise, ratio_keep_counts
 from .cost import count_macs
 from .errors import FxPruneError, InternalError
 from .groups import Analysis, Group, Slot
@@ -191,14 +191,11 @@ class LatencyOptions:
     progress: Optional[Callable[[str], None]] = None
 
     def validated(self) -> "LatencyOptions":
-        for name, low in (("rounds", 1), ("warmup", 0), ("probe_rounds", 1), ("probe_warmup", 0), ("max_tries", 1)):
+        for name, low in (("rounds", 1), ("warmup", 0), ("probe_rounds", 1), ("probe_warmup", 0), ("max_tries", 1),
+                          ("give_back", 0), ("uniform_tries", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise FxPruneError(f"latency option {name} must be an integer >= {low}, got {value!r}")
-        for name in ("give_back", "uniform_tries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise FxPruneError(f"latency option {name} must be an integer >= 0, got {value!r}")
         if isinstance(self.overshoot, bool) or not isinstance(self.overshoot, (int, float)) \
                 or not 0.0 < float(self.overshoot) < 1.0:
             raise FxPruneError(f"latency option overshoot must be a fraction in (0, 1), got {self.overshoot!r}")
@@ -732,42 +729,32 @@ def _next_counts(group: Group, n: int, step: int, floor: int, policy: Policy) ->
 
 def uniform_counts(model: LatencyModel, groups: Sequence[Group], policy: Policy, goal_ms: float,
                    *, iterations: int = 40) -> SearchResult:
-    """Uniform pruning in the latency model's terms: every group keeps the same share, the largest predicted to meet ``goal_ms``.
+    """Uniform ratio pruning in the latency model's terms: the smallest ratio predicted to meet ``goal_ms``.
 
-    Bisection on the kept share; each group's count is that share of its size rounded down to
-    the multiple it must keep, honouring every planner constraint (its floor included). This is
-    what the greedy search is held against: where per-layer costs mislead it (batch 1 on a CPU,
-    where the work outside the layers is a large part), uniform pruning can keep more capacity
-    at the same measured latency, and then the uniform candidate is returned instead.
+    Bisection on the ratio, from 0 to ``policy.max_group_ratio``; the counts at each ratio are
+    the planner's own (:func:`fxprune.allocation.ratio_keep_counts`: what ``prune(ratio=r)``
+    keeps), so every constraint holds. This is what the greedy search is held against: where
+    per-layer costs mislead it (batch 1 on a CPU, where the work outside the layers is a large
+    part), uniform pruning can keep more capacity at the same measured latency, and then the
+    uniform candidate is returned instead.
     """
     prunable = [g for g in groups if g.prunable]
-    floors, steps = _floors_and_steps(prunable, policy)
 
-    def counts_at(share: float) -> Dict[int, int]:
-        out: Dict[int, int] = {}
-        for g in prunable:
-            step = steps[g.index]
-            n = int(math.floor(g.size * share / step + 1e-9)) * step
-            if n < g.size:
-                n = group_count(g, max(n, floors[g.index]), policy.round_to, policy.min_channels)
-                # group_count rounds to the nearest multiple: never above the share asked for (nor the size).
-                while n > floors[g.index] and n > g.size * share + 1e-9 and n - step >= floors[g.index]:
-                    n -= step
-            out[g.index] = max(floors[g.index], min(g.size, n))
-        return out
+    def counts_at(ratio: float) -> Dict[int, int]:
+        return ratio_keep_counts(prunable, policy, lambda g: ratio)
 
-    low, high = 0.0, 1.0
-    counts = counts_at(low)
+    low, high = 0.0, float(policy.max_group_ratio)
+    counts = counts_at(high)
     predicted = model.predict(counts)
     if predicted > goal_ms * (1 + 1e-9):
         return SearchResult(counts=counts, predicted_ms=predicted, goal_ms=goal_ms, reached=False, moves=0)
     for _ in range(iterations):
         mid = (low + high) / 2
         if model.predict(counts_at(mid)) <= goal_ms * (1 + 1e-9):
-            low = mid
-        else:
             high = mid
-    counts = counts_at(low)
+        else:
+            low = mid
+    counts = counts_at(high)
     return SearchResult(counts=counts, predicted_ms=model.predict(counts), goal_ms=goal_ms, reached=True, moves=0)
 
 
@@ -1005,6 +992,10 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
     assert wanted is not None
     best: Optional[Dict[str, Any]] = None
 
+    def achieved_of(entry: Mapping[str, Any]) -> float:
+        """What the target compares of a try: its measured fraction, or its milliseconds."""
+        return entry["measured_fraction"] if target.fraction is not None else entry["measured_ms"]
+
     def verify(found: SearchResult, predict_goal: float, phase: str, more_macs_than: Optional[float] = None
                ) -> Optional[Dict[str, Any]]:
         """Build ``found``, measure it interleaved with the original and record the try (its entry).
@@ -1075,7 +1066,7 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         # reach, it is dropped and the goal in prediction space is lowered by the measured
         # shortfall instead (back off), which needs no model of where the time went.
         fraction = entry["measured_fraction"]
-        achieved = fraction if target.fraction is not None else entry["measured_ms"]
+        achieved = achieved_of(entry)
         saved = (model.scale, model.rest_ms, model.fixed_ms)
         model.correct(found.counts, fraction * base_ms)
         refit = model.predict(found.counts)
@@ -1102,8 +1093,7 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
             break
         points = []
         for counts, entry in zip(tried, tries):
-            achieved = entry["measured_fraction"] if target.fraction is not None else entry["measured_ms"]
-            points.append((model.predict(counts), achieved / wanted, entry["met"]))
+            points.append((model.predict(counts), achieved_of(entry) / wanted, entry["met"]))
         low = max((p for p in points if p[2]), key=lambda p: p[0])
         above = [p for p in points if not p[2] and p[0] > low[0]]
         if above:
@@ -1137,7 +1127,7 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         uniform_tried += 1
         if entry["met"]:
             break
-        achieved = entry["measured_fraction"] if target.fraction is not None else entry["measured_ms"]
+        achieved = achieved_of(entry)
         uniform_aim *= min(0.98, wanted * (1.0 - options.margin) / achieved if achieved > 0 else 0.5)
     record["uniform_tries"] = uniform_tried
     record["table"]["probes_measured"] = table.measured

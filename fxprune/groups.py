@@ -26,7 +26,9 @@ After the walk, three more facts are checked:
   also reads directly (``get_attr``), freezes the groups of every module involved.
 
 A split, chunk or slice of the channel dim cuts its input's groups into *parts*
-(:meth:`_Engine.split`); at the end the cuts of tied groups are reconciled into *atoms*
+(:meth:`_Engine.split`), and so does tying operands concatenated differently (a concatenation
+added to one conv's output, as in Inception-ResNet, CSP and GhostNet blocks: every operand is
+cut at every operand's group boundaries before the groups at the same positions are tied); at the end the cuts of tied groups are reconciled into *atoms*
 (:meth:`_Engine._atoms`), and every group a split cut becomes, wherever it appears (slots,
 parameter operands, node metadata, argument rewrites), the concatenation of its atoms' groups.
 
@@ -330,6 +332,15 @@ class Analysis:
         return "\n".join(str(g) for g in self.groups)
 
 
+def _boundaries(sizes: Iterable[int]) -> set:
+    """The channel positions where consecutive runs of ``sizes`` channels end (the last included)."""
+    ends, at = set(), 0
+    for size in sizes:
+        at += size
+        ends.add(at)
+    return ends
+
+
 class _Engine:
     """Implements :class:`fxprune.rules.RuleContext` over one graph."""
 
@@ -529,25 +540,10 @@ class _Engine:
         """
         if sum(sizes) != layout.channels or any(s < 0 for s in sizes) or layout.block != 1:
             raise InternalError(f"split of {layout.channels} channels into {list(sizes)} at {node.name}")
-        bounds, at = set(), 0
-        for size in sizes:
-            at += size
-            bounds.add(at)
-        segments: List[Tuple[int, int, int]] = []  # (raw group, size, position), zero sizes left out
-        pos = 0
-        for gid, size in zip(layout.groups, layout.sizes):
-            inner = sorted(b - pos for b in bounds if pos < b < pos + size)
-            if not inner:
-                if size:
-                    segments.append((gid, size, pos))
-            else:
-                edges = [0] + inner + [size]
-                parts = []
-                for lo, hi in zip(edges, edges[1:]):
-                    part = self._new_group(hi - lo)
-                    parts.append((part, lo))
-                    segments.append((part, hi - lo, pos + lo))
-                self.parts.append((gid, tuple(parts)))
+        cut = self._cut(layout, _boundaries(sizes))
+        segments, pos = [], 0  # (group, size, position)
+        for gid, size in zip(cut.groups, cut.sizes):
+            segments.append((gid, size, pos))
             pos += size
         pieces, start = [], 0
         for size in sizes:
@@ -555,6 +551,35 @@ class _Engine:
             pieces.append(Layout(tuple(g for g, _ in inside), tuple(s for _, s in inside), layout.dim, layout.rank, 1))
             start += size
         return pieces
+
+    def _cut(self, layout: Layout, bounds: Iterable[int]) -> Layout:
+        """``layout``'s channels with every group cut at the channel positions ``bounds``.
+
+        A group a bound falls inside becomes the concatenation of new groups (its parts,
+        recorded in ``self.parts`` and resolved by :meth:`_atoms`); zero-width groups are left
+        out. The result indexes the same channels as ``layout``.
+        """
+        bounds = set(bounds)
+        groups: List[int] = []
+        sizes: List[int] = []
+        pos = 0
+        for gid, size in zip(layout.groups, layout.sizes):
+            inner = sorted(b - pos for b in bounds if pos < b < pos + size)
+            if not inner:
+                if size:
+                    groups.append(gid)
+                    sizes.append(size)
+            else:
+                edges = [0] + inner + [size]
+                parts = []
+                for lo, hi in zip(edges, edges[1:]):
+                    part = self._new_group(hi - lo)
+                    parts.append((part, lo))
+                    groups.append(part)
+                    sizes.append(hi - lo)
+                self.parts.append((gid, tuple(parts)))
+            pos += size
+        return Layout(tuple(groups), tuple(sizes), layout.dim, layout.rank, layout.block)
 
     def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout],
               ties: Optional[Dict[str, Layout]] = None) -> None:
@@ -609,10 +634,22 @@ class _Engine:
             if other.dim != first.dim or other.channels != first.channels or other.block != first.block:
                 self._freeze_at(where, layouts, "operands whose channels do not line up")
                 return first
-            if other.sizes != first.sizes:
-                # Tying a concatenation to a single group would split the group: not supported.
+        if any(other.sizes != first.sizes for other in layouts[1:]):
+            if first.block is None:
+                # Flattened channels of unknown size cannot be cut at channel bounds.
                 self._freeze_at(where, layouts, "operands concatenated differently")
                 return first
+            # Operands concatenated differently (a concatenation added to one conv's output,
+            # two concatenations of different pieces): cut every operand's groups at every
+            # operand's group boundaries, so channel k lies in one group of each and the
+            # groups at the same positions can be tied (a group a bound falls inside becomes
+            # the concatenation of its parts, as for a split of the channel dim).
+            bounds = set().union(*(_boundaries(lay.sizes) for lay in layouts))
+            layouts = [self._cut(lay, bounds) for lay in layouts]
+            first = layouts[0]
+            if any(other.sizes != first.sizes for other in layouts[1:]):
+                raise InternalError(f"operands cut at the same bounds differ at {where}: "
+                                    f"{[lay.sizes for lay in layouts]}")
         for other in layouts[1:]:
             for a, b in zip(first.groups, other.groups):
                 self.union.union(a, b)

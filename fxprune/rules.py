@@ -75,7 +75,7 @@ __all__ = [
     "no_channels",
     "role_tensors",
     "output_rank",
-    "ELEMENTWISE_MODULES",
+    "ELEMENTWISE_MODULES", "PAD_MODULES",
     "channel_operand",
     "pointwise_op_names",
     "elementwise_keys",
@@ -532,13 +532,22 @@ _ELEMENTWISE_METHODS: Tuple[str, ...] = (
 _CONVERSIONS = frozenset({"to", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach"})
 
 
-@register_rule(*ELEMENTWISE_MODULES, *_ELEMENTWISE_FUNCTIONS, *_ELEMENTWISE_METHODS)
+@register_rule(*sorted(_CONVERSIONS))
+@no_channels
+def _conversion(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``x.to(y)``, ``x.type_as(y)``, ``x.float()``...: ``x``'s channels pass through untouched.
+
+    ``y`` gives only a dtype or device, so its channels flow nowhere: an untracked ``x`` cast
+    like a pruned tensor (YOLO's anchors ``type_as`` a feature map) loses no channels.
+    """
+    return ctx.layout(node.args[0] if node.args else node.kwargs.get("input"))
+
+
+@register_rule(*ELEMENTWISE_MODULES, *_ELEMENTWISE_FUNCTIONS, *(m for m in _ELEMENTWISE_METHODS if m not in _CONVERSIONS))
 def _elementwise(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     # The channel passes through untouched. A tensor among the other arguments (clamp's
     # min/max, given positionally or by keyword) is a broadcast operand like a binary op's.
     first = node.args[0] if node.args else node.kwargs.get("input")
-    if node.op == "call_method" and node.target in _CONVERSIONS:
-        return ctx.layout(first)
     extras = [a for a in list(node.args[1:]) + [v for k, v in node.kwargs.items() if k != "input"]
               if isinstance(a, torch.fx.Node)]
     if not extras:
@@ -1689,12 +1698,18 @@ def _unbind(ctx: RuleContext, node: torch.fx.Node) -> Union[TupleLayout, None]:
     return TupleLayout((), replace(inp, dim=dim, rank=None if inp.rank is None else inp.rank - 1))
 
 
-@register_rule(F.pad)
+#: Padding modules: each pads the last 1, 2 or 3 dims by its ``padding`` (a tuple in F.pad order).
+PAD_MODULES: Tuple[type, ...] = tuple(getattr(nn, f"{kind}Pad{d}d") for kind in ("Zero", "Constant", "Reflection", "Replication", "Circular")
+                                      for d in (1, 2, 3) if hasattr(nn, f"{kind}Pad{d}d"))
+
+
+@register_rule(F.pad, *PAD_MODULES)
 def _pad(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """``F.pad`` and the padding modules: the channels pass through unless the channel dim is padded."""
     inp = _first_layout(ctx, node)
     if inp is None:
         return None
-    pad = _arg(node, 1, "pad", None)
+    pad = tuple(ctx.module(node).padding) if node.op == "call_module" else _arg(node, 1, "pad", None)
     if not isinstance(pad, (list, tuple)):
         ctx.unsupported(node, "pad with non-constant padding")
         return None
@@ -3002,9 +3017,9 @@ register_rule(nn.Softmin, F.softmin, nn.Softmax2d)(_softmax)
 
 # --------------------------------------------------------------------------- ranks of untracked tensors
 
-_RANK_KEEPING_MODULES: Tuple[type, ...] = ELEMENTWISE_MODULES + _POOL_MODULES + (
+_RANK_KEEPING_MODULES: Tuple[type, ...] = ELEMENTWISE_MODULES + _POOL_MODULES + PAD_MODULES + (
     nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_RANK_KEEPING_CALLS: Tuple[Any, ...] = _ELEMENTWISE_FUNCTIONS + _POOL_FUNCTIONS + _ELEMENTWISE_METHODS
+_RANK_KEEPING_CALLS: Tuple[Any, ...] = _ELEMENTWISE_FUNCTIONS + _POOL_FUNCTIONS + _ELEMENTWISE_METHODS + (F.pad,)
 
 
 def _flat_rank(rank: Optional[int], start: Any, end: Any) -> Optional[int]:

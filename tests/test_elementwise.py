@@ -277,3 +277,50 @@ def test_torchvision_frozen_batch_norm_constants_are_sliced() -> None:
     setattr(bad, constants[-1], getattr(pruned, constants[-1]).roll(1, 1))
     with pytest.raises(AssertionError):
         assert_equivalent(model, bad, plan, [X], example_inputs=(X,))
+
+
+class AnchorsCast(nn.Module):
+    """YOLO's head casts tensors it builds itself like a feature map: ``anchors.type_as(f)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.a(x))
+        grid = torch.arange(4.0).view(1, 4, 1, 1)
+        return self.b(f) + grid.type_as(f) + grid.to(f) + torch.ones(1, 4, 1, 1).to(f.dtype)
+
+
+@pytest.mark.parametrize("method", ["type_as", "to", "float", "contiguous", "clone", "detach"])
+def test_conversions_pass_channels(method: str) -> None:
+    root = nn.Module()
+    root.a, root.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    args = {"type_as": (x,), "to": (torch.float32,)}.get(method, ())
+    y = g.call_method(method, (g.call_module("a", (x,)),) + args)
+    g.output(g.call_method("mean", (g.call_module("b", (y,)), (2, 3))))
+    gm = torch.fx.GraphModule(root, g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        groups = {g.key: g for g in fxprune.find_groups(gm, example_inputs=(X,))}
+    assert groups["a"].prunable
+
+
+def test_an_untracked_tensor_cast_like_a_pruned_one_keeps_its_channels_prunable() -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(AnchorsCast()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        groups = {g.key: g for g in fxprune.find_groups(model, example_inputs=(X,))}
+    assert groups["a"].prunable and not groups["b"].prunable  # b: the model output
+    plan = fxprune.plan(model, 0.5, example_inputs=(X,))
+    pruned = fxprune.apply(model, plan, example_inputs=(X,))
+    assert_equivalent(model, pruned, plan, (X,), example_inputs=(X,))
+    assert pruned.get_submodule("a").out_channels == 4
+    broken = copy.deepcopy(pruned)
+    with torch.no_grad():
+        broken.get_submodule("b").weight.copy_(broken.get_submodule("b").weight.roll(1, 1))
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))

@@ -994,7 +994,10 @@ def _versions() -> str:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
         if commit:
-            parts.insert(0, f"fxprune at commit {commit}")
+            # A run of edited code must not be credited to the commit it started from.
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune"], cwd=HERE.parent,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            parts.insert(0, f"fxprune at commit {commit}" + (" with uncommitted changes to fxprune/" if dirty else ""))
     except (OSError, subprocess.SubprocessError):
         pass
     return ", ".join(parts)

@@ -2949,7 +2949,11 @@ def pointwise_op_names() -> List[str]:
     (True, False, False)
     """
     names = []
-    for name in dir(torch.ops.aten):
+    # Every registered ATen op by name: ``dir(torch.ops.aten)`` lists only the packets some code
+    # has already touched, so the rule table would depend on what ran before the import.
+    registered = {op.split("::", 1)[1].split(".", 1)[0] for op in torch._C._dispatch_get_all_op_names()
+                  if op.startswith("aten::")}
+    for name in sorted(registered):
         if name.startswith("_"):
             continue
         packet = getattr(torch.ops.aten, name, None)

@@ -19,7 +19,8 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.export import from_exported
-from fxprune.testing import assert_equivalent, randomize_norms
+from fxprune.testing import assert_equivalent
+from tests.zoo import init_normal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,10 +28,7 @@ X = torch.randn(2, 3, 8, 8)
 
 
 def init(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.5)
-    return randomize_norms(model).eval()
+    return init_normal(model)
 
 
 def prove(model: nn.Module, ratio: float = 0.5) -> torch.fx.GraphModule:

@@ -26,7 +26,8 @@ import fxprune
 from fxprune.export import from_exported
 from fxprune.groups import analyze
 from fxprune.rules import ARG_REWRITE, ArgRewrite, Bounds, ChannelCount, Pieces
-from fxprune.testing import assert_equivalent, randomize_norms
+from fxprune.testing import assert_equivalent
+from tests.zoo import init_normal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,10 +35,7 @@ X = torch.randn(2, 3, 8, 8)
 
 
 def init(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.5)
-    return randomize_norms(model).eval()
+    return init_normal(model)
 
 
 def with_counts(model: nn.Module, counts: Dict[str, int], shapes: bool = True) -> fxprune.PruningPlan:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxprune.testing import assert_equivalent, randomize_norms
+
 __all__ = [
     "ConcatNet", "InvertedResidualNet", "FlattenHead", "SENet", "LinearSENet", "FunctionalNet",
-    "CumsumNet", "GroupedConvNet", "MLPNet", "SharedConvNet", "TinyUNet", "randomize_bn", "ZOO",
+    "CumsumNet", "GroupedConvNet", "MLPNet", "SharedConvNet", "TinyUNet", "randomize_bn", "init_normal",
+    "assert_rolled_weight_fails", "ZOO",
 ]
 
 
@@ -26,6 +31,33 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                     m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
     return model
+
+
+def init_normal(model: nn.Module, std: float = 0.5) -> nn.Module:
+    """Seeded N(0, std) parameters and random norm statistics, in eval mode.
+
+    Default initialisations leave many weights near zero; large random ones make a wrong index
+    in a rewrite visible in the output, so the proofs can fail.
+    """
+    torch.manual_seed(0)
+    for p in model.parameters():
+        nn.init.normal_(p, std=std)
+    return randomize_norms(model).eval()
+
+
+def assert_rolled_weight_fails(model: nn.Module, pruned: nn.Module, plan: object, inputs: tuple,
+                               module: str, dim: int) -> None:
+    """The proof must fail once ``module``'s weight is rolled by one channel along ``dim``.
+
+    A deliberately broken rewrite (every kept channel shifted to its neighbour's slot) shows the
+    equivalence check is able to see an index error at that layer.
+    """
+    broken = copy.deepcopy(pruned)
+    weight = broken.get_submodule(module).weight
+    with torch.no_grad():
+        weight.copy_(weight.roll(1, dim))
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, broken, plan, inputs, example_inputs=inputs)
 
 
 def cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:

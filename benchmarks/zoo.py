@@ -454,7 +454,7 @@ _REASON_KINDS: Tuple[Tuple[str, str], ...] = (
     (r"normalises over the channel dim", "LayerNorm over channels"),
     (r"normalises across channels", "GroupNorm/LRN"),
     (r"MultiheadAttention", "MultiheadAttention"),
-    (r"mixes channels across heads", "window attention"),
+    (r"is not a table gathered per head", "window attention bias from an MLP (heads)"),
     (r"channel shuffle", "channel shuffle"),
     (r"splits or interleaves the channel dim", "view splitting channels"),
     (r"split of the channel dim", "split of channels"),

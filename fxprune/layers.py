@@ -6,19 +6,26 @@ width of its input and output, so a module with fewer heads (same ``head_dim``) 
 embedding cannot be an ``nn.MultiheadAttention``. It computes what ``nn.MultiheadAttention``
 computes (packed q/k/v projection, scaled dot-product attention per head, output projection),
 with the heads' width its own.
+
+:func:`window_attention` replaces torchvision's ``shifted_window_attention`` (Swin V1 and V2)
+for the same reason: torchvision's function derives ``head_dim`` as ``C // num_heads`` from its
+input width ``C``, so the heads' width *is* the residual width. This one takes ``head_dim``
+explicitly, so heads and the residual width can be pruned apart.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FxPruneError
 
-__all__ = ["PrunedMultiheadAttention"]
+__all__ = ["PrunedMultiheadAttention", "window_attention", "shifted_window_mask"]
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -113,3 +120,97 @@ class PrunedMultiheadAttention(nn.Module):
             return out, None
         weights = attn.reshape(batch, self.num_heads, length, source)
         return out, weights.mean(dim=1) if average_attn_weights else weights
+
+
+def shifted_window_mask(height: int, width: int, window: Sequence[int], shift: Sequence[int],
+                        like: torch.Tensor) -> torch.Tensor:
+    """The additive mask ``[windows, N, N]`` of shifted-window attention on a padded ``height x width`` map.
+
+    After the cyclic shift, a window may hold pixels from up to four regions of the map that
+    were not neighbours; a query may attend only within its own region (-100 elsewhere).
+
+    >>> m = shifted_window_mask(4, 4, [2, 2], [1, 1], torch.zeros(()))
+    >>> tuple(m.shape), m[0].eq(0).all().item(), m[-1].eq(0).sum().item()
+    ((4, 4, 4), True, 4)
+    """
+    regions = like.new_zeros((height, width))
+    label = 0
+    bands: List[List[Tuple[int, Optional[int]]]] = [
+        [(0, -w), (-w, -s), (-s, None)] for w, s in zip(window, shift)]
+    for top, bottom in bands[0]:
+        for left, right in bands[1]:
+            regions[top:bottom, left:right] = label
+            label += 1
+    wh, ww = window
+    regions = regions.view(height // wh, wh, width // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    diff = regions.unsqueeze(1) - regions.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
+                     relative_position_bias: torch.Tensor, window_size: Sequence[int], num_heads: int,
+                     shift_size: Sequence[int], attention_dropout: float = 0.0, dropout: float = 0.0,
+                     qkv_bias: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
+                     logit_scale: Optional[torch.Tensor] = None, training: bool = True,
+                     head_dim: Optional[int] = None) -> torch.Tensor:
+    """(Shifted) window multi-head self-attention on a channels-last ``[B, H, W, C]`` map.
+
+    The arguments of torchvision's ``shifted_window_attention``, plus ``head_dim``: the heads'
+    width is ``num_heads * head_dim`` (``qkv_weight`` is ``[3 * num_heads * head_dim, C]``,
+    ``proj_weight`` ``[C_out, num_heads * head_dim]``), independent of the input width ``C``;
+    ``head_dim=None`` is torchvision's ``C // num_heads``, and the function then computes what
+    torchvision's does. ``logit_scale`` given: Swin V2's cosine attention (its q/k/v bias's k
+    third is not used, as in torchvision).
+
+    >>> import torchvision.models.swin_transformer as swin
+    >>> x, qkv, proj = torch.randn(1, 8, 8, 6), torch.randn(18, 6), torch.randn(6, 6)
+    >>> bias = torch.randn(1, 2, 16, 16)
+    >>> ours = window_attention(x, qkv, proj, bias, [4, 4], 2, [2, 2], training=False)
+    >>> torch.allclose(ours, swin.shifted_window_attention(x, qkv, proj, bias, [4, 4], 2, [2, 2], training=False), atol=1e-5)
+    True
+    >>> tuple(window_attention(x, torch.randn(12, 6), torch.randn(5, 4), bias[:, :1], [4, 4], 1, [2, 2],
+    ...                        training=False, head_dim=4).shape)   # one head of 4, 5 channels out
+    (1, 8, 8, 5)
+    """
+    batch, height, width, channels = input.shape
+    dim = channels // num_heads if head_dim is None else head_dim
+    heads_width = num_heads * dim
+    wh, ww = int(window_size[0]), int(window_size[1])
+    x = F.pad(input, (0, 0, 0, (ww - width % ww) % ww, 0, (wh - height % wh) % wh))
+    padded_h, padded_w = x.shape[1], x.shape[2]
+    # A window as large as the map sees all of it: nothing to shift.
+    shift = [0 if wh >= padded_h else int(shift_size[0]), 0 if ww >= padded_w else int(shift_size[1])]
+    shifted = sum(shift) > 0
+    if shifted:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    rows, cols = padded_h // wh, padded_w // ww
+    windows, tokens = rows * cols, wh * ww
+    x = x.view(batch, rows, wh, cols, ww, channels).permute(0, 1, 3, 2, 4, 5).reshape(batch * windows, tokens, channels)
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = qkv_bias.clone()
+        third = qkv_bias.numel() // 3
+        qkv_bias[third:2 * third].zero_()
+    qkv = F.linear(x, qkv_weight, qkv_bias).reshape(x.size(0), tokens, 3, num_heads, dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * dim ** -0.5) @ k.transpose(-2, -1)
+    attn = attn + relative_position_bias
+    if shifted:
+        mask = shifted_window_mask(padded_h, padded_w, (wh, ww), shift, x)
+        attn = attn.view(batch, windows, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    x = (attn @ v).transpose(1, 2).reshape(x.size(0), tokens, heads_width)
+    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    out = x.size(-1)
+    x = x.view(batch, rows, cols, wh, ww, out).permute(0, 1, 3, 2, 4, 5).reshape(batch, padded_h, padded_w, out)
+    if shifted:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :height, :width, :].contiguous()
+
+
+# A leaf for torch.fx (like torchvision's own function): re-tracing a pruned model keeps the call.
+torch.fx.wrap("window_attention")

@@ -384,7 +384,12 @@ def apply_arg_rewrites(graph: torch.fx.Graph, kept: Dict[int, List[int]]) -> Non
                 node.target = rewrite.target
 
 
+_ABSENT = object()  # a keyword the node does not pass yet (a patch may add one its new target takes)
+
+
 def _at(args: Tuple[Any, ...], kwargs: Dict[str, Any], path: Tuple[Any, ...], node: torch.fx.Node) -> Any:
+    if len(path) == 1 and isinstance(path[0], str) and path[0] not in kwargs:
+        return _ABSENT
     try:
         value: Any = kwargs[path[0]] if isinstance(path[0], str) else args[path[0]]
         for step in path[1:]:

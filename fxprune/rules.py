@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import Registry
-from .layers import PrunedMultiheadAttention
+from .layers import PrunedMultiheadAttention, window_attention
 
 __all__ = [
     "Layout",
@@ -292,7 +292,8 @@ class ArgRewrite:
 
     ``target``: the node's new target if any patch changes its argument (``chunk`` whose
     pieces become unequal turns into ``split``; both take the same arguments in the same
-    places). A rule that cannot express a node's rewrite this way refuses the node instead,
+    places). A patch whose path is one keyword the node does not pass adds it (torchvision's
+    window attention becomes fxprune's, which also takes ``head_dim``). A rule that cannot express a node's rewrite this way refuses the node instead,
     so plan and apply always agree.
     """
 
@@ -3108,18 +3109,107 @@ def _torchvision_rules() -> None:
             return None
         return replace(inp, groups=inp.groups * 4, sizes=inp.sizes * 4)
 
-    @register_rule(swin.shifted_window_attention, swin._get_relative_position_bias)
-    def _swin_attention(ctx: RuleContext, node: torch.fx.Node) -> None:
-        # Frozen by design, and not for want of a slice: shifted_window_attention computes
-        # head_dim as C // num_heads from its input's width C and merges the heads back into C
-        # channels, so the heads' width *is* the residual width. Removing heads (num_heads
-        # rewritten, qkv rows, proj columns and the bias's head rows sliced) changes C // num_heads
-        # for the heads kept; pruning C alone changes every head's head_dim. Neither is an
-        # argument rewrite plus tensor slices of this call. (timm's WindowAttention keeps them
-        # apart and prunes whole heads: _attention_heads.)
-        _freeze_all_inputs(ctx, node, f"{node.target.__name__} mixes channels across heads "  # type: ignore[union-attr]
-                                      "(its head_dim is C // num_heads of the input width C)")
+    @register_rule(swin._get_relative_position_bias)
+    def _relative_position_bias(ctx: RuleContext, node: torch.fx.Node) -> None:
+        # A table of parameters gathered by a constant index: no channels of the input. Its
+        # head columns are sliced by the window attention that reads it (_window_attention),
+        # which checks that nothing else does.
+        _freeze_all_inputs(ctx, node, "a relative position bias computed from a tracked tensor")
         return None
+
+    register_rule(swin.shifted_window_attention, window_attention)(_window_attention)
+
+
+_WINDOW_ATTENTION_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+                          "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale",
+                          "training", "head_dim")
+
+
+def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """torchvision's Swin window attention (V1 and V2), rewritten into :func:`fxprune.layers.window_attention`.
+
+    torchvision's ``shifted_window_attention`` derives ``head_dim = C // num_heads`` from its
+    input width ``C`` and merges the heads back into ``C`` channels, so neither the heads nor
+    the residual width can change alone within that call. fxprune's ``window_attention`` takes
+    ``head_dim`` explicitly (otherwise the same computation), so the rewrite swaps the target
+    and passes ``head_dim``; then the input width (qkv's columns), the output width (proj's
+    rows) and the heads (qkv's q, k and v rows, proj's columns, whole units of ``head_dim``)
+    are three independent sets of channels, each exact. The heads are pruned only where the
+    relative position bias is V1's table gathered by a constant index (each removed head takes
+    its column) and V2's ``logit_scale`` is a ``[H, 1, 1]`` parameter; V2's bias comes from a
+    small MLP, so its heads stay whole while its widths are pruned.
+    """
+    bound = {name: _arg(node, i, name) for i, name in enumerate(_WINDOW_ATTENTION_ARGS)}
+    x, qkv_w, proj_w, bias = bound["input"], bound["qkv_weight"], bound["proj_weight"], bound["relative_position_bias"]
+    inp = ctx.layout(x)
+    heads, head_dim = bound["num_heads"], bound["head_dim"]
+    in_shape, qshape, pshape = ctx.shape(x), ctx.shape(qkv_w), ctx.shape(proj_w)
+    if in_shape is None or qshape is None or pshape is None or len(in_shape) != 4 or not _int_arg(heads) \
+            or heads < 1 or not (head_dim is None or _int_arg(head_dim)):
+        _freeze_all_inputs(ctx, node, f"window attention {node.name} whose shapes or head count are unknown")
+        return None
+    channels = int(in_shape[-1])
+    head_dim = channels // heads if head_dim is None else int(head_dim)
+    width = heads * head_dim
+    if tuple(qshape) != (3 * width, channels) or len(pshape) != 2 or int(pshape[1]) != width \
+            or inp is not None and (inp.dim != -1 or inp.block != 1 or inp.channels != channels):
+        _freeze_all_inputs(ctx, node, f"window attention {node.name} whose weights do not match its widths")
+        return None
+    out = ctx.produce(node, int(pshape[0]), -1, 4)
+    group = ctx.produce(node, width, -1, 2, tag="heads")
+    rows = Layout(group.groups * 3, group.sizes * 3, -1, 2, 1)  # q, k, v: the same heads three times
+    if not _layer_tensor(ctx, node, qkv_w, 0, rows, "out", "weight"):
+        if inp is not None:
+            ctx.freeze(node, [inp], f"the qkv weight of {node.name} cannot be sliced")
+    elif inp is not None:
+        _layer_tensor(ctx, node, qkv_w, 1, inp, "in", "weight")
+    if bound["qkv_bias"] is not None:
+        _layer_tensor(ctx, node, bound["qkv_bias"], 0, rows, "out", "bias")
+    _layer_tensor(ctx, node, proj_w, 0, out, "out", "weight")
+    _layer_tensor(ctx, node, proj_w, 1, group, "in", "weight")
+    if bound["proj_bias"] is not None:
+        _layer_tensor(ctx, node, bound["proj_bias"], 0, out, "out", "bias")
+    reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
+    ctx.require(node, group, WholeUnits(head_dim), reason)
+    per_head = Layout(group.groups, group.sizes, -1, 2, 1)
+    table = _gathered_bias_table(ctx, bias, heads)
+    scale = bound["logit_scale"]
+    scale_shape = ctx.shape(scale) if scale is not None else None
+    if table is None:
+        ctx.freeze(node, [group], f"the relative position bias of {node.name} is not a table gathered per head "
+                                  "(Swin V2's comes from an MLP): its heads stay whole")
+    elif scale is not None and (tuple(scale_shape or ()) != (heads, 1, 1) or _cast_source(scale) is None):
+        ctx.freeze(node, [group], f"the logit scale of {node.name} is not a [heads, 1, 1] parameter: its heads stay whole")
+    else:
+        ctx.tensor_member(bias, table, 1, per_head, per=head_dim)
+        if scale is not None:
+            source = _cast_source(scale)
+            ctx.tensor_member(node, source.leaves[0][0], 0, per_head, per=head_dim, via=source.via)
+        path = (5,) if len(node.args) > 5 else ("num_heads",)
+        ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(group.groups), 1, head_dim)))
+    # Always fxprune's function with an explicit head_dim: the residual width may change alone.
+    ctx.rewrite_args(node, ArgPatch(("head_dim",), head_dim), target=window_attention)
+    return out
+
+
+def _gathered_bias_table(ctx: RuleContext, bias: Any, heads: int) -> Optional[torch.fx.Node]:
+    """The ``[T, heads]`` table parameter of torchvision's ``_get_relative_position_bias(table, index, window)``.
+
+    None unless ``bias`` is that call, read only here, on a table read only by it and an index
+    that is a constant buffer.
+    """
+    if not isinstance(bias, torch.fx.Node) or bias.op != "call_function" or len(bias.users) != 1 \
+            or getattr(bias.target, "__name__", None) != "_get_relative_position_bias" \
+            or getattr(bias.target, "__module__", None) != "torchvision.models.swin_transformer":
+        return None
+    table, index = _arg(bias, 0, "relative_position_bias_table"), _arg(bias, 1, "relative_position_index")
+    shape = ctx.shape(table)
+    if not isinstance(table, torch.fx.Node) or table.op != "get_attr" or len(table.users) != 1 or shape is None \
+            or len(shape) != 2 or int(shape[1]) != heads:
+        return None
+    if not isinstance(index, torch.fx.Node) or index.op != "get_attr" or ctx.layout(index) is not None:
+        return None
+    return table
 
 
 _torchvision_rules()

@@ -134,7 +134,11 @@ def _convnext(pruned: nn.Module, groups: List[fxprune.Group]) -> None:
 
 def _swin(pruned: nn.Module, groups: List[fxprune.Group]) -> None:
     assert pruned.get_submodule("features.1.0.mlp.0").out_features == 192
-    assert "mixes channels across heads" in frozen_reasons(groups)
+    # The residual width (renormalising) and whole heads (3 of 32 -> 2) are pruned: the window
+    # attention is rewritten into fxprune's, whose head_dim is its own (tests/test_tv_swin.py).
+    assert next(g for g in groups if g.key == "features.0.0").renormalising
+    assert pruned.get_parameter("features.1.0.attn.qkv.weight").shape == (3 * 2 * 32, 48)
+    assert pruned.get_parameter("features.1.0.attn.relative_position_bias_table").shape[1] == 2
 
 
 def _vit(pruned: nn.Module, groups: List[fxprune.Group]) -> None:

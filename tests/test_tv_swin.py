@@ -1,0 +1,166 @@
+"""torchvision's Swin (V1 and V2): window attention with heads and residual width pruned apart.
+
+torchvision's ``shifted_window_attention`` derives ``head_dim = C // num_heads`` from its input
+width ``C``, so within that call the heads' width is the residual width. The rewrite swaps it
+for :func:`fxprune.layers.window_attention`, the same computation with ``head_dim`` explicit:
+the input width (qkv's columns), the output width (proj's rows) and the heads (q/k/v rows and
+proj's columns, whole units, V1's relative position bias columns) are then pruned apart. Each
+case is proven against the masked reference in float64, and the proof fails on broken rewrites.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+import torch.fx
+from torchvision.models import swin_transformer as swin
+
+import fxprune
+from fxprune.layers import shifted_window_mask, window_attention
+from fxprune.testing import assert_equivalent, randomize_norms
+from tests.zoo import assert_rolled_weight_fails
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X = torch.randn(1, 3, 32, 32)
+
+
+def small(v2: bool = False) -> torch.nn.Module:
+    """Two stages of Swin (embedding 16, 2 then 4 heads, 4x4 windows): plain and shifted blocks."""
+    torch.manual_seed(0)
+    block = swin.SwinTransformerBlockV2 if v2 else swin.SwinTransformerBlock
+    merge = swin.PatchMergingV2 if v2 else swin.PatchMerging
+    model = swin.SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10, block=block,
+                                 downsample_layer=merge)
+    for name, p in model.named_parameters():
+        if "relative_position_bias_table" in name or "logit_scale" in name:
+            with torch.no_grad():
+                p.normal_(0, 1.0)  # torchvision starts the table near zero: a wrong column must show
+    return randomize_norms(model).eval()
+
+
+@pytest.mark.parametrize("shape,shift", [((1, 8, 8, 6), [2, 2]), ((2, 7, 9, 6), [2, 2]), ((1, 8, 8, 6), [0, 0]),
+                                         ((1, 4, 8, 6), [2, 2])], ids=["shifted", "padded", "plain", "window-as-high"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_window_attention_computes_torchvisions_function(shape: Any, shift: Any, v2: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    qkv, proj = torch.randn(18, 6, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+    qkv_bias, proj_bias = torch.randn(18, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    bias = torch.randn(1, 2, 16, 16, dtype=torch.float64)
+    scale = torch.rand(2, 1, 1, dtype=torch.float64) * 3 if v2 else None
+    args = (x, qkv, proj, bias, [4, 4], 2, shift)
+    kw = dict(qkv_bias=qkv_bias, proj_bias=proj_bias, logit_scale=scale, training=False)
+    want = swin.shifted_window_attention(*args, **kw)
+    torch.testing.assert_close(window_attention(*args, **kw), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(window_attention(*args, **kw, head_dim=3), want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_shift_mask_separates_the_regions_a_shift_brings_together() -> None:
+    mask = shifted_window_mask(8, 8, [4, 4], [2, 2], torch.zeros(()))
+    assert mask.shape == (4, 16, 16)
+    assert bool((mask[0] == 0).all())  # the top-left window holds one region
+    assert int((mask[3] == 0).sum()) == 4 * 4 * 4  # the last window: four regions of 4 tokens each
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_torchvision_swin_prunes_its_widths_and_v1_its_heads_and_is_proven(v2: bool) -> None:
+    model = small(v2)
+    groups = {g.key: g for g in fxprune.find_groups(model, example_inputs=(X,))}
+    stream = groups["features.0.0"]
+    assert stream.prunable and stream.renormalising
+    heads = [g for key, g in groups.items() if key.endswith(".attn.qkv")]  # named by the q/k/v weight
+    assert len(heads) == 4
+    if v2:
+        # V2's relative position bias comes from a small MLP, not a table column per head.
+        assert not any(g.prunable for g in heads)
+        assert any("not a table gathered per head" in r for g in heads for r in g.reasons)
+    else:
+        assert all(g.prunable for g in heads)
+    plan = fxprune.plan(model, 0.5, example_inputs=(X,))
+    pruned = fxprune.apply(model, plan, example_inputs=(X,))
+    assert_equivalent(model, pruned, plan, (X,), example_inputs=(X,))
+    calls = [n for n in pruned.graph.nodes if n.op == "call_function" and "attention" in str(n.target)]
+    assert len(calls) == 4 and all(n.target is window_attention and n.kwargs["head_dim"] == 8 for n in calls)
+    assert [n.args[5] for n in calls] == ([2, 2, 4, 4] if v2 else [1, 1, 2, 2])
+    assert pruned.get_parameter("features.1.0.attn.qkv.weight").shape == ((48, 8) if v2 else (24, 8))
+    assert pruned.get_parameter("features.1.0.attn.proj.weight").shape == ((8, 16) if v2 else (8, 8))
+    if not v2:
+        assert pruned.get_parameter("features.1.0.attn.relative_position_bias_table").shape == (49, 1)
+    assert sum(p.numel() for p in pruned.parameters()) < 0.4 * sum(p.numel() for p in model.parameters())
+
+
+def uneven_plan(model: torch.nn.Module) -> fxprune.PruningPlan:
+    """Ratio 0.5, but the residual stream keeps 12 of its 16 channels: C // num_heads != head_dim.
+
+    (A uniform ratio prunes the width and the heads alike, so torchvision's ``C // num_heads``
+    would happen to be right; global ranking or a per-group ratio does not.)
+    """
+    plan = fxprune.plan(model, 0.5, example_inputs=(X,))
+    plan.groups = [dataclasses.replace(g, keep=list(range(12))) if g.key == "features.0.0" else g for g in plan.groups]
+    return plan
+
+
+def test_a_residual_width_pruned_unlike_the_heads_is_proven() -> None:
+    model = small()
+    plan = uneven_plan(model)
+    pruned = fxprune.apply(model, plan, example_inputs=(X,))
+    assert_equivalent(model, pruned, plan, (X,), example_inputs=(X,))
+    assert pruned.get_parameter("features.1.0.attn.qkv.weight").shape == (24, 12)  # 1 head of 8, 12 inputs
+
+
+def test_broken_swin_rewrites_fail_the_proof() -> None:
+    model = small()
+    plan = uneven_plan(model)
+    pruned = fxprune.apply(model, plan, example_inputs=(X,))
+    # Rows of the q/k/v weight shifted by one (a head's channels moved) and proj's columns.
+    assert_rolled_weight_fails(model, pruned, plan, (X,), "features.3.1.attn.qkv", 0)
+    assert_rolled_weight_fails(model, pruned, plan, (X,), "features.3.1.attn.proj", 1)
+    # The bias table's column of the wrong head (stage 2 keeps 2 of 4 heads).
+    broken = copy.deepcopy(pruned)
+    table = broken.get_parameter("features.3.1.attn.relative_position_bias_table")
+    assert table.shape[1] == 2
+    with torch.no_grad():
+        table.copy_(table.roll(1, 1))
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))
+    # torchvision's function on the pruned widths (head_dim read as C // num_heads again).
+    broken = copy.deepcopy(pruned)
+    for node in broken.graph.nodes:
+        if node.target is window_attention:
+            node.target = swin.shifted_window_attention
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "head_dim"}
+    broken.recompile()
+    with pytest.raises((AssertionError, RuntimeError)):
+        assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))
+
+
+def test_a_pruned_swin_is_traced_and_pruned_again() -> None:
+    model = small()
+    once = fxprune.prune(model, 0.5, example_inputs=(X,))
+    again = torch.fx.symbolic_trace(once)  # window_attention stays one call (an fx leaf)
+    assert any(n.target is window_attention for n in again.graph.nodes)
+    plan = fxprune.plan(once, 0.5, example_inputs=(X,))
+    twice = fxprune.apply(once, plan, example_inputs=(X,))
+    assert_equivalent(once, twice, plan, (X,), example_inputs=(X,))
+    assert sum(p.numel() for p in twice.parameters()) < sum(p.numel() for p in once.parameters())
+
+
+def test_a_bias_table_read_elsewhere_keeps_the_heads_whole() -> None:
+    model = small()
+    gm = torch.fx.symbolic_trace(model)
+    table = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "features.1.0.attn.relative_position_bias_table")
+    with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op == "output")):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        total = gm.graph.call_function(torch.add, (out.args[0], gm.graph.call_method("sum", (table,))))
+        out.args = (total,)
+    gm.recompile()
+    groups = {g.key: g for g in fxprune.find_groups(gm, example_inputs=(X,))}
+    assert not groups["features.1.0.attn.qkv"].prunable and groups["features.1.1.attn.qkv"].prunable
+    plan = fxprune.plan(gm, 0.5, example_inputs=(X,))
+    pruned = fxprune.apply(gm, plan, example_inputs=(X,))
+    assert_equivalent(gm, pruned, plan, (X,), example_inputs=(X,))

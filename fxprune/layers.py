@@ -8,13 +8,14 @@ computes (packed q/k/v projection, scaled dot-product attention per head, output
 with the heads' width its own.
 
 :func:`window_attention` replaces torchvision's ``shifted_window_attention`` (Swin V1 and V2)
-for the same reason: torchvision's function derives ``head_dim`` as ``C // num_heads`` from its
+(and ``shifted_window_attention_3d``, Video Swin) for the same reason: torchvision's function derives ``head_dim`` as ``C // num_heads`` from its
 input width ``C``, so the heads' width *is* the residual width. This one takes ``head_dim``
 explicitly, so heads and the residual width can be pruned apart.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -122,27 +123,25 @@ class PrunedMultiheadAttention(nn.Module):
         return out, weights.mean(dim=1) if average_attn_weights else weights
 
 
-def shifted_window_mask(height: int, width: int, window: Sequence[int], shift: Sequence[int],
+def shifted_window_mask(size: Sequence[int], window: Sequence[int], shift: Sequence[int],
                         like: torch.Tensor) -> torch.Tensor:
-    """The additive mask ``[windows, N, N]`` of shifted-window attention on a padded ``height x width`` map.
+    """The additive mask ``[windows, N, N]`` of shifted-window attention on a padded map of ``size``.
 
-    After the cyclic shift, a window may hold pixels from up to four regions of the map that
-    were not neighbours; a query may attend only within its own region (-100 elsewhere).
+    ``size``, ``window`` and ``shift``: one entry per window dim (H, W; or T, H, W). After the
+    cyclic shift, a window may hold pixels of up to three bands per dim that were not
+    neighbours; a query attends only within its own region (-100 elsewhere).
 
-    >>> m = shifted_window_mask(4, 4, [2, 2], [1, 1], torch.zeros(()))
+    >>> m = shifted_window_mask([4, 4], [2, 2], [1, 1], torch.zeros(()))
     >>> tuple(m.shape), m[0].eq(0).all().item(), m[-1].eq(0).sum().item()
     ((4, 4, 4), True, 4)
     """
-    regions = like.new_zeros((height, width))
-    label = 0
-    bands: List[List[Tuple[int, Optional[int]]]] = [
-        [(0, -w), (-w, -s), (-s, None)] for w, s in zip(window, shift)]
-    for top, bottom in bands[0]:
-        for left, right in bands[1]:
-            regions[top:bottom, left:right] = label
-            label += 1
-    wh, ww = window
-    regions = regions.view(height // wh, wh, width // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    regions = like.new_zeros(tuple(size))
+    bands = [[(0, -w), (-w, -s), (-s, None)] for w, s in zip(window, shift)]
+    for label, box in enumerate(itertools.product(*bands)):
+        regions[tuple(slice(a, b) for a, b in box)] = label
+    nd = len(size)
+    interleaved = [v for n, w in zip(size, window) for v in (n // w, w)]
+    regions = regions.view(interleaved).permute(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)).reshape(-1, math.prod(window))
     diff = regions.unsqueeze(1) - regions.unsqueeze(2)
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
@@ -153,14 +152,15 @@ def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight:
                      qkv_bias: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
                      logit_scale: Optional[torch.Tensor] = None, training: bool = True,
                      head_dim: Optional[int] = None) -> torch.Tensor:
-    """(Shifted) window multi-head self-attention on a channels-last ``[B, H, W, C]`` map.
+    """(Shifted) window multi-head self-attention on a channels-last ``[B, H, W, C]`` or ``[B, T, H, W, C]`` map.
 
-    The arguments of torchvision's ``shifted_window_attention``, plus ``head_dim``: the heads'
-    width is ``num_heads * head_dim`` (``qkv_weight`` is ``[3 * num_heads * head_dim, C]``,
-    ``proj_weight`` ``[C_out, num_heads * head_dim]``), independent of the input width ``C``;
-    ``head_dim=None`` is torchvision's ``C // num_heads``, and the function then computes what
-    torchvision's does. ``logit_scale`` given: Swin V2's cosine attention (its q/k/v bias's k
-    third is not used, as in torchvision).
+    The arguments of torchvision's ``shifted_window_attention`` (and, for 5-d input,
+    ``shifted_window_attention_3d``), plus ``head_dim``: the heads' width is ``num_heads *
+    head_dim`` (``qkv_weight`` is ``[3 * num_heads * head_dim, C]``, ``proj_weight`` ``[C_out,
+    num_heads * head_dim]``), independent of the input width ``C``; ``head_dim=None`` is
+    torchvision's ``C // num_heads``, and the function then computes what torchvision's does.
+    ``logit_scale`` given: Swin V2's cosine attention (its q/k/v bias's k third is not used,
+    as in torchvision).
 
     >>> import torchvision.models.swin_transformer as swin
     >>> x, qkv, proj = torch.randn(1, 8, 8, 6), torch.randn(18, 6), torch.randn(6, 6)
@@ -172,20 +172,27 @@ def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight:
     ...                        training=False, head_dim=4).shape)   # one head of 4, 5 channels out
     (1, 8, 8, 5)
     """
-    batch, height, width, channels = input.shape
+    batch, size, channels = input.shape[0], list(input.shape[1:-1]), input.shape[-1]
+    nd = len(size)
     dim = channels // num_heads if head_dim is None else head_dim
     heads_width = num_heads * dim
-    wh, ww = int(window_size[0]), int(window_size[1])
-    x = F.pad(input, (0, 0, 0, (ww - width % ww) % ww, 0, (wh - height % wh) % wh))
-    padded_h, padded_w = x.shape[1], x.shape[2]
+    window = [int(w) for w in window_size]
+    pad: List[int] = [0, 0]
+    for n, w in zip(reversed(size), reversed(window)):
+        pad += [0, (w - n % w) % w]
+    x = F.pad(input, pad)
+    padded = list(x.shape[1:-1])
     # A window as large as the map sees all of it: nothing to shift.
-    shift = [0 if wh >= padded_h else int(shift_size[0]), 0 if ww >= padded_w else int(shift_size[1])]
+    shift = [0 if w >= n else int(s) for w, n, s in zip(window, padded, shift_size)]
     shifted = sum(shift) > 0
+    dims = tuple(range(1, nd + 1))
     if shifted:
-        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    rows, cols = padded_h // wh, padded_w // ww
-    windows, tokens = rows * cols, wh * ww
-    x = x.view(batch, rows, wh, cols, ww, channels).permute(0, 1, 3, 2, 4, 5).reshape(batch * windows, tokens, channels)
+        x = torch.roll(x, shifts=tuple(-s for s in shift), dims=dims)
+    counts = [n // w for n, w in zip(padded, window)]
+    windows, tokens = math.prod(counts), math.prod(window)
+    interleaved = [v for c, w in zip(counts, window) for v in (c, w)]
+    x = x.view(batch, *interleaved, channels).permute(0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1)
+    x = x.reshape(batch * windows, tokens, channels)
     if logit_scale is not None and qkv_bias is not None:
         qkv_bias = qkv_bias.clone()
         third = qkv_bias.numel() // 3
@@ -199,17 +206,18 @@ def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight:
         attn = (q * dim ** -0.5) @ k.transpose(-2, -1)
     attn = attn + relative_position_bias
     if shifted:
-        mask = shifted_window_mask(padded_h, padded_w, (wh, ww), shift, x)
+        mask = shifted_window_mask(padded, window, shift, x)
         attn = attn.view(batch, windows, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, num_heads, tokens, tokens)
     attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
     x = (attn @ v).transpose(1, 2).reshape(x.size(0), tokens, heads_width)
     x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
     out = x.size(-1)
-    x = x.view(batch, rows, cols, wh, ww, out).permute(0, 1, 3, 2, 4, 5).reshape(batch, padded_h, padded_w, out)
+    order = [v for i in range(nd) for v in (1 + i, 1 + nd + i)]
+    x = x.view(batch, *counts, *window, out).permute(0, *order, 2 * nd + 1).reshape(batch, *padded, out)
     if shifted:
-        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
-    return x[:, :height, :width, :].contiguous()
+        x = torch.roll(x, shifts=tuple(shift), dims=dims)
+    return x[(slice(None),) + tuple(slice(0, n) for n in size)].contiguous()
 
 
 # A leaf for torch.fx (like torchvision's own function): re-tracing a pruned model keeps the call.

@@ -3090,6 +3090,7 @@ def _torchvision_rules() -> None:
     try:
         from torchvision.ops import StochasticDepth, stochastic_depth
         from torchvision.models import swin_transformer as swin
+        from torchvision.models.video import swin_transformer as swin3d
     except ImportError:  # torchvision is optional for the rule table
         return
 
@@ -3109,7 +3110,7 @@ def _torchvision_rules() -> None:
             return None
         return replace(inp, groups=inp.groups * 4, sizes=inp.sizes * 4)
 
-    @register_rule(swin._get_relative_position_bias)
+    @register_rule(swin._get_relative_position_bias, swin3d._get_relative_position_bias)
     def _relative_position_bias(ctx: RuleContext, node: torch.fx.Node) -> None:
         # A table of parameters gathered by a constant index: no channels of the input. Its
         # head columns are sliced by the window attention that reads it (_window_attention),
@@ -3117,7 +3118,7 @@ def _torchvision_rules() -> None:
         _freeze_all_inputs(ctx, node, "a relative position bias computed from a tracked tensor")
         return None
 
-    register_rule(swin.shifted_window_attention, window_attention)(_window_attention)
+    register_rule(swin.shifted_window_attention, swin3d.shifted_window_attention_3d, window_attention)(_window_attention)
 
 
 _WINDOW_ATTENTION_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
@@ -3126,7 +3127,8 @@ _WINDOW_ATTENTION_ARGS = ("input", "qkv_weight", "proj_weight", "relative_positi
 
 
 def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
-    """torchvision's Swin window attention (V1 and V2), rewritten into :func:`fxprune.layers.window_attention`.
+    """torchvision's Swin window attention (V1, V2 and Video Swin's 3-d windows), rewritten into
+    :func:`fxprune.layers.window_attention`.
 
     torchvision's ``shifted_window_attention`` derives ``head_dim = C // num_heads`` from its
     input width ``C`` and merges the heads back into ``C`` channels, so neither the heads nor
@@ -3139,12 +3141,19 @@ def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]
     its column) and V2's ``logit_scale`` is a ``[H, 1, 1]`` parameter; V2's bias comes from a
     small MLP, so its heads stay whole while its widths are pruned.
     """
-    bound = {name: _arg(node, i, name) for i, name in enumerate(_WINDOW_ATTENTION_ARGS)}
+    names = _WINDOW_ATTENTION_ARGS
+    if getattr(node.target, "__name__", None) == "shifted_window_attention_3d":
+        # Video Swin's function has no logit_scale: its training flag sits where V2's scale does.
+        names = tuple(n for n in names if n != "logit_scale")
+        if len(node.args) > names.index("training"):
+            _freeze_all_inputs(ctx, node, f"window attention {node.name} with its flags passed by position")
+            return None
+    bound = {name: _arg(node, i, name) for i, name in enumerate(names)}
     x, qkv_w, proj_w, bias = bound["input"], bound["qkv_weight"], bound["proj_weight"], bound["relative_position_bias"]
     inp = ctx.layout(x)
     heads, head_dim = bound["num_heads"], bound["head_dim"]
     in_shape, qshape, pshape = ctx.shape(x), ctx.shape(qkv_w), ctx.shape(proj_w)
-    if in_shape is None or qshape is None or pshape is None or len(in_shape) != 4 or not _int_arg(heads) \
+    if in_shape is None or qshape is None or pshape is None or len(in_shape) not in (4, 5) or not _int_arg(heads) \
             or heads < 1 or not (head_dim is None or _int_arg(head_dim)):
         _freeze_all_inputs(ctx, node, f"window attention {node.name} whose shapes or head count are unknown")
         return None
@@ -3155,7 +3164,7 @@ def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]
             or inp is not None and (inp.dim != -1 or inp.block != 1 or inp.channels != channels):
         _freeze_all_inputs(ctx, node, f"window attention {node.name} whose weights do not match its widths")
         return None
-    out = ctx.produce(node, int(pshape[0]), -1, 4)
+    out = ctx.produce(node, int(pshape[0]), -1, len(in_shape))
     group = ctx.produce(node, width, -1, 2, tag="heads")
     rows = Layout(group.groups * 3, group.sizes * 3, -1, 2, 1)  # q, k, v: the same heads three times
     if not _layer_tensor(ctx, node, qkv_w, 0, rows, "out", "weight"):
@@ -3173,7 +3182,7 @@ def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]
     ctx.require(node, group, WholeUnits(head_dim), reason)
     per_head = Layout(group.groups, group.sizes, -1, 2, 1)
     table = _gathered_bias_table(ctx, bias, heads)
-    scale = bound["logit_scale"]
+    scale = bound.get("logit_scale")
     scale_shape = ctx.shape(scale) if scale is not None else None
     if table is None:
         ctx.freeze(node, [group], f"the relative position bias of {node.name} is not a table gathered per head "
@@ -3200,7 +3209,8 @@ def _gathered_bias_table(ctx: RuleContext, bias: Any, heads: int) -> Optional[to
     """
     if not isinstance(bias, torch.fx.Node) or bias.op != "call_function" or len(bias.users) != 1 \
             or getattr(bias.target, "__name__", None) != "_get_relative_position_bias" \
-            or getattr(bias.target, "__module__", None) != "torchvision.models.swin_transformer":
+            or getattr(bias.target, "__module__", None) not in ("torchvision.models.swin_transformer",
+                                                                "torchvision.models.video.swin_transformer"):
         return None
     table, index = _arg(bias, 0, "relative_position_bias_table"), _arg(bias, 1, "relative_position_index")
     shape = ctx.shape(table)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.fx
 from torchvision.models import swin_transformer as swin
+from torchvision.models.video import swin_transformer as swin3d
 
 import fxprune
 from fxprune.layers import shifted_window_mask, window_attention
@@ -60,8 +61,20 @@ def test_window_attention_computes_torchvisions_function(shape: Any, shift: Any,
     torch.testing.assert_close(window_attention(*args, **kw, head_dim=3), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape,window,shift", [((1, 4, 8, 8, 6), [2, 4, 4], [1, 2, 2]), ((2, 3, 7, 9, 6), [2, 4, 4], [1, 2, 2]),
+                                                ((1, 4, 8, 8, 6), [2, 4, 4], [0, 0, 0])], ids=["shifted", "padded", "plain"])
+def test_window_attention_computes_torchvisions_3d_function(shape: Any, window: Any, shift: Any) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    qkv, proj = torch.randn(18, 6, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+    kw = dict(qkv_bias=torch.randn(18, dtype=torch.float64), proj_bias=torch.randn(6, dtype=torch.float64), training=False)
+    bias = torch.randn(1, 2, 32, 32, dtype=torch.float64)
+    want = swin3d.shifted_window_attention_3d(x, qkv, proj, bias, window, 2, shift, **kw)
+    torch.testing.assert_close(window_attention(x, qkv, proj, bias, window, 2, shift, **kw), want, rtol=1e-12, atol=1e-12)
+
+
 def test_the_shift_mask_separates_the_regions_a_shift_brings_together() -> None:
-    mask = shifted_window_mask(8, 8, [4, 4], [2, 2], torch.zeros(()))
+    mask = shifted_window_mask([8, 8], [4, 4], [2, 2], torch.zeros(()))
     assert mask.shape == (4, 16, 16)
     assert bool((mask[0] == 0).all())  # the top-left window holds one region
     assert int((mask[3] == 0).sum()) == 4 * 4 * 4  # the last window: four regions of 4 tokens each
@@ -164,3 +177,25 @@ def test_a_bias_table_read_elsewhere_keeps_the_heads_whole() -> None:
     plan = fxprune.plan(gm, 0.5, example_inputs=(X,))
     pruned = fxprune.apply(gm, plan, example_inputs=(X,))
     assert_equivalent(gm, pruned, plan, (X,), example_inputs=(X,))
+
+
+def test_video_swin_prunes_widths_and_heads_and_is_proven() -> None:
+    torch.manual_seed(0)
+    model = swin3d.SwinTransformer3d([2, 4, 4], 16, [2, 2], [2, 4], [2, 4, 4], num_classes=10)
+    for name, p in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            with torch.no_grad():
+                p.normal_(0, 1.0)
+    model = randomize_norms(model).eval()
+    x = torch.randn(1, 3, 4, 32, 32)
+    plan = fxprune.plan(model, 0.5, example_inputs=(x,))
+    pruned = fxprune.apply(model, plan, example_inputs=(x,))
+    assert_equivalent(model, pruned, plan, (x,), example_inputs=(x,))
+    assert pruned.get_parameter("features.2.1.attn.relative_position_bias_table").shape[1] == 2
+    assert pruned.get_parameter("features.2.1.attn.qkv.weight").shape == (48, 16)
+    broken = copy.deepcopy(pruned)
+    table = broken.get_parameter("features.2.1.attn.relative_position_bias_table")
+    with torch.no_grad():
+        table.copy_(table.roll(1, 1))
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, broken, plan, (x,), example_inputs=(x,))

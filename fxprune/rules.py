@@ -2160,9 +2160,15 @@ def _relative_bias(ctx: RuleContext, bias: Any, heads: int, n: int, sites: List[
     if not isinstance(vsizes, (list, tuple)) or len(vsizes) != 3 or not (_int_arg(vsizes[2]) and vsizes[2] in (-1, heads)):
         return False
     gather = view.args[0]
-    if not isinstance(gather, torch.fx.Node) or gather.target is not operator.getitem or len(gather.users) != 1:
+    if not isinstance(gather, torch.fx.Node) or len(gather.users) != 1:
         return False
-    table, index = gather.args
+    if gather.target is operator.getitem and len(gather.args) == 2:
+        table, index = gather.args
+    elif gather.target is torch.ops.aten.index.Tensor and len(gather.args) == 2 and \
+            isinstance(gather.args[1], (list, tuple)) and len(gather.args[1]) == 1:
+        table, index = gather.args[0], gather.args[1][0]  # table[index] on an exported graph
+    else:
+        return False
     if not isinstance(table, torch.fx.Node) or table.op != "get_attr" or tuple(ctx.shape(table) or ()) [1:] != (heads,) \
             or len(ctx.shape(table) or ()) != 2:
         return False
@@ -2352,13 +2358,7 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
         # The heads' width, whether written as a literal or read from the input's shape (older
         # timm: ``B, N, C = x.shape``, C the embedding width): the kept heads' width either way.
         ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([group])))
-    for site in sites:
-        if site.table is not None:
-            ctx.tensor_member(site.node, site.table, site.index, Layout(group.groups, group.sizes, -1, 2, 1),
-                              per=head_dim)
-        else:
-            ctx.rewrite_args(site.node, ArgPatch(_view_size_path(site.node, site.index),
-                                                 ChannelCount(tuple(group.groups), 1, head_dim)))
+    _per_head_sites(ctx, sites, group, head_dim)
     ctx.claim(node, region, {merged.name: Layout(group.groups, group.sizes, -1, 3, 1)})
     return True
 
@@ -2434,9 +2434,12 @@ def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape
         region += [view, t]
         others.append((view, vsizes))
     mask = bound["attn_mask"]
+    sites: List[_HeadSite] = []  # Hugging Face Swin's per-head relative position bias in the mask
     if isinstance(mask, torch.fx.Node) and not _no_tensor_input(mask):
         mshape = ctx.shape(mask)
-        if mshape is None or ctx.layout(mask) is not None or (len(mshape) >= 3 and mshape[-3] != 1):
+        if mshape is None or ctx.layout(mask) is not None:
+            return False
+        if len(mshape) >= 3 and mshape[-3] != 1 and not _bias_mask(ctx, mask, heads, sites, region):
             return False  # a mask with a head dim would lose its heads' alignment
     if bound["enable_gqa"] not in (None, False) or not all(_no_tensor_input(bound[n]) for n in names[4:]):
         return False
@@ -2454,6 +2457,10 @@ def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape
     if step is None or step.args[0] is not out or not _swaps(step, 4, 1, 2):
         return False
     merged = _only_user(step)
+    if merged is not None and merged.target == "contiguous" and merged.args == (step,) and not merged.kwargs:
+        region.append(step)  # (B, N, H, D) made contiguous before the merge (Hugging Face's sdpa path)
+        step = merged
+        merged = _only_user(step)
     if not _is_view(merged) or merged.args[0] is not step:
         return False
     mshape2 = ctx.shape(merged)
@@ -2475,8 +2482,41 @@ def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape
         _patch_heads(ctx, pre, _view_sizes(pre), 1, inp, head_dim)
     if msizes[2] != -1:
         ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([inp])))
+    _per_head_sites(ctx, sites, inp, head_dim)
     ctx.claim(node, region, {merged.name: Layout(inp.groups, inp.sizes, -1, 3, 1)}, ties)
     return True
+
+
+def _bias_mask(ctx: RuleContext, mask: torch.fx.Node, heads: int, sites: List[_HeadSite],
+               region: List[torch.fx.Node]) -> bool:
+    """Whether an attention mask with a head dim is a relative position bias gathered per head,
+    or one plus a mask that is the same for every head (Hugging Face's Swin: ``bias + window mask``)."""
+    shape = tuple(ctx.shape(mask) or ())
+    if len(shape) != 4 or shape[1] != heads or shape[2] != shape[3]:
+        return False
+    n = int(shape[2])
+    if _relative_bias(ctx, mask, heads, n, sites, region):
+        return True
+    if mask.target not in (operator.add, torch.add, "add") or len(mask.args) != 2 or mask.kwargs or len(mask.users) != 1:
+        return False
+    for bias, other in (mask.args, mask.args[::-1]):
+        oshape = ctx.shape(other)
+        if isinstance(other, torch.fx.Node) and oshape is not None and len(oshape) == 4 and oshape[1] == 1 \
+                and ctx.layout(other) is None and _relative_bias(ctx, bias, heads, n, sites, region):
+            region.append(mask)
+            return True
+    return False
+
+
+def _per_head_sites(ctx: RuleContext, sites: Sequence[_HeadSite], group: Layout, head_dim: int) -> None:
+    """Slice each bias table's head column with its head; rewrite each literal head count."""
+    for site in sites:
+        if site.table is not None:
+            ctx.tensor_member(site.node, site.table, site.index, Layout(group.groups, group.sizes, -1, 2, 1),
+                              per=head_dim)
+        else:
+            ctx.rewrite_args(site.node, ArgPatch(_view_size_path(site.node, site.index),
+                                                 ChannelCount(tuple(group.groups), 1, head_dim)))
 
 
 # =========================================================================== functional layers

@@ -457,3 +457,35 @@ def test_hugging_face_vit_prunes_whole_heads_and_is_proven() -> None:
         assert_equivalent(model, pruned, pruned.meta["fxprune_plan"], [x], example_inputs=(x,))
     assert pruned.get_submodule("vit.layers.0.attention.k_proj").out_features == 32
     assert pruned.get_submodule("vit.layers.0.attention.o_proj").in_features == 32
+
+
+def test_hugging_face_swin_prunes_whole_heads_with_their_bias_columns() -> None:
+    # Hugging Face's Swin passes its relative position bias (a table gathered per head, plus the
+    # shifted windows' mask, the same for every head) to sdpa as the mask: each removed head
+    # takes its table column; a column of the wrong head fails the proof.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[4],
+                                     window_size=4, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.SwinForImageClassification(config).eval()
+    for name, p in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            with torch.no_grad():
+                p.normal_(0, 1.0)  # Hugging Face starts it at zero: a wrong column must show
+    model = randomize_norms(model)
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxprune.FxPruneWarning)  # traced through torch.export, said so
+        plan = fxprune.plan(model, 0.5, example_inputs=(x,))
+        pruned = fxprune.apply(model, plan, example_inputs=(x,))
+        assert_equivalent(model, pruned, plan, [x], example_inputs=(x,))
+    block = "swin.encoder.layers.0.blocks.1.attention"
+    assert pruned.get_submodule(f"{block}.q_proj").out_features == 8  # 2 of 4 heads of 4
+    table = pruned.get_parameter(f"{block}.relative_position_bias.relative_position_bias_table")
+    assert table.shape == (49, 2)
+    bad = copy.deepcopy(pruned)
+    with torch.no_grad():
+        bad.get_parameter(f"{block}.relative_position_bias.relative_position_bias_table").copy_(table.roll(1, 1))
+    with pytest.raises(AssertionError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxprune.FxPruneWarning)
+        assert_equivalent(model, bad, plan, [x], example_inputs=(x,))

@@ -1138,7 +1138,8 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     out_shape = ctx.shape(node)
     if in_shape is not None and out_shape is not None and inp.rank is not None:
         if _attention_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes) or \
-                _separate_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
+                _separate_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes) or \
+                _per_head_qkv(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
             return None  # the heads of an attention block: the region is accounted for
         out = _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
         if out is None:
@@ -2484,6 +2485,111 @@ def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape
         ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([inp])))
     _per_head_sites(ctx, sites, inp, head_dim)
     ctx.claim(node, region, {merged.name: Layout(inp.groups, inp.sizes, -1, 3, 1)}, ties)
+    return True
+
+
+# LeViT's attention (timm ``levit.Attention``) lays q, k and v out head by head: one Linear
+# (+ BatchNorm) gives (B, N, H * (2 * kd + vd)), viewed (B, N, H, 2 * kd + vd) and split along
+# the last dim into q and k (kd each) and v (vd). The heads stay whole here; what is pruned is
+# each head's width, alike in every head: the same kd' dims of q and k (a score q . k loses
+# only the removed dims' terms, which the masked reference zeroes) and the same vd' dims of v
+# (each output channel of attn @ v is one v channel mixed over tokens). Everything between
+# q @ k and @ v sees only the scores, which are equal in both models, and tensors computed from
+# parameters alone (the per-head position bias): exact. The merged heads carry v's kept dims
+# once per head into the projection.
+
+
+def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...],
+                  out_shape: Tuple[int, ...], sizes: Any) -> bool:
+    """Recognise LeViT-style per-head q/k/v at the view ``node`` (see above); True if it was claimed."""
+    if inp.rank != 3 or inp.dim != -1 or inp.block != 1 or len(out_shape) != 4:
+        return False
+    heads, per = int(out_shape[2]), int(out_shape[3])
+    if tuple(out_shape[:2]) != tuple(in_shape[:2]) or heads * per != in_shape[2] or inp.channels != in_shape[2]:
+        return False
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 4 or not (sizes[3] == -1 or sizes[3] == per) \
+            or not (isinstance(sizes[2], torch.fx.Node) or sizes[2] == heads):
+        return False
+    split = _only_user(node)
+    if split is None or split.target not in ("split", torch.split) or split.args[0] is not node:
+        return False
+    pieces_arg = _arg(split, 1, "split_size_or_sections", split.kwargs.get("split_size"))
+    dim = _arg(split, 2, "dim", 0)
+    if not isinstance(pieces_arg, (list, tuple)) or len(pieces_arg) != 3 or not all(_int_arg(v) for v in pieces_arg) \
+            or not _int_arg(dim) or dim % 4 != 3:
+        return False
+    kd, kd2, vd = (int(v) for v in pieces_arg)
+    if kd != kd2 or kd + kd2 + vd != per or min(kd, vd) < 1:
+        return False
+    region: List[torch.fx.Node] = [split]
+    got: Dict[int, torch.fx.Node] = {}
+    for user in split.users:
+        if user.target is not operator.getitem or not _int_arg(user.args[1]) or user.args[1] in got:
+            return False
+        got[user.args[1] % 3] = user
+    if sorted(got) != [0, 1, 2]:
+        return False
+    perms = []
+    for i, want in ((0, (0, 2, 1, 3)), (1, (0, 2, 3, 1)), (2, (0, 2, 1, 3))):
+        perm = _only_user(got[i])
+        if perm is None or perm.args[0] is not got[i] or not (perm.target in ("permute", torch.permute)
+                                                                and _dims_are(perm, 4, want)):
+            return False
+        perms.append(perm)
+        region += [got[i], perm]
+    q, k, v = perms
+    core = _only_user(q)
+    if core is None or not _is_matmul(core) or core.args[:2] != (q, k) or _only_user(k) is not core:
+        return False
+    region.append(core)
+    scores = core
+    for _ in range(8):  # the scores' way to @ v: ops on the scores and parameter-only tensors
+        user = _only_user(scores)
+        if user is None or not user.args or user.args[0] is not scores:
+            return False
+        if _is_matmul(user):
+            break
+        others = [a for a in user.all_input_nodes if a is not scores]
+        if user.op == "call_module" and not isinstance(ctx.module(user), (nn.Softmax, nn.Dropout, nn.Identity)):
+            return False
+        if any(not _parameters_only(a) for a in others):
+            return False
+        region.append(user)
+        scores = user
+    else:
+        return False
+    out = _only_user(scores)
+    if out is None or out.args[:2] != (scores, v) or _only_user(v) is not out:
+        return False
+    region.append(out)
+    merge_t = _only_user(out)
+    if merge_t is None or merge_t.args[0] is not out or not (_swaps(merge_t, 4, 1, 2) or
+                                                          (merge_t.target in ("permute", torch.permute) and _dims_are(merge_t, 4, (0, 2, 1, 3)))):
+        return False
+    merged = _only_user(merge_t)
+    if merged is None or not _is_view(merged) or merged.args[0] is not merge_t:
+        return False
+    msizes = _view_sizes(merged)
+    if tuple(ctx.shape(merged) or ()) != (in_shape[0], in_shape[1], heads * vd) or not isinstance(msizes, (list, tuple)) \
+            or len(msizes) != 3 or not (msizes[2] == heads * vd or msizes[2] == -1 and all(m != -1 for m in msizes[:2])):
+        return False
+    region += [merge_t, merged]
+    for n in region[:-1]:
+        if any(u not in region for u in n.users):
+            return False  # a region tensor read elsewhere: not a self-contained attention block
+    cut = ctx.split(node, inp, [kd, kd, vd] * heads)
+    qk = ctx.unify(node, [cut[3 * h + j] for h in range(heads) for j in (0, 1)])
+    vv = ctx.unify(node, [cut[3 * h + 2] for h in range(heads)])
+    if qk is None or vv is None:
+        return False
+    qk_count, v_count = ChannelCount.of([qk]), ChannelCount.of([vv])
+    if sizes[3] != -1:
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(qk_count.groups * 2 + v_count.groups)))
+    for j, count in enumerate((qk_count, qk_count, v_count)):
+        ctx.rewrite_args(split, ArgPatch((1, j) if len(split.args) > 1 else ("split_size_or_sections", j), count))
+    if msizes[2] != -1:
+        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(v_count.groups * heads)))
+    ctx.claim(node, region, {merged.name: Layout(vv.groups * heads, vv.sizes * heads, -1, 3, 1)})
     return True
 
 

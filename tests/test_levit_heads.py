@@ -1,0 +1,119 @@
+"""LeViT's per-head q/k/v: each head's width pruned alike in every head, proven.
+
+timm's ``levit.Attention`` views one projection ``(B, N, H * (2 kd + vd))`` as ``(B, N, H, 2 kd
++ vd)`` and splits the last dim into q, k (kd) and v (vd). The heads stay whole; the same kd'
+dims of q and k and the same vd' dims of v are kept in every head (the split sizes, the merged
+width and the projection's columns follow). Proven against the masked reference in float64,
+and the proof fails on a broken rewrite.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.testing import assert_equivalent, randomize_norms
+
+timm = pytest.importorskip("timm")
+from timm.models.levit import Attention  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RES = 3
+T = torch.randn(2, RES * RES, 6)
+
+
+class Tokens(nn.Module):
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = attn
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + self.attn(x)
+        return self.head(x.mean(1))
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    m = Tokens(Attention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=RES))
+    with torch.no_grad():
+        m.attn.attention_biases.normal_(0, 1.0)  # timm starts it at zero
+    return randomize_norms(m).eval()
+
+
+def prove(m: nn.Module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        plan = fxprune.plan(m, 0.5, example_inputs=(T,))
+        pruned = fxprune.apply(m, plan, example_inputs=(T,))
+    assert_equivalent(m, pruned, plan, [T], example_inputs=(T,))
+    return pruned, plan
+
+
+def test_levit_attention_prunes_each_heads_width_and_is_proven() -> None:
+    m = model()
+    groups = fxprune.find_groups(m, example_inputs=(T,))
+    assert all(g.prunable for g in groups if g.key != "head")
+    pruned, plan = prove(m)
+    # 2 heads of (q 4, k 4, v 8) -> (2, 2, 4) each; the projection reads 2 x 4 channels.
+    assert pruned.get_submodule("attn.qkv.linear").out_features == 2 * (2 + 2 + 4)
+    assert pruned.get_submodule("attn.proj.ln.linear").in_features == 2 * 4
+    split = next(n for n in pruned.graph.nodes if n.target == "split")
+    assert list(split.args[1]) == [2, 2, 4]
+    merged = next(n for n in pruned.graph.nodes if n.target == "reshape" and 8 in n.args)
+    assert merged is not None
+
+
+def test_a_broken_levit_rewrite_fails_the_proof() -> None:
+    m = model()
+    pruned, plan = prove(m)
+    for name, dim in (("attn.qkv.linear", 0), ("attn.proj.ln.linear", 1)):
+        broken = copy.deepcopy(pruned)
+        weight = broken.get_submodule(name).weight
+        with torch.no_grad():
+            weight.copy_(weight.roll(1, dim))
+        with pytest.raises(AssertionError):
+            assert_equivalent(m, broken, plan, [T], example_inputs=(T,))
+
+
+def test_a_levit_value_read_elsewhere_keeps_the_block_whole() -> None:
+    m = model()
+    gm = torch.fx.symbolic_trace(m)
+    split = next(n for n in gm.graph.nodes if n.target == "split")
+    v = next(u for u in split.users if u.args[1] == 2)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        extra = gm.graph.call_method("sum", (v,))
+        out.args = (gm.graph.call_function(torch.add, (out.args[0], extra)),)
+    gm.recompile()
+    with pytest.warns(fxprune.FxPruneWarning):
+        groups = {g.key: g for g in fxprune.find_groups(gm, example_inputs=(T,))}
+    assert not groups["attn.qkv.linear"].prunable
+
+
+def test_timm_levit_prunes_its_attention_widths_and_is_proven() -> None:
+    torch.manual_seed(0)
+    net = timm.create_model("levit_128s", pretrained=False, num_classes=10, img_size=64).eval()
+    for name, p in net.named_parameters():
+        if "attention_biases" in name:
+            with torch.no_grad():
+                p.normal_(0, 1.0)
+    net = randomize_norms(net)
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.warns(fxprune.FxPruneWarning, match="levit.py"):
+        # The downsampling attention (q from a subsampled input, k and v from one projection)
+        # is a layout this rule does not claim: it stays whole, with a warning naming its line.
+        plan = fxprune.plan(net, 0.5, example_inputs=(x,))
+        pruned = fxprune.apply(net, plan, example_inputs=(x,))
+    assert_equivalent(net, pruned, plan, [x], example_inputs=(x,))
+    qkv = pruned.get_submodule("stages.0.blocks.0.attn.qkv.linear")
+    assert qkv.out_features < net.get_submodule("stages.0.blocks.0.attn.qkv.linear").out_features
+    assert sum(p.numel() for p in pruned.parameters()) < 0.35 * sum(p.numel() for p in net.parameters())

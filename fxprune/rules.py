@@ -1141,6 +1141,9 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
                 _separate_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes) or \
                 _per_head_qkv(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
             return None  # the heads of an attention block: the region is accounted for
+        if _merged_layout(inp, tuple(in_shape), tuple(out_shape)) is None and \
+                _relocating_chain(ctx, node, inp, tuple(in_shape)):
+            return None  # views and transposes that move the channels whole: the chain is accounted for
         out = _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
         if out is None:
             return None
@@ -1196,6 +1199,116 @@ def _view_as(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
                    "reshape with -1 for the channel dim instead")
         return out
     return ctx.unify(node, [out, olay])
+
+
+# A chain of views and transposes may take the channels apart and put them back together
+# somewhere else: MobileViT unfolds a feature map [B, C, H, W] into patches [B * P, N, C] by
+# reshaping through [B * C * n_h, p_h, n_w, p_w] (the channels merged into the batch dim) and
+# transposing, and folds it back the same way. No single view keeps the channel dim, but the
+# chain moves each channel's values as a block. Rather than pattern-match every such unfold,
+# the chain is checked by running it on element indices (``_probe_chain``): at the channel
+# count it has and at fewer, the output must hold channel c at one dim, every other coordinate
+# read from the same place in both. Each view's size that carries the channels is rewritten
+# from the kept count; a size computed at run time must not read a channel count.
+
+_MAX_PROBE = 1 << 23  # elements: a chain on a bigger tensor is not probed (left to the plain rule)
+
+
+def _chain_step(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and (_is_view(node) or node.target in (
+        "transpose", torch.transpose, "permute", torch.permute, "contiguous"))
+
+
+def _probe_apply(t: torch.Tensor, node: torch.fx.Node, shape: Sequence[int]) -> torch.Tensor:
+    if _is_view(node):
+        return t.reshape(tuple(shape))
+    if node.target in ("transpose", torch.transpose):
+        return t.transpose(_arg(node, 1, "dim0"), _arg(node, 2, "dim1"))
+    if node.target in ("permute", torch.permute):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return t.permute(tuple(dims))
+    return t
+
+
+def _probe_chain(chain: Sequence[torch.fx.Node], in_shape: Tuple[int, ...], c: int, shapes: Sequence[Sequence[int]]
+                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Source element index of every output element, and each step's channel index tensor."""
+    t = torch.arange(math.prod(in_shape)).reshape(in_shape)
+    channel = torch.arange(in_shape[c]).view([-1 if i == c else 1 for i in range(len(in_shape))]).expand(in_shape)
+    channels: List[torch.Tensor] = []
+    for node, shape in zip(chain, shapes):
+        t, channel = _probe_apply(t, node, shape), _probe_apply(channel, node, shape)
+        channels.append(channel)
+    return t, channels
+
+
+def _channel_dim_of(channel: torch.Tensor) -> Optional[int]:
+    """The one dim along which the channel index varies, if exactly one does."""
+    varying = [d for d in range(channel.dim()) if channel.shape[d] > 1 and not bool((channel.diff(dim=d) == 0).all())]
+    return varying[0] if len(varying) == 1 else None
+
+
+def _relocating_chain(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...]) -> bool:
+    """Claim the chain of views/transposes from ``node`` that moves the channels whole (see above)."""
+    if inp.block != 1 or inp.rank != len(in_shape) or math.prod(in_shape) > _MAX_PROBE:
+        return False
+    c, count = len(in_shape) + inp.dim, inp.channels
+    if in_shape[c] != count or count < 2:
+        return False
+    chain = [node]
+    while True:
+        shapes = [tuple(ctx.shape(n) or ()) for n in chain]
+        if any(not sh for sh in shapes):
+            return False
+        _, channels = _probe_chain(chain, in_shape, c, shapes)
+        last = channels[-1]
+        d = _channel_dim_of(last)
+        if len(chain) > 1 and d is not None and last.shape[d] == count:
+            want = torch.arange(count).view([-1 if i == d else 1 for i in range(last.dim())])
+            if bool((last == want).all()):
+                break  # channel c sits at index c of dim d: the chain ends here
+        user = _only_user(chain[-1])
+        if len(chain) >= 8 or not _chain_step(user) or user.args[0] is not chain[-1]:
+            return False
+        chain.append(user)
+    # Where each view's sizes carry the channels, and what they become with fewer channels.
+    fewer = max(1, count // 2)
+    new_shapes: List[Tuple[int, ...]] = []
+    patches: List[Tuple[torch.fx.Node, int, int]] = []  # (view, size index, size per channel)
+    for node_i, shape, channel in zip(chain, shapes, channels):
+        k = _channel_dim_of(channel)
+        if k is None or shape[k] % count:
+            return False
+        new_shapes.append(tuple(s // count * fewer if j == k else s for j, s in enumerate(shape)))
+        if not _is_view(node_i):
+            continue
+        sizes = _view_sizes(node_i)
+        if not isinstance(sizes, (list, tuple)) or len(sizes) != len(shape):
+            return False
+        for j, size in enumerate(sizes):
+            if isinstance(size, torch.fx.Node):
+                if j == k or _channel_size_reads(ctx, size):
+                    return False  # a computed size where the channels are: it could say anything after pruning
+            elif j == k and size != -1:
+                patches.append((node_i, j, shape[k] // count))
+    # The same chain on fewer channels reads every kept element from the same place.
+    small_in = tuple(fewer if i == c else s for i, s in enumerate(in_shape))
+    src, _ = _probe_chain(chain, in_shape, c, shapes)
+    small, small_channels = _probe_chain(chain, small_in, c, new_shapes)
+    if _channel_dim_of(small_channels[-1]) != d:
+        return False
+    kept = src.narrow(d, 0, fewer)
+    if tuple(kept.shape) != tuple(small.shape):
+        return False
+    coords = torch.stack(torch.unravel_index(kept, in_shape))
+    coords_small = torch.stack(torch.unravel_index(small, small_in))
+    if not torch.equal(coords, coords_small):
+        return False
+    for view, j, per in patches:
+        ctx.rewrite_args(view, ArgPatch(_view_size_path(view, j), ChannelCount.of([inp], per)))
+    rank = len(shapes[-1])
+    ctx.claim(node, chain[1:], {chain[-1].name: Layout(inp.groups, inp.sizes, d - rank, rank, 1)})
+    return True
 
 
 def _view_size_path(node: torch.fx.Node, j: int) -> Tuple[Union[int, str], ...]:
@@ -1263,8 +1376,8 @@ def _label(node: torch.fx.Node) -> str:
     return str(node.target) if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
-def _view_from_shapes(ctx: RuleContext, node: torch.fx.Node, inp: Layout,
-                      in_shape: Tuple[int, ...], out_shape: Tuple[int, ...]) -> Optional[Layout]:
+def _merged_layout(inp: Layout, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...]) -> Optional[Layout]:
+    """The view's output layout if the channel dim survives it whole (maybe merged with later dims)."""
     c = len(in_shape) + inp.dim
     block = inp.block if inp.block is not None else in_shape[c] // max(inp.channels, 1)
     if inp.channels * block == in_shape[c]:
@@ -1283,6 +1396,15 @@ def _view_from_shapes(ctx: RuleContext, node: torch.fx.Node, inp: Layout,
             acc *= size
             if acc > before:
                 break
+    return None
+
+
+def _view_from_shapes(ctx: RuleContext, node: torch.fx.Node, inp: Layout,
+                      in_shape: Tuple[int, ...], out_shape: Tuple[int, ...]) -> Optional[Layout]:
+    c = len(in_shape) + inp.dim
+    merged = _merged_layout(inp, in_shape, out_shape)
+    if merged is not None:
+        return merged
     shuffle = _channel_shuffle(node, in_shape, out_shape, c)
     if shuffle is not None:
         # Known and deliberately not pruned: the shuffle interleaves the groups of the

@@ -371,7 +371,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     if meta.get("sizing"):
         lines += ["", meta["sizing"]]
     lines += ["", "## Results", "",
-              "Top-1 in %: mean ± half the range over the seeds (values per seed in `accuracy.json`). "
+              "Top-1 in %: mean ± half the range over the seeds (values per seed in the JSON this table is rendered from). "
               "Latency: batch 1, one CPU thread, eager, timed interleaved with the baseline "
               "(`fxprune.measure_latency`); speed-up over the baseline; *busy* marks a measurement whose "
               "spread exceeded 10 %. Training time: the arm's own training (mean over seeds).", ""]
@@ -409,7 +409,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
             lines.append(f"| {ARM_TITLES[row['arm']]} ({row['arm']}) | {_fmt_diff(row['diff'])} |")
     recipes = doc.get("recipes")
     if recipes:
-        lines += ["", "## Recipes tried on seed 0", "", recipes.strip()]
+        lines += ["", "## Recipes tried", "", recipes.strip()]
     conclusion = doc.get("conclusion")
     lines += ["", "## Conclusion", "",
               conclusion.strip() if conclusion else "_Not written yet: the run is incomplete._", ""]
@@ -714,7 +714,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--conclusion", type=Path, default=None,
                    help="a markdown file with the conclusion, stored in the JSON and rendered")
     p.add_argument("--recipes", type=Path, default=None,
-                   help="a markdown file on the fine-tuning recipes tried on seed 0 (every variant, losers "
+                   help="a markdown file on the fine-tuning recipes tried (every variant, losers "
                         "included), stored in the JSON and rendered before the conclusion")
     p.add_argument("--no-reuse-identical", dest="reuse_identical", action="store_false",
                    help="train B even when Torch-Pruning kept exactly A's channels")

@@ -68,7 +68,7 @@ RUN_DEFAULTS: Mapping[str, Any] = {
     "model": "resnet18", "data": "fashion-mnist", "importance": "l1", "epochs": 5, "lr": 0.1,
     "baseline_epochs": 3, "baseline_lr": 0.1, "batch_size": 256, "optimizer": "sgd",
     "weight_decay": 5e-4, "label_smoothing": 0.1, "seed": 0, "device": "auto", "amp": "auto",
-    "renormalising": True,
+    "renormalising": True, "global_ranking": False,
     "latency_runs": 20, "out": "fxprune-out",
     "latency_device": "cpu", "latency_batch": 1, "latency_mode": "eager",
 }
@@ -303,6 +303,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--ignore", type=str_list, default=[], metavar="NAMES", help=IGNORE_HELP)
     prune.add_argument("--no-renormalising", "--exact-only", dest="renormalising", action="store_false",
                        default=defaults.renormalising, help=NO_RENORMALISING_HELP)
+    prune.add_argument("--global-ranking", action="store_true", default=defaults.global_ranking,
+                       help="rank channels across groups, at the MACs the ratio's uniform plan reaches (with "
+                            "--importance taylor the most accurate recipe measured in benchmarks/ACCURACY_FULL.md; "
+                            "default: uniform per group)")
 
     tune = parser.add_argument_group("training")
     tune.add_argument("--epochs", type=_non_negative_int, default=defaults.epochs,

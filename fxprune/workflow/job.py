@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from fxprune.cost import count_macs
 from fxprune.latency_model import LatencyOptions
 from fxprune.modelspec import ModelSpec
 from fxprune.workflow.cli_args import LATENCY_DEVICES, LATENCY_MODES
@@ -88,7 +89,7 @@ RESULT_OPTIONS = ("model", "adapt", "weights", "data", "limit", "image_size", "s
                   "target_latency", "latency_device", "latency_batch", "latency_mode",
                   "importance", "ignore", "round_to", "epochs", "lr", "baseline_epochs", "baseline_lr",
                   "batch_size", "augment", "optimizer", "weight_decay", "label_smoothing", "distill",
-                  "amp", "recalibration_batches", "calibration_batches", "renormalising")
+                  "amp", "recalibration_batches", "calibration_batches", "renormalising", "global_ranking")
 
 
 @dataclass
@@ -119,6 +120,9 @@ class RunConfig:
     # False (--no-renormalising): LayerNorm/RMSNorm widths stay whole, every rewrite is exact
     # (fxprune.prune's allow_renormalising).
     renormalising: bool = True
+    # True (--global-ranking): channels are ranked across groups at the MACs the ratio's
+    # uniform plan reaches (benchmarks/ACCURACY_FULL.md measures it against uniform).
+    global_ranking: bool = False
     epochs: int = 5  # fine-tuning epochs
     lr: float = 0.1  # fine-tuning learning rate
     baseline_epochs: int = 3
@@ -222,6 +226,11 @@ class RunConfig:
                                      ("--amp", self.amp, ("auto", "on", "off"))):
             if value not in choices:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+        if not isinstance(self.global_ranking, bool):
+            raise ConfigError(f"global_ranking (--global-ranking) is a switch, True or False; got {self.global_ranking!r}")
+        if self.global_ranking and (self.target_macs is not None or self.target_latency is not None):
+            raise ConfigError("--global-ranking ranks at the MACs of --ratio's uniform plan; it cannot be combined "
+                              "with --target-macs or --target-latency: drop one of them")
         if not isinstance(self.renormalising, bool):
             raise ConfigError(f"renormalising (--no-renormalising) is a switch, True or False; got {self.renormalising!r}")
         if not isinstance(self.control, bool):
@@ -271,6 +280,8 @@ class RunConfig:
             # The default, which every run made before the option existed used: their
             # checkpoints and sweep points keep their fingerprint and still resume.
             del data["renormalising"]
+        if not data["global_ranking"]:
+            del data["global_ranking"]  # likewise: the default before the option existed
         return data
 
     def replace(self, **changes: Any) -> "RunConfig":
@@ -923,6 +934,7 @@ def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
     """``fxprune.prune`` with the run's options.
 
     ``target_macs`` (a fraction of the baseline's MACs) replaces the ratio when set;
+    ``global_ranking`` ranks channels across groups at the MACs of the ratio's uniform plan;
     ``round_to`` is passed when set; ``renormalising`` is ``allow_renormalising``. ``calibration`` (training batches) feeds the data-driven
     criteria (``apoz``, ``taylor``); the weight-based ones ignore it.
     """
@@ -946,7 +958,14 @@ def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
                              latency_options=options, **kwargs)
     if config.target_macs is not None:
         return fxprune.prune(model, target_macs=config.target_macs, **kwargs)
-    return fxprune.prune(model, config.effective_ratio if ratio is None else ratio, **kwargs)
+    chosen = config.effective_ratio if ratio is None else ratio
+    if config.global_ranking:
+        # The same MACs as the uniform plan at this ratio (its counts do not depend on the
+        # criterion), ranked across groups: benchmarks/accuracy.py's arm C.
+        uniform = fxprune.prune(model, chosen, **{**kwargs, "importance": "l1"})
+        fraction = count_macs(uniform, (example,)) / count_macs(model, (example,))
+        return fxprune.prune(model, target_macs=fraction, global_ranking=True, **kwargs)
+    return fxprune.prune(model, chosen, **kwargs)
 
 
 def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, ratio: Optional[float],

@@ -2446,13 +2446,10 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
             return False  # attention without a softmax is not the pattern (nothing else is known to be per head)
         region.append(out)
     # merge: .transpose(1, 2).reshape(B, N, H * D)
-    merge_t = _only_user(out)
-    if merge_t is None or merge_t.args[0] is not out or not (_swaps(merge_t, 4, 1, 2) or
-                                                          (merge_t.target in ("permute", torch.permute) and _dims_are(merge_t, 4, (0, 2, 1, 3)))):
+    found = _merged_heads(out)
+    if found is None:
         return False
-    merged = _only_user(merge_t)
-    if merged is None or merged.target not in ("reshape", "view", torch.reshape) or merged.args[0] is not merge_t:
-        return False
+    merge_t, merged = found
     merged_shape = ctx.shape(merged)
     if merged_shape is None or tuple(merged_shape) != (in_shape[0], in_shape[1], width):
         return False
@@ -2484,6 +2481,18 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
     _per_head_sites(ctx, sites, group, head_dim)
     ctx.claim(node, region, {merged.name: Layout(group.groups, group.sizes, -1, 3, 1)})
     return True
+
+
+def _merged_heads(out: torch.fx.Node) -> Optional[Tuple[torch.fx.Node, torch.fx.Node]]:
+    """``out.transpose(1, 2)`` (or ``permute(0, 2, 1, 3)``) and the view merging the heads after it, if that follows."""
+    merge_t = _only_user(out)
+    if merge_t is None or merge_t.args[0] is not out or not (_swaps(merge_t, 4, 1, 2) or
+                                                          (merge_t.target in ("permute", torch.permute) and _dims_are(merge_t, 4, (0, 2, 1, 3)))):
+        return None
+    merged = _only_user(merge_t)
+    if merged is None or not _is_view(merged) or merged.args[0] is not merge_t:
+        return None
+    return merge_t, merged
 
 
 def _view_sizes(node: torch.fx.Node) -> Any:
@@ -2684,13 +2693,10 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
     if out is None or out.args[:2] != (scores, v) or _only_user(v) is not out:
         return False
     region.append(out)
-    merge_t = _only_user(out)
-    if merge_t is None or merge_t.args[0] is not out or not (_swaps(merge_t, 4, 1, 2) or
-                                                          (merge_t.target in ("permute", torch.permute) and _dims_are(merge_t, 4, (0, 2, 1, 3)))):
+    found = _merged_heads(out)
+    if found is None:
         return False
-    merged = _only_user(merge_t)
-    if merged is None or not _is_view(merged) or merged.args[0] is not merge_t:
-        return False
+    merge_t, merged = found
     msizes = _view_sizes(merged)
     if tuple(ctx.shape(merged) or ()) != (in_shape[0], in_shape[1], heads * vd) or not isinstance(msizes, (list, tuple)) \
             or len(msizes) != 3 or not (msizes[2] == heads * vd or msizes[2] == -1 and all(m != -1 for m in msizes[:2])):

@@ -1211,7 +1211,7 @@ def _view_as(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
 # read from the same place in both. Each view's size that carries the channels is rewritten
 # from the kept count; a size computed at run time must not read a channel count.
 
-_MAX_PROBE = 1 << 23  # elements: a chain on a bigger tensor is not probed (left to the plain rule)
+_MAX_PROBE = 1 << 22  # elements: a chain on a bigger tensor is not probed (left to the plain rule)
 
 
 def _chain_step(node: Any) -> bool:
@@ -2644,6 +2644,8 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
     split = _only_user(node)
     if split is None or split.target not in ("split", torch.split) or split.args[0] is not node:
         return False
+    if len(split.args) < 2 and not {"split_size_or_sections", "split_size"} & set(split.kwargs):
+        return False
     pieces_arg = _arg(split, 1, "split_size_or_sections", split.kwargs.get("split_size"))
     dim = _arg(split, 2, "dim", 0)
     if not isinstance(pieces_arg, (list, tuple)) or len(pieces_arg) != 3 or not all(_int_arg(v) for v in pieces_arg) \
@@ -2714,7 +2716,8 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
     if sizes[3] != -1:
         ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(qk_count.groups * 2 + v_count.groups)))
     for j, count in enumerate((qk_count, qk_count, v_count)):
-        ctx.rewrite_args(split, ArgPatch((1, j) if len(split.args) > 1 else ("split_size_or_sections", j), count))
+        where = (1,) if len(split.args) > 1 else (next(k for k in ("split_size_or_sections", "split_size") if k in split.kwargs),)
+        ctx.rewrite_args(split, ArgPatch(where + (j,), count))
     if msizes[2] != -1:
         ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(v_count.groups * heads)))
     ctx.claim(node, region, {merged.name: Layout(vv.groups * heads, vv.sizes * heads, -1, 3, 1)})

@@ -117,3 +117,27 @@ def test_timm_levit_prunes_its_attention_widths_and_is_proven() -> None:
     qkv = pruned.get_submodule("stages.0.blocks.0.attn.qkv.linear")
     assert qkv.out_features < net.get_submodule("stages.0.blocks.0.attn.qkv.linear").out_features
     assert sum(p.numel() for p in pruned.parameters()) < 0.35 * sum(p.numel() for p in net.parameters())
+
+
+class KeywordSplit(nn.Module):
+    """LeViT's layout written by hand, the split sizes passed by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 2 * (4 + 4 + 8))
+        self.proj = nn.Linear(2 * 8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 2, -1).split(split_size=[4, 4, 8], dim=3)
+        attn = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) * 0.5).softmax(dim=-1)
+        return self.proj((attn @ v.permute(0, 2, 1, 3)).transpose(1, 2).reshape(b, n, 16))
+
+
+def test_split_sizes_given_by_keyword_are_rewritten() -> None:
+    torch.manual_seed(0)
+    m = randomize_norms(Tokens(KeywordSplit()).eval())
+    pruned, plan = prove(m)
+    split = next(n for n in pruned.graph.nodes if n.target == "split")
+    assert list(split.kwargs["split_size"]) == [2, 2, 4]
+    assert pruned.get_submodule("attn.proj").in_features == 8

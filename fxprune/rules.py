@@ -1141,10 +1141,11 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
                 _separate_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes) or \
                 _per_head_qkv(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
             return None  # the heads of an attention block: the region is accounted for
-        if _merged_layout(inp, tuple(in_shape), tuple(out_shape)) is None and \
-                _relocating_chain(ctx, node, inp, tuple(in_shape)):
+        out = _merged_layout(inp, tuple(in_shape), tuple(out_shape))
+        if out is None and _relocating_chain(ctx, node, inp, tuple(in_shape)):
             return None  # views and transposes that move the channels whole: the chain is accounted for
-        out = _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
+        if out is None:
+            out = _view_from_shapes(ctx, node, inp, tuple(in_shape), tuple(out_shape))
         if out is None:
             return None
         # The shapes say where the channels go; the arguments must still say it after
@@ -1232,10 +1233,10 @@ def _probe_apply(t: torch.Tensor, node: torch.fx.Node, shape: Sequence[int]) -> 
 
 def _probe_chain(chain: Sequence[torch.fx.Node], in_shape: Tuple[int, ...], c: int, shapes: Sequence[Sequence[int]]
                  ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Source element index of every output element, and each step's channel index tensor."""
+    """Source element index of every output element, and the channel index tensor before and after each step."""
     t = torch.arange(math.prod(in_shape)).reshape(in_shape)
     channel = torch.arange(in_shape[c]).view([-1 if i == c else 1 for i in range(len(in_shape))]).expand(in_shape)
-    channels: List[torch.Tensor] = []
+    channels: List[torch.Tensor] = [channel]
     for node, shape in zip(chain, shapes):
         t, channel = _probe_apply(t, node, shape), _probe_apply(channel, node, shape)
         channels.append(channel)
@@ -1255,22 +1256,27 @@ def _relocating_chain(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_sha
     c, count = len(in_shape) + inp.dim, inp.channels
     if in_shape[c] != count or count < 2:
         return False
-    chain = [node]
-    while True:
-        shapes = [tuple(ctx.shape(n) or ()) for n in chain]
-        if any(not sh for sh in shapes):
+    chain: List[torch.fx.Node] = []
+    shapes: List[Tuple[int, ...]] = []
+    src, channels = _probe_chain([], in_shape, c, [])
+    step: Optional[torch.fx.Node] = node
+    while True:  # one more op per round, probed on what the ops before it gave
+        shape = tuple(ctx.shape(step) or ())
+        if not shape:
             return False
-        _, channels = _probe_chain(chain, in_shape, c, shapes)
-        last = channels[-1]
+        chain.append(step)
+        shapes.append(shape)
+        src, last = _probe_apply(src, step, shape), _probe_apply(channels[-1], step, shape)
+        channels.append(last)
         d = _channel_dim_of(last)
         if len(chain) > 1 and d is not None and last.shape[d] == count:
             want = torch.arange(count).view([-1 if i == d else 1 for i in range(last.dim())])
             if bool((last == want).all()):
                 break  # channel c sits at index c of dim d: the chain ends here
-        user = _only_user(chain[-1])
-        if len(chain) >= 8 or not _chain_step(user) or user.args[0] is not chain[-1]:
+        step = _only_user(step)
+        if len(chain) >= 8 or not _chain_step(step) or step.args[0] is not chain[-1]:
             return False
-        chain.append(user)
+    channels = channels[1:]  # one per op of the chain
     # Where each view's sizes carry the channels, and what they become with fewer channels.
     fewer = max(1, count // 2)
     new_shapes: List[Tuple[int, ...]] = []
@@ -1293,7 +1299,6 @@ def _relocating_chain(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_sha
                 patches.append((node_i, j, shape[k] // count))
     # The same chain on fewer channels reads every kept element from the same place.
     small_in = tuple(fewer if i == c else s for i, s in enumerate(in_shape))
-    src, _ = _probe_chain(chain, in_shape, c, shapes)
     small, small_channels = _probe_chain(chain, small_in, c, new_shapes)
     if _channel_dim_of(small_channels[-1]) != d:
         return False
@@ -2657,7 +2662,7 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
     region: List[torch.fx.Node] = [split]
     got: Dict[int, torch.fx.Node] = {}
     for user in split.users:
-        if user.target is not operator.getitem or not _int_arg(user.args[1]) or user.args[1] in got:
+        if user.target is not operator.getitem or not _int_arg(user.args[1]) or user.args[1] % 3 in got:
             return False
         got[user.args[1] % 3] = user
     if sorted(got) != [0, 1, 2]:
@@ -2715,8 +2720,8 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
     qk_count, v_count = ChannelCount.of([qk]), ChannelCount.of([vv])
     if sizes[3] != -1:
         ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(qk_count.groups * 2 + v_count.groups)))
+    where = (1,) if len(split.args) > 1 else (next(k for k in ("split_size_or_sections", "split_size") if k in split.kwargs),)
     for j, count in enumerate((qk_count, qk_count, v_count)):
-        where = (1,) if len(split.args) > 1 else (next(k for k in ("split_size_or_sections", "split_size") if k in split.kwargs),)
         ctx.rewrite_args(split, ArgPatch(where + (j,), count))
     if msizes[2] != -1:
         ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(v_count.groups * heads)))
@@ -3457,7 +3462,6 @@ def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]
         _layer_tensor(ctx, node, bound["proj_bias"], 0, out, "out", "bias")
     reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
     ctx.require(node, group, WholeUnits(head_dim), reason)
-    per_head = Layout(group.groups, group.sizes, -1, 2, 1)
     table = _gathered_bias_table(ctx, bias, heads)
     scale = bound.get("logit_scale")
     scale_shape = ctx.shape(scale) if scale is not None else None
@@ -3467,10 +3471,10 @@ def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]
     elif scale is not None and (tuple(scale_shape or ()) != (heads, 1, 1) or _cast_source(scale) is None):
         ctx.freeze(node, [group], f"the logit scale of {node.name} is not a [heads, 1, 1] parameter: its heads stay whole")
     else:
-        ctx.tensor_member(bias, table, 1, per_head, per=head_dim)
+        _per_head_sites(ctx, [_HeadSite(bias, 1, table)], group, head_dim)
         if scale is not None:
             source = _cast_source(scale)
-            ctx.tensor_member(node, source.leaves[0][0], 0, per_head, per=head_dim, via=source.via)
+            ctx.tensor_member(node, source.leaves[0][0], 0, group, per=head_dim, via=source.via)
         path = (5,) if len(node.args) > 5 else ("num_heads",)
         ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(group.groups), 1, head_dim)))
     # Always fxprune's function with an explicit head_dim: the residual width may change alone.

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.testing import assert_equivalent, randomize_norms
+from tests.zoo import spread_parameters
 
 timm = pytest.importorskip("timm")
 from timm.models.levit import Attention  # noqa: E402
@@ -44,8 +45,7 @@ class Tokens(nn.Module):
 def model() -> nn.Module:
     torch.manual_seed(0)
     m = Tokens(Attention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=RES))
-    with torch.no_grad():
-        m.attn.attention_biases.normal_(0, 1.0)  # timm starts it at zero
+    spread_parameters(m, "attention_biases")  # timm starts it at zero
     return randomize_norms(m).eval()
 
 
@@ -102,10 +102,7 @@ def test_a_levit_value_read_elsewhere_keeps_the_block_whole() -> None:
 def test_timm_levit_prunes_its_attention_widths_and_is_proven() -> None:
     torch.manual_seed(0)
     net = timm.create_model("levit_128s", pretrained=False, num_classes=10, img_size=64).eval()
-    for name, p in net.named_parameters():
-        if "attention_biases" in name:
-            with torch.no_grad():
-                p.normal_(0, 1.0)
+    spread_parameters(net, "attention_biases")
     net = randomize_norms(net)
     x = torch.randn(1, 3, 64, 64)
     with pytest.warns(fxprune.FxPruneWarning, match="levit.py"):

@@ -23,7 +23,7 @@ from torchvision.models.video import swin_transformer as swin3d
 import fxprune
 from fxprune.layers import shifted_window_mask, window_attention
 from fxprune.testing import assert_equivalent, randomize_norms
-from tests.zoo import assert_rolled_weight_fails
+from tests.zoo import assert_rolled_weight_fails, spread_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,10 +37,7 @@ def small(v2: bool = False) -> torch.nn.Module:
     merge = swin.PatchMergingV2 if v2 else swin.PatchMerging
     model = swin.SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10, block=block,
                                  downsample_layer=merge)
-    for name, p in model.named_parameters():
-        if "relative_position_bias_table" in name or "logit_scale" in name:
-            with torch.no_grad():
-                p.normal_(0, 1.0)  # torchvision starts the table near zero: a wrong column must show
+    spread_parameters(model, "relative_position_bias_table", "logit_scale")  # torchvision starts them near zero
     return randomize_norms(model).eval()
 
 
@@ -182,10 +179,7 @@ def test_a_bias_table_read_elsewhere_keeps_the_heads_whole() -> None:
 def test_video_swin_prunes_widths_and_heads_and_is_proven() -> None:
     torch.manual_seed(0)
     model = swin3d.SwinTransformer3d([2, 4, 4], 16, [2, 2], [2, 4], [2, 4, 4], num_classes=10)
-    for name, p in model.named_parameters():
-        if "relative_position_bias_table" in name:
-            with torch.no_grad():
-                p.normal_(0, 1.0)
+    spread_parameters(model, "relative_position_bias_table")
     model = randomize_norms(model).eval()
     x = torch.randn(1, 3, 4, 32, 32)
     plan = fxprune.plan(model, 0.5, example_inputs=(x,))

@@ -23,6 +23,7 @@ from fxprune.groups import (EqualPerBlock, Group, GroupConstraint, WholeUnits, c
 from fxprune.allocation import count_step, group_count
 from fxprune.planning import GroupPlan
 from fxprune.testing import assert_equivalent, randomize_norms
+from tests.zoo import spread_parameters
 
 
 @pytest.fixture(autouse=True)
@@ -468,10 +469,7 @@ def test_hugging_face_swin_prunes_whole_heads_with_their_bias_columns() -> None:
                                      window_size=4, num_labels=3)
     torch.manual_seed(0)
     model = transformers.SwinForImageClassification(config).eval()
-    for name, p in model.named_parameters():
-        if "relative_position_bias_table" in name:
-            with torch.no_grad():
-                p.normal_(0, 1.0)  # Hugging Face starts it at zero: a wrong column must show
+    spread_parameters(model, "relative_position_bias_table")  # Hugging Face starts it at zero
     model = randomize_norms(model)
     x = torch.randn(1, 3, 32, 32)
     with warnings.catch_warnings():

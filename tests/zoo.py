@@ -15,7 +15,7 @@ from fxprune.testing import assert_equivalent, randomize_norms
 __all__ = [
     "ConcatNet", "InvertedResidualNet", "FlattenHead", "SENet", "LinearSENet", "FunctionalNet",
     "CumsumNet", "GroupedConvNet", "MLPNet", "SharedConvNet", "TinyUNet", "randomize_bn", "init_normal",
-    "assert_rolled_weight_fails", "ZOO",
+    "assert_rolled_weight_fails", "spread_parameters", "ZOO",
 ]
 
 
@@ -43,6 +43,19 @@ def init_normal(model: nn.Module, std: float = 0.5) -> nn.Module:
     for p in model.parameters():
         nn.init.normal_(p, std=std)
     return randomize_norms(model).eval()
+
+
+def spread_parameters(model: nn.Module, *names: str) -> nn.Module:
+    """N(0, 1) values for every parameter whose name contains one of ``names`` (seeded by the caller).
+
+    Position-bias tables and logit scales start at or near zero, where a column sliced for the
+    wrong head changes nothing the proof can see.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(n in name for n in names):
+                p.normal_(0, 1.0)
+    return model
 
 
 def assert_rolled_weight_fails(model: nn.Module, pruned: nn.Module, plan: object, inputs: tuple,

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "ResNet18_Weights.IMAGENET1K_V1). Default: random initialisation")
     prune.add_argument("--ratio", type=cli_args.finite_float, default=None, help=cli_args.RATIO_HELP)
     prune.add_argument("--target-macs", type=cli_args.finite_float, default=None, help=cli_args.TARGET_MACS_HELP)
-    prune.add_argument("--importance", default=defaults["importance"], metavar="NAME",
+    prune.add_argument("--importance", default=cli_args.DATALESS_IMPORTANCE, metavar="NAME",
                        help=cli_args.IMPORTANCE_HELP.replace("read calibration data", "need data: use fxprune run"))
     prune.add_argument("--ignore", type=cli_args.str_list, default=[], metavar="NAMES",
                        help=cli_args.IGNORE_HELP)

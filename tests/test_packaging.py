@@ -289,17 +289,21 @@ def test_parser_defaults_are_the_run_config_defaults() -> None:
 
 def test_prune_and_run_share_ratio_wording_and_defaults() -> None:
     from fxprune.cli import build_parser
+    from fxprune.workflow.cli_args import DATALESS_IMPORTANCE
 
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices
     helps = {command: {a.dest: (a.default, a.help) for a in choices[command]._actions}
              for command in ("run", "prune")}
-    for dest in ("ratio", "target_macs", "importance", "ignore", "model"):
+    for dest in ("ratio", "target_macs", "ignore", "model"):
         run_default, run_help = helps["run"][dest]
         prune_default, prune_help = helps["prune"][dest]
         assert run_default == prune_default, dest
         if dest in ("ratio", "target_macs", "ignore"):
             assert run_help == prune_help, dest
+    # The job scores with data (Taylor); fxprune prune has none, so it scores the weights.
+    assert helps["run"]["importance"][0] == "taylor"
+    assert helps["prune"]["importance"][0] == DATALESS_IMPORTANCE == "l1"
 
 
 # --------------------------------------------------------------------------------------------

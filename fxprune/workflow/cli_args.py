@@ -31,6 +31,7 @@ __all__ = [
     "RUN_EXAMPLES",
     "SWEEP_EXAMPLES",
     "RUN_DEFAULTS",
+    "DATALESS_IMPORTANCE",
     "DEFAULT_RATIO",
     "IMPORTANCE_CHOICES",
     "RATIO_HELP",
@@ -65,13 +66,17 @@ DEFAULT_RATIO = 0.5
 #: against ``RunConfig()``; a new option whose default is missing here fails at parser build.
 RUN_DEFAULTS: Mapping[str, Any] = {
     "control": True,
-    "model": "resnet18", "data": "fashion-mnist", "importance": "l1", "epochs": 5, "lr": 0.1,
+    "model": "resnet18", "data": "fashion-mnist", "importance": "taylor", "epochs": 5, "lr": 0.1,
     "baseline_epochs": 3, "baseline_lr": 0.1, "batch_size": 256, "optimizer": "sgd",
     "weight_decay": 5e-4, "label_smoothing": 0.1, "seed": 0, "device": "auto", "amp": "auto",
-    "renormalising": True, "global_ranking": False,
+    "renormalising": True, "global_ranking": True,
     "latency_runs": 20, "out": "fxprune-out",
     "latency_device": "cpu", "latency_batch": 1, "latency_mode": "eager",
 }
+
+#: ``fxprune prune``'s criterion: it has no data, so the job's data-driven default (Taylor)
+#: cannot be its default.
+DATALESS_IMPORTANCE = "l1"
 
 #: Where --target-latency measures: the choices of --latency-device and --latency-mode.
 LATENCY_DEVICES = ("cpu", "cuda")
@@ -114,7 +119,7 @@ class _Defaults:
 
 RUN_EXAMPLES = """\
 examples:
-  fxprune run                                   # resnet18 on Fashion-MNIST: train, prune half the channels (L1), fine-tune, report
+  fxprune run                                   # resnet18 on Fashion-MNIST: train, prune to 1/4 of the MACs (Taylor, ranked across layers), fine-tune, report
   fxprune run --ratio 0.3 --epochs 3 --out runs/r03
   fxprune run --weights runs/r03/baseline/baseline_model.pt --distill
   fxprune run --model resnet18 --weights ResNet18_Weights.IMAGENET1K_V1 --data /data/imagenet/val --epochs 1
@@ -303,10 +308,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--ignore", type=str_list, default=[], metavar="NAMES", help=IGNORE_HELP)
     prune.add_argument("--no-renormalising", "--exact-only", dest="renormalising", action="store_false",
                        default=defaults.renormalising, help=NO_RENORMALISING_HELP)
-    prune.add_argument("--global-ranking", action="store_true", default=defaults.global_ranking,
-                       help="rank channels across groups, at the MACs the ratio's uniform plan reaches (with "
-                            "--importance taylor the most accurate recipe measured in benchmarks/ACCURACY_FULL.md; "
-                            "default: uniform per group)")
+    prune.add_argument("--global-ranking", action=argparse.BooleanOptionalAction, default=defaults.global_ranking,
+                       help="rank channels across groups, at the MACs the ratio's uniform plan reaches (or at "
+                            "--target-macs); --no-global-ranking removes the same share from every group. "
+                            "--target-latency allocates by measured cost instead. With --importance taylor the "
+                            "most accurate recipe measured in benchmarks/ACCURACY_FULL.md (default: on)")
 
     tune = parser.add_argument_group("training")
     tune.add_argument("--epochs", type=_non_negative_int, default=defaults.epochs,
@@ -384,9 +390,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group = parser.add_argument_group("sweep")
     group.add_argument("--ratios", type=_float_list, default=[0.3, 0.5, 0.7],
                        help="comma-separated pruning ratios (default: 0.3,0.5,0.7)")
-    group.add_argument("--importances", type=str_list, default=["l1"], metavar="NAMES",
+    group.add_argument("--importances", type=str_list, default=[RUN_DEFAULTS["importance"]], metavar="NAMES",
                        help=f"comma-separated importance criteria from {', '.join(IMPORTANCE_CHOICES)} "
-                            f"(default: l1)")
+                            f"(default: {RUN_DEFAULTS['importance']})")
     return parser
 
 

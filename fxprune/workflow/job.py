@@ -96,8 +96,10 @@ RESULT_OPTIONS = ("model", "adapt", "weights", "data", "limit", "image_size", "s
 class RunConfig:
     """Options of ``fxprune run`` / ``fxprune sweep`` (the CLI flags, one field each).
 
-    The defaults are the embedded default job: resnet18 on Fashion-MNIST, ratio 0.5, L1,
-    sized to finish within 10 minutes on a 2-core CPU including baseline training. The
+    The defaults are the embedded default job: resnet18 on Fashion-MNIST; Taylor importance
+    ranked across groups at the MACs of ratio 0.5's uniform plan (about 1/4 of the MACs; the
+    recipe benchmarks/ACCURACY_FULL.md found most accurate), sized to finish within 10 minutes
+    on a 2-core CPU including baseline training. The
     equal-training control (``control``, on by default) fine-tunes the unpruned baseline for
     ``epochs`` more epochs the first time (5 epochs of the full model: about 5/3 of the
     baseline's training time again); it is cached like the baseline, so a second run pays
@@ -114,15 +116,16 @@ class RunConfig:
     latency_device: str = "cpu"  # where target_latency measures
     latency_batch: int = 1  # the batch it measures at
     latency_mode: str = "eager"  # eager or compiled
-    importance: str = "l1"
+    importance: str = "taylor"  # benchmarks/ACCURACY_FULL.md: with global_ranking, the most accurate recipe
     round_to: Optional[int] = None  # passed to fxprune.prune only when set
     ignore: tuple[str, ...] = ()
     # False (--no-renormalising): LayerNorm/RMSNorm widths stay whole, every rewrite is exact
     # (fxprune.prune's allow_renormalising).
     renormalising: bool = True
-    # True (--global-ranking): channels are ranked across groups at the MACs the ratio's
-    # uniform plan reaches (benchmarks/ACCURACY_FULL.md measures it against uniform).
-    global_ranking: bool = False
+    # True (the default; --no-global-ranking turns it off): channels are ranked across groups
+    # at the MACs the ratio's uniform plan reaches, or at target_macs (benchmarks/ACCURACY_FULL.md
+    # measures it against uniform). target_latency allocates by measured cost and ignores it.
+    global_ranking: bool = True
     epochs: int = 5  # fine-tuning epochs
     lr: float = 0.1  # fine-tuning learning rate
     baseline_epochs: int = 3
@@ -228,9 +231,6 @@ class RunConfig:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
         if not isinstance(self.global_ranking, bool):
             raise ConfigError(f"global_ranking (--global-ranking) is a switch, True or False; got {self.global_ranking!r}")
-        if self.global_ranking and (self.target_macs is not None or self.target_latency is not None):
-            raise ConfigError("--global-ranking ranks at the MACs of --ratio's uniform plan; it cannot be combined "
-                              "with --target-macs or --target-latency: drop one of them")
         if not isinstance(self.renormalising, bool):
             raise ConfigError(f"renormalising (--no-renormalising) is a switch, True or False; got {self.renormalising!r}")
         if not isinstance(self.control, bool):
@@ -280,8 +280,10 @@ class RunConfig:
             # The default, which every run made before the option existed used: their
             # checkpoints and sweep points keep their fingerprint and still resume.
             del data["renormalising"]
-        if not data["global_ranking"]:
-            del data["global_ranking"]  # likewise: the default before the option existed
+        if not data["global_ranking"] or data["target_latency"] is not None:
+            # Uniform was the default before the option existed (likewise); a latency target
+            # allocates by measured cost, so the switch does not change its result.
+            del data["global_ranking"]
         return data
 
     def replace(self, **changes: Any) -> "RunConfig":
@@ -934,7 +936,8 @@ def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
     """``fxprune.prune`` with the run's options.
 
     ``target_macs`` (a fraction of the baseline's MACs) replaces the ratio when set;
-    ``global_ranking`` ranks channels across groups at the MACs of the ratio's uniform plan;
+    ``global_ranking`` ranks channels across groups at the MACs of the ratio's uniform plan (or
+    at ``target_macs``; a latency target allocates by measured cost and ignores it);
     ``round_to`` is passed when set; ``renormalising`` is ``allow_renormalising``. ``calibration`` (training batches) feeds the data-driven
     criteria (``apoz``, ``taylor``); the weight-based ones ignore it.
     """
@@ -957,12 +960,16 @@ def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
                              batch_size=config.latency_batch, latency_mode=config.latency_mode,
                              latency_options=options, **kwargs)
     if config.target_macs is not None:
-        return fxprune.prune(model, target_macs=config.target_macs, **kwargs)
+        return fxprune.prune(model, target_macs=config.target_macs, global_ranking=config.global_ranking, **kwargs)
     chosen = config.effective_ratio if ratio is None else ratio
     if config.global_ranking:
         # The same MACs as the uniform plan at this ratio (its counts do not depend on the
         # criterion), ranked across groups: benchmarks/accuracy.py's arm C.
-        uniform = fxprune.prune(model, chosen, **{**kwargs, "importance": "l1"})
+        # Its warnings are silenced: the ranked prune below raises the same ones, and the
+        # report would count each twice.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            uniform = fxprune.prune(model, chosen, **{**kwargs, "importance": "l1"})
         fraction = count_macs(uniform, (example,)) / count_macs(model, (example,))
         return fxprune.prune(model, target_macs=fraction, global_ranking=True, **kwargs)
     return fxprune.prune(model, chosen, **kwargs)
@@ -1189,7 +1196,7 @@ def _point_dir(out: Path, importance: str, ratio: float) -> Path:
     return out / f"{importance}-r{ratio:g}"
 
 
-def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str] = ("l1",)) -> dict[str, Any]:
+def sweep(config: RunConfig, ratios: Sequence[float], importances: Sequence[str] = ("taylor",)) -> dict[str, Any]:
     """The pipeline at every (importance, ratio), sharing one baseline; returns ``sweep.json``'s data.
 
     With ``resume``, points whose ``report.json`` already exists with the same settings are

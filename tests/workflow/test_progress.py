@@ -323,7 +323,7 @@ def test_tiny_run_logs_stage_lines_and_throughput(tmp_path: Path, fake_fmnist_di
                   out=str(out), threads=1, lr=0.05, baseline_lr=0.05))
     text = (out / "run.log").read_text(encoding="utf-8")
     for expected in ("[1/8] baseline: 1 epoch x 4 batches, ETA unknown", "[2/8] measure baseline",
-                     "[3/8] prune: l1, ratio 0.5", "[4/8] BN recalibration",
+                     "[3/8] prune: taylor, ratio 0.5", "[4/8] BN recalibration",
                      "[5/8] fine-tune: 1 epoch x 4 batches", "[5/8] fine-tune 1/1: step 4/4",
                      "[6/8] measure pruned", "[6/8] measure pruned: timing latency on cpu (eager)",
                      "[7/8] equal-training control: 1 epoch x 4 batches", "[8/8] save", "all 8 stages done",

@@ -91,12 +91,12 @@ def test_resume_with_another_importance_is_refused_before_any_training(tmp_path:
         run(_tiny(out, data, epochs=2, resume=True, importance="l2"),
             on_epoch_end=lambda epoch, metrics: trained.append(epoch))
     message = str(info.value)
-    assert "importance: 'l1' -> 'l2'" in message and "without --resume" in message
+    assert "importance: 'taylor' -> 'l2'" in message and "without --resume" in message
     assert "\n" not in message
     assert trained == []  # refused up front, not after the baseline was measured and pruned
     assert not (out / "report.json").exists()
     # The same settings resume; asking for a fresh start (no --resume) with the new ones works.
-    assert run(_tiny(out, data, epochs=2, resume=True))["config"]["importance"] == "l1"
+    assert run(_tiny(out, data, epochs=2, resume=True))["config"]["importance"] == "taylor"
     assert run(_tiny(out, data, epochs=2, importance="l2"))["config"]["importance"] == "l2"
 
 

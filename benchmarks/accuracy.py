@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 
-__all__ = ["ARMS", "ARM_TITLES", "RATIO_ARMS", "Job", "plan_jobs", "job_key", "settings_of", "baseline_settings", "parse_finetune",
+__all__ = ["ARMS", "ARM_TITLES", "arm_titles", "RATIO_ARMS", "Job", "plan_jobs", "job_key", "settings_of", "baseline_settings", "parse_finetune",
            "finetune_recipe", "check_settings",
            "summarize", "goals", "render_markdown", "reinitialise", "same_weights", "main"]
 
@@ -61,6 +61,21 @@ ARM_TITLES = {
     "E": "unpruned baseline + k epochs (equal-training control)",
     "F": "A + distillation from the baseline",
 }
+def arm_titles(settings: Mapping[str, Any]) -> Dict[str, str]:
+    """:data:`ARM_TITLES` with A's criterion and allocation read from the recorded recipe.
+
+    >>> arm_titles({"finetune": {"importance": "taylor", "global_ranking": True}})["A"]
+    'fxprune default (Taylor, global ranking) + recal + fine-tune'
+    >>> arm_titles({})["A"] == ARM_TITLES["A"]
+    True
+    """
+    recipe = settings.get("finetune") or {}
+    criterion = str(recipe.get("importance", "l1"))
+    criterion = criterion.upper() if len(criterion) <= 3 else criterion.capitalize()
+    allocation = "global ranking" if recipe.get("global_ranking") else "uniform"
+    return dict(ARM_TITLES, A=f"fxprune default ({criterion}, {allocation}) + recal + fine-tune")
+
+
 #: The issue's thresholds at ratio 0.5 (points of top-1).
 GOAL_VS_E = -0.3
 GOAL_VS_D = 0.5
@@ -105,7 +120,7 @@ def plan_jobs(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str]
 #: reach the fine-tuning (and the pruning) are allowed, never ones the baseline or D share
 #: (``augment``, ``baseline_lr``, ...), so a variant changes the recipe under test, not the comparison.
 FINETUNE_RUN_KEYS = ("lr", "distill", "importance", "label_smoothing", "weight_decay", "optimizer",
-                     "recalibration_batches")
+                     "recalibration_batches", "global_ranking")
 #: ``--finetune`` keys that are :class:`~fxprune.workflow.finetune.TrainConfig` fields of the
 #: fine-tuning recipe (``fxprune run`` has no flag for them: the benchmark replaces them directly).
 FINETUNE_TRAIN_KEYS = ("warmup_epochs", "distill_alpha", "temperature", "momentum", "nesterov")
@@ -122,7 +137,7 @@ def parse_finetune(pairs: Sequence[str]) -> Dict[str, Any]:
     {'lr': 0.02, 'warmup_epochs': 0.5, 'distill': True, 'importance': 'l2'}
     """
     known = FINETUNE_RUN_KEYS + FINETUNE_TRAIN_KEYS
-    flags = ("distill", "nesterov")
+    flags = ("distill", "nesterov", "global_ranking")
     texts = ("importance", "optimizer")
     integers = ("recalibration_batches",)
     changes: Dict[str, Any] = {}
@@ -156,6 +171,10 @@ def finetune_recipe(args: argparse.Namespace) -> Dict[str, Any]:
     resolved.update({key: changes[key] for key in FINETUNE_TRAIN_KEYS if key in changes})
     resolved.update(distill=config.distill, importance=config.importance,
                     recalibration_batches=config.recalibration_batches)
+    if config.global_ranking:
+        # Recorded only when on: the runs made while uniform was the job's only allocation
+        # recorded no such key, and they keep their settings.
+        resolved["global_ranking"] = True
     return resolved
 
 
@@ -327,8 +346,9 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         "Does pruning a trained network and fine-tuning it beat the obvious alternatives? Six arms, the same "
         "data, seeds and training code (the workflow's own `train`, `recalibrate_batchnorm` and "
         "`evaluate_accuracy`), resnet18 with the small-image stem exactly as `fxprune run` builds it:", ""]
+    titles = arm_titles(settings)
     for arm in ARMS:
-        lines.append(f"- **{arm}** {ARM_TITLES[arm]}")
+        lines.append(f"- **{arm}** {titles[arm]}")
     if settings and (settings.get("limit") or settings.get("epochs") != JOB_EPOCHS
                      or settings.get("baseline_epochs") != JOB_BASELINE_EPOCHS):
         # A shorter schedule or a subset answers a different question than the default job's:
@@ -387,7 +407,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
                 continue
             busy = " (busy)" if row.get("busy") else ""
             lines.append(
-                f"| {arm} | {ARM_TITLES[arm]} | {_fmt_top1(row['top1'])} | {_fmt(row.get('top1_before_finetune'))} "
+                f"| {arm} | {titles[arm]} | {_fmt_top1(row['top1'])} | {_fmt(row.get('top1_before_finetune'))} "
                 f"| {_fmt_count(row.get('macs'))} | {_fmt_count(row.get('params'))} "
                 f"| {_fmt(row.get('latency_ms'), '.3f')}{busy} | {_fmt(row.get('speedup'), '.2f', 'x')} "
                 f"| {_duration(row.get('train_s'))} |")
@@ -406,7 +426,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     lines += ["", "| other arms | minus A |", "|---|---|"]
     for row in goals(results):
         if row["goal"].endswith("vs A"):
-            lines.append(f"| {ARM_TITLES[row['arm']]} ({row['arm']}) | {_fmt_diff(row['diff'])} |")
+            lines.append(f"| {titles[row['arm']]} ({row['arm']}) | {_fmt_diff(row['diff'])} |")
     recipes = doc.get("recipes")
     if recipes:
         lines += ["", "## Recipes tried", "", recipes.strip()]

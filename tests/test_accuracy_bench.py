@@ -111,7 +111,11 @@ def test_results_of_other_settings_are_never_mixed(tmp_path: Path) -> None:
     settings = bench.settings_of(args)
     assert bench.baseline_settings(settings) == SETTINGS
     # The fine-tuning recipe is recorded as it resolved: the job's defaults without --finetune.
-    assert settings["finetune"]["distill"] is False and settings["finetune"]["importance"] == "l1"
+    assert settings["finetune"]["distill"] is False and settings["finetune"]["importance"] == "taylor"
+    assert settings["finetune"]["global_ranking"] is True
+    # The recipe that was the default before (L1, uniform) records what the runs of then recorded.
+    old = bench.settings_of(argparse.Namespace(**vars(args), finetune=["importance=l1", "global_ranking=0"]))
+    assert "global_ranking" not in old["finetune"] and old["finetune"]["importance"] == "l1"
 
 
 def test_finetune_variants_are_recorded_and_never_mix_with_the_default(tmp_path: Path) -> None:

@@ -152,6 +152,18 @@ def _fmt_int(value: Optional[float]) -> str:
     return f"{value:.0f}"
 
 
+def _allocation_text(config: Mapping[str, Any]) -> str:
+    """How channels were spread over the groups, as the report's pruning line ends."""
+    if config.get("target_latency"):
+        return ", channels chosen by measured cost"
+    if config.get("global_ranking"):
+        where = "the target's MACs" if config.get("target_macs") else "the MACs of the ratio's uniform plan"
+        return f", ranked across groups at {where} (`--no-global-ranking`: the same share of every group)"
+    if "global_ranking" in config:
+        return ", the same share of every group (uniform)"
+    return ""
+
+
 def _fmt(value: Optional[float], digits: int = 2, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -209,7 +221,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
           else []),
         f"- Model: `{config.get('model', '-')}`; data: `{data_name}` "
         f"(accuracy on the held-out split, {base.get('samples', '-')} samples)",
-        f"- Pruning: importance `{config.get('importance', '-')}`, requested {requested}",
+        f"- Pruning: importance `{config.get('importance', '-')}`, requested {requested}{_allocation_text(config)}",
         *_achieved_lines(pruned.get("achieved")),
         f"- Machine: {machine.get('cpu', '-')} ({machine.get('cpu_count', '-')} cores){gpu}",
         *latency_warnings(report),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import logging
 from pathlib import Path
@@ -40,6 +41,21 @@ def test_report_json_and_markdown(tmp_path: Path) -> None:
     assert "| MACs per image | 32.00 M | 8.00 M | 4.00x fewer |" in md
     assert "| latency cpu/eager/b1 (ms) | 2.000 | 1.000 | 2.00x faster |" in md
     assert "`cpu/compile/b1`: RuntimeError: no compiler" in md
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"ratio": 0.5, "importance": "taylor", "global_ranking": True},
+     "ranked across groups at the MACs of the ratio's uniform plan"),
+    ({"target_macs": 0.3, "importance": "l1", "global_ranking": True}, "ranked across groups at the target's MACs"),
+    ({"ratio": 0.5, "importance": "l1", "global_ranking": False}, "the same share of every group (uniform)"),
+    ({"target_latency": 0.5, "importance": "l1", "global_ranking": True}, "channels chosen by measured cost"),
+])
+def test_the_report_says_how_channels_were_spread_over_the_groups(tmp_path: Path, config: dict, says: str) -> None:
+    report = {"baseline": _entry(91.5, 32_000_000, 2.0), "pruned": _entry(91.2, 8_000_000, 1.0),
+              "config": {"model": "resnet18", **config}, "machine": {"cpu": "Test CPU", "cpu_count": 2},
+              "date": "2026-01-01T00:00:00+00:00"}
+    line = next(l for l in write_report(report, tmp_path)[1].read_text().splitlines() if l.startswith("- Pruning:"))
+    assert says in line
 
 
 def test_channel_plot(tmp_path: Path) -> None:

@@ -32,6 +32,13 @@ cut at every operand's group boundaries before the groups at the same positions 
 (:meth:`_Engine._atoms`), and every group a split cut becomes, wherever it appears (slots,
 parameter operands, node metadata, argument rewrites), the concatenation of its atoms' groups.
 
+Channels may also be tied *in runs*: a depthwise conv with a channel multiplier k gives each
+input channel k output positions (``Layout.block``), and adding its output to a plain conv's
+ties each run of k of that conv's channels to one input channel (:meth:`_Engine._tie_coarser`).
+The finer class then *becomes* the coarse channels, with k times the positions per channel in
+every slot, tensor and node layout that holds it (:meth:`_Engine._coarser_groups`; where that
+cannot be expressed, both stay whole).
+
 Groups may also be *constrained*. Rules state a constraint as a small type
 (:meth:`_Engine.require`): :class:`EqualPerBlock` (a grouped convolution needs every conv group
 to keep the same number of channels: G equal blocks, the same count kept in each) and
@@ -389,6 +396,9 @@ class _Engine:
         # layout it was given (None inside the region); their own rules are not run.
         self.claimed: Dict[str, Optional[Layout]] = {}
         self.ties: Dict[str, Layout] = {}  # claimed node -> the layout its input must be tied to
+        # Coarser ties (see _tie_coarser): (raw group, the layout whose channels own ``ratio`` of
+        # its consecutive channels each, ratio, where). The group becomes those channels.
+        self.coarser: List[Tuple[int, Layout, int, str]] = []
 
     # --- RuleContext
     def layout(self, arg: Any) -> Optional[Layout]:
@@ -632,6 +642,9 @@ class _Engine:
         first = layouts[0]
         for other in layouts[1:]:
             if other.dim != first.dim or other.channels != first.channels or other.block != first.block:
+                tied = self._tie_coarser(where, layouts)
+                if tied is not None:
+                    return tied
                 self._freeze_at(where, layouts, "operands whose channels do not line up")
                 return first
         if any(other.sizes != first.sizes for other in layouts[1:]):
@@ -654,6 +667,35 @@ class _Engine:
             for a, b in zip(first.groups, other.groups):
                 self.union.union(a, b)
         return first
+
+    def _tie_coarser(self, where: str, layouts: Sequence[Layout]) -> Optional[Layout]:
+        """Tie operands whose channels own different numbers of positions; None if they cannot be.
+
+        A depthwise conv with channel multiplier k gives every input channel k consecutive
+        output positions (``block`` k); adding that to a conv's output, whose channels own one
+        position each, ties each run of k of the conv's channels to one channel of the other.
+        Every operand must index the same positions of the same dim in consecutive runs; a finer
+        operand must be one group (its channels then *become* the coarse operand's channels,
+        ``ratio`` of its channels per coarse channel: recorded in ``self.coarser`` and resolved
+        by :meth:`_coarser_groups`, which fails closed on any use it cannot express). The finest
+        operand's layout is returned, so that the ops downstream see one position per channel.
+        """
+        first = layouts[0]
+        if any(lay.dim != first.dim or not isinstance(lay.block, int) or lay.block < 1
+               or lay.channels * lay.block != first.channels * int(first.block or 0) for lay in layouts):
+            return None
+        coarse = max(lay.block for lay in layouts)
+        if any(coarse % lay.block for lay in layouts):
+            return None
+        coarsest = [lay for lay in layouts if lay.block == coarse]
+        finer = [lay for lay in layouts if lay.block != coarse]
+        if any(len(lay.groups) != 1 for lay in finer):
+            return None
+        if len(coarsest) > 1:
+            self._unify(where, coarsest)
+        for lay in finer:
+            self.coarser.append((lay.groups[0], coarsest[0], coarse // lay.block, where))
+        return min(layouts, key=lambda lay: lay.block)
 
     def freeze(self, node: torch.fx.Node, layouts: Iterable[Optional[Layout]], reason: str) -> None:
         self._freeze_at(node.name, layouts, reason)
@@ -906,37 +948,172 @@ class _Engine:
         return {root: [(atoms[(root, k)], hi - lo) for k, (lo, hi) in enumerate(spans)]
                 for root, spans in intervals.items()}
 
+    # --- coarser ties
+    def _coarser_groups(self) -> Dict[int, Tuple[Tuple[int, ...], int]]:
+        """The coarser ties that hold: ``{class root: (coarse raw groups, ratio)}``; the rest freeze.
+
+        A tied class (see :meth:`_tie_coarser`) becomes the coarse channels, each owning
+        ``ratio`` of its consecutive channels: every layer dim and tensor that indexes it is
+        re-expressed on the coarse groups with ``ratio`` times its positions per channel. That
+        is expressible only where the class is the whole of a layout (not concatenated with
+        other channels), no split cuts it, no norm renormalises it, no argument rewrite counts
+        it, its constraints translate to the coarse channels, and it is tied to one coarse
+        channel set. Otherwise the class and the coarse channels stay whole (fail closed).
+        """
+        records: Dict[int, List[Tuple[Layout, int, str]]] = {}
+        for gid, lay, ratio, where in self.coarser:
+            records.setdefault(self.union[gid], []).append((lay, ratio, where))
+        if not records:
+            return {}
+        bad: Dict[int, str] = {}
+        for root, recs in records.items():
+            if len({(tuple(self.union[g] for g in lay.groups), lay.sizes, r) for lay, r, _ in recs}) > 1:
+                bad[root] = "tied to two different sets of coarser channels"
+        for parent, parts in self.parts:
+            for g in (parent, *(part for part, _ in parts)):
+                if self.union[g] in records:
+                    bad.setdefault(self.union[g], "a split cuts it")
+
+        def scan(lay: Optional[Layout], what: str, whole: bool = False) -> None:
+            for g in (lay.groups if lay is not None else ()):
+                root = self.union[g]
+                if root in records and (whole or len(lay.groups) != 1):  # type: ignore[union-attr]
+                    bad.setdefault(root, what)
+
+        for lay in self.slot_layouts.values():
+            scan(lay, "a layer dim concatenates it with other channels")
+        for uses in self.tensor_layouts.values():
+            for use in uses.values():
+                scan(use.layout, "a tensor concatenates it with other channels")
+                scan(use.layout, "a tensor is read one position per unit of it", whole=use.per != 1)
+        for node_layout in self.layouts.values():
+            scan(node_layout, "an op concatenates it with other channels")
+        for norm in self.renorm_nodes.values():
+            scan(norm, "a norm renormalises it", whole=True)
+        for patches in self.arg_patches.values():
+            seen: List[int] = []
+            ArgRewrite(tuple(patches)).map_groups(lambda gs: seen.extend(gs) or gs)  # type: ignore[func-returns-value]
+            scan(Layout(tuple(seen), tuple(0 for _ in seen), -1, None), "an argument rewrite counts it", whole=True)
+        for gid, demands in self.blocks.items():
+            root = self.union[gid]
+            if root in records and root not in bad:
+                lay, ratio, _ = records[root][0]
+                problem = self._coarser_constraints(lay, ratio, [c for c, _ in demands])[1]
+                if problem is not None:
+                    bad[root] = problem
+        # Chains (a tie to channels that are themselves tied coarser) resolve through each
+        # other: a broken link, or a cycle, breaks every tie above it.
+        changed = True
+        while changed:
+            changed = False
+            for root, recs in records.items():
+                if root in bad:
+                    continue
+                above = {self.union[g] for g in recs[0][0].groups}
+                if root in above or any(r in bad for r in above) or self._cycles(root, records):
+                    bad[root] = "its coarser channels cannot be resolved"
+                    changed = True
+        for root, why in bad.items():
+            for lay, ratio, where in records[root]:
+                members = [g for g in range(len(self.sizes)) if self.union[g] == root]
+                self._freeze_at(where, [lay, Layout(tuple(members), tuple(self.sizes[g] for g in members), lay.dim, None)],
+                                f"channels tied in runs of {ratio} to channels of another layout where {why} "
+                                "(not modelled)")
+        return {root: (recs[0][0].groups, recs[0][1]) for root, recs in records.items() if root not in bad}
+
+    def _cycles(self, root: int, records: Dict[int, List[Tuple[Layout, int, str]]]) -> bool:
+        todo, seen = [root], set()
+        while todo:
+            at = todo.pop()
+            for g in records[at][0][0].groups if at in records else ():
+                up = self.union[g]
+                if up == root:
+                    return True
+                if up not in seen:
+                    seen.add(up)
+                    todo.append(up)
+        return False
+
+    @staticmethod
+    def _coarser_constraints(coarse: Layout, ratio: int, demands: Sequence[Constraint]
+                             ) -> Tuple[List[Tuple[int, Constraint]], Optional[str]]:
+        """A finer class's demands as demands on the coarse layout's groups ``[(raw group, constraint)]``.
+
+        Equal blocks hold for the coarse channels when the coarse channels are one group that
+        splits into the same blocks; whole units of ``u`` fine channels are whole units of
+        ``u / ratio`` coarse channels, or always whole when ``ratio`` is a multiple of ``u``.
+        """
+        out: List[Tuple[int, Constraint]] = []
+        for demand in demands:
+            if isinstance(demand, EqualPerBlock):
+                if len(coarse.groups) != 1 or coarse.channels % demand.blocks:
+                    return [], f"its {demand.blocks} equal blocks do not fall on the coarser channels"
+                out.append((coarse.groups[0], demand))
+            elif isinstance(demand, WholeUnits):
+                if ratio % demand.size == 0:
+                    continue
+                if demand.size % ratio or any(size % (demand.size // ratio) for size in coarse.sizes):
+                    return [], f"its units of {demand.size} channels do not fall on the coarser channels"
+                out.extend((g, WholeUnits(demand.size // ratio)) for g in coarse.groups)
+            else:
+                return [], f"its constraint {demand!r} is not modelled on coarser channels"
+        return out, None
+
     def _result(self) -> Analysis:
         # Final group indices, in order of first appearance. A group of zero channels (a
         # layer with no outputs) has nothing to prune or keep: it forms no group, and its
         # zero-width segments are left out of slots and node metadata. A group a split cut
-        # becomes the concatenation of its atoms' groups wherever it appears.
+        # becomes the concatenation of its atoms' groups wherever it appears; a group tied to
+        # coarser channels (:meth:`_coarser_groups`) becomes those channels, with ``scale``
+        # times the positions per channel wherever it appears.
+        coarser = self._coarser_groups()
         atoms = self._atoms()
         roots: Dict[Any, int] = {}
         for gid in range(len(self.sizes)):
-            for atom, _ in atoms[self.union[gid]]:
-                roots.setdefault(atom, len(roots))
+            if self.union[gid] not in coarser:
+                for atom, _ in atoms[self.union[gid]]:
+                    roots.setdefault(atom, len(roots))
         final: Dict[int, Tuple[Tuple[int, int], ...]] = {
-            gid: tuple((roots[atom], size) for atom, size in atoms[self.union[gid]]) for gid in range(len(self.sizes))}
+            gid: tuple((roots[atom], size) for atom, size in atoms[self.union[gid]])
+            for gid in range(len(self.sizes)) if self.union[gid] not in coarser}
+        scale: Dict[int, int] = dict.fromkeys(final, 1)
+
+        def resolve(gid: int) -> None:
+            if gid in final:
+                return
+            coarse, ratio = coarser[self.union[gid]]
+            for g in coarse:
+                resolve(g)
+            final[gid] = tuple(seg for g in coarse for seg in final[g])
+            scale[gid] = ratio * scale[coarse[0]]
+
+        for gid in range(len(self.sizes)):
+            resolve(gid)
 
         def expand(groups: Iterable[int]) -> Tuple[Tuple[int, int], ...]:
             return tuple(seg for g in groups for seg in final[g])
+
+        def scaled(lay: Layout) -> Optional[int]:
+            # The positions per final channel: a tied class is alone in its layouts (checked).
+            factor = scale[lay.groups[0]] if len(lay.groups) == 1 else 1
+            return None if lay.block is None else int(lay.block) * factor
 
         reasons: Dict[int, List[str]] = {}
         for gid, why in self.frozen.items():
             for idx, _ in final[gid]:
                 reasons.setdefault(idx, []).extend(why)
         sizes = {idx: s for gid in range(len(self.sizes)) for idx, s in final[gid]}
-        constraints = self._resolve_blocks(final, sizes, reasons)
+        constraints = self._resolve_blocks(final, sizes, reasons, coarser)
         members: Dict[int, List[Member]] = {i: [] for i in range(len(roots))}
         slots: Dict[Tuple[str, str], Slot] = {}
         for key in self.slot_order:
             lay = self.slot_layouts[key]
             segments = expand(lay.groups)
-            slots[key] = Slot(key[0], key[1], segments, int(lay.block or 1))
+            block = scaled(lay) or 1
+            slots[key] = Slot(key[0], key[1], segments, block)
             offset = 0
             for idx, size in segments:
-                members[idx].append(Member(key[0], key[1], offset, int(lay.block or 1)))
+                members[idx].append(Member(key[0], key[1], offset, block))
                 offset += size
         tensors: Dict[str, Tuple[TensorSlot, ...]] = {}
         tensor_members: Dict[int, List[TensorMember]] = {i: [] for i in range(len(roots))}
@@ -945,10 +1122,11 @@ class _Engine:
             for dim, use in sorted(uses.items()):
                 lay = use.layout
                 segments = expand(lay.groups)
-                found.append(TensorSlot(target, dim, segments, use.role, use.kind, use.block, use.conv_groups, use.per))
+                block = use.block * (scale[lay.groups[0]] if len(lay.groups) == 1 else 1)
+                found.append(TensorSlot(target, dim, segments, use.role, use.kind, block, use.conv_groups, use.per))
                 offset = 0
                 for idx, size in segments:
-                    tensor_members[idx].append(TensorMember(target, use.role, use.kind, dim, offset, use.block, use.conv_groups))
+                    tensor_members[idx].append(TensorMember(target, use.role, use.kind, dim, offset, block, use.conv_groups))
                     offset += size
             tensors[target] = tuple(found)
         for node in self.gm.graph.nodes:
@@ -959,7 +1137,7 @@ class _Engine:
                 segments = expand(lay.groups)
                 node.meta["fxprune_groups"] = tuple(idx for idx, _ in segments)
                 node.meta["fxprune_layout"] = replace(lay, groups=node.meta["fxprune_groups"],
-                                                      sizes=tuple(size for _, size in segments))
+                                                      sizes=tuple(size for _, size in segments), block=scaled(lay))
             node.meta.pop(ARG_REWRITE, None)  # a stale one from an earlier analysis of this graph
             node.meta.pop(RENORMALISING, None)
             if node.name in self.renorm_nodes:
@@ -1002,15 +1180,33 @@ class _Engine:
         return Analysis(self.gm, groups, slots, list(self.messages), tensors, self.rules)
 
     def _resolve_blocks(self, final: Dict[int, Tuple[Tuple[int, int], ...]], sizes: Dict[int, int],
-                        reasons: Dict[int, List[str]]) -> Dict[int, GroupConstraint]:
+                        reasons: Dict[int, List[str]], coarser: Optional[Dict[int, Tuple[Tuple[int, ...], int]]] = None
+                        ) -> Dict[int, GroupConstraint]:
         """The constraint of each final group: every rule's demands on its members, resolved.
 
         See :func:`resolve_constraints` (blocks by lcm, units by lcm, units nested in blocks). A
         group a split cut into pieces has blocks or units across pieces: not modelled, so it
-        stays whole.
+        stays whole. A group tied to coarser channels passes its demands on to them, translated
+        (:meth:`_coarser_constraints`; the ties that hold were checked to translate).
         """
+        pending = {gid: list(reqs) for gid, reqs in self.blocks.items()}
+        translated: Dict[int, List[Tuple[Constraint, str]]] = {}
+        while pending:  # up the chains of coarser ties (acyclic: checked)
+            gid, reqs = pending.popitem()
+            root = self.union[gid]
+            if coarser and root in coarser:
+                groups, ratio = coarser[root]
+                lay = Layout(tuple(groups), tuple(self.sizes[g] for g in groups), -1, None)
+                moved, problem = self._coarser_constraints(lay, ratio, [c for c, _ in reqs])
+                if problem is not None:
+                    raise InternalError(f"a coarser tie whose constraints do not translate: {problem}")
+                why = "; ".join(dict.fromkeys(w for _, w in reqs))
+                for g, c in moved:
+                    pending.setdefault(g, []).append((c, why))
+            else:
+                translated.setdefault(gid, []).extend(reqs)
         demands: Dict[int, List[Tuple[Constraint, str]]] = {}
-        for gid, reqs in self.blocks.items():
+        for gid, reqs in translated.items():
             if len(final[gid]) > 1:
                 for idx, _ in final[gid]:
                     reasons.setdefault(idx, []).extend(f"{why} reads channels a split cuts" for _, why in reqs)

@@ -97,11 +97,15 @@ def _copy_with(module: nn.Module, tensors: Dict[str, Optional[torch.Tensor]]) ->
 @register_builder(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def _conv(conv: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     assert isinstance(conv, nn.modules.conv._ConvNd)
-    if "channelwise" in idx:  # depthwise: weight [C, 1, *k] for both kinds, channel c on row c
-        keep = idx["channelwise"]
+    if "channelwise" in idx:  # depthwise: weight [C*k, 1, *k] for both kinds, output channel o on row o
+        keep = idx["channelwise"]  # whole runs of k rows (k: the channel multiplier) per kept input channel
+        multiplier = conv.out_channels // conv.in_channels
         new = _copy_with(conv, {"weight": _sliced(conv.weight, 0, keep), "bias": _sliced(conv.bias, 0, keep)})
         n = conv.out_channels if keep is None else len(keep)
-        new.in_channels = new.out_channels = new.groups = n
+        if n % multiplier:
+            raise InternalError(f"depthwise {type(conv).__name__} with channel multiplier {multiplier} keeps {n} rows")
+        new.out_channels = n
+        new.in_channels = new.groups = n // multiplier
         return new
     out_idx, in_idx = idx.get("out"), idx.get("in")
     if conv.transposed:

@@ -837,20 +837,32 @@ def _conv(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     inp = _first_layout(ctx, node)
     rank = _conv_rank(ctx, node, spatial, inp)
     dim = -(spatial + 1)
-    if inp is not None and (inp.dim != dim or inp.block != 1 or inp.channels != conv.in_channels):
+    if inp is not None and (inp.dim != dim or not isinstance(inp.block, int)
+                            or inp.channels * inp.block != conv.in_channels):
         ctx.unsupported(node, "convolution input whose channel dim does not match the layer")
         return None
     if conv.groups == 1:
         if inp is not None:
+            # Each channel of the input owns ``inp.block`` consecutive input columns (after a
+            # depthwise conv with a channel multiplier): they are sliced together.
             ctx.member(node, "in", inp)
         out = ctx.produce(node, conv.out_channels, dim, rank)
         ctx.member(node, "out", out)
         return out
-    if conv.groups == conv.in_channels == conv.out_channels and inp is not None:
-        # Depthwise: channel c of the output reads only channel c of the input, so the layer
-        # is a per-channel op and its channels belong to the input's groups.
-        ctx.member(node, "channelwise", inp)
-        return replace(inp, rank=rank)
+    multiplier = conv.out_channels // conv.in_channels
+    if conv.groups == conv.in_channels and inp is not None and conv.out_channels == multiplier * conv.in_channels \
+            and (multiplier == 1 or not conv.transposed):
+        # Depthwise: output channels [c*k, (c+1)*k) read only input channel c (k: the channel
+        # multiplier, out_channels / in_channels), so the layer is a per-channel op and its
+        # channels belong to the input's groups, k output channels per input channel. Removing
+        # an input channel removes its k outputs; the multiplier stays.
+        out = replace(inp, rank=rank, block=inp.block * multiplier)
+        ctx.member(node, "channelwise", out)
+        return out
+    if inp is not None and inp.block != 1:
+        ctx.unsupported(node, f"grouped convolution {node.target} (groups={conv.groups}) reading channels of "
+                              f"{inp.block} positions each")
+        return None
     if conv.transposed:
         # Not modelled (no model we test has one): left whole, with the reason.
         out = ctx.produce(node, conv.out_channels, dim, rank)
@@ -934,10 +946,12 @@ def _batchnorm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
         # with the channels last its input is the 2-D (N, C), so dim 1 is the channel dim.
         rank = 2
     # BatchNorm normalises dim 1: it must be the channel dim of the input layout.
-    if rank is None or inp.dim != 1 - rank or inp.block != 1:
+    # A channel may own several consecutive positions of dim 1 (``block``: a depthwise conv
+    # with a channel multiplier made them): BatchNorm is per position, so they go together.
+    if rank is None or inp.dim != 1 - rank or not isinstance(inp.block, int):
         ctx.unsupported(node, "BatchNorm over a dim not known to be the channel dim")
         return None
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.num_features != inp.channels:
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.num_features != inp.channels * inp.block:
         ctx.unsupported(node, "BatchNorm whose num_features do not match its input")
         return None
     ctx.member(node, "channelwise", inp)
@@ -987,7 +1001,9 @@ def _pool(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     inp = _first_layout(ctx, node)
     if inp is None:
         return None
-    if inp.block != 1:
+    if not isinstance(inp.block, int):
+        # (A channel owning several positions of its dim, as after a flatten or a depthwise
+        # conv with a channel multiplier, is fine: the window covers other dims, checked next.)
         ctx.unsupported(node, "pooling of a flattened map")
         return None
     spatial = _spatial_dims(node, module)
@@ -1013,7 +1029,8 @@ def _reduce(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     if norm is None:
         ctx.unsupported(node, "reduction over all dims or over dims that cannot be resolved")
         return None
-    if inp.dim in norm or inp.block != 1:
+    # Each channel's positions along its dim (``block``) stay apart when other dims are reduced.
+    if inp.dim in norm or not isinstance(inp.block, int):
         ctx.unsupported(node, "reduction over the channel dim mixes channels")
         return None
     if keepdim:
@@ -2959,7 +2976,7 @@ def _functional_norm(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     shape = ctx.shape(node)
     rank = len(shape) if shape is not None else inp.rank
     name = _label(node)
-    if rank is None or inp.dim != 1 - rank or inp.block != 1:
+    if rank is None or inp.dim != 1 - rank or not isinstance(inp.block, int):  # per position: any block
         ctx.unsupported(node, f"{name} over a dim not known to be the channel dim")
         return None
     out = replace(inp, rank=rank)

@@ -1198,9 +1198,13 @@ class _Engine:
                 groups, ratio = coarser[root]
                 lay = Layout(tuple(groups), tuple(self.sizes[g] for g in groups), -1, None)
                 moved, problem = self._coarser_constraints(lay, ratio, [c for c, _ in reqs])
-                if problem is not None:
-                    raise InternalError(f"a coarser tie whose constraints do not translate: {problem}")
                 why = "; ".join(dict.fromkeys(w for _, w in reqs))
+                if problem is not None:
+                    # Checked for the first link of a chain; a later link can still fail: whole.
+                    for g in groups:
+                        for idx, _ in final[g]:
+                            reasons.setdefault(idx, []).append(f"channels tied in runs where {problem} ({why})")
+                    continue
                 for g, c in moved:
                     pending.setdefault(g, []).append((c, why))
             else:

@@ -217,7 +217,8 @@ class LayerShape:
     ``in_slot`` / ``out_slot``: (group index, size) segments and the block (positions per
     channel, e.g. a flattened map's H*W) of its input and output dimension; empty for a
     dimension no group indexes (it keeps its size). A depthwise conv has one ``channelwise``
-    slot for both.
+    slot for both (over its output channels: with a channel multiplier k, its input keeps
+    1/k of them).
     """
 
     name: str
@@ -250,10 +251,12 @@ class LayerShape:
 
     def channels(self, counts: Mapping[int, int]) -> Tuple[int, int]:
         """(in channels, out channels) under ``counts`` (group index -> kept; others whole)."""
-        c_in = self._count(self.in_slot, self.in_full, counts)
         if self.depthwise:
-            return c_in, c_in
-        return c_in, self._count(self.out_slot, self.out_full, counts)
+            # Its one slot indexes the output channels: k per input channel with a channel
+            # multiplier k = out_full / in_full (1 for a plain depthwise conv).
+            c_out = self._count(self.out_slot, self.out_full, counts)
+            return c_out * self.in_full // self.out_full, c_out
+        return self._count(self.in_slot, self.in_full, counts), self._count(self.out_slot, self.out_full, counts)
 
     def conv_groups(self, c_in: int) -> int:
         return c_in if self.depthwise else self.groups
@@ -315,7 +318,10 @@ def layer_shapes(analysis: Analysis, batch_size: Optional[int] = None) -> List[L
         else:
             kind = f"conv{len(module.kernel_size)}d"
             groups = int(module.groups)
-            depthwise = groups > 1 and groups == module.in_channels == module.out_channels
+            # Depthwise, with or without a channel multiplier (the analysis then gives it one
+            # channelwise slot over its output channels).
+            depthwise = groups > 1 and groups == module.in_channels and (
+                module.out_channels == module.in_channels or slots["channelwise"] is not None)
             padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
             config = (tuple(module.kernel_size), tuple(module.stride), padding, tuple(module.dilation),
                       module.bias is not None, module.padding_mode)

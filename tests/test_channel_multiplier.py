@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 
 import fxprune
+from fxprune.api import analyze_model
+from fxprune.latency_model import layer_shapes
 from fxprune.testing import assert_equivalent
 from tests.zoo import assert_rolled_weight_fails, init_normal
 
@@ -224,3 +226,37 @@ def test_timm_fastvit_prunes_its_streams_through_the_downsampling() -> None:
         pruned = prove(model, 0.5, (x,))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(pruned) / count(model) < 0.35  # 54 % while each stream stopped at its downsampling
+
+
+def test_the_latency_model_sizes_a_multiplier_conv_from_its_channels() -> None:
+    analysis = analyze_model(init_normal(Downsample()), example_inputs=(X,))
+    stem = next(g for g in analysis.groups if g.key == "stem")
+    layers = {layer.name: layer for layer in layer_shapes(analysis, 1)}
+    dw, pw = layers["dw"], layers["pw"]
+    assert dw.depthwise and dw.channels({}) == (8, 16)
+    assert dw.channels({stem.index: 3}) == (3, 6) and dw.conv_groups(3) == 3
+    assert pw.channels({stem.index: 3}) == (6, 6)  # its input and output columns are the stem's, 2 each
+
+
+def test_a_constraint_that_fails_further_up_a_chain_keeps_the_channels_whole() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 3, 3, padding=1)
+            self.dw1 = nn.Conv2d(3, 6, 3, padding=1, groups=3)
+            self.pw1 = nn.Conv2d(6, 6, 1)
+            self.dw2 = nn.Conv2d(6, 12, 3, padding=1, groups=6)
+            self.pw2 = nn.Conv2d(12, 12, 1)
+            self.gn = nn.GroupNorm(2, 12)  # units of 6: 3 of pw1's channels, 1.5 of the stem's
+            self.head = nn.Conv2d(12, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.dw1(torch.relu(self.stem(x)))
+            y = torch.relu(self.pw1(y) + y)
+            z = self.dw2(y)
+            return self.head(self.gn(self.pw2(z) + z))
+
+    model = init_normal(Net())
+    stem = groups(model)["stem"]
+    assert stem.frozen and "units of 3 channels do not fall on the coarser channels" in "; ".join(stem.reasons)
+    prove(model)

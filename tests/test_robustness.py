@@ -153,14 +153,15 @@ class DepthwiseMultiplier(nn.Module):
         return self.out(F.relu(self.bn(self.dw(self.a(x))))).mean((2, 3))
 
 
-def test_depthwise_multiplier_prunes_outputs_per_group_and_freezes_single_inputs() -> None:
+def test_depthwise_multiplier_follows_its_input_channels_two_outputs_each() -> None:
+    # (tests/test_channel_multiplier.py covers the ties this makes with other convs.)
     torch.manual_seed(4)
     model = randomize_norms(DepthwiseMultiplier()).eval()
-    assert "one channel per conv group" in "".join(group_of(model, "a.0").reasons)
-    assert group_of(model, "dw").blocks == 8
+    group = group_of(model, "a.0")
+    assert group.prunable and {m.module: m.block for m in group.members}["dw"] == 2
     pruned = prove(model, 0.5, torch.randn(2, 3, 8, 8))
     dw = pruned.get_submodule("dw")
-    assert (dw.in_channels, dw.out_channels, dw.groups) == (8, 8, 8)
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (4, 8, 4)
 
 
 class DepthwiseOfUntracked(nn.Module):

@@ -98,8 +98,8 @@ class RunConfig:
 
     The defaults are the embedded default job: resnet18 on Fashion-MNIST; Taylor importance
     ranked across groups at the MACs of ratio 0.5's uniform plan (about 1/4 of the MACs; the
-    recipe benchmarks/ACCURACY_FULL.md found most accurate), sized to finish within 10 minutes
-    on a 2-core CPU including baseline training. The
+    recipe benchmarks/ACCURACY_FULL.md found most accurate); the README gives the time a
+    2-core CPU takes, baseline training included. The
     equal-training control (``control``, on by default) fine-tunes the unpruned baseline for
     ``epochs`` more epochs the first time (5 epochs of the full model: about 5/3 of the
     baseline's training time again); it is cached like the baseline, so a second run pays

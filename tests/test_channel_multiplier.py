@@ -173,20 +173,29 @@ def test_constraints_of_the_finer_channels_move_to_the_coarser_ones() -> None:
     prove(model)
 
 
+class Tied(nn.Module):
+    """A stem of 4 channels, a multiplier-2 depthwise conv and a 1x1 conv tied to it in pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(8, 8, 1)
+
+    def tied(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(torch.relu(self.stem(x)))
+        return self.pw(y) + y
+
+
 def test_finer_channels_concatenated_with_others_stay_whole() -> None:
-    class Net(nn.Module):
+    class Net(Tied):
         def __init__(self) -> None:
             super().__init__()
-            self.stem = nn.Conv2d(3, 4, 3, padding=1)
-            self.dw = nn.Conv2d(4, 8, 3, padding=1, groups=4)
-            self.pw = nn.Conv2d(8, 8, 1)
             self.side = nn.Conv2d(3, 5, 1)
             self.head = nn.Conv2d(13, 3, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.dw(torch.relu(self.stem(x)))
-            y = self.pw(y) + y
-            return self.head(torch.cat([y, self.side(x)], 1))
+            return self.head(torch.cat([self.tied(x), self.side(x)], 1))
 
     model = init_normal(Net())
     found = groups(model)
@@ -197,19 +206,14 @@ def test_finer_channels_concatenated_with_others_stay_whole() -> None:
 
 
 def test_a_split_of_the_finer_channels_stays_whole() -> None:
-    class Net(nn.Module):
+    class Net(Tied):
         def __init__(self) -> None:
             super().__init__()
-            self.stem = nn.Conv2d(3, 4, 3, padding=1)
-            self.dw = nn.Conv2d(4, 8, 3, padding=1, groups=4)
-            self.pw = nn.Conv2d(8, 8, 1)
             self.a = nn.Conv2d(3, 3, 1)
             self.b = nn.Conv2d(5, 3, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.dw(torch.relu(self.stem(x)))
-            y = self.pw(y) + y
-            first, second = torch.split(y, [3, 5], 1)
+            first, second = torch.split(self.tied(x), [3, 5], 1)
             return self.a(first) + self.b(second)
 
     model = init_normal(Net())

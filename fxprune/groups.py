@@ -949,8 +949,8 @@ class _Engine:
                 for root, spans in intervals.items()}
 
     # --- coarser ties
-    def _coarser_groups(self) -> Dict[int, Tuple[Tuple[int, ...], int]]:
-        """The coarser ties that hold: ``{class root: (coarse raw groups, ratio)}``; the rest freeze.
+    def _coarser_groups(self) -> Dict[int, Tuple[Layout, int]]:
+        """The coarser ties that hold: ``{class root: (coarse layout, ratio)}``; the rest freeze.
 
         A tied class (see :meth:`_tie_coarser`) becomes the coarse channels, each owning
         ``ratio`` of its consecutive channels: every layer dim and tensor that indexes it is
@@ -974,26 +974,30 @@ class _Engine:
                 if self.union[g] in records:
                     bad.setdefault(self.union[g], "a split cuts it")
 
-        def scan(lay: Optional[Layout], what: str, whole: bool = False) -> None:
-            for g in (lay.groups if lay is not None else ()):
-                root = self.union[g]
-                if root in records and (whole or len(lay.groups) != 1):  # type: ignore[union-attr]
-                    bad.setdefault(root, what)
+        def mark(groups: Iterable[int], what: str) -> None:
+            for g in groups:
+                if self.union[g] in records:
+                    bad.setdefault(self.union[g], what)
+
+        def concatenated(lay: Optional[Layout], what: str) -> None:
+            if lay is not None and len(lay.groups) != 1:
+                mark(lay.groups, f"{what} concatenates it with other channels")
 
         for lay in self.slot_layouts.values():
-            scan(lay, "a layer dim concatenates it with other channels")
+            concatenated(lay, "a layer dim")
         for uses in self.tensor_layouts.values():
             for use in uses.values():
-                scan(use.layout, "a tensor concatenates it with other channels")
-                scan(use.layout, "a tensor is read one position per unit of it", whole=use.per != 1)
+                concatenated(use.layout, "a tensor")
+                if use.per != 1:
+                    mark(use.layout.groups, "a tensor is read one position per unit of it")
         for node_layout in self.layouts.values():
-            scan(node_layout, "an op concatenates it with other channels")
+            concatenated(node_layout, "an op")
         for norm in self.renorm_nodes.values():
-            scan(norm, "a norm renormalises it", whole=True)
+            mark(norm.groups, "a norm renormalises it")
         for patches in self.arg_patches.values():
-            seen: List[int] = []
-            ArgRewrite(tuple(patches)).map_groups(lambda gs: seen.extend(gs) or gs)  # type: ignore[func-returns-value]
-            scan(Layout(tuple(seen), tuple(0 for _ in seen), -1, None), "an argument rewrite counts it", whole=True)
+            counted: List[int] = []
+            ArgRewrite(tuple(patches)).map_groups(lambda gs: counted.extend(gs) or gs)  # type: ignore[func-returns-value]
+            mark(counted, "an argument rewrite counts it")
         for gid, demands in self.blocks.items():
             root = self.union[gid]
             if root in records and root not in bad:
@@ -1014,12 +1018,12 @@ class _Engine:
                     bad[root] = "its coarser channels cannot be resolved"
                     changed = True
         for root, why in bad.items():
+            members = [g for g in range(len(self.sizes)) if self.union[g] == root]
             for lay, ratio, where in records[root]:
-                members = [g for g in range(len(self.sizes)) if self.union[g] == root]
                 self._freeze_at(where, [lay, Layout(tuple(members), tuple(self.sizes[g] for g in members), lay.dim, None)],
                                 f"channels tied in runs of {ratio} to channels of another layout where {why} "
                                 "(not modelled)")
-        return {root: (recs[0][0].groups, recs[0][1]) for root, recs in records.items() if root not in bad}
+        return {root: recs[0][:2] for root, recs in records.items() if root not in bad}
 
     def _cycles(self, root: int, records: Dict[int, List[Tuple[Layout, int, str]]]) -> bool:
         todo, seen = [root], set()
@@ -1082,10 +1086,10 @@ class _Engine:
             if gid in final:
                 return
             coarse, ratio = coarser[self.union[gid]]
-            for g in coarse:
+            for g in coarse.groups:
                 resolve(g)
-            final[gid] = tuple(seg for g in coarse for seg in final[g])
-            scale[gid] = ratio * scale[coarse[0]]
+            final[gid] = tuple(seg for g in coarse.groups for seg in final[g])
+            scale[gid] = ratio * scale[coarse.groups[0]]
 
         for gid in range(len(self.sizes)):
             resolve(gid)
@@ -1093,10 +1097,13 @@ class _Engine:
         def expand(groups: Iterable[int]) -> Tuple[Tuple[int, int], ...]:
             return tuple(seg for g in groups for seg in final[g])
 
+        def factor(groups: Sequence[int]) -> int:
+            # Positions per final channel for each raw one: a tied class is alone in its
+            # layouts (checked), so only a single-group layout can be scaled.
+            return scale[groups[0]] if len(groups) == 1 else 1
+
         def scaled(lay: Layout) -> Optional[int]:
-            # The positions per final channel: a tied class is alone in its layouts (checked).
-            factor = scale[lay.groups[0]] if len(lay.groups) == 1 else 1
-            return None if lay.block is None else int(lay.block) * factor
+            return None if lay.block is None else int(lay.block) * factor(lay.groups)
 
         reasons: Dict[int, List[str]] = {}
         for gid, why in self.frozen.items():
@@ -1122,7 +1129,7 @@ class _Engine:
             for dim, use in sorted(uses.items()):
                 lay = use.layout
                 segments = expand(lay.groups)
-                block = use.block * (scale[lay.groups[0]] if len(lay.groups) == 1 else 1)
+                block = use.block * factor(lay.groups)
                 found.append(TensorSlot(target, dim, segments, use.role, use.kind, block, use.conv_groups, use.per))
                 offset = 0
                 for idx, size in segments:
@@ -1180,7 +1187,7 @@ class _Engine:
         return Analysis(self.gm, groups, slots, list(self.messages), tensors, self.rules)
 
     def _resolve_blocks(self, final: Dict[int, Tuple[Tuple[int, int], ...]], sizes: Dict[int, int],
-                        reasons: Dict[int, List[str]], coarser: Optional[Dict[int, Tuple[Tuple[int, ...], int]]] = None
+                        reasons: Dict[int, List[str]], coarser: Optional[Dict[int, Tuple[Layout, int]]] = None
                         ) -> Dict[int, GroupConstraint]:
         """The constraint of each final group: every rule's demands on its members, resolved.
 
@@ -1195,13 +1202,12 @@ class _Engine:
             gid, reqs = pending.popitem()
             root = self.union[gid]
             if coarser and root in coarser:
-                groups, ratio = coarser[root]
-                lay = Layout(tuple(groups), tuple(self.sizes[g] for g in groups), -1, None)
+                lay, ratio = coarser[root]
                 moved, problem = self._coarser_constraints(lay, ratio, [c for c, _ in reqs])
                 why = "; ".join(dict.fromkeys(w for _, w in reqs))
                 if problem is not None:
                     # Checked for the first link of a chain; a later link can still fail: whole.
-                    for g in groups:
+                    for g in lay.groups:
                         for idx, _ in final[g]:
                             reasons.setdefault(idx, []).append(f"channels tied in runs where {problem} ({why})")
                     continue

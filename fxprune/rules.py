@@ -1130,9 +1130,26 @@ def _channel_size_reads(ctx: RuleContext, arg: Any, depth: int = 0) -> List[Layo
 
 
 def _refuse_size_reads(ctx: RuleContext, node: torch.fx.Node, sizes: Any, skip: Optional[int]) -> None:
-    """Refuse the channels a view's size arguments read, except at position ``skip`` (checked there)."""
+    """Refuse the channels a view's size arguments read, except at position ``skip`` (checked there).
+
+    A size that *is* a channel count (``D`` of ``B, G, P, D = x.shape``), given to a dim that does
+    not hold those channels, is rewritten as the constant it is now: a channel count does not vary
+    with the input, and that dim's extent must not follow the pruning (MaxViT's
+    ``out.reshape(B, G, P, D)`` sizes the heads' width with the residual width). A size computed
+    from one (``C * H``) may also carry sizes that vary, so it is still refused.
+    """
     items = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
-    read = [lay for i, a in enumerate(items) if i != skip for lay in _channel_size_reads(ctx, a)]
+    out_shape = ctx.shape(node)
+    read: List[Layout] = []
+    for i, a in enumerate(items):
+        if i == skip:
+            continue
+        found = _channel_size_reads(ctx, a)
+        if found and isinstance(sizes, (list, tuple)) and out_shape is not None and len(out_shape) == len(items) \
+                and isinstance(a, torch.fx.Node) and _channel_size_source(ctx, a) is not None:
+            ctx.rewrite_args(node, ArgPatch(_view_size_path(node, i), int(out_shape[i])))
+            continue
+        read += found
     if read:
         ctx.refuse(node, read, f"{_label(node)} is given a size read from a channel dim, which pruning would change "
                                "where it does not size those channels",
@@ -1156,7 +1173,8 @@ def _view(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     if in_shape is not None and out_shape is not None and inp.rank is not None:
         if _attention_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes) or \
                 _separate_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes) or \
-                _per_head_qkv(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
+                _per_head_qkv(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes) or \
+                _einsum_heads(ctx, node, inp, tuple(in_shape), tuple(out_shape), sizes):
             return None  # the heads of an attention block: the region is accounted for
         out = _merged_layout(inp, tuple(in_shape), tuple(out_shape))
         if out is None and _relocating_chain(ctx, node, inp, tuple(in_shape)):
@@ -2186,18 +2204,19 @@ def _per_head_step(ctx: RuleContext, node: torch.fx.Node, head_dim: int) -> bool
     return False
 
 
-def _score_step(ctx: RuleContext, node: torch.fx.Node) -> bool:
-    """Whether ``node`` maps attention scores (B, H, N, N) head by head: scaling, softmax over keys, dropout."""
+def _score_step(ctx: RuleContext, node: torch.fx.Node, rank: int = 4) -> bool:
+    """Whether ``node`` maps attention scores (B, H, N, N), or (B, G, H, N, N) at ``rank`` 5, head
+    by head: scaling, softmax over keys, dropout."""
     if node.op == "call_module":
         mod = ctx.module(node)
         if isinstance(mod, (nn.Identity, nn.Dropout)):
             return True
-        return isinstance(mod, nn.Softmax) and mod.dim is not None and mod.dim % 4 == 3
+        return isinstance(mod, nn.Softmax) and mod.dim is not None and mod.dim % rank == rank - 1
     if node.target in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"):
         return len(node.args) == 2 and _is_number(node.args[1])
     if node.target in (F.softmax, torch.softmax, "softmax"):
         dim = _arg(node, 1, "dim", None)
-        return _int_arg(dim) and dim % 4 == 3
+        return _int_arg(dim) and dim % rank == rank - 1
     return node.target is F.dropout
 
 
@@ -2638,6 +2657,178 @@ def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape
         ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount.of([inp])))
     _per_head_sites(ctx, sites, inp, head_dim)
     ctx.claim(node, region, {merged.name: Layout(inp.groups, inp.sizes, -1, 3, 1)}, ties)
+    return True
+
+
+# MaxViT's attention (torchvision ``RelativePositionalMultiHeadAttention``) works on windows:
+# tokens (B, G, P, D), one Linear to 3 * H * DH, ``torch.chunk(qkv, 3, -1)``, each third viewed
+# (B, G, P, H, DH) and permuted to (B, G, H, P, DH), scores and mixing by ``torch.einsum``
+# ("B G H I D, B G H J D -> B G H I J", then "B G H I J, B G H J D -> B G H I D"), a relative
+# position bias (1, H, P, P) from a [T, H] table added before the softmax, the heads permuted
+# back and merged to (B, G, P, H * DH). Every step is head by head, as in timm's block above,
+# so whole heads are exact. Recognised at q's view, for any number of leading dims; k's and v's
+# views (other chunk pieces, or other Linears) are tied to it when the walk reaches them.
+
+_EINSUMS: Tuple[Any, ...] = (torch.einsum, torch.ops.aten.einsum.default)
+
+
+def _einsum_operands(node: Optional[torch.fx.Node]) -> Optional[Tuple[str, List[Any]]]:
+    """``(equation without spaces, operands)`` of a two-operand einsum node, else None."""
+    if node is None or node.op != "call_function" or node.target not in _EINSUMS or node.kwargs or not node.args:
+        return None
+    eq, rest = node.args[0], list(node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        rest = list(rest[0])
+    if not isinstance(eq, str) or len(rest) != 2:
+        return None
+    return eq.replace(" ", ""), rest
+
+
+def _einsum_is(eq: str, rank: int, first: str, second: str, out: str) -> bool:
+    """Whether ``eq`` reads ``prefix + first, prefix + second -> prefix + out`` over rank-``rank`` operands.
+
+    ``first``/``second``/``out`` name the last three dims with the letters h, i, j, d (heads,
+    query tokens, key tokens, head dim); the prefix (the same leading letters, or ``...``, in all
+    three) stands for the batch and window dims; the letters must be distinct.
+    """
+    if "->" not in eq or eq.count(",") != 1:
+        return False
+    ins, result = eq.split("->")
+    a, b = ins.split(",")
+    subs = [x.replace("...", "#") for x in (a, b, result)]
+    if any(len(x) < 3 for x in subs) or len({x[:-3] for x in subs}) != 1:
+        return False
+    prefix = subs[0][:-3]
+    if "#" in prefix and (prefix.count("#") != 1 or not prefix.startswith("#")):
+        return False
+    if "#" not in prefix and len(prefix) != rank - 3:
+        return False
+    letters = {}
+    for sub, want in zip(subs, (first, second, out)):
+        for got, role in zip(sub[-3:], want):
+            if letters.setdefault(role, got) != got:
+                return False
+    return len(set(letters.values())) == len(letters) and not set(letters.values()) & set(prefix)
+
+
+def _swaps_last(node: Optional[torch.fx.Node], rank: int) -> bool:
+    """Whether ``node`` is a permute (or transpose) of a rank-``rank`` tensor swapping dims -3 and -2 only."""
+    if node is None:
+        return False
+    if _swaps(node, rank, rank - 3, rank - 2):
+        return True
+    want = list(range(rank - 3)) + [rank - 2, rank - 3, rank - 1]
+    return node.target in ("permute", torch.permute) and _dims_are(node, rank, want)
+
+
+def _einsum_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...],
+                  out_shape: Tuple[int, ...], sizes: Any) -> bool:
+    """Recognise MaxViT-style einsum attention at q's view ``node`` (see above); True if it was claimed."""
+    r = len(in_shape)
+    if r < 3 or inp.rank != r or inp.dim != -1 or inp.block != 1 or len(inp.groups) != 1 or len(out_shape) != r + 1:
+        return False
+    heads, head_dim = int(out_shape[-2]), int(out_shape[-1])
+    width = heads * head_dim
+    if tuple(out_shape[:-2]) != tuple(in_shape[:-1]) or width != in_shape[-1] or inp.channels != width or heads < 2 \
+            or not _head_sizes_ok(sizes, out_shape, r - 1):
+        return False
+    if any(_channel_size_reads(ctx, a) for a in sizes[:-2]):
+        return False
+    rank = r + 1
+    per_head = lambda n: _per_head_step(ctx, n, head_dim)  # noqa: E731
+    region: List[torch.fx.Node] = []
+    q = _only_user(node)
+    if not _swaps_last(q, rank) or q.args[0] is not node:
+        return False
+    region.append(q)
+    q = _chain(ctx, q, per_head, region)
+    core = _only_user(q)
+    found = _einsum_operands(core)
+    if found is None or found[1][0] is not q or not _einsum_is(found[0], rank, "hid", "hjd", "hij"):
+        return False
+
+    def projection(operand: Any) -> Optional[Tuple[torch.fx.Node, Any]]:
+        """k's or v's view, walking back from the einsum operand past per-head steps and the permute."""
+        chain: List[torch.fx.Node] = []
+        perm = _strip(operand, per_head, chain)
+        if not isinstance(perm, torch.fx.Node) or len(perm.users) != 1 or not _swaps_last(perm, rank):
+            return None
+        view = perm.args[0]
+        if not isinstance(view, torch.fx.Node) or not _is_view(view) or _only_user(view) is not perm or view is node:
+            return None
+        vshape, vsizes = ctx.shape(view), _view_sizes(view)
+        if vshape is None or tuple(vshape) != tuple(out_shape) or not _head_sizes_ok(vsizes, tuple(vshape), r - 1) \
+                or any(_channel_size_reads(ctx, a) for a in vsizes[:-2]):
+            return None
+        region.extend([view, perm] + chain[::-1])
+        return view, vsizes
+
+    k = projection(found[1][1])
+    if k is None or _only_user(found[1][1]) is not core:
+        return False
+    region.append(core)
+    sites: List[_HeadSite] = []
+    scores = core
+    sshape = ctx.shape(core)
+    if sshape is None or len(sshape) != rank or sshape[-3] != heads or sshape[-2] != sshape[-1]:
+        return False
+    n = int(sshape[-1])
+    while True:  # the relative position bias, then per-head score steps
+        user = _only_user(scores)
+        if user is not None and user.target in (operator.add, torch.add, "add") and len(user.args) == 2 \
+                and not user.kwargs and scores in user.args:
+            other = user.args[1] if user.args[0] is scores else user.args[0]
+            if other is scores or not _relative_bias(ctx, other, heads, n, sites, region):
+                return False
+            region.append(user)
+            scores = user
+            continue
+        break
+    scores = _chain(ctx, scores, lambda s: _score_step(ctx, s, rank), region)
+    out = _only_user(scores)
+    found2 = _einsum_operands(out)
+    if found2 is None or found2[1][0] is not scores or not _einsum_is(found2[0], rank, "hij", "hjd", "hid"):
+        return False
+    if not any(x.target in (F.softmax, torch.softmax, "softmax") or (x.op == "call_module" and isinstance(ctx.module(x), nn.Softmax))
+               for x in region[region.index(core):]):
+        return False  # attention without a softmax is not the pattern
+    v = projection(found2[1][1])
+    if v is None or _only_user(found2[1][1]) is not out:
+        return False
+    region.append(out)
+    back = _only_user(out)
+    if not _swaps_last(back, rank) or back.args[0] is not out:
+        return False
+    merged = _only_user(back)
+    if merged is not None and merged.target == "contiguous" and merged.args == (back,) and not merged.kwargs:
+        region.append(back)
+        back = merged
+        merged = _only_user(back)
+    if not _is_view(merged) or merged.args[0] is not back or tuple(ctx.shape(merged) or ()) != tuple(in_shape):
+        return False
+    msizes = _view_sizes(merged)
+    if not isinstance(msizes, (list, tuple)) or len(msizes) != r or \
+            (msizes[-1] == -1 and any(m == -1 for m in msizes[:-1])) or any(_channel_size_reads(ctx, a) for a in msizes[:-1]):
+        return False
+    region += [back, merged]
+    for x in region[:-1]:
+        if any(u not in region for u in x.users):
+            return False  # a region tensor read elsewhere: not a self-contained attention block
+    order = {x: i for i, x in enumerate(node.graph.nodes)}
+    if any(order[x] < order[node] for x in region):
+        return False  # a region node the walk has already visited
+    reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
+    ctx.require(node, inp, WholeUnits(head_dim), reason)
+    _patch_heads(ctx, node, sizes, r - 1, inp, head_dim)
+    ties: Dict[str, Layout] = {}
+    for view, vsizes in (k, v):
+        ties[view.name] = inp
+        _patch_heads(ctx, view, vsizes, r - 1, inp, head_dim)
+    if msizes[-1] != -1:
+        # The heads' width, a literal or read from the tokens' shape (MaxViT: ``B, G, P, D = x.shape``).
+        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, r - 1), ChannelCount.of([inp])))
+    _per_head_sites(ctx, sites, inp, head_dim)
+    ctx.claim(node, region, {merged.name: Layout(inp.groups, inp.sizes, -1, r, 1)}, ties)
     return True
 
 

@@ -169,10 +169,13 @@ def test_maxvit_small_config_pruned_and_equivalent() -> None:
     model = randomize_norms(model).eval()
     x = torch.randn(1, 3, 56, 56)
     rec, pruned, groups = proven("maxvit_small", model=model, x=x)
-    # The MBConv expansion (with its SE) is pruned; q/k/v are followed as chunk pieces, then
-    # reshaped per head: frozen, warned.
+    # The MBConv expansion (with its SE) is pruned, and so are the residual widths and whole
+    # heads of the einsum attention (tests/test_maxvit_heads.py): only the output stays whole.
     assert pruned.get_submodule("blocks.0.layers.0.layers.MBconv.layers.conv_a.0").out_channels == 32
-    assert "splits or interleaves the channel dim" in frozen_reasons(groups)
+    attention = "blocks.0.layers.0.layers.window_attention.attn_layer.1"
+    assert pruned.get_submodule(f"{attention}.to_qkv").out_features == 3 * 8  # 1 of 2 heads of 8
+    assert pruned.get_submodule(f"{attention}.merge").out_features < 16  # the residual width
+    assert "splits or interleaves the channel dim" not in frozen_reasons(groups)
 
 
 # --------------------------------------------------------------------------- the table

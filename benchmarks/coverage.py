@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -227,6 +228,16 @@ def _mark(ok: Optional[bool]) -> str:
     return {True: "yes", False: "**no**", None: "-"}[ok]
 
 
+def _when(rows: Sequence[Dict[str, Any]]) -> str:
+    """When and where the rows were measured (rows from before the stamp say nothing)."""
+    stamps = sorted(r["when"] for r in rows if r.get("when"))
+    machines = sorted({r["machine"] for r in rows if r.get("machine")})
+    if not stamps:
+        return ""
+    span = stamps[0] if stamps[0] == stamps[-1] else f"{stamps[0]} to {stamps[-1]}"
+    return f" Run {span} ({len(stamps)} of {len(rows)} rows) on {'; '.join(machines)}."
+
+
 def render(results: Dict[str, Dict[str, Any]], models: Sequence[str], ratio: float) -> str:
     """The Markdown report: summary, per-model table, untraceable models with their hints."""
     rows = [results[m] for m in models if m in results]
@@ -240,7 +251,7 @@ def render(results: Dict[str, Dict[str, Any]], models: Sequence[str], ratio: flo
         f"{torchvision.__version__}: every model of `torchvision.models.list_models(module=torchvision.models)` "
         f"({len(models)}), random weights and BatchNorm statistics, eval mode, pruned with "
         f"`fxprune.plan(model, {ratio}, example_inputs=(x,))` + `fxprune.apply`, then compared in float64 with "
-        "the masked reference (the original with every removed channel zeroed).",
+        "the masked reference (the original with every removed channel zeroed)." + _when(rows),
         "",
         "## Summary",
         "",
@@ -252,8 +263,9 @@ def render(results: Dict[str, Dict[str, Any]], models: Sequence[str], ratio: flo
         "an equivalence check.",
         "",
         "Frozen groups are never pruned: the reason is a fact of the architecture that fxprune will not "
-        "guess around (the model output, LayerNorm over channels, attention that mixes the embedding, "
-        "channel shuffle). *Blocked* groups feed grouped convolutions and keep the same count in each conv group.",
+        "guess around (the model output, channel shuffle, Swin V2's heads, whose position bias comes from an "
+        "MLP). LayerNorm widths are pruned as renormalising groups, proven against the masked-norm reference. "
+        "*Blocked* groups feed grouped convolutions and keep the same count in each conv group.",
         "",
         "| model | input | traced | pruned | equivalent | params (M) before → after | MACs (M) before → after | groups (prunable / blocked) | frozen groups: why (count) | s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -304,6 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         todo = args.models or everything
         for name in todo:
             rec = _run_isolated(name, args.ratio, args.timeout)
+            rec["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            rec["machine"] = f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores"
             results[name] = rec
             RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
             status = "equivalent" if rec.get("equivalent") else ("pruned, NOT equivalent" if rec.get("pruned") else "FAILED")

@@ -16,6 +16,7 @@ from .version import __version__
 
 # Submodule -> the names it exports, in import order (the order the eager imports had).
 _EXPORTS = {
+    ".adapters": ("LayerAdapter", "register_layer"),
     ".api": ("GroupList", "analyze_model", "apply", "find_groups", "plan", "prune"),
     ".errors": ("FxPruneError", "FxPruneWarning", "InternalError", "PlanMismatchError", "UnsupportedNodeError"),
     ".groups": ("Group", "Member"),
@@ -31,6 +32,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # the same names, for type checkers (tests/test_packaging.py keeps both in sync)
+    from .adapters import LayerAdapter, register_layer
     from .api import GroupList, analyze_model, apply, find_groups, plan, prune
     from .errors import FxPruneError, FxPruneWarning, InternalError, PlanMismatchError, UnsupportedNodeError
     from .groups import Group, Member
@@ -48,7 +50,7 @@ __all__ = [
     "prune", "plan", "apply", "find_groups", "analyze_model", "trace", "register_rule",
     "register_criterion", "PruningPlan", "Group", "Member", "GroupList", "Layout",
     "FxPruneError", "UnsupportedNodeError", "PlanMismatchError", "InternalError", "FxPruneWarning", "__version__",
-    "save", "load", "ModelSpec", "register_builder",
+    "save", "load", "ModelSpec", "register_builder", "register_layer", "LayerAdapter",
     "prune_iteratively", "register_model_criterion", "available_criteria", "GroupPlan",
     "measure_latency", "LatencyResult", "format_speedup", "realised_fraction",
 ]

@@ -37,6 +37,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .adapters import adapter_for
 from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
 from .registry import Registry
@@ -99,7 +100,11 @@ _VIEWS: contextvars.ContextVar[Optional[Registry[type, WeightView]]] = contextva
 
 
 def _view(module: nn.Module) -> Optional[WeightView]:
-    return (_VIEWS.get() or DEFAULT_WEIGHTS).get(type(module))
+    view = (_VIEWS.get() or DEFAULT_WEIGHTS).get(type(module))
+    if view is None:
+        adapter = adapter_for(module)  # a layer taught by fxprune.register_layer scores its role tensors
+        view = adapter.weights if adapter is not None else None
+    return view
 CRITERIA: Dict[str, Criterion] = {}
 MODEL_CRITERIA: Dict[str, ModelCriterion] = {}
 _NEEDS_DATA: Dict[str, bool] = {}
@@ -308,11 +313,15 @@ def member_norms(gm: torch.fx.GraphModule, group: Group, member: Member, p: floa
     view = _view(module)
     if view is None:
         return None
-    w = view(module, "out")  # positions on dim 0 for out/channelwise, dim 1 for "in"
+    adapter = adapter_for(module)
+    if adapter is not None and view == adapter.weights:
+        w, pos_dim = view(module, member.role), 0  # an adapter's view is the role's own, positions first
+    else:
+        w = view(module, "out")  # positions on dim 0 for out/channelwise, dim 1 for "in"
+        pos_dim = 1 if member.role == "in" else 0
     if w is None:
         return None
-    pos_dim = 1 if member.role == "in" else 0
-    if member.role == "in" and getattr(module, "groups", 1) > 1:
+    if member.role == "in" and getattr(module, "groups", 1) > 1 and pos_dim == 1:
         w, pos_dim = view(module, "in"), 0  # grouped conv: inputs are not weight dim 1
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()  # squares of half weights lose digits; every path sums in float32

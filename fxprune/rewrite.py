@@ -19,6 +19,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from .adapters import adapter_for
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
 from .layers import PrunedMultiheadAttention
@@ -264,7 +265,8 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
     if isinstance(module, nn.modules.batchnorm._NormBase):
         n = module.running_mean.shape[0] if module.running_mean is not None else module.num_features
         return {"channelwise": module.weight.shape[0] if module.weight is not None else n}
-    return {}
+    adapter = adapter_for(module)
+    return adapter.sizes(module) if adapter is not None else {}
 
 
 def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None, *,
@@ -312,13 +314,18 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         idx = {role: slot_indices(slot, kept, as_tensor) for role, slot in slots.items()}
         if any(i is not None for i in idx.values()):
             builder = builders.get(type(original))
+            adapter = adapter_for(original)
+            if builder is None and adapter is not None:
+                builder = adapter.build  # a layer taught by fxprune.register_layer
             if builder is None:
                 # Every built-in layer type has a builder, so this is a user rule for a custom
                 # layer registered without one: the user's to fix, not a bug of ours.
                 raise FxPruneError(
                     f"no builder for {type(original).__name__} at {target}: a channel rule is registered "
-                    f"for it, but nothing says how to slice its tensors. Hint: register one with "
-                    f"@fxprune.register_builder({type(original).__name__}), or list {target!r} in ignore=")
+                    f"for it, but nothing says how to slice its tensors. Hint: teach fxprune the layer with "
+                    f"fxprune.register_layer({type(original).__name__}, roles=...) (its tensors per role), "
+                    f"register a builder with @fxprune.register_builder({type(original).__name__}), or list "
+                    f"{target!r} in ignore=")
             root[target] = builder(original, idx)
             changed[target] = slots
         else:

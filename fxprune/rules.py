@@ -50,6 +50,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .adapters import adapter_for
 from .registry import Registry
 from .layers import PrunedMultiheadAttention, window_attention
 
@@ -74,6 +75,7 @@ __all__ = [
     "DEFAULT_RULES",
     "no_channels",
     "role_tensors",
+    "channelwise_rule",
     "output_rank",
     "ELEMENTWISE_MODULES", "PAD_MODULES",
     "channel_operand",
@@ -422,7 +424,14 @@ class RuleTable:
     def lookup(self, node: torch.fx.Node, module: Optional[nn.Module]) -> Optional[Rule]:
         """The rule for ``node`` (``module``: the module a ``call_module`` node calls) or None."""
         if node.op == "call_module":
-            return self.modules.get(type(module))
+            rule = self.modules.get(type(module))
+            if rule is None:
+                # A layer taught by fxprune.register_layer: its adapter's rule, or the
+                # pass-through rule of a layer whose only tensors are per channel.
+                adapter = adapter_for(module)
+                if adapter is not None:
+                    rule = adapter.rule or (channelwise_rule if set(adapter.roles) == {"channelwise"} else None)
+            return rule
         if node.op == "call_function":
             return self.functions.get(node.target)  # an unhashable target has no rule
         if node.op == "call_method":
@@ -820,8 +829,38 @@ _TRANSPOSED_ROLE_TENSORS: Dict[str, Tuple[Tuple[str, int], ...]] = {
 
 
 def role_tensors(module: nn.Module) -> Dict[str, Tuple[Tuple[str, int], ...]]:
-    """``{role: ((tensor name, dim), ...)}``: where each role's positions sit in ``module``."""
+    """``{role: ((tensor name, dim), ...)}``: where each role's positions sit in ``module``.
+
+    A layer taught by :func:`fxprune.register_layer` says it in its adapter.
+    """
+    adapter = adapter_for(module)
+    if adapter is not None:
+        return {role: tuple(pairs) for role, pairs in adapter.roles.items()}
     return _TRANSPOSED_ROLE_TENSORS if isinstance(module, nn.modules.conv._ConvTransposeNd) else _ROLE_TENSORS
+
+
+def channelwise_rule(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+    """The rule of a layer with one tensor entry per channel (``y[c] = f(x[c], p[c])``): channels pass
+    through, its tensors are ``channelwise`` members of the input's group. The derived rule of a
+    :func:`fxprune.register_layer` layer whose only role is ``channelwise``.
+
+    Its tensors must have one entry per channel position of the input, one position per channel;
+    anything else is not this layer's physics, and the channels stay whole with a warning.
+    """
+    layout = _first_layout(ctx, node)
+    if layout is None:
+        return None
+    module = ctx.module(node) if node.op == "call_module" else None
+    adapter = adapter_for(module)
+    if adapter is not None:
+        sizes = [int(t.shape[dim]) for _, t, dim in adapter.tensors(module, "channelwise") if t.dim() > dim]
+        if layout.block != 1 or any(s != layout.channels for s in sizes):
+            ctx.unsupported(node, f"{type(module).__name__}'s per-channel tensors have {sizes} entries, its input "
+                                  f"{layout.channels} channels of {layout.block} positions",
+                            "register the layer with rule= to say how its tensors follow the channels")
+            return None
+    ctx.member(node, "channelwise", layout)
+    return layout
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -27,6 +27,7 @@ import torch.fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata  # ShapeProp's own tensor_meta format
 
+from .adapters import adapter_for
 from .errors import FxPruneError, FxPruneWarning, describe_node
 from .layers import PrunedMultiheadAttention
 
@@ -74,8 +75,10 @@ class _RecordingTracer(torch.fx.Tracer):
             self._outer = None  # a frame keeps its locals alive
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        # fxprune's own layers are leaves like torch.nn's: the rules know them whole.
-        return isinstance(m, PrunedMultiheadAttention) or super().is_leaf_module(m, module_qualified_name)
+        # fxprune's own layers are leaves like torch.nn's, and so are the layers taught by
+        # fxprune.register_layer: the rules know them whole.
+        return isinstance(m, PrunedMultiheadAttention) or adapter_for(m) is not None \
+            or super().is_leaf_module(m, module_qualified_name)
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Optional[str] = None,
                     type_expr: Optional[Any] = None) -> torch.fx.Node:

@@ -88,6 +88,7 @@ __all__ = [
     "layer_shapes",
     "search_counts",
     "uniform_counts",
+    "capacity_counts",
     "refine_counts",
     "prune_to_latency",
     "plan_for_latency",
@@ -107,6 +108,7 @@ GRID_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1)
 #: What ``plan.policy["latency"]["method"]`` says, besides the measurement's own description.
 LATENCY_METHOD = ("per-layer cost table (conv/linear at the model's shapes, torch.utils.benchmark, interleaved, "
                   "median) + whole-model correction; greedy per-group decrements by importance lost per ms saved; "
+                  "uniform and capacity (uniform with channels moved to where a MAC costs less time) candidates; "
                   "per-group round_to from {1,4,8,16,32} by measurement; verified against the original interleaved")
 _TABLE_FORMAT = 1
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -162,7 +164,10 @@ class LatencyOptions:
     misses the target about half the time. ``uniform_tries``: measured tries of the uniform
     candidate (every group keeping the same share, aimed just under the target), made only when it
     keeps more MACs than the best met model so far; the more capacity wins, so a latency target
-    never returns less than uniform pruning was measured to keep at the target; 0 turns it off. ``store``: where cost tables are cached (default: a fresh
+    never returns less than uniform pruning was measured to keep at the target; 0 turns it off.
+    ``capacity_tries``: measured tries of the capacity candidate (:func:`capacity_counts`: the
+    uniform candidate with channels moved to where a MAC costs less time), on the same terms;
+    0 turns it off. ``store``: where cost tables are cached (default: a fresh
     :class:`MemoryStore`). ``prober``: replaces the kernel timer (tests inject a synthetic cost
     table). ``timer``: the clock of the whole-model measurements; ``measure``: replaces them
     altogether (``{name: model} -> LatencyResult``, the first the reference; tests use a
@@ -184,6 +189,7 @@ class LatencyOptions:
     overshoot: float = 0.1
     margin: float = 0.03
     uniform_tries: int = 2
+    capacity_tries: int = 2
     store: Optional["CostStore"] = None
     prober: Optional["Prober"] = None
     timer: Optional[Callable[[], float]] = None
@@ -192,7 +198,7 @@ class LatencyOptions:
 
     def validated(self) -> "LatencyOptions":
         for name, low in (("rounds", 1), ("warmup", 0), ("probe_rounds", 1), ("probe_warmup", 0), ("max_tries", 1),
-                          ("give_back", 0), ("uniform_tries", 0)):
+                          ("give_back", 0), ("uniform_tries", 0), ("capacity_tries", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise FxPruneError(f"latency option {name} must be an integer >= {low}, got {value!r}")
@@ -626,6 +632,19 @@ class LatencyModel:
             total += self.layer_ms(i, c_in, c_out)
         return total
 
+    def macs(self, counts: Mapping[int, int], which: Optional[Iterable[int]] = None) -> float:
+        """Multiply-accumulates of ``which`` layers (all by default) under ``counts``: the capacity kept."""
+        total = 0.0
+        for i in (range(len(self.layers)) if which is None else which):
+            layer = self.layers[i]
+            c_in, c_out = layer.channels(counts)
+            if layer.kind == "linear":
+                total += float(c_in * c_out * layer.out_positions)
+            else:
+                per_out = c_in // max(1, layer.conv_groups(c_in))
+                total += float(per_out * c_out * math.prod(layer.config[0]) * layer.out_positions)
+        return total
+
     def positions(self, counts: Mapping[int, int], which: Optional[Iterable[int]] = None) -> float:
         total = 0.0
         for i in (range(len(self.layers)) if which is None else which):
@@ -762,6 +781,61 @@ def uniform_counts(model: LatencyModel, groups: Sequence[Group], policy: Policy,
             low = mid
     counts = counts_at(high)
     return SearchResult(counts=counts, predicted_ms=model.predict(counts), goal_ms=goal_ms, reached=True, moves=0)
+
+
+def capacity_counts(model: LatencyModel, groups: Sequence[Group], policy: Policy, goal_ms: float,
+                    start: SearchResult, *, max_moves: int = 2000, reach: int = 4) -> SearchResult:
+    """More capacity at the same predicted latency: exchange moves from ``start`` (the uniform candidate).
+
+    A move gives one group one step more channels and takes 1 to ``reach`` steps from another,
+    the fewest that keep the prediction within ``goal_ms``; of all moves the one that gains the
+    most conv/Linear MACs is taken, until none gains. Uniform pruning spends the latency alike in
+    every layer; on a CPU at batch 1 a MAC costs about twice as much in the last stage of a
+    ResNet as in the first (measured, see benchmarks/LATENCY.md), so moving channels from the
+    expensive layers to the cheap ones keeps more MACs for the same time. Which channels a group
+    keeps is still its scores' choice. Deterministic: ties go to the lower group indices.
+    """
+    prunable = [g for g in groups if g.prunable]
+    floors, steps = _floors_and_steps(prunable, policy)
+    counts = dict(start.counts)
+    predicted = model.predict(counts)
+    if predicted > goal_ms * (1 + 1e-9):
+        return start
+    moves = 0
+    for _ in range(max_moves):
+        best: Optional[Tuple[float, int, int, int, int, float]] = None
+        for g in prunable:
+            up = counts.get(g.index, g.size) + steps[g.index]
+            if up > g.size or group_count(g, up, policy.round_to, policy.min_channels) != up:
+                continue
+            for h in prunable:
+                if h.index == g.index:
+                    continue
+                layers = sorted(set(model.by_group.get(g.index, [])) | set(model.by_group.get(h.index, [])))
+                now_ms, now_macs = model.term(counts, layers), model.macs(counts, layers)
+                trial = dict(counts)
+                trial[g.index] = up
+                down = counts.get(h.index, h.size)
+                for _k in range(reach):
+                    nxt = _next_counts(h, down, steps[h.index], floors[h.index], policy)
+                    if nxt is None:
+                        break
+                    down = nxt
+                    trial[h.index] = down
+                    after = predicted - now_ms + model.term(trial, layers)
+                    if after <= goal_ms * (1 + 1e-9):
+                        gain = model.macs(trial, layers) - now_macs
+                        if gain > 0 and (best is None or gain > best[0] * (1 + 1e-12)):
+                            best = (gain, g.index, up, h.index, down, after)
+                        break
+        if best is None:
+            break
+        _, gi, up, hi, down, predicted = best
+        counts[gi], counts[hi] = up, down
+        moves += 1
+    predicted = model.predict(counts)
+    return SearchResult(counts=counts, predicted_ms=predicted, goal_ms=goal_ms,
+                        reached=predicted <= goal_ms * (1 + 1e-9), moves=moves)
 
 
 def search_counts(model: LatencyModel, groups: Sequence[Group], scores: Mapping[int, torch.Tensor], policy: Policy,
@@ -1019,7 +1093,7 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         pruned_ms, original_ms, fraction = _measured_fraction(pair)
         achieved = fraction if target.fraction is not None else pruned_ms
         met = achieved <= wanted and fraction < 1.0
-        if phase in ("give back", "uniform"):  # aimed just under the target: must not land on its edge (margin)
+        if phase in ("give back", "uniform", "capacity"):  # aimed just under the target: must not land on its edge (margin)
             met = met and achieved <= wanted * (1.0 - options.margin) \
                 and _pessimistic(pair, target.fraction is not None) <= wanted
         entry = {"try": len(tries) + 1, "phase": phase, "predicted_ms": found.predicted_ms,
@@ -1136,6 +1210,28 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
         achieved = achieved_of(entry)
         uniform_aim *= min(0.98, wanted * (1.0 - options.margin) / achieved if achieved > 0 else 0.5)
     record["uniform_tries"] = uniform_tried
+    # The capacity candidate: the uniform counts at the aim, with channels moved from layers
+    # where time is dear per MAC to layers where it is cheap (capacity_counts); measured, and
+    # backed off, like the uniform candidate, only when it keeps more MACs than the best met model.
+    capacity_tried = 0
+    capacity_aim = goal * aim_share
+    for _ in range(options.capacity_tries):
+        start = uniform_counts(model, prunable, policy, capacity_aim)
+        if not start.reached:
+            break
+        found = capacity_counts(model, prunable, policy, capacity_aim, start)
+        if found.moves == 0 or found.counts in tried:
+            break
+        floor_macs = best["macs_fraction"] if best is not None and best["met"] else None
+        entry = verify(found, capacity_aim, "capacity", more_macs_than=floor_macs)
+        if entry is None:
+            break
+        capacity_tried += 1
+        if entry["met"]:
+            break
+        achieved = achieved_of(entry)
+        capacity_aim *= min(0.98, wanted * (1.0 - options.margin) / achieved if achieved > 0 else 0.5)
+    record["capacity_tries"] = capacity_tried
     record["table"]["probes_measured"] = table.measured
     record["search_s"] = time.perf_counter() - started
     if best is None or not best["met"]:

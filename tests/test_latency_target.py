@@ -23,7 +23,8 @@ from fxprune.cost import count_macs
 from fxprune.errors import FxPruneError
 from fxprune.latency import LatencyResult, ModelLatency, Speedup
 from fxprune.latency_model import (CostTable, LatencyModel, LatencyOptions, LatencyTarget, MemoryStore, Probe,
-                                   layer_shapes, refine_counts, search_counts, table_key, uniform_counts)
+                                   capacity_counts, layer_shapes, refine_counts, search_counts, table_key,
+                                   uniform_counts)
 from fxprune.workflow.latency_store import JsonFileStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,8 +187,8 @@ def test_nothing_prunable_cannot_meet_a_latency_target() -> None:
 
 
 def test_target_missed_when_measured_names_the_best_reached_and_never_returns_a_slower_model() -> None:
-    # max_tries searched models, then the uniform candidate's own tries (uniform_tries): none meets it.
-    opts = options(measure=synthetic_measure(slower=True), max_tries=2, uniform_tries=1)
+    # max_tries searched models, then the uniform and capacity candidates' own tries: none meets it.
+    opts = options(measure=synthetic_measure(slower=True), max_tries=2, uniform_tries=1, capacity_tries=0)
     with pytest.raises(FxPruneError, match=r"was not met .* after 3 verified tries: the best reached measured "
                                            r"[0-9.]+ ms, 1\.050 of the original"):
         fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=opts)
@@ -345,7 +346,7 @@ def test_run_prune_model_measures_for_real_and_caches_the_table(tmp_path, monkey
     from fxprune.workflow.job import RunConfig, prune_model
 
     monkeypatch.setenv("FXPRUNE_CACHE", str(tmp_path))
-    config = RunConfig(target_latency=0.7, latency_runs=3)
+    config = RunConfig(target_latency=0.7, latency_runs=3, importance="l1")  # no calibration data here
     try:
         pruned = prune_model(Net().eval(), config, X)
     except FxPruneError as exc:
@@ -688,18 +689,60 @@ def test_uniform_candidate_wins_when_it_keeps_more_macs_at_the_target() -> None:
     # at 0.38 of the original with 0.375 of the MACs; uniform pruning aimed just under the target
     # measures 0.46 with 0.457 of the MACs, and the more capacity is returned.
     without = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,),
-                            latency_options=options(uniform_tries=0))
+                            latency_options=options(uniform_tries=0, capacity_tries=0))
     alone = without.meta["fxprune_plan"].policy["latency"]
     assert [t["phase"] for t in alone["tries"]] == ["search"] and alone["uniform_tries"] == 0
-    pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
+    pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,),
+                           latency_options=options(capacity_tries=0))
     record = pruned.meta["fxprune_plan"].policy["latency"]
     chosen = record["tries"][record["chosen_try"] - 1]
     assert chosen["phase"] == "uniform" and chosen["met"] and record["uniform_tries"] == 1
     assert record["fraction"] <= 0.5 and record["macs_fraction"] > alone["macs_fraction"]
     assert count_macs(pruned, (X,)) / count_macs(Net().eval(), (X,)) == pytest.approx(record["macs_fraction"])
     counts = pruned.meta["fxprune_plan"].counts()
-    again = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
+    again = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,),
+                          latency_options=options(capacity_tries=0))
     assert again.meta["fxprune_plan"].counts() == counts  # deterministic
+
+
+# --------------------------------------------------------------------------- the capacity candidate
+
+
+@pytest.mark.parametrize("share", [0.5, 0.3])
+def test_capacity_counts_keep_more_macs_than_uniform_at_the_same_prediction(share: float) -> None:
+    # The synthetic table charges a MAC of the Linear head (no kernel) 9x a 3x3 conv's, and
+    # misaligned output counts extra: moving channels keeps more MACs for the same time.
+    policy = Policy(ratio=0.0).validated()
+    analysis, model, _ = built_model(policy)
+    goal = share * model.predict({})
+    uniform = uniform_counts(model, analysis.groups, policy, goal)
+    first = capacity_counts(model, analysis.groups, policy, goal, uniform)
+    second = capacity_counts(model, analysis.groups, policy, goal, uniform)
+    assert first.counts == second.counts and first.moves == second.moves > 0  # deterministic
+    assert first.reached and model.predict(first.counts) <= goal * (1 + 1e-9)
+    assert model.macs(first.counts) > model.macs(uniform.counts)
+    steps = {g.index: count_step(g, policy.round_to) for g in analysis.groups if g.prunable}
+    for g in analysis.groups:
+        if g.prunable:
+            assert 1 <= first.counts[g.index] <= g.size and first.counts[g.index] % steps[g.index] == 0
+            assert first.counts[g.index] % g.blocks == 0  # the grouped conv's blocks stay equal
+    # A start that misses the goal is returned as it is.
+    missed = capacity_counts(model, analysis.groups, policy, 0.01 * goal, uniform)
+    assert missed is uniform
+
+
+def test_capacity_candidate_is_returned_when_it_keeps_the_most_macs() -> None:
+    uniform = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,),
+                            latency_options=options(capacity_tries=0))
+    pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
+    before, record = uniform.meta["fxprune_plan"].policy["latency"], pruned.meta["fxprune_plan"].policy["latency"]
+    chosen = record["tries"][record["chosen_try"] - 1]
+    assert chosen["phase"] == "capacity" and chosen["met"] and record["capacity_tries"] == 1
+    assert record["fraction"] <= 0.5 and record["macs_fraction"] > before["macs_fraction"]
+    assert count_macs(pruned, (X,)) / count_macs(Net().eval(), (X,)) == pytest.approx(record["macs_fraction"])
+    off = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,),
+                        latency_options=options(capacity_tries=0, uniform_tries=0))
+    assert "capacity" not in {t["phase"] for t in off.meta["fxprune_plan"].policy["latency"]["tries"]}
 
 
 def test_uniform_candidate_costs_no_measurement_when_the_search_keeps_more() -> None:

@@ -784,16 +784,19 @@ def uniform_counts(model: LatencyModel, groups: Sequence[Group], policy: Policy,
 
 
 def capacity_counts(model: LatencyModel, groups: Sequence[Group], policy: Policy, goal_ms: float,
-                    start: SearchResult, *, max_moves: int = 2000, reach: int = 4) -> SearchResult:
+                    start: SearchResult, *, max_moves: int = 400, reach: int = 4,
+                    scales: Sequence[int] = (8, 4, 2, 1)) -> SearchResult:
     """More capacity at the same predicted latency: exchange moves from ``start`` (the uniform candidate).
 
-    A move gives one group one step more channels and takes 1 to ``reach`` steps from another,
-    the fewest that keep the prediction within ``goal_ms``; of all moves the one that gains the
-    most conv/Linear MACs is taken, until none gains. Uniform pruning spends the latency alike in
-    every layer; on a CPU at batch 1 a MAC costs about twice as much in the last stage of a
-    ResNet as in the first (measured, see benchmarks/LATENCY.md), so moving channels from the
-    expensive layers to the cheap ones keeps more MACs for the same time. Which channels a group
-    keeps is still its scores' choice. Deterministic: ties go to the lower group indices.
+    A move gives one group ``scale`` steps more channels and takes ``scale`` to ``reach * scale``
+    steps from another, the fewest that keep the prediction within ``goal_ms``; of all moves the
+    one that gains the most conv/Linear MACs is taken, until none gains, first with large
+    ``scales`` then finer ones (coarse moves first keep the search short on deep models; at most
+    ``max_moves`` moves). Uniform pruning spends the latency alike in every layer; on a CPU at
+    batch 1 a MAC costs about twice as much in the last stage of a ResNet as in the first
+    (measured, see benchmarks/LATENCY.md), so moving channels from the dear layers to the cheap
+    ones keeps more MACs for the same time. Which channels a group keeps is still its scores'
+    choice. Deterministic: ties go to the lower group indices.
     """
     prunable = [g for g in groups if g.prunable]
     floors, steps = _floors_and_steps(prunable, policy)
@@ -801,38 +804,49 @@ def capacity_counts(model: LatencyModel, groups: Sequence[Group], policy: Policy
     predicted = model.predict(counts)
     if predicted > goal_ms * (1 + 1e-9):
         return start
+    pair_layers = {(g.index, h.index): sorted(set(model.by_group.get(g.index, [])) | set(model.by_group.get(h.index, [])))
+                   for g in prunable for h in prunable if g.index != h.index}
+
+    def stepped(group: Group, n: int, k: int) -> Optional[int]:
+        for _ in range(k):
+            nxt = _next_counts(group, n, steps[group.index], floors[group.index], policy)
+            if nxt is None:
+                return None
+            n = nxt
+        return n
+
     moves = 0
-    for _ in range(max_moves):
-        best: Optional[Tuple[float, int, int, int, int, float]] = None
-        for g in prunable:
-            up = counts.get(g.index, g.size) + steps[g.index]
-            if up > g.size or group_count(g, up, policy.round_to, policy.min_channels) != up:
-                continue
-            for h in prunable:
-                if h.index == g.index:
+    for scale in scales:
+        while moves < max_moves:
+            best: Optional[Tuple[float, int, int, int, int, float]] = None
+            for g in prunable:
+                up = min(g.size, counts[g.index] + scale * steps[g.index])
+                if up <= counts[g.index] or group_count(g, up, policy.round_to, policy.min_channels) != up:
                     continue
-                layers = sorted(set(model.by_group.get(g.index, [])) | set(model.by_group.get(h.index, [])))
-                now_ms, now_macs = model.term(counts, layers), model.macs(counts, layers)
-                trial = dict(counts)
-                trial[g.index] = up
-                down = counts.get(h.index, h.size)
-                for _k in range(reach):
-                    nxt = _next_counts(h, down, steps[h.index], floors[h.index], policy)
-                    if nxt is None:
-                        break
-                    down = nxt
-                    trial[h.index] = down
-                    after = predicted - now_ms + model.term(trial, layers)
-                    if after <= goal_ms * (1 + 1e-9):
-                        gain = model.macs(trial, layers) - now_macs
-                        if gain > 0 and (best is None or gain > best[0] * (1 + 1e-12)):
-                            best = (gain, g.index, up, h.index, down, after)
-                        break
-        if best is None:
-            break
-        _, gi, up, hi, down, predicted = best
-        counts[gi], counts[hi] = up, down
-        moves += 1
+                for h in prunable:
+                    if h.index == g.index:
+                        continue
+                    layers = pair_layers[(g.index, h.index)]
+                    now_ms, now_macs = model.term(counts, layers), model.macs(counts, layers)
+                    trial = dict(counts)
+                    trial[g.index] = up
+                    down: Optional[int] = counts[h.index]
+                    for _k in range(reach):
+                        down = stepped(h, down, scale) if down is not None else None
+                        if down is None:
+                            break
+                        trial[h.index] = down
+                        after = predicted - now_ms + model.term(trial, layers)
+                        if after <= goal_ms * (1 + 1e-9):
+                            gain = model.macs(trial, layers) - now_macs
+                            if gain > 0 and (best is None or gain > best[0] * (1 + 1e-12)):
+                                best = (gain, g.index, up, h.index, down, after)
+                            break
+            if best is None:
+                break
+            _, gi, up, hi, down, predicted = best
+            counts[gi], counts[hi] = up, down
+            moves += 1
     predicted = model.predict(counts)
     return SearchResult(counts=counts, predicted_ms=predicted, goal_ms=goal_ms,
                         reached=predicted <= goal_ms * (1 + 1e-9), moves=moves)

@@ -1205,47 +1205,42 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
             break  # nothing new to measure, or no capacity to gain
         gave_back += 1
     record["give_back_tries"] = gave_back
-    # The uniform candidate: aimed a little under the target in prediction space, measured only
-    # when it keeps more MACs than the best met model (otherwise there is nothing to gain and no
-    # measurement is spent); a miss backs off once by the measured shortfall.
-    uniform_tried = 0
-    uniform_aim = goal * aim_share
-    for _ in range(options.uniform_tries):
-        found = uniform_counts(model, prunable, policy, uniform_aim)
-        if not found.reached or found.counts in tried:
-            break
-        floor_macs = best["macs_fraction"] if best is not None and best["met"] else None
-        entry = verify(found, uniform_aim, "uniform", more_macs_than=floor_macs)
-        if entry is None:
-            break
-        uniform_tried += 1
-        if entry["met"]:
-            break
-        achieved = achieved_of(entry)
-        uniform_aim *= min(0.98, wanted * (1.0 - options.margin) / achieved if achieved > 0 else 0.5)
-    record["uniform_tries"] = uniform_tried
-    # The capacity candidate: the uniform counts at the aim, with channels moved from layers
-    # where time is dear per MAC to layers where it is cheap (capacity_counts); measured, and
-    # backed off, like the uniform candidate, only when it keeps more MACs than the best met model.
-    capacity_tried = 0
-    capacity_aim = goal * aim_share
-    for _ in range(options.capacity_tries):
-        start = uniform_counts(model, prunable, policy, capacity_aim)
-        if not start.reached:
-            break
-        found = capacity_counts(model, prunable, policy, capacity_aim, start)
-        if found.moves == 0 or found.counts in tried:
-            break
-        floor_macs = best["macs_fraction"] if best is not None and best["met"] else None
-        entry = verify(found, capacity_aim, "capacity", more_macs_than=floor_macs)
-        if entry is None:
-            break
-        capacity_tried += 1
-        if entry["met"]:
-            break
-        achieved = achieved_of(entry)
-        capacity_aim *= min(0.98, wanted * (1.0 - options.margin) / achieved if achieved > 0 else 0.5)
-    record["capacity_tries"] = capacity_tried
+    def candidate(phase: str, tries_left: int, counts_at: Callable[[float], Optional[SearchResult]]) -> int:
+        """Measured tries of a candidate aimed a little under the target in prediction space.
+
+        ``counts_at(aim)`` gives its counts (None: nothing to try). A try is measured only when it
+        keeps more MACs than the best met model (otherwise there is nothing to gain and no
+        measurement is spent); a miss backs the aim off by the measured shortfall.
+        """
+        done, aim = 0, goal * aim_share
+        for _ in range(tries_left):
+            found = counts_at(aim)
+            if found is None or found.counts in tried:
+                break
+            floor_macs = best["macs_fraction"] if best is not None and best["met"] else None
+            entry = verify(found, aim, phase, more_macs_than=floor_macs)
+            if entry is None:
+                break
+            done += 1
+            if entry["met"]:
+                break
+            achieved = achieved_of(entry)
+            aim *= min(0.98, wanted * (1.0 - options.margin) / achieved if achieved > 0 else 0.5)
+        return done
+
+    def uniform_at(aim: float) -> Optional[SearchResult]:
+        found = uniform_counts(model, prunable, policy, aim)
+        return found if found.reached else None
+
+    def capacity_at(aim: float) -> Optional[SearchResult]:
+        # The uniform counts with channels moved from layers where time is dear per MAC to
+        # layers where it is cheap (capacity_counts).
+        start = uniform_at(aim)
+        found = capacity_counts(model, prunable, policy, aim, start) if start is not None else None
+        return found if found is not None and found.moves > 0 else None
+
+    record["uniform_tries"] = candidate("uniform", options.uniform_tries, uniform_at)
+    record["capacity_tries"] = candidate("capacity", options.capacity_tries, capacity_at)
     record["table"]["probes_measured"] = table.measured
     record["search_s"] = time.perf_counter() - started
     if best is None or not best["met"]:

@@ -327,6 +327,7 @@ def test_report_shows_predicted_and_measured_latency_and_the_realised_fraction()
     pruned = fxprune.prune(Net().eval(), target_latency=0.5, example_inputs=(X,), latency_options=options())
     summary = latency_target_summary(pruned)
     assert summary is not None and summary["tries"] and summary["fraction"] <= 0.5
+    assert {"give_back_tries", "uniform_tries", "capacity_tries"} <= set(summary)  # each candidate's count
     report = {"pruned": {"latency_target": summary}, "reduction": {"macs_x": 2.0 * summary["speedup"]}}
     text = "\n".join(latency_target_lines(report))
     assert "## Latency target" in text and "| try | phase | predicted (ms)" in text

@@ -281,7 +281,7 @@ _TARGET_KEYS = ("target", "target_fraction", "target_ms", "device", "device_name
                 "batch_size", "dtype", "channels_last", "before_ms",
                 "after_ms", "original_ms", "fraction", "speedup", "predicted_ms", "predicted_fraction", "busy",
                 "warnings", "round_to", "method", "measurement", "table", "search_s", "tries", "macs_fraction",
-                "chosen_try", "give_back_tries", "uniform_tries")
+                "chosen_try", "give_back_tries", "uniform_tries", "capacity_tries")
 
 
 def latency_target_summary(pruned: nn.Module) -> Optional[dict[str, Any]]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -339,12 +338,7 @@ def remeasure_saved(args: argparse.Namespace) -> Callable[[Path, Path], Dict[str
 
 
 def _probe_macs(probe: Probe) -> float:
-    layer = probe.layer
-    if layer.kind == "linear":
-        return float(probe.c_in * probe.c_out * layer.out_positions)
-    kernel = math.prod(layer.config[0])
-    per_out = probe.c_in // max(1, layer.conv_groups(probe.c_in))
-    return float(per_out * probe.c_out * kernel * layer.out_positions)
+    return probe.layer.macs(probe.c_in, probe.c_out)
 
 
 def _call_s(macs: float, device: str, gmacs: float) -> float:

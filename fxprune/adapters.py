@@ -8,7 +8,8 @@ layer derives from that one description:
   L1/L2/FPGM);
 - its **rewrite** (:meth:`LayerAdapter.build`: a NEW smaller copy, each role's tensors indexed
   along their dims, the count attributes set; the input module is untouched);
-- its **mask** for the proof (:meth:`LayerAdapter.mask`: the removed positions zeroed);
+- its **mask** for the proof (the removed positions of those tensors zeroed: ``fxprune.testing``'s
+  default mask, over the tensors :func:`fxprune.rules.role_tensors` reads from the adapter);
 - its **size read-back** (:meth:`LayerAdapter.sizes`: the count of each role in a built copy,
   which the rewrite checks against the plan);
 - and, optionally, its **channel rule** (``rule``; without one, a layer whose only role is
@@ -128,15 +129,6 @@ class LayerAdapter:
             for attr in self.counts.get(role, ()):
                 setattr(new, attr, int(keep.numel()))
         return new
-
-    def mask(self, module: nn.Module, role: str, removed: torch.Tensor) -> None:
-        """Zero the ``removed`` positions (a bool tensor over the role) of every tensor the role indexes, in place."""
-        with torch.no_grad():
-            for _, t, dim in self.tensors(module, role):
-                if t.dim() > dim and t.shape[dim] == removed.numel():
-                    index: List[Any] = [slice(None)] * t.dim()
-                    index[dim] = removed.to(t.device)
-                    t[tuple(index)] = 0
 
     def sizes(self, module: nn.Module) -> Dict[str, int]:
         """Each role's count in ``module``, read back from its first present tensor."""

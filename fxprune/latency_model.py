@@ -267,6 +267,13 @@ class LayerShape:
     def conv_groups(self, c_in: int) -> int:
         return c_in if self.depthwise else self.groups
 
+    def macs(self, c_in: int, c_out: int) -> float:
+        """Multiply-accumulates of one call at these channel counts."""
+        if self.kind == "linear":
+            return float(c_in * c_out * self.out_positions)
+        per_out = c_in // max(1, self.conv_groups(c_in))
+        return float(per_out * c_out * math.prod(self.config[0]) * self.out_positions)
+
     def build(self, c_in: int, c_out: int, device: torch.device, dtype: Optional[torch.dtype]) -> Tuple[nn.Module, torch.Tensor]:
         """A fresh layer of these channel counts and an input for it (what a probe times)."""
         shape = list(self.input_shape)
@@ -634,16 +641,8 @@ class LatencyModel:
 
     def macs(self, counts: Mapping[int, int], which: Optional[Iterable[int]] = None) -> float:
         """Multiply-accumulates of ``which`` layers (all by default) under ``counts``: the capacity kept."""
-        total = 0.0
-        for i in (range(len(self.layers)) if which is None else which):
-            layer = self.layers[i]
-            c_in, c_out = layer.channels(counts)
-            if layer.kind == "linear":
-                total += float(c_in * c_out * layer.out_positions)
-            else:
-                per_out = c_in // max(1, layer.conv_groups(c_in))
-                total += float(per_out * c_out * math.prod(layer.config[0]) * layer.out_positions)
-        return total
+        return sum(self.layers[i].macs(*self.layers[i].channels(counts))
+                   for i in (range(len(self.layers)) if which is None else which))
 
     def positions(self, counts: Mapping[int, int], which: Optional[Iterable[int]] = None) -> float:
         total = 0.0

@@ -2259,6 +2259,12 @@ def _score_step(ctx: RuleContext, node: torch.fx.Node, rank: int = 4) -> bool:
     return node.target is F.dropout
 
 
+def _has_softmax(ctx: RuleContext, nodes: Sequence[torch.fx.Node]) -> bool:
+    """Whether one of ``nodes`` is a softmax (function, method or ``nn.Softmax``)."""
+    return any(n.target in (F.softmax, torch.softmax, "softmax") or (n.op == "call_module" and isinstance(ctx.module(n), nn.Softmax))
+               for n in nodes)
+
+
 def _no_tensor_input(arg: Any) -> bool:
     """An sdpa argument that cannot carry heads: a constant, or an input whose default is None/a bool."""
     if not isinstance(arg, torch.fx.Node):
@@ -2388,15 +2394,19 @@ def _relative_bias(ctx: RuleContext, bias: Any, heads: int, n: int, sites: List[
 
 def _bias_and_mask(ctx: RuleContext, scores: torch.fx.Node, heads: int, sites: List[_HeadSite],
                    region: List[torch.fx.Node]) -> torch.fx.Node:
-    """Past Swin's relative position bias and shifted-window mask on ``scores`` (see above)."""
+    """Past Swin's relative position bias and shifted-window mask on ``scores`` (see above).
+
+    Scores (B, H, N, N), or with more leading dims (MaxViT's (B, G, H, N, N)): a bias (1, H, N, N)
+    broadcasts over them alike. The shifted-window mask is Swin's, on (B, H, N, N) scores only.
+    """
     shape = ctx.shape(scores)
-    if shape is None or len(shape) != 4 or shape[1] != heads or shape[2] != shape[3]:
+    if shape is None or len(shape) < 4 or shape[-3] != heads or shape[-2] != shape[-1]:
         return scores
-    n = int(shape[2])
+    n = int(shape[-1])
     while True:
         user = _only_user(scores)
         if user is None or user.target not in (operator.add, torch.add, "add") or len(user.args) != 2 or user.kwargs:
-            if _is_view(user) and tuple(ctx.shape(user) or ())[2:] == (heads, n, n):
+            if len(shape) == 4 and _is_view(user) and tuple(ctx.shape(user) or ())[2:] == (heads, n, n):
                 masked = _window_mask(ctx, scores, user, heads, n, sites, region)
                 if masked is not None:
                     scores = masked
@@ -2521,8 +2531,7 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
         out = _only_user(scores)
         if out is None or not _is_matmul(out) or out.args[0] is not scores or out.args[1] is not v or _only_user(v) is not out:
             return False
-        if not any(r.target in (F.softmax, torch.softmax, "softmax") or (r.op == "call_module" and isinstance(ctx.module(r), nn.Softmax))
-                   for r in region[region.index(core):]):
+        if not _has_softmax(ctx, region[region.index(core):]):
             return False  # attention without a softmax is not the pattern (nothing else is known to be per head)
         region.append(out)
     # merge: .transpose(1, 2).reshape(B, N, H * D)
@@ -2807,29 +2816,16 @@ def _einsum_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
         return False
     region.append(core)
     sites: List[_HeadSite] = []
-    scores = core
     sshape = ctx.shape(core)
     if sshape is None or len(sshape) != rank or sshape[-3] != heads or sshape[-2] != sshape[-1]:
         return False
-    n = int(sshape[-1])
-    while True:  # the relative position bias, then per-head score steps
-        user = _only_user(scores)
-        if user is not None and user.target in (operator.add, torch.add, "add") and len(user.args) == 2 \
-                and not user.kwargs and scores in user.args:
-            other = user.args[1] if user.args[0] is scores else user.args[0]
-            if other is scores or not _relative_bias(ctx, other, heads, n, sites, region):
-                return False
-            region.append(user)
-            scores = user
-            continue
-        break
+    scores = _bias_and_mask(ctx, core, heads, sites, region)  # the relative position bias
     scores = _chain(ctx, scores, lambda s: _score_step(ctx, s, rank), region)
     out = _only_user(scores)
     found2 = _einsum_operands(out)
     if found2 is None or found2[1][0] is not scores or not _einsum_is(found2[0], rank, "hij", "hjd", "hid"):
         return False
-    if not any(x.target in (F.softmax, torch.softmax, "softmax") or (x.op == "call_module" and isinstance(ctx.module(x), nn.Softmax))
-               for x in region[region.index(core):]):
+    if not _has_softmax(ctx, region[region.index(core):]):
         return False  # attention without a softmax is not the pattern
     v = projection(found2[1][1])
     if v is None or _only_user(found2[1][1]) is not out:

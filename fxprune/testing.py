@@ -33,7 +33,6 @@ import torch.fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .adapters import adapter_for
 from .api import ModelLike, analyze_model
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import RENORMALISING, Slot, TensorSlot
@@ -168,11 +167,9 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
             removed = torch.ones(sum(size for _, size in slot.segments) * slot.block, dtype=torch.bool)
             removed[keep] = False
             removes = removes or bool(removed.any())
-            mask = masks.get(type(module))
-            adapter = adapter_for(module)
-            if mask is None and adapter is not None:
-                mask = adapter.mask  # a layer taught by fxprune.register_layer
-            (mask or _default_mask)(module, slot.role, removed)
+            # A layer taught by fxprune.register_layer gets the default mask over the tensors its
+            # adapter names (role_tensors reads the adapter).
+            masks.get(type(module), _default_mask)(module, slot.role, removed)
         removes = _mask_tensors(gm, analysis.tensors, kept) or removes
     removes = _mask_norms(gm, analysis.gm, kept) or removes
     return removes

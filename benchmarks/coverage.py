@@ -263,8 +263,7 @@ def render(results: Dict[str, Dict[str, Any]], models: Sequence[str], ratio: flo
         "an equivalence check.",
         "",
         "Frozen groups are never pruned: the reason is a fact of the architecture that fxprune will not "
-        "guess around (the model output, channel shuffle, Swin V2's heads, whose position bias comes from an "
-        "MLP). LayerNorm widths are pruned as renormalising groups, proven against the masked-norm reference. "
+        "guess around (the model output, channel shuffle). LayerNorm widths are pruned as renormalising groups, proven against the masked-norm reference. "
         "*Blocked* groups feed grouped convolutions and keep the same count in each conv group.",
         "",
         "| model | input | traced | pruned | equivalent | params (M) before → after | MACs (M) before → after | groups (prunable / blocked) | frozen groups: why (count) | s |",

@@ -2896,9 +2896,11 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
         return False
     pieces_arg = _arg(split, 1, "split_size_or_sections", split.kwargs.get("split_size"))
     dim = _arg(split, 2, "dim", 0)
-    if not isinstance(pieces_arg, (list, tuple)) or len(pieces_arg) != 3 or not all(_int_arg(v) for v in pieces_arg) \
-            or not _int_arg(dim) or dim % 4 != 3:
+    if not isinstance(pieces_arg, (list, tuple)) or len(pieces_arg) not in (2, 3) \
+            or not all(_int_arg(v) for v in pieces_arg) or not _int_arg(dim) or dim % 4 != 3:
         return False
+    if len(pieces_arg) == 2:
+        return _per_head_kv(ctx, node, inp, in_shape, sizes, split, heads, per)
     kd, kd2, vd = (int(v) for v in pieces_arg)
     if kd != kd2 or kd + kd2 + vd != per or min(kd, vd) < 1:
         return False
@@ -2963,12 +2965,124 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
     qk_count, v_count = ChannelCount.of([qk]), ChannelCount.of([vv])
     if sizes[3] != -1:
         ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(qk_count.groups * 2 + v_count.groups)))
-    where = (1,) if len(split.args) > 1 else (next(k for k in ("split_size_or_sections", "split_size") if k in split.kwargs),)
     for j, count in enumerate((qk_count, qk_count, v_count)):
-        ctx.rewrite_args(split, ArgPatch(where + (j,), count))
+        ctx.rewrite_args(split, ArgPatch(_split_where(split) + (j,), count))
     if msizes[2] != -1:
         ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(v_count.groups * heads)))
     ctx.claim(node, region, {merged.name: Layout(vv.groups * heads, vv.sizes * heads, -1, 3, 1)})
+    return True
+
+
+def _split_where(split: torch.fx.Node) -> Tuple[Union[int, str], ...]:
+    """Where a ``split``'s sizes sit in its arguments (see :class:`ArgPatch`)."""
+    if len(split.args) > 1:
+        return (1,)
+    return (next(k for k in ("split_size_or_sections", "split_size") if k in split.kwargs),)
+
+
+def _per_head_kv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...], sizes: Any,
+                 split: torch.fx.Node, heads: int, per: int) -> bool:
+    """LeViT's downsampling attention (timm ``levit.AttentionDownsample``) at kv's view ``node``.
+
+    Like :func:`_per_head_qkv`, but the projection at ``node`` gives k and v only (viewed
+    ``(B, N, H, kd + vd)``, split into k and v) and q comes from its own Linear on a subsampled
+    input, viewed ``(B, Nq, H, kd)``. q's channels are tied head by head to k's (the walk ties
+    them when it reaches q's view, or freezes both); each head keeps the same kd' dims of q and
+    k and the same vd' dims of v, exact for the same reason.
+    """
+    kd, vd = (int(v) for v in _arg(split, 1, "split_size_or_sections", split.kwargs.get("split_size")))
+    if kd + vd != per or min(kd, vd) < 1:
+        return False
+    region: List[torch.fx.Node] = [split]
+    got: Dict[int, torch.fx.Node] = {}
+    for user in split.users:
+        if user.target is not operator.getitem or not _int_arg(user.args[1]) or user.args[1] % 2 in got:
+            return False
+        got[user.args[1] % 2] = user
+    if sorted(got) != [0, 1]:
+        return False
+    perms = []
+    for i, want in ((0, (0, 2, 3, 1)), (1, (0, 2, 1, 3))):
+        perm = _only_user(got[i])
+        if perm is None or perm.args[0] is not got[i] or not (perm.target in ("permute", torch.permute)
+                                                                and _dims_are(perm, 4, want)):
+            return False
+        perms.append(perm)
+        region += [got[i], perm]
+    k, v = perms
+    core = _only_user(k)
+    if core is None or not _is_matmul(core) or len(core.args) < 2 or core.args[1] is not k:
+        return False
+    q = core.args[0]
+    if not isinstance(q, torch.fx.Node) or _only_user(q) is not core or not (
+            q.target in ("permute", torch.permute) and _dims_are(q, 4, (0, 2, 1, 3))):
+        return False
+    qview = q.args[0]
+    if not isinstance(qview, torch.fx.Node) or not _is_view(qview) or _only_user(qview) is not q:
+        return False
+    qsrc, qshape, qsizes = qview.args[0], ctx.shape(qview), _view_sizes(qview)
+    src_shape = ctx.shape(qsrc) if isinstance(qsrc, torch.fx.Node) else None
+    if qshape is None or src_shape is None or len(qshape) != 4 or tuple(qshape[2:]) != (heads, kd) \
+            or tuple(src_shape) != (qshape[0], qshape[1], heads * kd) or not isinstance(qsizes, (list, tuple)) \
+            or len(qsizes) != 4 or not (isinstance(qsizes[2], torch.fx.Node) or qsizes[2] == heads) \
+            or not (qsizes[3] == kd or qsizes[3] == -1 and all(s != -1 for s in qsizes[:3])) \
+            or any(_channel_size_reads(ctx, a) for a in qsizes[:2]):
+        return False
+    region += [qview, q, core]
+    scores = core
+    for _ in range(8):  # the scores' way to @ v: ops on the scores and parameter-only tensors
+        user = _only_user(scores)
+        if user is None or not user.args or user.args[0] is not scores:
+            return False
+        if _is_matmul(user):
+            break
+        others = [a for a in user.all_input_nodes if a is not scores]
+        if user.op == "call_module" and not isinstance(ctx.module(user), (nn.Softmax, nn.Dropout, nn.Identity)):
+            return False
+        if any(not _parameters_only(a) for a in others):
+            return False
+        region.append(user)
+        scores = user
+    else:
+        return False
+    if not _has_softmax(ctx, region[region.index(core):]):
+        return False  # attention without a softmax is not the pattern
+    out = _only_user(scores)
+    if out is None or out.args[:2] != (scores, v) or _only_user(v) is not out:
+        return False
+    region.append(out)
+    found = _merged_heads(out)
+    if found is None:
+        return False
+    merge_t, merged = found
+    msizes = _view_sizes(merged)
+    if tuple(ctx.shape(merged) or ()) != (qshape[0], qshape[1], heads * vd) or not isinstance(msizes, (list, tuple)) \
+            or len(msizes) != 3 or not (msizes[2] == heads * vd or msizes[2] == -1 and all(m != -1 for m in msizes[:2])) \
+            or any(_channel_size_reads(ctx, a) for a in msizes[:2]):
+        return False
+    region += [merge_t, merged]
+    for n in region[:-1]:
+        if any(u not in region for u in n.users):
+            return False  # a region tensor read elsewhere: not a self-contained attention block
+    order = {x: i for i, x in enumerate(node.graph.nodes)}
+    if any(order[x] < order[node] for x in region):
+        return False  # a region node the walk has already visited (q's view before kv's)
+    cut = ctx.split(node, inp, [kd, vd] * heads)
+    kk = ctx.unify(node, [cut[2 * h] for h in range(heads)])
+    vv = ctx.unify(node, [cut[2 * h + 1] for h in range(heads)])
+    if kk is None or vv is None:
+        return False
+    k_count, v_count = ChannelCount.of([kk]), ChannelCount.of([vv])
+    if sizes[3] != -1:
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(k_count.groups + v_count.groups)))
+    for j, count in enumerate((k_count, v_count)):
+        ctx.rewrite_args(split, ArgPatch(_split_where(split) + (j,), count))
+    if qsizes[3] != -1:
+        ctx.rewrite_args(qview, ArgPatch(_view_size_path(qview, 3), k_count))
+    if msizes[2] != -1:
+        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(v_count.groups * heads)))
+    ties = {qview.name: Layout(kk.groups * heads, kk.sizes * heads, -1, 3, 1)}
+    ctx.claim(node, region, {merged.name: Layout(vv.groups * heads, vv.sizes * heads, -1, 3, 1)}, ties)
     return True
 
 
@@ -3636,12 +3750,22 @@ def _torchvision_rules() -> None:
         return replace(inp, groups=inp.groups * 4, sizes=inp.sizes * 4)
 
     @register_rule(swin._get_relative_position_bias, swin3d._get_relative_position_bias)
-    def _relative_position_bias(ctx: RuleContext, node: torch.fx.Node) -> None:
-        # A table of parameters gathered by a constant index: no channels of the input. Its
-        # head columns are sliced by the window attention that reads it (_window_attention),
-        # which checks that nothing else does.
-        _freeze_all_inputs(ctx, node, "a relative position bias computed from a tracked tensor")
-        return None
+    def _relative_position_bias(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
+        # ``table[index]`` viewed (N, N, H) and permuted to (1, H, N, N): the table's columns
+        # become dim 1. V1's table is a parameter (no layout: the window attention that reads
+        # the bias slices its head columns, checking that nothing else reads it); V2's is the
+        # output of a small MLP, one channel per head, which the columns then carry. The index
+        # must be a constant buffer: it only picks rows.
+        table, index = _arg(node, 0, "relative_position_bias_table"), _arg(node, 1, "relative_position_index")
+        lay, shape = ctx.layout(table), ctx.shape(table)
+        if lay is None:
+            _freeze_all_inputs(ctx, node, "a relative position bias computed from a tracked tensor")
+            return None
+        if shape is None or len(shape) != 2 or lay.dim % 2 != 1 or lay.block != 1 \
+                or not isinstance(index, torch.fx.Node) or index.op != "get_attr" or ctx.layout(index) is not None:
+            _freeze_all_inputs(ctx, node, "a relative position bias whose table is not [T, H] with a constant index")
+            return None
+        return replace(lay, dim=1, rank=4)
 
     register_rule(swin.shifted_window_attention, swin3d.shifted_window_attention_3d, window_attention)(_window_attention)
 
@@ -3661,10 +3785,13 @@ def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]
     ``head_dim`` explicitly (otherwise the same computation), so the rewrite swaps the target
     and passes ``head_dim``; then the input width (qkv's columns), the output width (proj's
     rows) and the heads (qkv's q, k and v rows, proj's columns, whole units of ``head_dim``)
-    are three independent sets of channels, each exact. The heads are pruned only where the
+    are three independent sets of channels, each exact. The heads are pruned where the
     relative position bias is V1's table gathered by a constant index (each removed head takes
-    its column) and V2's ``logit_scale`` is a ``[H, 1, 1]`` parameter; V2's bias comes from a
-    small MLP, so its heads stay whole while its widths are pruned.
+    its column), or V2's bias computed by a small MLP whose output channels are the heads (each
+    removed head takes its row of the MLP's last Linear: the heads' group *is* those channels,
+    each owning ``head_dim`` q/k/v rows and proj columns), and V2's ``logit_scale`` is a
+    ``[H, 1, 1]`` parameter (each removed head takes its entry). A removed head's q, k and v are
+    zero in the masked reference, so its output is zero whatever its bias: exact.
     """
     names = _WINDOW_ATTENTION_ARGS
     if getattr(node.target, "__name__", None) == "shifted_window_attention_3d":
@@ -3690,8 +3817,19 @@ def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]
         _freeze_all_inputs(ctx, node, f"window attention {node.name} whose weights do not match its widths")
         return None
     out = ctx.produce(node, int(pshape[0]), -1, len(in_shape))
-    group = ctx.produce(node, width, -1, 2, tag="heads")
-    rows = Layout(group.groups * 3, group.sizes * 3, -1, 2, 1)  # q, k, v: the same heads three times
+    computed = ctx.layout(bias)  # V2: a bias computed from an MLP, one channel per head
+    if computed is not None and (computed.dim % 4 != 1 or computed.rank != 4 or computed.block != 1
+                                 or computed.channels != heads):
+        _freeze_all_inputs(ctx, node, f"window attention {node.name} whose position bias does not carry one "
+                                      "channel per head on dim 1")
+        return None
+    if computed is not None:
+        # Each of the MLP's output channels *is* a head: the heads are its channels, each
+        # owning head_dim consecutive q/k/v rows and proj columns (a block of head_dim).
+        group = Layout(computed.groups, computed.sizes, -1, 2, head_dim)
+    else:
+        group = ctx.produce(node, width, -1, 2, tag="heads")
+    rows = Layout(group.groups * 3, group.sizes * 3, -1, 2, group.block)  # q, k, v: the same heads three times
     if not _layer_tensor(ctx, node, qkv_w, 0, rows, "out", "weight"):
         if inp is not None:
             ctx.freeze(node, [inp], f"the qkv weight of {node.name} cannot be sliced")
@@ -3703,14 +3841,25 @@ def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]
     _layer_tensor(ctx, node, proj_w, 1, group, "in", "weight")
     if bound["proj_bias"] is not None:
         _layer_tensor(ctx, node, bound["proj_bias"], 0, out, "out", "bias")
+    scale = bound.get("logit_scale")
+    scale_shape = ctx.shape(scale) if scale is not None else None
+    if computed is not None:
+        if scale is not None and (tuple(scale_shape or ()) != (heads, 1, 1) or _cast_source(scale) is None):
+            ctx.freeze(node, [group], f"the logit scale of {node.name} is not a [heads, 1, 1] parameter: its heads stay whole")
+        elif scale is not None:
+            source = _cast_source(scale)
+            ctx.tensor_member(node, source.leaves[0][0], 0, Layout(computed.groups, computed.sizes, 0, 3, 1),
+                              via=source.via)
+        path = (5,) if len(node.args) > 5 else ("num_heads",)
+        ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(group.groups))))
+        ctx.rewrite_args(node, ArgPatch(("head_dim",), head_dim), target=window_attention)
+        return out
     reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
     ctx.require(node, group, WholeUnits(head_dim), reason)
     table = _gathered_bias_table(ctx, bias, heads)
-    scale = bound.get("logit_scale")
-    scale_shape = ctx.shape(scale) if scale is not None else None
     if table is None:
-        ctx.freeze(node, [group], f"the relative position bias of {node.name} is not a table gathered per head "
-                                  "(Swin V2's comes from an MLP): its heads stay whole")
+        ctx.freeze(node, [group], f"the relative position bias of {node.name} is neither a table gathered per head "
+                                  "nor computed with one channel per head: its heads stay whole")
     elif scale is not None and (tuple(scale_shape or ()) != (heads, 1, 1) or _cast_source(scale) is None):
         ctx.freeze(node, [group], f"the logit scale of {node.name} is not a [heads, 1, 1] parameter: its heads stay whole")
     else:

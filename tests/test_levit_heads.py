@@ -3,8 +3,10 @@
 timm's ``levit.Attention`` views one projection ``(B, N, H * (2 kd + vd))`` as ``(B, N, H, 2 kd
 + vd)`` and splits the last dim into q, k (kd) and v (vd). The heads stay whole; the same kd'
 dims of q and k and the same vd' dims of v are kept in every head (the split sizes, the merged
-width and the projection's columns follow). Proven against the masked reference in float64,
-and the proof fails on a broken rewrite.
+width and the projection's columns follow). Its downsampling attention (``AttentionDownsample``)
+splits one projection into k and v only and takes q from its own Linear on a subsampled input:
+q's rows are tied head by head to k's. Proven against the masked reference in float64, and the
+proof fails on a broken rewrite.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fxprune.testing import assert_equivalent, randomize_norms
 from tests.zoo import spread_parameters
 
 timm = pytest.importorskip("timm")
-from timm.models.levit import Attention  # noqa: E402
+from timm.models.levit import Attention, AttentionDownsample  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,15 +107,82 @@ def test_timm_levit_prunes_its_attention_widths_and_is_proven() -> None:
     spread_parameters(net, "attention_biases")
     net = randomize_norms(net)
     x = torch.randn(1, 3, 64, 64)
-    with pytest.warns(fxprune.FxPruneWarning, match="levit.py"):
-        # The downsampling attention (q from a subsampled input, k and v from one projection)
-        # is a layout this rule does not claim: it stays whole, with a warning naming its line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)  # the downsampling attentions too
         plan = fxprune.plan(net, 0.5, example_inputs=(x,))
         pruned = fxprune.apply(net, plan, example_inputs=(x,))
     assert_equivalent(net, pruned, plan, [x], example_inputs=(x,))
+    assert [g.key for g in fxprune.find_groups(net, example_inputs=(x,)) if not g.prunable] == ["head.linear"]
     qkv = pruned.get_submodule("stages.0.blocks.0.attn.qkv.linear")
     assert qkv.out_features < net.get_submodule("stages.0.blocks.0.attn.qkv.linear").out_features
-    assert sum(p.numel() for p in pruned.parameters()) < 0.35 * sum(p.numel() for p in net.parameters())
+    # Stage 2's downsampling attention: 8 heads of k 16 + v 64 -> 8 + 32, q 8 x 16 -> 8 x 8.
+    down = "stages.1.downsample.attn_downsample"
+    assert pruned.get_submodule(f"{down}.kv.linear").out_features == 8 * (8 + 32)
+    assert pruned.get_submodule(f"{down}.q.ln.linear").out_features == 8 * 8
+    assert pruned.get_submodule(f"{down}.proj.ln.linear").in_features == 8 * 32
+    assert sum(p.numel() for p in pruned.parameters()) < 0.3 * sum(p.numel() for p in net.parameters())
+
+
+class Downsampling(nn.Module):
+    """Tokens of a 4x4 map through LeViT's downsampling attention to a 2x2 map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = AttentionDownsample(16, 12, key_dim=4, num_heads=2, attn_ratio=2, stride=2, resolution=4)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.embed(x)).mean(1))
+
+
+D = torch.randn(2, 16, 6)
+
+
+def downsampling() -> nn.Module:
+    torch.manual_seed(0)
+    m = Downsampling()
+    spread_parameters(m, "attention_biases")
+    return randomize_norms(m).eval()
+
+
+def test_levit_downsampling_attention_ties_q_to_k_head_by_head_and_is_proven() -> None:
+    m = downsampling()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)
+        groups = {g.key: g for g in fxprune.find_groups(m, example_inputs=(D,))}
+        plan = fxprune.plan(m, 0.5, example_inputs=(D,))
+        pruned = fxprune.apply(m, plan, example_inputs=(D,))
+    assert all(g.prunable for key, g in groups.items() if key != "head")
+    assert_equivalent(m, pruned, plan, [D], example_inputs=(D,))
+    # 2 heads of (k 4, v 8) -> (2, 4); q 2 x 4 -> 2 x 2; the projection reads 2 x 4 channels.
+    assert pruned.get_submodule("attn.kv.linear").out_features == 2 * (2 + 4)
+    assert pruned.get_submodule("attn.q.ln.linear").out_features == 2 * 2
+    assert pruned.get_submodule("attn.proj.ln.linear").in_features == 2 * 4
+    split = next(n for n in pruned.graph.nodes if n.target == "split")
+    assert list(split.args[1]) == [2, 4]
+    for name, dim in (("attn.q.ln.linear", 0), ("attn.kv.linear", 0), ("attn.proj.ln.linear", 1)):
+        broken = copy.deepcopy(pruned)
+        weight = broken.get_submodule(name).weight
+        with torch.no_grad():
+            weight.copy_(weight.roll(1, dim))
+        with pytest.raises(AssertionError):
+            assert_equivalent(m, broken, plan, [D], example_inputs=(D,))
+
+
+def test_a_downsampling_query_read_elsewhere_keeps_the_block_whole() -> None:
+    gm = torch.fx.symbolic_trace(downsampling())
+    qview = next(n for n in gm.graph.nodes if n.target == "view" and n.args[2:] == (-1, 2, 4))  # q: (B, Nq, H, kd)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        out.args = (gm.graph.call_function(torch.add, (out.args[0], gm.graph.call_method("sum", (qview,)))),)
+    gm.recompile()
+    with pytest.warns(fxprune.FxPruneWarning, match="splits or interleaves the channel dim"):
+        groups = {g.key: g for g in fxprune.find_groups(gm, example_inputs=(D,))}
+        plan = fxprune.plan(gm, 0.5, example_inputs=(D,))
+        pruned = fxprune.apply(gm, plan, example_inputs=(D,))
+    assert not groups["attn.kv.linear"].prunable
+    assert_equivalent(gm, pruned, plan, [D], example_inputs=(D,))
 
 
 class KeywordSplit(nn.Module):

@@ -4,7 +4,7 @@ torchvision's ``shifted_window_attention`` derives ``head_dim = C // num_heads``
 width ``C``, so within that call the heads' width is the residual width. The rewrite swaps it
 for :func:`fxprune.layers.window_attention`, the same computation with ``head_dim`` explicit:
 the input width (qkv's columns), the output width (proj's rows) and the heads (q/k/v rows and
-proj's columns, whole units, V1's relative position bias columns) are then pruned apart. Each
+proj's columns, whole units, with V1's relative position bias columns or V2's bias MLP rows and logit scales) are then pruned apart. Each
 case is proven against the masked reference in float64, and the proof fails on broken rewrites.
 """
 
@@ -78,30 +78,72 @@ def test_the_shift_mask_separates_the_regions_a_shift_brings_together() -> None:
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_torchvision_swin_prunes_its_widths_and_v1_its_heads_and_is_proven(v2: bool) -> None:
+def test_torchvision_swin_prunes_its_widths_and_heads_and_is_proven(v2: bool) -> None:
     model = small(v2)
     groups = {g.key: g for g in fxprune.find_groups(model, example_inputs=(X,))}
     stream = groups["features.0.0"]
     assert stream.prunable and stream.renormalising
-    heads = [g for key, g in groups.items() if key.endswith(".attn.qkv")]  # named by the q/k/v weight
-    assert len(heads) == 4
-    if v2:
-        # V2's relative position bias comes from a small MLP, not a table column per head.
-        assert not any(g.prunable for g in heads)
-        assert any("not a table gathered per head" in r for g in heads for r in g.reasons)
-    else:
-        assert all(g.prunable for g in heads)
+    # V1's heads are named by the q/k/v weight (whole units of head_dim); V2's by the last
+    # Linear of the MLP that computes the position bias, whose channels are the heads.
+    heads = [g for key, g in groups.items() if key.endswith(".attn.cpb_mlp.2" if v2 else ".attn.qkv")]
+    assert len(heads) == 4 and all(g.prunable and g.exact for g in heads)
+    assert [g.size for g in heads] == ([2, 2, 4, 4] if v2 else [16, 16, 32, 32])
     plan = fxprune.plan(model, 0.5, example_inputs=(X,))
     pruned = fxprune.apply(model, plan, example_inputs=(X,))
     assert_equivalent(model, pruned, plan, (X,), example_inputs=(X,))
     calls = [n for n in pruned.graph.nodes if n.op == "call_function" and "attention" in str(n.target)]
     assert len(calls) == 4 and all(n.target is window_attention and n.kwargs["head_dim"] == 8 for n in calls)
-    assert [n.args[5] for n in calls] == ([2, 2, 4, 4] if v2 else [1, 1, 2, 2])
-    assert pruned.get_parameter("features.1.0.attn.qkv.weight").shape == ((48, 8) if v2 else (24, 8))
-    assert pruned.get_parameter("features.1.0.attn.proj.weight").shape == ((8, 16) if v2 else (8, 8))
-    if not v2:
+    assert [n.args[5] for n in calls] == [1, 1, 2, 2]
+    assert pruned.get_parameter("features.1.0.attn.qkv.weight").shape == (24, 8)
+    assert pruned.get_parameter("features.1.0.attn.proj.weight").shape == (8, 8)
+    if v2:
+        assert pruned.get_parameter("features.3.0.attn.cpb_mlp.2.weight").shape == (2, 256)
+        assert pruned.get_parameter("features.3.0.attn.logit_scale").shape == (2, 1, 1)
+    else:
         assert pruned.get_parameter("features.1.0.attn.relative_position_bias_table").shape == (49, 1)
     assert sum(p.numel() for p in pruned.parameters()) < 0.4 * sum(p.numel() for p in model.parameters())
+
+
+def test_broken_swin_v2_head_rewrites_fail_the_proof() -> None:
+    model = small(v2=True)
+    plan = fxprune.plan(model, 0.5, example_inputs=(X,))
+    pruned = fxprune.apply(model, plan, example_inputs=(X,))
+    # The bias MLP's row of the wrong head, q/k/v rows of the wrong head, proj's columns.
+    assert_rolled_weight_fails(model, pruned, plan, (X,), "features.3.1.attn.cpb_mlp.2", 0)
+    assert_rolled_weight_fails(model, pruned, plan, (X,), "features.3.1.attn.qkv", 0)
+    assert_rolled_weight_fails(model, pruned, plan, (X,), "features.3.1.attn.proj", 1)
+    # The logit scale of the wrong head (stage 2 keeps 2 of 4 heads).
+    broken = copy.deepcopy(pruned)
+    scale = broken.get_parameter("features.3.1.attn.logit_scale")
+    with torch.no_grad():
+        scale.copy_(scale.roll(1, 0))
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))
+    # A head count left at the original (torchvision's bias view and the attention disagree).
+    broken = copy.deepcopy(pruned)
+    for node in broken.graph.nodes:
+        if node.target is window_attention:
+            node.args = node.args[:5] + (node.args[5] * 2,) + node.args[6:]
+    broken.recompile()
+    with pytest.raises((AssertionError, RuntimeError)):
+        assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))
+
+
+def test_a_v2_position_bias_read_elsewhere_keeps_its_heads_whole() -> None:
+    model = small(v2=True)
+    gm = torch.fx.symbolic_trace(model)
+    mlp = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "features.1.0.attn.cpb_mlp.2")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        # Its per-head output reaches the model's output: those channels cannot change.
+        out.args = ((out.args[0], mlp),)
+    gm.recompile()
+    groups = {g.key: g for g in fxprune.find_groups(gm, example_inputs=(X,))}
+    assert not groups["features.1.0.attn.cpb_mlp.2"].prunable and groups["features.1.1.attn.cpb_mlp.2"].prunable
+    plan = fxprune.plan(gm, 0.5, example_inputs=(X,))
+    pruned = fxprune.apply(gm, plan, example_inputs=(X,))
+    assert_equivalent(gm, pruned, plan, (X,), example_inputs=(X,))
+    assert pruned.get_parameter("features.1.0.attn.qkv.weight").shape == (48, 8)
 
 
 def uneven_plan(model: torch.nn.Module) -> fxprune.PruningPlan:

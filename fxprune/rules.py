@@ -2878,6 +2878,101 @@ def _einsum_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
 # once per head into the projection.
 
 
+def _head_pieces(node: torch.fx.Node) -> Optional[Tuple[torch.fx.Node, List[int], List[torch.fx.Node], List[torch.fx.Node]]]:
+    """The split of a per-head projection's view ``node`` (``(B, N, H, d)``) into q, k, v or k, v.
+
+    Two spellings: LeViT splits the view along its last dim and permutes each piece (q and v to
+    ``(B, H, N, d)``, k to ``(B, H, d, N)``); EfficientFormer permutes the view to ``(B, H, N, d)``
+    first, splits that, and transposes k's piece. Returns the split, its sizes, the nodes from
+    the view to the pieces (the rule's region so far) and the pieces as the attention reads them
+    (``[q,] k, v``), or None.
+    """
+    first = _only_user(node)
+    pre = first if first is not None and first.args and first.args[0] is node \
+        and first.target in ("permute", torch.permute) and _dims_are(first, 4, (0, 2, 1, 3)) else None
+    split = _only_user(pre) if pre is not None else first
+    if split is None or split.target not in ("split", torch.split) or split.args[0] is not (node if pre is None else pre):
+        return None
+    if len(split.args) < 2 and not {"split_size_or_sections", "split_size"} & set(split.kwargs):
+        return None
+    sizes = _arg(split, 1, "split_size_or_sections", split.kwargs.get("split_size"))
+    dim = _arg(split, 2, "dim", 0)
+    if not isinstance(sizes, (list, tuple)) or len(sizes) not in (2, 3) or not all(_int_arg(v) for v in sizes) \
+            or not _int_arg(dim) or dim % 4 != 3:
+        return None
+    count = len(sizes)
+    got: Dict[int, torch.fx.Node] = {}
+    for user in split.users:
+        if user.target is not operator.getitem or not _int_arg(user.args[1]) or user.args[1] % count in got:
+            return None
+        got[user.args[1] % count] = user
+    if sorted(got) != list(range(count)):
+        return None
+    region: List[torch.fx.Node] = ([pre] if pre is not None else []) + [split]
+    pieces: List[torch.fx.Node] = []
+    for i in range(count):
+        piece, is_key = got[i], i == count - 2  # k is the piece before v
+        region.append(piece)
+        if pre is None:
+            perm = _only_user(piece)
+            want = (0, 2, 3, 1) if is_key else (0, 2, 1, 3)
+            if perm is None or perm.args[0] is not piece or not (perm.target in ("permute", torch.permute)
+                                                                    and _dims_are(perm, 4, want)):
+                return None
+            region.append(perm)
+            pieces.append(perm)
+        elif is_key:
+            swap = _only_user(piece)
+            if swap is None or swap.args[0] is not piece or not (
+                    _swaps(swap, 4, 2, 3) or swap.target in ("permute", torch.permute) and _dims_are(swap, 4, (0, 1, 3, 2))):
+                return None
+            region.append(swap)
+            pieces.append(swap)
+        else:
+            pieces.append(piece)
+    return split, [int(v) for v in sizes], region, pieces
+
+
+def _scores_to_values(ctx: RuleContext, core: torch.fx.Node, v: torch.fx.Node, region: List[torch.fx.Node]
+                      ) -> Optional[torch.fx.Node]:
+    """``attn @ v`` after the scores ``core`` (``q @ k``), appending the nodes between to ``region``.
+
+    Between them only ops on the scores and tensors computed from parameters alone (a position
+    bias); None otherwise. (Pruning each head's q/k dims alike leaves the scores equal in both
+    models, softmax or not.)
+    """
+    scores = core
+    for _ in range(8):
+        user = _only_user(scores)
+        if user is None or not user.args or user.args[0] is not scores:
+            return None
+        if _is_matmul(user):
+            break
+        others = [a for a in user.all_input_nodes if a is not scores]
+        if user.op == "call_module" and not isinstance(ctx.module(user), (nn.Softmax, nn.Dropout, nn.Identity)):
+            return None
+        if any(not _parameters_only(a) for a in others):
+            return None
+        region.append(user)
+        scores = user
+    else:
+        return None
+    out = _only_user(scores)
+    if out is None or out.args[:2] != (scores, v) or _only_user(v) is not out:
+        return None
+    region.append(out)
+    return out
+
+
+def _self_contained(node: torch.fx.Node, region: List[torch.fx.Node]) -> bool:
+    """No region node but the last is read outside the region, and the walk has not reached any."""
+    inside = set(region)
+    if any(u not in inside for n in region[:-1] for u in n.users):
+        return False  # a region tensor read elsewhere: not a self-contained attention block
+    order = {x: i for i, x in enumerate(node.graph.nodes)}
+    return all(order[x] > order[node] for x in region)
+
+
 def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...],
                   out_shape: Tuple[int, ...], sizes: Any) -> bool:
     """Recognise LeViT-style per-head q/k/v at the view ``node`` (see above); True if it was claimed."""
@@ -2889,74 +2984,32 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
     if not isinstance(sizes, (list, tuple)) or len(sizes) != 4 or not (sizes[3] == -1 or sizes[3] == per) \
             or not (isinstance(sizes[2], torch.fx.Node) or sizes[2] == heads):
         return False
-    split = _only_user(node)
-    if split is None or split.target not in ("split", torch.split) or split.args[0] is not node:
+    found = _head_pieces(node)
+    if found is None:
         return False
-    if len(split.args) < 2 and not {"split_size_or_sections", "split_size"} & set(split.kwargs):
-        return False
-    pieces_arg = _arg(split, 1, "split_size_or_sections", split.kwargs.get("split_size"))
-    dim = _arg(split, 2, "dim", 0)
-    if not isinstance(pieces_arg, (list, tuple)) or len(pieces_arg) not in (2, 3) \
-            or not all(_int_arg(v) for v in pieces_arg) or not _int_arg(dim) or dim % 4 != 3:
-        return False
-    if len(pieces_arg) == 2:
-        return _per_head_kv(ctx, node, inp, in_shape, sizes, split, heads, per)
-    kd, kd2, vd = (int(v) for v in pieces_arg)
+    split, pieces, region, finals = found
+    if len(pieces) == 2:
+        return _per_head_kv(ctx, node, inp, sizes, split, pieces, region, finals, heads, per)
+    kd, kd2, vd = pieces
     if kd != kd2 or kd + kd2 + vd != per or min(kd, vd) < 1:
         return False
-    region: List[torch.fx.Node] = [split]
-    got: Dict[int, torch.fx.Node] = {}
-    for user in split.users:
-        if user.target is not operator.getitem or not _int_arg(user.args[1]) or user.args[1] % 3 in got:
-            return False
-        got[user.args[1] % 3] = user
-    if sorted(got) != [0, 1, 2]:
-        return False
-    perms = []
-    for i, want in ((0, (0, 2, 1, 3)), (1, (0, 2, 3, 1)), (2, (0, 2, 1, 3))):
-        perm = _only_user(got[i])
-        if perm is None or perm.args[0] is not got[i] or not (perm.target in ("permute", torch.permute)
-                                                                and _dims_are(perm, 4, want)):
-            return False
-        perms.append(perm)
-        region += [got[i], perm]
-    q, k, v = perms
+    q, k, v = finals
     core = _only_user(q)
     if core is None or not _is_matmul(core) or core.args[:2] != (q, k) or _only_user(k) is not core:
         return False
     region.append(core)
-    scores = core
-    for _ in range(8):  # the scores' way to @ v: ops on the scores and parameter-only tensors
-        user = _only_user(scores)
-        if user is None or not user.args or user.args[0] is not scores:
-            return False
-        if _is_matmul(user):
-            break
-        others = [a for a in user.all_input_nodes if a is not scores]
-        if user.op == "call_module" and not isinstance(ctx.module(user), (nn.Softmax, nn.Dropout, nn.Identity)):
-            return False
-        if any(not _parameters_only(a) for a in others):
-            return False
-        region.append(user)
-        scores = user
-    else:
+    out = _scores_to_values(ctx, core, v, region)
+    merge = _merged_heads(out) if out is not None else None
+    if merge is None:
         return False
-    out = _only_user(scores)
-    if out is None or out.args[:2] != (scores, v) or _only_user(v) is not out:
-        return False
-    region.append(out)
-    found = _merged_heads(out)
-    if found is None:
-        return False
-    merge_t, merged = found
+    merge_t, merged = merge
     msizes = _view_sizes(merged)
     if tuple(ctx.shape(merged) or ()) != (in_shape[0], in_shape[1], heads * vd) or not isinstance(msizes, (list, tuple)) \
             or len(msizes) != 3 or not (msizes[2] == heads * vd or msizes[2] == -1 and all(m != -1 for m in msizes[:2])):
         return False
     region += [merge_t, merged]
-    for n in region[:-1]:
-        if any(u not in region for u in n.users):
-            return False  # a region tensor read elsewhere: not a self-contained attention block
+    if not _self_contained(node, region):
+        return False
     cut = ctx.split(node, inp, [kd, kd, vd] * heads)
     qk = ctx.unify(node, [cut[3 * h + j] for h in range(heads) for j in (0, 1)])
     vv = ctx.unify(node, [cut[3 * h + 2] for h in range(heads)])
@@ -2980,8 +3033,9 @@ def _split_where(split: torch.fx.Node) -> Tuple[Union[int, str], ...]:
     return (next(k for k in ("split_size_or_sections", "split_size") if k in split.kwargs),)
 
 
-def _per_head_kv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...], sizes: Any,
-                 split: torch.fx.Node, heads: int, per: int) -> bool:
+def _per_head_kv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, sizes: Any, split: torch.fx.Node,
+                 pieces: List[int], region: List[torch.fx.Node], finals: List[torch.fx.Node], heads: int,
+                 per: int) -> bool:
     """LeViT's downsampling attention (timm ``levit.AttentionDownsample``) at kv's view ``node``.
 
     Like :func:`_per_head_qkv`, but the projection at ``node`` gives k and v only (viewed
@@ -2990,26 +3044,10 @@ def _per_head_kv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: T
     them when it reaches q's view, or freezes both); each head keeps the same kd' dims of q and
     k and the same vd' dims of v, exact for the same reason.
     """
-    kd, vd = (int(v) for v in _arg(split, 1, "split_size_or_sections", split.kwargs.get("split_size")))
+    kd, vd = pieces
     if kd + vd != per or min(kd, vd) < 1:
         return False
-    region: List[torch.fx.Node] = [split]
-    got: Dict[int, torch.fx.Node] = {}
-    for user in split.users:
-        if user.target is not operator.getitem or not _int_arg(user.args[1]) or user.args[1] % 2 in got:
-            return False
-        got[user.args[1] % 2] = user
-    if sorted(got) != [0, 1]:
-        return False
-    perms = []
-    for i, want in ((0, (0, 2, 3, 1)), (1, (0, 2, 1, 3))):
-        perm = _only_user(got[i])
-        if perm is None or perm.args[0] is not got[i] or not (perm.target in ("permute", torch.permute)
-                                                                and _dims_are(perm, 4, want)):
-            return False
-        perms.append(perm)
-        region += [got[i], perm]
-    k, v = perms
+    k, v = finals
     core = _only_user(k)
     if core is None or not _is_matmul(core) or len(core.args) < 2 or core.args[1] is not k:
         return False
@@ -3029,44 +3067,19 @@ def _per_head_kv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: T
             or any(_channel_size_reads(ctx, a) for a in qsizes[:2]):
         return False
     region += [qview, q, core]
-    scores = core
-    for _ in range(8):  # the scores' way to @ v: ops on the scores and parameter-only tensors
-        user = _only_user(scores)
-        if user is None or not user.args or user.args[0] is not scores:
-            return False
-        if _is_matmul(user):
-            break
-        others = [a for a in user.all_input_nodes if a is not scores]
-        if user.op == "call_module" and not isinstance(ctx.module(user), (nn.Softmax, nn.Dropout, nn.Identity)):
-            return False
-        if any(not _parameters_only(a) for a in others):
-            return False
-        region.append(user)
-        scores = user
-    else:
+    out = _scores_to_values(ctx, core, v, region)
+    merge = _merged_heads(out) if out is not None else None
+    if merge is None:
         return False
-    if not _has_softmax(ctx, region[region.index(core):]):
-        return False  # attention without a softmax is not the pattern
-    out = _only_user(scores)
-    if out is None or out.args[:2] != (scores, v) or _only_user(v) is not out:
-        return False
-    region.append(out)
-    found = _merged_heads(out)
-    if found is None:
-        return False
-    merge_t, merged = found
+    merge_t, merged = merge
     msizes = _view_sizes(merged)
     if tuple(ctx.shape(merged) or ()) != (qshape[0], qshape[1], heads * vd) or not isinstance(msizes, (list, tuple)) \
             or len(msizes) != 3 or not (msizes[2] == heads * vd or msizes[2] == -1 and all(m != -1 for m in msizes[:2])) \
             or any(_channel_size_reads(ctx, a) for a in msizes[:2]):
         return False
     region += [merge_t, merged]
-    for n in region[:-1]:
-        if any(u not in region for u in n.users):
-            return False  # a region tensor read elsewhere: not a self-contained attention block
-    order = {x: i for i, x in enumerate(node.graph.nodes)}
-    if any(order[x] < order[node] for x in region):
-        return False  # a region node the walk has already visited (q's view before kv's)
+    if not _self_contained(node, region):
+        return False  # (q's view before kv's is a region node the walk has visited)
     cut = ctx.split(node, inp, [kd, vd] * heads)
     kk = ctx.unify(node, [cut[2 * h] for h in range(heads)])
     vv = ctx.unify(node, [cut[2 * h + 1] for h in range(heads)])

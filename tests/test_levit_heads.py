@@ -5,7 +5,8 @@ timm's ``levit.Attention`` views one projection ``(B, N, H * (2 kd + vd))`` as `
 dims of q and k and the same vd' dims of v are kept in every head (the split sizes, the merged
 width and the projection's columns follow). Its downsampling attention (``AttentionDownsample``)
 splits one projection into k and v only and takes q from its own Linear on a subsampled input:
-q's rows are tied head by head to k's. Proven against the masked reference in float64, and the
+q's rows are tied head by head to k's. EfficientFormer's attention permutes the view before it
+splits it (and transposes k's piece): the same layout. Proven against the masked reference in float64, and the
 proof fails on a broken rewrite.
 """
 
@@ -207,3 +208,24 @@ def test_split_sizes_given_by_keyword_are_rewritten() -> None:
     split = next(n for n in pruned.graph.nodes if n.target == "split")
     assert list(split.kwargs["split_size"]) == [2, 2, 4]
     assert pruned.get_submodule("attn.proj").in_features == 8
+
+
+def test_efficientformer_attention_permuted_before_the_split_prunes_each_heads_width() -> None:
+    from timm.models.efficientformer import Attention as EfficientFormerAttention
+
+    torch.manual_seed(0)
+    m = Tokens(EfficientFormerAttention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=RES))
+    m = randomize_norms(spread_parameters(m, "attention_biases")).eval()
+    pruned, plan = prove(m)
+    # 2 heads of (q 4, k 4, v 8) -> (2, 2, 4) each, as for LeViT's layout.
+    assert pruned.get_submodule("attn.qkv").out_features == 2 * (2 + 2 + 4)
+    assert pruned.get_submodule("attn.proj").in_features == 2 * 4
+    split = next(n for n in pruned.graph.nodes if n.target == "split")
+    assert list(split.args[1]) == [2, 2, 4]
+    for name, dim in (("attn.qkv", 0), ("attn.proj", 1)):
+        broken = copy.deepcopy(pruned)
+        weight = broken.get_submodule(name).weight
+        with torch.no_grad():
+            weight.copy_(weight.roll(1, dim))
+        with pytest.raises(AssertionError):
+            assert_equivalent(m, broken, plan, [T], example_inputs=(T,))

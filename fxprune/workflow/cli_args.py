@@ -290,7 +290,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--download", action="store_true",
                       help="allow downloading the data set or torchvision weights (never otherwise)")
     what.add_argument("--image-size", type=positive_int, default=None,
-                      help="crop size for ImageFolder data (default 224)")
+                      help="image size: the crop of ImageFolder data (default 224); Fashion-MNIST and CIFAR-10 "
+                           "images are resized to it (default: their own 28 / 32 px), for models that "
+                           "downsample too far for small images (ConvNeXt: --image-size 32)")
     what.add_argument("--limit", type=positive_int, default=None,
                       help="use only this many samples of each split (quick trials)")
 

@@ -42,6 +42,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DataBundle",
+    "resize_images",
     "TensorImageDataset",
     "ShardSampler",
     "load_data",
@@ -565,7 +566,8 @@ def load_data(spec: Union[str, Path] = "fashion-mnist", *, download: bool = Fals
     ``"cifar10"`` (from the download root), or a path: a folder of Fashion-MNIST IDX files, a
     CIFAR-10 python batch folder, or any ImageFolder tree. ``limit`` keeps the first ``limit``
     samples of a fixed seeded permutation of each split (for tests and quick trials).
-    ``image_size`` sets the crop size of ImageFolder data (default 224).
+    ``image_size`` sets the crop size of ImageFolder data (default 224) and resizes in-memory
+    images (Fashion-MNIST, CIFAR-10) to that size (:func:`resize_images`).
     """
     text = str(spec)
     alias = _DATA_ALIASES.get(text.lower())
@@ -587,10 +589,43 @@ def load_data(spec: Union[str, Path] = "fashion-mnist", *, download: bool = Fals
                 f"a CIFAR-10 python folder or an ImageFolder tree.")
         else:
             bundle = load_image_folder(path, image_size=image_size or 224)
+    if image_size is not None and image_size != bundle.image_size and isinstance(bundle.train, TensorImageDataset):
+        # In-memory images (Fashion-MNIST, CIFAR-10) are resized once here; an ImageFolder
+        # tree was already cropped to image_size as it is read.
+        bundle = resize_images(bundle, image_size)
     if limit is not None:
         bundle.train = limit_dataset(bundle.train, limit)
         bundle.test = limit_dataset(bundle.test, limit)
     return bundle
+
+
+def resize_images(bundle: DataBundle, image_size: int) -> DataBundle:
+    """``bundle`` with its in-memory images resized to ``image_size`` square (bilinear, antialiased).
+
+    For models whose downsampling needs larger inputs than the data's own (ConvNeXt's stride-32
+    stages on 28 px Fashion-MNIST). Images stay uint8; the identity records the size, so a
+    cached baseline is never reused across sizes.
+
+    >>> import torch
+    >>> data = TensorImageDataset(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2), [0.5], [0.5])
+    >>> bundle = DataBundle("toy", data, data, ["a"], 1, 28, "memory", identity="x")
+    >>> resize_images(bundle, 32).train.images.shape
+    torch.Size([2, 1, 32, 32])
+    """
+    if image_size < 1:
+        raise ConfigError(f"--image-size must be a positive number of pixels, got {image_size}")
+    splits = []
+    for split in (bundle.train, bundle.test):
+        if not isinstance(split, TensorImageDataset):
+            raise ConfigError(f"--image-size resizes in-memory images only; {bundle.name} is read from files")
+        images = torch.nn.functional.interpolate(split.images.float(), size=(image_size, image_size),
+                                                 mode="bilinear", antialias=True, align_corners=False)
+        resized = TensorImageDataset(images.round_().clamp_(0, 255).to(torch.uint8), split.labels,
+                                     split._mean.flatten().tolist(), split._std.flatten().tolist())
+        splits.append(resized)
+    return DataBundle(bundle.name, splits[0], splits[1], bundle.classes, bundle.in_channels, image_size,
+                      f"{bundle.source} (resized to {image_size}x{image_size})", bundle.mean, bundle.std,
+                      bundle.num_workers, f"{bundle.identity};size={image_size}")
 
 
 def limit_dataset(dataset: Dataset, limit: int, seed: int = 0) -> Dataset:

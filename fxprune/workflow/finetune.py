@@ -59,6 +59,7 @@ __all__ = [
     "TrainResult",
     "train",
     "recalibrate_batchnorm",
+    "batchnorm_layers",
     "distillation_loss",
     "save_checkpoint",
     "load_training_checkpoint",
@@ -533,7 +534,8 @@ def train(model: nn.Module, train_set: Dataset, config: TrainConfig, *,
     return result
 
 
-def _batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers of ``model`` that keep running statistics (what recalibration re-estimates)."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
@@ -552,7 +554,7 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, *, batches: int = 
     # Not torch.optim.swa_utils.update_bn: it puts the whole model in train mode (dropout and
     # stochastic depth on while the statistics are gathered), reads every batch of the loader
     # it is given, and has no way to cap the batches or keep their order a function of the seed.
-    layers = _batchnorm_layers(model)
+    layers = batchnorm_layers(model)
     if not layers:
         return 0
     device = torch.device(device)

@@ -54,7 +54,7 @@ from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.evaluate import compare_latency, evaluate_accuracy, latency_target_key, model_cost
 from fxprune.workflow.extras import check_run_extras
 from fxprune.workflow.latency_store import JsonFileStore, default_cache_dir
-from fxprune.workflow.finetune import (TrainConfig, check_resumable, recalibrate_batchnorm, resume_fingerprint,
+from fxprune.workflow.finetune import (TrainConfig, batchnorm_layers, check_resumable, recalibrate_batchnorm, resume_fingerprint,
                                        save_checkpoint, train)
 from fxprune.workflow import progress
 from fxprune.workflow.models import (build_model, canonical_model_name, check_model_name, load_checkpoint_file,
@@ -1008,17 +1008,29 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
 
     progress.current().begin("recalibrate", point, detail=f"re-estimating BatchNorm statistics on "
                              f"{config.recalibration_batches} batches, then evaluating")
+
+    def evaluate_pruned(desc: str) -> Any:
+        return evaluate_accuracy(pruned, data.test, classes=data.classes, batch_size=max(256, config.batch_size),
+                                 device=session.device, ctx=ctx, num_workers=data.num_workers,
+                                 quiet=config.quiet, desc=desc)
+
+    # Right after pruning first: the statistics a BatchNorm kept describe the unpruned network,
+    # so recalibration's gain is reported apart (a model without BatchNorm has none to gain:
+    # LayerNorm and GroupNorm keep no running statistics).
+    has_bn = bool(batchnorm_layers(pruned)) and config.recalibration_batches > 0
+    right_after = evaluate_pruned("evaluate pruned (right after pruning)") if has_bn else None
     started = time.perf_counter()
     recalibrate_batchnorm(pruned, data.train, batches=config.recalibration_batches,
                           batch_size=config.batch_size, device=session.device, seed=config.seed,
                           quiet=config.quiet)
     session.timings["bn_recalibration"] = time.perf_counter() - started
-    after_recal = evaluate_accuracy(pruned, data.test, classes=data.classes,
-                                    batch_size=max(256, config.batch_size), device=session.device,
-                                    ctx=ctx, num_workers=data.num_workers, quiet=config.quiet,
-                                    desc="evaluate pruned (before fine-tuning)")
-    logger.info("pruned (%s, %s), BN recalibrated, before fine-tuning: top-1 %.2f%%",
-                what, importance, after_recal.top1)
+    after_recal = evaluate_pruned("evaluate pruned (before fine-tuning)")
+    if right_after is None:
+        logger.info("pruned (%s, %s), before fine-tuning (no BatchNorm to recalibrate): top-1 %.2f%%",
+                    what, importance, after_recal.top1)
+    else:
+        logger.info("pruned (%s, %s): top-1 %.2f%% right after pruning, %.2f%% after BatchNorm recalibration",
+                    what, importance, right_after.top1, after_recal.top1)
 
     history: list[dict[str, float]] = []
     if config.epochs > 0:
@@ -1041,6 +1053,9 @@ def _prune_finetune_measure(session: _Session, baseline: nn.Module, out: Path, r
         entry["latency_target"] = target
     entry["top1_before_finetune"] = after_recal.top1
     entry["top5_before_finetune"] = after_recal.top5
+    # None when the model has no BatchNorm: then top1_before_finetune *is* right after pruning.
+    entry["top1_right_after_pruning"] = right_after.top1 if right_after is not None else None
+    entry["bn_recalibrated"] = right_after is not None
     entry["finetune_history"] = history
     if details is not None:
         entry["details"] = details

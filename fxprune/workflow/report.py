@@ -1275,9 +1275,13 @@ def _accuracy_lines(report: Mapping[str, Any]) -> list[str]:
 
     lines += [f"| top-1 accuracy (%) | {cell(base, 'top1')} | {cell(control, 'top1')} | {cell(pruned, 'top1')} |",
               f"| top-5 accuracy (%) | {cell(base, 'top5')} | {cell(control, 'top5')} | {cell(pruned, 'top5')} |"]
+    if pruned.get("top1_right_after_pruning") is not None:
+        lines.append(f"| top-1 right after pruning (%) | - | - | {_fmt(pruned.get('top1_right_after_pruning'))} |")
     if pruned.get("top1_before_finetune") is not None:
-        lines.append(f"| top-1 before fine-tuning, after BatchNorm recalibration (%) | - | - | "
-                     f"{_fmt(pruned.get('top1_before_finetune'))} |")
+        # An older report (no bn_recalibrated key) always recalibrated what BatchNorms it had.
+        what = "after BatchNorm recalibration" if pruned.get("bn_recalibrated", True) \
+            else "right after pruning (no BatchNorm to recalibrate)"
+        lines.append(f"| top-1 before fine-tuning, {what} (%) | - | - | {_fmt(pruned.get('top1_before_finetune'))} |")
     lines.append("")
     versus_base = (pruned["top1"] - base["top1"]) if pruned.get("top1") is not None and base.get("top1") is not None \
         else None

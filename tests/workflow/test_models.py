@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+import fxprune
 from fxprune.cost import count_macs, count_params
+from fxprune.testing import assert_equivalent
 from fxprune.workflow.errors import CheckpointError, ConfigError
 from fxprune.workflow.models import build_model, load_checkpoint_file, load_weights
 
@@ -129,3 +131,16 @@ def test_torchvision_weights_name_from_the_hub_cache(tmp_path: Path, monkeypatch
     torch.save(cached_state, cached)
     load_weights(model, name)
     assert torch.equal(model.conv1.weight, cached_state["conv1.weight"])
+
+
+def test_the_example_tiny_vit_is_a_model_the_job_builds_and_prunes(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("timm")
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the job imports from the current directory
+    model = build_model("examples.tiny_vit:tiny_vit", num_classes=10, in_channels=1, image_size=28).eval()
+    x = torch.randn(2, 1, 28, 28)
+    assert tuple(model(x).shape) == (2, 10)
+    groups = fxprune.find_groups(model, example_inputs=(x,))
+    assert any(g.prunable and g.renormalising for g in groups)  # the embedding width
+    assert sum(g.prunable and g.unit == 64 for g in groups) == 4  # whole heads, in every block
+    plan = fxprune.plan(model, 0.5, example_inputs=(x,))
+    assert_equivalent(model, fxprune.apply(model, plan, example_inputs=(x,)), plan, (x,), example_inputs=(x,))

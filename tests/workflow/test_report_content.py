@@ -219,6 +219,10 @@ def test_the_control_is_trained_with_the_same_recipe_reported_and_cached(
     assert "This mixes pruning with 1 epoch of extra training" in md
     before = report["pruned"]["top1_before_finetune"]
     assert f"| top-1 before fine-tuning, after BatchNorm recalibration (%) | - | - | {before:.2f} |" in md
+    # Recalibration's own gain: the accuracy right after pruning is reported apart.
+    right_after = report["pruned"]["top1_right_after_pruning"]
+    assert report["pruned"]["bn_recalibrated"] and right_after is not None
+    assert f"| top-1 right after pruning (%) | - | - | {right_after:.2f} |" in md
 
     # A second run (another ratio, same baseline and recipe) reuses the control: not retrained.
     calls.clear()

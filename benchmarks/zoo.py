@@ -868,8 +868,10 @@ def _runs(meta: Mapping[str, Any]) -> str:
     for i, r in enumerate(runs):
         count = f"{r['models']} models, " if "models" in r and len(runs) > 1 else ""
         code = f", {r['fxprune']}" if r.get("fxprune") else ""
+        # A run on another machine than the file's (the newest run's) says which.
+        where = f", on {r['machine']}" if r.get("machine") and r["machine"] != meta.get("machine") else ""
         parts.append(f"`{r.get('command', 'python benchmarks/zoo.py')}` on {r.get('date', '?')} ({count}load average "
-                     f"{r.get('load_start', '?')} at the start, {r.get('load_end', '?')} at the end{code})")
+                     f"{r.get('load_start', '?')} at the start, {r.get('load_end', '?')} at the end{code}{where})")
     return parts[0] if len(parts) == 1 else parts[0] + ", then " + ", then ".join(parts[1:])
 
 
@@ -1088,9 +1090,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if runs and not any("fxprune" in r for r in runs) and old_versions.startswith("fxprune"):
             # Runs recorded before each run carried its commit: the file's one commit note is theirs.
             meta["earlier_fxprune"] = old_versions.split(", torch ")[0]
+        run["machine"] = _machine()
+        for earlier in runs:  # runs recorded before each carried its machine ran on the file's one
+            earlier.setdefault("machine", meta.get("machine", "?"))
         if todo:
             runs.append(run)
-        meta.update(runs=runs, machine=_machine(), versions=_versions(), timeout=args.timeout, ratio=args.ratio)
+        meta.update(runs=runs, machine=run["machine"], versions=_versions(), timeout=args.timeout, ratio=args.ratio)
 
         def one(rec: Dict[str, Any]) -> None:
             name = rec["model"]

@@ -100,7 +100,9 @@ import torch.fx
 import torch.nn as nn
 
 from .version import __version__
+from .api import analyze_model, apply
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
+from .groups import Analysis
 from .modelspec import ModelSpec, ModelSpecError
 from .planning import PLAN_VERSION, GroupPlan, PruningPlan
 
@@ -697,28 +699,27 @@ def _plan_of(pruned: nn.Module, plan: Union[PruningPlan, str, None]) -> PruningP
     return plan
 
 
-def _member_modules(pruned: nn.Module) -> Optional[Set[str]]:
-    """The module names the groups of ``pruned`` mention, or None if it cannot be analysed."""
-    from .api import analyze_model
-
+def _own_groups(pruned: nn.Module) -> Optional[Analysis]:
+    """The analysis of ``pruned`` itself, or None if it cannot be analysed."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FxPruneWarning)  # the pass warned when the plan was made
-            analysis = analyze_model(pruned)
+            return analyze_model(pruned)
     except FxPruneError:
         return None
-    return {m.module for g in analysis.groups for m in g.members}
 
 
 def _check_plan_fits(pruned: nn.Module, plan: PruningPlan) -> None:
     """Refuse at save time a plan that does not describe ``pruned`` (it could never be loaded).
 
     Three cheap checks, each a different kind of mismatch: every module the plan names
-    exists in the model (a resnet34 plan for a resnet18); a group keyed by a Conv/Linear keeps
-    exactly that layer's output count (a plan at another ratio); and every module the model's
-    own groups mention is in the plan (a resnet18 plan for a resnet34, whose layers are a
-    superset). Group *membership* survives pruning, so the last check holds even where a
-    one-channel group now broadcasts; group sizes and structure fingerprints do not.
+    exists in the model (a resnet34 plan for a resnet18); each group keeps exactly as many
+    channels as the pruned model's own group of that key holds (a plan at another ratio; a
+    layer's outputs are no measure of it: q/k/v rows hold the heads' group three times, a
+    depthwise conv with a channel multiplier k times, a split producer several groups); and
+    every module the model's own groups mention is in the plan (a resnet18 plan for a
+    resnet34, whose layers are a superset). Group *membership* survives pruning, so the last
+    check holds even where a one-channel group now broadcasts.
     """
     made_for = plan.model.get("class")
     where = f" (the plan was made for a {made_for}, this model is a {type(pruned).__name__})" if made_for else ""
@@ -731,18 +732,17 @@ def _check_plan_fits(pruned: nn.Module, plan: PruningPlan) -> None:
     if absent:
         raise ArtifactError(f"the plan does not describe this model: it names {len(absent)} modules this model does "
                             f"not have ({', '.join(absent[:3])}){where}. {hint}")
+    own = _own_groups(pruned)
+    sizes = {g.key: g.size for g in own.groups} if own is not None else {}
     for g in plan.groups:
-        layer = modules.get(g.key)
-        # out_channels, not weight.shape[0]: a transposed conv stores its outputs on dim 1.
-        outputs = getattr(layer, "out_channels", getattr(layer, "out_features", None))
-        if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) and outputs != len(g.keep):
+        if g.key in sizes and sizes[g.key] != len(g.keep):
             raise ArtifactError(
                 f"the plan does not describe this model: group {g.key} keeps {len(g.keep)} of {g.size} channels "
-                f"but {g.key} has {outputs} outputs. {hint}")
+                f"but this model's group {g.key} has {sizes[g.key]}. {hint}")
     if not planned:
         return  # a version-1 plan records no members
-    members = _member_modules(pruned)
-    extra = sorted(m for m in (members or set()) if m not in planned and m in modules)
+    members = {m.module for grp in own.groups for m in grp.members} if own is not None else set()
+    extra = sorted(m for m in members if m not in planned and m in modules)
     if extra:
         raise ArtifactError(f"the plan does not describe this model: {len(extra)} of its layers are in no group of "
                             f"the plan ({', '.join(extra[:3])}){where}. {hint}")
@@ -1258,8 +1258,6 @@ class _Mismatch(ArtifactError):
 
 def _replay(original: nn.Module, plan: PruningPlan, meta: Mapping[str, Any], folder: Path,
             device: Optional[str]) -> torch.fx.GraphModule:
-    from .api import apply
-
     inputs = _example_inputs(meta, device)
     # Replay with shapes first when they are known (a plan made with shape propagation may
     # need them), else without; fall back to the other if the first does not fit.

@@ -361,7 +361,7 @@ def test_save_errors(tmp_path: Path, r18) -> None:
     bare = torchvision.models.resnet18()
     with pytest.raises(ArtifactError, match="needs the pruning plan"):
         fxprune.save(bare, tmp_path / "a")
-    with pytest.raises(ArtifactError, match="group conv1 keeps 44 of 64 channels but conv1 has 32 outputs"):
+    with pytest.raises(ArtifactError, match="group conv1 keeps 44 of 64 channels but this model.s group conv1 has 32"):
         fxprune.save(pruned, tmp_path / "b", plan=fxprune.plan(model, 0.3))
     with pytest.raises(ArtifactError, match="expects the pruned nn.Module"):
         fxprune.save("not a model", tmp_path / "c", plan=plan)  # type: ignore[arg-type]
@@ -379,3 +379,31 @@ def test_model_spec_errors(r18_saved: Path, tmp_path: Path) -> None:
     out = fxprune.save(pruned, tmp_path / "nosrc", plan=plan)
     with pytest.raises(ArtifactError, match="does not record its source architecture. Hint: pass model="):
         fxprune.load(out)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin-v2"])
+def test_a_model_with_whole_heads_pruned_round_trips(tmp_path: Path, v2: bool) -> None:
+    # Its q/k/v Linear holds the heads' group three times: save must not read the layer's
+    # outputs as the group's size (it refused every such model before).
+    from torchvision.models import swin_transformer as swin
+
+    def build() -> nn.Module:
+        block = swin.SwinTransformerBlockV2 if v2 else swin.SwinTransformerBlock
+        merge = swin.PatchMergingV2 if v2 else swin.PatchMerging
+        return swin.SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10, block=block,
+                                    downsample_layer=merge).eval()
+
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(1, 3, 32, 32)
+    plan = fxprune.plan(model, 0.5, example_inputs=(x,))
+    pruned = fxprune.apply(model, plan, example_inputs=(x,)).eval()
+    heads = next(g for g in plan.groups if g.key == ("features.3.0.attn.cpb_mlp.2" if v2 else "features.3.0.attn.qkv"))
+    assert heads.pruned
+    out = fxprune.save(pruned, tmp_path / "swin", plan=plan, example_inputs=(x,))
+    loaded = fxprune.load(out, model=build())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    # A plan at another ratio is still refused: the model's own groups say how many channels it keeps.
+    other = fxprune.plan(model, 0.25, example_inputs=(x,))
+    with pytest.raises(ArtifactError, match="does not describe this model: group .* keeps .* but this model's group"):
+        fxprune.save(pruned, tmp_path / "other", plan=other, example_inputs=(x,))

@@ -1133,9 +1133,19 @@ def _write_outputs(session: _Session, out: Path, report: dict[str, Any], baselin
     plots = [plot_channels(baseline, pruned, out / "channels.png",
                            title=f"Channels per layer: {config.model}, {importance}, {what}")]
     report["plots"] = [str(p.name) for p in plots]
-    with collect_warnings(session.warnings):
-        artifacts = save_pruned(pruned, out, example_inputs=example, build=build,
-                                extra={"ratio": ratio, "importance": importance})
+    try:
+        with collect_warnings(session.warnings):
+            artifacts = save_pruned(pruned, out, example_inputs=example, build=build,
+                                    extra={"ratio": ratio, "importance": importance})
+    except Exception as exc:
+        # The run's measurements outlive a model that could not be saved: the report is
+        # written with the error (then the error stops the run as usual).
+        report["artifacts"] = []
+        report["save_error"] = f"{type(exc).__name__}: {exc}"
+        report["warnings"] = session.warnings.to_list()
+        write_report(report, out)
+        logger.error("the pruned model could not be saved; report.md and report.json were written to %s", out)
+        raise
     report["artifacts"] = [p.name for p in artifacts]
     report["warnings"] = session.warnings.to_list()  # with any the save raised
     _log_warning_summary(session.warnings)

@@ -1304,16 +1304,20 @@ def _accuracy_lines(report: Mapping[str, Any]) -> list[str]:
 
 
 def _top_warnings(report: Mapping[str, Any]) -> list[str]:
-    """The banner at the very top of report.md when nothing was (or could be) pruned."""
+    """The banner at the very top of report.md when nothing was (or could be) pruned, or the
+    pruned model could not be saved."""
     from fxprune.allocation import NOTHING_PRUNABLE, NOTHING_PRUNED
 
+    saved = [] if not report.get("save_error") else [
+        f"> **ERROR: the pruned model was not saved** (`{' '.join(str(report['save_error']).split())}`); "
+        "the measurements below are the run's.", ""]
     achieved = (report.get("pruned") or {}).get("achieved")
     nothing = isinstance(achieved, Mapping) and bool(achieved.get("nothing_pruned"))
     why = [str(w.get("message", "")) for w in report.get("warnings") or []
            if str(w.get("message", "")).startswith((NOTHING_PRUNABLE, NOTHING_PRUNED))]
     if not nothing and not why:
-        return []
-    lines = ["> **WARNING: nothing was pruned.** Every group kept all its channels; the pruned model is the "
+        return saved
+    lines = saved + ["> **WARNING: nothing was pruned.** Every group kept all its channels; the pruned model is the "
              "baseline's architecture (check `--round-to`, `--ignore` and the warnings below and in run.log)."]
     for text in why:
         lines += [">", f"> fxprune: {' '.join(text.split())}"]

@@ -464,3 +464,23 @@ def test_an_interrupted_checkpoint_leaves_no_debris_after_the_next_write(tmp_pat
     assert not debris.exists()
     assert live.exists() and foreign.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, foreign.name])
+
+
+def test_a_model_that_cannot_be_saved_still_leaves_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Everything the run measured survives a failed save: report.json and report.md say why.
+    from fxprune.artifact import ArtifactError
+    import fxprune.workflow.job as job
+
+    def refuse(*args, **kwargs):
+        raise ArtifactError("the plan does not describe this model (simulated)")
+
+    monkeypatch.setattr(job, "save_pruned", refuse)
+    data = _write_fmnist(tmp_path / "data")
+    out = tmp_path / "out"
+    with pytest.raises(ArtifactError, match="simulated"):
+        run(_tiny(out, data, control=False))
+    report = json.loads((out / "report.json").read_text())
+    assert report["artifacts"] == [] and "simulated" in report["save_error"]
+    assert report["pruned"]["top1"] is not None
+    md = (out / "report.md").read_text()
+    assert "> **ERROR: the pruned model was not saved**" in md

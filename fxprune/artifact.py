@@ -733,12 +733,15 @@ def _check_plan_fits(pruned: nn.Module, plan: PruningPlan) -> None:
         raise ArtifactError(f"the plan does not describe this model: it names {len(absent)} modules this model does "
                             f"not have ({', '.join(absent[:3])}){where}. {hint}")
     own = _own_groups(pruned)
-    sizes = {g.key: g.size for g in own.groups} if own is not None else {}
+    # Only where the model's group of that key has the plan's members: a group the pruning
+    # changed in kind (one head left, which a rule may read differently) is no measure.
+    sizes = {g.key: (g.size, set(g.modules())) for g in own.groups} if own is not None else {}
     for g in plan.groups:
-        if g.key in sizes and sizes[g.key] != len(g.keep):
+        size, members = sizes.get(g.key, (len(g.keep), set(g.modules)))
+        if size != len(g.keep) and (not g.modules or members == set(g.modules)):
             raise ArtifactError(
                 f"the plan does not describe this model: group {g.key} keeps {len(g.keep)} of {g.size} channels "
-                f"but this model's group {g.key} has {sizes[g.key]}. {hint}")
+                f"but this model's group {g.key} has {size}. {hint}")
     if not planned:
         return  # a version-1 plan records no members
     members = {m.module for grp in own.groups for m in grp.members} if own is not None else set()

@@ -2458,7 +2458,7 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
         return False
     heads, head_dim = int(out_shape[3]), int(out_shape[4])
     width = heads * head_dim
-    if 3 * width != in_shape[2] or inp.channels != in_shape[2] or heads < 2:
+    if 3 * width != in_shape[2] or inp.channels != in_shape[2] or heads < 1:
         return False
     if not isinstance(sizes, (list, tuple)) or len(sizes) != 5:
         return False
@@ -2626,7 +2626,7 @@ def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape
         return False
     heads, head_dim = int(out_shape[2]), int(out_shape[3])
     width = heads * head_dim
-    if tuple(out_shape[:2]) != tuple(in_shape[:2]) or width != in_shape[2] or heads < 2 or not _head_sizes_ok(sizes, out_shape, 2):
+    if tuple(out_shape[:2]) != tuple(in_shape[:2]) or width != in_shape[2] or heads < 1 or not _head_sizes_ok(sizes, out_shape, 2):
         return False
     tq = _only_user(node)
     if tq is None or tq.args[0] is not node or not _swaps(tq, 4, 1, 2):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Callable, Tuple
 
@@ -407,3 +408,28 @@ def test_a_model_with_whole_heads_pruned_round_trips(tmp_path: Path, v2: bool) -
     other = fxprune.plan(model, 0.25, example_inputs=(x,))
     with pytest.raises(ArtifactError, match="does not describe this model: group .* keeps .* but this model's group"):
         fxprune.save(pruned, tmp_path / "other", plan=other, example_inputs=(x,))
+
+
+def test_a_vit_pruned_to_one_head_round_trips(tmp_path: Path) -> None:
+    # Global ranking may leave a block a single head: the pruned model is still analysed as
+    # attention (one head of 64), so save's check reads the same group.
+    timm = pytest.importorskip("timm")
+    import dataclasses
+
+    def build() -> nn.Module:
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
+                                 num_classes=5).eval()
+
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(1, 3, 16, 16)
+    plan = fxprune.plan(model, 0.5, example_inputs=(x,))
+    plan.groups = [dataclasses.replace(g, keep=list(range(64))) if g.key == "blocks.0.attn.qkv" else g
+                   for g in plan.groups]
+    pruned = fxprune.apply(model, plan, example_inputs=(x,)).eval()
+    assert pruned.get_submodule("blocks.0.attn.qkv").out_features == 3 * 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxprune.FxPruneWarning)  # one head is still a known pattern
+        out = fxprune.save(pruned, tmp_path / "vit", plan=plan, example_inputs=(x,))
+    loaded = fxprune.load(out, model=build())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))

@@ -2964,6 +2964,28 @@ def _scores_to_values(ctx: RuleContext, core: torch.fx.Node, v: torch.fx.Node, r
     return out
 
 
+def _values_merged(ctx: RuleContext, core: torch.fx.Node, v: torch.fx.Node, region: List[torch.fx.Node],
+                   shape: Tuple[int, ...]) -> Optional[Tuple[torch.fx.Node, Any]]:
+    """The view merging the heads of ``attn @ v`` back to ``shape`` (``(B, N, H * vd)``) and its sizes.
+
+    Walks from the scores ``core`` (:func:`_scores_to_values`) through the merge
+    (:func:`_merged_heads`), appending to ``region``; None unless the merged width is the
+    literal ``H * vd`` (or ``-1`` beside sizes that are no channel counts).
+    """
+    out = _scores_to_values(ctx, core, v, region)
+    merge = _merged_heads(out) if out is not None else None
+    if merge is None:
+        return None
+    merge_t, merged = merge
+    msizes = _view_sizes(merged)
+    if tuple(ctx.shape(merged) or ()) != tuple(shape) or not isinstance(msizes, (list, tuple)) or len(msizes) != 3 \
+            or not (msizes[2] == shape[2] or msizes[2] == -1 and all(m != -1 for m in msizes[:2])) \
+            or any(_channel_size_reads(ctx, a) for a in msizes[:2]):
+        return None
+    region += [merge_t, merged]
+    return merged, msizes
+
+
 def _self_contained(node: torch.fx.Node, region: List[torch.fx.Node]) -> bool:
     """No region node but the last is read outside the region, and the walk has not reached any."""
     inside = set(region)
@@ -2998,16 +3020,10 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
     if core is None or not _is_matmul(core) or core.args[:2] != (q, k) or _only_user(k) is not core:
         return False
     region.append(core)
-    out = _scores_to_values(ctx, core, v, region)
-    merge = _merged_heads(out) if out is not None else None
-    if merge is None:
+    found = _values_merged(ctx, core, v, region, (in_shape[0], in_shape[1], heads * vd))
+    if found is None:
         return False
-    merge_t, merged = merge
-    msizes = _view_sizes(merged)
-    if tuple(ctx.shape(merged) or ()) != (in_shape[0], in_shape[1], heads * vd) or not isinstance(msizes, (list, tuple)) \
-            or len(msizes) != 3 or not (msizes[2] == heads * vd or msizes[2] == -1 and all(m != -1 for m in msizes[:2])):
-        return False
-    region += [merge_t, merged]
+    merged, msizes = found
     if not _self_contained(node, region):
         return False
     cut = ctx.split(node, inp, [kd, kd, vd] * heads)
@@ -3067,17 +3083,10 @@ def _per_head_kv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, sizes: Any,
             or any(_channel_size_reads(ctx, a) for a in qsizes[:2]):
         return False
     region += [qview, q, core]
-    out = _scores_to_values(ctx, core, v, region)
-    merge = _merged_heads(out) if out is not None else None
-    if merge is None:
+    found = _values_merged(ctx, core, v, region, (qshape[0], qshape[1], heads * vd))
+    if found is None:
         return False
-    merge_t, merged = merge
-    msizes = _view_sizes(merged)
-    if tuple(ctx.shape(merged) or ()) != (qshape[0], qshape[1], heads * vd) or not isinstance(msizes, (list, tuple)) \
-            or len(msizes) != 3 or not (msizes[2] == heads * vd or msizes[2] == -1 and all(m != -1 for m in msizes[:2])) \
-            or any(_channel_size_reads(ctx, a) for a in msizes[:2]):
-        return False
-    region += [merge_t, merged]
+    merged, msizes = found
     if not _self_contained(node, region):
         return False  # (q's view before kv's is a region node the walk has visited)
     cut = ctx.split(node, inp, [kd, vd] * heads)

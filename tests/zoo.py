@@ -15,7 +15,7 @@ from fxprune.testing import assert_equivalent, randomize_norms
 __all__ = [
     "ConcatNet", "InvertedResidualNet", "FlattenHead", "SENet", "LinearSENet", "FunctionalNet",
     "CumsumNet", "GroupedConvNet", "MLPNet", "SharedConvNet", "TinyUNet", "randomize_bn", "init_normal",
-    "assert_rolled_weight_fails", "spread_parameters", "ZOO",
+    "assert_rolled_weight_fails", "assert_rolled_parameter_fails", "spread_parameters", "ZOO",
 ]
 
 
@@ -65,10 +65,18 @@ def assert_rolled_weight_fails(model: nn.Module, pruned: nn.Module, plan: object
     A deliberately broken rewrite (every kept channel shifted to its neighbour's slot) shows the
     equivalence check is able to see an index error at that layer.
     """
+    assert_rolled_parameter_fails(model, pruned, plan, inputs, f"{module}.weight", dim)
+
+
+def assert_rolled_parameter_fails(model: nn.Module, pruned: nn.Module, plan: object, inputs: tuple,
+                                  name: str, dim: int) -> None:
+    """The proof must fail once parameter ``name`` of the pruned model is rolled by one along ``dim``
+    (a bias table's or logit scale's entries moved to the wrong head, say)."""
     broken = copy.deepcopy(pruned)
-    weight = broken.get_submodule(module).weight
+    param = broken.get_parameter(name)
+    assert param.shape[dim] > 1, f"{name} has one entry along dim {dim}: rolling it breaks nothing"
     with torch.no_grad():
-        weight.copy_(weight.roll(1, dim))
+        param.copy_(param.roll(1, dim))
     with pytest.raises(AssertionError):
         assert_equivalent(model, broken, plan, inputs, example_inputs=inputs)
 

@@ -3026,20 +3026,38 @@ def _per_head_qkv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: 
     merged, msizes = found
     if not _self_contained(node, region):
         return False
-    cut = ctx.split(node, inp, [kd, kd, vd] * heads)
-    qk = ctx.unify(node, [cut[3 * h + j] for h in range(heads) for j in (0, 1)])
-    vv = ctx.unify(node, [cut[3 * h + 2] for h in range(heads)])
-    if qk is None or vv is None:
+    widths = _head_widths(ctx, node, inp, sizes, split, pieces, heads, merged, msizes)
+    if widths is None:
         return False
-    qk_count, v_count = ChannelCount.of([qk]), ChannelCount.of([vv])
-    if sizes[3] != -1:
-        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(qk_count.groups * 2 + v_count.groups)))
-    for j, count in enumerate((qk_count, qk_count, v_count)):
-        ctx.rewrite_args(split, ArgPatch(_split_where(split) + (j,), count))
-    if msizes[2] != -1:
-        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(v_count.groups * heads)))
+    vv = widths[1]
     ctx.claim(node, region, {merged.name: Layout(vv.groups * heads, vv.sizes * heads, -1, 3, 1)})
     return True
+
+
+def _head_widths(ctx: RuleContext, node: torch.fx.Node, inp: Layout, sizes: Any, split: torch.fx.Node,
+                 pieces: Sequence[int], heads: int, merged: torch.fx.Node, msizes: Any
+                 ) -> Optional[Tuple[Layout, Layout]]:
+    """Tie each head's q/k dims and v dims alike in every head; the (key dims, v dims) layouts.
+
+    ``pieces``: one head's split of the projection at the view ``node`` (``[kd, kd, vd]`` for
+    q, k, v; ``[kd, vd]`` for k, v): every piece but the last holds key dims (tied together, q's
+    and k's), the last v's. The view's per-head width, the split sizes and the merged width
+    are rewritten from the kept dims.
+    """
+    n = len(pieces)
+    cut = ctx.split(node, inp, list(pieces) * heads)
+    kk = ctx.unify(node, [cut[n * h + j] for h in range(heads) for j in range(n - 1)])
+    vv = ctx.unify(node, [cut[n * h + n - 1] for h in range(heads)])
+    if kk is None or vv is None:
+        return None
+    k_count, v_count = ChannelCount.of([kk]), ChannelCount.of([vv])
+    if sizes[3] != -1:
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(k_count.groups * (n - 1) + v_count.groups)))
+    for j in range(n):
+        ctx.rewrite_args(split, ArgPatch(_split_where(split) + (j,), k_count if j < n - 1 else v_count))
+    if msizes[2] != -1:
+        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(v_count.groups * heads)))
+    return kk, vv
 
 
 def _split_where(split: torch.fx.Node) -> Tuple[Union[int, str], ...]:
@@ -3089,20 +3107,12 @@ def _per_head_kv(ctx: RuleContext, node: torch.fx.Node, inp: Layout, sizes: Any,
     merged, msizes = found
     if not _self_contained(node, region):
         return False  # (q's view before kv's is a region node the walk has visited)
-    cut = ctx.split(node, inp, [kd, vd] * heads)
-    kk = ctx.unify(node, [cut[2 * h] for h in range(heads)])
-    vv = ctx.unify(node, [cut[2 * h + 1] for h in range(heads)])
-    if kk is None or vv is None:
+    widths = _head_widths(ctx, node, inp, sizes, split, pieces, heads, merged, msizes)
+    if widths is None:
         return False
-    k_count, v_count = ChannelCount.of([kk]), ChannelCount.of([vv])
-    if sizes[3] != -1:
-        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, 3), ChannelCount(k_count.groups + v_count.groups)))
-    for j, count in enumerate((k_count, v_count)):
-        ctx.rewrite_args(split, ArgPatch(_split_where(split) + (j,), count))
+    kk, vv = widths
     if qsizes[3] != -1:
-        ctx.rewrite_args(qview, ArgPatch(_view_size_path(qview, 3), k_count))
-    if msizes[2] != -1:
-        ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(v_count.groups * heads)))
+        ctx.rewrite_args(qview, ArgPatch(_view_size_path(qview, 3), ChannelCount.of([kk])))
     ties = {qview.name: Layout(kk.groups * heads, kk.sizes * heads, -1, 3, 1)}
     ctx.claim(node, region, {merged.name: Layout(vv.groups * heads, vv.sizes * heads, -1, 3, 1)}, ties)
     return True
@@ -3865,32 +3875,27 @@ def _window_attention(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]
         _layer_tensor(ctx, node, bound["proj_bias"], 0, out, "out", "bias")
     scale = bound.get("logit_scale")
     scale_shape = ctx.shape(scale) if scale is not None else None
-    if computed is not None:
-        if scale is not None and (tuple(scale_shape or ()) != (heads, 1, 1) or _cast_source(scale) is None):
-            ctx.freeze(node, [group], f"the logit scale of {node.name} is not a [heads, 1, 1] parameter: its heads stay whole")
-        elif scale is not None:
-            source = _cast_source(scale)
-            ctx.tensor_member(node, source.leaves[0][0], 0, Layout(computed.groups, computed.sizes, 0, 3, 1),
-                              via=source.via)
-        path = (5,) if len(node.args) > 5 else ("num_heads",)
-        ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(group.groups))))
-        ctx.rewrite_args(node, ArgPatch(("head_dim",), head_dim), target=window_attention)
-        return out
-    reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
-    ctx.require(node, group, WholeUnits(head_dim), reason)
-    table = _gathered_bias_table(ctx, bias, heads)
-    if table is None:
+    # Positions per head in the heads' group: head_dim where its channels are the q/k/v rows
+    # (V1), 1 where they are the bias MLP's outputs (V2, each owning a block of head_dim rows).
+    per = 1 if computed is not None else head_dim
+    table = None
+    if computed is None:
+        reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
+        ctx.require(node, group, WholeUnits(head_dim), reason)
+        table = _gathered_bias_table(ctx, bias, heads)
+    if computed is None and table is None:
         ctx.freeze(node, [group], f"the relative position bias of {node.name} is neither a table gathered per head "
                                   "nor computed with one channel per head: its heads stay whole")
     elif scale is not None and (tuple(scale_shape or ()) != (heads, 1, 1) or _cast_source(scale) is None):
         ctx.freeze(node, [group], f"the logit scale of {node.name} is not a [heads, 1, 1] parameter: its heads stay whole")
     else:
-        _per_head_sites(ctx, [_HeadSite(bias, 1, table)], group, head_dim)
+        if table is not None:
+            _per_head_sites(ctx, [_HeadSite(bias, 1, table)], group, head_dim)
         if scale is not None:
             source = _cast_source(scale)
-            ctx.tensor_member(node, source.leaves[0][0], 0, group, per=head_dim, via=source.via)
+            ctx.tensor_member(node, source.leaves[0][0], 0, replace(group, block=1), per=per, via=source.via)
         path = (5,) if len(node.args) > 5 else ("num_heads",)
-        ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(group.groups), 1, head_dim)))
+        ctx.rewrite_args(node, ArgPatch(path, ChannelCount(tuple(group.groups), 1, per)))
     # Always fxprune's function with an explicit head_dim: the residual width may change alone.
     ctx.rewrite_args(node, ArgPatch(("head_dim",), head_dim), target=window_attention)
     return out

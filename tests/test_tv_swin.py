@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -115,13 +115,10 @@ def test_broken_swin_v2_head_rewrites_fail_the_proof() -> None:
     # The logit scale of the wrong head (stage 2 keeps 2 of 4 heads).
     assert_rolled_parameter_fails(model, pruned, plan, (X,), "features.3.1.attn.logit_scale", 0)
     # A head count left at the original (torchvision's bias view and the attention disagree).
-    broken = copy.deepcopy(pruned)
-    for node in broken.graph.nodes:
-        if node.target is window_attention:
-            node.args = node.args[:5] + (node.args[5] * 2,) + node.args[6:]
-    broken.recompile()
-    with pytest.raises((AssertionError, RuntimeError)):
-        assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))
+    def original_heads(node: torch.fx.Node) -> None:
+        node.args = node.args[:5] + (node.args[5] * 2,) + node.args[6:]
+
+    assert_edited_attention_fails(model, pruned, plan, original_heads)
 
 
 def test_a_v2_position_bias_read_elsewhere_keeps_its_heads_whole() -> None:
@@ -139,6 +136,18 @@ def test_a_v2_position_bias_read_elsewhere_keeps_its_heads_whole() -> None:
     pruned = fxprune.apply(gm, plan, example_inputs=(X,))
     assert_equivalent(gm, pruned, plan, (X,), example_inputs=(X,))
     assert pruned.get_parameter("features.1.0.attn.qkv.weight").shape == (48, 8)
+
+
+def assert_edited_attention_fails(model: torch.nn.Module, pruned: torch.fx.GraphModule, plan: fxprune.PruningPlan,
+                                  edit: Callable[[torch.fx.Node], None]) -> None:
+    """The proof must fail (or the model not run) once ``edit`` changes every window attention call."""
+    broken = copy.deepcopy(pruned)
+    for node in broken.graph.nodes:
+        if node.target is window_attention:
+            edit(node)
+    broken.recompile()
+    with pytest.raises((AssertionError, RuntimeError)):
+        assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))
 
 
 def uneven_plan(model: torch.nn.Module) -> fxprune.PruningPlan:
@@ -170,14 +179,11 @@ def test_broken_swin_rewrites_fail_the_proof() -> None:
     # The bias table's column of the wrong head (stage 2 keeps 2 of 4 heads).
     assert_rolled_parameter_fails(model, pruned, plan, (X,), "features.3.1.attn.relative_position_bias_table", 1)
     # torchvision's function on the pruned widths (head_dim read as C // num_heads again).
-    broken = copy.deepcopy(pruned)
-    for node in broken.graph.nodes:
-        if node.target is window_attention:
-            node.target = swin.shifted_window_attention
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "head_dim"}
-    broken.recompile()
-    with pytest.raises((AssertionError, RuntimeError)):
-        assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))
+    def torchvisions_function(node: torch.fx.Node) -> None:
+        node.target = swin.shifted_window_attention
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "head_dim"}
+
+    assert_edited_attention_fails(model, pruned, plan, torchvisions_function)
 
 
 def test_a_pruned_swin_is_traced_and_pruned_again() -> None:

@@ -24,7 +24,7 @@ from .errors import FxPruneError, FxPruneWarning, InternalError, describe_node
 from .groups import Analysis, Group, analyze, select_channels
 from .importance import Criterion, ScoringOptions, check_importance
 from .latency_model import LatencyOptions, LatencyTarget, plan_for_latency
-from .planning import GroupPlan, PruningPlan, make_plan
+from .planning import GroupPlan, PruningPlan, make_plan, rules_for
 from .registry import Registry
 from .rewrite import Builder, rewrite
 from .rules import LAYER_NORM_MODULES, RuleTable
@@ -655,7 +655,8 @@ def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = 
 
     A plan loaded with :meth:`PruningPlan.from_json` rebuilds the same architecture on a
     fresh copy of the model it was made for. ``keep_class=True``, ``rules``, ``builders``: see
-    :func:`prune` (pass the tables the plan was made with).
+    :func:`prune` (pass the tables the plan was made with; the rule options the plan records,
+    such as ``attention="head_dim"``, are taken from the plan: :func:`fxprune.planning.rules_for`).
 
     >>> import torchvision, fxprune
     >>> m = torchvision.models.resnet18()
@@ -664,7 +665,8 @@ def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = 
     44
     """
     with few_threads():
-        analysis = analyze_model(model, example_inputs=example_inputs, strict=strict, rules=rules,
+        analysis = analyze_model(model, example_inputs=example_inputs, strict=strict,
+                                 rules=rules_for(pruning_plan, rules) if isinstance(pruning_plan, PruningPlan) else rules,
                                  allow_renormalising=allow_renormalising)
         pruned = rewrite(analysis, pruning_plan, as_inputs(example_inputs), builders=builders)
     pruned.meta["fxprune_plan"] = pruning_plan
@@ -748,6 +750,10 @@ prune.__doc__ = (prune.__doc__ or "") + _OPTIONS_DOC + """
       fxprune an op for this call only (``register_rule``/``register_builder`` teach it for
       every call). Prove the result with the same tables
       (``fxprune.testing.assert_equivalent(..., rules=...)``). ``plan`` takes ``rules`` too.
+      A table also carries rule options (:data:`fxprune.rules.RULE_OPTIONS`):
+      ``rules=DEFAULT_RULES.with_options(attention="head_dim")`` prunes attention blocks by
+      head_dim (every head kept, the same dims of each) instead of whole heads; the plan records
+      the option, and ``apply``, the proof and ``save`` take it from there.
 """
 
 

@@ -104,7 +104,7 @@ from .api import analyze_model, apply
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import Analysis
 from .modelspec import ModelSpec, ModelSpecError
-from .planning import PLAN_VERSION, GroupPlan, PruningPlan
+from .planning import PLAN_VERSION, GroupPlan, PruningPlan, check_rule_options, rules_for
 
 __all__ = ["save", "load", "read_meta", "read_plan", "ArtifactError", "SpecMismatchError", "FORMAT", "FORMAT_VERSION", "PLAN_META_KEY",
            "SOURCE_META_KEY", "SPEC_META_KEY", "ARTIFACT_FILES", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS",
@@ -472,7 +472,12 @@ def _validate_plan(data: Any, path: Path) -> Tuple[PruningPlan, Any]:
     source = data.get("source", ...)
     if source is not ...:
         _want_str(path, "source", source, null=True)
-    return PruningPlan(groups, str(criterion), dict(policy), PLAN_VERSION, dict(model)), source
+    options = _want_obj(path, "rule_options", data.get("rule_options") or {})
+    try:
+        options = check_rule_options(options)
+    except FxPruneError as exc:
+        raise _bad(path, "rule_options", "an object of rule options this fxprune knows", options) from exc
+    return PruningPlan(groups, str(criterion), dict(policy), PLAN_VERSION, dict(model), options), source
 
 
 # =========================================================================== what save may replace
@@ -699,12 +704,12 @@ def _plan_of(pruned: nn.Module, plan: Union[PruningPlan, str, None]) -> PruningP
     return plan
 
 
-def _own_groups(pruned: nn.Module) -> Optional[Analysis]:
-    """The analysis of ``pruned`` itself, or None if it cannot be analysed."""
+def _own_groups(pruned: nn.Module, plan: PruningPlan) -> Optional[Analysis]:
+    """The analysis of ``pruned`` itself (with the plan's rule options), or None if it cannot be analysed."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FxPruneWarning)  # the pass warned when the plan was made
-            return analyze_model(pruned)
+            return analyze_model(pruned, rules=rules_for(plan))
     except FxPruneError:
         return None
 
@@ -732,7 +737,7 @@ def _check_plan_fits(pruned: nn.Module, plan: PruningPlan) -> None:
     if absent:
         raise ArtifactError(f"the plan does not describe this model: it names {len(absent)} modules this model does "
                             f"not have ({', '.join(absent[:3])}){where}. {hint}")
-    own = _own_groups(pruned)
+    own = _own_groups(pruned, plan)
     # Only where the model's group of that key has the plan's members: a group the pruning
     # changed in kind (one head left, which a rule may read differently) is no measure.
     sizes = {g.key: (g.size, set(g.modules())) for g in own.groups} if own is not None else {}

@@ -53,12 +53,19 @@ def _model(name: str, num_classes: int, weights: Optional[str] = None) -> Any:
 
 
 def _amount(args: argparse.Namespace) -> Dict[str, Any]:
-    """``ratio=`` / ``target_macs=``, ``ignore=`` and ``allow_renormalising=`` of ``fxprune prune``, for fxprune.plan."""
+    """``ratio=`` / ``target_macs=``, ``ignore=``, ``allow_renormalising=`` and ``rules=`` of ``fxprune prune``, for fxprune.plan."""
     from .workflow.cli_args import DEFAULT_RATIO
 
     ratio = args.ratio if args.ratio is not None or args.target_macs is not None else DEFAULT_RATIO
     return {"ratio": ratio, "target_macs": args.target_macs, "ignore": tuple(args.ignore),
-            "allow_renormalising": args.renormalising}
+            "allow_renormalising": args.renormalising, "rules": _rules(args)}
+
+
+def _rules(args: argparse.Namespace) -> Any:
+    """The rule table ``--attention`` asks for (fxprune.workflow.job.run_rules)."""
+    from .workflow.job import RunConfig, run_rules
+
+    return run_rules(RunConfig(attention=args.attention))
 
 
 def _amount_text(args: argparse.Namespace) -> str:
@@ -66,6 +73,7 @@ def _amount_text(args: argparse.Namespace) -> str:
     text = (f"at ratio {amount['ratio']}" if amount["target_macs"] is None
             else f"to at most {amount['target_macs']:g} of its MACs")
     text += f", ignoring {', '.join(amount['ignore'])}" if amount["ignore"] else ""
+    text += ", attention head_dim pruned" if args.attention == "head_dim" else ""
     return text + ("" if amount["allow_renormalising"] else ", exact rewrites only (--no-renormalising)")
 
 
@@ -146,7 +154,8 @@ def _check_prune_args(args: argparse.Namespace) -> None:
     from .workflow.job import RunConfig, check_output_folder, check_weights
 
     RunConfig(model=args.model, weights=args.weights, ratio=args.ratio, target_macs=args.target_macs,
-              importance=args.importance, ignore=tuple(args.ignore), renormalising=args.renormalising).validate()
+              importance=args.importance, ignore=tuple(args.ignore), renormalising=args.renormalising,
+              attention=args.attention).validate()
     check_model_name(args.model)
     check_weights(args.weights)
     if args.save:
@@ -212,7 +221,8 @@ def _cmd_groups(args: argparse.Namespace) -> int:
     from .workflow.models import check_model_name
 
     check_model_name(args.model)
-    print(fxprune.find_groups(_model(args.model, args.num_classes), allow_renormalising=args.renormalising))
+    print(fxprune.find_groups(_model(args.model, args.num_classes), allow_renormalising=args.renormalising,
+                              rules=_rules(args)))
     return 0
 
 
@@ -278,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=cli_args.IGNORE_HELP)
     prune.add_argument("--no-renormalising", "--exact-only", dest="renormalising", action="store_false",
                        help=cli_args.NO_RENORMALISING_HELP)
+    prune.add_argument("--attention", choices=cli_args.ATTENTION_MODES, default=defaults["attention"],
+                       help=cli_args.ATTENTION_HELP)
     prune.add_argument("--image-size", type=cli_args.positive_int, default=224,
                        help="input height/width (default: %(default)s)")
     prune.add_argument("--num-classes", type=cli_args.positive_int, default=1000,
@@ -297,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier outputs (default: %(default)s)")
     groups.add_argument("--no-renormalising", "--exact-only", dest="renormalising", action="store_false",
                         help="show LayerNorm/RMSNorm widths frozen, as --no-renormalising prunes them")
+    groups.add_argument("--attention", choices=cli_args.ATTENTION_MODES, default=defaults["attention"],
+                        help="show the groups --attention prunes (default: %(default)s)")
     groups.set_defaults(func=_cmd_groups)
     return parser
 

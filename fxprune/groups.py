@@ -624,6 +624,9 @@ class _Engine:
         if target is not None:
             self.arg_targets[node.name] = target
 
+    def option(self, name: str) -> str:
+        return self.rules.option(name)
+
     def renormalise(self, node: torch.fx.Node, layout: Layout, what: str) -> None:
         if not self.allow_renormalising:
             # The caller asked for exact rewrites only: the norm keeps its width, as it did

@@ -29,13 +29,35 @@ from .errors import FxPruneError
 __all__ = ["PrunedMultiheadAttention", "window_attention", "shifted_window_mask"]
 
 
+def _kept_heads(heads: torch.Tensor, count: int, head_dim: int) -> Tuple[int, int]:
+    """``(heads, dims per head)`` that kept head channels ``heads`` (sorted) make, of ``count`` heads of ``head_dim``.
+
+    Whole heads (each touched head kept entire) or the same dims of every head; anything else
+    has no attention layer to build and is refused.
+    """
+    if len(heads) == 0:
+        raise FxPruneError("no head channels kept")
+    heads = heads.sort().values
+    per = torch.bincount(heads // head_dim, minlength=count)
+    touched = per[per > 0]
+    if bool((touched == head_dim).all()):
+        return len(touched), head_dim
+    alike = len(touched) == count and bool((touched == touched[0]).all())
+    offsets = (heads % head_dim).reshape(count, -1) if alike else None
+    if offsets is None or not bool((offsets == offsets[0]).all()):
+        raise FxPruneError(f"{len(heads)} head channels are neither whole heads of {head_dim} nor the same dims "
+                           f"of all {count} heads")
+    return count, int(touched[0])
+
+
 class PrunedMultiheadAttention(nn.Module):
     """Multi-head attention with ``num_heads`` heads of ``head_dim`` between ``in_dim`` and ``out_dim`` widths.
 
     Parameters as in ``nn.MultiheadAttention`` (``in_proj_weight`` ``[3 * num_heads * head_dim,
     in_dim]`` packing q, k and v; ``in_proj_bias``; ``out_proj``). ``forward`` takes the
     arguments of ``nn.MultiheadAttention.forward``; masks are not supported (fxprune only
-    replaces modules called without them).
+    replaces modules called without them). ``scale``: what the scores are scaled by (default
+    ``head_dim ** -0.5``; a copy with fewer dims per head keeps the original's).
 
     >>> mha = nn.MultiheadAttention(8, 4, batch_first=True).eval()
     >>> pruned = PrunedMultiheadAttention.from_module(mha, torch.arange(4)).eval()
@@ -44,9 +66,11 @@ class PrunedMultiheadAttention(nn.Module):
     """
 
     def __init__(self, in_dim: int, num_heads: int, head_dim: int, out_dim: int, *, bias: bool = True,
-                 out_bias: bool = True, dropout: float = 0.0, batch_first: bool = False) -> None:
+                 out_bias: bool = True, dropout: float = 0.0, batch_first: bool = False,
+                 scale: Optional[float] = None) -> None:
         super().__init__()
         self.in_dim, self.num_heads, self.head_dim, self.out_dim = in_dim, num_heads, head_dim, out_dim
+        self.scale = float(head_dim ** -0.5 if scale is None else scale)
         self.dropout, self.batch_first = dropout, batch_first
         width = num_heads * head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, in_dim))
@@ -58,19 +82,26 @@ class PrunedMultiheadAttention(nn.Module):
     def from_module(cls, mha: nn.Module, heads: Optional[torch.Tensor] = None,
                     inputs: Optional[torch.Tensor] = None, outputs: Optional[torch.Tensor] = None) -> "PrunedMultiheadAttention":
         """A copy of ``mha`` (an ``nn.MultiheadAttention`` or one of these) keeping the head
-        channels ``heads`` (whole heads, indices into its ``num_heads * head_dim`` head
-        channels), input columns ``inputs`` and output rows ``outputs`` (None: all)."""
+        channels ``heads`` (indices into its ``num_heads * head_dim`` head channels: whole heads,
+        or the same dims of every head), input columns ``inputs`` and output rows ``outputs``
+        (None: all). The copy scales its scores as ``mha`` does.
+
+        >>> mha = nn.MultiheadAttention(8, 2).eval()
+        >>> fewer_dims = PrunedMultiheadAttention.from_module(mha, torch.tensor([0, 2, 4, 6]))
+        >>> fewer_dims.num_heads, fewer_dims.head_dim, fewer_dims.scale
+        (2, 2, 0.5)
+        """
         if isinstance(mha, PrunedMultiheadAttention):
-            embed, head_dim = mha.num_heads * mha.head_dim, mha.head_dim
+            embed, head_dim, scale = mha.num_heads * mha.head_dim, mha.head_dim, mha.scale
         elif isinstance(mha, nn.MultiheadAttention):
             if not mha._qkv_same_embed_dim or mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
                 raise FxPruneError("only an nn.MultiheadAttention with packed q/k/v weights and no bias_k/zero_attn can be pruned")
             embed, head_dim = mha.embed_dim, mha.head_dim
+            scale = head_dim ** -0.5
         else:
             raise FxPruneError(f"cannot build a PrunedMultiheadAttention from {type(mha).__name__}")
         heads = torch.arange(embed) if heads is None else heads.to(torch.long)
-        if len(heads) == 0 or len(heads) % head_dim:
-            raise FxPruneError(f"{len(heads)} head channels are not whole heads of {head_dim}")
+        num_heads, new_dim = _kept_heads(heads, embed // head_dim, head_dim)
         rows = torch.cat([heads, heads + embed, heads + 2 * embed])
         w = mha.in_proj_weight.detach().index_select(0, rows)
         if inputs is not None:
@@ -80,8 +111,9 @@ class PrunedMultiheadAttention(nn.Module):
         if outputs is not None:
             out_w = out_w.index_select(0, outputs.to(torch.long))
             out_b = None if out_b is None else out_b.index_select(0, outputs.to(torch.long))
-        new = cls(w.shape[1], len(heads) // head_dim, head_dim, out_w.shape[0], bias=mha.in_proj_bias is not None,
-                  out_bias=out_b is not None, dropout=float(mha.dropout), batch_first=bool(mha.batch_first))
+        new = cls(w.shape[1], num_heads, new_dim, out_w.shape[0], bias=mha.in_proj_bias is not None,
+                  out_bias=out_b is not None, dropout=float(mha.dropout), batch_first=bool(mha.batch_first),
+                  scale=scale)
         new = new.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             new.in_proj_weight.copy_(w)
@@ -110,7 +142,7 @@ class PrunedMultiheadAttention(nn.Module):
         q = F.linear(query, w_q, b_q).reshape(length, batch * self.num_heads, self.head_dim).transpose(0, 1)
         k = F.linear(key, w_k, b_k).reshape(source, batch * self.num_heads, self.head_dim).transpose(0, 1)
         v = F.linear(value, w_v, b_v).reshape(source, batch * self.num_heads, self.head_dim).transpose(0, 1)
-        attn = torch.softmax((q * self.head_dim ** -0.5) @ k.transpose(1, 2), dim=-1)
+        attn = torch.softmax((q * self.scale) @ k.transpose(1, 2), dim=-1)
         if self.training and self.dropout > 0:
             attn = F.dropout(attn, p=self.dropout)
         out = (attn @ v).transpose(0, 1).reshape(length * batch, width)

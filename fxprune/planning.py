@@ -3,8 +3,10 @@
 A plan is the contract between deciding (criteria, ratios, targets) and doing (the rewrite):
 it names each group by its key (its first producer module), lists the kept channel indices,
 and records how they were chosen (``criterion``, ``policy``) and which model they were chosen
-for (``model``: its class name and a fingerprint of its group structure). Applying a plan to
-a model it does not fit raises :class:`fxprune.PlanMismatchError` naming the mismatch.
+for (``model``: its class name and a fingerprint of its group structure), and the rule
+options the groups were found with where they differ from the default (``rule_options``, e.g.
+``{"attention": "head_dim"}``: apply analyses with them, see :func:`rules_for`). Applying a plan
+to a model it does not fit raises :class:`fxprune.PlanMismatchError` naming the mismatch.
 
 >>> import torchvision, fxprune
 >>> p = fxprune.plan(torchvision.models.resnet18(), 0.5)
@@ -27,8 +29,10 @@ from .allocation import CostModel, Measure, Policy, allocate, check_ratio, group
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Group, select_channels
 from .importance import Criterion, ScoringOptions, criterion_name, score_groups
+from .rules import DEFAULT_RULES, RULE_OPTIONS, RuleTable
 
-__all__ = ["GroupPlan", "PruningPlan", "check_ratio", "keep_count", "make_plan", "resolve", "fingerprint"]
+__all__ = ["GroupPlan", "PruningPlan", "check_ratio", "keep_count", "make_plan", "resolve", "fingerprint",
+           "rules_for", "check_rule_options"]
 
 PLAN_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
@@ -61,6 +65,8 @@ class PruningPlan:
     ``criterion``: the importance name (a callable's ``__name__``). ``policy``: the allocation
     options and what a target search achieved (``achieved_macs`` / ``achieved_params`` as
     fractions of the original). ``model``: ``{"class": ..., "fingerprint": ...}``.
+    ``rule_options``: the :data:`fxprune.rules.RULE_OPTIONS` the groups were found with, where
+    not the default (written to JSON only when there are any).
     """
 
     groups: List[GroupPlan]
@@ -68,6 +74,7 @@ class PruningPlan:
     policy: Dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
     model: Dict[str, str] = field(default_factory=dict)
+    rule_options: Dict[str, str] = field(default_factory=dict)
 
     def keep(self, key: str) -> Optional[List[int]]:
         for g in self.groups:
@@ -100,6 +107,8 @@ class PruningPlan:
         for g in data["groups"]:
             if not g["renormalising"]:
                 del g["renormalising"]  # exact groups: the record plans always had
+        if not data["rule_options"]:
+            del data["rule_options"]  # the default rules: the record plans always had
         return data
 
     def to_json(self) -> str:
@@ -118,9 +127,57 @@ class PruningPlan:
                                 bool(g.get("renormalising", False)))
                       for g in data["groups"]]
             model = {str(k): str(v) for k, v in dict(data.get("model") or {}).items()}
-            return cls(groups, str(data.get("criterion", "")), dict(data.get("policy") or {}), PLAN_VERSION, model)
+            options = check_rule_options(data.get("rule_options") or {})
+            return cls(groups, str(data.get("criterion", "")), dict(data.get("policy") or {}), PLAN_VERSION, model,
+                       options)
         except (ValueError, KeyError, TypeError) as exc:
             raise FxPruneError(f"not a valid fxprune plan: {type(exc).__name__}: {exc}") from exc
+
+
+def check_rule_options(options: Any) -> Dict[str, str]:
+    """A plan's ``rule_options``, checked: known names, allowed values (else FxPruneError).
+
+    >>> check_rule_options({"attention": "head_dim"})
+    {'attention': 'head_dim'}
+    >>> check_rule_options({"attention": "rows"})
+    Traceback (most recent call last):
+    ...
+    fxprune.errors.FxPruneError: rule option attention='rows' is not one of ['heads', 'head_dim']
+    """
+    if not isinstance(options, Mapping):
+        raise FxPruneError(f"rule_options must be an object of option names and values, got {type(options).__name__}")
+    # RuleTable checks names and values the one way they are checked everywhere.
+    return dict(RuleTable(options={str(k): v for k, v in options.items()}).own_options)
+
+
+def rules_for(plan: "PruningPlan", rules: Optional[RuleTable] = None) -> RuleTable:
+    """The rule table to analyse a model with for ``plan``: ``rules`` with the plan's options.
+
+    ``rules`` (default :data:`fxprune.rules.DEFAULT_RULES`) keeps its own rules; an option it
+    does not set takes the plan's value, so a plan made with
+    ``DEFAULT_RULES.with_options(attention="head_dim")`` applies without naming the table
+    again. A table that sets an option to another value than the plan's is refused.
+
+    >>> plan = PruningPlan([], rule_options={"attention": "head_dim"})
+    >>> rules_for(plan).option("attention")
+    'head_dim'
+    >>> rules_for(plan, DEFAULT_RULES.with_options(attention="head_dim")).option("attention")
+    'head_dim'
+    """
+    table = DEFAULT_RULES if rules is None else rules
+    if not isinstance(table, RuleTable):
+        return table  # analyze names the bad input
+    wanted: Dict[str, str] = {}
+    asked = table.set_options()
+    for name, values in RULE_OPTIONS.items():
+        mine, theirs = table.option(name), plan.rule_options.get(name, values[0])
+        if mine != theirs and name in asked:
+            raise PlanMismatchError(
+                f"the plan was made with rule option {name}={theirs!r}, the rules given set {name}={mine!r}. "
+                f"Hint: apply the plan with the rules it was made with (or with rules=None)")
+        if mine != theirs:
+            wanted[name] = theirs
+    return table.with_options(**wanted) if wanted else table
 
 
 def _members(group: Group) -> List[str]:
@@ -193,7 +250,8 @@ def make_plan(analysis: Analysis, ratio: Any = None, importance: Union[str, Crit
         record["calibration_batches"] = options.calibration_batches
         if options.loss_fn is not None:
             record["loss_fn"] = criterion_name(options.loss_fn)
-    return PruningPlan(out, criterion_name(importance), record, PLAN_VERSION, model_identity(analysis))
+    return PruningPlan(out, criterion_name(importance), record, PLAN_VERSION, model_identity(analysis),
+                       analysis.rules.changed_options())
 
 
 def _context(analysis: Analysis, plan: PruningPlan) -> str:
@@ -224,8 +282,15 @@ def resolve(analysis: Analysis, plan: PruningPlan) -> Dict[int, List[int]]:
         twice = sorted({g.key for g in plan.groups if [h.key for h in plan.groups].count(g.key) > 1})
         raise PlanMismatchError(f"the plan lists group {twice[0]} more than once (each group has one entry); "
                                 f"duplicated: {twice[:5]}")
-    same_structure = bool(plan.model.get("fingerprint")) and plan.model.get("fingerprint") == fingerprint(analysis)
     where = _context(analysis, plan)
+    made, here = plan.rule_options, analysis.rules.changed_options()
+    if made != here:
+        # The groups themselves differ (whole heads or head dims): name the cause, not a size.
+        show = lambda o: ", ".join(f"{k}={v!r}" for k, v in sorted(o.items())) or "the defaults"  # noqa: E731
+        raise PlanMismatchError(
+            f"the plan was made with rule options {show(made)}, this model was analysed with {show(here)}{where}. "
+            "Hint: apply the plan with rules=None or the rules it was made with (fxprune.planning.rules_for)")
+    same_structure = bool(plan.model.get("fingerprint")) and plan.model.get("fingerprint") == fingerprint(analysis)
     kept: Dict[int, List[int]] = {}
     for group in analysis.groups:
         entry = by_key.pop(group.key, None)

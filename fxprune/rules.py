@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import adapter_for
+from .errors import FxPruneError, InternalError
 from .registry import Registry
 from .layers import PrunedMultiheadAttention, window_attention
 
@@ -72,6 +73,7 @@ __all__ = [
     "register_rule",
     "lookup_rule",
     "RuleTable",
+    "RULE_OPTIONS",
     "DEFAULT_RULES",
     "no_channels",
     "role_tensors",
@@ -352,6 +354,11 @@ class RuleContext(Protocol):
     def rewrite_args(self, node: torch.fx.Node, patch: ArgPatch, target: Any = None) -> None: ...
 
     def renormalise(self, node: torch.fx.Node, layout: Layout, what: str) -> None: ...
+
+    def option(self, name: str) -> str:
+        """The rule table's value of the option ``name`` (:data:`RULE_OPTIONS`)."""
+        ...
+
     def claim(self, node: torch.fx.Node, region: Sequence[torch.fx.Node], exits: Dict[str, Layout],
               ties: Optional[Dict[str, Layout]] = None) -> None: ...
 
@@ -359,6 +366,16 @@ class RuleContext(Protocol):
 RuleResult = Union[Layout, TupleLayout, None]
 Rule = Callable[[RuleContext, torch.fx.Node], RuleResult]
 RuleKey = Union[type, Callable[..., Any], str]
+
+# The choices a rule table carries beside its rules (:meth:`RuleTable.with_options`), each with
+# its allowed values, the default first. They change which groups an analysis finds, so a plan
+# records the ones that differ from the default and apply analyses with them.
+RULE_OPTIONS: Dict[str, Tuple[str, ...]] = {
+    # "heads": attention blocks lose whole heads (head_dim stays); "head_dim": every head keeps
+    # the same dims of q and k (and of v), the head count stays. Blocks the head_dim rules do
+    # not cover prune whole heads either way.
+    "attention": ("heads", "head_dim"),
+}
 
 class RuleTable:
     """The rule table as an object: module types, functions and method names -> :data:`Rule`.
@@ -378,8 +395,15 @@ class RuleTable:
     True
     """
 
-    def __init__(self, parent: Optional["RuleTable"] = None) -> None:
+    def __init__(self, parent: Optional["RuleTable"] = None, options: Optional[Mapping[str, str]] = None) -> None:
         self.parent = parent
+        self.own_options: Dict[str, str] = {}
+        for name, value in dict(options or {}).items():
+            if name not in RULE_OPTIONS:
+                raise FxPruneError(f"unknown rule option {name!r}; the options are {sorted(RULE_OPTIONS)}")
+            if value not in RULE_OPTIONS[name]:
+                raise FxPruneError(f"rule option {name}={value!r} is not one of {list(RULE_OPTIONS[name])}")
+            self.own_options[name] = value
         self.modules: Registry[type, Rule] = Registry("module rules", parent=parent.modules if parent else None)
         self.functions: Registry[Any, Rule] = Registry("function rules", parent=parent.functions if parent else None)
         self.methods: Registry[str, Rule] = Registry("method rules", parent=parent.methods if parent else None)
@@ -411,6 +435,48 @@ class RuleTable:
             child.register(key)(rule)
         return child
 
+    def with_options(self, **options: str) -> "RuleTable":
+        """A NEW table with the same rules and these :data:`RULE_OPTIONS` set; this one is unchanged.
+
+        >>> table = DEFAULT_RULES.with_options(attention="head_dim")
+        >>> table.option("attention"), DEFAULT_RULES.option("attention")
+        ('head_dim', 'heads')
+        >>> table.changed_options()
+        {'attention': 'head_dim'}
+        >>> DEFAULT_RULES.with_options(attention="rows")
+        Traceback (most recent call last):
+        ...
+        fxprune.errors.FxPruneError: rule option attention='rows' is not one of ['heads', 'head_dim']
+        """
+        return RuleTable(parent=self, options=options)
+
+    def option(self, name: str) -> str:
+        """The value of the rule option ``name`` (see :data:`RULE_OPTIONS`) in this table."""
+        if name not in RULE_OPTIONS:
+            raise InternalError(f"a rule asked for unknown option {name!r}")
+        table: Optional[RuleTable] = self
+        while table is not None:
+            if name in table.own_options:
+                return table.own_options[name]
+            table = table.parent
+        return RULE_OPTIONS[name][0]
+
+    def set_options(self) -> Dict[str, str]:
+        """The options this table or a parent sets, default values included (what it asks for)."""
+        chain: List[RuleTable] = []
+        table: Optional[RuleTable] = self
+        while table is not None:
+            chain.append(table)
+            table = table.parent
+        found: Dict[str, str] = {}
+        for table in reversed(chain):
+            found.update(table.own_options)
+        return found
+
+    def changed_options(self) -> Dict[str, str]:
+        """The options whose value is not the default (what a plan records)."""
+        return {name: self.option(name) for name in RULE_OPTIONS if self.option(name) != RULE_OPTIONS[name][0]}
+
     def __contains__(self, key: Any) -> bool:
         try:
             return key in self._registry(key)
@@ -439,8 +505,9 @@ class RuleTable:
         return None
 
     def __repr__(self) -> str:
+        changed = "".join(f", {k}={v}" for k, v in self.changed_options().items())
         return (f"<RuleTable: {len(self.modules)} module, {len(self.functions)} function, {len(self.methods)} method "
-                f"rules{', extended' if self.parent is not None else ''}>")
+                f"rules{', extended' if self.parent is not None else ''}{changed}>")
 
 
 DEFAULT_RULES = RuleTable()
@@ -2139,6 +2206,10 @@ def _multihead_attention(ctx: RuleContext, node: torch.fx.Node) -> TupleLayout:
     uniform weights over a zeroed v). ``nn.MultiheadAttention`` ties the heads' width to
     ``embed_dim``, so the rewrite builds :class:`fxprune.layers.PrunedMultiheadAttention`.
     Masks (which may index heads), cross-attention and separate q/k/v weights are frozen.
+
+    With the rule option ``attention="head_dim"`` the heads' channels are one group of
+    ``head_dim`` channels repeated in every head instead (each head keeps the same dims of q, k
+    and v: one packed projection sizes them alike); the rebuilt layer keeps the original scale.
     """
     mha = ctx.module(node)
     width_in, width, head_dim, width_out = _mha_widths(mha)
@@ -2151,9 +2222,13 @@ def _multihead_attention(ctx: RuleContext, node: torch.fx.Node) -> TupleLayout:
         _freeze_all_inputs(ctx, node, f"{what}: {why}")
         return TupleLayout((None, None))
     rank = ctx.rank(_arg(node, 0, "query"))
-    heads = ctx.produce(node, width, -1, rank, tag="heads")
-    ctx.member(node, "channelwise", heads)
-    ctx.require(node, heads, WholeUnits(head_dim), f"{what}: {width // head_dim} heads of {head_dim}")
+    if ctx.option("attention") == "head_dim":
+        dims = ctx.produce(node, head_dim, -1, rank, tag="head_dims")
+        ctx.member(node, "channelwise", Layout(dims.groups * (width // head_dim), dims.sizes * (width // head_dim), -1, rank, 1))
+    else:
+        heads = ctx.produce(node, width, -1, rank, tag="heads")
+        ctx.member(node, "channelwise", heads)
+        ctx.require(node, heads, WholeUnits(head_dim), f"{what}: {width // head_dim} heads of {head_dim}")
     if inp is not None:
         ctx.member(node, "in", inp)
     out = ctx.produce(node, width_out, -1, rank)
@@ -2552,6 +2627,17 @@ def _attention_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shap
     for n in region[:-1]:
         if any(u not in region for u in n.users):
             return False  # a region tensor read elsewhere: not a self-contained attention block
+    if ctx.option("attention") == "head_dim" and _head_dims_exact(ctx, region, core):
+        # One view sizes q, k and v alike, so every head keeps the same dims of all three.
+        cut = ctx.split(node, inp, [head_dim] * (3 * heads))
+        dims = ctx.unify(node, cut)
+        _patch_head_dims(ctx, node, sizes, 3, heads, dims)
+        _head_dim_scale(ctx, core, head_dim)
+        _head_dim_sites(ctx, sites, heads)
+        if msizes[2] != -1:
+            ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(tuple(dims.groups), heads)))
+        ctx.claim(node, region, {merged.name: Layout(dims.groups * heads, dims.sizes * heads, -1, 3, 1)})
+        return True
     # The pattern holds: q, k and v rows are one group of heads.
     thirds = ctx.split(node, inp, [width] * 3)
     ctx.unify(node, thirds)
@@ -2611,6 +2697,51 @@ def _patch_heads(ctx: RuleContext, node: torch.fx.Node, sizes: Any, head_at: int
     last = len(sizes) - 1
     if isinstance(sizes[last], torch.fx.Node):
         ctx.rewrite_args(node, ArgPatch(_view_size_path(node, last), head_dim))
+
+
+# Pruning head_dim instead of heads (rule option ``attention="head_dim"``): every head keeps
+# the same dims of q and k, and the same dims of v, the head count stays. Exact as whole heads
+# are: a removed q/k dim adds zero to every score (the masked reference zeroes its rows), a
+# removed v dim gives a zero output column that the projection's removed column would have
+# read. Two things must hold beyond the heads' pattern: the scores' scale must not follow
+# head_dim (a literal scale does not; ``scaled_dot_product_attention`` without ``scale=``
+# takes it from q's last dim, so the rewrite passes the original one), and nothing per head
+# may read head_dim (a q/k norm over it would renormalise and its weight would need slicing:
+# such a block prunes whole heads instead).
+
+
+def _head_dims_exact(ctx: RuleContext, region: Sequence[torch.fx.Node], core: torch.fx.Node) -> bool:
+    """Whether the attention ``region`` keeps its function when each head loses the same dims."""
+    for n in region:
+        if n.op == "call_module" and isinstance(ctx.module(n), LAYER_NORM_MODULES) or \
+                n.op == "call_function" and n.target in _LAYER_NORMS:
+            return False
+    if core.op == "call_function" and core.target in _SDPAS:
+        scale = core.kwargs.get("scale")
+        return scale is None or _is_number(scale)
+    return True
+
+
+def _head_dim_scale(ctx: RuleContext, core: torch.fx.Node, head_dim: int) -> None:
+    """Pin ``scaled_dot_product_attention``'s default scale to the original head_dim's."""
+    if core.op == "call_function" and core.target in _SDPAS and core.kwargs.get("scale") is None:
+        ctx.rewrite_args(core, ArgPatch(("scale",), 1.0 / math.sqrt(head_dim)))
+
+
+def _patch_head_dims(ctx: RuleContext, node: torch.fx.Node, sizes: Any, head_at: int, heads: int, dims: Layout) -> None:
+    """A head view's sizes under head_dim pruning: the head count as the constant it stays, the last dim the kept dims."""
+    if isinstance(sizes[head_at], torch.fx.Node):
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, head_at), heads))
+    last = len(sizes) - 1
+    if isinstance(sizes[last], torch.fx.Node) or sizes[last] != -1:
+        ctx.rewrite_args(node, ArgPatch(_view_size_path(node, last), ChannelCount.of([dims])))
+
+
+def _head_dim_sites(ctx: RuleContext, sites: Sequence[_HeadSite], heads: int) -> None:
+    """Per-head bias tables stay whole (every head stays); a computed head count becomes the constant."""
+    for site in sites:
+        if site.table is None:
+            ctx.rewrite_args(site.node, ArgPatch(_view_size_path(site.node, site.index), heads))
 
 
 def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape: Tuple[int, ...],
@@ -2693,6 +2824,23 @@ def _separate_heads(ctx: RuleContext, node: torch.fx.Node, inp: Layout, in_shape
     for n in region[:-1]:
         if any(u not in region for u in n.users):
             return False
+    if ctx.option("attention") == "head_dim" and _head_dims_exact(ctx, region, core):
+        # q's dims (tied to k's when the walk reaches k's view) and v's own dims, alike in every
+        # head; v's group is made here and filled by the tie with v's projection.
+        qk = ctx.unify(node, ctx.split(node, inp, [head_dim] * heads))
+        vd = ctx.produce(node, head_dim, -1, 3, tag="head_dim_v")
+        _patch_head_dims(ctx, node, sizes, 2, heads, qk)
+        for (view, vsizes), dims in zip(others, (qk, vd)):
+            ties[view.name] = Layout(dims.groups * heads, dims.sizes * heads, -1, 3, 1)
+            _patch_head_dims(ctx, view, vsizes, 2, heads, dims)
+        if pre is not None:
+            _patch_head_dims(ctx, pre, _view_sizes(pre), 1, heads, vd)
+        if msizes[2] != -1:
+            ctx.rewrite_args(merged, ArgPatch(_view_size_path(merged, 2), ChannelCount(tuple(vd.groups), heads)))
+        _head_dim_scale(ctx, core, head_dim)
+        _head_dim_sites(ctx, sites, heads)
+        ctx.claim(node, region, {merged.name: Layout(vd.groups * heads, vd.sizes * heads, -1, 3, 1)}, ties)
+        return True
     reason = f"attention heads at {node.name}: {heads} heads of {head_dim}"
     ctx.require(node, inp, WholeUnits(head_dim), reason)
     _patch_heads(ctx, node, sizes, 2, inp, head_dim)

@@ -37,7 +37,7 @@ from .api import ModelLike, analyze_model
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import RENORMALISING, Slot, TensorSlot
 from .layers import PrunedMultiheadAttention
-from .planning import PruningPlan, resolve
+from .planning import PruningPlan, resolve, rules_for
 from .registry import Registry
 from .rewrite import slot_indices
 from .rules import RuleTable, role_tensors
@@ -137,7 +137,8 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
     ``whole_groups``: zero every channel of each group the plan prunes, kept ones too (what a
     rewrite that kept the wrong channels can at worst compute: the vacuity check's yardstick).
     """
-    analysis = analyze_model(gm, example_inputs=example_inputs, rules=rules)
+    analysis = analyze_model(gm, example_inputs=example_inputs,
+                             rules=rules_for(plan, rules) if isinstance(plan, PruningPlan) else rules)
     if masks is None:
         masks = DEFAULT_MASKS
     elif not isinstance(masks, Registry):

@@ -41,6 +41,8 @@ __all__ = [
     "LATENCY_MODES",
     "IGNORE_HELP",
     "NO_RENORMALISING_HELP",
+    "ATTENTION_MODES",
+    "ATTENTION_HELP",
     "add_run_arguments",
     "add_sweep_arguments",
     "config_from_args",
@@ -69,7 +71,7 @@ RUN_DEFAULTS: Mapping[str, Any] = {
     "model": "resnet18", "data": "fashion-mnist", "importance": "taylor", "epochs": 5, "lr": 0.1,
     "baseline_epochs": 3, "baseline_lr": 0.1, "batch_size": 256, "optimizer": "sgd",
     "weight_decay": 5e-4, "label_smoothing": 0.1, "seed": 0, "device": "auto", "amp": "auto",
-    "renormalising": True, "global_ranking": True,
+    "renormalising": True, "global_ranking": True, "attention": "heads",
     "latency_runs": 20, "out": "fxprune-out",
     "latency_device": "cpu", "latency_batch": 1, "latency_mode": "eager",
 }
@@ -101,6 +103,11 @@ NO_RENORMALISING_HELP = ("keep every LayerNorm/RMSNorm width whole (the residual
                          "that every rewrite is exact: equal to the model with the removed channels zeroed. By "
                          "default those widths are pruned too and their norms renormalise over the kept "
                          "channels (fxprune proves them against the masked-norm reference)")
+#: fxprune.rules.RULE_OPTIONS["attention"], as plain data (tests/test_head_dim.py keeps them equal).
+ATTENTION_MODES = ("heads", "head_dim")
+ATTENTION_HELP = ("what attention blocks lose: whole heads (head_dim stays), or head_dim (every head keeps the same "
+                  "dims of q and k, and of v; the head count stays); the plan records it, and blocks the head_dim "
+                  "rule does not cover lose whole heads either way (default: %(default)s)")
 IMPORTANCE_HELP = (f"channel importance criterion: {', '.join(IMPORTANCE_CHOICES)} "
                    "(apoz and taylor read calibration data) (default: %(default)s)")
 
@@ -310,6 +317,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--ignore", type=str_list, default=[], metavar="NAMES", help=IGNORE_HELP)
     prune.add_argument("--no-renormalising", "--exact-only", dest="renormalising", action="store_false",
                        default=defaults.renormalising, help=NO_RENORMALISING_HELP)
+    prune.add_argument("--attention", choices=ATTENTION_MODES, default=defaults.attention, help=ATTENTION_HELP)
     prune.add_argument("--global-ranking", action=argparse.BooleanOptionalAction, default=defaults.global_ranking,
                        help="rank channels across groups, at the MACs the ratio's uniform plan reaches (or at "
                             "--target-macs); --no-global-ranking removes the same share from every group. "

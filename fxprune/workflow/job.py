@@ -46,6 +46,7 @@ from torch import nn
 from fxprune.cost import count_macs
 from fxprune.latency_model import LatencyOptions
 from fxprune.modelspec import ModelSpec
+from fxprune.rules import DEFAULT_RULES, RULE_OPTIONS, RuleTable
 from fxprune.workflow.cli_args import LATENCY_DEVICES, LATENCY_MODES
 from fxprune.workflow.data import DataBundle, example_batch, load_data, make_loader
 from fxprune.workflow.distributed import (DistContext, barrier, init_distributed, resolve_device,
@@ -67,7 +68,7 @@ from fxprune.workflow.report import (FILE_ONLY, WarningLog, close_logging, colle
 
 __all__ = ["RunConfig", "run", "sweep", "prune_model", "preflight", "check_output_folder", "check_importance",
            "check_weights", "check_model_fits", "achieved_pruning", "weights_identity", "measure_latency_pair",
-           "sweep_baseline_latency", "get_baseline", "get_control", "pruning_details", "train_config",
+           "sweep_baseline_latency", "get_baseline", "get_control", "pruning_details", "train_config", "run_rules",
            "RESULT_OPTIONS", "DEFAULT_RATIO", "BASELINE_FILE", "CONTROL_FILE"]
 
 logger = logging.getLogger("fxprune.workflow")
@@ -89,7 +90,8 @@ RESULT_OPTIONS = ("model", "adapt", "weights", "data", "limit", "image_size", "s
                   "target_latency", "latency_device", "latency_batch", "latency_mode",
                   "importance", "ignore", "round_to", "epochs", "lr", "baseline_epochs", "baseline_lr",
                   "batch_size", "augment", "optimizer", "weight_decay", "label_smoothing", "distill",
-                  "amp", "recalibration_batches", "calibration_batches", "renormalising", "global_ranking")
+                  "amp", "recalibration_batches", "calibration_batches", "renormalising", "global_ranking",
+                  "attention")
 
 
 @dataclass
@@ -122,6 +124,9 @@ class RunConfig:
     # False (--no-renormalising): LayerNorm/RMSNorm widths stay whole, every rewrite is exact
     # (fxprune.prune's allow_renormalising).
     renormalising: bool = True
+    # "heads" (the default): attention blocks lose whole heads; "head_dim" (--attention head_dim):
+    # every head keeps the same dims instead (fxprune.rules.RULE_OPTIONS, recorded in the plan).
+    attention: str = "heads"
     # True (the default; --no-global-ranking turns it off): channels are ranked across groups
     # at the MACs the ratio's uniform plan reaches, or at target_macs (benchmarks/ACCURACY_FULL.md
     # measures it against uniform). target_latency allocates by measured cost and ignores it.
@@ -233,6 +238,8 @@ class RunConfig:
             raise ConfigError(f"global_ranking (--global-ranking) is a switch, True or False; got {self.global_ranking!r}")
         if not isinstance(self.renormalising, bool):
             raise ConfigError(f"renormalising (--no-renormalising) is a switch, True or False; got {self.renormalising!r}")
+        if self.attention not in RULE_OPTIONS["attention"]:
+            raise ConfigError(f"--attention must be one of {', '.join(RULE_OPTIONS['attention'])}; got {self.attention!r}")
         if not isinstance(self.control, bool):
             raise ConfigError(f"control (--no-control) is a switch, True or False; got {self.control!r}")
         check_importance(self.importance)
@@ -280,6 +287,8 @@ class RunConfig:
             # The default, which every run made before the option existed used: their
             # checkpoints and sweep points keep their fingerprint and still resume.
             del data["renormalising"]
+        if data["attention"] == "heads":
+            del data["attention"]  # the default, as for renormalising
         if not data["global_ranking"] or data["target_latency"] is not None:
             # Uniform was the default before the option existed (likewise); a latency target
             # allocates by measured cost, so the switch does not change its result.
@@ -826,7 +835,7 @@ def pruning_details(baseline: nn.Module, pruned: nn.Module, config: RunConfig,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             analysis = fxprune.analyze_model(baseline, example_inputs=(example,), ignore=tuple(config.ignore),
-                                             allow_renormalising=config.renormalising)
+                                             allow_renormalising=config.renormalising, rules=run_rules(config))
         details["groups"] = group_summary(analysis.groups, plan)
     except FxPruneError as exc:  # the report says what it could; pruning itself succeeded
         logger.warning("report: could not list the channel groups (%s)", exc)
@@ -930,6 +939,15 @@ class _OnDevice:
         return len(self.loader)
 
 
+def run_rules(config: RunConfig) -> RuleTable:
+    """The rule table the run analyses with: the default one, with ``--attention`` when set.
+
+    >>> run_rules(RunConfig(attention="head_dim")).option("attention")
+    'head_dim'
+    """
+    return DEFAULT_RULES if config.attention == "heads" else DEFAULT_RULES.with_options(attention=config.attention)
+
+
 def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
                 calibration: Optional[Any] = None, ratio: Optional[float] = None,
                 importance: Optional[str] = None) -> torch.fx.GraphModule:
@@ -945,7 +963,7 @@ def prune_model(model: nn.Module, config: RunConfig, example: torch.Tensor, *,
 
     kwargs: dict[str, Any] = {"importance": importance or config.importance,
                               "example_inputs": (example,), "seed": config.seed,
-                              "allow_renormalising": config.renormalising}
+                              "allow_renormalising": config.renormalising, "rules": run_rules(config)}
     if calibration is not None:
         kwargs["calibration"] = calibration
         kwargs["calibration_batches"] = config.calibration_batches

@@ -221,7 +221,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
           else []),
         f"- Model: `{config.get('model', '-')}`; data: `{data_name}` "
         f"(accuracy on the held-out split, {base.get('samples', '-')} samples)",
-        f"- Pruning: importance `{config.get('importance', '-')}`, requested {requested}{_allocation_text(config)}",
+        f"- Pruning: importance `{config.get('importance', '-')}`, requested {requested}{_allocation_text(config)}"
+        + ("; attention blocks pruned by head_dim (`--attention head_dim`: every head kept, the same dims of each)"
+           if config.get("attention") == "head_dim" else ""),
         *_achieved_lines(pruned.get("achieved")),
         f"- Machine: {machine.get('cpu', '-')} ({machine.get('cpu_count', '-')} cores){gpu}",
         *latency_warnings(report),

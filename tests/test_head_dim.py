@@ -181,6 +181,24 @@ def test_timm_vit_prunes_head_dims_and_is_proven() -> None:
     assert sum(p.numel() for p in pruned.parameters()) < 0.65 * sum(p.numel() for p in model.parameters())
 
 
+def test_timm_swin_keeps_its_bias_tables_whole_and_is_proven() -> None:
+    # Every head stays, so the relative position bias (one table column per head) and the
+    # shifted windows' mask keep their shapes; only q/k/v rows and projection columns go.
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112, depths=(2, 2),
+                              num_heads=(3, 6), embed_dim=48, num_classes=3).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_()  # timm starts it near zero: spread it so a wrong column would show
+    model = randomize_constants(model)
+    x = torch.randn(1, 3, 112, 112)
+    pruned, plan = _prune(model, (x,))
+    attn = pruned.get_submodule("layers.1.blocks.1.attn")
+    assert attn.qkv.out_features == 3 * 6 * 8 and attn.relative_position_bias_table.shape[1] == 6
+    assert_rolled_weight_fails(model, pruned, plan, (x,), "layers.1.blocks.1.attn.qkv", 0)
+
+
 # ----------------------------------------------------------------------------- plan and apply agree
 
 

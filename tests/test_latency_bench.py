@@ -71,6 +71,7 @@ RESULTS = [
 
 FMNIST = {"ratio": 0.7, "key": "cpu/eager/b1", "seed": 0, "limit": None, "epochs": 5, "baseline_epochs": 3,
           "target": 0.4123,
+          "target_stat": "median",
           "uniform": {"top1": 90.1, "top1_before_finetune": 40.0, "macs": 0.1, "fraction": 0.4123, "baseline_top1": 92.0},
           "latency": {"top1": 90.6, "top1_before_finetune": 55.0, "macs": 0.16, "fraction": 0.40, "baseline_top1": 92.0},
           "top1_gain": 0.5, "remeasured": {"uniform": 0.41, "latency": 0.39}}
@@ -101,12 +102,13 @@ def test_render_says_quick_shared_and_fmnist_failures() -> None:
     assert "Not compared: uniform 0.7 is not faster." in md
 
 
-def _report(top1: float, macs: float, speedup: float, target: Any = None) -> Dict[str, Any]:
+def _report(top1: float, macs: float, speedup: float, target: Any = None, low: Any = None) -> Dict[str, Any]:
     pruned = {"top1": top1, "top1_before_finetune": top1 - 30, "macs": macs}
     if target is not None:
         pruned["latency_target"] = target
+    b1 = {"speedup": speedup} if low is None else {"speedup": speedup, "speedup_q25": low}
     return {"baseline": {"top1": 92.0, "macs": 100.0}, "pruned": pruned,
-            "latency": {"settings": {"cpu/eager/b1": {"speedup": speedup}, "cpu/eager/b32": {"speedup": 9.0}}}}
+            "latency": {"settings": {"cpu/eager/b1": b1, "cpu/eager/b32": {"speedup": 9.0}}}}
 
 
 def test_fmnist_arm_targets_uniforms_measured_latency_with_the_same_recipe(tmp_path: Path) -> None:
@@ -136,6 +138,25 @@ def test_fmnist_arm_targets_uniforms_measured_latency_with_the_same_recipe(tmp_p
     assert result["latency"]["macs"] == pytest.approx(0.16) and result["top1_gain"] == pytest.approx(0.7)
     assert result["remeasured"] == {"uniform": 0.4, "latency": 0.39}
     assert "| latency | target 0.4 | 0.160 | 0.385 | 0.390 | 60.70 | 90.70 |" in bench.render([], INFO, result)
+    assert result["target_stat"] == "median"  # these reports give no quartile: the median, said so
+
+
+def test_fmnist_target_is_uniforms_upper_quartile_by_default(tmp_path: Path) -> None:
+    # The statistic a latency target is checked with: the latency run is held to uniform's own yardstick.
+    seen: List[Any] = []
+
+    def runner(config: Any) -> Dict[str, Any]:
+        seen.append(config.target_latency)
+        return _report(90.0, 10.0, 2.5, low=2.0) if config.target_latency is None else _report(90.2, 12.0, 2.6, low=2.1)
+
+    result = bench.bench_fmnist(bench.parse_args([]), tmp_path, runner=runner, remeasure=lambda u, l: {})
+    assert seen == [None, 0.5] and result["target"] == 0.5 and result["target_stat"] == "q75"
+    assert result["uniform"]["fraction"] == pytest.approx(0.4) and result["uniform"]["fraction_q75"] == pytest.approx(0.5)
+    md = "\n".join(bench.render_fmnist(result))
+    assert "the upper quartile of its per-round fraction" in md and "| uniform | ratio 0.7 | 0.100 | 0.400, 0.500 |" in md
+    median = bench.bench_fmnist(bench.parse_args(["--fmnist-target", "median"]), tmp_path / "m", runner=runner,
+                                remeasure=lambda u, l: {})
+    assert median["target"] == 0.4
 
 
 def test_fmnist_arm_records_failures_instead_of_raising(tmp_path: Path) -> None:

@@ -20,11 +20,14 @@ So a custom layer is taught to fxprune by one registration::
     @fxprune.register_layer(roles={"channelwise": (("scale", 0),)})
     class ChannelScale(nn.Module): ...
 
-The tables of the built-in layers' builders, masks and weight views
-(``fxprune.rewrite.DEFAULT_BUILDERS``, ``fxprune.testing.DEFAULT_MASKS``,
-``fxprune.importance.DEFAULT_WEIGHTS``) remain for layers whose physics is not a plain index
-along a dim (grouped convs, packed attention); each of them falls back to the adapter of a
-type it has no entry for. :data:`DEFAULT_LAYERS` is a :class:`~fxprune.registry.Registry`;
+The built-in layers whose tensors are plain indices along a dim are adapters too
+(:data:`BUILTIN_LAYERS`: BatchNorm, InstanceNorm, LayerNorm, RMSNorm, PReLU). The tables of
+builders, masks and weight views (``fxprune.rewrite.DEFAULT_BUILDERS``,
+``fxprune.testing.DEFAULT_MASKS``, ``fxprune.importance.DEFAULT_WEIGHTS``) remain for the layers
+whose physics is more than that: convolutions (grouped, depthwise and transposed weights), Linear
+(scored in one pass over its weight with the convs), GroupNorm (whole groups and
+``num_groups``) and packed attention; each table falls back to the adapter of a type it has no
+entry for. :data:`DEFAULT_LAYERS` is a :class:`~fxprune.registry.Registry`;
 to teach a layer for some calls only (a test, a library that must not change global state),
 extend it (``DEFAULT_LAYERS.extended({T: adapter})``, a NEW table, the default untouched) and
 run those calls under :func:`using_layers`.
@@ -46,7 +49,7 @@ import torch.nn as nn
 from .errors import FxPruneError
 from .registry import Registry
 
-__all__ = ["LayerAdapter", "DEFAULT_LAYERS", "register_layer", "adapter_for", "using_layers", "ROLES"]
+__all__ = ["LayerAdapter", "BUILTIN_LAYERS", "DEFAULT_LAYERS", "register_layer", "adapter_for", "using_layers", "ROLES"]
 
 #: The roles a layer's tensors can play: rows it produces, columns it consumes, per-channel parameters.
 ROLES = ("out", "in", "channelwise")
@@ -61,9 +64,14 @@ class LayerAdapter:
     ``roles``: ``{role: ((tensor attribute, dim), ...)}`` (``"out"``, ``"in"`` or
     ``"channelwise"``). A tensor that is ``None`` on a given module (an absent bias) is skipped.
     ``counts``: ``{role: (attribute, ...)}``, integer attributes that hold the role's count
-    (``out_features``); :meth:`build` sets them. ``rule``: the channel rule
-    (``fn(ctx, node) -> Layout | None``, see :func:`fxprune.register_rule`); None derives the
-    pass-through rule of a ``channelwise``-only layer.
+    (``out_features``; a one-entry tuple such as LayerNorm's ``normalized_shape`` stays a tuple);
+    :meth:`build` sets them. ``rule``: the channel rule (``fn(ctx, node) -> Layout | None``, see
+    :func:`fxprune.register_rule`); None derives the pass-through rule of a ``channelwise``-only
+    layer. ``scores``: ``{role: (tensor attribute, ...)}``, the tensors whose values score the
+    role (default: every parameter it indexes; ``()``: none, the layer adds nothing to a score).
+    ``fills``: ``{tensor attribute: value}`` a removed position takes in the proof's mask
+    (default 0; BatchNorm's ``running_var`` takes 1, so a removed channel's output is exactly 0
+    whatever its statistics were).
 
     >>> class Scale(nn.Module):
     ...     def __init__(self, c):
@@ -80,6 +88,8 @@ class LayerAdapter:
     roles: Mapping[str, RoleTensors]
     counts: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
     rule: Optional[Callable[..., Any]] = None
+    scores: Optional[Mapping[str, Tuple[str, ...]]] = None
+    fills: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.roles) - set(ROLES)) + sorted(set(self.counts) - set(self.roles))
@@ -105,30 +115,51 @@ class LayerAdapter:
         Parameters only: buffers (running statistics, constants) are not learned weights, as for
         the built-in layers, whose norms score their scale and not their statistics.
         """
-        rows = [t.detach().movedim(dim, 0).reshape(t.shape[dim], -1) for _, t, dim in self.tensors(module, role)
-                if isinstance(t, nn.Parameter)]
+        scored = None if self.scores is None else set(self.scores.get(role, ()))
+        rows = [t.detach().movedim(dim, 0).reshape(t.shape[dim], -1) for name, t, dim in self.tensors(module, role)
+                if isinstance(t, nn.Parameter) and (scored is None or name in scored)]
         if not rows:
             return None
         return torch.cat([r.to(rows[0].dtype) for r in rows], dim=1)
 
     def build(self, module: nn.Module, idx: Mapping[str, Optional[torch.Tensor]]) -> nn.Module:
         """A NEW copy of ``module`` keeping positions ``idx[role]`` of each role (None: unchanged)."""
-        new = copy.deepcopy(module)
+        # Each tensor sliced from the original by every role that indexes it (a weight's rows
+        # and columns), then one deep copy that takes the sliced tensors in place of the
+        # originals (deepcopy's memo): the large original tensors are never copied only to be
+        # dropped, and the copy keeps the module's class, hooks and other attributes.
+        sliced: Dict[str, torch.Tensor] = {}
+        originals: Dict[str, torch.Tensor] = {}
         for role, keep in idx.items():
             if keep is None:
                 continue
-            # From the copy: a tensor two roles index (a weight's rows and columns) is cut by both.
-            for name, t, dim in self.tensors(new, role):
-                sliced = t.detach().index_select(dim, keep.to(t.device)).clone()
-                if isinstance(t, nn.Parameter):
-                    setattr(new, name, nn.Parameter(sliced, requires_grad=t.requires_grad))
-                elif name in dict(module.named_buffers(recurse=False)):
-                    new.register_buffer(name, sliced, persistent=name not in module._non_persistent_buffers_set)
-                else:
-                    setattr(new, name, sliced)
+            for name, t, dim in self.tensors(module, role):
+                originals[name] = t
+                current = sliced.get(name, t.detach())
+                sliced[name] = current.index_select(dim, keep.to(current.device))
+        memo: Dict[int, Any] = {}
+        for name, new_t in sliced.items():
+            old = originals[name]
+            memo[id(old)] = nn.Parameter(new_t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
+                else new_t
+        new = copy.deepcopy(module, memo)
+        for role, keep in idx.items():
+            if keep is None:
+                continue
             for attr in self.counts.get(role, ()):
-                setattr(new, attr, int(keep.numel()))
+                old = getattr(module, attr)
+                setattr(new, attr, type(old)((int(keep.numel()),)) if isinstance(old, (tuple, list)) else int(keep.numel()))
         return new
+
+    def mask(self, module: nn.Module, role: str, removed: torch.Tensor) -> None:
+        """The proof's mask: the ``removed`` positions (a bool tensor) of each of ``role``'s tensors
+        zeroed, in place (or set to their ``fills`` value)."""
+        for name, t, dim in self.tensors(module, role):
+            if t.dim() > dim and t.shape[dim] == removed.numel():
+                index: List[Any] = [slice(None)] * t.dim()
+                index[dim] = removed.to(t.device)
+                with torch.no_grad():
+                    t[tuple(index)] = self.fills.get(name, 0.0)
 
     def sizes(self, module: nn.Module) -> Dict[str, int]:
         """Each role's count in ``module``, read back from its first present tensor."""
@@ -141,8 +172,30 @@ class LayerAdapter:
         return out
 
 
-DEFAULT_LAYERS: Registry[type, LayerAdapter] = Registry("layer adapters")
-"""Module type (exact) -> :class:`LayerAdapter`, the table :func:`register_layer` writes to."""
+_NORM_TENSORS: RoleTensors = (("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0))
+
+BUILTIN_LAYERS: Registry[type, LayerAdapter] = Registry("built-in layer adapters", {
+    # Scored by their scale alone (statistics are not learned weights); InstanceNorm and PReLU
+    # add nothing to a score, as before they were adapters.
+    **{t: LayerAdapter({"channelwise": _NORM_TENSORS}, {"channelwise": ("num_features",)},
+                       scores={"channelwise": ("weight",)}, fills={"running_var": 1.0})
+       for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
+    **{t: LayerAdapter({"channelwise": _NORM_TENSORS}, {"channelwise": ("num_features",)},
+                       scores={"channelwise": ()}, fills={"running_var": 1.0})
+       for t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
+    # Only a one-entry normalized_shape over the channels is ever pruned (fxprune.rules): the
+    # smaller norm normalises over the kept channels, a renormalising rewrite.
+    **{t: LayerAdapter({"channelwise": (("weight", 0), ("bias", 0))}, {"channelwise": ("normalized_shape",)},
+                       scores={"channelwise": ("weight",)})
+       for t in (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())},
+    nn.PReLU: LayerAdapter({"channelwise": (("weight", 0),)}, {"channelwise": ("num_parameters",)},
+                           scores={"channelwise": ()}),
+})
+"""The built-in layers that are plain indices along a dim; every adapter table falls back to it."""
+
+DEFAULT_LAYERS: Registry[type, LayerAdapter] = Registry("layer adapters", parent=BUILTIN_LAYERS)
+"""Module type (exact) -> :class:`LayerAdapter`, the table :func:`register_layer` writes to
+(over :data:`BUILTIN_LAYERS`)."""
 
 
 def register_layer(*types: type, roles: Mapping[str, RoleTensors], counts: Optional[Mapping[str, Tuple[str, ...]]] = None,
@@ -210,4 +263,6 @@ def adapter_for(module: Optional[nn.Module], layers: Optional[Registry[type, Lay
     if module is None:
         return None
     table = layers if layers is not None else (_ACTIVE.get() or DEFAULT_LAYERS)
-    return table.get(type(module))
+    found = table.get(type(module))
+    # A table built from scratch still knows what the built-in layers are.
+    return found if found is not None else BUILTIN_LAYERS.get(type(module))

@@ -42,7 +42,7 @@ from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
 from .registry import Registry
 from .tracing import MutableArgsInterpreter
-from .rules import LAYER_NORM_MODULES, role_tensors
+from .rules import role_tensors
 from .layers import PrunedMultiheadAttention
 
 __all__ = [
@@ -211,10 +211,10 @@ def _transposed_layer(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     return w.transpose(0, 1)
 
 
-# LayerNorm/RMSNorm scales too (a renormalising group's norms): scored as the functional form's
-# weight tensor is (F.layer_norm in torchvision's LayerNorm2d), so both forms score alike.
-@register_weights(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, *LAYER_NORM_MODULES)
-def _norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
+# A GroupNorm is scored by its scale, as BatchNorm and LayerNorm/RMSNorm are (their adapters in
+# fxprune.adapters say so) and as the functional forms' weight tensors are.
+@register_weights(nn.GroupNorm)
+def _group_norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
     w = getattr(module, "weight", None)
     return None if w is None else w.detach().unsqueeze(1)
 

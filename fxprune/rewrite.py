@@ -25,7 +25,7 @@ from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
 from .layers import PrunedMultiheadAttention
 from .planning import PruningPlan, resolve
 from .registry import Registry
-from .rules import ARG_REWRITE, LAYER_NORM_MODULES, ArgRewrite, evaluate_arg
+from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
 from .tracing import propagate_shapes
 
 __all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size",
@@ -162,27 +162,6 @@ def _linear(lin: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     return new
 
 
-@register_builder(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-def _batchnorm(bn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
-    keep = idx.get("channelwise")
-    names = ("weight", "bias", "running_mean", "running_var")
-    new = _copy_with(bn, {n: _sliced(getattr(bn, n), 0, keep) for n in names})
-    new.num_features = bn.num_features if keep is None else len(keep)
-    return new
-
-
-
-@register_builder(*LAYER_NORM_MODULES)
-def _layer_norm(norm: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
-    # Only a one-dim normalized_shape over the channels is ever pruned (fxprune.rules): the new
-    # norm normalises over the kept channels, a renormalising rewrite (see Group.renormalising).
-    keep = idx.get("channelwise")
-    new = _copy_with(norm, {n: _sliced(getattr(norm, n), 0, keep) for n in ("weight", "bias") if hasattr(norm, n)})
-    if keep is not None:
-        new.normalized_shape = (len(keep),)
-    return new
-
-
 @register_builder(nn.GroupNorm)
 def _group_norm(gn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     # The analysis kept whole GroupNorm groups (units of C // num_groups channels): the new
@@ -207,15 +186,6 @@ def _group_norm(gn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
 def _multihead_attention(mha: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
     # nn.MultiheadAttention ties its heads' width to embed_dim: fewer heads need our own layer.
     return PrunedMultiheadAttention.from_module(mha, idx.get("channelwise"), idx.get("in"), idx.get("out"))
-
-
-@register_builder(nn.PReLU)
-def _prelu(prelu: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
-    assert isinstance(prelu, nn.PReLU)
-    keep = idx.get("channelwise")
-    new = _copy_with(prelu, {"weight": _sliced(prelu.weight, 0, keep)})
-    new.num_parameters = new.weight.numel()
-    return new
 
 
 def slot_indices(slot: Slot, kept: Dict[int, List[int]], as_tensor: Optional[Dict[int, torch.Tensor]] = None) -> Indices:
@@ -247,6 +217,9 @@ def _expected(slot: Slot, kept: Dict[int, List[int]]) -> int:
 
 def _dim_sizes(module: nn.Module) -> Dict[str, int]:
     """The size of the dimension each role indexes, read back from the built module."""
+    adapter = adapter_for(module)
+    if adapter is not None:
+        return adapter.sizes(module)
     if isinstance(module, nn.modules.conv._ConvNd):
         # A transposed conv stores [Cin, Cout/G, *k]; a conv [Cout, Cin/G, *k].
         rows, cols = module.weight.shape[0], module.weight.shape[1] * module.groups
@@ -254,19 +227,11 @@ def _dim_sizes(module: nn.Module) -> Dict[str, int]:
         return {"out": out, "in": inp, "channelwise": rows}
     if isinstance(module, nn.Linear):
         return {"out": module.weight.shape[0], "in": module.weight.shape[1]}
-    if isinstance(module, nn.PReLU):
-        return {"channelwise": module.weight.shape[0]}
-    if isinstance(module, LAYER_NORM_MODULES):
-        return {"channelwise": int(module.normalized_shape[0])}
     if isinstance(module, nn.GroupNorm):
         return {"channelwise": module.num_channels}
     if isinstance(module, PrunedMultiheadAttention):
         return {"channelwise": module.num_heads * module.head_dim, "in": module.in_dim, "out": module.out_dim}
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        n = module.running_mean.shape[0] if module.running_mean is not None else module.num_features
-        return {"channelwise": module.weight.shape[0] if module.weight is not None else n}
-    adapter = adapter_for(module)
-    return adapter.sizes(module) if adapter is not None else {}
+    return {}
 
 
 def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None, *,

@@ -879,9 +879,10 @@ def _conv_rank(ctx: RuleContext, node: torch.fx.Node, spatial: int, inp: Optiona
     return spatial + 2  # batched input is the norm; example_inputs let ShapeProp confirm it
 
 
-# Which tensors of a layer each slot role indexes, and along which dim. Scores, the masked
-# reference and the cost model read it through role_tensors(); the rewrite's builders slice
-# the same dims.
+# Which tensors of a layer each slot role indexes, and along which dim, for the layers without
+# an adapter (convs, Linear; fxprune.adapters says it for the norms and PReLU). Scores, the
+# masked reference and the cost model read it through role_tensors(); the rewrite's builders
+# slice the same dims.
 _ROLE_TENSORS: Dict[str, Tuple[Tuple[str, int], ...]] = {
     "out": (("weight", 0), ("bias", 0)),
     "in": (("weight", 1),),

@@ -33,6 +33,7 @@ import torch.fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from .adapters import adapter_for
 from .api import ModelLike, analyze_model
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import RENORMALISING, Slot, TensorSlot
@@ -100,17 +101,6 @@ def _mask_linear(lin: nn.Module, role: str, removed: torch.Tensor) -> None:
     _default_mask(lin, role, removed)
 
 
-@register_mask(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-def _mask_norm(norm: nn.Module, role: str, removed: torch.Tensor) -> None:
-    # weight = bias = 0 zeroes the channel's output, but only if its normalised value is
-    # finite: a NaN/Inf running statistic would turn 0 * x into NaN. Set the statistics too,
-    # to mean 0 / variance 1, so the removed channel's output is exactly 0 whatever they were.
-    _zero_along(getattr(norm, "weight", None), 0, removed)
-    _zero_along(getattr(norm, "bias", None), 0, removed)
-    _zero_along(getattr(norm, "running_mean", None), 0, removed)
-    var = getattr(norm, "running_var", None)
-    if isinstance(var, torch.Tensor):
-        var[removed.to(var.device)] = 1
 
 
 @register_mask(nn.MultiheadAttention, PrunedMultiheadAttention)
@@ -168,9 +158,13 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
             removed = torch.ones(sum(size for _, size in slot.segments) * slot.block, dtype=torch.bool)
             removed[keep] = False
             removes = removes or bool(removed.any())
-            # A layer taught by fxprune.register_layer gets the default mask over the tensors its
-            # adapter names (role_tensors reads the adapter).
-            masks.get(type(module), _default_mask)(module, slot.role, removed)
+            # A layer with an adapter (a built-in one, or one taught by fxprune.register_layer) is
+            # masked over the tensors its adapter names.
+            mask = masks.get(type(module))
+            if mask is None:
+                adapter = adapter_for(module)
+                mask = adapter.mask if adapter is not None else _default_mask
+            mask(module, slot.role, removed)
         removes = _mask_tensors(gm, analysis.tensors, kept) or removes
     removes = _mask_norms(gm, analysis.gm, kept) or removes
     return removes

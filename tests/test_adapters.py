@@ -180,3 +180,41 @@ def test_per_channel_tensors_of_another_size_keep_the_channels_whole() -> None:
         with pytest.warns(fxprune.FxPruneWarning, match=r"per-channel tensors have \[5\] entries"):
             groups = {g.key: g for g in fxprune.find_groups(net, example_inputs=(X,))}
         assert not groups["0"].prunable
+
+
+# ----------------------------------------------------------------------------- built-in layers as adapters
+
+
+def test_batchnorm_is_an_adapter_slicing_its_statistics_and_masking_them_to_a_zero_output() -> None:
+    from fxprune.adapters import BUILTIN_LAYERS
+    from fxprune.registry import Registry
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.arange(4.0))
+        bn.running_var.copy_(torch.arange(1.0, 5.0))
+        bn.weight.copy_(torch.arange(10.0, 14.0))
+    adapter = adapter_for(bn)
+    assert adapter is BUILTIN_LAYERS[nn.BatchNorm2d]
+    small = adapter.build(bn, {"channelwise": torch.tensor([1, 3])})
+    assert small.num_features == 2 and small.running_var.tolist() == [2.0, 4.0] and small.weight.tolist() == [11.0, 13.0]
+    assert isinstance(small.weight, nn.Parameter) and small.weight.data_ptr() != bn.weight.data_ptr()
+    assert bn.num_features == 4 and bn.weight.tolist() == [10.0, 11.0, 12.0, 13.0]  # the input is untouched
+    assert adapter.sizes(small) == {"channelwise": 2}
+    assert adapter.weights(bn, "channelwise").tolist() == [[10.0], [11.0], [12.0], [13.0]]  # the scale alone scores
+    masked = copy.deepcopy(bn)
+    adapter.mask(masked, "channelwise", torch.tensor([True, False, False, False]))
+    assert masked.running_var[0] == 1 and masked.running_mean[0] == 0 and masked.weight[0] == 0
+    with torch.no_grad():
+        bn.running_var[0] = float("nan")  # a removed channel's statistics may be anything
+    adapter.mask(bn, "channelwise", torch.tensor([True, False, False, False]))
+    assert bool((bn(torch.randn(2, 4, 3, 3))[:, 0] == 0).all())
+    with using_layers(Registry("from scratch")):  # a table that never heard of BatchNorm still knows it
+        assert adapter_for(nn.BatchNorm2d(3)) is adapter
+
+
+def test_layer_norm_keeps_a_tuple_shape_and_prelu_instance_norm_score_nothing() -> None:
+    ln = nn.LayerNorm(6)
+    small = adapter_for(ln).build(ln, {"channelwise": torch.tensor([0, 2, 5])})
+    assert small.normalized_shape == (3,) and small(torch.randn(2, 3)).shape == (2, 3)
+    assert adapter_for(nn.PReLU(4)).weights(nn.PReLU(4), "channelwise") is None
+    assert adapter_for(nn.InstanceNorm2d(4, affine=True)).weights(nn.InstanceNorm2d(4, affine=True), "channelwise") is None

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import operator
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -32,7 +33,7 @@ from .export import is_lifted
 from .targets import Target, accepts_objects
 from .tracing import as_graph_module, cast_model, propagate_shapes, trace
 
-__all__ = ["prune", "plan", "apply", "find_groups", "analyze_model", "GroupList", "keep_class"]
+__all__ = ["prune", "plan", "apply", "find_groups", "analyze_model", "GroupList", "keep_class", "PruneRequest", "decide"]
 
 ModelLike = Union[nn.Module, torch.fx.GraphModule]
 
@@ -551,27 +552,54 @@ def _exact_measure(analysis: Analysis, inputs: Optional[Tuple[Any, ...]],
     return measure
 
 
-def decide(model: ModelLike, *, importance: Importance, example_inputs: Any, ignore: Any,
-           strict: bool, calibration: Optional[Iterable[Any]], calibration_batches: Optional[int],
-           loss_fn: Optional[Callable[..., Any]], seed: int, policy: Policy, build: bool,
+@dataclass(frozen=True)
+class PruneRequest:
+    """What one analyse -> plan -> rewrite pass is asked, as one typed object.
+
+    ``prune``, ``plan`` and ``prune_iteratively`` build it once from their keywords (``inputs``
+    already normalised by :func:`as_inputs`, ``ignore`` by :func:`check_ignore`) and every stage
+    reads it, instead of the same keywords threaded through each signature. The allocation
+    policy (:class:`fxprune.allocation.Policy`) travels beside it, since iterative pruning asks
+    one request under a policy per step.
+    """
+
+    importance: Importance = "l1"
+    inputs: Optional[Tuple[Any, ...]] = None
+    ignore: Tuple[str, ...] = ()
+    strict: bool = False
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    rules: Optional[RuleTable] = None
+    builders: Optional[Registry[type, Builder]] = None
+    allow_renormalising: bool = True
+
+    def analyse(self, model: ModelLike, *, ignore: bool = True) -> Analysis:
+        """The model's groups under this request's tables (``ignore=False``: nothing ignored)."""
+        return analyze_model(model, example_inputs=self.inputs, ignore=self.ignore if ignore else (), strict=self.strict,
+                             rules=self.rules, allow_renormalising=self.allow_renormalising)
+
+
+def decide(model: ModelLike, request: PruneRequest, policy: Policy, *, build: bool,
            keep_counts: Optional[Mapping[str, int]] = None,
-           explain: bool = True, rules: Optional[RuleTable] = None,
-           builders: Optional[Registry[type, Builder]] = None,
-           allow_renormalising: bool = True) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
+           explain: bool = True) -> Tuple[PruningPlan, Optional[torch.fx.GraphModule]]:
     """Analyse, plan and (with ``build`` or a target to verify) rewrite: the body of plan()/prune().
 
     ``explain``: warn when nothing can be or was pruned (``strict``: raise on a layer fxprune
     cannot see); iterative pruning turns it off and explains once for all its steps.
-    ``rules`` / ``builders``: the rule and builder tables (defaults: the shipped ones).
+    ``keep_counts``: group key -> count, instead of allocating (iterative pruning's steps).
+
+    >>> import torchvision
+    >>> from fxprune.allocation import Policy
+    >>> result, built = decide(torchvision.models.resnet18(), PruneRequest(), Policy(ratio=0.5).validated(), build=False)
+    >>> len(result.keep("layer1.0.conv1")), built
+    (32, None)
     """
-    inputs = as_inputs(example_inputs)
+    inputs, importance, options, builders = request.inputs, request.importance, request.scoring, request.builders
+    strict = request.strict
     if policy.target_macs is not None and inputs is None:
         raise FxPruneError(f"target_macs={policy.target_macs} needs example_inputs=(x,) to count MACs on "
                            "(a batch the model's forward accepts, e.g. torch.randn(1, 3, 224, 224))")
     check_importance(importance)
-    options = ScoringOptions(calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed)
-    analysis = analyze_model(model, example_inputs=inputs, ignore=ignore, strict=strict, rules=rules,
-                             allow_renormalising=allow_renormalising)
+    analysis = request.analyse(model)
     # Never silent: a model returned unchanged says why (iterative pruning explains once, itself).
     can_prune = check_prunable(analysis, strict=strict, stacklevel=3) if explain else True
     if not policy.has_target:
@@ -634,11 +662,11 @@ def plan(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = "
     """
     policy = make_policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
                          round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
+    request = PruneRequest(importance, as_inputs(example_inputs), check_ignore(ignore), strict,
+                           ScoringOptions(calibration=calibration, calibration_batches=calibration_batches,
+                                          loss_fn=loss_fn, seed=seed), rules, None, allow_renormalising)
     with few_threads():
-        result, _ = decide(model, importance=importance, example_inputs=example_inputs, ignore=check_ignore(ignore),
-                           strict=strict, calibration=calibration, calibration_batches=calibration_batches,
-                           loss_fn=loss_fn, seed=seed, policy=policy, build=False, rules=rules,
-                           allow_renormalising=allow_renormalising)
+        result, _ = decide(model, request, policy, build=False)
     return result
 
 
@@ -709,27 +737,24 @@ def prune(model: ModelLike, ratio: RatioArg = None, *, importance: Importance = 
     >>> half.meta["fxprune_plan"].policy["achieved_macs"] <= 0.5
     True
     """
+    request = PruneRequest(importance, as_inputs(example_inputs), check_ignore(ignore), strict,
+                           ScoringOptions(calibration=calibration, calibration_batches=calibration_batches,
+                                          loss_fn=loss_fn, seed=seed), rules, builders, allow_renormalising)
     if target_latency is not None or target_latency_ms is not None:
         # A measured-latency target: the search and its verification live in fxprune.latency_model.
         if ratio is not None or target_macs is not None or target_params is not None or global_ranking:
             raise FxPruneError("a latency target chooses the channel counts itself: give target_latency= or "
                                "target_latency_ms= without ratio=, target_macs=, target_params= or global_ranking=")
-        pruned = _latency_prune(model, importance=importance, example_inputs=example_inputs, ignore=ignore,
-                                strict=strict, allow_renormalising=allow_renormalising, scoring=ScoringOptions(calibration=calibration,
-                                calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed),
-                                policy=Policy(ratio=0.0, max_group_ratio=max_group_ratio, round_to=round_to,
-                                              min_channels=min_channels).validated(),
+        pruned = _latency_prune(model, request,
+                                Policy(ratio=0.0, max_group_ratio=max_group_ratio, round_to=round_to,
+                                       min_channels=min_channels).validated(),
                                 target=(target_latency, target_latency_ms), device=device, batch_size=batch_size,
-                                mode=latency_mode, options=latency_options, rules=rules, builders=builders)
+                                mode=latency_mode, options=latency_options)
         return _keep_class_fn(model, pruned) if keep_class else pruned
     policy = make_policy(ratio, global_ranking=global_ranking, max_group_ratio=max_group_ratio, default_ratio=default_ratio,
                          round_to=round_to, min_channels=min_channels, target_macs=target_macs, target_params=target_params)
     with few_threads():
-        result, pruned = decide(model, importance=importance, example_inputs=example_inputs,
-                                ignore=check_ignore(ignore), strict=strict, calibration=calibration,
-                                calibration_batches=calibration_batches, loss_fn=loss_fn, seed=seed,
-                                policy=policy, build=True, rules=rules, builders=builders,
-                                allow_renormalising=allow_renormalising)
+        result, pruned = decide(model, request, policy, build=True)
     if pruned is None:
         raise InternalError("prune() planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result
@@ -757,24 +782,21 @@ prune.__doc__ = (prune.__doc__ or "") + _OPTIONS_DOC + """
 """
 
 
-def _latency_prune(model: ModelLike, *, importance: Importance, example_inputs: Any, ignore: Any, strict: bool,
-                   allow_renormalising: bool, scoring: ScoringOptions, policy: Policy,
+def _latency_prune(model: ModelLike, request: PruneRequest, policy: Policy, *,
                    target: Tuple[Optional[float], Optional[float]],
-                   device: Any, batch_size: Optional[int], mode: str, options: Any, rules: Optional[RuleTable] = None,
-                   builders: Optional[Registry[type, Builder]] = None) -> torch.fx.GraphModule:
+                   device: Any, batch_size: Optional[int], mode: str, options: Any) -> torch.fx.GraphModule:
     goal = LatencyTarget(fraction=target[0], ms=target[1]).validated()
-    inputs = as_inputs(example_inputs)
+    inputs = request.inputs
     if inputs is None:
         raise FxPruneError(f"{goal.describe()} needs example_inputs=(x,): the inputs latency is measured on "
                            "(their first sample repeated to batch_size)")
     if options is not None and not isinstance(options, LatencyOptions):
         raise FxPruneError(f"latency_options must be a fxprune.latency_model.LatencyOptions, got {type(options).__name__}")
-    check_importance(importance)
+    check_importance(request.importance)
     with few_threads():
-        analysis = analyze_model(model, example_inputs=inputs, ignore=check_ignore(ignore), strict=strict, rules=rules,
-                                 allow_renormalising=allow_renormalising)
-    result, pruned = plan_for_latency(analysis, model, importance=importance, scoring=scoring, policy=policy,
-                                      target=goal, example_inputs=inputs, device=device, batch_size=batch_size,
-                                      mode=mode, options=options, builders=builders)
+        analysis = request.analyse(model)
+    result, pruned = plan_for_latency(analysis, model, importance=request.importance, scoring=request.scoring,
+                                      policy=policy, target=goal, example_inputs=inputs, device=device,
+                                      batch_size=batch_size, mode=mode, options=options, builders=request.builders)
     pruned.meta["fxprune_plan"] = result
     return pruned

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from dataclasses import replace
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import torch
@@ -29,9 +30,9 @@ import torch.nn as nn
 
 from .allocation import (NOTHING_PRUNABLE, NOTHING_PRUNED, UNMATCHED_IGNORE, Policy, allocate, check_prunable,
                          requests_pruning, unpruned_message)
-from .api import ModelLike, RatioArg, decide, few_threads, check_ignore, as_inputs, make_policy, analyze_model
+from .api import ModelLike, PruneRequest, RatioArg, decide, few_threads, check_ignore, as_inputs, make_policy
 from .cost import count_macs, count_params
-from .importance import check_importance
+from .importance import ScoringOptions, check_importance
 from .errors import FxPruneError, FxPruneWarning, InternalError
 from .planning import GroupPlan, PruningPlan, model_identity
 from .registry import Registry
@@ -103,17 +104,14 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
     inputs = as_inputs(example_inputs)
     if policy.target_macs is not None and inputs is None:
         raise FxPruneError(f"target_macs={policy.target_macs} needs example_inputs=(x,) to count MACs on")
-    ignore_t = check_ignore(ignore)
     check_importance(importance)
-    common: Dict[str, Any] = dict(importance=importance, example_inputs=inputs, ignore=ignore_t, strict=strict,
-                                  calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn,
-                                  seed=seed, round_to=round_to, min_channels=min_channels, rules=rules, builders=builders,
-                                  allow_renormalising=allow_renormalising)
+    request = PruneRequest(importance, inputs, check_ignore(ignore), strict,
+                           ScoringOptions(calibration=calibration, calibration_batches=calibration_batches,
+                                          loss_fn=loss_fn, seed=seed), rules, builders, allow_renormalising)
 
     original = as_graph_module(model)
     with few_threads():
-        analysis0 = analyze_model(original, example_inputs=inputs, ignore=ignore_t, strict=strict, rules=rules,
-                                  allow_renormalising=allow_renormalising)
+        analysis0 = request.analyse(original)
         base_macs = count_macs(original, inputs) if policy.target_macs is not None else None
     base_params = count_params(original)
     # Explained once for the whole run, here and after the last step (the steps are quiet).
@@ -139,19 +137,18 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
                 pruned = _step(current, make_policy(None, default_ratio=0.0, target_macs=kwargs.get("target_macs"),
                                                     target_params=kwargs.get("target_params"), global_ranking=global_ranking,
                                                     max_group_ratio=max_group_ratio, round_to=round_to,
-                                                    min_channels=min_channels), common)
+                                                    min_channels=min_channels), request)
             elif policy.global_ranking:
                 if not isinstance(policy.ratio, float):
                     raise InternalError(f"global ranking with ratio {policy.ratio!r} passed validation")
                 with few_threads():
-                    now = sum(g.size for g in analyze_model(current, ignore=ignore_t, rules=rules,
-                                                           allow_renormalising=allow_renormalising).groups
-                              if g.prunable)
+                    # (Without example inputs, as the step's count was always taken.)
+                    now = sum(g.size for g in replace(request, inputs=None, strict=False).analyse(current).groups if g.prunable)
                 want = int(total0 * (1.0 - policy.ratio * frac))
                 step_ratio = min(max(0.0, 1.0 - want / max(1, now)), 0.999999)
                 pruned = _step(current, make_policy(step_ratio, global_ranking=True, max_group_ratio=max_group_ratio,
                                                     default_ratio=0.0, round_to=round_to, min_channels=min_channels,
-                                                    target_macs=None, target_params=None), common)
+                                                    target_macs=None, target_params=None), request)
             else:
                 scaled: Any
                 if isinstance(policy.ratio, Mapping):
@@ -162,7 +159,7 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
                                      min_channels=min_channels).validated()
                 counts, _ = allocate(analysis0, step_policy)
                 keep = {g.key: counts.get(g.index, g.size) for g in analysis0.groups if g.prunable}
-                pruned = _step(current, Policy(ratio=0.0).validated(), common, keep)
+                pruned = _step(current, Policy(ratio=0.0).validated(), request, keep)
             step_plan: PruningPlan = pruned.meta["fxprune_plan"]
             plans.append(step_plan)
             composite = _compose(composite, step_plan) if composite is not None else None
@@ -186,20 +183,16 @@ def prune_iteratively(model: ModelLike, ratio: RatioArg = None, *, steps: int = 
             record.update(policy.to_dict())
             record["steps"] = steps
             current.meta["fxprune_plan"] = PruningPlan(groups, plans[-1].criterion, record,
-                                                       model=model_identity(analysis0))
+                                                       model=model_identity(analysis0),
+                                                       rule_options=analysis0.rules.changed_options())
     return current
 
 
-def _step(model: nn.Module, policy: Policy, common: Mapping[str, Any],
+def _step(model: nn.Module, policy: Policy, request: PruneRequest,
           keep: Optional[Mapping[str, int]] = None) -> torch.fx.GraphModule:
     """One step: prune ``model`` under ``policy`` (or to the ``keep`` counts per group key), without explaining."""
     with few_threads():
-        result, pruned = decide(model, importance=common["importance"], example_inputs=common["example_inputs"],
-                                ignore=common["ignore"], strict=common["strict"], calibration=common["calibration"],
-                                calibration_batches=common["calibration_batches"], loss_fn=common["loss_fn"],
-                                seed=common["seed"], policy=policy, build=True, keep_counts=keep, explain=False,
-                                rules=common["rules"], builders=common["builders"],
-                                allow_renormalising=common["allow_renormalising"])
+        result, pruned = decide(model, request, policy, build=True, keep_counts=keep, explain=False)
     if pruned is None:
         raise InternalError("an iterative step planned without building the pruned model")
     pruned.meta["fxprune_plan"] = result

@@ -269,3 +269,13 @@ def test_the_run_records_head_dim_pruning_in_its_config_and_report() -> None:
         RunConfig(attention="rows").validate()
     text = render_markdown({"config": config.to_dict(), "baseline": {}, "pruned": {}})
     assert "pruned by head_dim" in text
+
+
+def test_iterative_pruning_records_the_option_in_its_composite_plan() -> None:
+    model = Tokens(HandAttention()).eval()
+    pruned = fxprune.prune_iteratively(model, 0.5, steps=2, example_inputs=(T,), rules=HEAD_DIM)
+    plan = pruned.meta["fxprune_plan"]
+    assert plan.rule_options == {"attention": "head_dim"} and len(plan.keep("attn.qkv")) == 3
+    rebuilt = fxprune.apply(model, plan, example_inputs=(T,))  # the composite plan applies in one go
+    assert rebuilt.get_submodule("attn.qkv").out_features == 36
+    assert_equivalent(model, rebuilt, plan, [T], example_inputs=(T,))

@@ -377,6 +377,7 @@ RULE_OPTIONS: Dict[str, Tuple[str, ...]] = {
     "attention": ("heads", "head_dim"),
 }
 
+
 class RuleTable:
     """The rule table as an object: module types, functions and method names -> :data:`Rule`.
 
@@ -454,12 +455,7 @@ class RuleTable:
         """The value of the rule option ``name`` (see :data:`RULE_OPTIONS`) in this table."""
         if name not in RULE_OPTIONS:
             raise InternalError(f"a rule asked for unknown option {name!r}")
-        table: Optional[RuleTable] = self
-        while table is not None:
-            if name in table.own_options:
-                return table.own_options[name]
-            table = table.parent
-        return RULE_OPTIONS[name][0]
+        return self.set_options().get(name, RULE_OPTIONS[name][0])
 
     def set_options(self) -> Dict[str, str]:
         """The options this table or a parent sets, default values included (what it asks for)."""

@@ -29,12 +29,14 @@ examples:
   fxprune prune --target-macs 0.25 --ignore 'layer4.*'
   fxprune prune --weights ResNet18_Weights.IMAGENET1K_V1 --save out/resnet18-p50
   fxprune prune --model mypkg.nets:build --ratio 0.4 --save out/pruned
+  fxprune prune --model vit_b_16 --attention head_dim   # every head kept, each with fewer dims
 """
 
 GROUPS_EXAMPLES = """\
 examples:
   fxprune groups                             # the coupled channel groups of resnet18
   fxprune groups --model mobilenet_v2
+  fxprune groups --model vit_b_16 --attention head_dim  # the heads' dims as groups instead of whole heads
 
 Each line is one group: its channel count, whether it can be pruned (or why it is frozen),
 the layers whose output rows it indexes (out=), the layers whose input columns it indexes
@@ -216,13 +218,22 @@ def _print_warnings(messages: List[str]) -> None:
 
 
 def _cmd_groups(args: argparse.Namespace) -> int:
+    import torch
+
     import fxprune
 
     from .workflow.models import check_model_name
 
     check_model_name(args.model)
-    print(fxprune.find_groups(_model(args.model, args.num_classes), allow_renormalising=args.renormalising,
-                              rules=_rules(args)))
+    # Shapes, as fxprune prune has them: without them a view's effect on channels is unknown,
+    # and a ViT's heads would be listed frozen although prune prunes them.
+    example = torch.randn(1, 3, args.image_size, args.image_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", fxprune.FxPruneWarning)
+        groups = fxprune.find_groups(_model(args.model, args.num_classes), example_inputs=(example,),
+                                     allow_renormalising=args.renormalising, rules=_rules(args))
+    print(groups)
+    _print_warnings([str(w.message) for w in caught])
     return 0
 
 
@@ -311,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show LayerNorm/RMSNorm widths frozen, as --no-renormalising prunes them")
     groups.add_argument("--attention", choices=cli_args.ATTENTION_MODES, default=defaults["attention"],
                         help="show the groups --attention prunes (default: %(default)s)")
+    groups.add_argument("--image-size", type=cli_args.positive_int, default=224,
+                        help="input height/width the shapes are found with, as for prune (default: %(default)s)")
     groups.set_defaults(func=_cmd_groups)
     return parser
 

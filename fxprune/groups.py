@@ -263,6 +263,8 @@ class Group:
         for role in ROLES:
             names = self.modules(role)
             names += [f"{t.target}" for t in self.tensors if t.role == role]
+            # Once each: a layer indexed at several offsets (a head's dims in every head) is one layer.
+            names = list(dict.fromkeys(names))
             if names:
                 parts.append(f"{role}={','.join(names)}")
         blocks = f" in {self.blocks} blocks" if self.blocks > 1 else ""

@@ -242,9 +242,9 @@ def test_a_head_dim_model_saves_and_loads(tmp_path) -> None:
 def test_cli_prune_and_groups_take_attention(capsys) -> None:
     from fxprune.cli import main
     model = "tests.test_head_dim:tiny_timm_vit"
-    assert main(["groups", "--model", model, "--attention", "head_dim"]) == 0
-    shown = capsys.readouterr().out
-    assert "blocks.0.attn.qkv" in shown
+    assert main(["groups", "--model", model, "--attention", "head_dim", "--image-size", "32"]) == 0
+    shown = capsys.readouterr()
+    assert "group blocks.0.attn.qkv [64 ch, prunable]" in shown.out and "warning" not in shown.err
     assert main(["prune", "--model", model, "--attention", "head_dim", "--image-size", "32", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "attention head_dim pruned" in out and "   64 -> 32    blocks.0.attn.qkv" in out

@@ -24,7 +24,7 @@ from fxprune.planning import rules_for
 from fxprune.rules import DEFAULT_RULES, RULE_OPTIONS
 from fxprune.testing import assert_equivalent, randomize_constants
 from fxprune.workflow.cli_args import ATTENTION_MODES
-from tests.test_units import HandAttention, MHANet, SeparateQKV, T, Tokens
+from tests.test_units import HandAttention, MHANet, SeparateQKV, T, Tokens, small_hf_vit
 from tests.zoo import assert_rolled_parameter_fails, assert_rolled_weight_fails
 
 HEAD_DIM = DEFAULT_RULES.with_options(attention="head_dim")
@@ -157,11 +157,7 @@ def test_a_norm_over_head_dim_keeps_that_block_to_whole_heads() -> None:
 
 
 def test_hugging_face_vit_prunes_head_dims_and_is_proven() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=64,
-                                    num_attention_heads=4, intermediate_size=128, num_labels=3)
-    model = randomize_constants(transformers.ViTForImageClassification(config).eval())
-    x = torch.randn(1, 3, 32, 32)
+    model, x = small_hf_vit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxprune.FxPruneWarning)  # traced through torch.export, said so
         pruned, plan = _prune(model, (x,))

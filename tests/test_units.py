@@ -445,13 +445,17 @@ def test_a_mask_with_a_head_dim_keeps_separate_heads_whole() -> None:
     assert not next(g for g in groups if g.key == "attn.q").prunable
 
 
-def test_hugging_face_vit_prunes_whole_heads_and_is_proven() -> None:
+def small_hf_vit() -> tuple:
+    """A two-layer Hugging Face ViT (width 64, 4 heads, 32 px) with random constants, and an input."""
     transformers = pytest.importorskip("transformers")
     from fxprune.testing import randomize_constants
     config = transformers.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=64,
                                     num_attention_heads=4, intermediate_size=128, num_labels=3)
-    model = randomize_constants(transformers.ViTForImageClassification(config).eval())
-    x = torch.randn(1, 3, 32, 32)
+    return randomize_constants(transformers.ViTForImageClassification(config).eval()), torch.randn(1, 3, 32, 32)
+
+
+def test_hugging_face_vit_prunes_whole_heads_and_is_proven() -> None:
+    model, x = small_hf_vit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxprune.FxPruneWarning)  # traced through torch.export, said so
         pruned = fxprune.prune(model, 0.5, example_inputs=(x,))

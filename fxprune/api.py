@@ -572,9 +572,9 @@ class PruneRequest:
     builders: Optional[Registry[type, Builder]] = None
     allow_renormalising: bool = True
 
-    def analyse(self, model: ModelLike, *, ignore: bool = True) -> Analysis:
-        """The model's groups under this request's tables (``ignore=False``: nothing ignored)."""
-        return analyze_model(model, example_inputs=self.inputs, ignore=self.ignore if ignore else (), strict=self.strict,
+    def analyse(self, model: ModelLike) -> Analysis:
+        """The model's groups under this request's inputs, ignore list and tables."""
+        return analyze_model(model, example_inputs=self.inputs, ignore=self.ignore, strict=self.strict,
                              rules=self.rules, allow_renormalising=self.allow_renormalising)
 
 
@@ -694,7 +694,7 @@ def apply(model: ModelLike, pruning_plan: PruningPlan, *, example_inputs: Any = 
     """
     with few_threads():
         analysis = analyze_model(model, example_inputs=example_inputs, strict=strict,
-                                 rules=rules_for(pruning_plan, rules) if isinstance(pruning_plan, PruningPlan) else rules,
+                                 rules=rules_for(pruning_plan, rules),
                                  allow_renormalising=allow_renormalising)
         pruned = rewrite(analysis, pruning_plan, as_inputs(example_inputs), builders=builders)
     pruned.meta["fxprune_plan"] = pruning_plan

@@ -104,7 +104,8 @@ from .api import analyze_model, apply
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import Analysis
 from .modelspec import ModelSpec, ModelSpecError
-from .planning import PLAN_VERSION, GroupPlan, PruningPlan, check_rule_options, rules_for
+from .planning import PLAN_VERSION, GroupPlan, PruningPlan, rules_for
+from .rules import check_rule_options
 
 __all__ = ["save", "load", "read_meta", "read_plan", "ArtifactError", "SpecMismatchError", "FORMAT", "FORMAT_VERSION", "PLAN_META_KEY",
            "SOURCE_META_KEY", "SPEC_META_KEY", "ARTIFACT_FILES", "MAX_JSON_BYTES", "MAX_INPUT_ELEMENTS", "MAX_INPUT_DIMS", "MAX_INPUTS",

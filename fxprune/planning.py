@@ -29,10 +29,10 @@ from .allocation import CostModel, Measure, Policy, allocate, check_ratio, group
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Group, select_channels
 from .importance import Criterion, ScoringOptions, criterion_name, score_groups
-from .rules import DEFAULT_RULES, RULE_OPTIONS, RuleTable
+from .rules import DEFAULT_RULES, RULE_OPTIONS, RuleTable, check_rule_options
 
 __all__ = ["GroupPlan", "PruningPlan", "check_ratio", "keep_count", "make_plan", "resolve", "fingerprint",
-           "rules_for", "check_rule_options"]
+           "rules_for"]
 
 PLAN_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
@@ -134,29 +134,14 @@ class PruningPlan:
             raise FxPruneError(f"not a valid fxprune plan: {type(exc).__name__}: {exc}") from exc
 
 
-def check_rule_options(options: Any) -> Dict[str, str]:
-    """A plan's ``rule_options``, checked: known names, allowed values (else FxPruneError).
-
-    >>> check_rule_options({"attention": "head_dim"})
-    {'attention': 'head_dim'}
-    >>> check_rule_options({"attention": "rows"})
-    Traceback (most recent call last):
-    ...
-    fxprune.errors.FxPruneError: rule option attention='rows' is not one of ['heads', 'head_dim']
-    """
-    if not isinstance(options, Mapping):
-        raise FxPruneError(f"rule_options must be an object of option names and values, got {type(options).__name__}")
-    # RuleTable checks names and values the one way they are checked everywhere.
-    return dict(RuleTable(options={str(k): v for k, v in options.items()}).own_options)
-
-
-def rules_for(plan: "PruningPlan", rules: Optional[RuleTable] = None) -> RuleTable:
+def rules_for(plan: Any, rules: Optional[RuleTable] = None) -> Optional[RuleTable]:
     """The rule table to analyse a model with for ``plan``: ``rules`` with the plan's options.
 
     ``rules`` (default :data:`fxprune.rules.DEFAULT_RULES`) keeps its own rules; an option it
     does not set takes the plan's value, so a plan made with
     ``DEFAULT_RULES.with_options(attention="head_dim")`` applies without naming the table
-    again. A table that sets an option to another value than the plan's is refused.
+    again. A table that sets an option to another value than the plan's is refused. Anything
+    but a plan gets ``rules`` back unchanged (:func:`resolve` names that bad input).
 
     >>> plan = PruningPlan([], rule_options={"attention": "head_dim"})
     >>> rules_for(plan).option("attention")
@@ -164,6 +149,8 @@ def rules_for(plan: "PruningPlan", rules: Optional[RuleTable] = None) -> RuleTab
     >>> rules_for(plan, DEFAULT_RULES.with_options(attention="head_dim")).option("attention")
     'head_dim'
     """
+    if not isinstance(plan, PruningPlan):
+        return rules
     table = DEFAULT_RULES if rules is None else rules
     if not isinstance(table, RuleTable):
         return table  # analyze names the bad input

@@ -74,6 +74,7 @@ __all__ = [
     "lookup_rule",
     "RuleTable",
     "RULE_OPTIONS",
+    "check_rule_options",
     "DEFAULT_RULES",
     "no_channels",
     "role_tensors",
@@ -378,6 +379,28 @@ RULE_OPTIONS: Dict[str, Tuple[str, ...]] = {
 }
 
 
+def check_rule_options(options: Any) -> Dict[str, str]:
+    """``options`` checked against :data:`RULE_OPTIONS`: known names, allowed values (else FxPruneError).
+
+    >>> check_rule_options({"attention": "head_dim"})
+    {'attention': 'head_dim'}
+    >>> check_rule_options({"attention": "rows"})
+    Traceback (most recent call last):
+    ...
+    fxprune.errors.FxPruneError: rule option attention='rows' is not one of ['heads', 'head_dim']
+    """
+    if not isinstance(options, Mapping):
+        raise FxPruneError(f"rule_options must be an object of option names and values, got {type(options).__name__}")
+    checked: Dict[str, str] = {}
+    for name, value in options.items():
+        if name not in RULE_OPTIONS:
+            raise FxPruneError(f"unknown rule option {name!r}; the options are {sorted(RULE_OPTIONS)}")
+        if value not in RULE_OPTIONS[name]:
+            raise FxPruneError(f"rule option {name}={value!r} is not one of {list(RULE_OPTIONS[name])}")
+        checked[name] = value
+    return checked
+
+
 class RuleTable:
     """The rule table as an object: module types, functions and method names -> :data:`Rule`.
 
@@ -398,13 +421,7 @@ class RuleTable:
 
     def __init__(self, parent: Optional["RuleTable"] = None, options: Optional[Mapping[str, str]] = None) -> None:
         self.parent = parent
-        self.own_options: Dict[str, str] = {}
-        for name, value in dict(options or {}).items():
-            if name not in RULE_OPTIONS:
-                raise FxPruneError(f"unknown rule option {name!r}; the options are {sorted(RULE_OPTIONS)}")
-            if value not in RULE_OPTIONS[name]:
-                raise FxPruneError(f"rule option {name}={value!r} is not one of {list(RULE_OPTIONS[name])}")
-            self.own_options[name] = value
+        self.own_options: Dict[str, str] = check_rule_options(options or {})
         self.modules: Registry[type, Rule] = Registry("module rules", parent=parent.modules if parent else None)
         self.functions: Registry[Any, Rule] = Registry("function rules", parent=parent.functions if parent else None)
         self.methods: Registry[str, Rule] = Registry("method rules", parent=parent.methods if parent else None)
@@ -471,7 +488,8 @@ class RuleTable:
 
     def changed_options(self) -> Dict[str, str]:
         """The options whose value is not the default (what a plan records)."""
-        return {name: self.option(name) for name in RULE_OPTIONS if self.option(name) != RULE_OPTIONS[name][0]}
+        asked = self.set_options()
+        return {name: asked[name] for name in RULE_OPTIONS if asked.get(name, RULE_OPTIONS[name][0]) != RULE_OPTIONS[name][0]}
 
     def __contains__(self, key: Any) -> bool:
         try:

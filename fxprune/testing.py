@@ -127,8 +127,7 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
     ``whole_groups``: zero every channel of each group the plan prunes, kept ones too (what a
     rewrite that kept the wrong channels can at worst compute: the vacuity check's yardstick).
     """
-    analysis = analyze_model(gm, example_inputs=example_inputs,
-                             rules=rules_for(plan, rules) if isinstance(plan, PruningPlan) else rules)
+    analysis = analyze_model(gm, example_inputs=example_inputs, rules=rules_for(plan, rules))
     if masks is None:
         masks = DEFAULT_MASKS
     elif not isinstance(masks, Registry):

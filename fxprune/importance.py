@@ -6,8 +6,8 @@ Two kinds of criteria share one entry point, :func:`score_groups`:
   (``l1``, ``l2``, ``fpgm``, ``bn``). A criterion sees each member's weights as a matrix whose
   rows are the parameter positions the group indexes (:func:`member_rows`), so it scores
   producer rows, consumer columns and per-channel parameters alike. Add one with
-  :func:`register_criterion`; extend the weight view to a new module type with
-  :func:`register_weights`.
+  :func:`register_criterion`. Each layer's view comes from its adapter
+  (:meth:`fxprune.adapters.LayerAdapter.weights`); :func:`register_weights` overrides it for a type.
 - *Model criteria* ``(analysis, groups, options) -> {group index: Tensor[C]}`` score every
   group in one go, typically by running the model (``apoz``, ``taylor``) or from a seed
   (``random``). Add one with :func:`register_model_criterion`; ``needs_data=True`` makes
@@ -37,13 +37,12 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import adapter_for
+from .adapters import MultiheadAttentionAdapter, adapter_for, grouped_inputs
 from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
 from .registry import Registry
 from .tracing import MutableArgsInterpreter
 from .rules import role_tensors
-from .layers import PrunedMultiheadAttention
 
 __all__ = [
     "Criterion",
@@ -181,61 +180,6 @@ def criterion_name(importance: Any) -> str:
 # --------------------------------------------------------------------------- weight views
 
 
-@register_weights(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-def _weighted_layer(module: nn.Module, role: str) -> Optional[torch.Tensor]:
-    w = module.weight.detach()
-    if role == "in":
-        if getattr(module, "groups", 1) > 1:
-            return _grouped_inputs(w, module.groups)
-        return w.transpose(0, 1)
-    return w  # "out" rows, or a depthwise conv's per-channel filters
-
-
-def _grouped_inputs(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped conv's ``[Cout, Cin/G, ...]`` tensor as one row per input channel.
-
-    Input channel ``i`` meets only the filters of its own conv group ``i // (Cin/G)``, at
-    column ``i % (Cin/G)``; weight dim 1 is not the input channels when ``groups > 1``.
-    """
-    rows = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2)
-    return rows.reshape(groups * w.shape[1], -1)
-
-
-@register_weights(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def _transposed_layer(module: nn.Module, role: str) -> Optional[torch.Tensor]:
-    # Stored [Cin, Cout/G, *k]: inputs on dim 0. Only groups == 1 and depthwise reach here
-    # (other grouped ones are frozen), and a depthwise one's channels are dim 0 as well.
-    w = module.weight.detach()
-    if role == "in" or module.groups > 1:
-        return w
-    return w.transpose(0, 1)
-
-
-# A GroupNorm is scored by its scale, as BatchNorm and LayerNorm/RMSNorm are (their adapters in
-# fxprune.adapters say so) and as the functional forms' weight tensors are.
-@register_weights(nn.GroupNorm)
-def _group_norm(module: nn.Module, role: str) -> Optional[torch.Tensor]:
-    w = getattr(module, "weight", None)
-    return None if w is None else w.detach().unsqueeze(1)
-
-
-@register_weights(nn.MultiheadAttention, PrunedMultiheadAttention)
-def _multihead_attention(module: nn.Module, role: str) -> Optional[torch.Tensor]:
-    # One row per position of the role (see the rule): input columns, output rows, or head
-    # channels (their q, k and v rows side by side with their out_proj column).
-    w = module.in_proj_weight
-    if w is None:
-        return None
-    w = w.detach()
-    if role == "in":
-        return w.transpose(0, 1)
-    out = module.out_proj.weight.detach()
-    if role == "out":
-        return out
-    width = out.shape[1]  # the heads' width
-    return torch.cat([w[:width], w[width : 2 * width], w[2 * width :], out.transpose(0, 1)], dim=1)
-
-
 def member_rows(gm: torch.fx.GraphModule, group: Group, member: Member) -> Optional[torch.Tensor]:
     """The member's weights for this group as ``[group.size, k]`` (one row per channel)."""
     module = gm.get_submodule(member.module)
@@ -315,17 +259,22 @@ def member_norms(gm: torch.fx.GraphModule, group: Group, member: Member, p: floa
         return None
     adapter = adapter_for(module)
     if adapter is not None and view == adapter.weights:
-        w, pos_dim = view(module, member.role), 0  # an adapter's view is the role's own, positions first
+        dense = adapter.dense_weight(module) if member.role in ("out", "in") else None
+        if dense is not None:
+            w, pos_dim = dense, (1 if member.role == "in" else 0)  # both roles from one pass (_NormCache)
+        else:
+            w, pos_dim = view(module, member.role), 0  # an adapter's view is the role's own, positions first
     else:
-        w = view(module, "out")  # positions on dim 0 for out/channelwise, dim 1 for "in"
+        dense = None
+        w = view(module, "out")  # a registered view: positions on dim 0 for out/channelwise, dim 1 for "in"
         pos_dim = 1 if member.role == "in" else 0
     if w is None:
         return None
     if member.role == "in" and getattr(module, "groups", 1) > 1 and pos_dim == 1:
-        w, pos_dim = view(module, "in"), 0  # grouped conv: inputs are not weight dim 1
+        w, pos_dim = view(module, "in"), 0  # grouped: inputs are not weight dim 1
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()  # squares of half weights lose digits; every path sums in float32
-    if view is _weighted_layer and w.dim() >= 2 and getattr(module, "groups", 1) == 1:
+    if dense is not None and w.dim() >= 2:
         # Outside score_groups a one-off cache gives the same numbers, computed the same way.
         per_pos = (_CACHE.get() or _NormCache()).roles(module, w, p)[pos_dim]
     elif w.dim() == 1:
@@ -350,7 +299,7 @@ def tensor_rows(gm: torch.fx.GraphModule, group: Group, member: TensorMember) ->
         return None
     w = w.detach()
     if member.role == "in" and member.conv_groups > 1:
-        rows = _grouped_inputs(w, member.conv_groups)
+        rows = grouped_inputs(w, member.conv_groups)
     else:
         rows = w.movedim(member.dim, 0)
         rows = rows.reshape(rows.shape[0], math.prod(rows.shape[1:]))
@@ -688,6 +637,8 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
 def _member_products(module: nn.Module, group: Group, member: Member) -> Optional[torch.Tensor]:
     """``sum of weight * grad`` per channel over the member's parameters (signed), or None."""
     total = None
+    if isinstance(adapter_for(module), MultiheadAttentionAdapter):
+        return None  # its roles' tensors are not plain indices; not scored by Taylor (yet)
     for name, dim in role_tensors(module)[member.role]:
         p = getattr(module, name, None)
         if not isinstance(p, torch.Tensor) or p.grad is None:
@@ -697,7 +648,7 @@ def _member_products(module: nn.Module, group: Group, member: Member) -> Optiona
         prod = p.detach() * p.grad.detach()
         if member.role == "in" and getattr(module, "groups", 1) > 1:
             # A grouped conv: inputs are not dim 1. (Grouped transposed convs are frozen.)
-            prod = _grouped_inputs(prod, module.groups)
+            prod = grouped_inputs(prod, module.groups)
         else:
             prod = prod.movedim(dim, 0)
         start = member.offset * member.block
@@ -720,7 +671,7 @@ def _tensor_products(gm: torch.fx.GraphModule, group: Group, member: TensorMembe
         return None
     prod = p.detach() * p.grad.detach()
     if member.role == "in" and member.conv_groups > 1:
-        prod = _grouped_inputs(prod, member.conv_groups)  # input channels spread over the conv groups
+        prod = grouped_inputs(prod, member.conv_groups)  # input channels spread over the conv groups
     else:
         prod = prod.movedim(member.dim, 0)
     start = member.offset * member.block

@@ -19,16 +19,15 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .adapters import adapter_for
+from .adapters import adapter_for, grouped_weight
 from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
-from .layers import PrunedMultiheadAttention
 from .planning import PruningPlan, resolve
 from .registry import Registry
 from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
 from .tracing import propagate_shapes
 
-__all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "grouped_weight", "tensor_slot_size",
+__all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "tensor_slot_size",
            "unit_positions"]
 
 Indices = Optional[torch.Tensor]  # None: that dimension is unchanged
@@ -36,7 +35,8 @@ Builder = Callable[[nn.Module, Dict[str, Indices]], nn.Module]
 DEFAULT_BUILDERS: Registry[type, Builder] = Registry("builders")
 """Module type (exact) -> builder, the table :func:`register_builder` writes to.
 
-``DEFAULT_BUILDERS.extended({MyLayer: build})`` is a NEW table for one
+It ships empty: every built-in layer is built by its adapter (:data:`fxprune.adapters.BUILTIN_LAYERS`),
+and an entry here wins over a type's adapter. ``DEFAULT_BUILDERS.extended({MyLayer: build})`` is a NEW table for one
 ``rewrite(..., builders=)`` / ``fxprune.prune(..., builders=)`` call, the default untouched.
 """
 _BUILDERS: Dict[type, Builder] = DEFAULT_BUILDERS.own  # the default table's own entries
@@ -60,132 +60,6 @@ def register_builder(*types: type) -> Callable[[Builder], Builder]:
     (True, False)
     """
     return DEFAULT_BUILDERS.register(*types)
-
-
-def _sliced(t: Optional[torch.Tensor], dim: int, idx: Indices) -> Optional[torch.Tensor]:
-    """A new tensor with ``idx`` kept along ``dim`` (a copy even when nothing is removed)."""
-    if t is None:
-        return None
-    t = t.detach()
-    return t.clone() if idx is None else t.index_select(dim, idx.to(t.device))
-
-
-def _sliced2(t: torch.Tensor, rows: Indices, cols: Indices) -> torch.Tensor:
-    """Keep ``rows`` on dim 0 and ``cols`` on dim 1 (two ``index_select`` calls)."""
-    # Why not one advanced-indexing gather: on resnet152's convs (one thread) the gather took
-    # about twice as long as the pair, the extra copy included.
-    t = t.detach()
-    if rows is None or cols is None:
-        return _sliced(t, 0, rows) if cols is None else _sliced(t, 1, cols)
-    return t.index_select(1, cols.to(t.device)).index_select(0, rows.to(t.device))
-
-
-def _copy_with(module: nn.Module, tensors: Dict[str, Optional[torch.Tensor]]) -> nn.Module:
-    """Deep-copy ``module`` but give it ``tensors`` instead of its own parameters/buffers.
-
-    Pre-seeding deepcopy's memo avoids copying the large original tensors only to drop them,
-    and keeps the module's class, hooks and extra attributes.
-    """
-    memo: Dict[int, Any] = {}
-    for name, new in tensors.items():
-        old = getattr(module, name)
-        if old is None or new is None:
-            continue
-        memo[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
-    return copy.deepcopy(module, memo)
-
-
-@register_builder(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def _conv(conv: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
-    assert isinstance(conv, nn.modules.conv._ConvNd)
-    if "channelwise" in idx:  # depthwise: weight [C*k, 1, *k] for both kinds, output channel o on row o
-        keep = idx["channelwise"]  # whole runs of k rows (k: the channel multiplier) per kept input channel
-        multiplier = conv.out_channels // conv.in_channels
-        new = _copy_with(conv, {"weight": _sliced(conv.weight, 0, keep), "bias": _sliced(conv.bias, 0, keep)})
-        n = conv.out_channels if keep is None else len(keep)
-        if n % multiplier:
-            raise InternalError(f"depthwise {type(conv).__name__} with channel multiplier {multiplier} keeps {n} rows")
-        new.out_channels = n
-        new.in_channels = new.groups = n // multiplier
-        return new
-    out_idx, in_idx = idx.get("out"), idx.get("in")
-    if conv.transposed:
-        # Weight [Cin, Cout/G, *k]: inputs are rows, outputs columns (the reverse of a conv).
-        if conv.groups != 1:
-            raise InternalError(f"grouped transposed convolution {type(conv).__name__} is never pruned")
-        w = _sliced2(conv.weight, in_idx, out_idx)
-        in_channels, out_channels = w.shape[0], w.shape[1]
-    else:
-        w = _sliced2(conv.weight, out_idx, in_idx) if conv.groups == 1 else _grouped_weight(conv, out_idx, in_idx)
-        in_channels, out_channels = w.shape[1] * conv.groups, w.shape[0]
-    new = _copy_with(conv, {"weight": w, "bias": _sliced(conv.bias, 0, out_idx)})
-    new.in_channels, new.out_channels = in_channels, out_channels
-    return new
-
-
-def _grouped_weight(conv: nn.modules.conv._ConvNd, out_idx: Indices, in_idx: Indices) -> torch.Tensor:
-    """The weight of a grouped conv keeping the same count of inputs and outputs per group.
-
-    The weight is ``[Cout, Cin/G, ...]``: row ``o`` belongs to conv group ``o // (Cout/G)`` and
-    its columns are that group's inputs, in local numbering. Kept input channel ``i`` (global)
-    is column ``i % (Cin/G)`` of the rows of group ``i // (Cin/G)``; one gather picks, for each
-    kept row, the kept columns of its own group.
-    """
-    return grouped_weight(conv.weight, conv.groups, out_idx, in_idx)
-
-
-def grouped_weight(weight: torch.Tensor, groups: int, out_idx: Indices, in_idx: Indices) -> torch.Tensor:
-    """A grouped conv weight ``[Cout, Cin/G, ...]`` keeping ``out_idx`` rows and ``in_idx`` (global) inputs.
-
-    Shared by ``nn.Conv*d`` modules and functional convs (``F.conv2d(x, self.weight, groups=G)``).
-    """
-    w = weight.detach()
-    out_channels, in_channels = w.shape[0], w.shape[1] * groups
-    cin_g, cout_g = in_channels // groups, out_channels // groups
-    rows = torch.arange(out_channels) if out_idx is None else out_idx.to(torch.long)
-    cols_in = torch.arange(in_channels) if in_idx is None else in_idx.to(torch.long)
-    for what, kept, per in (("output", rows, cout_g), ("input", cols_in, cin_g)):
-        counts = torch.bincount(kept // per, minlength=groups)
-        if len(kept) % groups or not bool((counts == len(kept) // groups).all()):
-            raise InternalError(f"grouped conv keeps {counts.tolist()} {what} channels per group")
-    cols = (cols_in % cin_g).view(groups, -1)  # kept local columns of each conv group
-    row_cols = cols[rows // cout_g]  # [kept rows, kept columns per group]
-    return w[rows.to(w.device).unsqueeze(1), row_cols.to(w.device)]
-
-
-@register_builder(nn.Linear)
-def _linear(lin: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
-    assert isinstance(lin, nn.Linear)
-    w = _sliced2(lin.weight, idx.get("out"), idx.get("in"))
-    new = _copy_with(lin, {"weight": w, "bias": _sliced(lin.bias, 0, idx.get("out"))})
-    new.out_features, new.in_features = w.shape
-    return new
-
-
-@register_builder(nn.GroupNorm)
-def _group_norm(gn: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
-    # The analysis kept whole GroupNorm groups (units of C // num_groups channels): the new
-    # layer has one group per kept unit, each with its own channels in the same order.
-    assert isinstance(gn, nn.GroupNorm)
-    keep = idx.get("channelwise")
-    new = _copy_with(gn, {"weight": _sliced(gn.weight, 0, keep), "bias": _sliced(gn.bias, 0, keep)})
-    if keep is not None and gn.num_groups == 1:
-        # num_groups=1 (a renormalising group): one group of the kept channels.
-        if len(keep) == 0:
-            raise InternalError("GroupNorm(1) keeps no channel")
-        new.num_channels = len(keep)
-    elif keep is not None:
-        unit = gn.num_channels // gn.num_groups
-        if len(keep) % unit or len(keep) == 0:
-            raise InternalError(f"GroupNorm keeps {len(keep)} channels, not whole groups of {unit}")
-        new.num_channels, new.num_groups = len(keep), len(keep) // unit
-    return new
-
-
-@register_builder(nn.MultiheadAttention, PrunedMultiheadAttention)
-def _multihead_attention(mha: nn.Module, idx: Dict[str, Indices]) -> nn.Module:
-    # nn.MultiheadAttention ties its heads' width to embed_dim: fewer heads need our own layer.
-    return PrunedMultiheadAttention.from_module(mha, idx.get("channelwise"), idx.get("in"), idx.get("out"))
 
 
 def slot_indices(slot: Slot, kept: Dict[int, List[int]], as_tensor: Optional[Dict[int, torch.Tensor]] = None) -> Indices:
@@ -216,22 +90,9 @@ def _expected(slot: Slot, kept: Dict[int, List[int]]) -> int:
 
 
 def _dim_sizes(module: nn.Module) -> Dict[str, int]:
-    """The size of the dimension each role indexes, read back from the built module."""
+    """The size of the dimension each role indexes, read back from the built module (its adapter says how)."""
     adapter = adapter_for(module)
-    if adapter is not None:
-        return adapter.sizes(module)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        # A transposed conv stores [Cin, Cout/G, *k]; a conv [Cout, Cin/G, *k].
-        rows, cols = module.weight.shape[0], module.weight.shape[1] * module.groups
-        out, inp = (cols, rows) if module.transposed else (rows, cols)
-        return {"out": out, "in": inp, "channelwise": rows}
-    if isinstance(module, nn.Linear):
-        return {"out": module.weight.shape[0], "in": module.weight.shape[1]}
-    if isinstance(module, nn.GroupNorm):
-        return {"channelwise": module.num_channels}
-    if isinstance(module, PrunedMultiheadAttention):
-        return {"channelwise": module.num_heads * module.head_dim, "in": module.in_dim, "out": module.out_dim}
-    return {}
+    return adapter.sizes(module) if adapter is not None else {}
 
 
 def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequence[Any]] = None, *,
@@ -281,9 +142,9 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
             builder = builders.get(type(original))
             adapter = adapter_for(original)
             if builder is None and adapter is not None:
-                builder = adapter.build  # a layer taught by fxprune.register_layer
+                builder = adapter.build  # a built-in layer, or one taught by fxprune.register_layer
             if builder is None:
-                # Every built-in layer type has a builder, so this is a user rule for a custom
+                # Every built-in layer type has an adapter, so this is a user rule for a custom
                 # layer registered without one: the user's to fix, not a bug of ours.
                 raise FxPruneError(
                     f"no builder for {type(original).__name__} at {target}: a channel rule is registered "

@@ -510,7 +510,8 @@ class RuleTable:
                 # pass-through rule of a layer whose only tensors are per channel.
                 adapter = adapter_for(module)
                 if adapter is not None:
-                    rule = adapter.rule or (channelwise_rule if set(adapter.roles) == {"channelwise"} else None)
+                    derived = adapter.derives_rule and set(adapter.roles) == {"channelwise"}
+                    rule = adapter.rule or (channelwise_rule if derived else None)
             return rule
         if node.op == "call_function":
             return self.functions.get(node.target)  # an unhashable target has no rule
@@ -893,19 +894,12 @@ def _conv_rank(ctx: RuleContext, node: torch.fx.Node, spatial: int, inp: Optiona
     return spatial + 2  # batched input is the norm; example_inputs let ShapeProp confirm it
 
 
-# Which tensors of a layer each slot role indexes, and along which dim, for the layers without
-# an adapter (convs, Linear; fxprune.adapters says it for the norms and PReLU). Scores, the
-# masked reference and the cost model read it through role_tensors(); the rewrite's builders
-# slice the same dims.
+# Which tensors each slot role indexes, and along which dim, for a layer without an adapter (a
+# custom layer given only a rule and a builder): a conv-like weight and bias. Every built-in
+# layer's adapter (fxprune.adapters.BUILTIN_LAYERS) says its own.
 _ROLE_TENSORS: Dict[str, Tuple[Tuple[str, int], ...]] = {
     "out": (("weight", 0), ("bias", 0)),
     "in": (("weight", 1),),
-    "channelwise": (("weight", 0), ("bias", 0)),
-}
-# A transposed conv stores its weight [Cin, Cout/G, *k]: "out" and "in" swap weight dims.
-_TRANSPOSED_ROLE_TENSORS: Dict[str, Tuple[Tuple[str, int], ...]] = {
-    "out": (("weight", 1), ("bias", 0)),
-    "in": (("weight", 0),),
     "channelwise": (("weight", 0), ("bias", 0)),
 }
 
@@ -913,12 +907,12 @@ _TRANSPOSED_ROLE_TENSORS: Dict[str, Tuple[Tuple[str, int], ...]] = {
 def role_tensors(module: nn.Module) -> Dict[str, Tuple[Tuple[str, int], ...]]:
     """``{role: ((tensor name, dim), ...)}``: where each role's positions sit in ``module``.
 
-    A layer taught by :func:`fxprune.register_layer` says it in its adapter.
+    Read from the layer's adapter (a built-in layer's, or one taught by :func:`fxprune.register_layer`).
     """
     adapter = adapter_for(module)
     if adapter is not None:
         return {role: tuple(pairs) for role, pairs in adapter.roles.items()}
-    return _TRANSPOSED_ROLE_TENSORS if isinstance(module, nn.modules.conv._ConvTransposeNd) else _ROLE_TENSORS
+    return _ROLE_TENSORS
 
 
 def channelwise_rule(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
@@ -935,7 +929,7 @@ def channelwise_rule(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
     module = ctx.module(node) if node.op == "call_module" else None
     adapter = adapter_for(module)
     if adapter is not None:
-        sizes = [int(t.shape[dim]) for _, t, dim in adapter.tensors(module, "channelwise") if t.dim() > dim]
+        sizes = adapter.counts_of(module, "channelwise")
         if layout.block != 1 or any(s != layout.channels for s in sizes):
             ctx.unsupported(node, f"{type(module).__name__}'s per-channel tensors have {sizes} entries, its input "
                                   f"{layout.channels} channels of {layout.block} positions",

@@ -37,7 +37,6 @@ from .adapters import adapter_for
 from .api import ModelLike, analyze_model
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import RENORMALISING, Slot, TensorSlot
-from .layers import PrunedMultiheadAttention
 from .planning import PruningPlan, resolve, rules_for
 from .registry import Registry
 from .rewrite import slot_indices
@@ -61,9 +60,12 @@ def register_mask(*types: type) -> Callable[[Mask], Mask]:
     ``removed`` is a bool tensor over the role's positions (True: zero it); ``fn`` zeroes every
     tensor of ``module`` those positions index, in place, under ``torch.no_grad``.
 
+    The table ships empty: every built-in layer is masked by its adapter
+    (:meth:`fxprune.adapters.LayerAdapter.mask`), and an entry here wins over a type's adapter.
+
     >>> table = DEFAULT_MASKS.extended({nn.Identity: lambda module, role, removed: None})
     >>> nn.Identity in table, nn.Identity in DEFAULT_MASKS, nn.Conv2d in table
-    (True, False, True)
+    (True, False, False)
     """
     return DEFAULT_MASKS.register(*types)
 
@@ -81,43 +83,6 @@ def _default_mask(module: nn.Module, role: str, removed: torch.Tensor) -> None:
         t = getattr(module, name, None)
         if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == removed.numel():
             _zero_along(t, dim, removed)
-
-
-@register_mask(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _mask_conv(conv: nn.Module, role: str, removed: torch.Tensor) -> None:
-    assert isinstance(conv, nn.modules.conv._ConvNd)
-    if role != "in" or conv.groups == 1:
-        _default_mask(conv, role, removed)
-        return
-    # Grouped: input channel i is column i % (Cin/G) of the rows of conv group i // (Cin/G).
-    cin_g, cout_g = conv.in_channels // conv.groups, conv.out_channels // conv.groups
-    for i in torch.nonzero(removed).flatten().tolist():
-        g = i // cin_g
-        conv.weight[g * cout_g : (g + 1) * cout_g, i % cin_g] = 0
-
-
-@register_mask(nn.Linear)
-def _mask_linear(lin: nn.Module, role: str, removed: torch.Tensor) -> None:
-    _default_mask(lin, role, removed)
-
-
-
-
-@register_mask(nn.MultiheadAttention, PrunedMultiheadAttention)
-def _mask_multihead_attention(mha: nn.Module, role: str, removed: torch.Tensor) -> None:
-    # Roles as the rule declares them: "in" the packed projection's columns, "out" out_proj's
-    # rows, "channelwise" the head channels (q, k and v rows of the packed projection and
-    # out_proj's columns).
-    if role == "in":
-        _zero_along(mha.in_proj_weight, 1, removed)
-    elif role == "out":
-        _zero_along(mha.out_proj.weight, 0, removed)
-        _zero_along(mha.out_proj.bias, 0, removed)
-    else:
-        rows = removed.repeat(3)
-        _zero_along(mha.in_proj_weight, 0, rows)
-        _zero_along(mha.in_proj_bias, 0, rows)
-        _zero_along(mha.out_proj.weight, 1, removed)
 
 
 def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],

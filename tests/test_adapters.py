@@ -218,3 +218,110 @@ def test_layer_norm_keeps_a_tuple_shape_and_prelu_instance_norm_score_nothing() 
     assert small.normalized_shape == (3,) and small(torch.randn(2, 3)).shape == (2, 3)
     assert adapter_for(nn.PReLU(4)).weights(nn.PReLU(4), "channelwise") is None
     assert adapter_for(nn.InstanceNorm2d(4, affine=True)).weights(nn.InstanceNorm2d(4, affine=True), "channelwise") is None
+
+
+def test_every_built_in_layer_is_one_adapter_and_the_low_level_tables_ship_empty() -> None:
+    from fxprune.adapters import BUILTIN_LAYERS, ConvAdapter, GroupNormAdapter, LinearAdapter, MultiheadAttentionAdapter
+    from fxprune.importance import DEFAULT_WEIGHTS
+    from fxprune.layers import PrunedMultiheadAttention
+    from fxprune.rewrite import DEFAULT_BUILDERS
+    from fxprune.testing import DEFAULT_MASKS
+    expected = {nn.Conv2d: ConvAdapter, nn.ConvTranspose2d: ConvAdapter, nn.Linear: LinearAdapter,
+                nn.GroupNorm: GroupNormAdapter, nn.MultiheadAttention: MultiheadAttentionAdapter,
+                PrunedMultiheadAttention: MultiheadAttentionAdapter, nn.BatchNorm2d: LayerAdapter}
+    for t, kind in expected.items():
+        assert type(BUILTIN_LAYERS[t]) is kind, t
+    # What a layer is physically lives in its adapter only: no second description elsewhere.
+    for table in (DEFAULT_BUILDERS, DEFAULT_MASKS, DEFAULT_WEIGHTS):  # (other tests may register their own layers)
+        assert not set(table.own) & set(BUILTIN_LAYERS.own), table
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mha, self.out = nn.Linear(6, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.mha(h, h, h, need_weights=False)
+        return self.out(a)
+
+
+def test_multihead_attention_l1_scores_read_each_roles_own_tensors() -> None:
+    # Each head channel owns its q, k and v rows of the packed projection and a column of
+    # out_proj; the input role is the packed projection's columns, the output role out_proj's
+    # rows. (These once read out_proj for every role.)
+    from fxprune.importance import member_norms
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    analysis = fxprune.analyze_model(model, example_inputs=(torch.randn(2, 5, 6),))
+    mha = model.mha
+    w, out = mha.in_proj_weight.detach(), mha.out_proj.weight.detach()
+    per_position = {"in": w.abs().sum(0), "out": out.abs().sum(1),
+                    "channelwise": w.abs().sum(1).view(3, 8).sum(0) + out.abs().sum(0)}
+    seen = set()
+    for group in analysis.groups:
+        for member in group.members:
+            if member.module != "mha":
+                continue
+            start = member.offset * member.block
+            want = per_position[member.role][start : start + group.size * member.block].reshape(group.size, -1).sum(1)
+            got = member_norms(analysis.gm, group, member, 1.0)
+            torch.testing.assert_close(got, want.float())
+            seen.add(member.role)
+    assert seen == {"in", "out", "channelwise"}
+
+
+class Interleaved(nn.Module):
+    """``y[c] = x[c] * p[2c] + p[2c + 1]``: scale and shift interleaved in one tensor of ``2 * C``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.p = nn.Parameter(torch.randn(2 * channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:  # fx cannot trace through it: a leaf
+            raise ValueError("wrong width")
+        pairs = self.p.view(-1, 2)
+        return x * pairs[:, 0].view(1, -1, 1, 1) + pairs[:, 1].view(1, -1, 1, 1)
+
+
+class InterleavedAdapter(LayerAdapter):
+    """Physics beyond a plain index: channel c owns entries 2c and 2c + 1 of ``p``."""
+
+    def counts_of(self, module: nn.Module, role: str) -> list:
+        return [module.p.numel() // 2]
+
+    def weights(self, module: nn.Module, role: str) -> Optional[torch.Tensor]:
+        return module.p.detach().view(-1, 2)
+
+    def build(self, module: nn.Module, idx: dict) -> nn.Module:
+        from fxprune.adapters import copy_with
+        keep = idx["channelwise"]
+        rows = torch.stack([2 * keep, 2 * keep + 1], 1).flatten()
+        new = copy_with(module, {"p": module.p.detach()[rows]})
+        new.channels = len(keep)
+        return new
+
+    def mask(self, module: nn.Module, role: str, removed: torch.Tensor) -> None:
+        with torch.no_grad():
+            module.p.view(-1, 2)[removed] = 0
+
+
+def test_a_custom_layer_with_its_own_physics_is_one_adapter_subclass() -> None:
+    torch.manual_seed(0)
+    table = DEFAULT_LAYERS.extended({Interleaved: InterleavedAdapter({"channelwise": (("p", 0),)})})
+    net = init_normal(nn.Sequential(nn.Conv2d(3, 8, 3), Interleaved(8), nn.ReLU(), nn.Conv2d(8, 4, 3))).eval()
+    with using_layers(table):
+        plan = fxprune.plan(net, 0.5, example_inputs=(X,))
+        pruned = fxprune.apply(net, plan, example_inputs=(X,))
+        assert pruned.get_submodule("1").channels == 4 and pruned.get_submodule("1").p.numel() == 8
+        assert_equivalent(net, pruned, plan, (X,), example_inputs=(X,))
+        broken = copy.deepcopy(pruned)
+        with torch.no_grad():
+            broken.get_submodule("1").p.copy_(broken.get_submodule("1").p.view(-1, 2).flip(1).flatten())
+        with pytest.raises(AssertionError):
+            assert_equivalent(net, broken, plan, (X,), example_inputs=(X,))
+    with pytest.warns(fxprune.FxPruneWarning):  # outside, nobody taught it: whole, with a warning
+        assert fxprune.plan(net, 0.5, example_inputs=(X,)).keep("0") == list(range(8))

@@ -134,6 +134,15 @@ class LayerAdapter:
             return None
         return torch.cat([r.to(rows[0].dtype) for r in rows], dim=1)
 
+    def products(self, module: nn.Module, role: str) -> List[torch.Tensor]:
+        """Taylor's view: ``weight * grad`` of each of the role's parameters that has a gradient, positions first.
+
+        Signed and not reduced (the scorer sums each channel's entries); biases count as
+        weights do, buffers have no gradient.
+        """
+        return [(t.detach() * t.grad.detach()).movedim(dim, 0) for _, t, dim in self.tensors(module, role)
+                if t.grad is not None]
+
     def dense_weight(self, module: nn.Module) -> Optional[torch.Tensor]:
         """The ``[out, in, *k]`` weight both roles index plainly (rows, columns), or None.
 
@@ -343,6 +352,12 @@ class ConvAdapter(LayerAdapter):
         new.in_channels, new.out_channels = in_channels, out_channels
         return new
 
+    def products(self, module: nn.Module, role: str) -> List[torch.Tensor]:
+        if role == "in" and module.groups > 1:  # inputs are not weight dim 1 (grouped transposed convs are frozen)
+            w = module.weight
+            return [] if w.grad is None else [grouped_inputs(w.detach() * w.grad.detach(), module.groups)]
+        return super().products(module, role)
+
     def mask(self, module: nn.Module, role: str, removed: torch.Tensor) -> None:
         if role != "in" or module.groups == 1 or module.transposed:
             super().mask(module, role, removed)
@@ -410,6 +425,21 @@ class MultiheadAttentionAdapter(LayerAdapter):
             return out
         width = out.shape[1]  # the heads' width: q, k and v rows side by side with the out_proj column
         return torch.cat([w[:width], w[width : 2 * width], w[2 * width :], out.transpose(0, 1)], dim=1)
+
+    def products(self, module: nn.Module, role: str) -> List[torch.Tensor]:
+        if role != "channelwise":
+            return super().products(module, role)
+        # A head channel's q, k and v rows of the packed projection side by side, and its out_proj column.
+        out: List[torch.Tensor] = []
+        width = module.out_proj.weight.shape[1]
+        for name, dim in (("in_proj_weight", 0), ("in_proj_bias", 0), ("out_proj.weight", 1)):
+            t = resolve_attr(module, name)
+            if isinstance(t, torch.Tensor) and t.grad is not None:
+                prod = (t.detach() * t.grad.detach()).movedim(dim, 0)
+                if name.startswith("in_proj"):
+                    prod = prod.reshape(3, width, -1).transpose(0, 1)
+                out.append(prod)
+        return out
 
     def build(self, module: nn.Module, idx: Mapping[str, Optional[torch.Tensor]]) -> nn.Module:
         return PrunedMultiheadAttention.from_module(module, idx.get("channelwise"), idx.get("in"), idx.get("out"))

@@ -37,7 +37,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import MultiheadAttentionAdapter, adapter_for, grouped_inputs
+from .adapters import adapter_for, grouped_inputs
 from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
 from .registry import Registry
@@ -636,22 +636,16 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
 
 def _member_products(module: nn.Module, group: Group, member: Member) -> Optional[torch.Tensor]:
     """``sum of weight * grad`` per channel over the member's parameters (signed), or None."""
+    adapter = adapter_for(module)
+    if adapter is not None:
+        views = adapter.products(module, member.role)
+    else:  # a custom layer given a rule and a builder only: a conv-like weight and bias
+        views = [(p.detach() * p.grad.detach()).movedim(0 if p.dim() == 1 else dim, 0)
+                 for name, dim in role_tensors(module)[member.role]
+                 for p in [getattr(module, name, None)] if isinstance(p, torch.Tensor) and p.grad is not None]
     total = None
-    if isinstance(adapter_for(module), MultiheadAttentionAdapter):
-        return None  # its roles' tensors are not plain indices; not scored by Taylor (yet)
-    for name, dim in role_tensors(module)[member.role]:
-        p = getattr(module, name, None)
-        if not isinstance(p, torch.Tensor) or p.grad is None:
-            continue
-        if p.dim() == 1:
-            dim = 0
-        prod = p.detach() * p.grad.detach()
-        if member.role == "in" and getattr(module, "groups", 1) > 1:
-            # A grouped conv: inputs are not dim 1. (Grouped transposed convs are frozen.)
-            prod = grouped_inputs(prod, module.groups)
-        else:
-            prod = prod.movedim(dim, 0)
-        start = member.offset * member.block
+    start = member.offset * member.block
+    for prod in views:
         rows = prod[start : start + group.size * member.block].reshape(group.size, -1).sum(1).double()
         total = rows if total is None else total + rows
     return total

@@ -325,3 +325,26 @@ def test_a_custom_layer_with_its_own_physics_is_one_adapter_subclass() -> None:
             assert_equivalent(net, broken, plan, (X,), example_inputs=(X,))
     with pytest.warns(fxprune.FxPruneWarning):  # outside, nobody taught it: whole, with a warning
         assert fxprune.plan(net, 0.5, example_inputs=(X,)).keep("0") == list(range(8))
+
+
+def test_multihead_attention_taylor_scores_read_each_roles_own_tensors() -> None:
+    # Taylor reads the same tensors as the weight view (w * dL/dw, signed, summed per channel);
+    # it once read nothing of an nn.MultiheadAttention.
+    torch.manual_seed(1)
+    model = _Attention().eval()
+    x, y = torch.randn(4, 5, 6), torch.randint(0, 3, (4, 5))
+    loss_fn = lambda out, t: nn.functional.cross_entropy(out.reshape(-1, 3), t.reshape(-1))  # noqa: E731
+    analysis = fxprune.analyze_model(model, example_inputs=(x,))
+    heads = next(g for g in analysis.groups if g.members[0].module == "mha" and g.members[0].role == "channelwise")
+    got = score_groups(analysis, "taylor", [heads], ScoringOptions(calibration=[(x, y)], loss_fn=loss_fn))[heads.index]
+    work = copy.deepcopy(model)
+    loss_fn(work(x), y).backward()
+    mha = work.mha
+    prod = lambda t: (t * t.grad).detach()  # noqa: E731
+    per_channel = (prod(mha.in_proj_weight).sum(1).view(3, 8).sum(0) + prod(mha.in_proj_bias).view(3, 8).sum(0)
+                   + prod(mha.out_proj.weight).sum(0))
+    member = heads.members[0]
+    want = per_channel.double().reshape(heads.size, -1).sum(1).abs()
+    assert member.block * heads.size == 8
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert bool((got > 0).all())

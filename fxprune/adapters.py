@@ -463,6 +463,16 @@ class MultiheadAttentionAdapter(LayerAdapter):
         out = module.out_proj.weight
         return {"channelwise": int(out.shape[1]), "in": int(module.in_proj_weight.shape[1]), "out": int(out.shape[0])}
 
+    def projection_macs(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor) -> Tuple[int, int]:
+        """MACs of the q/k/v projections (inputs x head channels) and of ``out_proj`` (head channels x outputs).
+
+        The rest of the layer's MACs (scores and the weighted sum) scale with the head channels alone.
+        """
+        width, inputs = module.out_proj.weight.shape[1], module.in_proj_weight.shape[1]
+        tokens = [t.numel() // max(1, t.shape[-1]) for t in (query, key, value)]
+        return sum(tokens) * inputs * width, tokens[0] * width * module.out_proj.weight.shape[0]
+
 
 _CONV_TENSORS: Dict[str, RoleTensors] = {
     "out": (("weight", 0), ("bias", 0)), "in": (("weight", 1),), "channelwise": (("weight", 0), ("bias", 0))}

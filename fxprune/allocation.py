@@ -47,8 +47,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import FxPruneError, FxPruneWarning, InternalError, UnsupportedNodeError, describe_node, target_name
+from .cost import counting
 from .groups import Analysis, Group, tensor_owner
 from .tracing import MutableArgsInterpreter
+from .adapters import MultiheadAttentionAdapter, adapter_for, resolve_attr
 from .rules import lookup_rule, role_tensors
 
 __all__ = [
@@ -276,6 +278,12 @@ class GlobalRanking:
         return out
 
 
+def _attention_inputs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tuple[torch.Tensor, ...]:
+    """``(query, key, value)`` of a call to an attention layer (``forward(query, key, value, ...)``)."""
+    names = ("query", "key", "value")
+    return tuple(args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+
+
 class _FlopRecorder(MutableArgsInterpreter):
     """Runs the graph under one FlopCounterMode and attributes the FLOPs to each node."""
 
@@ -283,9 +291,14 @@ class _FlopRecorder(MutableArgsInterpreter):
         super().__init__(gm)
         self.counter = counter
         self.flops: Dict[str, int] = {}
+        self.attention: Dict[str, Tuple[torch.Tensor, ...]] = {}  # an attention layer's (query, key, value)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         before = self.counter.get_total_flops()
+        if n.op == "call_module" and isinstance(adapter_for(self.module.get_submodule(str(n.target))),
+                                                 MultiheadAttentionAdapter):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.attention[n.name] = _attention_inputs(args, kwargs)
         out = super().run_node(n)
         spent = self.counter.get_total_flops() - before
         if spent:
@@ -314,28 +327,41 @@ class CostModel:
         # (numel, [segments of each slot indexing it])
         self._param_terms: List[Tuple[int, List[Tuple[Tuple[int, int], ...]]]] = []
         by_module: Dict[str, Dict[str, Any]] = {}
+        counted: set = set()  # ids of the parameters already in a term (a tied one counts once)
         for (module, role), slot in analysis.slots.items():
             by_module.setdefault(module, {})[role] = slot
         for module_name, slots in by_module.items():
             module = gm.get_submodule(module_name)
-            indexed = {role: {name for name, _ in pairs} for role, pairs in role_tensors(module).items()}
-            for pname in ("weight", "bias"):
-                p = getattr(module, pname, None)
-                if not isinstance(p, torch.Tensor):
-                    continue
-                segs = [slot.segments for role, slot in slots.items() if pname in indexed.get(role, ())]
-                if segs:
+            # Each parameter the layer's roles index (its adapter names them: a packed attention
+            # projection as well as a conv's weight), scaled by every slot that indexes it.
+            indexing: Dict[str, List[Tuple[Tuple[int, int], ...]]] = {}
+            for role, pairs in role_tensors(module).items():
+                if role in slots:
+                    for name, _ in pairs:
+                        indexing.setdefault(name, []).append(slots[role].segments)
+            for name, segs in indexing.items():
+                p = resolve_attr(module, name)
+                if isinstance(p, nn.Parameter) and id(p) not in counted:
+                    counted.add(id(p))
                     self._param_terms.append((p.numel(), segs))
+        # Parameters the graph reads directly (a functional layer's weight, a layer scale, a
+        # class token): one slot per dim the channels index.
+        for target, tensor_slots in analysis.tensors.items():
+            p = resolve_attr(gm, target)
+            if isinstance(p, nn.Parameter) and id(p) not in counted:
+                counted.add(id(p))
+                self._param_terms.append((p.numel(), [slot.segments for slot in tensor_slots]))
         self.base_macs: Optional[int] = None
         self._mac_terms: List[Tuple[float, List[Tuple[Tuple[int, ...], Tuple[int, ...]]]]] = []
         if example_inputs is not None:
-            self._measure_macs(gm, example_inputs)
+            self._measure_macs(analysis, example_inputs)
 
-    def _measure_macs(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    def _measure_macs(self, analysis: Analysis, example_inputs: Sequence[Any]) -> None:
+        gm = analysis.gm
         flags = [(m, m.training) for m in gm.modules()]
         gm.eval()
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with counting() as counter:
                 recorder = _FlopRecorder(gm, counter)
                 recorder.run(*example_inputs)
         except Exception as exc:
@@ -357,8 +383,35 @@ class CostModel:
                     layouts.setdefault(tuple(groups), tuple(layout.sizes))
             macs = flops / 2.0
             total += flops
+            parts = self._attention_terms(analysis, node, macs, recorder.attention.get(name))
+            if parts is not None:
+                self._mac_terms.extend(parts)
+                continue
             self._mac_terms.append((macs, list(layouts.items())))
         self.base_macs = total // 2
+
+    @staticmethod
+    def _attention_terms(analysis: Analysis, node: torch.fx.Node, macs: float, inputs: Optional[Tuple[torch.Tensor, ...]]
+                         ) -> Optional[List[Tuple[float, List[Tuple[Tuple[int, ...], Tuple[int, ...]]]]]]:
+        """An attention layer's MACs as three terms: projections in (inputs x heads), out (heads x outputs)
+        and the attention itself (heads alone); None if it is not one or its parts do not add up."""
+        if inputs is None:
+            return None
+        module = analysis.gm.get_submodule(str(node.target))
+        adapter = adapter_for(module)
+        if not isinstance(adapter, MultiheadAttentionAdapter):
+            return None
+
+        def layout(role: str) -> List[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+            slot = analysis.slots.get((str(node.target), role))
+            return [] if slot is None else [(tuple(g for g, _ in slot.segments), tuple(n for _, n in slot.segments))]
+
+        proj_in, proj_out = adapter.projection_macs(module, *inputs)
+        core = macs - proj_in - proj_out
+        if core < 0:
+            return None
+        heads = layout("channelwise")
+        return [(float(proj_in), layout("in") + heads), (float(proj_out), heads + layout("out")), (core, heads)]
 
     def _kept(self, counts: Mapping[int, int], groups: Sequence[int], sizes: Sequence[int]) -> float:
         whole = sum(sizes)

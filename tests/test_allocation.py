@@ -17,6 +17,7 @@ import fxprune
 from fxprune.allocation import CostModel, GlobalRanking, Policy, _uniform_candidates, finish_count, normalise
 from fxprune.api import _exact_measure, analyze_model
 from fxprune.cost import count_macs, count_params
+from fxprune.groups import fit_count
 from fxprune.testing import assert_equivalent
 
 
@@ -192,10 +193,23 @@ def test_global_ranking_respects_max_group_ratio(resnet18):
 # --------------------------------------------------------------------------- cost model
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def _small_vit() -> nn.Module:
+    # nn.MultiheadAttention (packed q/k/v) and a class token and position embedding read directly.
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                                mlp_dim=32, num_classes=10)
+
+
+def _layer_scale_blocks() -> nn.Module:
+    # ConvNeXt blocks: a layer-scale parameter the graph reads directly.
+    from torchvision.models.convnext import CNBlock
+    return nn.Sequential(nn.Conv2d(3, 16, 4, 4), CNBlock(16, 1e-6, 0.0), CNBlock(16, 1e-6, 0.0))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "small_vit", "layer_scale"])
 def test_cost_model_predicts_the_rebuilt_model_exactly(name):
     torch.manual_seed(0)
-    m = getattr(torchvision.models, name)(num_classes=10).eval()
+    makers = {"small_vit": _small_vit, "layer_scale": _layer_scale_blocks}
+    m = (makers[name]() if name in makers else getattr(torchvision.models, name)(num_classes=10)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis = analyze_model(m, example_inputs=(X32,))
@@ -204,7 +218,8 @@ def test_cost_model_predicts_the_rebuilt_model_exactly(name):
     exact = _exact_measure(analysis, (X32,))
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
-        counts = {g.index: int(torch.randint(1, g.size + 1, (1,), generator=gen)) for g in analysis.groups if g.prunable}
+        counts = {g.index: fit_count(g, int(torch.randint(1, g.size + 1, (1,), generator=gen)))
+                  for g in analysis.groups if g.prunable}
         assert cost.measure(counts) == exact(counts)
 
 
@@ -375,3 +390,29 @@ def test_a_wrong_cost_prediction_falls_back_to_measuring(resnet18, monkeypatch):
     monkeypatch.setattr(CostModel, "measure", real)
     honest = fxprune.plan(resnet18, target_macs=0.5, example_inputs=X32)
     assert "measured_search" not in honest.policy and honest.groups == p.groups
+
+
+def test_macs_count_every_attention_kernel():
+    # Two kernels PyTorch has no FLOP formula for: nn.MultiheadAttention's fused fast path (eval,
+    # no autograd) and the CPU kernel of F.scaled_dot_product_attention. Both are counted.
+    class Sdpa(nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    tokens, dim = 5, 8
+    mha = nn.MultiheadAttention(dim, 2, batch_first=True).eval()
+    x = torch.randn(1, tokens, dim)
+    core = 2 * tokens * tokens * dim  # scores and the weighted sum
+    assert count_macs(Sdpa(), (x.view(1, 1, tokens, dim),)) == core
+    with torch.no_grad():
+        assert count_macs(_Wrap(mha), (x,)) == 4 * tokens * dim * dim + core
+    assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
+
+
+class _Wrap(nn.Module):
+    def __init__(self, mha: nn.Module) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]

@@ -100,6 +100,7 @@ import torch.fx
 import torch.nn as nn
 
 from .version import __version__
+from .adapters import resolve_attr
 from .api import analyze_model, apply
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import Analysis
@@ -734,7 +735,7 @@ def _check_plan_fits(pruned: nn.Module, plan: PruningPlan) -> None:
     known = set(modules) | {n for n, _ in pruned.named_parameters(remove_duplicate=False)} \
         | {n for n, _ in pruned.named_buffers(remove_duplicate=False)}
     planned = {m for g in plan.groups for m in g.modules}
-    absent = sorted(m for m in planned if m not in known and not _has_attr(pruned, m))
+    absent = sorted(m for m in planned if m not in known and resolve_attr(pruned, m) is None)
     if absent:
         raise ArtifactError(f"the plan does not describe this model: it names {len(absent)} modules this model does "
                             f"not have ({', '.join(absent[:3])}){where}. {hint}")
@@ -755,15 +756,6 @@ def _check_plan_fits(pruned: nn.Module, plan: PruningPlan) -> None:
     if extra:
         raise ArtifactError(f"the plan does not describe this model: {len(extra)} of its layers are in no group of "
                             f"the plan ({', '.join(extra[:3])}){where}. {hint}")
-
-
-def _has_attr(root: nn.Module, dotted: str) -> bool:
-    obj: Any = root
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return False
-    return True
 
 
 def _input_specs(pruned: nn.Module, example_inputs: Any) -> Optional[List[Dict[str, Any]]]:

@@ -813,12 +813,15 @@ def _cat(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:
                 ctx.unsupported(node, f"cat with operand {getattr(t, 'name', t)} of unknown channel count")
                 return None
             lay = ctx.opaque(node, int(shape[len(shape) + ref.dim]), ref.dim, ref.rank)
-        if lay.dim != ref.dim or lay.block != 1:
+        # Flattened maps of one size (each channel ``block`` features: fc(cat(a.flatten(1),
+        # b.flatten(1)))) concatenate channel by channel like maps do; of different sizes, one
+        # layout cannot say where each channel's features sit, and the channels stay whole.
+        if lay.dim != ref.dim or lay.block is None or lay.block != ref.block:
             ctx.unsupported(node, "cat of operands whose channel dims differ")
             return None
         groups.extend(lay.groups)
         sizes.extend(lay.sizes)
-    return Layout(tuple(groups), tuple(sizes), ref.dim, ref.rank, 1)
+    return Layout(tuple(groups), tuple(sizes), ref.dim, ref.rank, ref.block)
 
 
 @register_rule(torch.stack)

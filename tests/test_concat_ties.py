@@ -160,3 +160,42 @@ def test_the_proof_fails_when_the_tied_conv_keeps_other_rows(model_cls: type) ->
         conv.bias.copy_(conv.bias.roll(1, 0))
     with pytest.raises(AssertionError):
         assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))
+
+
+class FlatCat(nn.Module):
+    """``fc(cat(a.flatten(1), b.flatten(1)))``: flattened maps of one size concatenated (``blocks`` features per channel)."""
+
+    def __init__(self, mixed: bool = False) -> None:
+        super().__init__()
+        self.mixed = mixed
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 3, padding=1, stride=2 if mixed else 1)
+        self.fc = nn.Linear(4 * 64 + 6 * (16 if mixed else 64), 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.a(x).flatten(1), self.b(x).flatten(1)], 1))
+
+
+def test_flattened_maps_of_one_size_concatenated_into_a_linear_are_pruned() -> None:
+    model = init(FlatCat())
+    found = groups(model)
+    assert found["a"].prunable and found["b"].prunable
+    pruned = prove(model)
+    assert pruned.get_submodule("a").out_channels == 2 and pruned.get_submodule("b").out_channels == 3
+    assert pruned.get_submodule("fc").in_features == (2 + 3) * 64
+    broken = copy.deepcopy(pruned)
+    with torch.no_grad():  # the Linear's columns of b's channels, shifted by one channel
+        fc = broken.get_submodule("fc").weight
+        fc[:, 128:].copy_(fc[:, 128:].roll(64, 1))
+    plan = fxprune.plan(model, 0.5, example_inputs=(X,))
+    with pytest.raises(AssertionError):
+        assert_equivalent(model, broken, plan, (X,), example_inputs=(X,))
+
+
+def test_flattened_maps_of_different_sizes_concatenated_stay_whole() -> None:
+    # Per-channel features differ (64 and 16): one layout cannot say where each channel's
+    # columns are, so both stay whole with a warning (fail closed).
+    model = init(FlatCat(mixed=True))
+    with pytest.warns(fxprune.FxPruneWarning, match="channel dims differ"):
+        found = groups(model)
+    assert not found["a"].prunable and not found["b"].prunable
+    prove(model)

@@ -51,7 +51,7 @@ from .cost import counting
 from .groups import Analysis, Group, tensor_owner
 from .tracing import MutableArgsInterpreter
 from .adapters import MultiheadAttentionAdapter, adapter_for, resolve_attr
-from .rules import lookup_rule, role_tensors
+from .rules import LAYOUT_META, lookup_rule, role_tensors
 
 __all__ = [
     "Policy",
@@ -377,10 +377,9 @@ class CostModel:
             node = nodes[name]
             layouts: Dict[Tuple[int, ...], Tuple[int, ...]] = {}
             for src in [node, *node.all_input_nodes]:
-                groups = src.meta.get("fxprune_groups")
-                layout = src.meta.get("fxprune_layout")
-                if groups and layout is not None:
-                    layouts.setdefault(tuple(groups), tuple(layout.sizes))
+                layout = src.meta.get(LAYOUT_META)
+                if layout is not None and layout.groups:
+                    layouts.setdefault(tuple(layout.groups), tuple(layout.sizes))
             macs = flops / 2.0
             total += flops
             parts = self._attention_terms(analysis, node, macs, recorder.attention.get(name))

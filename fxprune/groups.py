@@ -68,7 +68,7 @@ import torch.nn as nn
 
 from .errors import FxPruneError, FxPruneWarning, UnsupportedNodeError, describe_node, target_name, InternalError
 from .graph import to_networkx, walk
-from .rules import (ARG_REWRITE, DEFAULT_RULES, ArgPatch, ArgRewrite, Constraint, EqualPerBlock, Layout, RuleTable,
+from .rules import (ARG_REWRITE, LAYOUT_META, DEFAULT_RULES, ArgPatch, ArgRewrite, Constraint, EqualPerBlock, Layout, RuleTable,
                     TupleLayout, WholeUnits, output_rank)
 from .tracing import node_shape
 
@@ -762,7 +762,7 @@ class _Engine:
         for node in walk(view):
             self.current = node
             self.layouts[node.name] = self._visit(node)
-            node.meta["fxprune_layout"] = self.layouts[node.name]
+            node.meta[LAYOUT_META] = self.layouts[node.name]
             if self.layouts[node.name] is None and node.name not in self.tuples:
                 self.ranks[node.name] = output_rank(self, node, self.modules.get(str(node.target)) if node.op == "call_module" else None)
         self._pin_call_sites()
@@ -1144,12 +1144,11 @@ class _Engine:
         for node in self.gm.graph.nodes:
             lay = self.layouts.get(node.name)
             if lay is not None:
-                # Both in final groups, segment by segment: a group a split cut is its atoms here
-                # too, and a zero-width one is left out of both, so groups and sizes line up.
+                # In final groups, segment by segment: a group a split cut is its atoms here too,
+                # and a zero-width one is left out, so groups and sizes line up.
                 segments = expand(lay.groups)
-                node.meta["fxprune_groups"] = tuple(idx for idx, _ in segments)
-                node.meta["fxprune_layout"] = replace(lay, groups=node.meta["fxprune_groups"],
-                                                      sizes=tuple(size for _, size in segments), block=scaled(lay))
+                node.meta[LAYOUT_META] = replace(lay, groups=tuple(idx for idx, _ in segments),
+                                                 sizes=tuple(size for _, size in segments), block=scaled(lay))
             node.meta.pop(ARG_REWRITE, None)  # a stale one from an earlier analysis of this graph
             node.meta.pop(RENORMALISING, None)
             if node.name in self.renorm_nodes:
@@ -1424,8 +1423,7 @@ def analyze(gm: torch.fx.GraphModule, *, ignore: Sequence[str] = (), strict: boo
             rules: Optional[RuleTable] = None, allow_renormalising: bool = True) -> Analysis:
     """Find the channel-coupled groups of ``gm``.
 
-    Writes ``node.meta['fxprune_layout']`` (in final group indices, segment by segment as
-    ``node.meta['fxprune_groups']``) and, for nodes whose arguments count channels,
+    Writes ``node.meta[LAYOUT_META]`` (``"fxprune_layout"``, in final group indices, segment by segment) and, for nodes whose arguments count channels,
     ``node.meta[ARG_REWRITE]`` on ``gm``'s nodes, and on each norm that renormalises a group
     ``node.meta[RENORMALISING]``: pass a graph you own (the public :func:`fxprune.find_groups`
     does that for you). ``allow_renormalising=False`` keeps every LayerNorm/RMSNorm over the

@@ -42,7 +42,7 @@ from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
 from .registry import Registry
 from .tracing import MutableArgsInterpreter
-from .rules import role_tensors
+from .rules import LAYOUT_META, role_tensors
 
 __all__ = [
     "Criterion",
@@ -492,11 +492,10 @@ def _to(x: Any, device: Optional[torch.device]) -> Any:
 
 def _channel_positions(node: torch.fx.Node, group_index: int) -> Optional[Tuple[int, int, int]]:
     """``(dim, offset, total)`` of ``group_index``'s channels in ``node``'s output, if it holds them."""
-    layout = node.meta.get("fxprune_layout")
-    groups = node.meta.get("fxprune_groups")
-    if layout is None or groups is None or layout.block != 1 or group_index not in groups:
+    layout = node.meta.get(LAYOUT_META)
+    if layout is None or layout.block != 1 or group_index not in layout.groups:
         return None
-    pos = groups.index(group_index)
+    pos = layout.groups.index(group_index)
     return layout.dim, sum(layout.sizes[:pos]), layout.channels
 
 
@@ -523,7 +522,7 @@ def _reads_tensor(node: torch.fx.Node, targets: Iterable[str], depth: int = 0) -
         if arg.op == "get_attr":
             if str(arg.target) in targets:
                 return True
-        elif depth < 16 and arg.op in ("call_function", "call_method") and "fxprune_layout" not in arg.meta \
+        elif depth < 16 and arg.op in ("call_function", "call_method") and LAYOUT_META not in arg.meta \
                 and _reads_tensor(arg, targets, depth + 1):
             return True
     return False
@@ -585,7 +584,8 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
     by_index = {g.index: g for g in groups}
     watch: Dict[str, Tuple[int, int, bool]] = {}
     for node in gm.graph.nodes:
-        groups_here = node.meta.get("fxprune_groups")
+        layout_here = node.meta.get(LAYOUT_META)
+        groups_here = layout_here.groups if layout_here is not None else ()
         if not groups_here:
             continue
         relu = _is_relu_like(node, modules)

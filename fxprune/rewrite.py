@@ -24,7 +24,7 @@ from .errors import FxPruneError, PlanMismatchError, InternalError
 from .groups import Analysis, Slot, TensorSlot, check_balanced, tensor_users
 from .planning import PruningPlan, resolve
 from .registry import Registry
-from .rules import ARG_REWRITE, ArgRewrite, evaluate_arg
+from .rules import ARG_REWRITE, CHANNELS_META, LAYOUT_META, ArgRewrite, evaluate_arg
 from .tracing import propagate_shapes
 
 __all__ = ["rewrite", "register_builder", "DEFAULT_BUILDERS", "Builder", "slot_indices", "apply_arg_rewrites", "tensor_slot_size",
@@ -162,8 +162,9 @@ def rewrite(analysis: Analysis, plan: PruningPlan, example_inputs: Optional[Sequ
         # Shapes recorded before pruning are wrong now; they come back below if inputs allow.
         node.meta.pop("tensor_meta", None)
         node.meta.pop("val", None)
-        if "fxprune_groups" in node.meta:
-            node.meta["fxprune_channels"] = sum(len(kept[g]) for g in node.meta["fxprune_groups"])
+        layout = node.meta.get(LAYOUT_META)
+        if layout is not None:
+            node.meta[CHANNELS_META] = sum(len(kept[g]) for g in layout.groups)
     new = torch.fx.GraphModule(root, graph, src.__class__.__name__)  # compiles the code once
     new.graph.lint()  # now owned by ``new``, so lint also checks every target exists
     _retie(src, new)
@@ -321,12 +322,12 @@ def _check_tensor_sizes(analysis: Analysis, new: torch.fx.GraphModule, kept: Dic
 def _check_channels(gm: torch.fx.GraphModule) -> None:
     """Every tensor the analysis followed must now have the planned channel count."""
     for node in gm.graph.nodes:
-        layout = node.meta.get("fxprune_layout")
+        layout = node.meta.get(LAYOUT_META)
         meta = node.meta.get("tensor_meta")
         shape = getattr(meta, "shape", None)
         if layout is None or shape is None or layout.block is None or len(shape) < -layout.dim:
             continue
-        want = node.meta["fxprune_channels"] * layout.block
+        want = node.meta[CHANNELS_META] * layout.block
         if shape[layout.dim] != want:
             raise InternalError(f"{node.name} has {shape[layout.dim]} channels after the rewrite, plan needs {want}")
 

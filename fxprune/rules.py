@@ -78,6 +78,8 @@ __all__ = [
     "DEFAULT_RULES",
     "no_channels",
     "role_tensors",
+    "LAYOUT_META",
+    "CHANNELS_META",
     "channelwise_rule",
     "output_rank",
     "ELEMENTWISE_MODULES", "PAD_MODULES",
@@ -143,6 +145,11 @@ class TupleLayout:
 
 # node.meta key of the :class:`ArgRewrite` the analysis resolved for a node (final group indices).
 ARG_REWRITE = "fxprune_args"
+#: node.meta key of a node's :class:`Layout` (after the analysis: in final group indices, one
+#: entry per segment; ``layout.groups`` is the one record of which groups a tensor holds).
+LAYOUT_META = "fxprune_layout"
+#: node.meta key, in a pruned graph, of the channels a node's tensor keeps (``layout.channels`` after the rewrite).
+CHANNELS_META = "fxprune_channels"
 
 
 @dataclass(frozen=True)

@@ -1209,9 +1209,16 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
 
         ``counts_at(aim)`` gives its counts (None: nothing to try). A try is measured only when it
         keeps more MACs than the best met model (otherwise there is nothing to gain and no
-        measurement is spent); a miss backs the aim off by the measured shortfall.
+        measurement is spent). A miss backs the aim off by the measured shortfall; a try that
+        meets the target with more than ``overshoot`` of its latency unused raises the aim by
+        the measured slack, at most 1.5 times (the prediction overstated this candidate's time,
+        and by how much may grow with the model), so the next try spends it on channels. Once
+        a met and a missed aim bracket the target, the next aim is their midpoint.
         """
         done, aim = 0, goal * aim_share
+        ceiling = model.predict({}) * (1.0 - 1e-6)
+        met_aim: Optional[float] = None
+        missed_aim: Optional[float] = None
         for _ in range(tries_left):
             found = counts_at(aim)
             if found is None or found.counts in tried:
@@ -1221,10 +1228,17 @@ def prune_to_latency(analysis: Analysis, original: nn.Module, *, scores: Mapping
             if entry is None:
                 break
             done += 1
-            if entry["met"]:
-                break
             achieved = achieved_of(entry)
-            aim *= min(0.98, wanted * (1.0 - options.margin) / achieved if achieved > 0 else 0.5)
+            if entry["met"]:
+                if achieved <= 0 or 1.0 - achieved / wanted <= options.overshoot or aim >= ceiling:
+                    break
+                met_aim = aim
+                raised = aim * min(1.5, wanted * (1.0 - 2 * options.margin) / achieved)
+                aim = min(ceiling, raised if missed_aim is None else (aim + missed_aim) / 2)
+                continue
+            missed_aim = aim
+            backed = aim * min(0.98, wanted * (1.0 - options.margin) / achieved if achieved > 0 else 0.5)
+            aim = backed if met_aim is None else (met_aim + aim) / 2
         return done
 
     def uniform_at(aim: float) -> Optional[SearchResult]:

@@ -787,3 +787,34 @@ def test_uniform_counts_keep_one_share_under_the_constraints_and_meet_the_predic
     assert max(shares) - min(shares) <= 0.25
     # An unreachable goal (under the floors' prediction) is said so, not met by a guess.
     assert not uniform_counts(model, analysis.groups, policy, 1e-6).reached
+
+
+def test_a_candidate_met_with_latency_to_spare_is_tried_again_with_the_slack_spent() -> None:
+    # The searched model misses (a slow first measurement), so the uniform candidate is measured;
+    # pruned models then run faster than predicted (convex), and the candidate meets the target
+    # with much of its latency unused: its next try raises the aim by the slack.
+    convex = convex_measure()
+    calls = {"pruned": 0}
+
+    def measure(models: Dict[str, nn.Module]) -> LatencyResult:
+        result = convex(models)
+        if "pruned" in models:
+            calls["pruned"] += 1
+            if calls["pruned"] == 1:
+                ref = result.models["original"].median_ms
+                return result_of({"original": ref, "pruned": 0.9 * ref})
+        return result
+
+    def run(uniform_tries: int) -> Dict[str, Any]:
+        calls["pruned"] = 0
+        opts = options(measure=measure, give_back=0, capacity_tries=0, max_tries=1, uniform_tries=uniform_tries)
+        pruned = fxprune.prune(Chain().eval(), target_latency=0.5, example_inputs=(X,), latency_options=opts)
+        return pruned.meta["fxprune_plan"].policy["latency"]
+
+    once, more = run(1), run(3)
+    uniform = [t for t in more["tries"] if t["phase"] == "uniform"]
+    assert not more["tries"][0]["met"] and len(uniform) >= 2
+    assert uniform[0]["met"] and uniform[0]["measured_fraction"] < 0.45
+    assert uniform[1]["goal_ms"] == pytest.approx(1.5 * uniform[0]["goal_ms"])  # raised by the slack, at most 1.5x
+    assert more["macs_fraction"] > once["macs_fraction"] and more["fraction"] <= 0.5 * (1 - LatencyOptions().margin)
+    assert run(3)["tries"] == more["tries"]  # deterministic

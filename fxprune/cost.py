@@ -44,7 +44,7 @@ def _cpu_attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *ar
 
 _EXTRA_FORMULAS: Dict[Any, Any] = {}
 _CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-if _CPU_ATTENTION is not None:
+if _CPU_ATTENTION is not None and hasattr(flop_counter, "sdpa_flop_count"):  # absent from older torch
     _EXTRA_FORMULAS[_CPU_ATTENTION] = _cpu_attention_flops
 
 

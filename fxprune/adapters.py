@@ -57,7 +57,7 @@ from .registry import Registry
 
 __all__ = ["LayerAdapter", "ConvAdapter", "LinearAdapter", "GroupNormAdapter", "MultiheadAttentionAdapter", "BUILTIN_LAYERS",
            "DEFAULT_LAYERS", "register_layer", "adapter_for", "using_layers", "ROLES", "copy_with", "resolve_attr",
-           "grouped_weight", "grouped_inputs"]
+           "grouped_weight", "grouped_inputs", "PLAIN_LAYER"]
 
 #: The roles a layer's tensors can play: rows it produces, columns it consumes, per-channel parameters.
 ROLES = ("out", "in", "channelwise")
@@ -140,8 +140,8 @@ class LayerAdapter:
         Signed and not reduced (the scorer sums each channel's entries); biases count as
         weights do, buffers have no gradient.
         """
-        return [(t.detach() * t.grad.detach()).movedim(dim, 0) for _, t, dim in self.tensors(module, role)
-                if t.grad is not None]
+        return [(t.detach() * t.grad.detach()).movedim(dim if t.dim() > 1 else 0, 0)
+                for _, t, dim in self.tensors(module, role) if t.grad is not None]
 
     def dense_weight(self, module: nn.Module) -> Optional[torch.Tensor]:
         """The ``[out, in, *k]`` weight both roles index plainly (rows, columns), or None.
@@ -175,11 +175,7 @@ class LayerAdapter:
         """The proof's mask: the ``removed`` positions (a bool tensor) of each of ``role``'s tensors
         zeroed, in place (or set to their ``fills`` value)."""
         for name, t, dim in self.tensors(module, role):
-            if t.dim() > dim and t.shape[dim] == removed.numel():
-                index: List[Any] = [slice(None)] * t.dim()
-                index[dim] = removed.to(t.device)
-                with torch.no_grad():
-                    t[tuple(index)] = self.fills.get(name, 0.0)
+            _set_along(t, dim, removed, self.fills.get(name, 0.0))
 
     def counts_of(self, module: nn.Module, role: str) -> List[int]:
         """The count of ``role``'s positions each of its present tensors holds (all equal in a sound layer)."""
@@ -193,6 +189,16 @@ class LayerAdapter:
             if found:
                 out[role] = found[0]
         return out
+
+
+def _set_along(t: torch.Tensor, dim: int, removed: torch.Tensor, value: float) -> None:
+    """Set the ``removed`` positions (a bool tensor) of ``t`` along ``dim`` to ``value``, in place;
+    a tensor whose dim is not that long is not the role's and is left as it is."""
+    if t.dim() > dim and t.shape[dim] == removed.numel():
+        index: List[Any] = [slice(None)] * t.dim()
+        index[dim] = removed.to(t.device)
+        with torch.no_grad():
+            t[tuple(index)] = value
 
 
 def resolve_attr(module: nn.Module, path: str) -> Any:
@@ -430,34 +436,21 @@ class MultiheadAttentionAdapter(LayerAdapter):
         if role != "channelwise":
             return super().products(module, role)
         # A head channel's q, k and v rows of the packed projection side by side, and its out_proj column.
-        out: List[torch.Tensor] = []
         width = module.out_proj.weight.shape[1]
-        for name, dim in (("in_proj_weight", 0), ("in_proj_bias", 0), ("out_proj.weight", 1)):
-            t = resolve_attr(module, name)
-            if isinstance(t, torch.Tensor) and t.grad is not None:
-                prod = (t.detach() * t.grad.detach()).movedim(dim, 0)
-                if name.startswith("in_proj"):
-                    prod = prod.reshape(3, width, -1).transpose(0, 1)
-                out.append(prod)
-        return out
+        return [prod.reshape(3, width, -1).transpose(0, 1) if prod.shape[0] == 3 * width else prod
+                for prod in super().products(module, role)]
 
     def build(self, module: nn.Module, idx: Mapping[str, Optional[torch.Tensor]]) -> nn.Module:
         return PrunedMultiheadAttention.from_module(module, idx.get("channelwise"), idx.get("in"), idx.get("out"))
 
     def mask(self, module: nn.Module, role: str, removed: torch.Tensor) -> None:
-        if role == "channelwise":
-            rows = removed.repeat(3)  # the same head channel's q, k and v rows
-            super().mask(module, "packed", rows)
-            super().mask(module, "heads", removed)
-        else:
+        if role != "channelwise":
             super().mask(module, role, removed)
-
-    def tensors(self, module: nn.Module, role: str) -> List[Tuple[str, torch.Tensor, int]]:
-        # The mask's two halves of the head channels: the packed rows (3 per channel) and out_proj's columns.
-        extra = {"packed": (("in_proj_weight", 0), ("in_proj_bias", 0)), "heads": (("out_proj.weight", 1),)}
-        if role not in extra:
-            return super().tensors(module, role)
-        return [(n, t, d) for n, d in extra[role] for t in [resolve_attr(module, n)] if isinstance(t, torch.Tensor)]
+            return
+        # The packed projection holds each head channel's q, k and v rows a heads' width apart.
+        for name, t, dim in self.tensors(module, role):
+            _set_along(t, dim, removed.repeat(3) if t.shape[dim] == 3 * removed.numel() else removed,
+                       self.fills.get(name, 0.0))
 
     def sizes(self, module: nn.Module) -> Dict[str, int]:
         out = module.out_proj.weight
@@ -482,6 +475,11 @@ _TRANSPOSED_TENSORS: Dict[str, RoleTensors] = {
 _WEIGHT_SCORES = {"out": ("weight",), "in": ("weight",), "channelwise": ("weight",)}
 
 _NORM_TENSORS: RoleTensors = (("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0))
+
+PLAIN_LAYER = LayerAdapter(_CONV_TENSORS)
+"""The physics assumed for a layer without an adapter (a custom layer given only a rule and a
+builder): a conv-like ``weight`` (rows ``out``, columns ``in``) and ``bias``. Its role tensors,
+mask and Taylor view serve the cost model, the proof and the scores of such a layer."""
 
 BUILTIN_LAYERS: Registry[type, LayerAdapter] = Registry("built-in layer adapters", {
     # Scored by their scale alone (statistics are not learned weights); InstanceNorm and PReLU

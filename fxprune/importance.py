@@ -37,12 +37,12 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import adapter_for, grouped_inputs
+from .adapters import PLAIN_LAYER, adapter_for, grouped_inputs
 from .errors import FxPruneError
 from .groups import Analysis, Group, Member, TensorMember
 from .registry import Registry
 from .tracing import MutableArgsInterpreter
-from .rules import LAYOUT_META, role_tensors
+from .rules import LAYOUT_META
 
 __all__ = [
     "Criterion",
@@ -636,13 +636,7 @@ def apoz(analysis: Analysis, groups: Sequence[Group], options: ScoringOptions) -
 
 def _member_products(module: nn.Module, group: Group, member: Member) -> Optional[torch.Tensor]:
     """``sum of weight * grad`` per channel over the member's parameters (signed), or None."""
-    adapter = adapter_for(module)
-    if adapter is not None:
-        views = adapter.products(module, member.role)
-    else:  # a custom layer given a rule and a builder only: a conv-like weight and bias
-        views = [(p.detach() * p.grad.detach()).movedim(0 if p.dim() == 1 else dim, 0)
-                 for name, dim in role_tensors(module)[member.role]
-                 for p in [getattr(module, name, None)] if isinstance(p, torch.Tensor) and p.grad is not None]
+    views = (adapter_for(module) or PLAIN_LAYER).products(module, member.role)
     total = None
     start = member.offset * member.block
     for prod in views:

@@ -50,7 +50,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import adapter_for
+from .adapters import PLAIN_LAYER, adapter_for
 from .errors import FxPruneError, InternalError
 from .registry import Registry
 from .layers import PrunedMultiheadAttention, window_attention
@@ -904,25 +904,16 @@ def _conv_rank(ctx: RuleContext, node: torch.fx.Node, spatial: int, inp: Optiona
     return spatial + 2  # batched input is the norm; example_inputs let ShapeProp confirm it
 
 
-# Which tensors each slot role indexes, and along which dim, for a layer without an adapter (a
-# custom layer given only a rule and a builder): a conv-like weight and bias. Every built-in
-# layer's adapter (fxprune.adapters.BUILTIN_LAYERS) says its own.
-_ROLE_TENSORS: Dict[str, Tuple[Tuple[str, int], ...]] = {
-    "out": (("weight", 0), ("bias", 0)),
-    "in": (("weight", 1),),
-    "channelwise": (("weight", 0), ("bias", 0)),
-}
 
 
 def role_tensors(module: nn.Module) -> Dict[str, Tuple[Tuple[str, int], ...]]:
     """``{role: ((tensor name, dim), ...)}``: where each role's positions sit in ``module``.
 
-    Read from the layer's adapter (a built-in layer's, or one taught by :func:`fxprune.register_layer`).
+    Read from the layer's adapter (a built-in layer's, or one taught by :func:`fxprune.register_layer`;
+    :data:`fxprune.adapters.PLAIN_LAYER`'s conv-like weight and bias for a layer without one).
     """
-    adapter = adapter_for(module)
-    if adapter is not None:
-        return {role: tuple(pairs) for role, pairs in adapter.roles.items()}
-    return _ROLE_TENSORS
+    adapter = adapter_for(module) or PLAIN_LAYER
+    return {role: tuple(pairs) for role, pairs in adapter.roles.items()}
 
 
 def channelwise_rule(ctx: RuleContext, node: torch.fx.Node) -> Optional[Layout]:

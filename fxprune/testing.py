@@ -13,10 +13,10 @@ rewrite: in the masked copy each norm whose channels lose some is replaced by
 :func:`masked_norm` (:func:`masked_group_norm` for a GroupNorm), which computes the
 statistics over the kept positions only and outputs zero at the removed ones. The pruned model must match that.
 
-How a role's positions map onto a module's tensors is a table, :func:`register_mask`, per
-module type; a module type without an entry falls back to ``weight``/``bias`` along the dims
-:func:`fxprune.rules.role_tensors` gives (right for most layers, transposed convs included;
-register a mask for a custom module with other per-channel tensors).
+How a role's positions map onto a module's tensors is its layer adapter's business
+(:meth:`fxprune.adapters.LayerAdapter.mask`; transposed and grouped convs included); a module
+without one is masked as :data:`fxprune.adapters.PLAIN_LAYER`, a conv-like ``weight``/``bias``.
+:func:`register_mask` overrides a type's mask (a custom module with other per-channel tensors).
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ import torch.fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .adapters import adapter_for
+from .adapters import PLAIN_LAYER, adapter_for
 from .api import ModelLike, analyze_model
 from .errors import FxPruneError, FxPruneWarning, PlanMismatchError
 from .groups import RENORMALISING, Slot, TensorSlot
 from .planning import PruningPlan, resolve, rules_for
 from .registry import Registry
 from .rewrite import slot_indices
-from .rules import RuleTable, role_tensors
+from .rules import RuleTable
 from .tracing import as_graph_module, cast_model, cast_value
 
 __all__ = ["masked_reference", "assert_equivalent", "register_mask", "DEFAULT_MASKS", "randomize_norms", "randomize_constants",
@@ -76,13 +76,6 @@ def _zero_along(t: Optional[torch.Tensor], dim: int, removed: torch.Tensor) -> N
     index: list = [slice(None)] * t.dim()
     index[dim] = removed.to(t.device)
     t[tuple(index)] = 0
-
-
-def _default_mask(module: nn.Module, role: str, removed: torch.Tensor) -> None:
-    for name, dim in role_tensors(module)[role]:
-        t = getattr(module, name, None)
-        if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == removed.numel():
-            _zero_along(t, dim, removed)
 
 
 def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[Sequence[Any]],
@@ -126,8 +119,7 @@ def _mask(gm: torch.fx.GraphModule, plan: PruningPlan, example_inputs: Optional[
             # masked over the tensors its adapter names.
             mask = masks.get(type(module))
             if mask is None:
-                adapter = adapter_for(module)
-                mask = adapter.mask if adapter is not None else _default_mask
+                mask = (adapter_for(module) or PLAIN_LAYER).mask
             mask(module, slot.role, removed)
         removes = _mask_tensors(gm, analysis.tensors, kept) or removes
     removes = _mask_norms(gm, analysis.gm, kept) or removes
